@@ -1,0 +1,1 @@
+"""mopt: run NVIDIA ModelOpt checkpoints."""

@@ -1,0 +1,129 @@
+"""Linear-kernel interface and the one backend selector.
+
+A quantized linear method brings its processed weights to a canonical form (one per
+:class:`LinearScheme`) and hands the layer to a kernel picked here. Kernels read only tensors
+on the layer, never configs. Each kernel says ``(ok, reason)`` for a device and for a layer
+shape; the selector walks an ordered list and, when nothing fits, raises one error listing
+every reason.
+
+Canonical processed weights, per scheme (``W[N, K]``; attributes on the layer):
+
+* ``UNQUANTIZED``: ``weight`` float ``[N, K]``.
+* ``FP8_TENSOR``: ``weight`` e4m3 ``[N, K]``, ``weight_scale`` fp32 ``[]``,
+  ``input_scale`` fp32 ``[]`` (static activation scale).
+* ``FP8_CHANNEL_TOKEN``: ``weight`` e4m3 ``[N, K]``, ``weight_scale`` fp32 ``[N]``;
+  activations quantized per token at run time.
+* ``FP8_BLOCK``: ``weight`` e4m3 ``[N, K]``, ``weight_scale`` fp32 ``[N, ceil(K/128)]`` (each
+  row holds its 128x128 block's scale, so fused shards need not align to 128 rows);
+  activations quantized in 1x128 groups at run time.
+* ``NVFP4``: ``weight`` uint8 ``[N, K/2]``, ``weight_scale`` e4m3 ``[N, K/16]``,
+  ``weight_scale_2`` fp32 ``[N]`` (global scale of each row's shard), ``input_scale`` fp32 ``[]``;
+  activations quantized to NVFP4 at run time.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+BACKEND_ENV = "MOPT_BACKEND"
+
+
+class LinearScheme(enum.Enum):
+    UNQUANTIZED = "unquantized"
+    FP8_TENSOR = "fp8_tensor"
+    FP8_CHANNEL_TOKEN = "fp8_channel_token"
+    FP8_BLOCK = "fp8_block"
+    NVFP4 = "nvfp4"
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """What a kernel may depend on besides the device: the scheme and the weight's shape."""
+
+    scheme: LinearScheme
+    in_features: int
+    out_features: int
+
+
+class LinearKernel:
+    """A way to run one or more schemes. Subclasses set ``name``, ``backend`` and override."""
+
+    name: str = "abstract"
+    backend: str = "abstract"  # the MOPT_BACKEND value that selects it
+
+    @classmethod
+    def is_supported(cls, device: torch.device) -> tuple[bool, str]:
+        raise NotImplementedError  # abstract
+
+    @classmethod
+    def can_implement(cls, shape: LinearShape) -> tuple[bool, str]:
+        raise NotImplementedError  # abstract
+
+    def process_weights(self, layer: torch.nn.Module) -> None:
+        """Convert the canonical weights on ``layer`` into this kernel's layout (once)."""
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        raise NotImplementedError  # abstract
+
+
+# Ordered candidates per device type; GPU backends register themselves in front.
+_KERNELS: dict[str, list[type[LinearKernel]]] = {}
+
+
+def register_linear_kernel(device_type: str, kernel: type[LinearKernel], first: bool = False) -> None:
+    kernels = _KERNELS.setdefault(device_type, [])
+    if kernel not in kernels:
+        kernels.insert(0, kernel) if first else kernels.append(kernel)
+
+
+def candidate_kernels(device_type: str) -> list[type[LinearKernel]]:
+    from mopt.kernels import reference  # noqa: F401  (registers the reference kernel)
+
+    if device_type == "cuda":
+        try:
+            from mopt.kernels import triton_linear  # noqa: F401
+        except ImportError:
+            pass
+    return list(_KERNELS.get(device_type, [])) + [
+        k for k in _KERNELS.get("any", []) if k not in _KERNELS.get(device_type, [])
+    ]
+
+
+def select_linear_kernel(
+    shape: LinearShape, device: torch.device, override: str | None = None
+) -> LinearKernel:
+    """The first kernel that supports ``device`` and implements ``shape``.
+
+    ``override`` (default: the ``MOPT_BACKEND`` environment variable) restricts the choice to
+    one backend (``reference``, ``triton``, ``cublas``). On CPU only the reference backend
+    exists, so an override naming another backend is reported, not silently ignored.
+    """
+    override = override if override is not None else os.environ.get(BACKEND_ENV) or None
+    reasons: list[str] = []
+    for kernel in candidate_kernels(device.type):
+        if override is not None and kernel.backend != override:
+            reasons.append(f"{kernel.name}: not the requested backend {override!r}")
+            continue
+        ok, why = kernel.is_supported(device)
+        if ok:
+            ok, why = kernel.can_implement(shape)
+        if ok:
+            return kernel()
+        reasons.append(f"{kernel.name}: {why}")
+    raise ValueError(
+        f"no linear kernel for {shape.scheme.value} {shape.out_features}x{shape.in_features} "
+        f"on {device}:\n  " + "\n  ".join(reasons or ["no kernels registered"])
+    )
+
+
+def flatten_tokens(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``x[..., K]`` as ``[M, K]`` plus the function that restores the leading dims."""
+    lead = x.shape[:-1]
+    return x.reshape(-1, x.shape[-1]), lambda y: y.reshape(*lead, y.shape[-1])

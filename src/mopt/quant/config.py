@@ -1,0 +1,461 @@
+"""ModelOpt quantization configs: detection, parsing, validation and the per-layer policy.
+
+ModelOpt describes a checkpoint's quantization in one of two places:
+
+* ``hf_quant_config.json``: ``{"producer": {...}, "quantization": {"quant_algo": "FP8",
+  "kv_cache_quant_algo": "FP8", "exclude_modules": [...], "group_size": 16}}``;
+* ``config.json``'s ``quantization_config``: ``{"quant_method": "modelopt", "quant_algo": ...,
+  "ignore": [...], "kv_cache_scheme": {...} | "NVFP4", ...}``.
+
+A config decides for every layer which method runs it (:meth:`get_quant_method`). Layers say
+what they are through a ``quant_kind`` class attribute (``"linear"``, ``"attention"``,
+``"moe"``), so this module imports no layer code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from mopt.names import NameMapper
+
+logger = logging.getLogger(__name__)
+
+QUANT_ALGOS = [
+    "FP8",  # per-tensor weights, static per-tensor activations
+    "FP8_PER_CHANNEL_PER_TOKEN",  # per-channel weights, dynamic per-token activations
+    "FP8_PB_WO",  # 128x128 weight blocks (ModelOpt writes it lower-case)
+    "NVFP4",  # FP4 E2M1 with E4M3 block scales and FP32 global scales
+]
+KV_CACHE_QUANT_ALGOS = ["FP8"]
+
+DEFAULT_PACKED_MODULES_MAPPING: dict[str, list[str]] = {
+    "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+    "gate_up_proj": ["gate_proj", "up_proj"],
+}
+
+
+class QuantConfigError(ValueError):
+    """A quantization config that mopt cannot use; the message names the field."""
+
+
+def is_layer_skipped(
+    prefix: str, ignored_layers: list[str], fused_mapping: Mapping[str, list[str]]
+) -> bool:
+    """Exact-name exclusion with fused layers: ``...qkv_proj`` is excluded when its shards are.
+
+    Raises when only some shards of a fused layer are excluded: they must share one precision.
+    """
+    proj_name = prefix.rsplit(".", 1)[-1]
+    if proj_name not in fused_mapping:
+        return prefix in ignored_layers
+    base = prefix[: len(prefix) - len(proj_name)]
+    shards = [base + shard for shard in fused_mapping[proj_name]]
+    skipped = [shard in ignored_layers for shard in shards]
+    if any(skipped) and not all(skipped):
+        excluded = [s for s, k in zip(shards, skipped) if k]
+        raise QuantConfigError(
+            f"exclusion list excludes {excluded} but not all shards of the fused layer "
+            f"{prefix} ({shards}); all shards of a fused layer must have the same precision"
+        )
+    return all(skipped)
+
+
+class ModelOptQuantConfigBase:
+    """What every ModelOpt config shares: exclusions, the per-layer policy and parsing."""
+
+    LinearMethodCls: type | None = None
+    FusedMoEMethodCls: type | None = None
+    KVCacheMethodCls: type | None = None
+
+    def __init__(
+        self,
+        exclude_modules: list[str],
+        kv_cache_quant_algo: str | None = None,
+        packed_modules_mapping: Mapping[str, list[str]] | None = None,
+    ) -> None:
+        self.exclude_modules: list[str] = list(exclude_modules)
+        self.kv_cache_quant_algo = kv_cache_quant_algo
+        self.packed_modules_mapping: dict[str, list[str]] = dict(
+            DEFAULT_PACKED_MODULES_MAPPING if packed_modules_mapping is None
+            else packed_modules_mapping
+        )
+        if kv_cache_quant_algo is not None and kv_cache_quant_algo not in KV_CACHE_QUANT_ALGOS:
+            logger.warning(
+                "kv_cache_quant_algo %r is not supported (supported: %s); the KV cache "
+                "stays in the model dtype", kv_cache_quant_algo, KV_CACHE_QUANT_ALGOS,
+            )
+
+    # -- identity -----------------------------------------------------------------------------
+    def get_name(self) -> str:
+        raise NotImplementedError  # abstract: each format names itself
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.half, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        raise NotImplementedError  # abstract
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return ["hf_quant_config.json"]
+
+    @property
+    def kv_cache_quantized(self) -> bool:
+        return self.kv_cache_quant_algo in KV_CACHE_QUANT_ALGOS
+
+    # -- exclusions ---------------------------------------------------------------------------
+    def is_layer_excluded(self, prefix: str) -> bool:
+        """True when ``prefix`` (a runtime module name) stays unquantized.
+
+        Three rules, in order: exact names (fused layers through ``packed_modules_mapping``);
+        the legacy substring rule of older exports (also with a ``language_model.`` prefix
+        stripped); and ``fnmatch`` wildcards, which is what ModelOpt writes.
+        """
+        if not self.exclude_modules:
+            return False
+        if is_layer_skipped(prefix, self.exclude_modules, self.packed_modules_mapping):
+            return True
+        bare = prefix.removeprefix("language_model.")
+        for exclude in self.exclude_modules:
+            if exclude != prefix and (
+                exclude in prefix or (prefix.startswith("language_model.") and exclude in bare)
+            ):
+                return True
+        return any(fnmatch(prefix, pattern) for pattern in self.exclude_modules)
+
+    def apply_name_mapper(self, mapper: NameMapper | Callable[[str], str | None]) -> None:
+        """Rename exclusion patterns when checkpoint names are mapped to runtime names.
+
+        ModelOpt writes ``module_path*`` for a subtree left unquantized. A prefix rename such as
+        ``model.vision_tower.`` -> ``vision_tower.`` cannot see that pattern, so it is first
+        split into the equivalent pair ``module_path`` and ``module_path.*``.
+        """
+        map_one = mapper.map if isinstance(mapper, NameMapper) else mapper
+        split: list[str] = []
+        for exclude in self.exclude_modules:
+            if len(exclude) >= 2 and exclude[-1] == "*" and exclude[-2] != ".":
+                split += [exclude[:-1], exclude[:-1] + ".*"]
+            else:
+                split.append(exclude)
+        mapped = (map_one(e) for e in split)
+        self.exclude_modules = [e for e in mapped if e is not None]
+
+    # -- per-layer policy ---------------------------------------------------------------------
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> Any:
+        """The method that runs ``layer`` (named ``prefix``), or ``None`` for non-quant layers."""
+        from mopt.quant.methods.linear import UnquantizedLinearMethod
+
+        from mopt.quant.methods.kv_cache import ModelOptFp8KVCacheMethod
+
+        kind = getattr(layer, "quant_kind", None)
+        if kind == "attention":
+            return (self.KVCacheMethodCls or ModelOptFp8KVCacheMethod)(self)
+        if self.is_layer_excluded(prefix) or "vision_tower" in prefix or "vision_model" in prefix:
+            return UnquantizedLinearMethod() if kind == "linear" else None
+        if kind == "linear":
+            return self.LinearMethodCls(self)
+        if kind == "moe":
+            if self.FusedMoEMethodCls is None:
+                raise QuantConfigError(
+                    f"{prefix}: {self.get_name()} mixture-of-experts layers are not supported yet"
+                )
+            return self.FusedMoEMethodCls(self, layer)
+        return None
+
+    # -- parsing ------------------------------------------------------------------------------
+    @staticmethod
+    def get_from_keys(config: Mapping[str, Any], keys: list[str]) -> Any:
+        for key in keys:
+            if key in config:
+                return config[key]
+        raise QuantConfigError(f"cannot find any of {keys} in the quantization config")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "ModelOptQuantConfigBase":
+        """Parse either config form (see the module docstring) and validate its types."""
+        if "quantization" in config:
+            quant = config["quantization"]
+            if not isinstance(quant, dict):
+                raise QuantConfigError(
+                    f"'quantization' must be a dictionary, got {type(quant).__name__}"
+                )
+            algo = quant.get("quant_algo")
+            kv_algo = quant.get("kv_cache_quant_algo")
+            group_size_raw = quant.get("group_size")
+            exclude_modules = quant.get("exclude_modules", [])
+        else:
+            algo = config.get("quant_algo")
+            kv_algo = config.get("kv_cache_quant_algo", _kv_algo_from_scheme(config))
+            group_size_raw = config.get("group_size")
+            exclude_modules = config.get("ignore", [])
+
+        if not algo:
+            raise QuantConfigError("missing 'quant_algo' in the quantization config")
+        algo = str(algo).upper()
+        if kv_algo is not None:
+            if not isinstance(kv_algo, str):
+                raise QuantConfigError(
+                    f"kv_cache_quant_algo must be a string, got {type(kv_algo).__name__}"
+                )
+            kv_algo = kv_algo.upper()
+        if exclude_modules is None:
+            exclude_modules = []
+        if not isinstance(exclude_modules, list):
+            raise QuantConfigError(
+                f"exclude_modules must be a list, got {type(exclude_modules).__name__}"
+            )
+        group_size = _parse_group_size(group_size_raw)
+        if algo not in QUANT_ALGOS:
+            raise QuantConfigError(
+                f"unsupported ModelOpt quant_algo {algo!r}; mopt supports {QUANT_ALGOS}"
+            )
+        return cls._from_config(
+            quant_method=algo,
+            kv_cache_quant_method=kv_algo,
+            exclude_modules=exclude_modules,
+            group_size=group_size,
+            original_config=config,
+        )
+
+    @classmethod
+    def _from_config(cls, **kwargs: Any) -> "ModelOptQuantConfigBase":
+        raise NotImplementedError  # abstract: each format builds itself
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(quant_algo={getattr(self, 'quant_method', None)!r}, "
+            f"kv_cache_quant_algo={self.kv_cache_quant_algo!r}, "
+            f"exclude_modules={self.exclude_modules!r})"
+        )
+
+
+def _kv_algo_from_scheme(config: Mapping[str, Any]) -> Any:
+    """``kv_cache_scheme`` of the config.json form: a dict (8-bit float means FP8) or a string."""
+    scheme = config.get("kv_cache_scheme")
+    if scheme is None or isinstance(scheme, str):
+        return scheme
+    if isinstance(scheme, dict):
+        if scheme.get("type") == "float" and scheme.get("num_bits") == 8:
+            return "FP8"
+        raise QuantConfigError(f"unsupported kv_cache_scheme {scheme}; supported: 8-bit float")
+    raise QuantConfigError(
+        f"kv_cache_scheme must be a dict or a string, got {type(scheme).__name__}"
+    )
+
+
+def _parse_group_size(raw: Any) -> int | None:
+    if raw is None:
+        return None
+    if isinstance(raw, bool):
+        raise QuantConfigError(f"group_size must be an integer, got {raw!r}")
+    if isinstance(raw, int):
+        return raw
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise QuantConfigError(
+            f"group_size must be an integer, got {type(raw).__name__} {raw!r}"
+        ) from None
+
+
+def _detect_algo(hf_quant_cfg: Mapping[str, Any] | None) -> str | None:
+    """The quant_algo of a config that declares ``quant_method: modelopt``, else None."""
+    if hf_quant_cfg is None:
+        return None
+    if str(hf_quant_cfg.get("quant_method", "")).lower() != "modelopt":
+        return None
+    if "quantization" in hf_quant_cfg:
+        quant = hf_quant_cfg["quantization"]
+        return str(quant.get("quant_algo", "")) if isinstance(quant, dict) else None
+    algo = hf_quant_cfg.get("quant_algo", "")
+    return algo if isinstance(algo, str) else None
+
+
+class ModelOptFp8Config(ModelOptQuantConfigBase):
+    """ModelOpt FP8: per-tensor, per-channel/per-token, or 128x128 block weights."""
+
+    def __init__(
+        self,
+        quant_method: str = "FP8",
+        is_checkpoint_fp8_serialized: bool = True,
+        kv_cache_quant_method: str | None = None,
+        exclude_modules: list[str] | None = None,
+        packed_modules_mapping: Mapping[str, list[str]] | None = None,
+    ) -> None:
+        super().__init__(exclude_modules or [], kv_cache_quant_method, packed_modules_mapping)
+        from mopt.quant.methods import fp8_linear
+
+        methods = {
+            "FP8": fp8_linear.ModelOptFp8LinearMethod,
+            "FP8_PER_CHANNEL_PER_TOKEN": fp8_linear.ModelOptFp8PcPtLinearMethod,
+            "FP8_PB_WO": fp8_linear.ModelOptFp8PbWoLinearMethod,
+        }
+        if quant_method not in methods:
+            raise QuantConfigError(
+                f"unsupported ModelOpt FP8 quant_algo {quant_method!r}; supported: {list(methods)}"
+            )
+        self.quant_method = quant_method
+        self.is_checkpoint_fp8_serialized = is_checkpoint_fp8_serialized
+        self.LinearMethodCls = methods[quant_method]
+
+    def get_name(self) -> str:
+        return "modelopt"
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 89
+
+    @classmethod
+    def override_quantization_method(
+        cls, hf_quant_cfg: Mapping[str, Any] | None, user_quant: str | None
+    ) -> str | None:
+        algo = _detect_algo(hf_quant_cfg)
+        return "modelopt" if algo is not None and "FP8" in algo.upper() else None
+
+    @classmethod
+    def _from_config(
+        cls, *, quant_method: str, kv_cache_quant_method: str | None,
+        exclude_modules: list[str], **kwargs: Any,
+    ) -> "ModelOptFp8Config":
+        return cls(quant_method, "FP8" in quant_method, kv_cache_quant_method, exclude_modules)
+
+
+class ModelOptNvFp4Config(ModelOptQuantConfigBase):
+    """ModelOpt NVFP4 (W4A4 with FP8 block scales)."""
+
+    def __init__(
+        self,
+        is_checkpoint_nvfp4_serialized: bool = True,
+        kv_cache_quant_algo: str | None = None,
+        exclude_modules: list[str] | None = None,
+        group_size: int = 16,
+        packed_modules_mapping: Mapping[str, list[str]] | None = None,
+    ) -> None:
+        super().__init__(exclude_modules or [], kv_cache_quant_algo, packed_modules_mapping)
+        if group_size != 16:
+            raise QuantConfigError(f"NVFP4 group_size must be 16, got {group_size}")
+        self.quant_method = "NVFP4"
+        self.is_checkpoint_nvfp4_serialized = is_checkpoint_nvfp4_serialized
+        self.group_size = group_size
+        from mopt.quant.methods.nvfp4_linear import ModelOptNvFp4LinearMethod
+
+        self.LinearMethodCls = ModelOptNvFp4LinearMethod
+
+    def get_name(self) -> str:
+        return "modelopt_fp4"
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.half, torch.float32, torch.float8_e4m3fn]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 75
+
+    @classmethod
+    def override_quantization_method(
+        cls, hf_quant_cfg: Mapping[str, Any] | None, user_quant: str | None
+    ) -> str | None:
+        algo = _detect_algo(hf_quant_cfg)
+        if algo is None:
+            return None
+        if "quantization" in hf_quant_cfg:  # type: ignore[operator]
+            return "modelopt_fp4" if "NVFP4" in algo else None
+        return "modelopt_fp4" if "FP4" in algo.upper() else None
+
+    @classmethod
+    def _from_config(
+        cls, *, quant_method: str, kv_cache_quant_method: str | None,
+        exclude_modules: list[str], original_config: Mapping[str, Any],
+        group_size: int | None, **kwargs: Any,
+    ) -> "ModelOptNvFp4Config":
+        if "quantization" in original_config:
+            quant = original_config["quantization"]
+            required = ["group_size", "kv_cache_quant_algo", "exclude_modules"]
+            missing = [f for f in required if f not in quant]
+            if missing:
+                raise QuantConfigError(
+                    f"NVFP4 quantization requires these fields in hf_quant_config.json: {missing}"
+                )
+        return cls(
+            "NVFP4" in quant_method, kv_cache_quant_method, exclude_modules,
+            16 if group_size is None else group_size,
+        )
+
+
+_CONFIG_BY_ALGO: dict[str, type[ModelOptQuantConfigBase]] = {
+    "FP8": ModelOptFp8Config,
+    "FP8_PER_CHANNEL_PER_TOKEN": ModelOptFp8Config,
+    "FP8_PB_WO": ModelOptFp8Config,
+    "NVFP4": ModelOptNvFp4Config,
+}
+
+
+def config_from_dict(config: Mapping[str, Any], source: str = "quantization config") -> ModelOptQuantConfigBase:
+    """Pick the config class by ``quant_algo`` and parse ``config`` (either form)."""
+    quant = config.get("quantization", config)
+    algo = quant.get("quant_algo") if isinstance(quant, dict) else None
+    if not algo:
+        raise QuantConfigError(f"{source}: missing 'quant_algo'")
+    cls = _CONFIG_BY_ALGO.get(str(algo).upper())
+    if cls is None:
+        raise QuantConfigError(
+            f"{source}: unsupported ModelOpt quant_algo {algo!r}; mopt supports {QUANT_ALGOS}"
+        )
+    try:
+        return cls.from_config(config)
+    except QuantConfigError as e:
+        raise QuantConfigError(f"{source}: {e}") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise QuantConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise QuantConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_quant_config(checkpoint_dir: str | os.PathLike) -> ModelOptQuantConfigBase | None:
+    """The quant config of a checkpoint folder, or ``None`` when it is not quantized.
+
+    Reads ``hf_quant_config.json`` when present, else ``config.json``'s ``quantization_config``.
+    A checkpoint quantized by another tool (GPTQ, AWQ, bitsandbytes, ...) is an error.
+    """
+    root = Path(checkpoint_dir)
+    hf_quant = root / "hf_quant_config.json"
+    if hf_quant.is_file():
+        data = _read_json(hf_quant)
+        producer = data.get("producer", {})
+        name = producer.get("name") if isinstance(producer, dict) else None
+        if name is not None and str(name).lower() != "modelopt":
+            raise QuantConfigError(
+                f"{hf_quant}: produced by {name!r}; mopt runs checkpoints made by NVIDIA ModelOpt"
+            )
+        if "quantization" not in data:
+            raise QuantConfigError(f"{hf_quant}: missing the 'quantization' section")
+        return config_from_dict(data, str(hf_quant))
+    config_json = root / "config.json"
+    if not config_json.is_file():
+        raise QuantConfigError(f"{root}: no config.json (is this a Hugging Face checkpoint folder?)")
+    quant = _read_json(config_json).get("quantization_config")
+    if quant is None:
+        return None
+    if not isinstance(quant, dict):
+        raise QuantConfigError(f"{config_json}: quantization_config must be an object")
+    method = str(quant.get("quant_method", "")).lower()
+    if method != "modelopt":
+        raise QuantConfigError(
+            f"{config_json}: quantization_config.quant_method is {quant.get('quant_method')!r}; "
+            "mopt runs checkpoints quantized by NVIDIA ModelOpt (quant_method 'modelopt')"
+        )
+    return config_from_dict(quant, f"{config_json} quantization_config")

@@ -1,0 +1,72 @@
+"""Method interfaces: a method creates a layer's parameters, converts them once, applies it."""
+
+from __future__ import annotations
+
+import torch
+
+from mopt.kernels.linear import LinearKernel, LinearScheme, LinearShape, select_linear_kernel
+from mopt.layers.parameter import BaseParameter, WeightLoadError
+
+
+class QuantizeMethodBase:
+    def create_weights(self, layer: torch.nn.Module, *args, **kwargs) -> None:
+        raise NotImplementedError  # abstract
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        """Convert loaded weights into their run-time form; called once after loading."""
+
+
+class LinearMethodBase(QuantizeMethodBase):
+    """A linear method computes through a kernel chosen for its scheme when weights are final."""
+
+    scheme: LinearScheme = LinearScheme.UNQUANTIZED
+
+    def __init__(self) -> None:
+        self.kernel: LinearKernel | None = None
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        raise NotImplementedError  # abstract
+
+    def select_kernel(self, layer: torch.nn.Module, override: str | None = None) -> None:
+        layer.linear_shape = LinearShape(
+            self.scheme, layer.input_size_per_partition, layer.output_size_per_partition
+        )
+        self.kernel = select_linear_kernel(layer.linear_shape, layer.weight.device, override)
+        self.kernel.process_weights(layer)
+
+    def apply(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.kernel is None:
+            raise RuntimeError(
+                f"{getattr(layer, 'prefix', type(layer).__name__)}: weights were not processed "
+                "after loading (call process_weights_after_loading)"
+            )
+        return self.kernel.apply(layer, x, bias)
+
+
+def require_loaded(layer: torch.nn.Module, *names: str) -> None:
+    """Raise naming every listed parameter of ``layer`` that no checkpoint tensor filled."""
+    missing = [
+        getattr(layer, n).mopt_name
+        for n in names
+        if isinstance(getattr(layer, n, None), BaseParameter) and not getattr(layer, n).loaded
+    ]
+    if missing:
+        raise WeightLoadError(f"no checkpoint tensor was loaded into: {', '.join(missing)}")
+
+
+def replace_parameter(layer: torch.nn.Module, name: str, data: torch.Tensor) -> None:
+    """Swap a loader parameter for a plain frozen one holding its processed value."""
+    if name in layer._parameters:
+        del layer._parameters[name]
+    layer.register_parameter(name, torch.nn.Parameter(data, requires_grad=False))
