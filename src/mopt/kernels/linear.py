@@ -9,8 +9,9 @@ every reason.
 Canonical processed weights, per scheme (``W[N, K]``; attributes on the layer):
 
 * ``UNQUANTIZED``: ``weight`` float ``[N, K]``.
-* ``FP8_TENSOR``: ``weight`` e4m3 ``[N, K]``, ``weight_scale`` fp32 ``[]``,
-  ``input_scale`` fp32 ``[]`` (static activation scale).
+* ``FP8_TENSOR``: ``weight`` e4m3 ``[N, K]``, ``weight_scale`` fp32 ``[]`` or ``[N]`` (fused
+  shards exported with different scales keep theirs, one per row; a kernel that takes only one
+  scale applies ``fp8.requantize_with_max_scale``), ``input_scale`` fp32 ``[]`` (static).
 * ``FP8_CHANNEL_TOKEN``: ``weight`` e4m3 ``[N, K]``, ``weight_scale`` fp32 ``[N]``;
   activations quantized per token at run time.
 * ``FP8_BLOCK``: ``weight`` e4m3 ``[N, K]``, ``weight_scale`` fp32 ``[N, ceil(K/128)]`` (each

@@ -61,8 +61,9 @@ class LinearBase(nn.Module):
             weight_loader=self.weight_loader,
         )
         if bias:
-            self.bias = BaseParameterLike(
-                torch.zeros(sum(output_partition_sizes), dtype=self.params_dtype), self.weight_loader
+            self.bias = BiasParameter(
+                torch.zeros(sum(output_partition_sizes), dtype=self.params_dtype),
+                weight_loader=self.weight_loader,
             )
         else:
             self.register_parameter("bias", None)
@@ -91,7 +92,7 @@ class LinearBase(nn.Module):
         )
 
 
-class BaseParameterLike(BaseParameter):
+class BiasParameter(BaseParameter):
     """A bias: sharded along outputs like the weight's rows."""
 
     def load(self, loaded: torch.Tensor, spec: ShardSpec = ShardSpec()) -> None:

@@ -62,7 +62,11 @@ def _check_partitions_loaded(layer, name: str) -> torch.Tensor:
 
 
 class ModelOptFp8LinearMethod(LinearMethodBase):
-    """Static per-tensor W8A8: ``y = (e4m3(x / s_x) @ W_q^T) * s_x * s_w``."""
+    """Static per-tensor W8A8: ``y = (e4m3(x / s_x) @ W_q^T) * s_x * s_w``.
+
+    ``s_w`` is a scalar, or one value per output row when fused shards were exported with
+    different scales.
+    """
 
     scheme = LinearScheme.FP8_TENSOR
 
@@ -84,18 +88,20 @@ class ModelOptFp8LinearMethod(LinearMethodBase):
         require_loaded(layer, "weight")
         w_scale = _check_partitions_loaded(layer, "weight_scale")
         in_scale = _check_partitions_loaded(layer, "input_scale")
-        weight = layer.weight.data
-        if not bool((w_scale == w_scale[0]).all()):
-            max_scale, weight = fp8.requantize_with_max_scale(weight, w_scale, layer.logical_widths)
+        if bool((w_scale == w_scale[0]).all()):
+            weight_scale = w_scale[0].reshape(()).clone()
         else:
-            max_scale = w_scale[0]
+            # Fused shards keep their own scales, one per output row: exact, unlike vLLM's
+            # re-quantization to the largest scale (kernels needing one scale can still do that).
+            widths = torch.tensor(layer.logical_widths, device=w_scale.device)
+            weight_scale = torch.repeat_interleave(w_scale, widths).contiguous()
         if not bool((in_scale == in_scale[0]).all()):
             logger.warning(
                 "%s: fused shards have different input scales %s; using their maximum",
                 layer.input_scale.mopt_name, in_scale.tolist(),
             )
-        replace_parameter(layer, "weight", weight)
-        replace_parameter(layer, "weight_scale", max_scale.reshape(()).clone())
+        replace_parameter(layer, "weight", layer.weight.data)
+        replace_parameter(layer, "weight_scale", weight_scale)
         replace_parameter(layer, "input_scale", in_scale.max().reshape(()).clone())
         self.select_kernel(layer)
 

