@@ -1,1 +1,5 @@
-"""mopt: run NVIDIA ModelOpt checkpoints."""
+"""mopt: run NVIDIA ModelOpt checkpoints, exact on CPU."""
+
+from mopt.engine.loader import load_model
+
+__all__ = ["load_model"]

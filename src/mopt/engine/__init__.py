@@ -1,0 +1,1 @@
+"""Loader, (later) paged KV cache, scheduler, sampler, runner and the LLM API."""

@@ -1,0 +1,129 @@
+"""Llama-family decoders: Llama 2/3.x, Mistral, SmolLM2, Qwen2/2.5 (q/k/v bias), Qwen3 (q/k norms).
+
+Fused q/k/v and gate/up projections; checkpoint names map onto them through
+``packed_modules_mapping`` (``q_proj -> (qkv_proj, "q")``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mopt.layers.attention import Attention
+from mopt.layers.basic import RMSNorm, RotaryEmbedding, VocabEmbedding
+from mopt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
+
+
+class LlamaAttentionBlock(nn.Module):
+    def __init__(self, config, quant_config, prefix: str, params_dtype, kv_cache_dtype: str, qk_norm: bool,
+                 qkv_bias: bool, o_bias: bool) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
+                                          bias=qkv_bias, quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
+                                          params_dtype=params_dtype)
+        self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, config.hidden_size,
+                                        bias=o_bias,
+                                        quant_config=quant_config, prefix=f"{prefix}.o_proj", params_dtype=params_dtype)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, f"{prefix}.q_norm") if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, f"{prefix}.k_norm") if qk_norm else None
+        self.rotary = RotaryEmbedding(config, self.head_dim)
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5,
+                              quant_config, f"{prefix}.attn", kv_cache_dtype)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = self.qkv_proj(x)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config, quant_config, prefix: str, params_dtype) -> None:
+        super().__init__()
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{prefix}: unsupported hidden_act {act!r}; supported: silu")
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
+                                                       quant_config=quant_config, prefix=f"{prefix}.gate_up_proj",
+                                                       params_dtype=params_dtype)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, quant_config=quant_config,
+                                           prefix=f"{prefix}.down_proj", params_dtype=params_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, quant_config, prefix: str, params_dtype, kv_cache_dtype: str, flags: dict) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttentionBlock(config, quant_config, f"{prefix}.self_attn", params_dtype,
+                                             kv_cache_dtype, **flags)
+        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp", params_dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, f"{prefix}.input_layernorm")
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                                f"{prefix}.post_attention_layernorm")
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, quant_config, params_dtype, kv_cache_dtype: str, flags: dict) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, params_dtype, "model.embed_tokens")
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, quant_config, f"model.layers.{i}", params_dtype, kv_cache_dtype, flags)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "model.norm")
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """``forward(input_ids [B, T]) -> logits [B, T, vocab]`` (float32), no cache."""
+
+    qk_norm = False
+    always_qkv_bias = False  # Qwen2: biased q/k/v, unbiased o_proj, whatever attention_bias says
+    packed_modules_mapping = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"),
+                              "v_proj": ("qkv_proj", "v"), "gate_proj": ("gate_up_proj", 0),
+                              "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, config, quant_config=None, params_dtype=torch.float32, kv_cache_dtype: str = "auto") -> None:
+        super().__init__()
+        self.config = config
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        flags = dict(qk_norm=self.qk_norm, qkv_bias=attention_bias or self.always_qkv_bias,
+                     o_bias=attention_bias and not self.always_qkv_bias)
+        self.model = LlamaModel(config, quant_config, params_dtype, kv_cache_dtype, flags)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = ReplicatedLinear(config.hidden_size, config.vocab_size, quant_config=quant_config,
+                                        prefix="lm_head", params_dtype=params_dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model(input_ids)).float()
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    always_qkv_bias = True
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    qk_norm = True
