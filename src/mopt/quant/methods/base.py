@@ -54,6 +54,14 @@ class LinearMethodBase(QuantizeMethodBase):
         return self.kernel.apply(layer, x, bias)
 
 
+class ModelOptLinearMethodBase(LinearMethodBase):
+    """A linear method that reads its format's settings from a ModelOpt quant config."""
+
+    def __init__(self, quant_config) -> None:
+        super().__init__()
+        self.quant_config = quant_config
+
+
 def require_loaded(layer: torch.nn.Module, *names: str) -> None:
     """Raise naming every listed parameter of ``layer`` that no checkpoint tensor filled."""
     missing = [

@@ -24,7 +24,7 @@ from mopt.layers.parameter import (
     WeightLoadError,
 )
 from mopt.quant.formats import fp8
-from mopt.quant.methods.base import LinearMethodBase, replace_parameter, require_loaded
+from mopt.quant.methods.base import ModelOptLinearMethodBase, replace_parameter, require_loaded
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _check_partitions_loaded(layer, name: str) -> torch.Tensor:
     return value
 
 
-class ModelOptFp8LinearMethod(LinearMethodBase):
+class ModelOptFp8LinearMethod(ModelOptLinearMethodBase):
     """Static per-tensor W8A8: ``y = (e4m3(x / s_x) @ W_q^T) * s_x * s_w``.
 
     ``s_w`` is a scalar, or one value per output row when fused shards were exported with
@@ -69,10 +69,6 @@ class ModelOptFp8LinearMethod(LinearMethodBase):
     """
 
     scheme = LinearScheme.FP8_TENSOR
-
-    def __init__(self, quant_config) -> None:
-        super().__init__()
-        self.quant_config = quant_config
 
     def create_weights(
         self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
@@ -106,14 +102,10 @@ class ModelOptFp8LinearMethod(LinearMethodBase):
         self.select_kernel(layer)
 
 
-class ModelOptFp8PcPtLinearMethod(LinearMethodBase):
+class ModelOptFp8PcPtLinearMethod(ModelOptLinearMethodBase):
     """Per-channel weights, dynamic per-token activations."""
 
     scheme = LinearScheme.FP8_CHANNEL_TOKEN
-
-    def __init__(self, quant_config) -> None:
-        super().__init__()
-        self.quant_config = quant_config
 
     def create_weights(
         self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
@@ -136,15 +128,11 @@ class ModelOptFp8PcPtLinearMethod(LinearMethodBase):
         self.select_kernel(layer)
 
 
-class ModelOptFp8PbWoLinearMethod(LinearMethodBase):
+class ModelOptFp8PbWoLinearMethod(ModelOptLinearMethodBase):
     """128x128 weight blocks (partial edge blocks allowed), dynamic 1x128 activation groups."""
 
     scheme = LinearScheme.FP8_BLOCK
     block = fp8.BLOCK_SHAPE
-
-    def __init__(self, quant_config) -> None:
-        super().__init__()
-        self.quant_config = quant_config
 
     def create_weights(
         self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,

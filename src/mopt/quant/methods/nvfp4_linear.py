@@ -17,18 +17,17 @@ import torch
 from mopt.kernels.linear import LinearScheme
 from mopt.layers.parameter import ModelWeightParameter, PerTensorScaleParameter, WeightLoadError
 from mopt.quant.formats import nvfp4
-from mopt.quant.methods.base import LinearMethodBase, replace_parameter, require_loaded
+from mopt.quant.methods.base import ModelOptLinearMethodBase, replace_parameter, require_loaded
 from mopt.quant.methods.fp8_linear import _check_partitions_loaded, _per_tensor, _record_shape
 
 logger = logging.getLogger(__name__)
 
 
-class ModelOptNvFp4LinearMethod(LinearMethodBase):
+class ModelOptNvFp4LinearMethod(ModelOptLinearMethodBase):
     scheme = LinearScheme.NVFP4
 
     def __init__(self, quant_config) -> None:
-        super().__init__()
-        self.quant_config = quant_config
+        super().__init__(quant_config)
         self.group_size = getattr(quant_config, "group_size", nvfp4.BLOCK_SIZE)
 
     def create_weights(
