@@ -17,6 +17,7 @@ from mopt.quant.config import load_quant_config
 # Bytes per element of the safetensors dtype names.
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1,
                "I8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+FLOAT_DTYPES = ("BF16", "F16", "F32")
 _SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale")
 
 
@@ -120,16 +121,16 @@ def inspect_checkpoint(path: str | Path) -> Inspection:
             continue
         module = name[: -len(".weight")]
         info.layers.append((module, _method_name(info.quant, module), t["dtype"]))
-    _check_mlp_scales(info, tensors, root)
+    _check_layer_scales(info, tensors, root)
     return info
 
 
-def _check_mlp_scales(info: Inspection, tensors: dict[str, dict], root: Path) -> None:
+def _check_layer_scales(info: Inspection, tensors: dict[str, dict], root: Path) -> None:
     """Warn where a layer's quantized weight has no scale (it would not load)."""
     for module, method, dtype in info.layers:
         if dtype in ("F8_E4M3", "U8") and f"{module}.weight_scale" not in tensors:
             info.warnings.append(f"{module}: {dtype} weight without weight_scale")
-        if dtype in ("BF16", "F16", "F32") and "excluded" not in method and info.quant is not None:
+        if dtype in FLOAT_DTYPES and "excluded" not in method and info.quant is not None:
             info.warnings.append(f"{module}: stored as {dtype} although not excluded; runs unquantized")
 
 

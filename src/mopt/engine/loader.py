@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mopt.engine.inspect import CheckpointError, checkpoint_files, read_safetensors_header
+from mopt.engine.inspect import FLOAT_DTYPES, CheckpointError, checkpoint_files, read_safetensors_header
 from mopt.layers.parameter import BaseParameter, WeightLoadError
 from mopt.models.registry import model_class
 from mopt.quant.config import load_quant_config
@@ -22,7 +22,6 @@ from mopt.quant.config import load_quant_config
 logger = logging.getLogger(__name__)
 
 _SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale")
-_FLOAT_DTYPES = ("BF16", "F16", "F32")
 
 
 def _runtime_name(name: str, packed: dict) -> tuple[str, object]:
@@ -43,7 +42,7 @@ def _unquantized_layers(headers: dict[str, dict], quant) -> list[str]:
     """Linear layers stored in BF16/FP16/FP32 without scales although the config quantizes them."""
     found = []
     for name, info in headers.items():
-        if not name.endswith(".weight") or len(info["shape"]) != 2 or info["dtype"] not in _FLOAT_DTYPES:
+        if not name.endswith(".weight") or len(info["shape"]) != 2 or info["dtype"] not in FLOAT_DTYPES:
             continue
         module = name[: -len(".weight")]
         if "embed" in module or "norm" in module or quant.is_layer_excluded(module):

@@ -13,7 +13,7 @@ MODEL_REGISTRY: dict[str, type] = {
 
 
 class UnsupportedArchitectureError(ValueError):
-    pass
+    """config.json names no architecture mopt implements; the message lists the supported ones."""
 
 
 def model_class(architectures: list[str] | None, source: str = "config.json") -> type:
