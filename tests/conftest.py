@@ -72,3 +72,15 @@ def make_export(tmp_root: Path, fmt: str, hidden: int, arch: str = "llama") -> E
 def export_factory(tmp_path_factory):
     root = tmp_path_factory.mktemp("modelopt_exports")
     return lambda fmt, hidden, arch="llama": make_export(root, fmt, hidden, arch)
+
+
+@pytest.fixture(scope="session")
+def default_model_cache(tmp_path_factory):
+    """``MOPT_CACHE`` for the whole session, with the default model (FP8 + FP8 KV) built once."""
+    from mopt.engine import default_model
+
+    cache = tmp_path_factory.getbasetemp() / "mopt-cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOPT_CACHE", str(cache))
+        default_model.build_default_model("fp8-kv", progress=lambda m: None)
+        yield cache

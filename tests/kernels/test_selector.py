@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mopt.kernels import linear as kl
-from mopt.kernels.reference import ReferenceLinearKernel
+from mopt.kernels.reference import CpuDecodedLinearKernel, ReferenceLinearKernel
 
 SHAPE = kl.LinearShape(kl.LinearScheme.NVFP4, 4096, 4096)
 
@@ -41,8 +41,13 @@ def registry(monkeypatch):
     monkeypatch.delenv(kl.BACKEND_ENV, raising=False)
 
 
-def test_cpu_default_is_reference():
-    assert isinstance(kl.select_linear_kernel(SHAPE, torch.device("cpu")), ReferenceLinearKernel)
+def test_cpu_defaults(monkeypatch):
+    monkeypatch.delenv(kl.BACKEND_ENV, raising=False)
+    cpu = torch.device("cpu")
+    assert type(kl.select_linear_kernel(SHAPE, cpu)) is CpuDecodedLinearKernel
+    unquantized = kl.LinearShape(kl.LinearScheme.UNQUANTIZED, 64, 64)
+    assert type(kl.select_linear_kernel(unquantized, cpu)) is ReferenceLinearKernel
+    assert type(kl.select_linear_kernel(SHAPE, cpu, "reference")) is ReferenceLinearKernel
 
 
 def test_first_fitting_candidate_wins(registry):

@@ -23,6 +23,13 @@ FORMATS = {
 }
 
 
+
+@pytest.fixture(autouse=True)
+def canonical_weights(monkeypatch):
+    """These tests read the canonical processed weights, which the reference backend keeps."""
+    monkeypatch.setenv("MOPT_BACKEND", "reference")
+
+
 def checkpoint_tensors(fmt: str, n: int, k: int, seed: int) -> dict[str, torch.Tensor]:
     """What ModelOpt would export for one linear shard W[n, k], made with our quantizers."""
     g = torch.Generator().manual_seed(seed)

@@ -6,7 +6,7 @@ safetensors file into mopt's parallel linear layers and fed the very inputs that
 fake-quant model saw for them (captured with hooks on a calibration-like batch). Outputs are
 compared with
 
-(a) an independent dequantize-and-simulate computation written here from the raw checkpoint
+(a) an independent dequantize-and-simulate computation (tests/simulate.py) from the raw checkpoint
     tensors (no mopt code), which must agree to float32 accumulation error, and
 (b) ModelOpt's own fake-quant modules, which differ by what the exported format itself changes:
     per-tensor FP8 q/k/v shards re-quantized to one scale (the kernels need one), FP8_PB_WO
@@ -25,10 +25,9 @@ from safetensors.torch import load_file
 from mopt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from mopt.quant.config import load_quant_config
 from mopt.quantize import cpu_block_quantization
+from simulate import simulate_linear as _simulate
 
 pytestmark = pytest.mark.slow
-
-E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
 
 # Relative L2 error, ||ours - other|| / ||other||, allowed per format; measured maxima over both
 # shapes in brackets (2026-11-25, CPU, float32).
@@ -46,50 +45,6 @@ TOLERANCE = {
     "fp8-pb-wo": (1e-6, 4e-2),
     "nvfp4": (1e-6, 1e-6),
 }
-
-
-def _simulate_fp8_act(x, scale):
-    return (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale
-
-
-def _dequant_weight(fmt, t):
-    """Dequantize one exported shard from its raw tensors, written independently of mopt."""
-    w = t["weight"]
-    if fmt in ("fp8-kv", "fp8-pcpt"):
-        scale = t["weight_scale"].float()
-        return w.float() * (scale[:, None] if scale.dim() == 1 else scale)
-    if fmt == "fp8-pb-wo":
-        s = t["weight_scale"].float()[:, 0, :, 0]
-        full = torch.kron(s, torch.ones(128, 128))[: w.shape[0], : w.shape[1]]
-        return w.float() * full
-    low, high = (w & 0xF).long(), (w >> 4).long()
-    codes = torch.stack([low, high], dim=-1).reshape(w.shape[0], -1)
-    scales = t["weight_scale"].float().repeat_interleave(16, dim=1)
-    return E2M1[codes] * scales * t["weight_scale_2"].float()
-
-
-def _simulate(fmt, x, shard_tensors):
-    """y = act_quant(x) @ dequant(W)^T for the shards of one (possibly fused) layer."""
-    outs = []
-    for t in shard_tensors:
-        w = _dequant_weight(fmt, t)
-        if fmt == "fp8-kv":
-            xq = _simulate_fp8_act(x, t["input_scale"].float())
-        elif fmt == "fp8-pcpt":
-            amax = x.abs().amax(dim=-1, keepdim=True)
-            xq = _simulate_fp8_act(x, torch.where(amax > 0, amax / 448, torch.ones_like(amax)))
-        elif fmt == "fp8-pb-wo":
-            xq = torch.cat([
-                _simulate_fp8_act(g, torch.clamp_min(g.abs().amax(-1, keepdim=True) / 448, 1e-30))
-                for g in x.split(128, dim=-1)], dim=-1)
-        else:
-            from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
-
-            s2 = t["input_scale"].float()
-            qt, s, _ = NVFP4QTensor.quantize(x.clone(), 16, weights_scaling_factor_2=s2)
-            xq = qt.dequantize(dtype=torch.float32, scale=s, double_scale=s2, block_sizes={-1: 16})
-        outs.append(xq.double() @ w.double().t())
-    return torch.cat(outs, dim=-1).float()
 
 
 def _capture(model, ids):

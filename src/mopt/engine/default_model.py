@@ -86,12 +86,51 @@ def default_model_path(fmt: str = DEFAULT_FORMAT, cache: Path | None = None) -> 
     return (cache or cache_dir()) / "models" / f"SmolLM2-135M-Instruct-{fmt}"
 
 
-def build_default_model(fmt: str = DEFAULT_FORMAT, cache: Path | None = None, progress=print) -> Path:
-    """The cached ModelOpt checkpoint of the default model in ``fmt``, built on first use."""
-    from mopt.quantize import FORMATS, export_checkpoint, quantize_model
+UNQUANTIZED = "bf16"
 
-    if fmt not in FORMATS:
-        raise DefaultModelError(f"unknown format {fmt!r}; choose one of {sorted(FORMATS)}")
+
+def default_formats() -> list[str]:
+    """Formats the default model can be built in: ``bf16`` (the unquantized reference) and every
+    ``mopt quantize`` format."""
+    from mopt.quantize import FORMATS
+
+    return [UNQUANTIZED, *sorted(FORMATS)]
+
+
+def _save_unquantized(model, tokenizer, out: Path) -> None:
+    """The GGUF-loaded model as a plain BF16 checkpoint. transformers refuses ``save_pretrained``
+    for models loaded from GGUF although their weights are already dequantized, so write the
+    tensors and config directly."""
+    from safetensors.torch import save_file
+
+    tmp = _atomic_dir(out)
+    try:
+        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            tensors.pop("lm_head.weight", None)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def build_default_model(fmt: str = DEFAULT_FORMAT, cache: Path | None = None, progress=print) -> Path:
+    """The cached checkpoint of the default model in ``fmt`` (see :func:`default_formats`), built on
+    first use: ModelOpt-quantized, or ``bf16`` unquantized."""
+    from mopt.quantize import export_checkpoint, quantize_model
+
+    if fmt not in default_formats():
+        raise DefaultModelError(f"unknown format {fmt!r}; choose one of {default_formats()}")
     out = default_model_path(fmt, cache)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
@@ -99,6 +138,10 @@ def build_default_model(fmt: str = DEFAULT_FORMAT, cache: Path | None = None, pr
     gguf = fetch_gguf(cache)
     model, tokenizer = load_gguf_model(gguf, torch.bfloat16)  # ModelOpt exports are BF16
     model.config.architectures = [type(model).__name__]
+    if fmt == UNQUANTIZED:
+        _save_unquantized(model, tokenizer, out)
+        progress(f"done: {out}")
+        return out
     progress("quantizing with NVIDIA ModelOpt ...")
     quantize_model(model, fmt, calibration_batches(tokenizer))
     export_checkpoint(model, out, save_extra=lambda d: tokenizer.save_pretrained(d))

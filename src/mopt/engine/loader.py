@@ -53,8 +53,11 @@ def _unquantized_layers(headers: dict[str, dict], quant) -> list[str]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               kv_cache_dtype: str = "auto") -> torch.nn.Module:
-    """A mopt model whose ``forward(input_ids [B, T]) -> logits [B, T, vocab]`` runs without a cache."""
+               kv_cache_dtype: str = "auto", progress: bool = False) -> torch.nn.Module:
+    """A mopt model whose ``forward(input_ids [B, T]) -> logits [B, T, vocab]`` runs without a cache.
+
+    ``progress`` shows a bar over the checkpoint's tensors on stderr.
+    """
     from transformers import AutoConfig
 
     root = Path(path)
@@ -85,10 +88,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     params = dict(model.named_parameters())
     packed = {k: v for k, v in model.packed_modules_mapping.items()}
     from safetensors import safe_open
+    from tqdm.auto import tqdm
 
+    bar = tqdm(total=len(headers), desc=f"loading {root.name}", unit="tensor", disable=not progress)
     for f in files:
         with safe_open(f, framework="pt", device="cpu") as reader:
             for name in reader.keys():
+                bar.update(1)
                 target, shard = _runtime_name(name, packed)
                 param = params.get(target)
                 if param is None:
@@ -106,6 +112,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                 except WeightLoadError as e:
                     where = f"{f.name}" if str(e).startswith(name) else f"{f.name}: {name}"
                     raise WeightLoadError(f"{where}: {e}") from None
+    bar.close()
     if model.tie_word_embeddings and not model.lm_head.weight.loaded:
         model.lm_head.weight_loader(model.lm_head.weight, model.model.embed_tokens.weight.data)
     missing = [p.mopt_name for p in params.values() if isinstance(p, BaseParameter) and not p.loaded

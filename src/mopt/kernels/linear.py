@@ -103,8 +103,8 @@ def select_linear_kernel(
     """The first kernel that supports ``device`` and implements ``shape``.
 
     ``override`` (default: the ``MOPT_BACKEND`` environment variable) restricts the choice to
-    one backend (``reference``, ``triton``, ``cublas``). On CPU only the reference backend
-    exists, so an override naming another backend is reported, not silently ignored.
+    one backend (``reference``, ``cpu``, ``triton``, ``cublas``). An override no kernel on the
+    device offers is an error listing why each was passed over, never silently ignored.
     """
     override = override if override is not None else os.environ.get(BACKEND_ENV) or None
     reasons: list[str] = []

@@ -1,16 +1,38 @@
 """Attention: grouped-query, causal, with the layer's KV-cache quantization method.
 
-This is the cache-free full-sequence path (scoring, evaluation). Keys and values pass through
-the KV cache's storage format when the cache is FP8 (``e4m3(k / k_scale) * k_scale``), so logits
-equal what a cached decode computes.
+Two paths. Without metadata (scoring, evaluation) it attends over the full sequence with no
+cache; keys and values still pass through the KV cache's storage format when that is FP8
+(``e4m3(k / k_scale) * k_scale``), so logits equal what a cached decode computes. With
+:class:`AttentionMetadata` (generation) it writes the new keys and values into the paged cache
+the engine attached (``k_cache``, ``v_cache``) and attends over the cached context.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from mopt.kernels.paged_attention import paged_attention, write_kv
 from mopt.quant.formats import fp8
+
+
+@dataclass
+class AttentionMetadata:
+    """Where a batch of new tokens sits in the paged KV cache.
+
+    Tokens of ``B`` sequences are packed back to back: sequence ``b`` owns tokens
+    ``query_start_loc[b]:query_start_loc[b + 1]`` and has ``seq_lens[b]`` tokens in the cache once
+    they are written; ``slot_mapping [N]`` is each new token's cache slot and ``block_tables
+    [B, max_blocks]`` each sequence's blocks (padded with block 0, masked by ``seq_lens``).
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    max_query_len: int
 
 
 class Attention(nn.Module):
@@ -31,13 +53,21 @@ class Attention(nn.Module):
                 p.mopt_name = f"{prefix}.{name}"
                 p._weight_loader = lambda param, t, shard_id=None: param.load(t)
         self.k_scale_float = self.v_scale_float = 1.0
+        self.k_cache: torch.Tensor | None = None  # attached by the engine
+        self.v_cache: torch.Tensor | None = None
 
     def process_weights_after_loading(self) -> None:
         if self.quant_method is not None:
             self.quant_method.process_weights_after_loading(self)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]`` -> ``[B, T, H*D]``."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                metadata: AttentionMetadata | None = None) -> torch.Tensor:
+        """``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]`` -> ``[B, T, H*D]``.
+
+        With ``metadata``, ``B == 1`` and the ``T`` tokens are the packed new tokens of a batch.
+        """
+        if metadata is not None:
+            return self._forward_paged(q, k, v, metadata)
         if self.kv_cache_dtype == "fp8":
             k = fp8.dequantize(fp8.quantize(k, self.k_scale_float), self.k_scale_float, k.dtype)
             v = fp8.dequantize(fp8.quantize(v, self.v_scale_float), self.v_scale_float, v.dtype)
@@ -47,3 +77,13 @@ class Attention(nn.Module):
             is_causal=True, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+
+    def _forward_paged(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        if self.k_cache is None:
+            raise RuntimeError(f"{self.prefix}: attention metadata given but no KV cache attached")
+        q, k, v = q[0], k[0], v[0]
+        write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale_float, self.v_scale_float)
+        out = paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
+                              meta.query_start_loc, meta.max_query_len, self.scale,
+                              self.k_scale_float, self.v_scale_float)
+        return out.reshape(1, q.shape[0], self.num_heads * self.head_dim)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mopt.layers.attention import Attention
+from mopt.layers.attention import Attention, AttentionMetadata
 from mopt.layers.basic import RMSNorm, RotaryEmbedding, VocabEmbedding
 from mopt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 
@@ -33,7 +33,7 @@ class LlamaAttentionBlock(nn.Module):
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5,
                               quant_config, f"{prefix}.attn", kv_cache_dtype)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata | None) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -44,7 +44,7 @@ class LlamaAttentionBlock(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+        return self.o_proj(self.attn(q, k, v, meta))
 
 
 class LlamaMLP(nn.Module):
@@ -74,8 +74,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
                                                 f"{prefix}.post_attention_layernorm")
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x))
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata | None) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -89,16 +89,22 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "model.norm")
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                meta: AttentionMetadata | None = None) -> torch.Tensor:
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(positions, x)
+            x = layer(positions, x, meta)
         return self.norm(x)
 
 
 class LlamaForCausalLM(nn.Module):
-    """``forward(input_ids [B, T]) -> logits [B, T, vocab]`` (float32), no cache."""
+    """``forward(input_ids [B, T]) -> logits [B, T, vocab]`` (float32), no cache.
+
+    The engine calls ``compute_hidden(input_ids [1, N], positions [1, N], meta)`` on packed new
+    tokens with a paged cache, then ``compute_logits`` on the rows it samples from.
+    """
 
     qk_norm = False
     always_qkv_bias = False  # Qwen2: biased q/k/v, unbiased o_proj, whatever attention_bias says
@@ -118,7 +124,14 @@ class LlamaForCausalLM(nn.Module):
                                         prefix="lm_head", params_dtype=params_dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids)).float()
+        return self.compute_logits(self.model(input_ids))
+
+    def compute_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                       meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

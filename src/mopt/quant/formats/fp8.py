@@ -42,12 +42,28 @@ def quantize(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
+def to_float32(q: torch.Tensor) -> torch.Tensor:
+    """E4M3 codes as float32 values, exactly (every E4M3 value is a float32).
+
+    torch's CPU cast converts element by element; on CPU this rebuilds the bits instead: an E4M3
+    code's sign, exponent and mantissa fields placed into float16's (bias 15 vs 7) are the same
+    value times 2^-8, subnormals included, and float16 -> float32 is vectorized. Six to seven
+    times faster, which is most of a CPU decode step. The NaN codes (0x7f, 0xff), which
+    quantization never produces, decode to +-480 on this path.
+    """
+    if q.device.type != "cpu" or q.dtype != FP8_DTYPE:
+        return q.float()
+    bits = q.view(torch.uint8).to(torch.int16)
+    half = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)
+    return half.view(torch.float16).float().mul_(256.0)
+
+
 def dequantize(
     q: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """``q * scale`` in float32, then cast to ``dtype``."""
     scale = torch.as_tensor(scale, dtype=torch.float32, device=q.device)
-    return (q.float() * scale).to(dtype)
+    return (to_float32(q) * scale).to(dtype)
 
 
 def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

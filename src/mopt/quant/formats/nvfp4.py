@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from mopt.quant.formats.fp8 import FP8_DTYPE, FP8_MAX
+from mopt.quant.formats.fp8 import FP8_DTYPE, FP8_MAX, to_float32
 
 BLOCK_SIZE = 16
 E2M1_MAX = 6.0
@@ -109,7 +109,7 @@ def quantize(
     if block_scale is None:
         block_scale = block_scales(x, g)
     blocks = _pad_last(x.float(), BLOCK_SIZE).unflatten(-1, (-1, BLOCK_SIZE))
-    scaled = blocks / (block_scale.float() * g).unsqueeze(-1)
+    scaled = blocks / (to_float32(block_scale) * g).unsqueeze(-1)
     return pack(e2m1_encode(scaled.flatten(-2))), block_scale
 
 
@@ -123,7 +123,7 @@ def dequantize(
     """``code value * float(block_scale) * global_scale``; ``k`` crops padded columns."""
     g = torch.as_tensor(global_scale, dtype=torch.float32, device=packed.device)
     values = e2m1_decode(unpack(packed)).unflatten(-1, (-1, BLOCK_SIZE))
-    out = (values * (block_scale.float() * g).unsqueeze(-1)).flatten(-2)
+    out = (values * (to_float32(block_scale) * g).unsqueeze(-1)).flatten(-2)
     if k is not None:
         out = out[..., :k]
     return out.to(dtype)
@@ -137,7 +137,7 @@ def dequantize_to_block_values(packed: torch.Tensor, block_scale: torch.Tensor) 
     apply both global scales once in its epilogue.
     """
     values = e2m1_decode(unpack(packed)).unflatten(-1, (-1, BLOCK_SIZE))
-    return (values * block_scale.float().unsqueeze(-1)).flatten(-2)
+    return (values * to_float32(block_scale).unsqueeze(-1)).flatten(-2)
 
 
 def quantize_activations(

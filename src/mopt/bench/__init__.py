@@ -1,0 +1,1 @@
+"""Benchmarks behind ``mopt bench``: results are printed as a table and written as JSON."""

@@ -1,0 +1,216 @@
+"""``mopt.LLM``: load a checkpoint, generate and chat with a paged KV cache and continuous batching."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterator, Sequence as Seq
+
+import torch
+
+from mopt.engine.block_manager import BlockManager, blocks_needed
+from mopt.engine.loader import load_model
+from mopt.engine.runner import ModelRunner, kv_bytes_per_token
+from mopt.engine.scheduler import Scheduler
+from mopt.engine.sequence import RequestOutput, SamplingParams, Sequence
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 512 << 20
+GPU_MEMORY_UTILIZATION = 0.85
+
+Prompt = str | list[int]
+Messages = list[dict[str, str]]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """BF16 on GPUs; float32 on CPUs, where BF16 matmuls are several times slower."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _eos_token_ids(path: Path, config, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    sources = [getattr(config, "eos_token_id", None)]
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        try:
+            sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+        except (OSError, ValueError):
+            logger.warning("%s: unreadable, ignoring it", gen)
+    if tokenizer is not None:
+        sources.append(tokenizer.eos_token_id)
+    for s in sources:
+        ids.update(s if isinstance(s, list) else [] if s is None else [s])
+    return ids
+
+
+class LLM:
+    """Generate text from a Hugging Face checkpoint (ModelOpt-quantized or not).
+
+    ``kv_cache_dtype``: ``"auto"`` (FP8 when the checkpoint's quant config says so, else the model
+    dtype) or ``"fp8"`` (also for checkpoints without KV scales: scale 1.0, with a warning).
+    ``kv_cache_memory``: bytes for the paged cache (default: 512 MiB on CPU, 85% of the GPU's free
+    memory after loading); ``max_model_len`` defaults to the model's context length, capped by
+    what the cache holds.
+    """
+
+    def __init__(self, model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 max_model_len: int | None = None, kv_cache_dtype: str = "auto", *, block_size: int = 16,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
+                 kv_cache_memory: int | None = None, progress: bool = False) -> None:
+        if kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}")
+        self.path = Path(model)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype or default_dtype(self.device)
+        self.model = load_model(self.path, self.device, self.dtype, kv_cache_dtype, progress=progress)
+        self.config = self.model.config
+        self.tokenizer = self._load_tokenizer()
+        self.eos_token_ids = _eos_token_ids(self.path, self.config, self.tokenizer)
+        self.vocab_size = self.config.vocab_size
+
+        per_token = kv_bytes_per_token(self.model, self.dtype)
+        budget = kv_cache_memory if kv_cache_memory is not None else self._default_cache_bytes()
+        num_blocks = budget // (per_token * block_size)
+        capacity = num_blocks * block_size
+        context = getattr(self.config, "max_position_embeddings", None) or capacity
+        self.max_model_len = max_model_len or min(context, capacity)
+        if self.max_model_len > capacity:
+            raise ValueError(f"max_model_len {self.max_model_len} needs {self.max_model_len * per_token} bytes "
+                             f"of KV cache; the cache holds {capacity} tokens ({budget} bytes)")
+        # Don't allocate more than max_num_seqs full-length sequences can use.
+        num_blocks = min(num_blocks, max_num_seqs * blocks_needed(self.max_model_len, block_size))
+        self.scheduler = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs,
+                                   max_num_batched_tokens or max(self.max_model_len, 2048))
+        self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype)
+        logger.info("KV cache: %d blocks x %d tokens (%d bytes/token)", num_blocks, block_size, per_token)
+
+    def _default_cache_bytes(self) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * GPU_MEMORY_UTILIZATION)
+        return CPU_KV_CACHE_BYTES
+
+    def _load_tokenizer(self):
+        if not any((self.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            logger.warning("%s: no tokenizer; only token-id prompts work", self.path)
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path} has no tokenizer: pass token-id lists instead of text")
+        return self.tokenizer
+
+    def _make_sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
+        if isinstance(prompt, str):
+            ids = self._require_tokenizer()(prompt)["input_ids"]
+            text = prompt
+        else:
+            ids, text = [int(t) for t in prompt], None
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
+                             "(prompt plus at least one generated token)")
+        return Sequence(ids, params, prompt=text)
+
+    def _finish_check(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if not p.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        if p.stop and seq.finish_reason is None:
+            hits = [(seq.text.find(s), s) for s in p.stop if s in seq.text]
+            if hits:
+                at, s = min(hits)
+                seq.text, seq.finish_reason, seq.stop_reason = seq.text[:at], "stop", s
+        if seq.finish_reason is None and (len(seq.output_token_ids) >= p.max_tokens or len(seq) >= self.max_model_len):
+            seq.finish_reason = "length"
+
+    def _step(self) -> list[Sequence]:
+        seqs, is_prefill = self.scheduler.schedule()
+        tokens = self.runner.step(seqs, is_prefill)
+        for seq, token in zip(seqs, tokens):
+            seq.output_token_ids.append(token)
+            self._finish_check(seq, token)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+        return seqs
+
+    @staticmethod
+    def _per_prompt(params, n: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * n
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        if len(params) != n:
+            raise ValueError(f"{len(params)} SamplingParams for {n} prompts")
+        return list(params)
+
+    def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Outputs in prompt order. ``prompts``: a string, a token-id list, or a list of either."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        seqs = [self._make_sequence(p, sp) for p, sp in zip(prompts, self._per_prompt(sampling_params, len(prompts)))]
+        for seq in seqs:
+            self.scheduler.add(seq)
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(seqs), desc="generating", unit="req")
+        while self.scheduler.has_unfinished():
+            done = [s for s in self._step() if s.finish_reason is not None]
+            if bar is not None:
+                bar.update(len(done))
+        if bar is not None:
+            bar.close()
+        return [s.output() for s in seqs]
+
+    def chat_prompt(self, messages: Messages) -> list[int]:
+        """Token ids of ``messages`` through the tokenizer's chat template, ready for the reply."""
+        tok = self._require_tokenizer()
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"{self.path}: the tokenizer has no chat template; use generate() with a plain prompt")
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def chat(self, messages: Messages | Seq[Messages], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Reply to one conversation (a list of ``{"role", "content"}``) or to a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        return self.generate([self.chat_prompt(c) for c in conversations], sampling_params, use_tqdm)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas of one request as tokens arrive; held back while they could be a stop string's
+        beginning or an incomplete UTF-8 character."""
+        params = sampling_params or SamplingParams()
+        seq = self._make_sequence(prompt, params)
+        self.scheduler.add(seq)
+        hold = max((len(s) for s in params.stop), default=1) - 1
+        sent = 0
+        while seq.finish_reason is None:
+            self._step()
+            text = seq.text
+            safe = len(text) if seq.finish_reason is not None else max(sent, len(text.rstrip("\ufffd")) - hold)
+            if safe > sent:
+                yield text[sent:safe]
+                sent = safe
+        self.last_output = seq.output()

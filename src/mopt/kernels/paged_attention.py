@@ -1,0 +1,57 @@
+"""Reference paged attention: KV-cache writes and attention over block tables, in torch.
+
+Cache layout, per layer: ``k_cache``, ``v_cache`` ``[num_blocks, block_size, num_kv_heads, head_dim]``;
+token ``t`` of a sequence lives in slot ``block_table[t // block_size] * block_size + t % block_size``.
+An FP8 cache stores ``e4m3(k / k_scale)`` (``mopt.quant.formats.fp8``) and dequantizes on read, so
+attention sees exactly the values the cache-free path computes with.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mopt.quant.formats import fp8
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, k_scale: float, v_scale: float) -> None:
+    """Store ``key, value [N, Hkv, D]`` at ``slot_mapping [N]``, quantizing when the cache is FP8."""
+    for new, cache, scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
+        flat = cache.view(-1, *cache.shape[2:])
+        flat[slot_mapping] = fp8.quantize(new, scale) if cache.dtype == fp8.FP8_DTYPE else new.to(cache.dtype)
+
+
+def _read(cache: torch.Tensor, block_tables: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, max_blocks * block_size, Hkv, D]`` in ``dtype``."""
+    blocks = cache[block_tables]
+    blocks = blocks.flatten(1, 2)
+    return fp8.dequantize(blocks, scale, dtype) if cache.dtype == fp8.FP8_DTYPE else blocks.to(dtype)
+
+
+def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                    max_query_len: int, scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """Causal attention of new tokens over their sequences' cached context.
+
+    ``query [N, H, D]`` holds the new tokens of ``B`` sequences back to back
+    (``query_start_loc [B + 1]``); sequence ``b`` has ``seq_lens[b]`` tokens in the cache, the last
+    ``q_len`` of which are its new ones. Returns ``[N, H, D]``.
+    """
+    n, num_heads, head_dim = query.shape
+    batch = seq_lens.shape[0]
+    keys = _read(k_cache, block_tables, k_scale, query.dtype)
+    values = _read(v_cache, block_tables, v_scale, query.dtype)
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    seq_of_token = torch.repeat_interleave(torch.arange(batch, device=query.device), q_lens)
+    row_of_token = torch.arange(n, device=query.device) - query_start_loc[seq_of_token]
+    padded = query.new_zeros(batch, max_query_len, num_heads, head_dim)
+    padded[seq_of_token, row_of_token] = query
+    query_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_query_len, device=query.device)
+    key_pos = torch.arange(keys.shape[1], device=query.device)
+    mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < seq_lens[:, None, None])
+    out = nn.functional.scaled_dot_product_attention(
+        padded.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[:, None],
+        scale=scale, enable_gqa=keys.shape[2] != num_heads,
+    )
+    return out.transpose(1, 2)[seq_of_token, row_of_token]
