@@ -187,6 +187,23 @@ def cmd_bench_generate(args) -> int:
     return 0
 
 
+def cmd_bench_kernels(args) -> int:
+    import torch
+
+    from mopt.bench.kernels import SHAPES, TOKENS, bench_kernels, format_rows
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("mopt bench kernels needs a CUDA GPU")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    tokens = [int(m) for m in args.tokens.split(",")] if args.tokens else TOKENS
+    rows = bench_kernels(shapes, tokens, args.iters, args.repeats)
+    name = torch.cuda.get_device_name()
+    print(format_rows(rows, name))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(device=name, torch=torch.__version__, rows=rows), indent=2))
+    return 0
+
+
 def torch_device_name(device) -> str:
     import platform
 
@@ -272,6 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench_generate)
+
+    p = bench.add_parser("kernels", help="GPU linear kernels vs BF16 cuBLAS and _scaled_mm, one run")
+    p.add_argument("--shapes", help="NxK list, e.g. 4096x4096,28672x4096 (default: Llama-3-8B layers)")
+    p.add_argument("--tokens", help="M list, e.g. 1,16,128 (default: 1,16,128,2048,8192)")
+    p.add_argument("--iters", type=int, default=20, help="calls per CUDA graph")
+    p.add_argument("--repeats", type=int, default=5, help="graph replays; the median is reported")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(func=cmd_bench_kernels)
 
     p = sub.add_parser("quantize", help="quantize a Hugging Face model with NVIDIA ModelOpt and export it")
     p.add_argument("hf_model_dir")

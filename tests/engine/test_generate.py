@@ -42,7 +42,7 @@ def greedy_without_cache(model, prompt: list[int], n: int) -> tuple[list[int], l
     ids, logits = list(prompt), []
     with torch.no_grad():
         for _ in range(n):
-            last = model(torch.tensor([ids]))[0, -1]
+            last = model(torch.tensor([ids], device=next(model.parameters()).device))[0, -1].cpu()
             logits.append(last)
             ids.append(int(last.argmax()))
     return ids[len(prompt):], logits
@@ -200,3 +200,20 @@ def test_filter_logits_matches_plain_implementation(temperature, top_k, top_p):
     want = _reference_filter(logits, *args)
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     torch.testing.assert_close(got[~torch.isinf(got)], want[~torch.isinf(want)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_generation_on_gpu(plain_path, kv_cache_dtype):
+    """The engine on CUDA: paged decoding equals cache-free decoding (float32), BF16 runs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    llm = LLM(plain_path, device="cuda", dtype=torch.float32, kv_cache_dtype=kv_cache_dtype,
+              block_size=4, kv_cache_memory=16 << 20)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    for prompt in PROMPTS:
+        expected, _ = greedy_without_cache(llm.model, prompt, 12)
+        assert llm.generate(prompt, params)[0].token_ids == expected
+    bf16 = LLM(plain_path, device="cuda", block_size=16, kv_cache_memory=16 << 20)
+    assert bf16.dtype == torch.bfloat16
+    assert all(len(o.token_ids) == 12 for o in bf16.generate(PROMPTS, params))

@@ -1,0 +1,303 @@
+"""Triton GEMMs for Hopper: FP8 W8A8 (epilogue or 128-block scales) and exact NVFP4 W4A4.
+
+``y[M, N] = x[M, K] @ W[N, K]^T`` with W in the canonical layouts of ``mopt.kernels.linear``.
+
+* ``fp8_gemm``: FP8 E4M3 operands on the tensor cores, float32 accumulation. Scales either in the
+  epilogue (per-row ``a_scale [M]`` or scalar, per-column ``b_scale [N]`` or scalar), or per 128-wide
+  K block (``a_scale [M, Kb]``, ``b_scale [N, Kb]``) applied to each block's partial product, as
+  ``mopt.kernels.reference.fp8_block_gemm`` does.
+* ``nvfp4_gemm``: activations arrive as BF16 block values (E2M1 value times E4M3 block scale, exact;
+  ``triton_quant.nvfp4_block_values``); packed FP4 weights are expanded to the same exact block
+  values (in the kernel for small M, into a BF16 scratch copy for cuBLAS at large M) and multiplied
+  with float32 accumulation; both global scales are applied after. Results equal Blackwell's W4A4
+  up to float32 accumulation order.
+
+Small M (decode) splits K across programs (``SPLIT_K``) so that enough programs stream the weights;
+partial sums are added atomically into a float32 buffer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_BIAS:
+        if tl.program_id(1) == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,
+                     stride_cm, num_kb, A_ROWWISE: tl.constexpr, B_ROWWISE: tl.constexpr,
+                     BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    first = tl.program_id(1) * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, k_tiles)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
+    b_rows = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn
+    for t in range(first, last):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_rows + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if BLOCK_SCALES:  # BLOCK_K == 128: one scale per row and K block
+            sa = tl.load(a_scale_ptr + offs_m * num_kb + t, mask=m_ok, other=0.0)
+            sb = tl.load(b_scale_ptr + offs_n * num_kb + t, mask=n_ok, other=0.0)
+            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+        else:
+            # Hopper's FP8 MMAs accumulate with ~14-bit precision; promote into the float32
+            # accumulator every 128 products, as cuBLASLt does without fast accumulation.
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=128)
+    if not BLOCK_SCALES:
+        if A_ROWWISE:
+            sa = tl.load(a_scale_ptr + offs_m, mask=m_ok, other=0.0)
+        else:
+            sa = tl.load(a_scale_ptr + tl.zeros_like(offs_m))
+        if B_ROWWISE:
+            sb = tl.load(b_scale_ptr + offs_n, mask=n_ok, other=0.0)
+        else:
+            sb = tl.load(b_scale_ptr + tl.zeros_like(offs_n))
+        acc = acc * sa[:, None] * sb[None, :]
+    _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _e2m1_pair(packed):
+    """Codes of a packed tile ``uint8 [BN, BK/2]`` -> (even, odd) element values times 2^-14, float32.
+
+    An E2M1 code's magnitude bits shifted into float16's exponent/mantissa fields
+    (``(c & 7) << 9``) make a float16 equal to the E2M1 value times 2^-14 (code 1, value 0.5,
+    lands on float16's subnormal 2^-15), so decoding is a shift, a bitcast and a convert; the 2^14
+    is folded into the scales. The tile stays in its loaded, vectorized layout: even and odd
+    elements are kept apart instead of interleaved.
+    """
+    b = packed.to(tl.int32)
+    lo = ((b & 7) << 9) | ((b & 8) << 12)
+    hi = ((b & 0x70) << 5) | ((b & 0x80) << 8)
+    even = lo.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    odd = hi.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return even, odd
+
+
+@triton.jit
+def _scale_pairs(values, scale, BLOCK_N: tl.constexpr, HALF_K: tl.constexpr):
+    """``values [BN, BK/2]`` (one parity of 8 blocks' elements per block) times ``scale [BN, BK/16]``."""
+    v = tl.reshape(values, (BLOCK_N, HALF_K // 8, 8)) * scale[:, :, None]
+    return tl.reshape(v, (BLOCK_N, HALF_K))
+
+
+@triton.jit
+def _load_fp4_tile(b_rows, s_rows, t, n_ok, K, HALF_K: tl.constexpr):
+    offs_b = t * HALF_K + tl.arange(0, HALF_K)
+    packed = tl.load(b_rows + offs_b[None, :], mask=n_ok[:, None] & (offs_b < K // 2)[None, :], other=0)
+    offs_s = t * (HALF_K // 8) + tl.arange(0, HALF_K // 8)
+    scale = tl.load(s_rows + offs_s[None, :], mask=n_ok[:, None] & (offs_s < K // 16)[None, :], other=0.0)
+    return packed, scale.to(tl.float32) * 16384.0, offs_b
+
+
+@triton.jit
+def _nvfp4_dequant_kernel(b_ptr, bs_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Exact BF16 block values ``[N, K]`` of packed weights (``K`` padded to 16)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rows = offs_n[:, None].to(tl.int64)
+    packed, scale, offs_b = _load_fp4_tile(b_ptr + rows * (K // 2), bs_ptr + rows * (K // 16), tl.program_id(1),
+                                           n_ok, K, BLOCK_K // 2)
+    even, odd = _e2m1_pair(packed)
+    even = _scale_pairs(even, scale, BLOCK_N, BLOCK_K // 2)
+    odd = _scale_pairs(odd, scale, BLOCK_N, BLOCK_K // 2)
+    values = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = n_ok[:, None] & (offs_k < K)[None, :]
+    tl.store(out_ptr + rows * K + offs_k[None, :], values.to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
+def _nvfp4_gemv_kernel(a_ptr, b_ptr, bs_ptr, c_ptr, a_global_ptr, b_global_ptr, bias_ptr, M, N, K,
+                       stride_am, stride_cm, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Small M: streams the packed weights once. ``BLOCK_M == 1``: FMA reductions per 16-block, the
+    block scale applied to each block's partial sum; else BF16 MMAs over even and odd elements."""
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    first = tl.program_id(1) * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, k_tiles)
+    rows = offs_n[:, None].to(tl.int64)
+    b_rows, s_rows = b_ptr + rows * (K // 2), bs_ptr + rows * (K // 16)
+    if BLOCK_M == 1:
+        acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(first, last):
+        packed, scale, offs_b = _load_fp4_tile(b_rows, s_rows, t, n_ok, K, HALF_K)
+        even, odd = _e2m1_pair(packed)
+        k_ok = offs_b < K // 2
+        if BLOCK_M == 1:
+            xe = tl.load(a_ptr + 2 * offs_b, mask=k_ok, other=0.0).to(tl.float32)
+            xo = tl.load(a_ptr + 2 * offs_b + 1, mask=k_ok, other=0.0).to(tl.float32)
+            prod = even * xe[None, :] + odd * xo[None, :]
+            blocks = tl.sum(tl.reshape(prod, (BLOCK_N, HALF_K // 8, 8)), axis=2)
+            acc1 += tl.sum(blocks * scale, axis=1)
+        else:
+            a_rows = a_ptr + offs_m[:, None] * stride_am + 2 * offs_b[None, :]
+            a_mask = m_ok[:, None] & k_ok[None, :]
+            ae = tl.load(a_rows, mask=a_mask, other=0.0)
+            ao = tl.load(a_rows + 1, mask=a_mask, other=0.0)
+            we = _scale_pairs(even, scale, BLOCK_N, HALF_K)
+            wo = _scale_pairs(odd, scale, BLOCK_N, HALF_K)
+            if DOT_F32:  # Triton's interpreter multiplies BF16 wrongly; the values are exact in float32
+                acc += tl.dot(ae.to(tl.float32), tl.trans(we)) + tl.dot(ao.to(tl.float32), tl.trans(wo))
+            else:
+                acc = tl.dot(ae, tl.trans(we.to(tl.bfloat16)), acc)
+                acc = tl.dot(ao, tl.trans(wo.to(tl.bfloat16)), acc)
+    scale = tl.load(a_global_ptr) * tl.load(b_global_ptr + offs_n, mask=n_ok, other=0.0)
+    if BLOCK_M == 1:
+        acc = (acc1 * scale)[None, :]
+    else:
+        acc = acc * scale[None, :]
+    _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS, SPLIT_K)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _config(m: int, n: int, k: int, device: torch.device, block_k: int) -> dict:
+    """Tile shape and split-K by M bucket: decode streams weights, prefill fills the tensor cores."""
+    if m <= 16:  # from a sweep on an H100 (2026-11-25): BLOCK_K 256, 4 warps, 3 stages
+        bm, warps, stages = 16, 4, 3
+        bn = (32 if n >= 16384 else 64) if m == 1 else (64 if k > 8192 else 128)
+    elif m <= 128:
+        bm, bn, warps, stages = 64, 128, 4, 4
+    else:
+        bm, bn, warps, stages = 128, 128, 8, 3
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    k_tiles = triton.cdiv(k, block_k)
+    split = 1
+    if tiles < 2 * _num_sms(device):
+        split = max(1, min(k_tiles // 2, triton.cdiv(2 * _num_sms(device), tiles)))
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, SPLIT_K=split, GROUP_M=8, num_warps=warps,
+                num_stages=stages)
+
+
+def _output(m: int, n: int, dtype: torch.dtype, split: int, device) -> torch.Tensor:
+    return (torch.zeros if split > 1 else torch.empty)((m, n), dtype=torch.float32 if split > 1 else dtype,
+                                                       device=device)
+
+
+def fp8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+             bias: torch.Tensor | None, out_dtype: torch.dtype, block_scales: bool = False) -> torch.Tensor:
+    """``a [M, K]`` e4m3 (row-major), ``b [N, K]`` e4m3; scales as in the module docstring."""
+    m, k = a.shape
+    n = b.shape[0]
+    cfg = _config(m, n, k, a.device, 128 if block_scales or m > 16 else 256)
+    out = _output(m, n, out_dtype, cfg["SPLIT_K"], a.device)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+    _fp8_gemm_kernel[grid](
+        a, b, out, a_scale.contiguous(), b_scale.contiguous(), bias if bias is not None else a_scale,
+        m, n, k, a.stride(0), b.stride(0), out.stride(0), b_scale.shape[-1] if block_scales else 1,
+        A_ROWWISE=a_scale.numel() > 1, B_ROWWISE=b_scale.numel() > 1, BLOCK_SCALES=block_scales,
+        HAS_BIAS=bias is not None, **cfg)
+    return out.to(out_dtype) if out.dtype != out_dtype else out
+
+
+NVFP4_GEMV_MAX_M = 16
+
+
+def nvfp4_gemv_tiles(block_m: int, n: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of the small-M NVFP4 kernel, from a sweep on an
+    H100 (2026-11-25) over Llama-3-8B layer shapes."""
+    if block_m == 1:
+        return (16, 512, 4, 4) if n >= 16384 else (32, 512, 8, 4)
+    return 128, 256, 4, 4
+
+
+def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """BF16 x BF16 -> float32 output (cuBLAS keeps the float32 accumulator); float32 math on CPU."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def nvfp4_dequantize(b_packed: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
+    """BF16 ``[N, Kp]`` block values of packed weights (exact; one pass)."""
+    n, kp = b_packed.shape[0], b_packed.shape[1] * 2
+    out = torch.empty((n, kp), dtype=torch.bfloat16, device=b_packed.device)
+    grid = (triton.cdiv(n, 32), triton.cdiv(kp, 256))
+    _nvfp4_dequant_kernel[grid](b_packed, b_scale, out, n, kp, BLOCK_N=32, BLOCK_K=256)
+    return out
+
+
+def nvfp4_gemm(a_values: torch.Tensor, b_packed: torch.Tensor, b_scale: torch.Tensor, a_global: torch.Tensor,
+               b_global: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``a_values [M, Kp]`` BF16 block values, ``b_packed [N, Kp/2]``, ``b_scale [N, Kp/16]`` e4m3,
+    ``a_global []``, ``b_global [N]``.
+
+    M <= ``NVFP4_GEMV_MAX_M``: one Triton kernel streams the packed weights (0.5625 bytes per
+    weight). Larger M: the weights are expanded once per call into exact BF16 block values and
+    multiplied by cuBLAS's BF16 GEMM (float32 accumulation), the global scales applied after it;
+    the expansion costs one pass over N x K, small against the GEMM at these M.
+    """
+    m, kp = a_values.shape
+    n = b_packed.shape[0]
+    if m > NVFP4_GEMV_MAX_M:
+        w = nvfp4_dequantize(b_packed, b_scale)
+        y = _mm_float32(a_values, w.t()) * (a_global.float() * b_global.float())
+        if bias is not None:
+            y += bias.float()
+        return y.to(out_dtype)
+    bm = 1 if m == 1 else 16
+    bn, bk, warps, stages = nvfp4_gemv_tiles(bm, n)
+    tiles = triton.cdiv(n, bn)
+    k_tiles = triton.cdiv(kp, bk)
+    split = 1
+    if tiles < 2 * _num_sms(a_values.device):
+        split = max(1, min(k_tiles // 2, triton.cdiv(2 * _num_sms(a_values.device), tiles)))
+    out = _output(m, n, out_dtype, split, a_values.device)
+    _nvfp4_gemv_kernel[(tiles, split)](
+        a_values, b_packed, b_scale, out, a_global.float().reshape(1), b_global.float().contiguous(),
+        bias if bias is not None else b_global, m, n, kp, a_values.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, SPLIT_K=split, DOT_F32=INTERPRETED, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=warps, num_stages=stages)
+    return out.to(out_dtype) if out.dtype != out_dtype else out

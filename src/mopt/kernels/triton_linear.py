@@ -1,0 +1,149 @@
+"""GPU linear kernels (Triton and cuBLASLt through ``torch._scaled_mm``), registered for CUDA.
+
+Selection (``mopt.kernels.linear.select_linear_kernel``), in order:
+
+* ``hopper-fp8`` (backend ``auto``): FP8 per-tensor and per-channel x per-token; by M bucket,
+  the Triton split-K GEMM for M <= ``SMALL_M`` (rowwise ``_scaled_mm`` is slow at small M) and
+  ``_scaled_mm`` above it, where cuBLASLt is fastest;
+* ``triton-fp8-block``: 128x128-block FP8 weights with 1x128 activation groups;
+* ``triton-nvfp4``: exact W4A4 (``triton_gemm.nvfp4_gemm``);
+* ``cublas-fp8`` / ``triton-fp8``: one engine for every M, for ``MOPT_BACKEND=cublas|triton``.
+
+Activations are quantized by ``triton_quant`` (bit-exact with the reference formats). All need
+compute capability >= 8.9 (FP8 tensor cores); NVFP4 >= 8.0 (BF16 tensor cores).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mopt.kernels import triton_gemm, triton_quant
+from mopt.kernels.linear import LinearKernel, LinearScheme, LinearShape, flatten_tokens, register_linear_kernel
+
+SMALL_M = 64
+FP8_SCHEMES = (LinearScheme.FP8_TENSOR, LinearScheme.FP8_CHANNEL_TOKEN)
+
+
+def _capability(device: torch.device, need: tuple[int, int], what: str) -> tuple[bool, str]:
+    if device.type != "cuda":
+        return False, f"needs a CUDA device, not {device.type}"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < need:
+        return False, f"{what} needs compute capability >= {need[0]}.{need[1]}, device has {cap[0]}.{cap[1]}"
+    return True, ""
+
+
+def _schemes(shape: LinearShape, schemes: tuple[LinearScheme, ...]) -> tuple[bool, str]:
+    if shape.scheme not in schemes:
+        return False, f"implements {', '.join(s.value for s in schemes)}, not {shape.scheme.value}"
+    return True, ""
+
+
+def _quantize_fp8(layer, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if layer.linear_shape.scheme is LinearScheme.FP8_TENSOR:
+        return triton_quant.fp8_static(x2, layer.input_scale), layer.input_scale.reshape(1)
+    q, scale = triton_quant.fp8_per_token(x2)
+    return q, scale.reshape(-1)
+
+
+def _scaled_mm(layer, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    w_scale = layer.weight_scale
+    m = xq.shape[0]
+    if x_scale.numel() == 1 and w_scale.numel() == 1:
+        return torch._scaled_mm(xq, layer.weight.t(), scale_a=x_scale.reshape(()), scale_b=w_scale.reshape(()),
+                                out_dtype=out_dtype)
+    a = x_scale.reshape(-1, 1).expand(m, 1).contiguous() if x_scale.numel() == 1 else x_scale.reshape(m, 1)
+    b = w_scale.reshape(1, -1).expand(1, layer.weight.shape[0]).contiguous()
+    # cuBLASLt's rowwise FP8 GEMM produces BF16 only.
+    out = torch._scaled_mm(xq, layer.weight.t(), scale_a=a, scale_b=b, out_dtype=torch.bfloat16)
+    return out.to(out_dtype)
+
+
+class _Fp8Base(LinearKernel):
+    @classmethod
+    def is_supported(cls, device):
+        return _capability(device, (8, 9), "FP8")
+
+    @classmethod
+    def can_implement(cls, shape):
+        ok, why = _schemes(shape, FP8_SCHEMES)
+        if ok and shape.in_features % 16:
+            return False, f"K={shape.in_features} is not a multiple of 16"
+        return ok, why
+
+    def run(self, layer, xq, x_scale, bias, out_dtype) -> torch.Tensor:
+        raise NotImplementedError  # abstract
+
+    def apply(self, layer, x, bias):
+        x2, restore = flatten_tokens(x)
+        xq, x_scale = _quantize_fp8(layer, x2)
+        return restore(self.run(layer, xq, x_scale, bias, x.dtype))
+
+
+class TritonFp8Kernel(_Fp8Base):
+    name, backend = "triton-fp8", "triton"
+
+    def run(self, layer, xq, x_scale, bias, out_dtype):
+        return triton_gemm.fp8_gemm(xq, layer.weight, x_scale, layer.weight_scale.reshape(-1), bias, out_dtype)
+
+
+class CublasFp8Kernel(_Fp8Base):
+    name, backend = "cublas-fp8", "cublas"
+
+    def run(self, layer, xq, x_scale, bias, out_dtype):
+        y = _scaled_mm(layer, xq, x_scale, out_dtype)
+        return y if bias is None else y + bias.to(y.dtype)
+
+
+class HopperFp8Kernel(_Fp8Base):
+    """Triton below ``SMALL_M`` tokens, cuBLASLt from there on."""
+
+    name, backend = "hopper-fp8", "auto"
+
+    def __init__(self) -> None:
+        self.small, self.large = TritonFp8Kernel(), CublasFp8Kernel()
+
+    def run(self, layer, xq, x_scale, bias, out_dtype):
+        engine = self.small if xq.shape[0] <= SMALL_M else self.large
+        return engine.run(layer, xq, x_scale, bias, out_dtype)
+
+
+class TritonFp8BlockKernel(LinearKernel):
+    name, backend = "triton-fp8-block", "triton"
+
+    @classmethod
+    def is_supported(cls, device):
+        return _capability(device, (8, 9), "FP8")
+
+    @classmethod
+    def can_implement(cls, shape):
+        return _schemes(shape, (LinearScheme.FP8_BLOCK,))
+
+    def apply(self, layer, x, bias):
+        x2, restore = flatten_tokens(x)
+        xq, x_scale = triton_quant.fp8_groups(x2)
+        y = triton_gemm.fp8_gemm(xq, layer.weight, x_scale, layer.weight_scale, bias, x.dtype, block_scales=True)
+        return restore(y)
+
+
+class TritonNvfp4Kernel(LinearKernel):
+    name, backend = "triton-nvfp4", "triton"
+
+    @classmethod
+    def is_supported(cls, device):
+        return _capability(device, (8, 0), "the BF16 W4A4 path")
+
+    @classmethod
+    def can_implement(cls, shape):
+        return _schemes(shape, (LinearScheme.NVFP4,))
+
+    def apply(self, layer, x, bias):
+        x2, restore = flatten_tokens(x)
+        values = triton_quant.nvfp4_block_values(x2, layer.input_scale)
+        y = triton_gemm.nvfp4_gemm(values, layer.weight, layer.weight_scale, layer.input_scale,
+                                   layer.weight_scale_2, bias, x.dtype)
+        return restore(y)
+
+
+for _kernel in (HopperFp8Kernel, TritonFp8BlockKernel, TritonNvfp4Kernel, CublasFp8Kernel, TritonFp8Kernel):
+    register_linear_kernel("cuda", _kernel)

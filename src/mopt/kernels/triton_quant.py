@@ -1,0 +1,191 @@
+"""Triton activation quantizers, bit-exact with ``mopt.quant.formats`` (one pass over the input).
+
+* ``fp8_static``: ``e4m3(clamp(x / s))`` with a given per-tensor scale;
+* ``fp8_per_token``: per-row scale ``amax / 448`` (1.0 for an all-zero row);
+* ``fp8_groups``: per-row, per-128-column group scales (partial last group);
+* ``nvfp4_packed`` / ``nvfp4_block_values``: 16-element blocks with E4M3 block scales under a given global scale; returns either
+  the packed codes and block scales (the checkpoint layout) or the block values
+  ``code value * block scale`` in BF16, which is exact and what the W4A4 GEMM consumes.
+
+Rounding to E4M3 is done in float32 arithmetic before the cast (:func:`round_e4m3`), so the cast
+itself is exact: Triton's interpreter rounds some values at binade edges wrongly, and this keeps one
+code path for the interpreter and the GPU. Division is ``div_rn`` (IEEE), as torch divides.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mopt.quant.formats import fp8
+from mopt.quant.formats import nvfp4 as nvfp4_format
+
+
+@triton.jit
+def round_e4m3(x):
+    """Round float32 ``x`` (already within +-448) to the nearest E4M3 value, ties to even."""
+    bits = x.to(tl.int32, bitcast=True)
+    exponent = ((bits >> 23) & 0xFF) - 127
+    exponent = tl.maximum(exponent, -6)  # subnormals share the smallest normal's spacing
+    ulp = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    t = tl.abs(x) / ulp  # exact: a power of two
+    t = (t + 12582912.0) - 12582912.0  # 1.5 * 2**23: round to an integer, ties to even
+    r = (t * ulp).to(tl.int32, bitcast=True)
+    # The sign goes back as a bit, so values that round to zero keep it, as torch's cast does
+    # (a float negation may be folded away by the GPU compiler for zeros).
+    return (r | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _to_fp8(x, scale):
+    y = tl.math.div_rn(x, scale)
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    return round_e4m3(y).to(tl.float8e4nv)
+
+
+@triton.jit
+def _fp8_static_kernel(x_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, _to_fp8(x, tl.load(scale_ptr)), mask=mask)
+
+
+@triton.jit
+def _fp8_per_token_kernel(x_ptr, out_ptr, scale_ptr, k, stride_x, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    mask = cols < k
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.math.div_rn(tl.max(tl.abs(x), axis=0), 448.0)  # '/' by a constant becomes '* (1/448)'
+    scale = tl.where(scale > 0, scale, 1.0)
+    tl.store(out_ptr + row * k + cols, _to_fp8(x, scale), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def _fp8_groups_kernel(x_ptr, out_ptr, scale_ptr, k, num_groups, stride_x, GROUP: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    cols = g * GROUP + tl.arange(0, GROUP)
+    mask = cols < k
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.math.div_rn(tl.max(tl.abs(x), axis=0), 448.0)  # '/' by a constant becomes '* (1/448)'
+    scale = tl.where(scale > 0, scale, 1.0)
+    tl.store(out_ptr + row * k + cols, _to_fp8(x, scale), mask=mask)
+    tl.store(scale_ptr + row * num_groups + g, scale)
+
+
+@triton.jit
+def _e2m1_code(v):
+    """Magnitude code (0..7) of ``|v|`` on the E2M1 grid, ties to even code."""
+    a = tl.abs(v)
+    code = (a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32) \
+        + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32)
+    return code
+
+
+@triton.jit
+def _e2m1_value(code):
+    """Value of a magnitude code 0..7: 0, .5, 1, 1.5, 2, 3, 4, 6."""
+    e = code >> 1
+    m = (code & 1).to(tl.float32)
+    normal = (1.0 + 0.5 * m) * tl.exp2((e - 1).to(tl.float32))
+    return tl.where(e == 0, 0.5 * m, normal)
+
+
+@triton.jit
+def _nvfp4_kernel(x_ptr, packed_ptr, scale_ptr, values_ptr, g_ptr, k, kp, stride_x,
+                  BLOCKS: tl.constexpr, WRITE_VALUES: tl.constexpr):
+    """One program per (row, BLOCKS x 16 columns). ``kp``: K padded to 16."""
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    cols = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < k, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr)
+    s = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 6.0 * g)
+    s = tl.where(s == 0, 1.0, s)
+    s = round_e4m3(tl.minimum(tl.maximum(s, 0.001953125), 448.0))  # clamp to [2**-9, 448]
+    scaled = tl.math.div_rn(x, (s * g)[:, None])
+    code = _e2m1_code(scaled)
+    bmask = blk < kp // 16
+    if WRITE_VALUES:
+        value = tl.where(scaled < 0, -_e2m1_value(code), _e2m1_value(code)) * s[:, None]
+        tl.store(values_ptr + row * kp + cols, value.to(tl.bfloat16), mask=bmask[:, None])
+    else:
+        code = code | tl.where(scaled < 0, 8, 0)
+        pairs = tl.reshape(code, (BLOCKS, 8, 2))
+        lo, hi = tl.split(pairs)
+        byte = (lo | (hi << 4)).to(tl.uint8)
+        bcols = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
+        tl.store(packed_ptr + row * (kp // 2) + bcols, byte, mask=bmask[:, None])
+        tl.store(scale_ptr + row * (kp // 16) + blk, s.to(tl.float8e4nv), mask=bmask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=fp8.FP8_DTYPE, device=x.device)
+    n = x.numel()
+    block = 1024
+    _fp8_static_kernel[(triton.cdiv(n, block),)](x, out, scale.float().reshape(1), n, BLOCK=block)
+    return out
+
+
+def fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q [M, K], scale [M, 1])`` for ``x [..., K]`` flattened to rows."""
+    x2 = _rows(x)
+    m, k = x2.shape
+    out = torch.empty((m, k), dtype=fp8.FP8_DTYPE, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        _fp8_per_token_kernel[(m,)](x2, out, scale, k, x2.stride(0), BLOCK_K=triton.next_power_of_2(k))
+    return out, scale
+
+
+def fp8_groups(x: torch.Tensor, group: int = fp8.GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q [M, K], scale [M, ceil(K/group)])``."""
+    x2 = _rows(x)
+    m, k = x2.shape
+    num_groups = triton.cdiv(k, group)
+    out = torch.empty((m, k), dtype=fp8.FP8_DTYPE, device=x.device)
+    scale = torch.empty((m, num_groups), dtype=torch.float32, device=x.device)
+    if m:
+        _fp8_groups_kernel[(m, num_groups)](x2, out, scale, k, num_groups, x2.stride(0), GROUP=group)
+    return out, scale
+
+
+_NVFP4_BLOCKS = 16  # 16-element blocks per program: 256 columns
+
+
+def nvfp4_packed(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed uint8 [M, Kp/2], block_scale e4m3 [M, Kp/16])`` as ``nvfp4.quantize`` (packed codes and block scales)."""
+    x2 = _rows(x)
+    m, k = x2.shape
+    kp = triton.cdiv(k, nvfp4_format.BLOCK_SIZE) * nvfp4_format.BLOCK_SIZE
+    packed = torch.empty((m, kp // 2), dtype=torch.uint8, device=x.device)
+    scale = torch.empty((m, kp // 16), dtype=fp8.FP8_DTYPE, device=x.device)
+    if m:
+        grid = (m, triton.cdiv(kp // 16, _NVFP4_BLOCKS))
+        _nvfp4_kernel[grid](x2, packed, scale, packed, global_scale.float().reshape(1), k, kp, x2.stride(0),
+                            BLOCKS=_NVFP4_BLOCKS, WRITE_VALUES=False)
+    return packed, scale
+
+
+def nvfp4_block_values(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """BF16 ``[M, Kp]``: each element's E2M1 value times its E4M3 block scale (exact), i.e.
+    ``nvfp4.dequantize_to_block_values(*nvfp4.quantize(x, global_scale))``."""
+    x2 = _rows(x)
+    m, k = x2.shape
+    kp = triton.cdiv(k, nvfp4_format.BLOCK_SIZE) * nvfp4_format.BLOCK_SIZE
+    values = torch.empty((m, kp), dtype=torch.bfloat16, device=x.device)
+    if m:
+        grid = (m, triton.cdiv(kp // 16, _NVFP4_BLOCKS))
+        _nvfp4_kernel[grid](x2, values, values, values, global_scale.float().reshape(1), k, kp, x2.stride(0),
+                            BLOCKS=_NVFP4_BLOCKS, WRITE_VALUES=True)
+    return values

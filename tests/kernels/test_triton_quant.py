@@ -1,0 +1,109 @@
+"""Triton activation quantizers against the reference formats: bit-exact.
+
+On CPU through Triton's interpreter (``TRITON_INTERPRET=1``, set by scripts/test.sh) at small
+shapes; on the GPU (``-m gpu``) at realistic ones. Shapes include M=1, K not a multiple of the
+group or block (90x64 -> padded, 150x80, 7x200), and values spanning zero rows, subnormal scales
+and saturation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mopt.quant.formats import fp8, nvfp4
+
+triton_quant = pytest.importorskip("mopt.kernels.triton_quant")
+
+CPU_SHAPES = [(1, 64), (90, 64), (150, 80), (7, 200), (3, 1000)]
+GPU_SHAPES = [(1, 4096), (16, 14336), (2048, 4096), (90, 64), (150, 80), (5, 1000)]
+
+
+def _device() -> str:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    if not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU")
+    return "cuda"
+
+
+def _inputs(m, k, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g) * 2)
+    x[0, : min(k, 40)] *= 1e-6  # tiny values: subnormal codes and scales
+    if m > 2:
+        x[1] = 0.0  # an all-zero row
+        x[2, 0] = 1e4  # an outlier
+    return x.to(device)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    view = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+    return torch.equal(view(a.cpu()), view(b.cpu()))
+
+
+def _params(gpu: bool):
+    return pytest.mark.parametrize("m,k", GPU_SHAPES if gpu else CPU_SHAPES)
+
+
+def check_all(m, k, device):
+    x = _inputs(m, k, device)
+    xc = x.cpu()
+    scale = torch.tensor(xc.abs().max().item() / 448 * 0.5)  # static: half the range, so some saturate
+    assert _same(triton_quant.fp8_static(x, scale.to(device)), fp8.quantize(xc, scale))
+    q, s = triton_quant.fp8_per_token(x)
+    rq, rs = fp8.quantize_per_token(xc)
+    assert _same(q, rq) and torch.equal(s.cpu(), rs)
+    q, s = triton_quant.fp8_groups(x)
+    rq, rs = fp8.quantize_groups(xc)
+    assert _same(q, rq) and torch.equal(s.cpu(), rs)
+    g = nvfp4.global_scale_from_amax(xc.abs().max())
+    packed, bs = triton_quant.nvfp4_packed(x, g.to(device))
+    rp, rbs = nvfp4.quantize(xc, g)
+    assert _same(packed, rp) and _same(bs, rbs)
+    values = triton_quant.nvfp4_block_values(x, g.to(device))
+    assert torch.equal(values.cpu().float(), nvfp4.dequantize_to_block_values(rp, rbs))
+
+
+@_params(gpu=False)
+def test_quantizers_exact_interpreted(m, k):
+    if _device() != "cpu":
+        pytest.skip("interpreter run")
+    check_all(m, k, "cpu")
+
+
+@pytest.mark.gpu
+@_params(gpu=True)
+def test_quantizers_exact_gpu(m, k):
+    if _device() != "cuda":
+        pytest.skip("GPU run")
+    check_all(m, k, "cuda")
+    x = _inputs(m, k, "cuda").to(torch.bfloat16)  # bf16 activations as the GPU path feeds them
+    q, s = triton_quant.fp8_per_token(x)
+    rq, rs = fp8.quantize_per_token(x.cpu())
+    assert _same(q, rq) and torch.equal(s.cpu(), rs)
+
+
+def test_round_e4m3_all_codes():
+    """Every E4M3 value and every midpoint between neighbours rounds as torch's cast does."""
+    if _device() != "cpu":
+        pytest.skip("interpreter run")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+        tl.store(out_ptr + offs, triton_quant.round_e4m3(x), mask=offs < n)
+
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    values = values[~torch.isnan(values)].unique()
+    mids = (values[1:] + values[:-1]) / 2
+    x = torch.cat([values, mids, mids.nextafter(torch.tensor(float("inf"))), mids.nextafter(torch.tensor(-float("inf")))])
+    x = x[x.abs() <= 448]
+    out = torch.empty_like(x)
+    kernel[(1,)](x, out, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    assert torch.equal(out, x.to(torch.float8_e4m3fn).float())
