@@ -198,9 +198,16 @@ def test_get_quant_method(kind, prefix, method):
     assert type(qc.get_quant_method(_Layer(kind), prefix)) is method
 
 
-def test_moe_layers_are_reported_until_supported():
-    with pytest.raises(QuantConfigError, match="mixture-of-experts"):
-        ModelOptFp8Config("FP8").get_quant_method(_Layer("moe"), "model.layers.0.mlp.experts")
+def test_moe_methods():
+    from mopt.quant.methods.moe import ModelOptFp8MoEMethod, ModelOptNvFp4FusedMoE
+
+    prefix = "model.layers.0.mlp.experts"
+    assert type(ModelOptFp8Config("FP8").get_quant_method(_Layer("moe"), prefix)) is ModelOptFp8MoEMethod
+    nvfp4 = ModelOptNvFp4Config(True, None, ["lm_head"], 16)
+    assert type(nvfp4.get_quant_method(_Layer("moe"), prefix)) is ModelOptNvFp4FusedMoE
+    assert ModelOptFp8Config("FP8", exclude_modules=[prefix]).get_quant_method(_Layer("moe"), prefix) is None
+    with pytest.raises(QuantConfigError, match="mixture-of-experts"):  # no fused kernel for these yet
+        ModelOptFp8Config("FP8_PB_WO").get_quant_method(_Layer("moe"), prefix)
 
 
 def _write(tmp_path, name, data):

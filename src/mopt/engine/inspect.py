@@ -7,6 +7,7 @@ it is instant even for large checkpoints.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -78,6 +79,8 @@ class Inspection:
     params_bf16_bytes: int = 0
     layers: list[tuple[str, str, str]] = field(default_factory=list)  # (module, method, weight dtype)
     warnings: list[str] = field(default_factory=list)
+    # MoE blocks: experts prefix -> (method, number of experts, bytes per expert, weight dtype)
+    experts: dict[str, tuple[str, int, int, str]] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -90,6 +93,73 @@ def _method_name(quant, module: str) -> str:
     if quant.is_layer_excluded(module):
         return "UnquantizedLinearMethod (excluded)"
     return quant.LinearMethodCls.__name__
+
+
+_EXPERT = re.compile(r"^(?P<block>.*\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)\.(?P<suffix>.+)$")
+_GATED_PAIRS = (("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+def _moe_method_name(quant, prefix: str) -> str:
+    if quant is None or quant.is_layer_excluded(prefix):
+        return "UnquantizedFusedMoEMethod"
+    cls = getattr(quant, "FusedMoEMethodCls", None)
+    return cls.__name__ if cls is not None else f"unsupported ({quant.quant_method} experts)"
+
+
+def _collect_experts(info: Inspection, tensors: dict[str, dict], root: Path) -> set[str]:
+    """Group per-expert tensors by MoE block; returns the expert module names it accounted for."""
+    sizes: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    dtypes: dict[str, str] = {}
+    modules: set[str] = set()
+    for name, t in tensors.items():
+        m = _EXPERT.match(name)
+        if not m:
+            continue
+        numel = 1
+        for d in t["shape"]:
+            numel *= d
+        sizes[m["block"]][int(m["e"])] += numel * DTYPE_BYTES.get(t["dtype"], 0)
+        if m["suffix"] == "weight":
+            dtypes[m["block"]] = t["dtype"]
+            modules.add(name[: -len(".weight")])
+    for block, per_expert in sorted(sizes.items()):
+        info.experts[block] = (_moe_method_name(info.quant, block), len(per_expert),
+                               max(per_expert.values()), dtypes.get(block, "?"))
+    _check_gated_scales(info, tensors, root)
+    return modules
+
+
+def _check_gated_scales(info: Inspection, tensors: dict[str, dict], root: Path) -> None:
+    """Warn where an expert's w1 and w3 (gate/up) global or per-tensor weight scales differ: fused
+    kernels take one w13 scale, so such checkpoints are re-quantized (FP8) or lose accuracy there."""
+    from safetensors import safe_open
+
+    wanted = []
+    for name in tensors:
+        m = _EXPERT.match(name)
+        if m and m["suffix"] in ("weight_scale_2", "weight_scale") and tensors[name]["shape"] in ([], [1]):
+            for first, second in _GATED_PAIRS:
+                if m["proj"] == first:
+                    other = f"{m['block']}.{m['e']}.{second}.{m['suffix']}"
+                    if other in tensors:
+                        wanted.append((m["block"], name, other))
+    if not wanted:
+        return
+    values: dict[str, float] = {}
+    for f in checkpoint_files(root):
+        with safe_open(f, framework="pt") as reader:
+            keys = set(reader.keys())
+            for _, a, b in wanted:
+                for k in (a, b):
+                    if k in keys:
+                        values[k] = float(reader.get_tensor(k).float().reshape(-1)[0])
+    mismatched: dict[str, int] = defaultdict(int)
+    for block, a, b in wanted:
+        if a in values and b in values and values[a] != values[b]:
+            mismatched[block] += 1
+    for block, n in sorted(mismatched.items()):
+        info.warnings.append(f"{block}: {n} expert(s) with different w1/w3 weight scales "
+                             "(merged into one w13 scale when loaded)")
 
 
 def inspect_checkpoint(path: str | Path) -> Inspection:
@@ -116,8 +186,11 @@ def inspect_checkpoint(path: str | Path) -> Inspection:
         logical = numel * (2 if t["dtype"] == "U8" else 1)  # packed FP4: two values per byte
         info.params_bf16_bytes += logical * 2
     info.bytes_by_dtype = dict(sorted(by_dtype.items()))
+    expert_modules = _collect_experts(info, tensors, root)
     for name, t in sorted(tensors.items()):
         if not name.endswith(".weight") or len(t["shape"]) != 2 or "norm" in name or "embed" in name:
+            continue
+        if name[: -len(".weight")] in expert_modules:
             continue
         module = name[: -len(".weight")]
         info.layers.append((module, _method_name(info.quant, module), t["dtype"]))
@@ -155,6 +228,10 @@ def format_inspection(info: Inspection, max_layers: int = 40) -> str:
         lines.append(f"  {module:50s} {method:36s} {dtype}")
     if len(info.layers) > max_layers:
         lines.append(f"  ... {len(info.layers) - max_layers} more")
+    if info.experts:
+        lines.append("mixture-of-experts blocks (experts, method, bytes per expert, weight dtype):")
+        for block, (method, count, per_expert, dtype) in list(info.experts.items())[:max_layers]:
+            lines.append(f"  {block:50s} {count} x {per_expert / 2**10:.1f} KiB  {method}  {dtype}")
     for w in info.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)

@@ -24,8 +24,22 @@ logger = logging.getLogger(__name__)
 _SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale")
 
 
-def _runtime_name(name: str, packed: dict) -> tuple[str, object]:
-    """Checkpoint tensor name -> (runtime parameter name, shard id)."""
+def _runtime_name(name: str, packed: dict, experts: dict | None = None,
+                  renames: dict | None = None) -> tuple[str, object]:
+    """Checkpoint tensor name -> (runtime parameter name, shard id).
+
+    Per-expert tensors ``...experts.N.<projection>.<suffix>`` map to the stacked
+    ``...experts.w13_<suffix>`` / ``w2_<suffix>`` with shard id ``(w1|w3|w2, N)``.
+    """
+    if renames:
+        name = ".".join(renames.get(part, part) for part in name.split("."))
+    parts = name.split(".")
+    if experts and "experts" in parts:
+        i = parts.index("experts")
+        if i + 3 < len(parts) and parts[i + 1].isdigit() and parts[i + 2] in experts:
+            shard = experts[parts[i + 2]]
+            stacked = "w2" if shard == "w2" else "w13"
+            return ".".join(parts[: i + 1] + [f"{stacked}_{'.'.join(parts[i + 3:])}"]), (shard, int(parts[i + 1]))
     if name.endswith(".k_proj.k_scale"):
         return name.replace(".k_proj.k_scale", ".attn.k_scale"), None
     if name.endswith(".v_proj.v_scale"):
@@ -95,7 +109,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         with safe_open(f, framework="pt", device="cpu") as reader:
             for name in reader.keys():
                 bar.update(1)
-                target, shard = _runtime_name(name, packed)
+                target, shard = _runtime_name(name, packed, model.expert_projections, model.module_renames)
                 param = params.get(target)
                 if param is None:
                     if name.endswith(_SCALE_SUFFIXES):

@@ -180,3 +180,47 @@ class RowBlockScaleParameter(BaseParameter):
         elif spec.split == "input":
             expanded = _take_slice(expanded, 1, spec, self.data.shape[1], self.mopt_name)
         self.check_and_copy(self.data.narrow(0, spec.offset, rows), expanded)
+
+
+class ExpertParameter(BaseParameter):
+    """A tensor stacked over experts, ``[E, ...]``, loaded one expert and projection at a time.
+
+    ``kind="w13"``: the fused gate/up projection; a weight-like slot holds w1's rows then w3's
+    (``[E, 2I, ...]``), a scalar slot one value per projection (``[E, 2]``). ``kind="w2"``: the down
+    projection, one slot per expert (``[E, ...]`` or ``[E]``). Missing experts are reported by name.
+    """
+
+    def __init__(self, data: torch.Tensor, kind: str, weight_loader=None) -> None:
+        super().__init__(data, weight_loader)
+        self.kind = kind
+        self.loaded_mask = torch.zeros(data.shape[0], 2 if kind == "w13" else 1, dtype=torch.bool)
+
+    @property
+    def is_scalar(self) -> bool:
+        return self.data.dim() == (2 if self.kind == "w13" else 1)
+
+    def load_expert(self, loaded: torch.Tensor, shard: str, expert: int) -> None:
+        num_experts = self.data.shape[0]
+        if not 0 <= expert < num_experts:
+            raise WeightLoadError(f"{self.mopt_name}: expert {expert} out of range (the layer has {num_experts})")
+        if (shard == "w2") != (self.kind == "w2"):
+            raise WeightLoadError(f"{self.mopt_name}: cannot load projection {shard} into {self.kind}")
+        half = 1 if shard == "w3" else 0
+        if self.is_scalar:
+            if loaded.numel() != 1:
+                raise WeightLoadError(f"{self.mopt_name}: expert {expert} {shard}: expected a scalar, got shape "
+                                      f"{tuple(loaded.shape)}")
+            target = self.data[expert, half] if self.kind == "w13" else self.data[expert]
+            loaded = loaded.reshape(())
+        elif self.kind == "w13":
+            rows = self.data.shape[1] // 2
+            target = self.data[expert, half * rows:(half + 1) * rows]
+        else:
+            target = self.data[expert]
+        self.check_and_copy(target, loaded)
+        self.loaded_mask[expert, half] = True
+        self.loaded = bool(self.loaded_mask.all())
+
+    def missing(self) -> list[str]:
+        names = ("w1", "w3") if self.kind == "w13" else ("w2",)
+        return [f"expert {e} {names[h]}" for e, h in (~self.loaded_mask).nonzero().tolist()]

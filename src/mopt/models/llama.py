@@ -48,15 +48,16 @@ class LlamaAttentionBlock(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, quant_config, prefix: str, params_dtype) -> None:
+    def __init__(self, config, quant_config, prefix: str, params_dtype, intermediate_size: int | None = None) -> None:
         super().__init__()
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{prefix}: unsupported hidden_act {act!r}; supported: silu")
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
+        inter = intermediate_size or config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter] * 2,
                                                        quant_config=quant_config, prefix=f"{prefix}.gate_up_proj",
                                                        params_dtype=params_dtype)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, quant_config=quant_config,
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, quant_config=quant_config,
                                            prefix=f"{prefix}.down_proj", params_dtype=params_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,11 +66,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, quant_config, prefix: str, params_dtype, kv_cache_dtype: str, flags: dict) -> None:
+    def __init__(self, config, quant_config, prefix: str, params_dtype, kv_cache_dtype: str, flags: dict,
+                 mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.self_attn = LlamaAttentionBlock(config, quant_config, f"{prefix}.self_attn", params_dtype,
                                              kv_cache_dtype, **flags)
-        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp", params_dtype)
+        self.mlp = mlp if mlp is not None else LlamaMLP(config, quant_config, f"{prefix}.mlp", params_dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, f"{prefix}.input_layernorm")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
                                                 f"{prefix}.post_attention_layernorm")
@@ -80,11 +82,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, quant_config, params_dtype, kv_cache_dtype: str, flags: dict) -> None:
+    def __init__(self, config, quant_config, params_dtype, kv_cache_dtype: str, flags: dict, make_mlp=None) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, params_dtype, "model.embed_tokens")
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, quant_config, f"model.layers.{i}", params_dtype, kv_cache_dtype, flags)
+            LlamaDecoderLayer(config, quant_config, f"model.layers.{i}", params_dtype, kv_cache_dtype, flags,
+                              make_mlp(i) if make_mlp is not None else None)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "model.norm")
@@ -111,6 +114,13 @@ class LlamaForCausalLM(nn.Module):
     packed_modules_mapping = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"),
                               "v_proj": ("qkv_proj", "v"), "gate_proj": ("gate_up_proj", 0),
                               "up_proj": ("gate_up_proj", 1)}
+    # Mixture-of-experts checkpoints: per-expert projection name -> FusedMoE shard; module renames.
+    expert_projections: dict[str, str] = {}
+    module_renames: dict[str, str] = {}
+
+    def make_mlp(self, config, quant_config, layer: int, params_dtype) -> nn.Module | None:
+        """The feed-forward block of decoder layer ``layer``; ``None``: the dense Llama MLP."""
+        return None
 
     def __init__(self, config, quant_config=None, params_dtype=torch.float32, kv_cache_dtype: str = "auto") -> None:
         super().__init__()
@@ -118,7 +128,8 @@ class LlamaForCausalLM(nn.Module):
         attention_bias = bool(getattr(config, "attention_bias", False))
         flags = dict(qk_norm=self.qk_norm, qkv_bias=attention_bias or self.always_qkv_bias,
                      o_bias=attention_bias and not self.always_qkv_bias)
-        self.model = LlamaModel(config, quant_config, params_dtype, kv_cache_dtype, flags)
+        self.model = LlamaModel(config, quant_config, params_dtype, kv_cache_dtype, flags,
+                                lambda i: self.make_mlp(config, quant_config, i, params_dtype))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ReplicatedLinear(config.hidden_size, config.vocab_size, quant_config=quant_config,
                                         prefix="lm_head", params_dtype=params_dtype)

@@ -305,6 +305,10 @@ class ModelOptFp8Config(ModelOptQuantConfigBase):
         self.quant_method = quant_method
         self.is_checkpoint_fp8_serialized = is_checkpoint_fp8_serialized
         self.LinearMethodCls = methods[quant_method]
+        if quant_method == "FP8":
+            from mopt.quant.methods.moe import ModelOptFp8MoEMethod
+
+            self.FusedMoEMethodCls = ModelOptFp8MoEMethod
 
     def get_name(self) -> str:
         return "modelopt"
@@ -348,6 +352,9 @@ class ModelOptNvFp4Config(ModelOptQuantConfigBase):
         from mopt.quant.methods.nvfp4_linear import ModelOptNvFp4LinearMethod
 
         self.LinearMethodCls = ModelOptNvFp4LinearMethod
+        from mopt.quant.methods.moe import ModelOptNvFp4FusedMoE
+
+        self.FusedMoEMethodCls = ModelOptNvFp4FusedMoE
 
     def get_name(self) -> str:
         return "modelopt_fp4"

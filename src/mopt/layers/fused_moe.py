@@ -1,0 +1,98 @@
+"""Mixture-of-experts: routers and the ``FusedMoE`` layer with stacked expert weights.
+
+Expert weights are stacked: ``w13 [E, 2I, H]`` (gate rows, then up rows: the gated activation is
+``silu(x @ w1^T) * (x @ w3^T)``) and ``w2 [E, H, I]``. Checkpoints store one tensor per expert and
+projection; the layer's ``weight_loader`` takes ``shard_id=(projection, expert)`` with projection
+``"w1"`` (gate), ``"w3"`` (up) or ``"w2"`` (down). The router is a plain unquantized linear layer
+outside this module; ``forward`` takes its logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mopt.layers.parameter import ExpertParameter
+
+
+def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts in float32, the ``top_k`` largest; renormalized to sum 1 if asked.
+    Returns ``(weights float32 [T, k], expert ids int64 [T, k])``."""
+    probs = logits.float().softmax(dim=-1)
+    weights, ids = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def grouped_topk(logits: torch.Tensor, top_k: int, renormalize: bool, num_expert_group: int, topk_group: int,
+                 scoring: str = "sigmoid", e_score_correction_bias: torch.Tensor | None = None,
+                 routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-style routing: score experts (sigmoid or softmax), rank groups of experts by the sum
+    of their two best biased scores (the best one without a bias), keep the ``topk_group`` best
+    groups, pick ``top_k`` experts there by biased score, and weight them by their unbiased score."""
+    scores = logits.float().sigmoid() if scoring == "sigmoid" else logits.float().softmax(dim=-1)
+    t, e = scores.shape
+    if e % num_expert_group:
+        raise ValueError(f"{e} experts do not split into {num_expert_group} groups")
+    choice = scores + e_score_correction_bias.float() if e_score_correction_bias is not None else scores
+    grouped = choice.view(t, num_expert_group, -1)
+    if e_score_correction_bias is not None:
+        group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    else:
+        group_score = grouped.amax(dim=-1)
+    keep = torch.zeros_like(group_score).scatter_(1, group_score.topk(topk_group, dim=-1).indices, 1.0)
+    mask = keep.unsqueeze(-1).expand_as(grouped).reshape(t, e).bool()
+    ids = choice.masked_fill(~mask, float("-inf")).topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * routed_scaling_factor, ids
+
+
+class FusedMoE(nn.Module):
+    """``forward(x [T, H], router_logits [T, E]) -> [T, H]``: routed experts, weighted and summed."""
+
+    quant_kind = "moe"
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
+                 params_dtype: torch.dtype = torch.float32, renormalize: bool = True, quant_config=None,
+                 prefix: str = "", num_expert_group: int | None = None, topk_group: int | None = None,
+                 scoring: str = "softmax", e_score_correction_bias: bool = False,
+                 routed_scaling_factor: float = 1.0) -> None:
+        super().__init__()
+        from mopt.quant.methods.moe import UnquantizedFusedMoEMethod
+
+        self.prefix = prefix
+        self.num_experts, self.top_k = num_experts, top_k
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.renormalize, self.scoring = renormalize, scoring
+        self.num_expert_group, self.topk_group = num_expert_group, topk_group
+        self.routed_scaling_factor = routed_scaling_factor
+        self.e_score_correction_bias = (
+            nn.Parameter(torch.zeros(num_experts), requires_grad=False) if e_score_correction_bias else None
+        )
+        method = quant_config.get_quant_method(self, prefix) if quant_config is not None else None
+        self.quant_method = method or UnquantizedFusedMoEMethod()
+        self.quant_method.create_weights(self, num_experts, hidden_size, intermediate_size, params_dtype)
+        for name, param in self.named_parameters(recurse=False):
+            param.mopt_name = f"{prefix}.{name}"
+
+    def weight_loader(self, param: ExpertParameter, loaded: torch.Tensor, shard_id: tuple[str, int]) -> None:
+        projection, expert = shard_id
+        param.load_expert(loaded, projection, expert)
+
+    def select_experts(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.num_expert_group:
+            return grouped_topk(router_logits, self.top_k, self.renormalize, self.num_expert_group,
+                                self.topk_group, self.scoring, self.e_score_correction_bias,
+                                self.routed_scaling_factor)
+        weights, ids = softmax_topk(router_logits, self.top_k, self.renormalize)
+        return weights * self.routed_scaling_factor, ids
+
+    def process_weights_after_loading(self) -> None:
+        self.quant_method.process_weights_after_loading(self)
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.select_experts(router_logits)
+        return self.quant_method.apply(self, x, weights, ids)
