@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
+
+from mopt.atomic import atomic_directory
 
 # Format name -> ModelOpt config names whose quant_cfg lists are concatenated, in order.
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -127,19 +127,11 @@ def export_checkpoint(
     """
     _, mte = _modelopt()
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if getattr(model.config, "architectures", None) in (None, []):
         model.config.architectures = [type(model).__name__]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         with cpu_block_quantization(), torch.no_grad():
             mte.export_hf_checkpoint(model, export_dir=str(tmp))
         if save_extra is not None:
             save_extra(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

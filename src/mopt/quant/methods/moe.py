@@ -22,7 +22,7 @@ from torch import nn
 from mopt.kernels import reference
 from mopt.layers.parameter import ExpertParameter
 from mopt.quant.formats import fp8, nvfp4
-from mopt.quant.methods.base import QuantizeMethodBase, require_loaded
+from mopt.quant.methods.base import QuantizeMethodBase
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import logging
 import torch
 
 from mopt.kernels.linear import LinearScheme
-from mopt.layers.parameter import ModelWeightParameter, PerTensorScaleParameter, WeightLoadError
+from mopt.layers.parameter import ModelWeightParameter, WeightLoadError
 from mopt.quant.formats import nvfp4
 from mopt.quant.methods.base import ModelOptLinearMethodBase, replace_parameter, require_loaded
 from mopt.quant.methods.fp8_linear import _check_partitions_loaded, _per_tensor, _record_shape
