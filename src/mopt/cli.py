@@ -204,6 +204,22 @@ def cmd_bench_kernels(args) -> int:
     return 0
 
 
+def cmd_bench_moe(args) -> int:
+    import torch
+
+    from mopt.bench.moe import CONFIGS, TOKENS, bench_moe, format_rows
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("mopt bench moe needs a CUDA GPU")
+    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
+    rows = bench_moe(CONFIGS, tokens)
+    name = torch.cuda.get_device_name()
+    print(format_rows(rows, name))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(device=name, torch=torch.__version__, rows=rows), indent=2))
+    return 0
+
+
 def torch_device_name(device) -> str:
     import platform
 
@@ -297,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="graph replays; the median is reported")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench_kernels)
+
+    p = bench.add_parser("moe", help="fused-MoE layers (Qwen3-30B-A3B, Mixtral-8x7B shapes), BF16 and FP8")
+    p.add_argument("--tokens", help="token counts, e.g. 1,16 (default: 1,16,256,4096)")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(func=cmd_bench_moe)
 
     p = sub.add_parser("quantize", help="quantize a Hugging Face model with NVIDIA ModelOpt and export it")
     p.add_argument("hf_model_dir")

@@ -1,9 +1,11 @@
 """Mixture-of-experts methods: unquantized, ModelOpt FP8 (per-tensor) and ModelOpt NVFP4.
 
 Each creates the stacked expert parameters in the checkpoint's dtypes (see ``layers.fused_moe``
-for the layout), converts them once after loading, and runs the experts through the reference
-GEMMs of ``mopt.kernels.reference`` (any device): tokens are grouped by expert, each expert's
-gated MLP runs on its tokens, and results are added back weighted by the router.
+for the layout), converts them once after loading, and runs the experts either through the
+reference GEMMs of ``mopt.kernels.reference`` (any device: tokens grouped by expert, each expert's
+gated MLP on its tokens, results added back weighted by the router) or, on CUDA for BF16 and FP8,
+through the Triton fused-MoE GEMMs of ``mopt.kernels.triton_moe``. NVFP4 experts use the
+reference path on every device for now.
 
 ModelOpt stores per expert and projection: ``weight``, ``weight_scale``, ``input_scale`` and for
 NVFP4 ``weight_scale_2``. FP8 merges w1/w3 weight scales by re-quantizing both to the larger
@@ -15,6 +17,7 @@ when w1's and w3's differ (ModelOpt's export unifies them), and reduces input sc
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
@@ -50,7 +53,25 @@ def _gated(gate_up: torch.Tensor) -> torch.Tensor:
     return nn.functional.silu(gate) * up
 
 
+def _triton_moe_available(x: torch.Tensor, need: tuple[int, int]) -> bool:
+    """The Triton fused-MoE path runs on CUDA unless ``MOPT_BACKEND=reference`` asks otherwise."""
+    if not x.is_cuda or os.environ.get("MOPT_BACKEND") == "reference":
+        return False
+    if torch.cuda.get_device_capability(x.device) < need:
+        return False
+    try:
+        import mopt.kernels.triton_moe  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class FusedMoEMethodBase(QuantizeMethodBase):
+    gpu_capability: tuple[int, int] | None = None  # set by methods with a Triton fused path
+
+    def fused(self, layer, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # abstract: methods that set gpu_capability
+
     def gemm13(self, layer, e: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # abstract
 
@@ -58,6 +79,8 @@ class FusedMoEMethodBase(QuantizeMethodBase):
         raise NotImplementedError  # abstract
 
     def apply(self, layer, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.gpu_capability is not None and _triton_moe_available(x, self.gpu_capability):
+            return self.fused(layer, x.reshape(-1, x.shape[-1]), weights, ids).reshape(x.shape)
         return run_experts(x, weights, ids, lambda e, xe: self.gemm2(layer, e, _gated(self.gemm13(layer, e, xe))))
 
     def _check_loaded(self, layer) -> None:
@@ -69,6 +92,13 @@ class FusedMoEMethodBase(QuantizeMethodBase):
 
 
 class UnquantizedFusedMoEMethod(FusedMoEMethodBase):
+    gpu_capability = (8, 0)
+
+    def fused(self, layer, x, weights, ids):
+        from mopt.kernels.triton_moe import fused_moe
+
+        return fused_moe(x, weights, ids, layer.w13_weight, layer.w2_weight)
+
     def create_weights(self, layer, num_experts, hidden, inter, params_dtype) -> None:
         _param(layer, "w13_weight", torch.empty(num_experts, 2 * inter, hidden, dtype=params_dtype), "w13")
         _param(layer, "w2_weight", torch.empty(num_experts, hidden, inter, dtype=params_dtype), "w2")
@@ -84,8 +114,16 @@ class UnquantizedFusedMoEMethod(FusedMoEMethodBase):
 
 
 class ModelOptFp8MoEMethod(FusedMoEMethodBase):
+    gpu_capability = (8, 9)
+
     def __init__(self, quant_config, layer=None) -> None:
         self.quant_config = quant_config
+
+    def fused(self, layer, x, weights, ids):
+        from mopt.kernels.triton_moe import fused_moe
+
+        return fused_moe(x, weights, ids, layer.w13_weight, layer.w2_weight, layer.a13_scale.reshape(1),
+                         layer.w13_scale, layer.a2_scale.reshape(1), layer.w2_scale)
 
     def create_weights(self, layer, num_experts, hidden, inter, params_dtype) -> None:
         e = num_experts
