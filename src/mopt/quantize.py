@@ -35,7 +35,8 @@ def _modelopt():
         import modelopt.torch.quantization as mtq
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise RuntimeError(
-            "quantizing needs NVIDIA ModelOpt: pip install 'nvidia-modelopt==0.47.*' requests"
+            "quantizing needs NVIDIA ModelOpt: pip install -e '.[quantize]' "
+            "(or pip install 'nvidia-modelopt==0.47.*' requests)"
         ) from e
     return mtq, mte
 

@@ -74,6 +74,12 @@ def load_gguf_model(gguf: Path, dtype: torch.dtype = torch.float32):
     """transformers model + tokenizer from the GGUF (dequantized to ``dtype``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:
+        import gguf as _  # noqa: F401  transformers needs it to read GGUF files
+    except ImportError as e:
+        raise DefaultModelError(
+            f"building the default model from {gguf} needs the gguf package: pip install -e '.[quantize]'"
+        ) from e
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     return model.eval(), tokenizer
