@@ -207,12 +207,13 @@ def cmd_bench_kernels(args) -> int:
 def cmd_bench_moe(args) -> int:
     import torch
 
-    from mopt.bench.moe import CONFIGS, TOKENS, bench_moe, format_rows
+    from mopt.bench.moe import CONFIGS, FORMATS, TOKENS, bench_moe, format_rows
 
     if not torch.cuda.is_available():
         raise RuntimeError("mopt bench moe needs a CUDA GPU")
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
-    rows = bench_moe(CONFIGS, tokens)
+    formats = args.formats.split(",") if args.formats else FORMATS
+    rows = bench_moe(CONFIGS, tokens, formats=formats)
     name = torch.cuda.get_device_name()
     print(format_rows(rows, name))
     if args.json:
@@ -314,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench_kernels)
 
-    p = bench.add_parser("moe", help="fused-MoE layers (Qwen3-30B-A3B, Mixtral-8x7B shapes), BF16 and FP8")
+    p = bench.add_parser("moe", help="fused-MoE layers (Qwen3-30B-A3B, Mixtral-8x7B shapes), BF16, FP8, NVFP4")
     p.add_argument("--tokens", help="token counts, e.g. 1,16 (default: 1,16,256,4096)")
+    p.add_argument("--formats", help="comma list of bf16,fp8,nvfp4 (default: all)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench_moe)
 

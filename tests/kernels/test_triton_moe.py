@@ -1,7 +1,11 @@
 """Triton fused MoE against the reference expert loop (same weights, same routing).
 
 Interpreter (CI) at small shapes; GPU (``-m gpu``) at Qwen3-MoE-like ones. Tolerance: relative L2
-1e-5 with float32 activations (identical quantization; only summation order differs). FP8 on the
+1e-5 with float32 activations (identical quantization; only summation order differs). NVFP4 on
+the GPU: block values and their products are exact, so only float32 summation order differs
+(tensor-core MMAs against the CPU's matmul) until the gate/up output is re-quantized to E2M1,
+where an element on a rounding boundary may flip to the neighbouring code (up to a quarter of its
+block's scale): 2e-2, far below NVFP4's own quantization error (~10%). FP8 on the
 GPU at more than 16 tokens: 1e-2. Hopper's FP8 MMAs accumulate with ~14 bits between promotions
 (1e-4 relative, see test_triton_gemm); the up/gate output is then re-quantized to E4M3 with a
 static scale, where such differences flip values on a rounding boundary to the neighbouring code
@@ -17,8 +21,8 @@ import pytest
 import torch
 
 from mopt.layers.fused_moe import FusedMoE
-from mopt.quant.config import ModelOptFp8Config
-from mopt.quant.formats import fp8
+from mopt.quant.config import ModelOptFp8Config, ModelOptNvFp4Config
+from mopt.quant.formats import fp8, nvfp4
 
 triton_moe = pytest.importorskip("mopt.kernels.triton_moe")
 
@@ -48,7 +52,7 @@ def test_align_tokens_groups_every_pair_once():
 
 def _layer(fmt, e, h, i, seed=0):
     g = torch.Generator().manual_seed(seed)
-    qc = ModelOptFp8Config("FP8") if fmt == "fp8" else None
+    qc = {"fp8": ModelOptFp8Config("FP8"), "nvfp4": ModelOptNvFp4Config()}.get(fmt)
     layer = FusedMoE(e, 2, h, i, quant_config=qc, prefix="model.layers.0.mlp.experts")
     for x in range(e):
         w1, w3, w2 = (torch.randn(i, h, generator=g) * 0.1, torch.randn(i, h, generator=g) * 0.1,
@@ -60,6 +64,14 @@ def _layer(fmt, e, h, i, seed=0):
                 layer.weight_loader(getattr(layer, f"{stacked}_weight"), q, (name, x))
                 layer.weight_loader(getattr(layer, f"{stacked}_weight_scale"), s, (name, x))
                 layer.weight_loader(getattr(layer, f"{stacked}_input_scale"), torch.tensor(0.01 + 0.001 * x), (name, x))
+        elif fmt == "nvfp4":
+            for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
+                stacked = "w2" if name == "w2" else "w13"
+                g2 = nvfp4.global_scale_from_amax(w.abs().max())
+                q, s = nvfp4.quantize(w, g2)
+                for suffix, v in (("weight", q), ("weight_scale", s), ("weight_scale_2", g2),
+                                  ("input_scale", torch.tensor(4.0 / 2688 * (1 + 0.1 * x)))):
+                    layer.weight_loader(getattr(layer, f"{stacked}_{suffix}"), v, (name, x))
         else:
             layer.weight_loader(layer.w13_weight, w1, ("w1", x))
             layer.weight_loader(layer.w13_weight, w3, ("w3", x))
@@ -75,7 +87,8 @@ def _compare(fmt, t, e, h, i, device, tol):
     weights, ids = layer.select_experts(logits)
     expected = layer.quant_method.apply(layer, x, weights, ids)  # CPU: the reference loop
     layer.to(device)
-    for name in ("w13_scale", "w2_scale", "a13_scale", "a2_scale"):
+    for name in ("w13_scale", "w2_scale", "a13_scale", "a2_scale", "w13_global", "w2_global", "a13_global",
+                 "a2_global"):
         if hasattr(layer, name):
             setattr(layer, name, getattr(layer, name).to(device))
     got = layer.quant_method.fused(layer, x.to(device), weights.to(device), ids.to(device))
@@ -83,7 +96,7 @@ def _compare(fmt, t, e, h, i, device, tol):
     assert rel <= tol, f"{fmt} T={t}: {rel:.2e}"
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])
 @pytest.mark.parametrize("t", [1, 9, 40])
 def test_fused_moe_interpreted(fmt, t):
     if _device() != "cpu":
@@ -92,9 +105,20 @@ def test_fused_moe_interpreted(fmt, t):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])
 @pytest.mark.parametrize("t", [1, 16, 256, 1024])
 def test_fused_moe_gpu(fmt, t):
     if _device() != "cuda":
         pytest.skip("GPU run")
-    _compare(fmt, t, 16, 512, 256, "cuda", 1e-2 if fmt == "fp8" and t > 16 else 1e-5)
+    tol = {"fp8": 1e-2 if t > 16 else 1e-5, "nvfp4": 2e-2}.get(fmt, 1e-5)
+    _compare(fmt, t, 16, 512, 256, "cuda", tol)
+
+
+
+def test_nvfp4_kernel_small_tiles_interpreted(monkeypatch):
+    """K and N spanning several tiles (the default tiles cover the small test shapes in one)."""
+    if _device() != "cpu":
+        pytest.skip("interpreter run")
+    monkeypatch.setattr(triton_moe, "nvfp4_moe_config", lambda block_m: dict(
+        BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2))
+    _compare("nvfp4", 9, 4, 64, 32, "cpu", 1e-5)

@@ -65,6 +65,12 @@ def check_all(m, k, device):
     assert _same(packed, rp) and _same(bs, rbs)
     values = triton_quant.nvfp4_block_values(x, g.to(device))
     assert torch.equal(values.cpu().float(), nvfp4.dequantize_to_block_values(rp, rbs))
+    # Fused MoE: each row repeated for 3 experts, each under its own global scale.
+    gs = g * torch.tensor([0.25, 1.0, 3.0]).repeat(m)
+    values = triton_quant.nvfp4_block_values(x, gs.to(device), repeat=3)
+    for r in range(3 * m):
+        expected = nvfp4.dequantize_to_block_values(*nvfp4.quantize(xc[r // 3], gs[r]))
+        assert torch.equal(values[r].cpu().float(), expected), f"row {r}"
 
 
 @_params(gpu=False)

@@ -1,27 +1,32 @@
-"""``mopt bench moe``: fused-MoE layers on the GPU, BF16 and FP8 in one run.
+"""``mopt bench moe``: fused-MoE layers on the GPU, BF16, FP8 and NVFP4 in one run.
 
 Qwen3-30B-A3B-shaped (128 experts, top-8, H=2048, I=768) and Mixtral-8x7B-shaped (8 experts,
 top-2, H=4096, I=14336) layers at several token counts, random router logits. Reported: time of
 the expert computation (routing excluded), effective TB/s over the bytes of the experts actually
 touched (plus activations), TFLOP/s, and the ratio to a dense GEMM pair of the same FLOPs in the
-same format (BF16 ``torch.mm`` / FP8 ``_scaled_mm``) measured in the same run. CUDA-graph timing.
+same format (BF16 ``torch.mm`` / FP8 ``_scaled_mm`` / mopt's dense NVFP4 W4A4 linear path: activation
+quantization plus ``triton_gemm.nvfp4_gemm``) measured in the same run. CUDA-graph timing.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from mopt.bench.kernels import H100, _time
 from mopt.layers.fused_moe import FusedMoE
-from mopt.quant.config import ModelOptFp8Config
-from mopt.quant.formats import fp8
+from mopt.quant.config import ModelOptFp8Config, ModelOptNvFp4Config
+from mopt.quant.formats import fp8, nvfp4
 
 CONFIGS = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 14336)}
 TOKENS = [1, 16, 256, 4096]
+FORMATS = ("bf16", "fp8", "nvfp4")
+BYTES_PER_WEIGHT = {"bf16": 2.0, "fp8": 1.0, "nvfp4": 0.5625}  # NVFP4: 4-bit codes + an E4M3 scale per 16
 
 
 def _layer(fmt: str, e: int, k: int, h: int, i: int, dev) -> FusedMoE:
-    qc = ModelOptFp8Config("FP8") if fmt == "fp8" else None
+    qc = {"fp8": ModelOptFp8Config("FP8"), "nvfp4": ModelOptNvFp4Config()}.get(fmt)
     with torch.device(dev):
         layer = FusedMoE(e, k, h, i, torch.bfloat16, quant_config=qc, prefix="bench.experts")
     for x in range(e):
@@ -35,20 +40,43 @@ def _layer(fmt: str, e: int, k: int, h: int, i: int, dev) -> FusedMoE:
                 layer.weight_loader(getattr(layer, f"{stacked}_weight_scale"), s, (name, x))
                 layer.weight_loader(getattr(layer, f"{stacked}_input_scale"), torch.tensor(0.01, device=dev),
                                     (name, x))
+            elif fmt == "nvfp4":
+                g2 = nvfp4.global_scale_from_amax(w.abs().max())
+                q, s = nvfp4.quantize(w, g2)
+                for suffix, v in (("weight", q), ("weight_scale", s), ("weight_scale_2", g2),
+                                  ("input_scale", torch.tensor(4.0 / 2688, device=dev))):
+                    layer.weight_loader(getattr(layer, f"{stacked}_{suffix}"), v, (name, x))
             else:
                 layer.weight_loader(getattr(layer, f"{stacked}_weight"), w.bfloat16(), (name, x))
     layer.process_weights_after_loading()
     return layer
 
 
-def bench_moe(configs=CONFIGS, tokens=TOKENS, iters: int = 10, repeats: int = 5) -> list[dict]:
+def _dense_nvfp4(m: int, n: int, k: int, dev) -> Callable[[], torch.Tensor]:
+    """mopt's dense NVFP4 linear path at ``[m, k] x [n, k]``: activation quantization + W4A4 GEMM."""
+    from mopt.kernels import triton_gemm, triton_quant
+
+    w = torch.randn(n, k, device=dev) * 0.02
+    g = nvfp4.global_scale_from_amax(w.abs().max())
+    packed, scale = nvfp4.quantize(w, g)
+    wg = g.expand(n).contiguous()
+    a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    ag = torch.tensor(4.0 / 2688, device=dev)
+    return lambda: triton_gemm.nvfp4_gemm(triton_quant.nvfp4_block_values(a, ag), packed, scale, ag, wg, None,
+                                          torch.bfloat16)
+
+
+def bench_moe(configs=CONFIGS, tokens=TOKENS, iters: int = 10, repeats: int = 5,
+              formats=FORMATS) -> list[dict]:
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"unknown MoE bench format(s) {unknown}; choose from {list(FORMATS)}")
     dev = torch.device("cuda")
     rows = []
     for name, (e, k, h, i) in configs.items():
-        for fmt in ("bf16", "fp8"):
+        for fmt in formats:
             layer = _layer(fmt, e, k, h, i, dev)
-            bytes_per_weight = 1 if fmt == "fp8" else 2
-            expert_bytes = 3 * h * i * bytes_per_weight
+            expert_bytes = 3 * h * i * BYTES_PER_WEIGHT[fmt]
             for t in tokens:
                 g = torch.Generator(device=dev).manual_seed(t)
                 x = torch.randn(t, h, device=dev, dtype=torch.bfloat16, generator=g)
@@ -69,9 +97,12 @@ def bench_moe(configs=CONFIGS, tokens=TOKENS, iters: int = 10, repeats: int = 5)
                                                              out_dtype=torch.bfloat16),
                                             torch._scaled_mm(q[2], q[3].t(), scale_a=one, scale_b=one,
                                                              out_dtype=torch.bfloat16))], iters, repeats)
+                elif fmt == "nvfp4":
+                    d13, d2 = _dense_nvfp4(m, 2 * i, h, dev), _dense_nvfp4(m, h, i, dev)
+                    dense = _time([lambda: (d13(), d2())], iters, repeats)
                 else:
                     dense = _time([lambda: (a @ b13.t(), a2 @ b2.t())], iters, repeats)
-                peak = H100["fp8_tflops"] if fmt == "fp8" else H100["bf16_tflops"]
+                peak = H100["fp8_tflops"] if fmt == "fp8" else H100["bf16_tflops"]  # NVFP4 runs on BF16 MMAs
                 rows.append(dict(config=name, format=fmt, tokens=t, experts_touched=touched, us=sec * 1e6,
                                  tb_s=moved / sec / 1e12, pct_hbm=100 * moved / sec / 1e12 / H100["hbm_tb_s"],
                                  tflops=flops / sec / 1e12, pct_tensor=100 * flops / sec / 1e12 / peak,

@@ -1,17 +1,29 @@
-"""Triton fused-MoE GEMMs (BF16/FP16 and FP8 W8A8 per-tensor) over tokens sorted by expert.
+"""Triton fused-MoE GEMMs (BF16/FP16, FP8 W8A8 per-tensor, exact NVFP4 W4A4) over tokens sorted by expert.
 
 ``align_tokens`` sorts the ``T * top_k`` (token, expert) pairs by expert and pads each expert's
 run to a multiple of ``BLOCK_M``, on the device and with fixed-size outputs (no host sync, CUDA
 graph friendly). Each program of ``moe_gemm`` takes one ``BLOCK_M`` run of one expert and a
 ``BLOCK_N`` slice of its weight: ``C[pair] = A[row(pair)] @ W[e]^T`` (times the per-tensor scales for
 FP8, times the pair's router weight when asked), written to row ``pair`` of ``C [T * top_k, N]``.
+
+NVFP4 (``moe_gemm_nvfp4``): activations are quantized once per pair under the pair's expert input
+scale into exact BF16 block values (``triton_quant.nvfp4_block_values``); the packed FP4 expert
+weights are expanded in the kernel to exact block values (as ``triton_gemm``'s NVFP4 kernel does)
+and multiplied on BF16 tensor cores with float32 accumulation; both global scales (the expert's
+input scale, each weight row's ``weight_scale_2``) are applied in the epilogue.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+from mopt.kernels.triton_gemm import _e2m1_pair, _load_fp4_tile, _scale_pairs
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def align_tokens(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,6 +113,76 @@ def moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_pairs: 
     return out
 
 
+@triton.jit
+def _moe_nvfp4_kernel(a_ptr, b_ptr, bs_ptr, c_ptr, a_global_ptr, b_global_ptr, w_ptr, pairs_ptr, block_expert_ptr,
+                      N, K, num_pairs, stride_am, stride_cm, MUL_WEIGHT: tl.constexpr, DOT_F32: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``a [pairs, K]`` BF16 block values (row = pair), ``b [E, N, K/2]`` packed, ``bs [E, N, K/16]`` e4m3,
+    ``a_global [E]``, ``b_global [E, N]``. Even and odd K elements are multiplied separately, so the
+    packed weight tile is decoded in its loaded layout.
+
+    Computes ``C^T = W @ A^T``: the decoded weights are the MMA's first operand, which Hopper reads
+    from registers (the second goes through shared memory). Measured on an H100 (2026-11-25):
+    2.5-3.2x faster at 4096 tokens than ``A @ W^T``, within 5% at decode; loading each element's block scale
+    instead of broadcasting the 16-block scales was 2-4x slower."""
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    limit = tl.where(expert >= 0, num_pairs, 0)
+    n_limit = tl.where(expert >= 0, N, 0)
+    expert = tl.maximum(expert, 0).to(tl.int64)
+    pair = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = pair < limit
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_limit
+    rows = (expert * N + offs_n)[:, None].to(tl.int64)
+    b_rows, s_rows = b_ptr + rows * (K // 2), bs_ptr + rows * (K // 16)
+    a_cols = a_ptr + pair[None, :].to(tl.int64) * stride_am
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_tiles = tl.cdiv(tl.where(limit > 0, K, 0), BLOCK_K)
+    for t in range(0, k_tiles):
+        packed, scale, offs_b = _load_fp4_tile(b_rows, s_rows, t, n_ok, K, HALF_K)
+        even, odd = _e2m1_pair(packed)
+        we = _scale_pairs(even, scale, BLOCK_N, HALF_K)
+        wo = _scale_pairs(odd, scale, BLOCK_N, HALF_K)
+        a_mask = (offs_b < K // 2)[:, None] & valid[None, :]
+        ae = tl.load(a_cols + 2 * offs_b[:, None], mask=a_mask, other=0.0)
+        ao = tl.load(a_cols + 2 * offs_b[:, None] + 1, mask=a_mask, other=0.0)
+        if DOT_F32:  # Triton's interpreter multiplies BF16 wrongly; the values are exact in float32
+            acc += tl.dot(we, ae.to(tl.float32)) + tl.dot(wo, ao.to(tl.float32))
+        else:
+            acc = tl.dot(we.to(tl.bfloat16), ae, acc)
+            acc = tl.dot(wo.to(tl.bfloat16), ao, acc)
+    acc = acc * (tl.load(a_global_ptr + expert) * tl.load(b_global_ptr + expert * N + offs_n, mask=n_ok,
+                                                          other=0.0))[:, None]
+    if MUL_WEIGHT:
+        acc = acc * tl.load(w_ptr + pair, mask=valid, other=0.0)[None, :]
+    c = c_ptr + pair[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & valid[None, :])
+
+
+def nvfp4_moe_config(block_m: int) -> dict:
+    """Tile shape of the NVFP4 expert GEMM by run length (sweep on an H100, 2026-11-25)."""
+    if block_m <= 16:
+        return dict(BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=4)
+    return dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
+
+
+def moe_gemm_nvfp4(a_values: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, a_global: torch.Tensor,
+                   w_global: torch.Tensor, out: torch.Tensor, sorted_pairs: torch.Tensor, block_expert: torch.Tensor,
+                   block_m: int, num_pairs: int, router_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``out [pairs, N] = a_values[pair] @ values(w[e])^T * a_global[e] * w_global[e]``; ``w [E, N, K/2]``."""
+    n, k = w.shape[1], w.shape[2] * 2
+    cfg = nvfp4_moe_config(block_m)
+    grid = (block_expert.numel(), triton.cdiv(n, cfg["BLOCK_N"]))
+    _moe_nvfp4_kernel[grid](
+        a_values, w, w_scale, out, a_global, w_global, router_weights if router_weights is not None else out,
+        sorted_pairs, block_expert, n, k, num_pairs, a_values.stride(0), out.stride(0),
+        MUL_WEIGHT=router_weights is not None, DOT_F32=INTERPRETED, BLOCK_M=block_m, **cfg)
+    return out
+
+
 def block_m_for(num_pairs: int, num_experts: int) -> int:
     """Smaller runs when few pairs land on each expert (decode), larger for prefill."""
     per_expert = num_pairs / num_experts
@@ -128,4 +210,28 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: to
     down = torch.empty((pairs, w2.shape[1]), dtype=torch.float32, device=x.device)
     moe_gemm(a2, w2, down, sorted_pairs, block_expert, block_m, 1, pairs, a2_scale, w2_scale,
              weights.reshape(-1).float().contiguous())
+    return down.view(t, k, -1).sum(dim=1).to(x.dtype)
+
+
+def fused_moe_nvfp4(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
+                    w13_scale: torch.Tensor, w13_global: torch.Tensor, a13_global: torch.Tensor, w2: torch.Tensor,
+                    w2_scale: torch.Tensor, w2_global: torch.Tensor, a2_global: torch.Tensor) -> torch.Tensor:
+    """``x [T, H]`` through NVFP4 experts: ``w13 [E, 2I, H/2]`` / ``w2 [E, H, I/2]`` packed with e4m3
+    block scales, per-row global weight scales ``[E, 2I]`` / ``[E, H]``, input scales ``[E]``."""
+    from mopt.kernels import triton_quant
+
+    t, k = ids.shape
+    num_experts, inter = w13.shape[0], w13.shape[1] // 2
+    pairs = t * k
+    block_m = block_m_for(pairs, num_experts)
+    sorted_pairs, block_expert = align_tokens(ids, num_experts, block_m)
+    flat = ids.reshape(-1)
+    a = triton_quant.nvfp4_block_values(x, a13_global[flat], repeat=k)
+    gate_up = torch.empty((pairs, 2 * inter), dtype=x.dtype, device=x.device)
+    moe_gemm_nvfp4(a, w13, w13_scale, a13_global, w13_global, gate_up, sorted_pairs, block_expert, block_m, pairs)
+    act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    a2 = triton_quant.nvfp4_block_values(act, a2_global[flat])
+    down = torch.empty((pairs, w2.shape[1]), dtype=torch.float32, device=x.device)
+    moe_gemm_nvfp4(a2, w2, w2_scale, a2_global, w2_global, down, sorted_pairs, block_expert, block_m, pairs,
+                   weights.reshape(-1).float().contiguous())
     return down.view(t, k, -1).sum(dim=1).to(x.dtype)

@@ -97,13 +97,15 @@ def _e2m1_value(code):
 
 @triton.jit
 def _nvfp4_kernel(x_ptr, packed_ptr, scale_ptr, values_ptr, g_ptr, k, kp, stride_x,
-                  BLOCKS: tl.constexpr, WRITE_VALUES: tl.constexpr):
-    """One program per (row, BLOCKS x 16 columns). ``kp``: K padded to 16."""
+                  BLOCKS: tl.constexpr, WRITE_VALUES: tl.constexpr, X_ROW_DIV: tl.constexpr = 1,
+                  G_PER_ROW: tl.constexpr = False):
+    """One program per (output row, BLOCKS x 16 columns). ``kp``: K padded to 16. Output row ``r``
+    quantizes input row ``r // X_ROW_DIV`` under global scale ``g[r]`` (``G_PER_ROW``) or ``g[0]``."""
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
     cols = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
-    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < k, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr)
+    x = tl.load(x_ptr + (row // X_ROW_DIV) * stride_x + cols, mask=cols < k, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row) if G_PER_ROW else tl.load(g_ptr)
     s = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 6.0 * g)
     s = tl.where(s == 0, 1.0, s)
     s = round_e4m3(tl.minimum(tl.maximum(s, 0.001953125), 448.0))  # clamp to [2**-9, 448]
@@ -181,15 +183,24 @@ def nvfp4_packed(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Ten
     return packed, scale
 
 
-def nvfp4_block_values(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    """BF16 ``[M, Kp]``: each element's E2M1 value times its E4M3 block scale (exact), i.e.
-    ``nvfp4.dequantize_to_block_values(*nvfp4.quantize(x, global_scale))``."""
+def nvfp4_block_values(x: torch.Tensor, global_scale: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+    """BF16 ``[M * repeat, Kp]``: each element's E2M1 value times its E4M3 block scale (exact), i.e.
+    ``nvfp4.dequantize_to_block_values(*nvfp4.quantize(x, global_scale))``.
+
+    ``global_scale`` is a scalar, or one per output row (``[M * repeat]``); output row ``r`` is
+    input row ``r // repeat`` (fused MoE quantizes each token once per routed expert, under that
+    expert's input scale)."""
     x2 = _rows(x)
     m, k = x2.shape
+    rows = m * repeat
+    per_row = global_scale.numel() > 1 or repeat > 1
+    if per_row and global_scale.numel() != rows:
+        raise ValueError(f"nvfp4_block_values: {global_scale.numel()} global scales for {rows} rows")
     kp = triton.cdiv(k, nvfp4_format.BLOCK_SIZE) * nvfp4_format.BLOCK_SIZE
-    values = torch.empty((m, kp), dtype=torch.bfloat16, device=x.device)
-    if m:
-        grid = (m, triton.cdiv(kp // 16, _NVFP4_BLOCKS))
-        _nvfp4_kernel[grid](x2, values, values, values, global_scale.float().reshape(1), k, kp, x2.stride(0),
-                            BLOCKS=_NVFP4_BLOCKS, WRITE_VALUES=True)
+    values = torch.empty((rows, kp), dtype=torch.bfloat16, device=x.device)
+    if rows:
+        grid = (rows, triton.cdiv(kp // 16, _NVFP4_BLOCKS))
+        _nvfp4_kernel[grid](x2, values, values, values, global_scale.float().reshape(-1).contiguous(), k, kp,
+                            x2.stride(0), BLOCKS=_NVFP4_BLOCKS, WRITE_VALUES=True, X_ROW_DIV=repeat,
+                            G_PER_ROW=per_row)
     return values

@@ -4,8 +4,8 @@ Each creates the stacked expert parameters in the checkpoint's dtypes (see ``lay
 for the layout), converts them once after loading, and runs the experts either through the
 reference GEMMs of ``mopt.kernels.reference`` (any device: tokens grouped by expert, each expert's
 gated MLP on its tokens, results added back weighted by the router) or, on CUDA for BF16 and FP8,
-through the Triton fused-MoE GEMMs of ``mopt.kernels.triton_moe``. NVFP4 experts use the
-reference path on every device for now.
+through the Triton fused-MoE GEMMs of ``mopt.kernels.triton_moe`` (BF16, FP8, and NVFP4 as exact
+W4A4 on BF16 tensor cores).
 
 ModelOpt stores per expert and projection: ``weight``, ``weight_scale``, ``input_scale`` and for
 NVFP4 ``weight_scale_2``. FP8 merges w1/w3 weight scales by re-quantizing both to the larger
@@ -154,9 +154,18 @@ class ModelOptFp8MoEMethod(FusedMoEMethodBase):
 
 
 class ModelOptNvFp4FusedMoE(FusedMoEMethodBase):
+    gpu_capability = (8, 0)
+
     def __init__(self, quant_config, layer=None) -> None:
         self.quant_config = quant_config
         self.group_size = getattr(quant_config, "group_size", nvfp4.BLOCK_SIZE)
+
+    def fused(self, layer, x, weights, ids):
+        from mopt.kernels.triton_moe import fused_moe_nvfp4
+
+        return fused_moe_nvfp4(x, weights, ids, layer.w13_weight, layer.w13_weight_scale, layer.w13_global,
+                               layer.a13_global, layer.w2_weight, layer.w2_weight_scale, layer.w2_global,
+                               layer.a2_global)
 
     def create_weights(self, layer, num_experts, hidden, inter, params_dtype) -> None:
         e, g = num_experts, self.group_size
@@ -178,7 +187,7 @@ class ModelOptNvFp4FusedMoE(FusedMoEMethodBase):
             logger.warning("%s: w1_weight_scale_2 must match w3_weight_scale_2; accuracy may be affected "
                            "in kernels that take one (mopt keeps each row's own)", layer.prefix)
         layer.w13_global = ws2.repeat_interleave(layer.intermediate_size, dim=1)
-        layer.w2_global = layer.w2_weight_scale_2.data.float()[:, None].expand(-1, layer.hidden_size)
+        layer.w2_global = layer.w2_weight_scale_2.data.float()[:, None].expand(-1, layer.hidden_size).contiguous()
         layer.a13_global = layer.w13_input_scale.data.float().amax(dim=1)
         layer.a2_global = layer.w2_input_scale.data.float()
 
