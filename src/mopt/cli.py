@@ -187,38 +187,35 @@ def cmd_bench_generate(args) -> int:
     return 0
 
 
-def cmd_bench_kernels(args) -> int:
+def _run_gpu_bench(what: str, args, run, format_rows) -> int:
+    """Runs ``run() -> rows`` on the GPU, prints the table and writes ``--json`` if asked."""
     import torch
 
-    from mopt.bench.kernels import SHAPES, TOKENS, bench_kernels, format_rows
-
     if not torch.cuda.is_available():
-        raise RuntimeError("mopt bench kernels needs a CUDA GPU")
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
-    tokens = [int(m) for m in args.tokens.split(",")] if args.tokens else TOKENS
-    rows = bench_kernels(shapes, tokens, args.iters, args.repeats)
+        raise RuntimeError(f"mopt bench {what} needs a CUDA GPU")
+    rows = run()
     name = torch.cuda.get_device_name()
     print(format_rows(rows, name))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=name, torch=torch.__version__, rows=rows), indent=2))
     return 0
+
+
+def cmd_bench_kernels(args) -> int:
+    from mopt.bench.kernels import SHAPES, TOKENS, bench_kernels, format_rows
+
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    tokens = [int(m) for m in args.tokens.split(",")] if args.tokens else TOKENS
+    return _run_gpu_bench("kernels", args, lambda: bench_kernels(shapes, tokens, args.iters, args.repeats),
+                          format_rows)
 
 
 def cmd_bench_moe(args) -> int:
-    import torch
-
     from mopt.bench.moe import CONFIGS, FORMATS, TOKENS, bench_moe, format_rows
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("mopt bench moe needs a CUDA GPU")
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
     formats = args.formats.split(",") if args.formats else FORMATS
-    rows = bench_moe(CONFIGS, tokens, formats=formats)
-    name = torch.cuda.get_device_name()
-    print(format_rows(rows, name))
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(device=name, torch=torch.__version__, rows=rows), indent=2))
-    return 0
+    return _run_gpu_bench("moe", args, lambda: bench_moe(CONFIGS, tokens, formats=formats), format_rows)
 
 
 def torch_device_name(device) -> str:
