@@ -193,7 +193,7 @@ def nvfp4_block_values(x: torch.Tensor, global_scale: torch.Tensor, repeat: int 
     x2 = _rows(x)
     m, k = x2.shape
     rows = m * repeat
-    per_row = global_scale.numel() > 1 or repeat > 1
+    per_row = global_scale.numel() > 1
     if per_row and global_scale.numel() != rows:
         raise ValueError(f"nvfp4_block_values: {global_scale.numel()} global scales for {rows} rows")
     kp = triton.cdiv(k, nvfp4_format.BLOCK_SIZE) * nvfp4_format.BLOCK_SIZE
