@@ -59,14 +59,28 @@ def _scaled_mm(layer, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.
     return out.to(out_dtype)
 
 
-class _Fp8Base(LinearKernel):
+class _CudaKernel(LinearKernel):
+    """Support declared as data: the compute capability it needs (and for what), the schemes it runs."""
+
+    capability: tuple[int, int] = (8, 9)
+    capability_for = "FP8"
+    schemes: tuple[LinearScheme, ...] = ()
+
     @classmethod
     def is_supported(cls, device):
-        return _capability(device, (8, 9), "FP8")
+        return _capability(device, cls.capability, cls.capability_for)
 
     @classmethod
     def can_implement(cls, shape):
-        ok, why = _schemes(shape, FP8_SCHEMES)
+        return _schemes(shape, cls.schemes)
+
+
+class _Fp8Base(_CudaKernel):
+    schemes = FP8_SCHEMES
+
+    @classmethod
+    def can_implement(cls, shape):
+        ok, why = super().can_implement(shape)
         if ok and shape.in_features % 16:
             return False, f"K={shape.in_features} is not a multiple of 16"
         return ok, why
@@ -108,16 +122,9 @@ class HopperFp8Kernel(_Fp8Base):
         return engine.run(layer, xq, x_scale, bias, out_dtype)
 
 
-class TritonFp8BlockKernel(LinearKernel):
+class TritonFp8BlockKernel(_CudaKernel):
     name, backend = "triton-fp8-block", "triton"
-
-    @classmethod
-    def is_supported(cls, device):
-        return _capability(device, (8, 9), "FP8")
-
-    @classmethod
-    def can_implement(cls, shape):
-        return _schemes(shape, (LinearScheme.FP8_BLOCK,))
+    schemes = (LinearScheme.FP8_BLOCK,)
 
     def apply(self, layer, x, bias):
         x2, restore = flatten_tokens(x)
@@ -126,16 +133,10 @@ class TritonFp8BlockKernel(LinearKernel):
         return restore(y)
 
 
-class TritonNvfp4Kernel(LinearKernel):
+class TritonNvfp4Kernel(_CudaKernel):
     name, backend = "triton-nvfp4", "triton"
-
-    @classmethod
-    def is_supported(cls, device):
-        return _capability(device, (8, 0), "the BF16 W4A4 path")
-
-    @classmethod
-    def can_implement(cls, shape):
-        return _schemes(shape, (LinearScheme.NVFP4,))
+    capability, capability_for = (8, 0), "the BF16 W4A4 path"
+    schemes = (LinearScheme.NVFP4,)
 
     def apply(self, layer, x, bias):
         x2, restore = flatten_tokens(x)
