@@ -67,10 +67,10 @@ def _triton_moe_available(x: torch.Tensor, need: tuple[int, int]) -> bool:
 
 
 class FusedMoEMethodBase(QuantizeMethodBase):
-    gpu_capability: tuple[int, int] | None = None  # set by methods with a Triton fused path
+    gpu_capability: tuple[int, int]  # what the Triton fused path (``fused``) needs
 
     def fused(self, layer, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # abstract: methods that set gpu_capability
+        raise NotImplementedError  # abstract
 
     def gemm13(self, layer, e: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError  # abstract
@@ -79,7 +79,7 @@ class FusedMoEMethodBase(QuantizeMethodBase):
         raise NotImplementedError  # abstract
 
     def apply(self, layer, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if self.gpu_capability is not None and _triton_moe_available(x, self.gpu_capability):
+        if _triton_moe_available(x, self.gpu_capability):
             return self.fused(layer, x.reshape(-1, x.shape[-1]), weights, ids).reshape(x.shape)
         return run_experts(x, weights, ids, lambda e, xe: self.gemm2(layer, e, _gated(self.gemm13(layer, e, xe))))
 
