@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mopt.kernels import linear as kl
+from mopt.kernels.moe import MoEScheme, select_moe_kernel
 from mopt.kernels.reference import CpuDecodedLinearKernel, ReferenceLinearKernel
 
 SHAPE = kl.LinearShape(kl.LinearScheme.NVFP4, 4096, 4096)
@@ -79,3 +80,30 @@ def test_unprocessed_layer_is_a_clear_error():
     layer = ReplicatedLinear(8, 8, prefix="model.lm_head")
     with pytest.raises(RuntimeError, match="model.lm_head: weights were not processed"):
         layer(torch.zeros(1, 8))
+
+
+# -- fused MoE ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", list(MoEScheme))
+@pytest.mark.parametrize("override,chosen", [(None, "reference"), ("reference", "reference"), ("cpu", "reference")])
+def test_moe_cpu_takes_the_reference(scheme, override, chosen, monkeypatch):
+    monkeypatch.delenv("MOPT_BACKEND", raising=False)
+    assert select_moe_kernel(scheme, torch.device("cpu"), override).name == chosen
+
+
+def test_moe_error_lists_every_reason(monkeypatch):
+    monkeypatch.setenv("MOPT_BACKEND", "triton")
+    with pytest.raises(ValueError) as err:
+        select_moe_kernel(MoEScheme.FP8_TENSOR, torch.device("cpu"))
+    text = str(err.value)
+    assert "fp8_tensor experts on cpu" in text
+    assert "triton-fused-moe: needs a CUDA device, not cpu" in text
+    assert "reference: not the requested backend 'triton'" in text
+
+
+def test_moe_layer_without_processing_is_a_clear_error():
+    from mopt.layers.fused_moe import FusedMoE
+
+    layer = FusedMoE(4, 2, 32, 16, prefix="model.layers.3.mlp.experts")
+    with pytest.raises(RuntimeError, match="model.layers.3.mlp.experts: weights were not processed"):
+        layer(torch.zeros(1, 32), torch.zeros(1, 4))

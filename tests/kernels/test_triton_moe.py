@@ -20,6 +20,7 @@ import os
 import pytest
 import torch
 
+from mopt.kernels.moe import TritonFusedMoEKernel
 from mopt.layers.fused_moe import FusedMoE
 from mopt.quant.config import ModelOptFp8Config, ModelOptNvFp4Config
 from mopt.quant.formats import fp8, nvfp4
@@ -35,19 +36,30 @@ def _device():
     return "cuda"
 
 
-def test_align_tokens_groups_every_pair_once():
-    ids = torch.randint(0, 6, (37, 3), generator=torch.Generator().manual_seed(0))
-    pairs, block_expert = triton_moe.align_tokens(ids, 6, 16)
-    assert pairs.numel() % 16 == 0 and block_expert.numel() == pairs.numel() // 16
-    real = pairs[pairs < ids.numel()]
-    assert sorted(real.tolist()) == list(range(ids.numel()))
+@pytest.mark.parametrize("tokens,top_k,experts,block_m", [
+    (37, 3, 6, 16),     # several blocks per expert
+    (1, 8, 128, 16),    # decode: most experts empty, the block count bounded by the pairs
+    (5, 2, 60, 16),     # an expert count that is not a power of two
+    (700, 2, 4, 32),    # more pairs than the kernel's 1024-wide chunk
+])
+def test_align_tokens_groups_every_pair_once(tokens, top_k, experts, block_m):
+    device = _device()
+    ids = torch.randint(0, experts, (tokens, top_k), generator=torch.Generator().manual_seed(tokens))
+    pairs, block_expert = (v.cpu() for v in triton_moe.align_tokens(ids.to(device), experts, block_m))
+    num_pairs = ids.numel()
+    assert pairs.numel() == block_expert.numel() * block_m
+    assert block_expert.numel() <= -(-num_pairs // block_m) + min(experts, num_pairs)
+    real = pairs[pairs < num_pairs]
+    assert sorted(real.tolist()) == list(range(num_pairs)) and (pairs <= num_pairs).all()
+    used = block_expert[block_expert >= 0]
+    assert (used.diff() >= 0).all() and (block_expert[len(used):] == -1).all()
     for b, e in enumerate(block_expert.tolist()):
-        chunk = pairs[b * 16:(b + 1) * 16]
-        chunk = chunk[chunk < ids.numel()]
+        chunk = pairs[b * block_m:(b + 1) * block_m]
+        chunk = chunk[chunk < num_pairs]
         if e < 0:
             assert chunk.numel() == 0
         else:
-            assert (ids.reshape(-1)[chunk] == e).all()
+            assert chunk.numel() > 0 and (ids.reshape(-1)[chunk] == e).all()
 
 
 def _layer(fmt, e, h, i, seed=0):
@@ -91,7 +103,8 @@ def _compare(fmt, t, e, h, i, device, tol):
                  "a2_global"):
         if hasattr(layer, name):
             setattr(layer, name, getattr(layer, name).to(device))
-    got = layer.quant_method.fused(layer, x.to(device), weights.to(device), ids.to(device))
+    kernel = TritonFusedMoEKernel()
+    got = kernel.apply(layer, layer.quant_method.scheme, x.to(device), weights.to(device), ids.to(device))
     rel = ((got.double().cpu() - expected.double()).norm() / expected.double().norm()).item()
     assert rel <= tol, f"{fmt} T={t}: {rel:.2e}"
 
@@ -115,10 +128,14 @@ def test_fused_moe_gpu(fmt, t):
 
 
 
-def test_nvfp4_kernel_small_tiles_interpreted(monkeypatch):
-    """K and N spanning several tiles (the default tiles cover the small test shapes in one)."""
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])
+@pytest.mark.parametrize("split", [1, 3])
+def test_small_tiles_and_split_k_interpreted(monkeypatch, fmt, split):
+    """K and N spanning several tiles (the default tiles cover the small test shapes in one), and
+    the down GEMM's K split across programs with a last split shorter than the others."""
     if _device() != "cpu":
         pytest.skip("interpreter run")
-    monkeypatch.setattr(triton_moe, "nvfp4_moe_config", lambda block_m: dict(
-        BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2))
-    _compare("nvfp4", 9, 4, 64, 32, "cpu", 1e-5)
+    monkeypatch.setattr(triton_moe, "gemm_config", lambda nvfp4, fp8, gated, block_m: dict(
+        BLOCK_N=16 if gated and not nvfp4 else 32, BLOCK_K=32, num_warps=4, num_stages=2))
+    monkeypatch.setattr(triton_moe, "_split_k", lambda programs, k, block_k, device: split)
+    _compare(fmt, 9, 4, 64, 80, "cpu", 1e-5)

@@ -9,7 +9,9 @@ at the model level against ModelOpt's own fake-quant model.
 from __future__ import annotations
 
 import copy
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,6 +108,14 @@ def test_expert_loading_and_errors():
 # -- real ModelOpt exports ----------------------------------------------------------------------
 
 _EXPORTS: dict = {}
+
+
+def prebuilt_export(fmt: str, arch: str) -> Path | None:
+    """``$MOPT_TEST_EXPORTS/<arch>-<fmt>``: exports made elsewhere by ``PYTHONPATH=tests python
+    tests/models/test_moe.py DIR`` (for GPU machines without nvidia-modelopt)."""
+    root = os.environ.get("MOPT_TEST_EXPORTS")
+    path = Path(root) / f"{arch}-{fmt}" if root else None
+    return path if path is not None and (path / "config.json").exists() else None
 
 
 def moe_export(tmp_path_factory, fmt: str, arch: str):
@@ -237,10 +247,15 @@ def test_generation_with_paged_cache(arch, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-def test_moe_generation_on_gpu(tmp_path_factory, fmt, arch):
-    """On CUDA (Triton fused MoE): logits in float32 agree with the CPU reference backend to 1e-3
-    (NVFP4/FP8 re-quantize intermediate activations, where summation-order noise can flip a
-    rounding), and paged greedy decoding equals cache-free decoding on the same GPU model."""
+def test_moe_generation_on_gpu(tmp_path_factory, fmt, arch, monkeypatch):
+    """On CUDA: float32 logits of the reference backend equal the CPU's to 1e-5 (same numerics, GPU
+    float32 GEMMs); those of the default GPU kernels (Triton fused MoE, FP8/NVFP4 linear kernels) to
+    1e-3 for BF16 and NVFP4 (exact products, float32 accumulation; only summation order differs)
+    and 3e-2 for FP8: Hopper's FP8 MMAs keep ~14 bits between promotions into float32 (every 128
+    products, as cuBLASLt), and each re-quantization of an activation to E4M3 turns such 1e-4
+    noise into a one-code flip (12.5%) of ~0.1% of the values, ~4e-3 per quantization site, about
+    eight sites here (measured 1.0e-2 Mixtral, 1.8e-2 Qwen3-MoE on an H100; FP8's own effect on
+    these logits is 5-7e-2). Paged greedy decoding equals cache-free decoding on the same GPU model."""
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     from mopt import LLM, SamplingParams
@@ -249,13 +264,20 @@ def test_moe_generation_on_gpu(tmp_path_factory, fmt, arch):
         path = tmp_path_factory.mktemp(f"{arch}-plain")
         tiny_moe(arch).save_pretrained(path)
     else:
-        pytest.importorskip("modelopt", reason="exports are made by nvidia-modelopt at test time")
-        path, _ = moe_export(tmp_path_factory, fmt, arch)
+        path = prebuilt_export(fmt, arch)
+        if path is None:
+            pytest.importorskip("modelopt", reason="exports are made by nvidia-modelopt at test time")
+            path, _ = moe_export(tmp_path_factory, fmt, arch)
     ids = torch.randint(0, 320, (2, 21), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = load_model(path)(ids)
+        monkeypatch.setenv("MOPT_BACKEND", "reference")
+        exact = load_model(path, device="cuda", dtype=torch.float32)(ids.cuda()).cpu()
+        monkeypatch.delenv("MOPT_BACKEND")
         got = load_model(path, device="cuda", dtype=torch.float32)(ids.cuda()).cpu()
-    assert _rel(got, want) <= 1e-3, f"{fmt} {arch}: {_rel(got, want):.2e}"
+    assert _rel(exact, want) <= 1e-5, f"{fmt} {arch} reference backend: {_rel(exact, want):.2e}"
+    tol = 3e-2 if fmt == "fp8" else 1e-3
+    assert _rel(got, want) <= tol, f"{fmt} {arch}: {_rel(got, want):.2e}"
     llm = LLM(path, device="cuda", dtype=torch.float32, block_size=4, kv_cache_memory=16 << 20)
     prompt = list(range(40, 60))
     out = llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0]
@@ -264,3 +286,20 @@ def test_moe_generation_on_gpu(tmp_path_factory, fmt, arch):
         for _ in range(8):
             tokens.append(int(llm.model(torch.tensor([tokens], device="cuda"))[0, -1].argmax()))
     assert out.token_ids == tokens[len(prompt):]
+
+
+if __name__ == "__main__":  # write the exports test_moe_generation_on_gpu reads from $MOPT_TEST_EXPORTS
+    import shutil
+    import sys
+    import tempfile
+
+    class _Factory:
+        def mktemp(self, name):
+            return Path(tempfile.mkdtemp(prefix=name))
+
+    out = Path(sys.argv[1])
+    for fmt in ("fp8", "nvfp4"):
+        for arch in ("qwen3_moe", "mixtral"):
+            path, _ = moe_export(_Factory(), fmt, arch)
+            shutil.copytree(path, out / f"{arch}-{fmt}", dirs_exist_ok=True)
+            print(out / f"{arch}-{fmt}")

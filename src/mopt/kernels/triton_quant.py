@@ -96,27 +96,48 @@ def _e2m1_value(code):
 
 
 @triton.jit
-def _nvfp4_kernel(x_ptr, packed_ptr, scale_ptr, values_ptr, g_ptr, k, kp, stride_x,
-                  BLOCKS: tl.constexpr, WRITE_VALUES: tl.constexpr, X_ROW_DIV: tl.constexpr = 1,
-                  G_PER_ROW: tl.constexpr = False):
-    """One program per (output row, BLOCKS x 16 columns). ``kp``: K padded to 16. Output row ``r``
-    quantizes input row ``r // X_ROW_DIV`` under global scale ``g[r]`` (``G_PER_ROW``) or ``g[0]``."""
-    row = tl.program_id(0).to(tl.int64)
-    blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
-    cols = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
-    x = tl.load(x_ptr + (row // X_ROW_DIV) * stride_x + cols, mask=cols < k, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + row) if G_PER_ROW else tl.load(g_ptr)
+def nvfp4_quantize_blocks(x, g):
+    """``x`` float32 ``[R, 16]`` (one NVFP4 block per row) under global scale ``g`` -> ``(E2M1
+    magnitude code int32 [R, 16], negative [R, 16], E4M3 block scale float32 [R])``, as
+    ``nvfp4.quantize`` (a negative value that rounds to zero keeps its sign bit)."""
     s = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 6.0 * g)
     s = tl.where(s == 0, 1.0, s)
     s = round_e4m3(tl.minimum(tl.maximum(s, 0.001953125), 448.0))  # clamp to [2**-9, 448]
     scaled = tl.math.div_rn(x, (s * g)[:, None])
-    code = _e2m1_code(scaled)
+    return _e2m1_code(scaled), scaled < 0, s
+
+
+@triton.jit
+def nvfp4_block_value(code, negative, s):
+    """Exact block value ``+-E2M1(code) * s`` (``s [R]`` broadcast over ``code [R, 16]``)."""
+    value = _e2m1_value(code) * s[:, None]
+    return tl.where(negative, -value, value)
+
+
+@triton.jit
+def _nvfp4_kernel(x_ptr, packed_ptr, scale_ptr, values_ptr, g_ptr, g_index_ptr, k, kp, stride_x,
+                  BLOCKS: tl.constexpr, WRITE_VALUES: tl.constexpr, X_ROW_DIV: tl.constexpr = 1,
+                  G_PER_ROW: tl.constexpr = False, G_INDEX: tl.constexpr = False):
+    """One program per (output row, BLOCKS x 16 columns). ``kp``: K padded to 16. Output row ``r``
+    quantizes input row ``r // X_ROW_DIV`` under global scale ``g[index[r]]`` (``G_INDEX``),
+    ``g[r]`` (``G_PER_ROW``) or ``g[0]``."""
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    cols = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
+    x = tl.load(x_ptr + (row // X_ROW_DIV) * stride_x + cols, mask=cols < k, other=0.0).to(tl.float32)
+    if G_INDEX:
+        g = tl.load(g_ptr + tl.load(g_index_ptr + row))
+    elif G_PER_ROW:
+        g = tl.load(g_ptr + row)
+    else:
+        g = tl.load(g_ptr)
+    code, negative, s = nvfp4_quantize_blocks(x, g)
     bmask = blk < kp // 16
     if WRITE_VALUES:
-        value = tl.where(scaled < 0, -_e2m1_value(code), _e2m1_value(code)) * s[:, None]
-        tl.store(values_ptr + row * kp + cols, value.to(tl.bfloat16), mask=bmask[:, None])
+        tl.store(values_ptr + row * kp + cols, nvfp4_block_value(code, negative, s).to(tl.bfloat16),
+                 mask=bmask[:, None])
     else:
-        code = code | tl.where(scaled < 0, 8, 0)
+        code = code | tl.where(negative, 8, 0)
         pairs = tl.reshape(code, (BLOCKS, 8, 2))
         lo, hi = tl.split(pairs)
         byte = (lo | (hi << 4)).to(tl.uint8)
@@ -178,29 +199,35 @@ def nvfp4_packed(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Ten
     scale = torch.empty((m, kp // 16), dtype=fp8.FP8_DTYPE, device=x.device)
     if m:
         grid = (m, triton.cdiv(kp // 16, _NVFP4_BLOCKS))
-        _nvfp4_kernel[grid](x2, packed, scale, packed, global_scale.float().reshape(1), k, kp, x2.stride(0),
+        _nvfp4_kernel[grid](x2, packed, scale, packed, global_scale.float().reshape(1), packed, k, kp, x2.stride(0),
                             BLOCKS=_NVFP4_BLOCKS, WRITE_VALUES=False)
     return packed, scale
 
 
-def nvfp4_block_values(x: torch.Tensor, global_scale: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+def nvfp4_block_values(x: torch.Tensor, global_scale: torch.Tensor, repeat: int = 1,
+                       index: torch.Tensor | None = None) -> torch.Tensor:
     """BF16 ``[M * repeat, Kp]``: each element's E2M1 value times its E4M3 block scale (exact), i.e.
     ``nvfp4.dequantize_to_block_values(*nvfp4.quantize(x, global_scale))``.
 
-    ``global_scale`` is a scalar, or one per output row (``[M * repeat]``); output row ``r`` is
-    input row ``r // repeat`` (fused MoE quantizes each token once per routed expert, under that
-    expert's input scale)."""
+    ``global_scale`` is a scalar, one per output row (``[M * repeat]``), or, with ``index``
+    (``[M * repeat]`` integers), a table that output row ``r`` reads at ``index[r]``; output row
+    ``r`` is input row ``r // repeat`` (fused MoE quantizes each token once per routed expert,
+    under that expert's input scale)."""
     x2 = _rows(x)
     m, k = x2.shape
     rows = m * repeat
-    per_row = global_scale.numel() > 1
-    if per_row and global_scale.numel() != rows:
-        raise ValueError(f"nvfp4_block_values: {global_scale.numel()} global scales for {rows} rows")
+    per_row = index is None and global_scale.numel() > 1
+    count = index.numel() if index is not None else global_scale.numel()
+    if (index is not None or per_row) and count != rows:
+        what = "indices" if index is not None else "global scales"
+        raise ValueError(f"nvfp4_block_values: {count} {what} for {rows} rows")
     kp = triton.cdiv(k, nvfp4_format.BLOCK_SIZE) * nvfp4_format.BLOCK_SIZE
     values = torch.empty((rows, kp), dtype=torch.bfloat16, device=x.device)
     if rows:
+        g = global_scale.reshape(-1)
+        g = g if g.dtype == torch.float32 and g.is_contiguous() else g.float().contiguous()
         grid = (rows, triton.cdiv(kp // 16, _NVFP4_BLOCKS))
-        _nvfp4_kernel[grid](x2, values, values, values, global_scale.float().reshape(-1).contiguous(), k, kp,
+        _nvfp4_kernel[grid](x2, values, values, values, g, index.reshape(-1) if index is not None else g, k, kp,
                             x2.stride(0), BLOCKS=_NVFP4_BLOCKS, WRITE_VALUES=True, X_ROW_DIV=repeat,
-                            G_PER_ROW=per_row)
+                            G_PER_ROW=per_row, G_INDEX=index is not None)
     return values

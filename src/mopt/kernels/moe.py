@@ -1,0 +1,152 @@
+"""Fused-MoE kernels and their selector (the mixture-of-experts counterpart of ``kernels.linear``).
+
+A MoE method brings its processed expert weights to the canonical form of its scheme and hands
+the layer to a kernel picked here; kernels read only tensors on the layer. ``E`` experts,
+hidden size ``H``, intermediate size ``I``; ``w13`` stacks each expert's gate rows, then its up
+rows; attributes on the ``FusedMoE`` layer:
+
+* ``UNQUANTIZED``: ``w13_weight [E, 2I, H]``, ``w2_weight [E, H, I]`` float.
+* ``FP8_TENSOR``: ``w13_weight``/``w2_weight`` e4m3 in those shapes, ``w13_scale``/``w2_scale``
+  fp32 ``[E]`` (one per expert and projection), ``a13_scale``/``a2_scale`` fp32 ``[]`` (static
+  activation scales, one per GEMM).
+* ``NVFP4``: ``w13_weight`` uint8 ``[E, 2I, H/2]``, ``w13_weight_scale`` e4m3 ``[E, 2I, H/16]``,
+  ``w13_global`` fp32 ``[E, 2I]`` (each row's ``weight_scale_2``), ``a13_global`` fp32 ``[E]``
+  (each expert's input scale); ``w2_*`` likewise with ``[E, H, I/2]``, ``[E, H, I/16]``, ``[E, H]``,
+  ``[E]``.
+
+Kernels: ``reference`` (any device; the exact format numerics of ``kernels.reference`` per expert,
+tokens grouped by expert) and ``triton-fused-moe`` (CUDA; ``kernels.triton_moe``). cuBLAS has no
+grouped GEMM, so ``MOPT_BACKEND=cublas`` (cuBLASLt for linear layers) keeps MoE layers on Triton.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mopt.kernels import reference
+from mopt.kernels.linear import BACKEND_ENV
+
+
+class MoEScheme(enum.Enum):
+    UNQUANTIZED = "unquantized"
+    FP8_TENSOR = "fp8_tensor"
+    NVFP4 = "nvfp4"
+
+
+class MoEKernel:
+    """Runs a ``FusedMoE`` layer's experts. Subclasses set ``name``, ``backends`` and override."""
+
+    name: str = "abstract"
+    backends: tuple[str, ...] = ()  # the MOPT_BACKEND values that select it
+
+    @classmethod
+    def supports(cls, scheme: MoEScheme, device: torch.device) -> tuple[bool, str]:
+        raise NotImplementedError  # abstract
+
+    def apply(self, layer: nn.Module, scheme: MoEScheme, x: torch.Tensor, weights: torch.Tensor,
+              ids: torch.Tensor) -> torch.Tensor:
+        """``x [T, H]`` through experts ``ids [T, k]`` weighted by ``weights [T, k]`` (float32)."""
+        raise NotImplementedError  # abstract
+
+
+def _gated(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return nn.functional.silu(gate) * up
+
+
+def run_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                expert_mlp: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Reference routing: ``expert_mlp(e, x_e) -> [n_e, H]`` for each expert with tokens, added back
+    in float32 times the router weight."""
+    t, k = ids.shape
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    flat_ids, flat_w = ids.reshape(-1), weights.reshape(-1).float()
+    token = torch.arange(t, device=x.device).repeat_interleave(k)
+    for e in flat_ids.unique().tolist():
+        sel = flat_ids == e
+        rows = token[sel]
+        out.index_add_(0, rows, expert_mlp(e, x[rows]).float() * flat_w[sel, None])
+    return out.to(x.dtype)
+
+
+_REFERENCE_GEMMS: dict[MoEScheme, Callable] = {
+    MoEScheme.UNQUANTIZED: lambda l, w, e, x: reference.unquantized_gemm(x, getattr(l, f"{w}_weight")[e]),
+    MoEScheme.FP8_TENSOR: lambda l, w, e, x: reference.fp8_tensor_gemm(
+        x, getattr(l, f"{w}_weight")[e], getattr(l, f"{w}_scale")[e], getattr(l, f"a{w[1:]}_scale")),
+    MoEScheme.NVFP4: lambda l, w, e, x: reference.nvfp4_gemm(
+        x, getattr(l, f"{w}_weight")[e], getattr(l, f"{w}_weight_scale")[e], getattr(l, f"{w}_global")[e],
+        getattr(l, f"a{w[1:]}_global")[e]),
+}
+
+
+class ReferenceMoEKernel(MoEKernel):
+    name, backends = "reference", ("reference", "cpu", "auto")
+
+    @classmethod
+    def supports(cls, scheme, device):
+        return True, ""
+
+    def apply(self, layer, scheme, x, weights, ids):
+        gemm = _REFERENCE_GEMMS[scheme]
+        return run_experts(x, weights, ids, lambda e, xe: gemm(layer, "w2", e, _gated(gemm(layer, "w13", e, xe))))
+
+
+class TritonFusedMoEKernel(MoEKernel):
+    name, backends = "triton-fused-moe", ("triton", "cublas", "auto")
+    capability = {MoEScheme.UNQUANTIZED: ((8, 0), "BF16 MMAs"), MoEScheme.FP8_TENSOR: ((8, 9), "FP8 MMAs"),
+                  MoEScheme.NVFP4: ((8, 0), "the BF16 W4A4 path")}
+
+    @classmethod
+    def supports(cls, scheme, device):
+        if device.type != "cuda":
+            return False, f"needs a CUDA device, not {device.type}"
+        need, what = cls.capability[scheme]
+        cap = torch.cuda.get_device_capability(device)
+        if cap < need:
+            return False, f"{what} need compute capability >= {need[0]}.{need[1]}, device has {cap[0]}.{cap[1]}"
+        try:
+            import mopt.kernels.triton_moe  # noqa: F401
+        except ImportError as e:
+            return False, f"triton is not importable ({e})"
+        return True, ""
+
+    def apply(self, layer, scheme, x, weights, ids):
+        from mopt.kernels import triton_moe
+
+        return triton_moe.fused_moe(x, weights, ids, *self.expert_weights(layer, scheme))
+
+    @staticmethod
+    def expert_weights(layer, scheme: MoEScheme):
+        from mopt.kernels.triton_moe import ExpertWeights
+
+        if scheme is MoEScheme.FP8_TENSOR:
+            return (ExpertWeights(layer.w13_weight, layer.w13_scale, input_scale=layer.a13_scale.reshape(1)),
+                    ExpertWeights(layer.w2_weight, layer.w2_scale, input_scale=layer.a2_scale.reshape(1)))
+        if scheme is MoEScheme.NVFP4:
+            return (ExpertWeights(layer.w13_weight, layer.w13_weight_scale, layer.w13_global, layer.a13_global),
+                    ExpertWeights(layer.w2_weight, layer.w2_weight_scale, layer.w2_global, layer.a2_global))
+        return ExpertWeights(layer.w13_weight), ExpertWeights(layer.w2_weight)
+
+
+MOE_KERNELS: list[type[MoEKernel]] = [TritonFusedMoEKernel, ReferenceMoEKernel]
+
+
+def select_moe_kernel(scheme: MoEScheme, device: torch.device, override: str | None = None) -> MoEKernel:
+    """The first kernel that runs ``scheme`` on ``device`` (and answers to ``override``, default
+    ``MOPT_BACKEND``); otherwise an error listing why each kernel was passed over."""
+    override = override if override is not None else os.environ.get(BACKEND_ENV) or "auto"
+    reasons = []
+    for kernel in MOE_KERNELS:
+        if override not in kernel.backends:
+            reasons.append(f"{kernel.name}: not the requested backend {override!r}")
+            continue
+        ok, why = kernel.supports(scheme, device)
+        if ok:
+            return kernel()
+        reasons.append(f"{kernel.name}: {why}")
+    raise ValueError(f"no MoE kernel for {scheme.value} experts on {device}:\n  " + "\n  ".join(reasons))
