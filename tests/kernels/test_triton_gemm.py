@@ -112,3 +112,34 @@ def test_nvfp4_dequantize_exact(n, k):
     packed, scale = nvfp4.quantize(w, nvfp4.global_scale_from_amax(w.abs().max()))
     got = triton_gemm.nvfp4_dequantize(packed.to(device), scale.to(device))
     assert torch.equal(got.float().cpu(), nvfp4.dequantize_to_block_values(packed, scale))
+
+
+def test_nvfp4_alpha_only_for_one_global_scale():
+    from mopt.kernels import triton_gemm
+
+    a = torch.tensor(0.5)
+    assert triton_gemm.nvfp4_alpha(a, torch.full((6,), 0.25)) == 0.125
+    assert triton_gemm.nvfp4_alpha(a, torch.tensor([0.25, 0.25, 0.5])) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,m", [(4096, 4096, 300), (1536, 576, 2048)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_nvfp4_bf16_epilogue_gpu(n, k, m, with_bias):
+    """BF16 activations, one global weight scale: cuBLAS applies both global scales to its float32
+    accumulator (alpha) and writes BF16 once; 4e-3 (2^-9 relative BF16 rounding of the output)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    layer = canonical_layer(S.NVFP4, n, k)
+    layer.weight_scale_2 = layer.weight_scale_2.max().expand(n).contiguous()
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2).bfloat16()
+    bias = torch.randn(n).bfloat16() if with_bias else None
+    expected = ReferenceLinearKernel().apply(layer, x.float(), None if bias is None else bias.float())
+    for name, value in list(vars(layer).items()) + list(layer.named_parameters()):
+        if isinstance(value, torch.Tensor):
+            setattr(layer, name, value.to("cuda"))
+    kernel = triton_linear.TritonNvfp4Kernel()
+    kernel.process_weights(layer)
+    assert layer.nvfp4_alpha is not None
+    got = kernel.apply(layer, x.cuda(), None if bias is None else bias.cuda())
+    assert got.dtype == torch.bfloat16 and _rel(got.float(), expected) <= 4e-3

@@ -274,20 +274,36 @@ def nvfp4_dequantize(b_packed: torch.Tensor, b_scale: torch.Tensor) -> torch.Ten
     return out
 
 
+def nvfp4_alpha(a_global: torch.Tensor, b_global: torch.Tensor) -> float | None:
+    """``a_global * b_global`` as a Python float when every weight row shares its global scale (one
+    host sync; call once after loading), else None. Lets cuBLAS apply both global scales to its
+    float32 accumulator and write BF16 directly (what the reference computes, rounded once)."""
+    g = b_global.reshape(-1)
+    if not bool((g == g[0]).all()):
+        return None
+    return float(a_global.float().reshape(()) * g[0].float())
+
+
 def nvfp4_gemm(a_values: torch.Tensor, b_packed: torch.Tensor, b_scale: torch.Tensor, a_global: torch.Tensor,
-               b_global: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+               b_global: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+               alpha: float | None = None) -> torch.Tensor:
     """``a_values [M, Kp]`` BF16 block values, ``b_packed [N, Kp/2]``, ``b_scale [N, Kp/16]`` e4m3,
-    ``a_global []``, ``b_global [N]``.
+    ``a_global []``, ``b_global [N]``; ``alpha``: ``nvfp4_alpha(a_global, b_global)`` if known.
 
     M <= ``NVFP4_GEMV_MAX_M``: one Triton kernel streams the packed weights (0.5625 bytes per
     weight). Larger M: the weights are expanded once per call into exact BF16 block values and
-    multiplied by cuBLAS's BF16 GEMM (float32 accumulation), the global scales applied after it;
-    the expansion costs one pass over N x K, small against the GEMM at these M.
+    multiplied by cuBLAS's BF16 GEMM (float32 accumulation); the global scales are applied to the
+    float32 accumulator, in cuBLAS's epilogue when they are one ``alpha`` and BF16 is asked for,
+    else to a float32 output. The expansion costs one pass over N x K, small against the GEMM.
     """
     m, kp = a_values.shape
     n = b_packed.shape[0]
     if m > NVFP4_GEMV_MAX_M:
         w = nvfp4_dequantize(b_packed, b_scale)
+        if alpha is not None and a_values.is_cuda and out_dtype == torch.bfloat16:
+            # beta=1 with a bias vector keeps cuBLASLt's fused epilogue: alpha * acc + bias, rounded once
+            c = bias.to(out_dtype) if bias is not None else torch.zeros(n, dtype=out_dtype, device=w.device)
+            return torch.addmm(c, a_values, w.t(), alpha=alpha)
         y = _mm_float32(a_values, w.t()) * (a_global.float() * b_global.float())
         if bias is not None:
             y += bias.float()

@@ -138,11 +138,14 @@ class TritonNvfp4Kernel(_CudaKernel):
     capability, capability_for = (8, 0), "the BF16 W4A4 path"
     schemes = (LinearScheme.NVFP4,)
 
+    def process_weights(self, layer):
+        layer.nvfp4_alpha = triton_gemm.nvfp4_alpha(layer.input_scale, layer.weight_scale_2)
+
     def apply(self, layer, x, bias):
         x2, restore = flatten_tokens(x)
         values = triton_quant.nvfp4_block_values(x2, layer.input_scale)
         y = triton_gemm.nvfp4_gemm(values, layer.weight, layer.weight_scale, layer.input_scale,
-                                   layer.weight_scale_2, bias, x.dtype)
+                                   layer.weight_scale_2, bias, x.dtype, layer.nvfp4_alpha)
         return restore(y)
 
 
