@@ -116,6 +116,8 @@ def bench_kernels(shapes=SHAPES, tokens=TOKENS, iters: int = 20, repeats: int = 
             }
             for name, (scheme, cls) in ours.items():
                 kernel = cls()
+                for layer in layers[name]:
+                    kernel.process_weights(layer)
                 t = _time([lambda l=l: kernel.apply(l, x, None) for l in layers[name]], iters, repeats)
                 baseline = base["scaled_mm_rowwise" if name == "fp8_channel_token" else "scaled_mm_tensor"]
                 wbytes = _weight_bytes(scheme, n, k)

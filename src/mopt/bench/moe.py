@@ -62,8 +62,9 @@ def _dense_nvfp4(m: int, n: int, k: int, dev) -> Callable[[], torch.Tensor]:
     wg = g.expand(n).contiguous()
     a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     ag = torch.tensor(4.0 / 2688, device=dev)
+    alpha = triton_gemm.nvfp4_alpha(ag, wg)
     return lambda: triton_gemm.nvfp4_gemm(triton_quant.nvfp4_block_values(a, ag), packed, scale, ag, wg, None,
-                                          torch.bfloat16)
+                                          torch.bfloat16, alpha)
 
 
 def bench_moe(configs=CONFIGS, tokens=TOKENS, iters: int = 10, repeats: int = 5,

@@ -300,7 +300,7 @@ def gemm_config(nvfp4: bool, fp8: bool, gated: bool, block_m: int) -> dict:
     if nvfp4:
         return dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
     if fp8:
-        return dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
+        return dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4 if gated else 3)
     if gated:
         return dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
     return dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
@@ -322,6 +322,8 @@ def _gemm(a: torch.Tensor, w: ExpertWeights, out: torch.Tensor, sorted_pairs: to
     n = rows // 2 if gated else rows
     k = w.weight.shape[2] * (2 if w.nvfp4 else 1)
     cfg = gemm_config(w.nvfp4, w.fp8, gated, block_m)
+    if torch.float32 in (a.dtype, w.weight.dtype) and not w.nvfp4:
+        cfg["BLOCK_K"] //= 2  # the tiles were sized for 2-byte operands: keep their shared memory
     split = out.shape[0] if out.dim() == 3 else 1
     out2 = out.view(-1, out.shape[-1])
     stride_cs = out.stride(0) if out.dim() == 3 else 0
