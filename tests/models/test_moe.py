@@ -228,12 +228,19 @@ def test_inspect_shows_experts_and_mismatched_scales(tmp_path_factory, tmp_path)
     assert "warning: model.layers.0.mlp.experts: 1 expert(s) with different w1/w3 weight scales" in out
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-def test_generation_with_paged_cache(arch, tmp_path):
+def test_generation_with_paged_cache(arch, fmt, tmp_path, tmp_path_factory):
+    """On CPU: batched, paged greedy generation equals cache-free greedy decoding, for the plain
+    model and for real ModelOpt FP8 and NVFP4 exports."""
     from mopt import LLM, SamplingParams
 
-    tiny_moe(arch).save_pretrained(tmp_path)
-    llm = LLM(tmp_path, device="cpu", block_size=4, kv_cache_memory=4 << 20)
+    if fmt == "bf16":
+        path = tmp_path
+        tiny_moe(arch).save_pretrained(path)
+    else:
+        path, _ = moe_export(tmp_path_factory, fmt, arch)
+    llm = LLM(path, device="cpu", block_size=4, kv_cache_memory=4 << 20)
     prompts = [[5, 17, 33], list(range(40, 60))]
     outs = llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
