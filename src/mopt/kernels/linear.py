@@ -124,6 +124,16 @@ def select_linear_kernel(
     )
 
 
+def cuda_capability(device: torch.device, need: tuple[int, int], what: str) -> tuple[bool, str]:
+    """``(ok, reason)``: ``device`` is CUDA with compute capability >= ``need`` (for ``what``)."""
+    if device.type != "cuda":
+        return False, f"needs a CUDA device, not {device.type}"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < need:
+        return False, f"{what} needs compute capability >= {need[0]}.{need[1]}, device has {cap[0]}.{cap[1]}"
+    return True, ""
+
+
 def flatten_tokens(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """``x[..., K]`` as ``[M, K]`` plus the function that restores the leading dims."""
     lead = x.shape[:-1]

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from mopt.kernels import reference
-from mopt.kernels.linear import BACKEND_ENV
+from mopt.kernels.linear import BACKEND_ENV, cuda_capability
 
 
 class MoEScheme(enum.Enum):
@@ -98,17 +98,14 @@ class ReferenceMoEKernel(MoEKernel):
 
 class TritonFusedMoEKernel(MoEKernel):
     name, backends = "triton-fused-moe", ("triton", "cublas", "auto")
-    capability = {MoEScheme.UNQUANTIZED: ((8, 0), "BF16 MMAs"), MoEScheme.FP8_TENSOR: ((8, 9), "FP8 MMAs"),
+    capability = {MoEScheme.UNQUANTIZED: ((8, 0), "the BF16 path"), MoEScheme.FP8_TENSOR: ((8, 9), "FP8"),
                   MoEScheme.NVFP4: ((8, 0), "the BF16 W4A4 path")}
 
     @classmethod
     def supports(cls, scheme, device):
-        if device.type != "cuda":
-            return False, f"needs a CUDA device, not {device.type}"
-        need, what = cls.capability[scheme]
-        cap = torch.cuda.get_device_capability(device)
-        if cap < need:
-            return False, f"{what} need compute capability >= {need[0]}.{need[1]}, device has {cap[0]}.{cap[1]}"
+        ok, why = cuda_capability(device, *cls.capability[scheme])
+        if not ok:
+            return ok, why
         try:
             import mopt.kernels.triton_moe  # noqa: F401
         except ImportError as e:

@@ -18,19 +18,11 @@ from __future__ import annotations
 import torch
 
 from mopt.kernels import triton_gemm, triton_quant
-from mopt.kernels.linear import LinearKernel, LinearScheme, LinearShape, flatten_tokens, register_linear_kernel
+from mopt.kernels.linear import (LinearKernel, LinearScheme, LinearShape, cuda_capability, flatten_tokens,
+                                 register_linear_kernel)
 
 SMALL_M = 64
 FP8_SCHEMES = (LinearScheme.FP8_TENSOR, LinearScheme.FP8_CHANNEL_TOKEN)
-
-
-def _capability(device: torch.device, need: tuple[int, int], what: str) -> tuple[bool, str]:
-    if device.type != "cuda":
-        return False, f"needs a CUDA device, not {device.type}"
-    cap = torch.cuda.get_device_capability(device)
-    if cap < need:
-        return False, f"{what} needs compute capability >= {need[0]}.{need[1]}, device has {cap[0]}.{cap[1]}"
-    return True, ""
 
 
 def _schemes(shape: LinearShape, schemes: tuple[LinearScheme, ...]) -> tuple[bool, str]:
@@ -68,7 +60,7 @@ class _CudaKernel(LinearKernel):
 
     @classmethod
     def is_supported(cls, device):
-        return _capability(device, cls.capability, cls.capability_for)
+        return cuda_capability(device, cls.capability, cls.capability_for)
 
     @classmethod
     def can_implement(cls, shape):
