@@ -314,16 +314,21 @@ def _split_k(programs: int, k: int, block_k: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(target, programs), triton.cdiv(k, block_k) // 4, 8))
 
 
-def _gemm(a: torch.Tensor, w: ExpertWeights, out: torch.Tensor, sorted_pairs: torch.Tensor,
+def _tiles(a_dtype: torch.dtype, w: ExpertWeights, gated: bool, block_m: int) -> dict:
+    cfg = gemm_config(w.nvfp4, w.fp8, gated, block_m)
+    if torch.float32 in (a_dtype, w.weight.dtype) and not w.nvfp4:
+        cfg["BLOCK_K"] //= 2  # the tiles were sized for 2-byte operands: keep their shared memory
+    return cfg
+
+
+def _gemm(a: torch.Tensor, w: ExpertWeights, out: torch.Tensor, cfg: dict, sorted_pairs: torch.Tensor,
           block_expert: torch.Tensor, block_m: int, a_row_div: int, num_pairs: int, gated: bool,
           round_dtype: torch.dtype, router_weights: torch.Tensor | None = None,
           out_scale: torch.Tensor | None = None) -> None:
+    """One expert GEMM with tiles ``cfg`` (``_tiles``); ``out [SPLIT_K, pairs, N]`` splits K."""
     rows = w.weight.shape[1]
     n = rows // 2 if gated else rows
     k = w.weight.shape[2] * (2 if w.nvfp4 else 1)
-    cfg = gemm_config(w.nvfp4, w.fp8, gated, block_m)
-    if torch.float32 in (a.dtype, w.weight.dtype) and not w.nvfp4:
-        cfg["BLOCK_K"] //= 2  # the tiles were sized for 2-byte operands: keep their shared memory
     split = out.shape[0] if out.dim() == 3 else 1
     out2 = out.view(-1, out.shape[-1])
     stride_cs = out.stride(0) if out.dim() == 3 else 0
@@ -364,12 +369,12 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: Ex
     else:  # cast as the gate/up kernel loads it
         a, a_row_div, act_dtype = x, k, x.dtype
     act = torch.empty((pairs, inter), dtype=act_dtype, device=x.device)
-    _gemm(a, w13, act, sorted_pairs, block_expert, block_m, a_row_div, pairs, True, x.dtype,
-          out_scale=w2.input_scale)
-    cfg = gemm_config(w2.nvfp4, w2.fp8, False, block_m)
+    _gemm(a, w13, act, _tiles(a.dtype, w13, True, block_m), sorted_pairs, block_expert, block_m, a_row_div, pairs,
+          True, x.dtype, out_scale=w2.input_scale)
+    cfg = _tiles(act.dtype, w2, False, block_m)
     split = _split_k(block_expert.numel() * triton.cdiv(hidden, cfg["BLOCK_N"]), inter, cfg["BLOCK_K"], x.device)
     down = torch.empty((split, pairs, hidden), dtype=torch.float32, device=x.device)
-    _gemm(act, w2, down, sorted_pairs, block_expert, block_m, 1, pairs, False, x.dtype,
+    _gemm(act, w2, down, cfg, sorted_pairs, block_expert, block_m, 1, pairs, False, x.dtype,
           router_weights=weights.reshape(-1).float().contiguous())
     out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
     _sum_pairs_kernel[(t, triton.cdiv(hidden, 1024))](down, out, hidden, down.stride(0), TOP_K=k, SPLIT_K=split,
