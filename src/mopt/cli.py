@@ -170,21 +170,114 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _positive_ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option}: expected comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{option}: expected comma-separated positive integers, got {text!r}")
+    return values
+
+
 def cmd_bench_generate(args) -> int:
+    import gc
     import platform
 
-    from mopt.bench.generate import bench_generate, format_rows
+    import torch
 
-    llm = _make_llm(args)
-    batches = [int(b) for b in args.batch.split(",")]
-    rows = bench_generate(llm, batches, args.prompt_len, args.tokens)
-    where = torch_device_name(llm.device)
-    title = (f"{llm.path.name} on {where}, {str(llm.dtype).removeprefix('torch.')}, "
-             f"{torch_threads()} threads, python {platform.python_version()}")
-    print(format_rows(rows, title))
+    from mopt.bench import generate as bench
+
+    batches = _positive_ints(args.batch, "--batch")
+    for option in ("prompt_len", "tokens"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    prefill = _positive_ints(args.prefill, "--prefill") if args.prefill else None
+    if args.dummy:
+        from mopt.engine.dummy import DUMMY_FORMATS, load_config
+
+        formats = args.format.split(",")
+        bad = [f for f in formats if f not in DUMMY_FORMATS]
+        if bad:
+            raise ValueError(f"--format {','.join(bad)}: dummy formats are {', '.join(DUMMY_FORMATS)}")
+        config = load_config(args.dummy)
+    elif "," in args.format or args.format not in _default_formats():
+        raise ValueError(f"--format {args.format}: one of {', '.join(_default_formats())} (several formats need --dummy)")
+    if args.baseline == "hf" and not args.dummy:
+        raise ValueError("--baseline hf needs --dummy PRESET (it runs transformers on the same config)")
+    device = torch.device(args.device) if args.device else None
+    if args.backend:
+        os.environ["MOPT_BACKEND"] = args.backend
+    max_len = args.max_model_len or args.prompt_len + args.tokens + 16
+    if prefill:
+        max_len = max(max_len, prefill[1] + 16)
+    rows, prefills, profiles = [], [], {}
+    bandwidth = None
+
+    def measure(llm, label):
+        nonlocal bandwidth
+        if llm.device.type == "cuda" and bandwidth is None:
+            bandwidth = bench.copy_bandwidth(llm.device)
+        print(f"benchmarking {label} ...", file=sys.stderr)
+        rows.extend(bench.bench_generate(llm, batches, args.prompt_len, args.tokens, label, bandwidth))
+        if prefill:
+            prefills.append(dict(bench.bench_prefill(llm, prefill[0], prefill[1]), label=label))
+        if args.profile:
+            for b in batches:
+                profiles[f"{label} batch {b}"] = bench.profile_decode(llm, b, args.prompt_len)
+
+    engine = dict(device=device, dtype=_torch_dtype(args.dtype), max_model_len=max_len,
+                  kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=max(batches + ([prefill[0]] if prefill else [])),
+                  enforce_eager=args.enforce_eager, progress=True)
+    if args.dummy:
+        for fmt in formats:
+            llm = _make_engine(args.dummy, dict(engine, load_format="dummy", quantization=fmt))
+            measure(llm, f"{args.dummy} {fmt}")
+            del llm
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    else:
+        llm = _make_engine(_model_path(args.model, args.format), engine)
+        measure(llm, llm.path.name)
+        del llm
+        gc.collect()
+    device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if args.baseline == "hf":
+        print("benchmarking transformers generate ...", file=sys.stderr)
+        rows.extend(bench.bench_hf_generate(config, batches, args.prompt_len, args.tokens, device))
+    where = torch_device_name(device)
+    title = (f"mopt bench generate on {where}, torch {torch.__version__}, {torch_threads()} CPU threads, "
+             f"python {platform.python_version()}"
+             + (f", copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""))
+    print(bench.format_rows(rows, title))
+    for p in prefills:
+        if "gemm_share" not in p:
+            print(f"prefill {p['label']}: {p['batch']}x{p['prompt_len']} tokens in {p['prefill_ms']:.1f} ms")
+            continue
+        print(f"prefill {p['label']}: {p['batch']}x{p['prompt_len']} tokens in {p['prefill_ms']:.1f} ms, "
+              f"{p['gemm_tflops']:.0f} GEMM TFLOP/s; cuBLAS on the same GEMMs {p['cublas_gemm_ms']:.1f} ms "
+              f"({p['cublas_tflops']:.0f} TFLOP/s): {100 * p['gemm_share']:.0f}% of cuBLAS's rate")
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        for name, table in profiles.items():
+            (Path(args.profile) / (name.replace(" ", "_").replace("/", "_") + ".txt")).write_text(table)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(model=str(llm.path), device=where, rows=rows), indent=2))
+        Path(args.json).write_text(json.dumps(dict(device=where, torch=torch.__version__, copy_bandwidth=bandwidth,
+                                                   rows=bench.rows_to_dicts(rows), prefill=prefills), indent=2))
     return 0
+
+
+def _make_engine(model, engine: dict):
+    from mopt.engine.llm import LLM
+
+    return LLM(model, **engine)
+
+
+def _default_formats() -> list[str]:
+    from mopt.engine.default_model import default_formats
+
+    return default_formats()
 
 
 def _run_gpu_bench(what: str, args, run, format_rows) -> int:
@@ -295,12 +388,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (generation throughput; GPU kernels)")
     bench = p.add_subparsers(dest="bench", required=True)
-    p = bench.add_parser("generate", help="prefill and decode tokens/s of a checkpoint")
+    p = bench.add_parser("generate", help="prefill and decode tokens/s of a checkpoint or a dummy preset")
     model_args(p)
+    p.set_defaults(format="fp8-kv")
+    for action in p._actions:
+        if action.dest == "format":
+            action.choices = None
+            action.help = ("the default model's format; with --dummy a comma list of bf16, fp8, fp8-kv, fp8-pcpt, "
+                           "fp8-pb-wo, nvfp4, nvfp4-kv (default: %(default)s)")
+    p.add_argument("--dummy", metavar="PRESET",
+                   help="random weights of a preset's shape (llama3-8b, llama3-1b, qwen3-8b, qwen3-30b-a3b, "
+                        "mixtral-8x7b) or of a checkpoint folder's config, in each --format")
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default: %(default)s)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--tokens", type=int, default=64, help="tokens generated per sequence")
-    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--max-model-len", type=int, help="default: prompt length + tokens + 16")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--baseline", choices=["hf"], help="also run transformers' generate (BF16, eager) in the same run")
+    p.add_argument("--prefill", metavar="BxT", type=lambda v: v.replace("x", ","),
+                   help="also time one prefill of B prompts of T tokens against cuBLAS on the same GEMMs (e.g. 8x1024)")
+    p.add_argument("--profile", metavar="DIR", help="write a torch.profiler table of decode steps per row to DIR")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench_generate)
 

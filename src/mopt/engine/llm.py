@@ -52,25 +52,45 @@ def _eos_token_ids(path: Path, config, tokenizer) -> set[int]:
 class LLM:
     """Generate text from a Hugging Face checkpoint (ModelOpt-quantized or not).
 
+    ``model``: a checkpoint folder; with ``load_format="dummy"`` also a preset name
+    (``mopt.engine.dummy.preset_names()``) or a config object, built with random weights in the
+    checkpoint layout of ``quantization`` (``bf16``, ``fp8``, ``fp8-kv``, ``nvfp4``, ...).
     ``kv_cache_dtype``: ``"auto"`` (FP8 when the checkpoint's quant config says so, else the model
     dtype) or ``"fp8"`` (also for checkpoints without KV scales: scale 1.0, with a warning).
     ``kv_cache_memory``: bytes for the paged cache (default: 512 MiB on CPU, 85% of the GPU's free
     memory after loading); ``max_model_len`` defaults to the model's context length, capped by
-    what the cache holds.
+    what the cache holds. On GPUs decode steps replay CUDA graphs captured at start-up, one per
+    batch-size bucket up to ``max_num_seqs``; ``enforce_eager=True`` runs them eagerly instead.
     """
 
     def __init__(self, model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  max_model_len: int | None = None, kv_cache_dtype: str = "auto", *, block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
-                 kv_cache_memory: int | None = None, progress: bool = False) -> None:
+                 kv_cache_memory: int | None = None, progress: bool = False, enforce_eager: bool = False,
+                 load_format: str = "auto", quantization: str | None = None, seed: int = 0) -> None:
         if kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}")
-        self.path = Path(model)
+        if load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
+        if quantization is not None and load_format != "dummy":
+            raise ValueError("quantization= chooses the format of dummy weights; a checkpoint brings its own "
+                             "(pass load_format='dummy')")
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
-        self.model = load_model(self.path, self.device, self.dtype, kv_cache_dtype, progress=progress)
+        if load_format == "dummy":
+            from mopt.engine.dummy import build_dummy_model, dummy_quant_config, load_config
+
+            dummy_quant_config(quantization or "bf16")  # an unknown format fails before the build
+            config = load_config(model)
+            self.path = Path(model) if isinstance(model, (str, Path)) else Path("dummy")
+            self.model = build_dummy_model(config, quantization or "bf16", self.device, self.dtype, kv_cache_dtype,
+                                           seed)
+            self.tokenizer = None
+        else:
+            self.path = Path(model)
+            self.model = load_model(self.path, self.device, self.dtype, kv_cache_dtype, progress=progress)
+            self.tokenizer = self._load_tokenizer()
         self.config = self.model.config
-        self.tokenizer = self._load_tokenizer()
         self.eos_token_ids = _eos_token_ids(self.path, self.config, self.tokenizer)
         self.vocab_size = self.config.vocab_size
 
@@ -87,7 +107,8 @@ class LLM:
         num_blocks = min(num_blocks, max_num_seqs * blocks_needed(self.max_model_len, block_size))
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs,
                                    max_num_batched_tokens or max(self.max_model_len, 2048))
-        self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, max_num_seqs, self.max_model_len,
+                                  enforce_eager=enforce_eager, progress=progress)
         logger.info("KV cache: %d blocks x %d tokens (%d bytes/token)", num_blocks, block_size, per_token)
 
     def _default_cache_bytes(self) -> int:

@@ -81,7 +81,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         config = AutoConfig.from_pretrained(root)
     except Exception as e:  # transformers raises many kinds for a bad config
         raise CheckpointError(f"{root / 'config.json'}: cannot parse ({e})") from None
-    cls = model_class(getattr(config, "architectures", None), str(root / "config.json"))
+    model_class(getattr(config, "architectures", None), str(root / "config.json"))  # fail before reading weights
     quant = load_quant_config(root)
     files = checkpoint_files(root)
     headers = {}
@@ -92,13 +92,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         if stray:
             logger.warning("layers stored unquantized although not excluded, run unquantized: %s", stray)
             quant.exclude_modules = list(quant.exclude_modules) + stray
-    if kv_cache_dtype == "auto":
-        kv_cache_dtype = "fp8" if quant is not None and quant.kv_cache_quantized else "auto"
-    elif kv_cache_dtype == "fp8" and (quant is None or not quant.kv_cache_quantized):
-        logger.warning("--kv-cache-dtype fp8 on a checkpoint without KV-cache scales: using scale 1.0")
+    kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, quant)
     device = torch.device(device)
-    with torch.device(device):
-        model = cls(config, quant, dtype, kv_cache_dtype)
+    model = build_model(config, quant, device, dtype, kv_cache_dtype, str(root / "config.json"))
     params = dict(model.named_parameters())
     packed = {k: v for k, v in model.packed_modules_mapping.items()}
     from safetensors import safe_open
@@ -127,12 +123,37 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                     where = f"{f.name}" if str(e).startswith(name) else f"{f.name}: {name}"
                     raise WeightLoadError(f"{where}: {e}") from None
     bar.close()
+    return finish_loading(model, str(root))
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str, quant) -> str:
+    """``"auto"`` becomes ``"fp8"`` when the quant config has KV-cache scales."""
+    if kv_cache_dtype == "auto":
+        return "fp8" if quant is not None and quant.kv_cache_quantized else "auto"
+    if kv_cache_dtype == "fp8" and (quant is None or not quant.kv_cache_quantized):
+        logger.warning("--kv-cache-dtype fp8 on a checkpoint without KV-cache scales: using scale 1.0")
+    return kv_cache_dtype
+
+
+def build_model(config, quant, device: torch.device, dtype: torch.dtype, kv_cache_dtype: str,
+                source: str = "config.json") -> torch.nn.Module:
+    """The model class of ``config``'s architecture with every layer's method's parameters, on ``device``
+    (empty: a checkpoint or dummy weights fill them through their weight loaders)."""
+    cls = model_class(getattr(config, "architectures", None), source)
+    with torch.device(device):
+        return cls(config, quant, dtype, kv_cache_dtype)
+
+
+def finish_loading(model: torch.nn.Module, source: str) -> torch.nn.Module:
+    """After every tensor went through its loader: tie embeddings, refuse missing tensors, and let
+    each layer's method convert its weights once (``process_weights_after_loading``)."""
+    params = dict(model.named_parameters())
     if model.tie_word_embeddings and not model.lm_head.weight.loaded:
         model.lm_head.weight_loader(model.lm_head.weight, model.model.embed_tokens.weight.data)
     missing = [p.mopt_name for p in params.values() if isinstance(p, BaseParameter) and not p.loaded
                and not p.mopt_name.endswith(("k_scale", "v_scale"))]
     if missing:
-        raise WeightLoadError(f"{root}: checkpoint has no tensor for: {', '.join(missing[:10])}"
+        raise WeightLoadError(f"{source}: checkpoint has no tensor for: {', '.join(missing[:10])}"
                               + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
     for module in model.modules():
         if module is not model and hasattr(module, "process_weights_after_loading"):

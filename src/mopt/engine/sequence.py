@@ -6,8 +6,6 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
-import torch
-
 
 @dataclass
 class SamplingParams:
@@ -92,11 +90,12 @@ class Sequence:
     text: str = ""
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    generator: torch.Generator | None = None
+    noise_key: int = 0  # the sampler's per-request random key, from the seed (or a random one)
 
     def __post_init__(self) -> None:
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+        from mopt.engine.sampler import random_seed, seed_key
+
+        self.noise_key = seed_key(self.params.seed if self.params.seed is not None else random_seed())
 
     def __len__(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)

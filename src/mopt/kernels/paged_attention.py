@@ -1,9 +1,14 @@
-"""Reference paged attention: KV-cache writes and attention over block tables, in torch.
+"""Reference paged attention: RoPE, KV-cache writes and attention over block tables, in torch.
 
 Cache layout, per layer: ``k_cache``, ``v_cache`` ``[num_blocks, block_size, num_kv_heads, head_dim]``;
 token ``t`` of a sequence lives in slot ``block_table[t // block_size] * block_size + t % block_size``.
 An FP8 cache stores ``e4m3(k / k_scale)`` (``mopt.quant.formats.fp8``) and dequantizes on read, so
-attention sees exactly the values the cache-free path computes with.
+attention sees exactly the values the cache-free path computes with. A slot < 0 is not written
+(padding rows of a CUDA-graph batch); a sequence with ``seq_len == 0`` gets a zero output.
+
+RoPE is rotate-half over a ``cos_sin_cache [positions, head_dim]`` table (cosines in the first half,
+sines in the second, both already times the RoPE type's attention scaling), in float32, rounded to
+the input dtype once.
 """
 
 from __future__ import annotations
@@ -14,12 +19,32 @@ from torch import nn
 from mopt.quant.formats import fp8
 
 
+def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """``x [..., heads, D]`` rotated by ``cos_sin [..., D]`` (the table's rows at x's positions)."""
+    cos, sin = cos_sin.unsqueeze(-2).chunk(2, dim=-1)
+    cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor, k_scale: float, v_scale: float) -> None:
     """Store ``key, value [N, Hkv, D]`` at ``slot_mapping [N]``, quantizing when the cache is FP8."""
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     for new, cache, scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
         flat = cache.view(-1, *cache.shape[2:])
         flat[slot_mapping] = fp8.quantize(new, scale) if cache.dtype == fp8.FP8_DTYPE else new.to(cache.dtype)
+
+
+def rope_and_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                   cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor, k_scale: float, v_scale: float) -> torch.Tensor:
+    """``q [N, H, D]``, ``k, v [N, Hkv, D]`` -> rotated q; rotated k and v are written to the caches."""
+    cos_sin = cos_sin_cache[positions]
+    write_kv(apply_rope(k, cos_sin), v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return apply_rope(q, cos_sin)
 
 
 def _read(cache: torch.Tensor, block_tables: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -31,15 +56,18 @@ def _read(cache: torch.Tensor, block_tables: torch.Tensor, scale: float, dtype: 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                    max_query_len: int, scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                    max_query_len: int, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
+                    sliding_window: int | None = None) -> torch.Tensor:
     """Causal attention of new tokens over their sequences' cached context.
 
     ``query [N, H, D]`` holds the new tokens of ``B`` sequences back to back
     (``query_start_loc [B + 1]``); sequence ``b`` has ``seq_lens[b]`` tokens in the cache, the last
-    ``q_len`` of which are its new ones. Returns ``[N, H, D]``.
+    ``q_len`` of which are its new ones. With ``sliding_window`` a query at position ``p`` sees keys
+    at positions ``p - sliding_window < k <= p``. Returns ``[N, H, D]``.
     """
     n, num_heads, head_dim = query.shape
     batch = seq_lens.shape[0]
+    block_tables, seq_lens, query_start_loc = block_tables.long(), seq_lens.long(), query_start_loc.long()
     keys = _read(k_cache, block_tables, k_scale, query.dtype)
     values = _read(v_cache, block_tables, v_scale, query.dtype)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
@@ -50,8 +78,12 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     query_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_query_len, device=query.device)
     key_pos = torch.arange(keys.shape[1], device=query.device)
     mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < seq_lens[:, None, None])
+    if sliding_window:
+        mask &= query_pos[:, :, None] - key_pos[None, None, :] < sliding_window
     out = nn.functional.scaled_dot_product_attention(
         padded.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[:, None],
         scale=scale, enable_gqa=keys.shape[2] != num_heads,
     )
-    return out.transpose(1, 2)[seq_of_token, row_of_token]
+    out = out.transpose(1, 2)[seq_of_token, row_of_token]
+    # Rows with no key at all (seq_len 0: padding) come out of SDPA as NaN.
+    return out.masked_fill((seq_lens[seq_of_token] == 0)[:, None, None], 0.0)

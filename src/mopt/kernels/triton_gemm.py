@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mopt.kernels.triton_quant import _to_fp8
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -58,7 +60,10 @@ def _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS: tl.c
 def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,
                      stride_cm, num_kb, A_ROWWISE: tl.constexpr, B_ROWWISE: tl.constexpr,
                      BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     QUANTIZE_A: tl.constexpr = False):
+    """``QUANTIZE_A``: ``a`` holds unquantized activations, quantized here under the static per-tensor
+    scale ``a_scale`` exactly as ``triton_quant.fp8_static`` does (decode: saves a launch and a pass)."""
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -74,6 +79,8 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M,
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if QUANTIZE_A:
+            a = _to_fp8(a.to(tl.float32), tl.load(a_scale_ptr))
         b = tl.load(b_rows + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if BLOCK_SCALES:  # BLOCK_K == 128: one scale per row and K block
             sa = tl.load(a_scale_ptr + offs_m * num_kb + t, mask=m_ok, other=0.0)
@@ -232,18 +239,23 @@ def _output(m: int, n: int, dtype: torch.dtype, split: int, device) -> torch.Ten
 
 
 def fp8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-             bias: torch.Tensor | None, out_dtype: torch.dtype, block_scales: bool = False) -> torch.Tensor:
-    """``a [M, K]`` e4m3 (row-major), ``b [N, K]`` e4m3; scales as in the module docstring."""
+             bias: torch.Tensor | None, out_dtype: torch.dtype, block_scales: bool = False,
+             quantize_a: bool = False, config: dict | None = None) -> torch.Tensor:
+    """``a [M, K]`` e4m3 (row-major), ``b [N, K]`` e4m3; scales as in the module docstring.
+
+    ``quantize_a``: ``a`` is unquantized (BF16/FP16/FP32) and ``a_scale`` its static per-tensor scale;
+    each program quantizes the tiles it reads. ``config``: tile settings overriding ``_config`` (sweeps).
+    """
     m, k = a.shape
     n = b.shape[0]
-    cfg = _config(m, n, k, a.device, 128 if block_scales or m > 16 else 256, block_scales)
+    cfg = config or _config(m, n, k, a.device, 128 if block_scales or m > 16 else 256, block_scales)
     out = _output(m, n, out_dtype, cfg["SPLIT_K"], a.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
     _fp8_gemm_kernel[grid](
         a, b, out, a_scale.contiguous(), b_scale.contiguous(), bias if bias is not None else a_scale,
         m, n, k, a.stride(0), b.stride(0), out.stride(0), b_scale.shape[-1] if block_scales else 1,
         A_ROWWISE=a_scale.numel() > 1, B_ROWWISE=b_scale.numel() > 1, BLOCK_SCALES=block_scales,
-        HAS_BIAS=bias is not None, **cfg)
+        HAS_BIAS=bias is not None, QUANTIZE_A=quantize_a, **cfg)
     return out.to(out_dtype) if out.dtype != out_dtype else out
 
 

@@ -22,6 +22,7 @@ from mopt.kernels.linear import (LinearKernel, LinearScheme, LinearShape, cuda_c
                                  register_linear_kernel)
 
 SMALL_M = 64
+FUSED_QUANT_MAX_M = 16  # up to here the FP8 GEMM quantizes static-scale activations itself
 FP8_SCHEMES = (LinearScheme.FP8_TENSOR, LinearScheme.FP8_CHANNEL_TOKEN)
 
 
@@ -87,10 +88,19 @@ class _Fp8Base(_CudaKernel):
 
 
 class TritonFp8Kernel(_Fp8Base):
+    """Static per-tensor activations are quantized inside the GEMM at decode sizes (no separate pass)."""
+
     name, backend = "triton-fp8", "triton"
 
     def run(self, layer, xq, x_scale, bias, out_dtype):
         return triton_gemm.fp8_gemm(xq, layer.weight, x_scale, layer.weight_scale.reshape(-1), bias, out_dtype)
+
+    def apply(self, layer, x, bias):
+        x2, restore = flatten_tokens(x)
+        if layer.linear_shape.scheme is LinearScheme.FP8_TENSOR and x2.shape[0] <= FUSED_QUANT_MAX_M:
+            return restore(triton_gemm.fp8_gemm(x2, layer.weight, layer.input_scale.reshape(1),
+                                                layer.weight_scale.reshape(-1), bias, x.dtype, quantize_a=True))
+        return super().apply(layer, x, bias)
 
 
 class CublasFp8Kernel(_Fp8Base):
@@ -112,6 +122,11 @@ class HopperFp8Kernel(_Fp8Base):
     def run(self, layer, xq, x_scale, bias, out_dtype):
         engine = self.small if xq.shape[0] <= SMALL_M else self.large
         return engine.run(layer, xq, x_scale, bias, out_dtype)
+
+    def apply(self, layer, x, bias):
+        if x.numel() // x.shape[-1] <= SMALL_M:
+            return self.small.apply(layer, x, bias)
+        return super().apply(layer, x, bias)
 
 
 class TritonFp8BlockKernel(_CudaKernel):

@@ -1,10 +1,11 @@
-"""Attention: grouped-query, causal, with the layer's KV-cache quantization method.
+"""Attention: RoPE, grouped-query causal attention, with the layer's KV-cache quantization method.
 
-Two paths. Without metadata (scoring, evaluation) it attends over the full sequence with no
-cache; keys and values still pass through the KV cache's storage format when that is FP8
-(``e4m3(k / k_scale) * k_scale``), so logits equal what a cached decode computes. With
-:class:`AttentionMetadata` (generation) it writes the new keys and values into the paged cache
-the engine attached (``k_cache``, ``v_cache``) and attends over the cached context.
+Two paths. Without metadata (scoring, evaluation) it rotates ``q, k`` and attends over the full
+sequence with no cache; keys and values still pass through the KV cache's storage format when
+that is FP8 (``e4m3(k / k_scale) * k_scale``), so logits equal what a cached decode computes. With
+:class:`AttentionMetadata` (generation) the backend chosen when the engine attaches the paged cache
+(``kernels.attention``) rotates the new tokens, writes their keys and values into the cache (one
+fused kernel on GPUs) and attends over the cached context.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mopt.kernels.paged_attention import paged_attention, write_kv
+from mopt.kernels.attention import AttentionBackend, AttentionSpec, select_attention_backend
 from mopt.quant.formats import fp8
 
 
@@ -24,8 +25,9 @@ class AttentionMetadata:
 
     Tokens of ``B`` sequences are packed back to back: sequence ``b`` owns tokens
     ``query_start_loc[b]:query_start_loc[b + 1]`` and has ``seq_lens[b]`` tokens in the cache once
-    they are written; ``slot_mapping [N]`` is each new token's cache slot and ``block_tables
-    [B, max_blocks]`` each sequence's blocks (padded with block 0, masked by ``seq_lens``).
+    they are written; ``slot_mapping [N]`` is each new token's cache slot (-1: padding, not written)
+    and ``block_tables [B, max_blocks]`` each sequence's blocks (padded with block 0, masked by
+    ``seq_lens``). ``max_query_len == 1`` marks a decode step.
     """
 
     slot_mapping: torch.Tensor
@@ -38,13 +40,16 @@ class AttentionMetadata:
 class Attention(nn.Module):
     quant_kind = "attention"
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
-                 quant_config=None, prefix: str = "", kv_cache_dtype: str = "auto") -> None:
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float, rotary: nn.Module,
+                 quant_config=None, prefix: str = "", kv_cache_dtype: str = "auto",
+                 sliding_window: int | None = None) -> None:
         super().__init__()
         self.prefix = prefix
         self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
         self.scale = scale
+        self.rotary = rotary
         self.kv_cache_dtype = kv_cache_dtype
+        self.sliding_window = sliding_window
         self.quant_method = quant_config.get_quant_method(self, prefix) if quant_config is not None else None
         if self.quant_method is not None:
             self.quant_method.create_weights(self)
@@ -55,35 +60,47 @@ class Attention(nn.Module):
         self.k_scale_float = self.v_scale_float = 1.0
         self.k_cache: torch.Tensor | None = None  # attached by the engine
         self.v_cache: torch.Tensor | None = None
+        self.backend: AttentionBackend | None = None
 
     def process_weights_after_loading(self) -> None:
         if self.quant_method is not None:
             self.quant_method.process_weights_after_loading(self)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def attach_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, backend: str | None = None) -> None:
+        """Give the layer its paged cache and pick the backend that computes with it."""
+        self.k_cache, self.v_cache = k_cache, v_cache
+        spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.sliding_window)
+        self.backend = select_attention_backend(spec, k_cache.device, backend)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 metadata: AttentionMetadata | None = None) -> torch.Tensor:
-        """``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]`` -> ``[B, T, H*D]``.
+        """``positions [B, T]``, ``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]`` (before RoPE) -> ``[B, T, H*D]``.
 
         With ``metadata``, ``B == 1`` and the ``T`` tokens are the packed new tokens of a batch.
         """
         if metadata is not None:
-            return self._forward_paged(q, k, v, metadata)
+            return self._forward_paged(positions, q, k, v, metadata)
+        q, k = self.rotary(positions, q, k)
         if self.kv_cache_dtype == "fp8":
             k = fp8.dequantize(fp8.quantize(k, self.k_scale_float), self.k_scale_float, k.dtype)
             v = fp8.dequantize(fp8.quantize(v, self.v_scale_float), self.v_scale_float, v.dtype)
         b, t = q.shape[:2]
+        mask = None
+        if self.sliding_window and t > self.sliding_window:
+            pos = torch.arange(t, device=q.device)
+            delta = pos[:, None] - pos[None, :]
+            mask = (delta >= 0) & (delta < self.sliding_window)
         out = nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=True, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            is_causal=mask is None, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
 
-    def _forward_paged(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
-        if self.k_cache is None:
+    def _forward_paged(self, positions, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        if self.backend is None:
             raise RuntimeError(f"{self.prefix}: attention metadata given but no KV cache attached")
-        q, k, v = q[0], k[0], v[0]
-        write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale_float, self.v_scale_float)
-        out = paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
-                              meta.query_start_loc, meta.max_query_len, self.scale,
-                              self.k_scale_float, self.v_scale_float)
+        q = self.backend.rope_and_write(q[0], k[0], v[0], positions[0], self.rotary.cos_sin_cache, self.k_cache,
+                                        self.v_cache, meta.slot_mapping, self.k_scale_float, self.v_scale_float)
+        out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, self.k_scale_float,
+                                  self.v_scale_float, self.sliding_window)
         return out.reshape(1, q.shape[0], self.num_heads * self.head_dim)

@@ -5,11 +5,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mopt.kernels.glue import rms_norm
+from mopt.kernels.paged_attention import apply_rope
 from mopt.layers.parameter import ModelWeightParameter, ShardSpec
+
+DEFAULT_MAX_POSITIONS = 8192
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) * weight`` computed in float32, as Llama/Qwen do."""
+    """``x / rms(x) * weight`` computed in float32, as Llama/Qwen do.
+
+    ``forward(x, residual)`` first adds the residual stream (rounded to the activation dtype, as an
+    unfused ``x + residual`` is) and returns ``(normed, new residual)``: one kernel on GPUs.
+    """
 
     def __init__(self, size: int, eps: float = 1e-6, prefix: str = "") -> None:
         super().__init__()
@@ -18,11 +26,8 @@ class RMSNorm(nn.Module):
         self.weight.mopt_name = f"{prefix}.weight"
         self.weight._weight_loader = lambda param, t, shard_id=None: param.load(t, ShardSpec())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x).to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -42,24 +47,24 @@ def rope_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE applied to ``q, k`` of shape ``[B, T, heads, head_dim]``."""
+    """Rotate-half RoPE from a table ``cos_sin_cache [max_positions, head_dim]`` (float32 cosines,
+    then sines, of ``position * inv_freq``, times the RoPE type's attention scaling), built once
+    and shared by every layer of a model. ``forward`` rotates ``q, k [B, T, heads, head_dim]``;
+    generation steps hand the table to the attention backend, which fuses RoPE with the cache write.
+    """
 
     def __init__(self, config, head_dim: int) -> None:
         super().__init__()
-        inv, self.attention_scaling = rope_inv_freq(config, head_dim)
-        self.register_buffer("inv_freq", inv, persistent=False)
+        inv, scaling = rope_inv_freq(config, head_dim)
+        self.max_positions = int(getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_POSITIONS)
+        positions = torch.arange(self.max_positions, dtype=torch.float32)
+        freqs = positions[:, None] * inv.to(positions.device)[None, :]
+        table = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
+        self.register_buffer("cos_sin_cache", table, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        freqs = positions.float()[..., None] * self.inv_freq.to(q.device)[None, None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos = (emb.cos() * self.attention_scaling)[:, :, None, :]
-        sin = (emb.sin() * self.attention_scaling)[:, :, None, :]
-
-        def rotate(x):
-            x1, x2 = x.float().chunk(2, dim=-1)
-            return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
-
-        return rotate(q), rotate(k)
+        cos_sin = self.cos_sin_cache[positions]
+        return apply_rope(q, cos_sin), apply_rope(k, cos_sin)
 
 
 class VocabEmbedding(nn.Module):

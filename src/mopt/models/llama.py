@@ -9,18 +9,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mopt.kernels.glue import silu_mul
 from mopt.layers.attention import Attention, AttentionMetadata
 from mopt.layers.basic import RMSNorm, RotaryEmbedding, VocabEmbedding
 from mopt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 
 
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 class LlamaAttentionBlock(nn.Module):
     def __init__(self, config, quant_config, prefix: str, params_dtype, kv_cache_dtype: str, qk_norm: bool,
-                 qkv_bias: bool, o_bias: bool) -> None:
+                 qkv_bias: bool, o_bias: bool, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.head_dim = head_dim_of(config)
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
                                           bias=qkv_bias, quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
                                           params_dtype=params_dtype)
@@ -29,8 +34,7 @@ class LlamaAttentionBlock(nn.Module):
                                         quant_config=quant_config, prefix=f"{prefix}.o_proj", params_dtype=params_dtype)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, f"{prefix}.q_norm") if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, f"{prefix}.k_norm") if qk_norm else None
-        self.rotary = RotaryEmbedding(config, self.head_dim)
-        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5,
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5, rotary,
                               quant_config, f"{prefix}.attn", kv_cache_dtype)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata | None) -> torch.Tensor:
@@ -43,8 +47,7 @@ class LlamaAttentionBlock(nn.Module):
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta))
+        return self.o_proj(self.attn(positions, q, k, v, meta))
 
 
 class LlamaMLP(nn.Module):
@@ -61,33 +64,43 @@ class LlamaMLP(nn.Module):
                                            prefix=f"{prefix}.down_proj", params_dtype=params_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block. The residual stream travels beside the hidden states so that each RMSNorm
+    adds it in the same kernel: ``forward(positions, x, residual, meta) -> (x, residual)``, where the
+    block's output is ``x + residual``."""
+
     def __init__(self, config, quant_config, prefix: str, params_dtype, kv_cache_dtype: str, flags: dict,
-                 mlp: nn.Module | None = None) -> None:
+                 rotary: RotaryEmbedding, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.self_attn = LlamaAttentionBlock(config, quant_config, f"{prefix}.self_attn", params_dtype,
-                                             kv_cache_dtype, **flags)
+                                             kv_cache_dtype, rotary=rotary, **flags)
         self.mlp = mlp if mlp is not None else LlamaMLP(config, quant_config, f"{prefix}.mlp", params_dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, f"{prefix}.input_layernorm")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
                                                 f"{prefix}.post_attention_layernorm")
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata | None) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
     def __init__(self, config, quant_config, params_dtype, kv_cache_dtype: str, flags: dict, make_mlp=None) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, params_dtype, "model.embed_tokens")
+        self.rotary = RotaryEmbedding(config, head_dim_of(config))  # one table for every layer
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, quant_config, f"model.layers.{i}", params_dtype, kv_cache_dtype, flags,
-                              make_mlp(i) if make_mlp is not None else None)
+                              self.rotary, make_mlp(i) if make_mlp is not None else None)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "model.norm")
@@ -96,10 +109,10 @@ class LlamaModel(nn.Module):
                 meta: AttentionMetadata | None = None) -> torch.Tensor:
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(positions, x, meta)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual, meta)
+        return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -1,0 +1,99 @@
+"""Decode steps over static input buffers, replayed as one CUDA graph per batch-size bucket.
+
+A decode batch of ``B`` sequences is padded to the smallest bucket ``>= B`` (1, 2, 4, 8, then
+steps of 16 up to ``max_num_seqs``). Padding rows have slot -1 (nothing is written to the cache)
+and sequence length 0 (attention returns zeros for them); their logits are discarded. Every bucket's
+graph is captured at start-up into one memory pool, largest first, after an eager warm-up run
+(Triton compiles its kernels outside the capture). Without capture (CPUs, ``enforce_eager``) the
+same buffers and padding run eagerly, so the bucket logic is the same everywhere.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Callable
+
+import numpy as np
+import torch
+
+from mopt.layers.attention import AttentionMetadata
+
+_IDS, _POSITIONS, _SLOTS, _SEQ_LENS = range(4)
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs] + list(range(16, max_num_seqs, 16))
+    return sizes + [max_num_seqs]
+
+
+class DecodeGraphs:
+    """``run(arrays, tables) -> logits [B, vocab]`` for one decode step.
+
+    ``forward(ids [N], positions [N], meta) -> float32 logits [N, vocab]`` is the model step.
+    """
+
+    def __init__(self, forward: Callable, device: torch.device, max_num_seqs: int, max_blocks_per_seq: int,
+                 capture: bool, pad: bool | None = None, progress: bool = False) -> None:
+        self.forward, self.device = forward, device
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.pad = capture if pad is None else pad
+        self.vectors = torch.zeros((4, max_num_seqs), dtype=torch.int32, device=device)
+        self.tables = torch.zeros((max_num_seqs, max_blocks_per_seq), dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        if capture:
+            self._capture_all(progress)
+
+    def bucket(self, batch: int) -> int:
+        if not self.pad:
+            return batch
+        i = bisect.bisect_left(self.sizes, batch)
+        if i == len(self.sizes):
+            raise ValueError(f"decode batch of {batch} sequences exceeds max_num_seqs {self.sizes[-1]}")
+        return self.sizes[i]
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(slot_mapping=self.vectors[_SLOTS, :bs], block_tables=self.tables[:bs],
+                                 seq_lens=self.vectors[_SEQ_LENS, :bs], query_start_loc=self.query_start_loc[:bs + 1],
+                                 max_query_len=1)
+
+    def _run_eager(self, bs: int) -> torch.Tensor:
+        return self.forward(self.vectors[_IDS, :bs], self.vectors[_POSITIONS, :bs], self._meta(bs))
+
+    def _capture_all(self, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.vectors[_SLOTS].fill_(-1)  # warm-up and capture runs write nothing and read nothing
+        self.vectors[_SEQ_LENS].zero_()
+        pool = None
+        for bs in tqdm(sorted(self.sizes, reverse=True), desc="capturing CUDA graphs", unit="graph",
+                       disable=not progress):
+            self._run_eager(bs)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bs] = self._run_eager(bs)
+            pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(self.device)
+
+    def run(self, arrays: dict[str, np.ndarray], tables: np.ndarray) -> torch.Tensor:
+        batch, width = tables.shape
+        bs = self.bucket(batch)
+        staging = np.zeros(4 * bs + bs * width, np.int32)
+        vectors = staging[: 4 * bs].reshape(4, bs)
+        vectors[_IDS, :batch], vectors[_POSITIONS, :batch] = arrays["ids"], arrays["positions"]
+        vectors[_SLOTS, :batch], vectors[_SEQ_LENS, :batch] = arrays["slots"], arrays["seq_lens"]
+        vectors[_SLOTS, batch:] = -1
+        staging[4 * bs:].reshape(bs, width)[:batch] = tables
+        if self.device.type == "cpu":
+            device_staging = torch.from_numpy(staging)
+        else:
+            device_staging = torch.from_numpy(staging).pin_memory().to(self.device, non_blocking=True)
+        self.vectors[:, :bs].copy_(device_staging[: 4 * bs].view(4, bs))
+        self.tables[:bs, :width].copy_(device_staging[4 * bs:].view(bs, width))
+        if bs in self.graphs:
+            self.graphs[bs].replay()
+            return self.outputs[bs][:batch]
+        return self._run_eager(bs)[:batch]

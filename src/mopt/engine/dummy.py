@@ -1,0 +1,195 @@
+"""Dummy weights: a real architecture's shapes with random weights in a format's checkpoint layout.
+
+For benchmarks and tests without downloads (vLLM's ``load_format="dummy"``). The model is built
+from a config (a preset under ``mopt/data/presets/``, a checkpoint folder's config.json, or a config
+object) with the quant config a ModelOpt export of that format would carry. Every linear layer
+then gets, per fused shard, a random float weight ``N(0, 1/K)`` quantized by the format's reference
+numerics into exactly the tensors ModelOpt writes (``weight``, ``weight_scale``, ``input_scale``,
+``weight_scale_2``, ``k_scale``/``v_scale``), pushed through the same weight loaders a checkpoint
+goes through, and then the same ``process_weights_after_loading``: a dummy model shares every line
+with a real one after loading. Static activation scales assume activations of magnitude up to
+``ACTIVATION_AMAX``. Weights are drawn from a seeded generator on the model's device, so the same
+preset, format and seed give the same model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mopt.engine.loader import build_model, finish_loading, resolve_kv_cache_dtype
+from mopt.layers.attention import Attention
+from mopt.layers.basic import RMSNorm, VocabEmbedding
+from mopt.layers.fused_moe import FusedMoE
+from mopt.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
+from mopt.quant.config import config_from_dict
+from mopt.quant.formats import fp8, nvfp4
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "data" / "presets"
+ACTIVATION_AMAX = 8.0
+
+# Format name (as ``mopt quantize`` names them) -> the export's ``quantization`` section.
+DUMMY_FORMATS: dict[str, dict | None] = {
+    "bf16": None,
+    "fp8": {"quant_algo": "FP8"},
+    "fp8-kv": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"},
+    "fp8-pcpt": {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"},
+    "fp8-pb-wo": {"quant_algo": "FP8_PB_WO"},
+    "nvfp4": {"quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": None},
+    "nvfp4-kv": {"quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": "FP8"},
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+
+def load_config(source) -> object:
+    """A transformers config from a preset name, a checkpoint folder or a config.json path (a
+    config object passes through)."""
+    if not isinstance(source, (str, Path)):
+        return source
+    from transformers import AutoConfig
+
+    path = Path(source)
+    if str(source) in preset_names():
+        path = PRESETS_DIR / f"{source}.json"
+    elif path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{source}: not a preset ({', '.join(preset_names())}), a checkpoint folder or a "
+                         "config.json file")
+    try:
+        raw = json.loads(path.read_text())
+        return AutoConfig.for_model(raw.pop("model_type"), **raw)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a usable model config ({e})") from None
+
+
+def dummy_quant_config(fmt: str):
+    if fmt not in DUMMY_FORMATS:
+        raise ValueError(f"unknown dummy format {fmt!r}; choose one of {sorted(DUMMY_FORMATS)}")
+    section = DUMMY_FORMATS[fmt]
+    if section is None:
+        return None
+    return config_from_dict({"producer": {"name": "modelopt"},
+                             "quantization": dict(section, exclude_modules=["lm_head"])}, f"dummy {fmt}")
+
+
+def _fp8_tensor(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    scale = fp8.scale_from_amax(w.abs().amax())
+    return {"weight": fp8.quantize(w, scale), "weight_scale": scale.reshape(()),
+            "input_scale": torch.tensor(ACTIVATION_AMAX / fp8.FP8_MAX, device=w.device)}
+
+
+def _fp8_channel(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    q, scale = fp8.quantize_per_channel(w)
+    return {"weight": q, "weight_scale": scale.reshape(-1)}
+
+
+def _fp8_block(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    q, scale = fp8.quantize_blocks(w)
+    return {"weight": q, "weight_scale": scale}
+
+
+def _nvfp4(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    g = nvfp4.global_scale_from_amax(w.abs().amax())
+    packed, block_scale = nvfp4.quantize(w, g)
+    return {"weight": packed, "weight_scale": block_scale, "weight_scale_2": g.reshape(()),
+            "input_scale": nvfp4.global_scale_from_amax(torch.tensor(ACTIVATION_AMAX, device=w.device))}
+
+
+# Linear and MoE schemes share their value names; each maps a float weight [N, K] to its tensors.
+_EXPORTERS: dict[str, Callable[[torch.Tensor], dict[str, torch.Tensor]]] = {
+    "fp8_tensor": _fp8_tensor,
+    "fp8_channel_token": _fp8_channel,
+    "fp8_block": _fp8_block,
+    "nvfp4": _nvfp4,
+}
+
+
+def _export(scheme, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    exporter = _EXPORTERS.get(scheme.value)
+    return exporter(w) if exporter is not None else {"weight": w.to(dtype)}
+
+
+def _shards(layer: LinearBase) -> list[tuple[object, int]]:
+    """(shard id, rows) of each checkpoint tensor that feeds ``layer``."""
+    if isinstance(layer, QKVParallelLinear):
+        return [(s, layer.partition_sizes[s]) for s in ("q", "k", "v")]
+    if isinstance(layer, MergedColumnParallelLinear):
+        return [(i, size) for i, size in enumerate(layer.output_sizes)]
+    return [(None, layer.output_size_per_partition)]
+
+
+class _Filler:
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, seed: int) -> None:
+        self.device = next(model.parameters()).device
+        self.dtype = dtype
+        self.gen = torch.Generator(self.device).manual_seed(seed)
+
+    def randn(self, *shape: int, std: float = 1.0) -> torch.Tensor:
+        return torch.randn(shape, generator=self.gen, device=self.device) * std
+
+    def linear(self, layer: LinearBase) -> None:
+        k = layer.input_size_per_partition
+        for shard, rows in _shards(layer):
+            for suffix, t in _export(layer.quant_method.scheme, self.randn(rows, k, std=k**-0.5), self.dtype).items():
+                layer.weight_loader(getattr(layer, suffix), t, shard)
+            if layer.bias is not None:
+                layer.weight_loader(layer.bias, self.randn(rows, std=0.02).to(self.dtype), shard)
+
+    def experts(self, layer: FusedMoE) -> None:
+        h, inter = layer.hidden_size, layer.intermediate_size
+        for e in range(layer.num_experts):
+            for proj, (rows, k) in (("w1", (inter, h)), ("w3", (inter, h)), ("w2", (h, inter))):
+                stacked = "w2" if proj == "w2" else "w13"
+                for suffix, t in _export(layer.quant_method.scheme, self.randn(rows, k, std=k**-0.5), self.dtype).items():
+                    layer.weight_loader(getattr(layer, f"{stacked}_{suffix}"), t, (proj, e))
+
+    def attention(self, layer: Attention) -> None:
+        if layer.quant_method is not None:
+            for name in ("k_scale", "v_scale"):
+                getattr(layer, name).weight_loader(getattr(layer, name),
+                                                   torch.tensor(ACTIVATION_AMAX / fp8.FP8_MAX, device=self.device))
+
+    def fill(self, model: torch.nn.Module) -> None:
+        tied = model.lm_head if getattr(model, "tie_word_embeddings", False) else None
+        for module in model.modules():
+            if module is tied:
+                continue  # finish_loading copies the embedding into it
+            if isinstance(module, LinearBase):
+                self.linear(module)
+            elif isinstance(module, FusedMoE):
+                self.experts(module)
+            elif isinstance(module, Attention):
+                self.attention(module)
+            elif isinstance(module, RMSNorm):
+                module.weight.weight_loader(module.weight, torch.ones_like(module.weight, device=self.device))
+            elif isinstance(module, VocabEmbedding):
+                module.weight.weight_loader(module.weight, self.randn(*module.weight.shape).to(self.dtype))
+
+
+def build_dummy_model(config, fmt: str = "bf16", device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32, kv_cache_dtype: str = "auto",
+                      seed: int = 0) -> torch.nn.Module:
+    """A model of ``config``'s architecture with random weights in format ``fmt`` (see module doc)."""
+    config = load_config(config)
+    quant = dummy_quant_config(fmt)
+    model = build_model(config, quant, torch.device(device), dtype, resolve_kv_cache_dtype(kv_cache_dtype, quant),
+                        f"dummy {getattr(config, 'architectures', None)}")
+    with torch.no_grad():
+        _Filler(model, dtype, seed).fill(model)
+    return finish_loading(model, f"dummy {fmt} model")
+
+
+def tiny_preset_config():
+    """A small Llama config (2 layers, hidden 256, 4 heads / 2 KV heads of 64, vocab 320) for tests."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       architectures=["LlamaForCausalLM"], eos_token_id=None, bos_token_id=None)

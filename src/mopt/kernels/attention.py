@@ -1,0 +1,140 @@
+"""Paged-attention backends and their selector (the attention counterpart of ``kernels.linear``).
+
+A backend does two things for an attention layer in a generation step: rotate the new queries and
+keys and write keys and values into the paged cache (``rope_and_write``), then attend over the
+cache (``attend``; decode steps and prefill/extend steps). Layouts are those of
+``kernels.paged_attention``. Each backend says ``(ok, reason)`` for a device and for an
+:class:`AttentionSpec`; the selector walks an ordered list and raises one error listing every reason
+when nothing fits.
+
+* ``triton`` (CUDA): ``kernels.triton_attention``;
+* ``reference`` (any device): ``kernels.paged_attention`` in torch.
+
+``MOPT_BACKEND=reference`` or ``triton`` (the linear layers' override) also picks the attention
+backend; other values (``cpu``, ``cublas``) name no attention backend and leave the default order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from mopt.kernels import paged_attention as reference
+from mopt.kernels.linear import BACKEND_ENV, cuda_capability
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    sliding_window: int | None = None
+
+
+class AttentionBackend:
+    name: str = "abstract"
+
+    @classmethod
+    def is_supported(cls, device: torch.device) -> tuple[bool, str]:
+        raise NotImplementedError  # abstract
+
+    @classmethod
+    def can_implement(cls, spec: AttentionSpec) -> tuple[bool, str]:
+        raise NotImplementedError  # abstract
+
+    def rope_and_write(self, q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, k_scale,
+                       v_scale) -> torch.Tensor:
+        raise NotImplementedError  # abstract
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float,
+               k_scale: float, v_scale: float, sliding_window: int | None) -> torch.Tensor:
+        raise NotImplementedError  # abstract
+
+
+class ReferenceAttention(AttentionBackend):
+    name = "reference"
+
+    @classmethod
+    def is_supported(cls, device):
+        return True, ""
+
+    @classmethod
+    def can_implement(cls, spec):
+        return True, ""
+
+    def rope_and_write(self, *args):
+        return reference.rope_and_write(*args)
+
+    def attend(self, q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding_window):
+        return reference.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                         meta.query_start_loc, meta.max_query_len, scale, k_scale, v_scale,
+                                         sliding_window=sliding_window)
+
+
+class TritonAttention(AttentionBackend):
+    name = "triton"
+
+    @classmethod
+    def is_supported(cls, device):
+        ok, why = cuda_capability(device, (8, 0), "Triton paged attention")
+        if ok:
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                return False, "triton is not installed"
+        return ok, why
+
+    @classmethod
+    def can_implement(cls, spec):
+        d = spec.head_dim
+        if d < 16 or d & (d - 1):
+            return False, f"head_dim {d} is not a power of two >= 16"
+        if spec.num_heads % spec.num_kv_heads:
+            return False, f"{spec.num_heads} query heads do not split into {spec.num_kv_heads} KV heads"
+        return True, ""
+
+    def rope_and_write(self, *args):
+        from mopt.kernels import triton_attention
+
+        return triton_attention.rope_and_write(*args)
+
+    def attend(self, q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding_window):
+        from mopt.kernels import triton_attention
+
+        window = sliding_window or 0
+        if meta.max_query_len == 1:
+            return triton_attention.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
+                                           k_scale, v_scale, window)
+        return triton_attention.prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                        meta.query_start_loc, meta.max_query_len, scale, k_scale, v_scale, window)
+
+
+ATTENTION_BACKENDS: dict[str, list[type[AttentionBackend]]] = {
+    "cuda": [TritonAttention, ReferenceAttention],
+    "cpu": [ReferenceAttention],
+}
+
+
+def select_attention_backend(spec: AttentionSpec, device: torch.device,
+                             override: str | None = None) -> AttentionBackend:
+    """The first backend for ``device`` that implements ``spec`` (``override``: a backend name;
+    default ``MOPT_BACKEND`` when it names an attention backend)."""
+    candidates = ATTENTION_BACKENDS.get(device.type, [ReferenceAttention])
+    names = {b.name for bs in ATTENTION_BACKENDS.values() for b in bs}
+    if override is None:
+        env = os.environ.get(BACKEND_ENV)
+        override = env if env in names else None
+    reasons = []
+    for backend in candidates:
+        if override is not None and backend.name != override:
+            reasons.append(f"{backend.name}: not the requested backend {override!r}")
+            continue
+        ok, why = backend.is_supported(device)
+        if ok:
+            ok, why = backend.can_implement(spec)
+        if ok:
+            return backend()
+        reasons.append(f"{backend.name}: {why}")
+    raise ValueError(f"no attention backend for {spec} on {device}:\n  " + "\n  ".join(reasons))

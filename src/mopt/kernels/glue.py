@@ -1,0 +1,53 @@
+"""Glue between the GEMMs: RMSNorm (optionally with the residual add) and the SiLU-gated product.
+
+The torch functions here are the references (CPU, and any device with ``MOPT_BACKEND=reference``);
+on CUDA the same calls run the one-pass Triton kernels of ``kernels.triton_glue``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from mopt.kernels.linear import BACKEND_ENV
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """``weight * x / rms(x)`` in float32, rounded to ``x``'s dtype once; with ``residual``, normalizes
+    ``s = x + residual`` (rounded to the dtype first) and returns ``(normed, s)``."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    dtype = x.dtype
+    xf = x.float()
+    y = (weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(dtype)
+    return y if residual is None else (y, residual)
+
+
+def silu_mul_reference(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return nn.functional.silu(gate) * up
+
+
+def _triton_glue(x: torch.Tensor):
+    if not x.is_cuda or os.environ.get(BACKEND_ENV) == "reference":
+        return None
+    try:
+        from mopt.kernels import triton_glue
+    except ImportError:
+        return None
+    return triton_glue
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    kernels = _triton_glue(x)
+    if kernels is None:
+        return rms_norm_reference(x, weight, eps, residual)
+    return kernels.rms_norm(x, weight, eps, residual)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    kernels = _triton_glue(x)
+    return silu_mul_reference(x) if kernels is None else kernels.silu_mul(x)

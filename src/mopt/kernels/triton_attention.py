@@ -1,0 +1,308 @@
+"""Triton paged attention: RoPE fused with the KV-cache write, split-KV decode, varlen prefill.
+
+Cache layout and slot convention are those of ``mopt.kernels.paged_attention`` (the reference):
+``[num_blocks, page, num_kv_heads, head_dim]``, token ``t`` of a sequence in slot
+``block_table[t // page] * page + t % page``; an FP8 cache holds ``e4m3(x / scale)``.
+
+* ``rope_and_write``: one program per token rotates its query and key heads (rotate-half RoPE from
+  a ``[positions, head_dim]`` cos|sin table) and stores keys and values into their slots, quantized
+  when the cache is FP8. Every rounding step is the reference's (float32 products and sums, FMA
+  contraction off, the rotated key rounded to the model dtype before quantization), so the cache
+  bytes equal the reference's. Slots < 0 (padding rows of a CUDA-graph batch) are not written.
+* ``decode``: one query token per sequence. A program owns one KV head, all query heads of its
+  GQA group (padded to 16 rows for the tensor cores) and one of ``num_splits`` contiguous slices
+  of the context (flash-decoding); a second kernel merges the slices by their log-sum-exp. The
+  split count depends only on the batch shape, so a captured CUDA graph stays valid for any
+  context length.
+* ``prefill``: new tokens of several sequences packed back to back, each attending causally over
+  its cached context and itself (chunked prefill: context + new tokens), BLOCK_M queries a program.
+
+FP8 keys and values are dequantized in the kernel as the reference does (``code * scale`` in
+float32, rounded to the query dtype). Softmax is online, in float32; probabilities meet the values
+in the query dtype. A sequence with no cached tokens (``seq_len == 0``) gets a zero output.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mopt.kernels.triton_quant import _to_fp8
+from mopt.quant.formats import fp8
+
+MAX_DECODE_SPLITS = 32
+
+
+@triton.jit
+def _store_kv(cache_ptr, slot, num_kv_heads, heads, hmask, cols, x, scale, D: tl.constexpr, FP8: tl.constexpr):
+    ptrs = cache_ptr + (slot * num_kv_heads + heads[:, None]) * D + cols[None, :]
+    if FP8:
+        tl.store(ptrs, _to_fp8(x, scale), mask=hmask[:, None])
+    else:
+        tl.store(ptrs, x.to(cache_ptr.dtype.element_ty), mask=hmask[:, None])
+
+
+@triton.jit
+def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
+                       k_scale, v_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                       num_heads, num_kv_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr, FP8: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    D: tl.constexpr = 2 * HALF
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    j = tl.arange(0, HALF)
+    c = tl.load(cos_sin_ptr + pos * D + j)
+    s = tl.load(cos_sin_ptr + pos * D + HALF + j)
+    heads = tl.arange(0, BLOCK_H)
+    dtype = q_out_ptr.dtype.element_ty
+
+    qmask = heads < num_heads
+    q_rows = q_ptr + t * stride_qt + heads[:, None] * stride_qh
+    lo = tl.load(q_rows + j[None, :], mask=qmask[:, None], other=0.0).to(tl.float32)
+    hi = tl.load(q_rows + HALF + j[None, :], mask=qmask[:, None], other=0.0).to(tl.float32)
+    out = q_out_ptr + (t * num_heads + heads[:, None]) * D
+    tl.store(out + j[None, :], (lo * c[None, :] - hi * s[None, :]).to(dtype), mask=qmask[:, None])
+    tl.store(out + HALF + j[None, :], (hi * c[None, :] + lo * s[None, :]).to(dtype), mask=qmask[:, None])
+
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        kmask = heads < num_kv_heads
+        k_rows = k_ptr + t * stride_kt + heads[:, None] * stride_kh
+        lo = tl.load(k_rows + j[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+        hi = tl.load(k_rows + HALF + j[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+        # The reference rounds the rotated key to the model dtype before the cache quantizes it.
+        k_lo = (lo * c[None, :] - hi * s[None, :]).to(dtype).to(tl.float32)
+        k_hi = (hi * c[None, :] + lo * s[None, :]).to(dtype).to(tl.float32)
+        _store_kv(k_cache_ptr, slot, num_kv_heads, heads, kmask, j, k_lo, k_scale, D, FP8)
+        _store_kv(k_cache_ptr, slot, num_kv_heads, heads, kmask, HALF + j, k_hi, k_scale, D, FP8)
+        cols = tl.arange(0, D)
+        v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + cols[None, :], mask=kmask[:, None],
+                    other=0.0).to(tl.float32)
+        _store_kv(v_cache_ptr, slot, num_kv_heads, heads, kmask, cols, v, v_scale, D, FP8)
+
+
+@triton.jit
+def _load_kv(cache_ptr, block_table_row, tok, tmask, kv_head, num_kv_heads, cols, scale, dtype,
+             PAGE: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr):
+    """``[BLOCK_N, D]`` keys or values of tokens ``tok`` through the block table, in ``dtype``."""
+    page = tl.load(block_table_row + tok // PAGE, mask=tmask, other=0).to(tl.int64)
+    slot = page * PAGE + tok % PAGE
+    x = tl.load(cache_ptr + (slot * num_kv_heads + kv_head)[:, None] * D + cols[None, :], mask=tmask[:, None],
+                other=0.0)
+    if FP8:
+        return (x.to(tl.float32) * scale).to(dtype)
+    return x.to(dtype)
+
+
+@triton.jit
+def _scores(q, k, sm_scale, IEEE: tl.constexpr):
+    if IEEE:  # float32 models: no TF32 rounding
+        return tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
+    return tl.dot(q, tl.trans(k)) * sm_scale
+
+
+@triton.jit
+def _pv(p, v, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+    return tl.dot(p.to(v.dtype), v, acc)
+
+
+@triton.jit
+def _online_softmax(s, m, l, acc):
+    """One tile of scores ``s [R, N]`` (masked entries -inf) into the running max, sum and output."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    return p, m_new, l * alpha + tl.sum(p, axis=1), acc * alpha[:, None]
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_ptr, lse_ptr,
+                   k_scale, v_scale, sm_scale, stride_qb, stride_qh, stride_bt, num_heads, num_kv_heads, window,
+                   GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    first = 0
+    if window > 0:
+        first = tl.maximum(seq_len - window, 0)
+    per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = first + split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+
+    rows = tl.arange(0, BLOCK_H)
+    hmask = rows < GROUP
+    heads = kv_head * GROUP + rows
+    cols = tl.arange(0, D)
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + cols[None, :], mask=hmask[:, None], other=0.0)
+    m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, D), tl.float32)
+    table = bt_ptr + b * stride_bt
+    for start in range(lo, hi, BLOCK_N):
+        tok = start + tl.arange(0, BLOCK_N)
+        tmask = tok < hi
+        k = _load_kv(k_cache_ptr, table, tok, tmask, kv_head, num_kv_heads, cols, k_scale, q.dtype, PAGE, D, FP8)
+        s = tl.where(tmask[None, :], _scores(q, k, sm_scale, IEEE), float("-inf"))
+        p, m, l, acc = _online_softmax(s, m, l, acc)
+        v = _load_kv(v_cache_ptr, table, tok, tmask, kv_head, num_kv_heads, cols, v_scale, q.dtype, PAGE, D, FP8)
+        acc = _pv(p, v, acc, IEEE)
+    has = l > 0
+    o = acc / tl.where(has, l, 1.0)[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + (b * num_heads + heads[:, None]) * D + cols[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=hmask[:, None])
+    else:
+        idx = (b * num_heads + heads) * NUM_SPLITS + split
+        tl.store(part_ptr + idx[:, None] * D + cols[None, :], o, mask=hmask[:, None])
+        tl.store(lse_ptr + idx, tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf")), mask=hmask)
+
+
+@triton.jit
+def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, NUM_SPLITS: tl.constexpr, D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # b * num_heads + h
+    splits = tl.arange(0, NUM_SPLITS)
+    lse = tl.load(lse_ptr + row * NUM_SPLITS + splits)
+    top = tl.max(lse, axis=0)
+    w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(top > float("-inf"), top, 0.0)), 0.0)
+    total = tl.sum(w, axis=0)
+    cols = tl.arange(0, D)
+    parts = tl.load(part_ptr + (row * NUM_SPLITS + splits)[:, None] * D + cols[None, :])
+    o = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + row * D + cols, o.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
+                    k_scale, v_scale, sm_scale, stride_qt, stride_qh, stride_bt, num_heads, num_kv_heads, window,
+                    GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr):
+    mb = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    if mb * BLOCK_M < q_len:
+        seq_len = tl.load(seq_lens_ptr + b)
+        context = seq_len - q_len
+        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < q_len
+        q_pos = context + rows
+        cols = tl.arange(0, D)
+        tokens = (q_start + rows).to(tl.int64)
+        q = tl.load(q_ptr + tokens[:, None] * stride_qt + h * stride_qh + cols[None, :], mask=rmask[:, None],
+                    other=0.0)
+        kv_head = h // GROUP
+        hi = tl.minimum(seq_len, context + (mb + 1) * BLOCK_M)
+        lo = 0
+        if window > 0:
+            lo = tl.maximum(context + mb * BLOCK_M - window + 1, 0)
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, D), tl.float32)
+        table = bt_ptr + b * stride_bt
+        for start in range(lo, hi, BLOCK_N):
+            tok = start + tl.arange(0, BLOCK_N)
+            tmask = tok < hi
+            k = _load_kv(k_cache_ptr, table, tok, tmask, kv_head, num_kv_heads, cols, k_scale, q.dtype, PAGE, D,
+                         FP8)
+            keep = tmask[None, :] & (tok[None, :] <= q_pos[:, None])
+            if window > 0:
+                keep = keep & (q_pos[:, None] - tok[None, :] < window)
+            s = tl.where(keep, _scores(q, k, sm_scale, IEEE), float("-inf"))
+            p, m, l, acc = _online_softmax(s, m, l, acc)
+            v = _load_kv(v_cache_ptr, table, tok, tmask, kv_head, num_kv_heads, cols, v_scale, q.dtype, PAGE, D,
+                         FP8)
+            acc = _pv(p, v, acc, IEEE)
+        o = acc / tl.where(l > 0, l, 1.0)[:, None]
+        tl.store(out_ptr + (tokens[:, None] * num_heads + h) * D + cols[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=rmask[:, None])
+
+
+def _is_fp8(cache: torch.Tensor) -> bool:
+    return cache.dtype == fp8.FP8_DTYPE
+
+
+def rope_and_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                   cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor, k_scale: float, v_scale: float) -> torch.Tensor:
+    """``q [N, H, D]``, ``k, v [N, Hkv, D]`` (last dim contiguous) -> rotated ``q [N, H, D]``; rotated
+    keys and values go into the caches at ``slot_mapping [N]``. ``cos_sin_cache [P, D]`` float32."""
+    n, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if head_dim % 2 or head_dim & (head_dim - 1):
+        raise ValueError(f"rope_and_write: head_dim {head_dim} must be a power of two")
+    q_out = torch.empty((n, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if n:
+        _rope_write_kernel[(n,)](
+            q, k, v, q_out, positions, cos_sin_cache, slot_mapping, k_cache, v_cache, float(k_scale),
+            float(v_scale), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            num_heads, num_kv_heads, HALF=head_dim // 2,
+            BLOCK_H=triton.next_power_of_2(max(num_heads, num_kv_heads)), FP8=_is_fp8(k_cache),
+            enable_fp_fusion=False)
+    return q_out
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
+    """Context slices per (sequence, KV head): enough programs for two waves, a power of two."""
+    want = triton.cdiv(2 * _num_sms(device), max(1, batch * num_kv_heads))
+    return min(MAX_DECODE_SPLITS, triton.next_power_of_2(want))
+
+
+def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+           seq_lens: torch.Tensor, scale: float, k_scale: float, v_scale: float, window: int = 0,
+           num_splits: int | None = None) -> torch.Tensor:
+    """``q [B, H, D]`` (one new token per sequence, already in the cache) -> ``[B, H, D]``."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    splits = num_splits or decode_splits(batch, num_kv_heads, q.device)
+    out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if not batch:
+        return out
+    if splits > 1:
+        part = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
+        lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
+    else:
+        part = lse = out
+    _decode_kernel[(batch, num_kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part, lse, float(k_scale), float(v_scale), scale,
+        q.stride(0), q.stride(1), block_tables.stride(0), num_heads, num_kv_heads, window, GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), D=head_dim, PAGE=page, BLOCK_N=max(16, min(64, 4 * page)),
+        NUM_SPLITS=splits, FP8=_is_fp8(k_cache), IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+    if splits > 1:
+        _decode_merge_kernel[(batch * num_heads,)](part, lse, out, NUM_SPLITS=splits, D=head_dim)
+    return out
+
+
+def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+            seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int, scale: float,
+            k_scale: float, v_scale: float, window: int = 0) -> torch.Tensor:
+    """``q [N, H, D]``: the new tokens of ``B`` sequences (``query_start_loc [B + 1]``), in the cache
+    already -> ``[N, H, D]``."""
+    n, num_heads, head_dim = q.shape
+    batch = seq_lens.shape[0]
+    num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
+    out = torch.empty((n, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if not n:
+        return out
+    ieee = q.dtype == torch.float32
+    block_m = 64 if q.is_cuda and not ieee else 16
+    block_n = 64 if q.is_cuda and not ieee else 32
+    grid = (triton.cdiv(max_query_len, block_m), batch, num_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, float(k_scale), float(v_scale), scale,
+        q.stride(0), q.stride(1), block_tables.stride(0), num_heads, num_kv_heads, window,
+        GROUP=num_heads // num_kv_heads, D=head_dim, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
+        FP8=_is_fp8(k_cache), IEEE=ieee, num_warps=4, num_stages=2)
+    return out
