@@ -226,9 +226,11 @@ def cmd_bench_generate(args) -> int:
             for b in batches:
                 profiles[f"{label} batch {b}"] = bench.profile_decode(llm, b, args.prompt_len)
 
+    batched_tokens = max([max(batches) * args.prompt_len] + ([prefill[0] * prefill[1]] if prefill else []))
     engine = dict(device=device, dtype=_torch_dtype(args.dtype), max_model_len=max_len,
                   kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=max(batches + ([prefill[0]] if prefill else [])),
-                  enforce_eager=args.enforce_eager, progress=True)
+                  max_num_batched_tokens=max(batched_tokens, max_len), enforce_eager=args.enforce_eager,
+                  progress=True)
     if args.dummy:
         for fmt in formats:
             llm = _make_engine(args.dummy, dict(engine, load_format="dummy", quantization=fmt))
@@ -259,9 +261,7 @@ def cmd_bench_generate(args) -> int:
               f"{p['gemm_tflops']:.0f} GEMM TFLOP/s; cuBLAS on the same GEMMs {p['cublas_gemm_ms']:.1f} ms "
               f"({p['cublas_tflops']:.0f} TFLOP/s): {100 * p['gemm_share']:.0f}% of cuBLAS's rate")
     if args.profile:
-        Path(args.profile).mkdir(parents=True, exist_ok=True)
-        for name, table in profiles.items():
-            (Path(args.profile) / (name.replace(" ", "_").replace("/", "_") + ".txt")).write_text(table)
+        Path(args.profile).write_text("".join(f"=== {name}\n{table}\n" for name, table in profiles.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=where, torch=torch.__version__, copy_bandwidth=bandwidth,
                                                    rows=bench.rows_to_dicts(rows), prefill=prefills), indent=2))
@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", choices=["hf"], help="also run transformers' generate (BF16, eager) in the same run")
     p.add_argument("--prefill", metavar="BxT", type=lambda v: v.replace("x", ","),
                    help="also time one prefill of B prompts of T tokens against cuBLAS on the same GEMMs (e.g. 8x1024)")
-    p.add_argument("--profile", metavar="DIR", help="write a torch.profiler table of decode steps per row to DIR")
+    p.add_argument("--profile", metavar="FILE", help="write torch.profiler tables of decode steps (per row) to FILE")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench_generate)
 

@@ -127,7 +127,10 @@ def bench_hf_generate(config, batch_sizes: list[int], prompt_len: int, tokens: i
     from transformers import AutoModelForCausalLM
 
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        except TypeError:  # transformers < 4.56 names it torch_dtype
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).eval()
     rows = []
     for batch in batch_sizes:
         ids = torch.tensor(_prompts(batch, prompt_len, config.vocab_size), device=device)

@@ -62,10 +62,15 @@ class DecodeGraphs:
         return self.forward(self.vectors[_IDS, :bs], self.vectors[_POSITIONS, :bs], self._meta(bs))
 
     def _capture_all(self, progress: bool) -> None:
-        from tqdm.auto import tqdm
-
         self.vectors[_SLOTS].fill_(-1)  # warm-up and capture runs write nothing and read nothing
         self.vectors[_SEQ_LENS].zero_()
+        with torch.inference_mode():
+            self._capture_each(progress)
+        torch.cuda.synchronize(self.device)
+
+    def _capture_each(self, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
         pool = None
         for bs in tqdm(sorted(self.sizes, reverse=True), desc="capturing CUDA graphs", unit="graph",
                        disable=not progress):
@@ -76,7 +81,6 @@ class DecodeGraphs:
                 self.outputs[bs] = self._run_eager(bs)
             pool = graph.pool()
             self.graphs[bs] = graph
-        torch.cuda.synchronize(self.device)
 
     def run(self, arrays: dict[str, np.ndarray], tables: np.ndarray) -> torch.Tensor:
         batch, width = tables.shape

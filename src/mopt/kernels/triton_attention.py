@@ -82,7 +82,7 @@ def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, slo
 
 
 @triton.jit
-def _load_kv(cache_ptr, block_table_row, tok, tmask, kv_head, num_kv_heads, cols, scale, dtype,
+def _load_kv(cache_ptr, block_table_row, tok, tmask, kv_head, num_kv_heads, cols, scale, dtype: tl.constexpr,
              PAGE: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr):
     """``[BLOCK_N, D]`` keys or values of tokens ``tok`` through the block table, in ``dtype``."""
     page = tl.load(block_table_row + tok // PAGE, mask=tmask, other=0).to(tl.int64)
@@ -127,9 +127,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, out_pt
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    first = 0
-    if window > 0:
-        first = tl.maximum(seq_len - window, 0)
+    first = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
     per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = first + split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
@@ -198,9 +196,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, seq_lens_p
                     other=0.0)
         kv_head = h // GROUP
         hi = tl.minimum(seq_len, context + (mb + 1) * BLOCK_M)
-        lo = 0
-        if window > 0:
-            lo = tl.maximum(context + mb * BLOCK_M - window + 1, 0)
+        lo = tl.where(window > 0, tl.maximum(context + mb * BLOCK_M - window + 1, 0), 0)
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)

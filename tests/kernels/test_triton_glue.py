@@ -1,0 +1,65 @@
+"""Triton glue kernels (RMSNorm with residual add, SiLU-gated product) against their torch references.
+
+Float32 through the interpreter: the mean square sums in another order than torch, so outputs
+agree to 1e-6 relative, and the residual sum (a plain add) exactly. On the GPU in BF16 the residual
+sum is exact and the outputs agree with the reference to within one BF16 rounding (2^-8 relative
+per element: the GPU's rsqrt/exp approximations and the summation order can move a value across a
+rounding boundary); at most 1% of elements may differ at all.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mopt.kernels.glue import rms_norm_reference, silu_mul_reference
+
+triton_glue = pytest.importorskip("mopt.kernels.triton_glue")
+
+
+def _device(gpu: bool) -> str:
+    if gpu:
+        if not torch.cuda.is_available():
+            pytest.skip("needs a GPU")
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("interpreter run (TRITON_INTERPRET=1)")
+    return "cpu"
+
+
+def _close(got, want, dtype):
+    got, want = got.float().cpu(), want.float().cpu()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:
+        assert ((got - want).abs() <= want.abs() * 2**-7 + 1e-6).all()
+        assert (got != want).float().mean() < 0.01
+
+
+def _check(device, dtype, m, n, strided):
+    g = torch.Generator().manual_seed(m * n)
+    x = (torch.randn(m, 2 * n, generator=g) * 3).to(device, dtype)
+    x_in = x[:, :n] if strided else x[:, :n].contiguous()
+    residual = torch.randn(m, n, generator=g).to(device, dtype)
+    weight = (1 + torch.randn(n, generator=g) * 0.1).to(device)
+    _close(triton_glue.rms_norm(x_in, weight, 1e-5), rms_norm_reference(x_in, weight, 1e-5), dtype)
+    out, res = triton_glue.rms_norm(x_in, weight, 1e-6, residual)
+    want, want_res = rms_norm_reference(x_in, weight, 1e-6, residual)
+    assert torch.equal(res, want_res)
+    _close(out, want, dtype)
+    _close(triton_glue.silu_mul(x), silu_mul_reference(x), dtype)
+
+
+@pytest.mark.parametrize("m,n", [(1, 64), (5, 576), (3, 1000)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_glue_interpreted(m, n, strided):
+    _check(_device(False), torch.float32, m, n, strided)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n", [(1, 4096), (64, 4096), (8192, 4096), (7, 14336), (3, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_glue_gpu(m, n, dtype):
+    _check(_device(True), dtype, m, n, strided=True)
