@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mopt.kernels.glue import rms_norm_reference, silu_mul_reference
+from mopt.quant.formats import fp8
 
 triton_glue = pytest.importorskip("mopt.kernels.triton_glue")
 
@@ -50,6 +51,13 @@ def _check(device, dtype, m, n, strided):
     assert torch.equal(res, want_res)
     _close(out, want, dtype)
     _close(triton_glue.silu_mul(x), silu_mul_reference(x), dtype)
+    # E4M3 output under a static scale: exactly the codes of the kernel's own output.
+    scale = torch.tensor(0.02, device=device)
+    codes, res = triton_glue.rms_norm(x_in, weight, 1e-6, residual, scale)
+    assert codes.dtype == fp8.FP8_DTYPE and torch.equal(res, want_res)
+    assert torch.equal(codes.view(torch.uint8), fp8.quantize(out, scale).view(torch.uint8))
+    codes = triton_glue.silu_mul(x, scale)
+    assert torch.equal(codes.view(torch.uint8), fp8.quantize(triton_glue.silu_mul(x), scale).view(torch.uint8))
 
 
 @pytest.mark.parametrize("m,n", [(1, 64), (5, 576), (3, 1000)])

@@ -1,7 +1,9 @@
 """Glue between the GEMMs: RMSNorm (optionally with the residual add) and the SiLU-gated product.
 
 The torch functions here are the references (CPU, and any device with ``MOPT_BACKEND=reference``);
-on CUDA the same calls run the one-pass Triton kernels of ``kernels.triton_glue``.
+on CUDA the same calls run the one-pass Triton kernels of ``kernels.triton_glue``. With
+``fp8_scale`` (the next GEMM's static input scale, when its kernel takes E4M3 input) the output is
+``e4m3(y / fp8_scale)`` of the output ``y`` in the activation dtype: what that GEMM would compute.
 """
 
 from __future__ import annotations
@@ -12,9 +14,15 @@ import torch
 from torch import nn
 
 from mopt.kernels.linear import BACKEND_ENV
+from mopt.quant.formats import fp8
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+def _maybe_fp8(y: torch.Tensor, fp8_scale: torch.Tensor | None) -> torch.Tensor:
+    return y if fp8_scale is None else fp8.quantize(y, fp8_scale)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                       fp8_scale: torch.Tensor | None = None):
     """``weight * x / rms(x)`` in float32, rounded to ``x``'s dtype once; with ``residual``, normalizes
     ``s = x + residual`` (rounded to the dtype first) and returns ``(normed, s)``."""
     if residual is not None:
@@ -22,13 +30,13 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residu
         residual = x
     dtype = x.dtype
     xf = x.float()
-    y = (weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(dtype)
+    y = _maybe_fp8((weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(dtype), fp8_scale)
     return y if residual is None else (y, residual)
 
 
-def silu_mul_reference(x: torch.Tensor) -> torch.Tensor:
+def silu_mul_reference(x: torch.Tensor, fp8_scale: torch.Tensor | None = None) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
-    return nn.functional.silu(gate) * up
+    return _maybe_fp8(nn.functional.silu(gate) * up, fp8_scale)
 
 
 def _triton_glue(x: torch.Tensor):
@@ -41,13 +49,14 @@ def _triton_glue(x: torch.Tensor):
     return triton_glue
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             fp8_scale: torch.Tensor | None = None):
     kernels = _triton_glue(x)
     if kernels is None:
-        return rms_norm_reference(x, weight, eps, residual)
-    return kernels.rms_norm(x, weight, eps, residual)
+        return rms_norm_reference(x, weight, eps, residual, fp8_scale)
+    return kernels.rms_norm(x, weight, eps, residual, fp8_scale)
 
 
-def silu_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_mul(x: torch.Tensor, fp8_scale: torch.Tensor | None = None) -> torch.Tensor:
     kernels = _triton_glue(x)
-    return silu_mul_reference(x) if kernels is None else kernels.silu_mul(x)
+    return silu_mul_reference(x, fp8_scale) if kernels is None else kernels.silu_mul(x, fp8_scale)

@@ -68,6 +68,11 @@ class LinearKernel:
     def process_weights(self, layer: torch.nn.Module) -> None:
         """Convert the canonical weights on ``layer`` into this kernel's layout (once)."""
 
+    def fp8_input_scale(self, layer: torch.nn.Module) -> torch.Tensor | None:
+        """The static scale under which ``apply`` also takes E4M3 codes as ``x`` (then the output is in
+        ``layer.params_dtype``), so the kernel before it can quantize; None: unquantized input only."""
+        return None
+
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:

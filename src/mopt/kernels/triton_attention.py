@@ -46,7 +46,8 @@ def _store_kv(cache_ptr, slot, num_kv_heads, heads, hmask, cols, x, scale, D: tl
 @triton.jit
 def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
                        k_scale, v_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                       num_heads, num_kv_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr, FP8: tl.constexpr):
+                       num_heads, num_kv_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr,
+                       FP8: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     D: tl.constexpr = 2 * HALF
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -66,6 +67,7 @@ def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, slo
 
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
+        heads = tl.arange(0, BLOCK_KV)
         kmask = heads < num_kv_heads
         k_rows = k_ptr + t * stride_kt + heads[:, None] * stride_kh
         lo = tl.load(k_rows + j[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
@@ -238,7 +240,8 @@ def rope_and_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
             q, k, v, q_out, positions, cos_sin_cache, slot_mapping, k_cache, v_cache, float(k_scale),
             float(v_scale), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             num_heads, num_kv_heads, HALF=head_dim // 2,
-            BLOCK_H=triton.next_power_of_2(max(num_heads, num_kv_heads)), FP8=_is_fp8(k_cache),
+            BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads),
+            FP8=_is_fp8(k_cache),
             enable_fp_fusion=False)
     return q_out
 

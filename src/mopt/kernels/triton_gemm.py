@@ -24,8 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from mopt.kernels.triton_quant import _to_fp8
-
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -60,10 +58,7 @@ def _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS: tl.c
 def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,
                      stride_cm, num_kb, A_ROWWISE: tl.constexpr, B_ROWWISE: tl.constexpr,
                      BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     QUANTIZE_A: tl.constexpr = False):
-    """``QUANTIZE_A``: ``a`` holds unquantized activations, quantized here under the static per-tensor
-    scale ``a_scale`` exactly as ``triton_quant.fp8_static`` does (decode: saves a launch and a pass)."""
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -79,8 +74,6 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M,
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         a = tl.load(a_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if QUANTIZE_A:
-            a = _to_fp8(a.to(tl.float32), tl.load(a_scale_ptr))
         b = tl.load(b_rows + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if BLOCK_SCALES:  # BLOCK_K == 128: one scale per row and K block
             sa = tl.load(a_scale_ptr + offs_m * num_kb + t, mask=m_ok, other=0.0)
@@ -240,12 +233,9 @@ def _output(m: int, n: int, dtype: torch.dtype, split: int, device) -> torch.Ten
 
 def fp8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
              bias: torch.Tensor | None, out_dtype: torch.dtype, block_scales: bool = False,
-             quantize_a: bool = False, config: dict | None = None) -> torch.Tensor:
+             config: dict | None = None) -> torch.Tensor:
     """``a [M, K]`` e4m3 (row-major), ``b [N, K]`` e4m3; scales as in the module docstring.
-
-    ``quantize_a``: ``a`` is unquantized (BF16/FP16/FP32) and ``a_scale`` its static per-tensor scale;
-    each program quantizes the tiles it reads. ``config``: tile settings overriding ``_config`` (sweeps).
-    """
+    ``config``: tile settings overriding ``_config`` (sweeps)."""
     m, k = a.shape
     n = b.shape[0]
     cfg = config or _config(m, n, k, a.device, 128 if block_scales or m > 16 else 256, block_scales)
@@ -255,11 +245,11 @@ def fp8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: t
         a, b, out, a_scale.contiguous(), b_scale.contiguous(), bias if bias is not None else a_scale,
         m, n, k, a.stride(0), b.stride(0), out.stride(0), b_scale.shape[-1] if block_scales else 1,
         A_ROWWISE=a_scale.numel() > 1, B_ROWWISE=b_scale.numel() > 1, BLOCK_SCALES=block_scales,
-        HAS_BIAS=bias is not None, QUANTIZE_A=quantize_a, **cfg)
+        HAS_BIAS=bias is not None, **cfg)
     return out.to(out_dtype) if out.dtype != out_dtype else out
 
 
-NVFP4_GEMV_MAX_M = 16
+NVFP4_GEMV_MAX_M = 64  # decode batches up to here stream the packed weights; larger M expands them for cuBLAS
 
 
 def nvfp4_gemv_tiles(block_m: int, n: int) -> tuple[int, int, int, int]:
@@ -267,6 +257,8 @@ def nvfp4_gemv_tiles(block_m: int, n: int) -> tuple[int, int, int, int]:
     H100 (2026-11-25) over Llama-3-8B layer shapes."""
     if block_m == 1:
         return (16, 512, 4, 4) if n >= 16384 else (32, 512, 8, 4)
+    if block_m == 64:  # not swept yet: the 16-row tiles on twice the warps
+        return 128, 256, 8, 3
     return 128, 256, 4, 4
 
 
@@ -320,7 +312,7 @@ def nvfp4_gemm(a_values: torch.Tensor, b_packed: torch.Tensor, b_scale: torch.Te
         if bias is not None:
             y += bias.float()
         return y.to(out_dtype)
-    bm = 1 if m == 1 else 16
+    bm = 1 if m == 1 else 16 if m <= 16 else 64
     bn, bk, warps, stages = nvfp4_gemv_tiles(bm, n)
     tiles = triton.cdiv(n, bn)
     k_tiles = triton.cdiv(kp, bk)

@@ -1,9 +1,12 @@
 """Triton glue kernels beside their torch references in ``kernels.glue``: RMSNorm with the residual
-add, and the SiLU-gated product. One pass over the activations each.
+add, and the SiLU-gated product. One pass over the activations each; either can write E4M3 codes
+under the next GEMM's static input scale instead of its output, so that GEMM needs no quantization
+pass.
 
 Rounding follows the references step by step: the residual sum is rounded to the activation dtype
 before it is normalized, the normalized value times the weight is rounded once, the SiLU is rounded
-to the dtype before it multiplies ``up``. Reductions (the mean square) sum in another order than
+to the dtype before it multiplies ``up``; E4M3 codes quantize the rounded output exactly as
+``triton_quant.fp8_static`` does. Reductions (the mean square) sum in another order than
 torch, and ``exp``/``rsqrt`` are the GPU's approximations, so results may differ from the reference
 by a last-place rounding of the output dtype.
 """
@@ -14,15 +17,26 @@ import torch
 import triton
 import triton.language as tl
 
+from mopt.kernels.triton_quant import _to_fp8
+from mopt.quant.formats import fp8
+
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, n, eps,
-                     BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+def _store_out(ptr, y, scale_ptr, mask, FP8_OUT: tl.constexpr):
+    if FP8_OUT:
+        tl.store(ptr, _to_fp8(y.to(tl.float32), tl.load(scale_ptr)), mask=mask)
+    else:
+        tl.store(ptr, y, mask=mask)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale_ptr, stride_x, stride_r, n, eps,
+                     BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
+    dtype = x_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    dtype = out_ptr.dtype.element_ty
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         s = (x + r).to(dtype)
@@ -30,19 +44,19 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stri
         x = s.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(x * x, axis=0) / n + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * n + cols, (w * (x * rstd)).to(dtype), mask=mask)
+    _store_out(out_ptr + row * n + cols, (w * (x * rstd)).to(dtype), scale_ptr, mask, FP8_OUT)
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, stride_x, n, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, scale_ptr, stride_x, n, BLOCK: tl.constexpr, FP8_OUT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + n + cols, mask=mask, other=0.0).to(tl.float32)
-    dtype = out_ptr.dtype.element_ty
+    dtype = x_ptr.dtype.element_ty
     silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-    tl.store(out_ptr + row * n + cols, (silu * up).to(dtype), mask=mask)
+    _store_out(out_ptr + row * n + cols, (silu * up).to(dtype), scale_ptr, mask, FP8_OUT)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -50,30 +64,33 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``weight * x / rms(x)``; with ``residual``, of ``x + residual``, returning ``(normed, x + residual)``."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             fp8_scale: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``weight * x / rms(x)``; with ``residual``, of ``x + residual``, returning ``(normed, x + residual)``.
+    With ``fp8_scale`` the normed output is E4M3 codes under that static scale."""
     x2 = _rows(x)
     m, n = x2.shape
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, n), dtype=fp8.FP8_DTYPE if fp8_scale is not None else x.dtype, device=x.device)
     r2 = _rows(residual) if residual is not None else x2
-    res_out = torch.empty((m, n), dtype=x.dtype, device=x.device) if residual is not None else out
+    res_out = torch.empty((m, n), dtype=x.dtype, device=x.device) if residual is not None else x2
     if m:
         block = triton.next_power_of_2(n)
-        _rms_norm_kernel[(m,)](x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0), n, eps, BLOCK=block,
-                               HAS_RESIDUAL=residual is not None, num_warps=min(16, max(1, block // 512)))
+        _rms_norm_kernel[(m,)](x2, r2, weight, out, res_out, fp8_scale if fp8_scale is not None else weight,
+                               x2.stride(0), r2.stride(0), n, eps, BLOCK=block, HAS_RESIDUAL=residual is not None,
+                               FP8_OUT=fp8_scale is not None, num_warps=min(16, max(1, block // 512)))
     if residual is None:
         return out.view(x.shape)
     return out.view(x.shape), res_out.view(x.shape)
 
 
-def silu_mul(x: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` of ``x [..., 2I]`` = ``[gate | up]`` -> ``[..., I]``."""
+def silu_mul(x: torch.Tensor, fp8_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` of ``x [..., 2I]`` = ``[gate | up]`` -> ``[..., I]`` (E4M3 codes under ``fp8_scale``)."""
     x2 = _rows(x)
     m, n2 = x2.shape
     n = n2 // 2
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, n), dtype=fp8.FP8_DTYPE if fp8_scale is not None else x.dtype, device=x.device)
     if m:
         block = min(1024, triton.next_power_of_2(n))
-        _silu_mul_kernel[(m, triton.cdiv(n, block))](x2, out, x2.stride(0), n, BLOCK=block)
+        _silu_mul_kernel[(m, triton.cdiv(n, block))](x2, out, fp8_scale if fp8_scale is not None else x2,
+                                                     x2.stride(0), n, BLOCK=block, FP8_OUT=fp8_scale is not None)
     return out.view(*x.shape[:-1], n)

@@ -3,8 +3,10 @@
 Selection (``mopt.kernels.linear.select_linear_kernel``), in order:
 
 * ``hopper-fp8`` (backend ``auto``): FP8 per-tensor and per-channel x per-token; by M bucket,
-  the Triton split-K GEMM for M <= ``SMALL_M`` (rowwise ``_scaled_mm`` is slow at small M) and
-  ``_scaled_mm`` above it, where cuBLASLt is fastest;
+  the decode GEMV (``triton_gemv``) for M <= 16, the Triton split-K GEMM up to ``SMALL_M`` (rowwise
+  ``_scaled_mm`` is slow at small M) and ``_scaled_mm`` above it, where cuBLASLt is fastest.
+  Per-tensor layers also take activations the kernel before them already quantized (E4M3 codes
+  under the layer's static input scale: ``fp8_input_scale``);
 * ``triton-fp8-block``: 128x128-block FP8 weights with 1x128 activation groups;
 * ``triton-nvfp4``: exact W4A4 (``triton_gemm.nvfp4_gemm``);
 * ``cublas-fp8`` / ``triton-fp8``: one engine for every M, for ``MOPT_BACKEND=cublas|triton``.
@@ -17,12 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from mopt.kernels import triton_gemm, triton_quant
+from mopt.kernels import triton_gemm, triton_gemv, triton_quant
 from mopt.kernels.linear import (LinearKernel, LinearScheme, LinearShape, cuda_capability, flatten_tokens,
                                  register_linear_kernel)
+from mopt.quant.formats.fp8 import FP8_DTYPE
 
 SMALL_M = 64
-FUSED_QUANT_MAX_M = 16  # up to here the FP8 GEMM quantizes static-scale activations itself
 FP8_SCHEMES = (LinearScheme.FP8_TENSOR, LinearScheme.FP8_CHANNEL_TOKEN)
 
 
@@ -81,26 +83,24 @@ class _Fp8Base(_CudaKernel):
     def run(self, layer, xq, x_scale, bias, out_dtype) -> torch.Tensor:
         raise NotImplementedError  # abstract
 
+    def fp8_input_scale(self, layer):
+        return layer.input_scale if layer.linear_shape.scheme is LinearScheme.FP8_TENSOR else None
+
     def apply(self, layer, x, bias):
         x2, restore = flatten_tokens(x)
+        if x2.dtype == FP8_DTYPE:  # already quantized under layer.input_scale
+            return restore(self.run(layer, x2, layer.input_scale.reshape(1), bias, layer.params_dtype))
         xq, x_scale = _quantize_fp8(layer, x2)
         return restore(self.run(layer, xq, x_scale, bias, x.dtype))
 
 
 class TritonFp8Kernel(_Fp8Base):
-    """Static per-tensor activations are quantized inside the GEMM at decode sizes (no separate pass)."""
-
     name, backend = "triton-fp8", "triton"
 
     def run(self, layer, xq, x_scale, bias, out_dtype):
+        if xq.shape[0] <= triton_gemv.MAX_M:
+            return triton_gemv.fp8_gemv(xq, layer.weight, x_scale, layer.weight_scale.reshape(-1), bias, out_dtype)
         return triton_gemm.fp8_gemm(xq, layer.weight, x_scale, layer.weight_scale.reshape(-1), bias, out_dtype)
-
-    def apply(self, layer, x, bias):
-        x2, restore = flatten_tokens(x)
-        if layer.linear_shape.scheme is LinearScheme.FP8_TENSOR and x2.shape[0] <= FUSED_QUANT_MAX_M:
-            return restore(triton_gemm.fp8_gemm(x2, layer.weight, layer.input_scale.reshape(1),
-                                                layer.weight_scale.reshape(-1), bias, x.dtype, quantize_a=True))
-        return super().apply(layer, x, bias)
 
 
 class CublasFp8Kernel(_Fp8Base):
@@ -122,11 +122,6 @@ class HopperFp8Kernel(_Fp8Base):
     def run(self, layer, xq, x_scale, bias, out_dtype):
         engine = self.small if xq.shape[0] <= SMALL_M else self.large
         return engine.run(layer, xq, x_scale, bias, out_dtype)
-
-    def apply(self, layer, x, bias):
-        if x.numel() // x.shape[-1] <= SMALL_M:
-            return self.small.apply(layer, x, bias)
-        return super().apply(layer, x, bias)
 
 
 class TritonFp8BlockKernel(_CudaKernel):

@@ -16,7 +16,8 @@ class RMSNorm(nn.Module):
     """``x / rms(x) * weight`` computed in float32, as Llama/Qwen do.
 
     ``forward(x, residual)`` first adds the residual stream (rounded to the activation dtype, as an
-    unfused ``x + residual`` is) and returns ``(normed, new residual)``: one kernel on GPUs.
+    unfused ``x + residual`` is) and returns ``(normed, new residual)``: one kernel on GPUs. With
+    ``fp8_scale`` (the next layer's ``fp8_input_scale``) ``normed`` is E4M3 codes under it.
     """
 
     def __init__(self, size: int, eps: float = 1e-6, prefix: str = "") -> None:
@@ -26,8 +27,8 @@ class RMSNorm(nn.Module):
         self.weight.mopt_name = f"{prefix}.weight"
         self.weight._weight_loader = lambda param, t, shard_id=None: param.load(t, ShardSpec())
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return rms_norm(x, self.weight, self.eps, residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8_scale: torch.Tensor | None = None):
+        return rms_norm(x, self.weight, self.eps, residual, fp8_scale)
 
 
 def rope_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:

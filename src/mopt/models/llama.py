@@ -63,8 +63,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, config.hidden_size, quant_config=quant_config,
                                            prefix=f"{prefix}.down_proj", params_dtype=params_dtype)
 
+    @property
+    def fp8_input_scale(self) -> torch.Tensor | None:
+        return self.gate_up_proj.fp8_input_scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_up_proj(x)))
+        return self.down_proj(silu_mul(self.gate_up_proj(x), self.down_proj.fp8_input_scale))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -84,12 +88,14 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata | None) -> tuple[torch.Tensor, torch.Tensor]:
+        # Norms write E4M3 codes when the GEMM after them takes those (static-scale FP8 kernels on GPUs).
+        qkv_scale = self.self_attn.qkv_proj.fp8_input_scale
         if residual is None:
-            x, residual = self.input_layernorm(x), x
+            x, residual = self.input_layernorm(x, fp8_scale=qkv_scale), x
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, qkv_scale)
         x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(x, residual, getattr(self.mlp, "fp8_input_scale", None))
         return self.mlp(x), residual
 
 

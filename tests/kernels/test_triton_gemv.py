@@ -1,0 +1,100 @@
+"""The FP8 decode GEMV against the reference GEMM, and the E4M3-input protocol between kernels.
+
+Through the interpreter (float32) the GEMV's sums of exact products agree with the reference to
+1e-6 relative (order of summation only); on the GPU likewise for both inner loops (the tensor-core
+path accumulates in float32 without promotion loss at these K: mma.sync keeps full float32), and
+BF16 outputs to one rounding (4e-3). Pre-quantized input (E4M3 codes under the static input scale,
+as the norm and SiLU kernels write them) must give the same bits as letting the layer quantize.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from canonical import S, canonical_layer
+from mopt.kernels.reference import ReferenceLinearKernel
+from mopt.quant.formats import fp8
+
+triton_gemv = pytest.importorskip("mopt.kernels.triton_gemv")
+triton_linear = pytest.importorskip("mopt.kernels.triton_linear")
+
+
+def _device(gpu: bool) -> str:
+    if gpu:
+        if not torch.cuda.is_available():
+            pytest.skip("needs a GPU")
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("interpreter run (TRITON_INTERPRET=1)")
+    return "cpu"
+
+
+def _rel(a, b) -> float:
+    return ((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm()).item()
+
+
+def _check_gemv(device, n, k, m, tiles, out_dtype, rowwise):
+    g = torch.Generator().manual_seed(n + k + m)
+    w = torch.randn(n, k, generator=g) * (1 + 3 * torch.rand(n, 1, generator=g))
+    if rowwise:
+        wq, ws = fp8.quantize_per_channel(w)
+        ws = ws.reshape(-1)
+        xq, xs = fp8.quantize_per_token(torch.randn(m, k, generator=g))
+        xs = xs.reshape(-1)
+    else:
+        wq, ws = fp8.quantize_per_tensor(w)
+        xq, xs = fp8.quantize_per_tensor(torch.randn(m, k, generator=g))
+        xs, ws = xs.reshape(1), ws.reshape(1)
+    bias = torch.randn(n, generator=g)
+    want = (fp8.to_float32(xq) @ fp8.to_float32(wq).t()) * xs.reshape(-1, 1) * ws.reshape(1, -1) + bias
+    to = lambda t: t.to(device)
+    got = triton_gemv.fp8_gemv(to(xq), to(wq), to(xs), to(ws), to(bias), out_dtype, tiles)
+    assert got.dtype == out_dtype and got.shape == (m, n)
+    assert _rel(got, want) <= (1e-6 if out_dtype == torch.float32 else 4e-3)
+
+
+TILES = {"fma": triton_gemv.GemvTiles(16, 128, 4, 2, dot=False), "dot": triton_gemv.GemvTiles(16, 64, 4, 2, dot=True)}
+
+
+@pytest.mark.parametrize("n,k,m,variant", [(48, 256, 1, "fma"), (50, 200, 1, "fma"), (48, 256, 1, "dot"),
+                                           (70, 96, 5, "dot"), (32, 512, 16, "dot")])
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_fp8_gemv_interpreted(n, k, m, variant, rowwise):
+    _check_gemv(_device(False), n, k, m, TILES[variant], torch.float32, rowwise)
+
+
+def test_fp8_gemv_rejects_large_m():
+    with pytest.raises(ValueError, match="M=17"):
+        triton_gemv.fp8_gemv(torch.zeros(17, 16, dtype=fp8.FP8_DTYPE), torch.zeros(16, 16, dtype=fp8.FP8_DTYPE),
+                             torch.ones(1), torch.ones(1), None, torch.float32)
+
+
+@pytest.mark.parametrize("m", [1, 9])
+def test_fp8_codes_as_input_equal_quantizing_inside(m):
+    """A per-tensor FP8 layer given E4M3 codes under its input scale computes what it computes when it
+    quantizes the same activations itself (the protocol the norm and SiLU kernels use)."""
+    device = _device(False)
+    layer = canonical_layer(S.FP8_TENSOR, 64, 256)
+    layer.params_dtype = torch.float32
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)) * 2
+    kernel = triton_linear.HopperFp8Kernel()
+    assert kernel.fp8_input_scale(layer) is layer.input_scale
+    codes = fp8.quantize(x, layer.input_scale)
+    assert torch.equal(kernel.apply(layer, codes.to(device), None), kernel.apply(layer, x.to(device), None))
+    expected = ReferenceLinearKernel().apply(layer, x, None)
+    assert _rel(kernel.apply(layer, codes.to(device), None), expected) <= 1e-5
+    channel = canonical_layer(S.FP8_CHANNEL_TOKEN, 64, 256)
+    assert kernel.fp8_input_scale(channel) is None  # per-token scales are computed from the row itself
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (576, 576)])
+@pytest.mark.parametrize("m", [1, 2, 16])
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_fp8_gemv_gpu(n, k, m, rowwise):
+    device = _device(True)
+    _check_gemv(device, n, k, m, None, torch.float32, rowwise)
+    _check_gemv(device, n, k, m, None, torch.bfloat16, rowwise)
