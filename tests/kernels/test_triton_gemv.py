@@ -2,8 +2,8 @@
 
 Through the interpreter (float32) the GEMV's sums of exact products agree with the reference to
 1e-6 relative (order of summation only); on the GPU likewise for both inner loops (the tensor-core
-path accumulates in float32 without promotion loss at these K: mma.sync keeps full float32), and
-BF16 outputs to one rounding (4e-3). Pre-quantized input (E4M3 codes under the static input scale,
+path accumulates in float32: mma.sync keeps full float32), up to 1e-5 for K = 14336 (float32
+rounding grows like sqrt(K) * 2^-24), and BF16 outputs to one rounding (4e-3). Pre-quantized input (E4M3 codes under the static input scale,
 as the norm and SiLU kernels write them) must give the same bits as letting the layer quantize.
 """
 
@@ -53,7 +53,8 @@ def _check_gemv(device, n, k, m, tiles, out_dtype, rowwise):
     to = lambda t: t.to(device)
     got = triton_gemv.fp8_gemv(to(xq), to(wq), to(xs), to(ws), to(bias), out_dtype, tiles)
     assert got.dtype == out_dtype and got.shape == (m, n)
-    assert _rel(got, want) <= (1e-6 if out_dtype == torch.float32 else 4e-3)
+    # float32 sums of K exact products in another order: about sqrt(K) * 2^-24 relative
+    assert _rel(got, want) <= ((1e-6 if k <= 1024 else 1e-5) if out_dtype == torch.float32 else 4e-3)
 
 
 TILES = {"fma": triton_gemv.GemvTiles(16, 128, 4, 2, dot=False), "dot": triton_gemv.GemvTiles(16, 64, 4, 2, dot=True)}

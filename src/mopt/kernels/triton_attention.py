@@ -67,20 +67,20 @@ def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, slo
 
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
-        heads = tl.arange(0, BLOCK_KV)
-        kmask = heads < num_kv_heads
-        k_rows = k_ptr + t * stride_kt + heads[:, None] * stride_kh
+        kv_heads = tl.arange(0, BLOCK_KV)
+        kmask = kv_heads < num_kv_heads
+        k_rows = k_ptr + t * stride_kt + kv_heads[:, None] * stride_kh
         lo = tl.load(k_rows + j[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
         hi = tl.load(k_rows + HALF + j[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
         # The reference rounds the rotated key to the model dtype before the cache quantizes it.
         k_lo = (lo * c[None, :] - hi * s[None, :]).to(dtype).to(tl.float32)
         k_hi = (hi * c[None, :] + lo * s[None, :]).to(dtype).to(tl.float32)
-        _store_kv(k_cache_ptr, slot, num_kv_heads, heads, kmask, j, k_lo, k_scale, D, FP8)
-        _store_kv(k_cache_ptr, slot, num_kv_heads, heads, kmask, HALF + j, k_hi, k_scale, D, FP8)
+        _store_kv(k_cache_ptr, slot, num_kv_heads, kv_heads, kmask, j, k_lo, k_scale, D, FP8)
+        _store_kv(k_cache_ptr, slot, num_kv_heads, kv_heads, kmask, HALF + j, k_hi, k_scale, D, FP8)
         cols = tl.arange(0, D)
-        v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + cols[None, :], mask=kmask[:, None],
+        v = tl.load(v_ptr + t * stride_vt + kv_heads[:, None] * stride_vh + cols[None, :], mask=kmask[:, None],
                     other=0.0).to(tl.float32)
-        _store_kv(v_cache_ptr, slot, num_kv_heads, heads, kmask, cols, v, v_scale, D, FP8)
+        _store_kv(v_cache_ptr, slot, num_kv_heads, kv_heads, kmask, cols, v, v_scale, D, FP8)
 
 
 @triton.jit
