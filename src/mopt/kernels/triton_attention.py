@@ -70,11 +70,11 @@ def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, slo
         kv_heads = tl.arange(0, BLOCK_KV)
         kmask = kv_heads < num_kv_heads
         k_rows = k_ptr + t * stride_kt + kv_heads[:, None] * stride_kh
-        lo = tl.load(k_rows + j[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
-        hi = tl.load(k_rows + HALF + j[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+        k1 = tl.load(k_rows + j[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+        k2 = tl.load(k_rows + HALF + j[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
         # The reference rounds the rotated key to the model dtype before the cache quantizes it.
-        k_lo = (lo * c[None, :] - hi * s[None, :]).to(dtype).to(tl.float32)
-        k_hi = (hi * c[None, :] + lo * s[None, :]).to(dtype).to(tl.float32)
+        k_lo = (k1 * c[None, :] - k2 * s[None, :]).to(dtype).to(tl.float32)
+        k_hi = (k2 * c[None, :] + k1 * s[None, :]).to(dtype).to(tl.float32)
         _store_kv(k_cache_ptr, slot, num_kv_heads, kv_heads, kmask, j, k_lo, k_scale, D, FP8)
         _store_kv(k_cache_ptr, slot, num_kv_heads, kv_heads, kmask, HALF + j, k_hi, k_scale, D, FP8)
         cols = tl.arange(0, D)
