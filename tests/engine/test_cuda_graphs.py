@@ -46,7 +46,7 @@ def _llm(path, padded: bool, **kw) -> LLM:
     llm = LLM(path, device="cpu", block_size=4, kv_cache_memory=4 << 20, max_num_seqs=8, **kw)
     if padded:
         runner = llm.runner
-        runner.graphs = DecodeGraphs(runner._forward, runner.device, 8,
+        runner.graphs = DecodeGraphs(runner._decode_forward, runner.device, 8,
                                      blocks_needed(llm.max_model_len, runner.block_size), capture=False, pad=True)
     return llm
 
@@ -76,13 +76,14 @@ def test_padding_rows_write_nothing_and_attend_to_nothing():
     def forward(ids, positions, meta):
         seen.update(ids=ids.clone(), positions=positions.clone(), slots=meta.slot_mapping.clone(),
                     lens=meta.seq_lens.clone(), tables=meta.block_tables.clone(), qsl=meta.query_start_loc.clone())
-        return torch.zeros(len(ids), 7)
+        return torch.zeros(len(ids), 7), torch.zeros(len(ids), dtype=torch.long)
 
     graphs = DecodeGraphs(forward, torch.device("cpu"), 8, 5, capture=False, pad=True)
     arrays = dict(ids=np.array([11, 12, 13], np.int32), positions=np.array([4, 0, 9], np.int32),
                   slots=np.array([20, 33, 9], np.int32), seq_lens=np.array([5, 1, 10], np.int32))
     tables = np.array([[5, 0, 0], [8, 0, 0], [2, 9, 0]], np.int32)
-    assert graphs.run(arrays, tables).shape == (3, 7)
+    logits, greedy = graphs.run(arrays, tables)
+    assert logits.shape == (3, 7) and greedy.shape == (3,)
     assert seen["ids"].tolist() == [11, 12, 13, 0] and seen["slots"].tolist() == [20, 33, 9, -1]
     assert seen["lens"].tolist() == [5, 1, 10, 0] and seen["qsl"].tolist() == [0, 1, 2, 3, 4]
     assert seen["tables"][:3, :3].tolist() == tables.tolist() and seen["tables"].shape == (4, 5)

@@ -13,6 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from mopt.kernels import triton_argmax as targ
 from mopt.kernels import triton_attention as ta
 from mopt.kernels import triton_gemv as tg
 from mopt.kernels import triton_glue as tgl
@@ -27,17 +28,20 @@ KERNELS = [
           stride_kt="i32", stride_kh="i32", stride_vt="i32", stride_vh="i32", num_heads="i32", num_kv_heads="i32"),
      [dict(HALF=64, BLOCK_H=32, BLOCK_KV=8, FP8=True), dict(HALF=32, BLOCK_H=4, BLOCK_KV=2, FP8=False)]),
     (ta._decode_kernel,
-     dict(q_ptr=P_BF16, k_cache_ptr=P_F8, v_cache_ptr=P_F8, bt_ptr=P_I32, seq_lens_ptr=P_I32, out_ptr=P_BF16,
-          part_ptr=P_F32, lse_ptr=P_F32, k_scale="fp32", v_scale="fp32", sm_scale="fp32", stride_qb="i32",
-          stride_qh="i32", stride_bt="i32", num_heads="i32", num_kv_heads="i32", window="i32"),
-     [dict(GROUP=4, BLOCK_H=16, D=128, PAGE=16, BLOCK_N=64, NUM_SPLITS=32, FP8=True, IEEE=False),
-      dict(GROUP=8, BLOCK_H=16, D=128, PAGE=32, BLOCK_N=64, NUM_SPLITS=1, FP8=True, IEEE=False)]),
-    (ta._decode_merge_kernel, dict(part_ptr=P_F32, lse_ptr=P_F32, out_ptr=P_BF16), [dict(NUM_SPLITS=32, D=128)]),
+     dict(q_ptr=P_BF16, k_cache_ptr=P_F8, v_cache_ptr=P_F8, bt_ptr=P_I32, seq_lens_ptr=P_I32, out_ptr=P_F8,
+          part_ptr=P_F32, lse_ptr=P_F32, count_ptr=P_I32, out_scale_ptr=P_F32, k_scale="fp32", v_scale="fp32",
+          sm_scale="fp32", stride_qb="i32", stride_qh="i32", stride_bt="i32", num_heads="i32", num_kv_heads="i32",
+          window="i32"),
+     [dict(GROUP=4, BLOCK_H=16, D=128, PAGE=16, BLOCK_N=64, NUM_SPLITS=32, FP8=True, IEEE=False, FP8_OUT=True),
+      dict(GROUP=8, BLOCK_H=16, D=128, PAGE=32, BLOCK_N=64, NUM_SPLITS=1, FP8=True, IEEE=False, FP8_OUT=False)]),
     (ta._prefill_kernel,
      dict(q_ptr=P_BF16, k_cache_ptr=P_F8, v_cache_ptr=P_F8, out_ptr=P_BF16, bt_ptr=P_I32, seq_lens_ptr=P_I32,
-          qsl_ptr=P_I32, k_scale="fp32", v_scale="fp32", sm_scale="fp32", stride_qt="i32", stride_qh="i32",
-          stride_bt="i32", num_heads="i32", num_kv_heads="i32", window="i32"),
-     [dict(GROUP=4, D=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, FP8=True, IEEE=False)]),
+          qsl_ptr=P_I32, out_scale_ptr=P_F32, k_scale="fp32", v_scale="fp32", sm_scale="fp32", stride_qt="i32",
+          stride_qh="i32", stride_bt="i32", num_heads="i32", num_kv_heads="i32", window="i32"),
+     [dict(GROUP=4, D=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, FP8=True, IEEE=False, FP8_OUT=False)]),
+    (targ._chunk_max_kernel, dict(x_ptr=P_F32, val_ptr=P_F32, idx_ptr=P_I32, n="i32", stride="i32"),
+     [dict(CHUNKS=32, BLOCK=4096)]),
+    (targ._pick_chunk_kernel, dict(val_ptr=P_F32, idx_ptr=P_I32, out_ptr="*i64"), [dict(CHUNKS=32)]),
     (tgl._rms_norm_kernel,
      dict(x_ptr=P_BF16, res_ptr=P_BF16, w_ptr=P_F32, out_ptr=P_F8, res_out_ptr=P_BF16, scale_ptr=P_F32,
           stride_x="i32", stride_r="i32", n="i32", eps="fp32"),

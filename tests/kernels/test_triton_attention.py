@@ -135,6 +135,43 @@ def test_decode_splits_and_window_interpreted(splits):
         _check(got, want, torch.float32)
 
 
+def _codes_match(got, want, exact):
+    g, w = got.float().cpu(), want.float().cpu()
+    if exact:
+        assert torch.equal(got.view(torch.uint8).cpu(), want.view(torch.uint8).cpu())
+    else:  # kernels compiled apart may sum in another order: a code one E4M3 step off, rarely
+        assert ((g - w).abs() <= w.abs() * 2**-3 + 2**-9).all() and (g != w).float().mean() < 0.01
+
+
+def _fp8_output_case(device, dtype, splits):
+    seq_lens = [5, 33, 0, 90]
+    k_cache, v_cache, tables, ks, vs = _cache(seq_lens, 16, 2, 64, dtype, fp8.FP8_DTYPE, device, 5)
+    q = torch.randn(4, 8, 64, generator=torch.Generator().manual_seed(9)).to(device, dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    scale = torch.tensor(0.004, device=device)
+    plain = triton_attention.decode(q, k_cache, v_cache, tables, lens, 0.125, ks, vs, num_splits=splits)
+    codes = triton_attention.decode(q, k_cache, v_cache, tables, lens, 0.125, ks, vs, num_splits=splits,
+                                    out_scale=scale)
+    assert codes.dtype == fp8.FP8_DTYPE
+    _codes_match(codes, fp8.quantize(plain, scale), exact=dtype == torch.float32)
+    qsl = torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32, device=device)
+    plain = triton_attention.prefill(q, k_cache, v_cache, tables, lens, qsl, 1, 0.125, ks, vs)
+    codes = triton_attention.prefill(q, k_cache, v_cache, tables, lens, qsl, 1, 0.125, ks, vs, out_scale=scale)
+    _codes_match(codes, fp8.quantize(plain, scale), exact=dtype == torch.float32)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_fp8_output_interpreted(splits):
+    """E4M3 output for an FP8 o_proj: the codes of the kernel's own output."""
+    _fp8_output_case(_device(False), torch.float32, splits)
+
+
+def test_split_counters_are_left_zero():
+    device = _device(False)
+    _fp8_output_case(device, torch.float32, 8)
+    assert torch.count_nonzero(triton_attention._COUNTERS[torch.device(device)]) == 0
+
+
 @pytest.mark.parametrize("page", [4, 16, 32])
 @pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 1)])
 @pytest.mark.parametrize("cache", ["fp8", "model"])
@@ -211,6 +248,12 @@ def test_prefill_gpu(page, heads, kv_heads, cache):
     device = _device(True)
     _prefill_case(device, torch.bfloat16, CACHES[cache] or torch.bfloat16, page, heads, kv_heads,
                   [1024, 1, 300, 77, 2048], [0, 4095, 200, 1000, 0], head_dim=128)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 32])
+def test_fp8_output_gpu(splits):
+    _fp8_output_case(_device(True), torch.bfloat16, splits)
 
 
 @pytest.mark.gpu

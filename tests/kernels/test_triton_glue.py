@@ -51,13 +51,23 @@ def _check(device, dtype, m, n, strided):
     assert torch.equal(res, want_res)
     _close(out, want, dtype)
     _close(triton_glue.silu_mul(x), silu_mul_reference(x), dtype)
-    # E4M3 output under a static scale: exactly the codes of the kernel's own output.
+    # E4M3 output under a static scale: the codes of the unquantized output. The FP8 variant is compiled
+    # apart and may sum the mean square in another order, so a code may sit one step off where the
+    # output moved by one rounding; in float32 (the interpreter) they are equal.
     scale = torch.tensor(0.02, device=device)
     codes, res = triton_glue.rms_norm(x_in, weight, 1e-6, residual, scale)
     assert codes.dtype == fp8.FP8_DTYPE and torch.equal(res, want_res)
-    assert torch.equal(codes.view(torch.uint8), fp8.quantize(out, scale).view(torch.uint8))
-    codes = triton_glue.silu_mul(x, scale)
-    assert torch.equal(codes.view(torch.uint8), fp8.quantize(triton_glue.silu_mul(x), scale).view(torch.uint8))
+    _same_codes(codes, fp8.quantize(out, scale), dtype)
+    _same_codes(triton_glue.silu_mul(x, scale), fp8.quantize(triton_glue.silu_mul(x), scale), dtype)
+
+
+def _same_codes(got, want, dtype):
+    if dtype == torch.float32:
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+        return
+    g, w = got.float().cpu(), want.float().cpu()
+    assert ((g - w).abs() <= w.abs() * 2**-3 + 2**-9).all()  # within one E4M3 step
+    assert (g != w).float().mean() < 0.01
 
 
 @pytest.mark.parametrize("m,n", [(1, 64), (5, 576), (3, 1000)])

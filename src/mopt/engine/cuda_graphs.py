@@ -27,9 +27,9 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """``run(arrays, tables) -> logits [B, vocab]`` for one decode step.
+    """``run(arrays, tables) -> (logits [B, vocab], greedy ids [B])`` for one decode step.
 
-    ``forward(ids [N], positions [N], meta) -> float32 logits [N, vocab]`` is the model step.
+    ``forward(ids [N], positions [N], meta) -> (float32 logits [N, vocab], argmax [N])`` is the model step.
     """
 
     def __init__(self, forward: Callable, device: torch.device, max_num_seqs: int, max_blocks_per_seq: int,
@@ -41,7 +41,7 @@ class DecodeGraphs:
         self.tables = torch.zeros((max_num_seqs, max_blocks_per_seq), dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if capture:
             self._capture_all(progress)
 
@@ -58,7 +58,7 @@ class DecodeGraphs:
                                  seq_lens=self.vectors[_SEQ_LENS, :bs], query_start_loc=self.query_start_loc[:bs + 1],
                                  max_query_len=1)
 
-    def _run_eager(self, bs: int) -> torch.Tensor:
+    def _run_eager(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.forward(self.vectors[_IDS, :bs], self.vectors[_POSITIONS, :bs], self._meta(bs))
 
     def _capture_all(self, progress: bool) -> None:
@@ -82,7 +82,7 @@ class DecodeGraphs:
             pool = graph.pool()
             self.graphs[bs] = graph
 
-    def run(self, arrays: dict[str, np.ndarray], tables: np.ndarray) -> torch.Tensor:
+    def run(self, arrays: dict[str, np.ndarray], tables: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         batch, width = tables.shape
         bs = self.bucket(batch)
         staging = np.zeros(4 * bs + bs * width, np.int32)
@@ -99,5 +99,7 @@ class DecodeGraphs:
         self.tables[:bs, :width].copy_(device_staging[4 * bs:].view(bs, width))
         if bs in self.graphs:
             self.graphs[bs].replay()
-            return self.outputs[bs][:batch]
-        return self._run_eager(bs)[:batch]
+            logits, greedy = self.outputs[bs]
+        else:
+            logits, greedy = self._run_eager(bs)
+        return logits[:batch], greedy[:batch]

@@ -18,7 +18,7 @@ import torch
 
 from mopt.engine.block_manager import blocks_needed
 from mopt.engine.cuda_graphs import DecodeGraphs
-from mopt.engine.sampler import SamplingTensors, sample
+from mopt.engine.sampler import SamplingTensors, greedy_tokens, sample
 from mopt.engine.sequence import Sequence
 from mopt.layers.attention import Attention, AttentionMetadata
 from mopt.quant.formats import fp8
@@ -67,7 +67,7 @@ class ModelRunner:
             layer.attach_kv_cache(torch.zeros(shape, dtype=cache_dtype, device=self.device),
                                   torch.zeros(shape, dtype=cache_dtype, device=self.device))
         max_model_len = max_model_len or num_blocks * block_size
-        self.graphs = DecodeGraphs(self._forward, self.device, max_num_seqs, blocks_needed(max_model_len, block_size),
+        self.graphs = DecodeGraphs(self._decode_forward, self.device, max_num_seqs, blocks_needed(max_model_len, block_size),
                                    capture=self.device.type == "cuda" and not enforce_eager,
                                    pad=self.device.type == "cuda", progress=progress)
 
@@ -82,6 +82,12 @@ class ModelRunner:
         """Float32 logits at ``last_rows`` of the packed tokens (every row when None)."""
         hidden = self.model.compute_hidden(ids[None], positions[None], meta)[0]
         return self.model.compute_logits(hidden if last_rows is None else hidden[last_rows])
+
+    def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor,
+                        meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and their argmax (inside the CUDA graph, so a greedy step launches nothing more)."""
+        logits = self._forward(ids, positions, meta)
+        return logits, greedy_tokens(logits)
 
     def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
         bs = self.block_size
@@ -101,14 +107,17 @@ class ModelRunner:
                                  query_start_loc=packed[3 * n:3 * n + b + 1], max_query_len=max(lens))
         return self._forward(packed[:n], packed[n:2 * n], meta, meta.query_start_loc[1:].long() - 1)
 
-    @torch.inference_mode()
-    def step_logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """Logits ``[len(seqs), vocab]`` at each sequence's last token, after caching its new tokens."""
+    def _logits(self, seqs: list[Sequence], is_prefill: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         if is_prefill:
-            return self._prefill_logits(seqs)
+            return self._prefill_logits(seqs), None
         return self.graphs.run(decode_arrays(seqs, self.block_size), block_table_array(seqs))
 
     @torch.inference_mode()
+    def step_logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        """Logits ``[len(seqs), vocab]`` at each sequence's last token, after caching its new tokens."""
+        return self._logits(seqs, is_prefill)[0]
+
+    @torch.inference_mode()
     def step(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        logits = self.step_logits(seqs, is_prefill)
-        return sample(logits, SamplingTensors.from_sequences(seqs, self.device)).tolist()
+        logits, greedy = self._logits(seqs, is_prefill)
+        return sample(logits, SamplingTensors.from_sequences(seqs, self.device), greedy).tolist()

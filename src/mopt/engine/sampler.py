@@ -98,9 +98,20 @@ class SamplingTensors:
         return cls(f[:, 0], i[:, 0], f[:, 1], i[:, 1], i[:, 2], all(greedy), filtered)
 
 
-def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """One token id (int64) per row of ``logits [B, V]``."""
-    greedy = logits.argmax(dim=-1)
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """``argmax`` of each row (the two-stage Triton kernel on GPUs; torch's is slow for one long row)."""
+    if logits.is_cuda:
+        try:
+            from mopt.kernels.triton_argmax import argmax_rows
+        except ImportError:
+            return logits.argmax(dim=-1)
+        return argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, t: SamplingTensors, greedy: torch.Tensor | None = None) -> torch.Tensor:
+    """One token id (int64) per row of ``logits [B, V]``; ``greedy``: their argmax if already known."""
+    greedy = greedy_tokens(logits) if greedy is None else greedy
     if t.all_greedy:
         return greedy
     sampled_rows = t.temperature > 0

@@ -23,6 +23,7 @@ import torch
 
 from mopt.kernels import paged_attention as reference
 from mopt.kernels.linear import BACKEND_ENV, cuda_capability
+from mopt.quant.formats import fp8
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,9 @@ class AttentionBackend:
         raise NotImplementedError  # abstract
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float,
-               k_scale: float, v_scale: float, sliding_window: int | None) -> torch.Tensor:
+               k_scale: float, v_scale: float, sliding_window: int | None,
+               fp8_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, H, D]`` in q's dtype, or E4M3 codes of it under ``fp8_scale`` (an FP8 ``o_proj``'s input scale)."""
         raise NotImplementedError  # abstract
 
 
@@ -67,10 +70,11 @@ class ReferenceAttention(AttentionBackend):
     def rope_and_write(self, *args):
         return reference.rope_and_write(*args)
 
-    def attend(self, q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding_window):
-        return reference.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                         meta.query_start_loc, meta.max_query_len, scale, k_scale, v_scale,
-                                         sliding_window=sliding_window)
+    def attend(self, q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding_window, fp8_scale=None):
+        out = reference.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                        meta.query_start_loc, meta.max_query_len, scale, k_scale, v_scale,
+                                        sliding_window=sliding_window)
+        return out if fp8_scale is None else fp8.quantize(out, fp8_scale)
 
 
 class TritonAttention(AttentionBackend):
@@ -100,15 +104,16 @@ class TritonAttention(AttentionBackend):
 
         return triton_attention.rope_and_write(*args)
 
-    def attend(self, q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding_window):
+    def attend(self, q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding_window, fp8_scale=None):
         from mopt.kernels import triton_attention
 
         window = sliding_window or 0
         if meta.max_query_len == 1:
             return triton_attention.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                           k_scale, v_scale, window)
+                                           k_scale, v_scale, window, out_scale=fp8_scale)
         return triton_attention.prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                        meta.query_start_loc, meta.max_query_len, scale, k_scale, v_scale, window)
+                                        meta.query_start_loc, meta.max_query_len, scale, k_scale, v_scale, window,
+                                        out_scale=fp8_scale)
 
 
 ATTENTION_BACKENDS: dict[str, list[type[AttentionBackend]]] = {

@@ -11,14 +11,15 @@ Cache layout and slot convention are those of ``mopt.kernels.paged_attention`` (
   bytes equal the reference's. Slots < 0 (padding rows of a CUDA-graph batch) are not written.
 * ``decode``: one query token per sequence. A program owns one KV head, all query heads of its
   GQA group (padded to 16 rows for the tensor cores) and one of ``num_splits`` contiguous slices
-  of the context (flash-decoding); a second kernel merges the slices by their log-sum-exp. The
-  split count depends only on the batch shape, so a captured CUDA graph stays valid for any
-  context length.
+  of the context (flash-decoding); the last program of a (sequence, KV head) to finish merges the
+  slices by their log-sum-exp (an atomic counter, so no second launch). The split count depends
+  only on the batch shape, so a captured CUDA graph stays valid for any context length.
 * ``prefill``: new tokens of several sequences packed back to back, each attending causally over
   its cached context and itself (chunked prefill: context + new tokens), BLOCK_M queries a program.
 
 FP8 keys and values are dequantized in the kernel as the reference does (``code * scale`` in
-float32, rounded to the query dtype). Softmax is online, in float32; probabilities meet the values
+float32, rounded to the query dtype). With ``out_scale`` the output (rounded to the query dtype)
+is written as E4M3 codes under it, for an FP8 ``o_proj`` that takes those. Softmax is online, in float32; probabilities meet the values
 in the query dtype. A sequence with no cached tokens (``seq_len == 0``) gets a zero output.
 """
 
@@ -28,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mopt.kernels.triton_glue import _store_out
 from mopt.kernels.triton_quant import _to_fp8
 from mopt.quant.formats import fp8
 
@@ -121,10 +123,11 @@ def _online_softmax(s, m, l, acc):
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_ptr, lse_ptr,
-                   k_scale, v_scale, sm_scale, stride_qb, stride_qh, stride_bt, num_heads, num_kv_heads, window,
-                   GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr):
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_ptr, lse_ptr, count_ptr,
+                   out_scale_ptr, k_scale, v_scale, sm_scale, stride_qb, stride_qh, stride_bt, num_heads, num_kv_heads,
+                   window, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr,
+                   FP8_OUT: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -154,33 +157,36 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, out_pt
     has = l > 0
     o = acc / tl.where(has, l, 1.0)[:, None]
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + (b * num_heads + heads[:, None]) * D + cols[None, :], o.to(out_ptr.dtype.element_ty),
-                 mask=hmask[:, None])
+        _store_out(out_ptr + (b * num_heads + heads[:, None]) * D + cols[None, :], o.to(q.dtype), out_scale_ptr,
+                   hmask[:, None], FP8_OUT)
     else:
         idx = (b * num_heads + heads) * NUM_SPLITS + split
         tl.store(part_ptr + idx[:, None] * D + cols[None, :], o, mask=hmask[:, None])
         tl.store(lse_ptr + idx, tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf")), mask=hmask)
+        # The last split of this (sequence, KV head) to finish merges all of them (no second launch) and
+        # resets the counter for the next call.
+        tl.debug_barrier()
+        counter = count_ptr + b * num_kv_heads + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
+            splits = tl.arange(0, NUM_SPLITS)
+            for g in tl.static_range(GROUP):
+                row = b * num_heads + kv_head * GROUP + g
+                lse = tl.load(lse_ptr + row * NUM_SPLITS + splits, cache_modifier=".cg")
+                top = tl.max(lse, axis=0)
+                w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(top > float("-inf"), top, 0.0)), 0.0)
+                total = tl.sum(w, axis=0)
+                parts = tl.load(part_ptr + (row * NUM_SPLITS + splits)[:, None] * D + cols[None, :],
+                                cache_modifier=".cg")
+                merged = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+                _store_out(out_ptr + row * D + cols, merged.to(q.dtype), out_scale_ptr, cols < D, FP8_OUT)
+            tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
-def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, NUM_SPLITS: tl.constexpr, D: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # b * num_heads + h
-    splits = tl.arange(0, NUM_SPLITS)
-    lse = tl.load(lse_ptr + row * NUM_SPLITS + splits)
-    top = tl.max(lse, axis=0)
-    w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(top > float("-inf"), top, 0.0)), 0.0)
-    total = tl.sum(w, axis=0)
-    cols = tl.arange(0, D)
-    parts = tl.load(part_ptr + (row * NUM_SPLITS + splits)[:, None] * D + cols[None, :])
-    o = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + row * D + cols, o.to(out_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_scale_ptr,
                     k_scale, v_scale, sm_scale, stride_qt, stride_qh, stride_bt, num_heads, num_kv_heads, window,
                     GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr):
+                    BLOCK_N: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr, FP8_OUT: tl.constexpr):
     mb = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2)
@@ -217,8 +223,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, seq_lens_p
                          FP8)
             acc = _pv(p, v, acc, IEEE)
         o = acc / tl.where(l > 0, l, 1.0)[:, None]
-        tl.store(out_ptr + (tokens[:, None] * num_heads + h) * D + cols[None, :], o.to(out_ptr.dtype.element_ty),
-                 mask=rmask[:, None])
+        _store_out(out_ptr + (tokens[:, None] * num_heads + h) * D + cols[None, :], o.to(q.dtype), out_scale_ptr,
+                   rmask[:, None], FP8_OUT)
 
 
 def _is_fp8(cache: torch.Tensor) -> bool:
@@ -258,41 +264,59 @@ def decode_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
     return min(MAX_DECODE_SPLITS, triton.next_power_of_2(want))
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters, one per (sequence, KV head), that every decode call leaves zeroed again.
+    Grown outside CUDA-graph capture: the engine's warm-up run of each bucket comes first."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        counters = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return counters
+
+
+def _output(shape, dtype, out_scale, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=fp8.FP8_DTYPE if out_scale is not None else dtype, device=device)
+
+
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
            seq_lens: torch.Tensor, scale: float, k_scale: float, v_scale: float, window: int = 0,
-           num_splits: int | None = None) -> torch.Tensor:
-    """``q [B, H, D]`` (one new token per sequence, already in the cache) -> ``[B, H, D]``."""
+           num_splits: int | None = None, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``q [B, H, D]`` (one new token per sequence, already in the cache) -> ``[B, H, D]``, or E4M3 codes
+    of it under ``out_scale`` (the next GEMM's static input scale)."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
     splits = num_splits or decode_splits(batch, num_kv_heads, q.device)
-    out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    out = _output((batch, num_heads, head_dim), q.dtype, out_scale, q.device)
     if not batch:
         return out
     if splits > 1:
         part = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
+        counters = _split_counters(batch * num_kv_heads, q.device)
     else:
-        part = lse = out
+        part = lse = counters = out
     _decode_kernel[(batch, num_kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part, lse, float(k_scale), float(v_scale), scale,
-        q.stride(0), q.stride(1), block_tables.stride(0), num_heads, num_kv_heads, window, GROUP=group,
+        q, k_cache, v_cache, block_tables, seq_lens, out, part, lse, counters,
+        out_scale if out_scale is not None else q, float(k_scale), float(v_scale), scale, q.stride(0), q.stride(1),
+        block_tables.stride(0), num_heads, num_kv_heads, window, GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)), D=head_dim, PAGE=page, BLOCK_N=max(16, min(64, 4 * page)),
-        NUM_SPLITS=splits, FP8=_is_fp8(k_cache), IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
-    if splits > 1:
-        _decode_merge_kernel[(batch * num_heads,)](part, lse, out, NUM_SPLITS=splits, D=head_dim)
+        NUM_SPLITS=splits, FP8=_is_fp8(k_cache), IEEE=q.dtype == torch.float32, FP8_OUT=out_scale is not None,
+        num_warps=4, num_stages=2)
     return out
 
 
 def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
             seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int, scale: float,
-            k_scale: float, v_scale: float, window: int = 0) -> torch.Tensor:
+            k_scale: float, v_scale: float, window: int = 0, out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``q [N, H, D]``: the new tokens of ``B`` sequences (``query_start_loc [B + 1]``), in the cache
-    already -> ``[N, H, D]``."""
+    already -> ``[N, H, D]`` (E4M3 codes under ``out_scale`` if given)."""
     n, num_heads, head_dim = q.shape
     batch = seq_lens.shape[0]
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
-    out = torch.empty((n, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    out = _output((n, num_heads, head_dim), q.dtype, out_scale, q.device)
     if not n:
         return out
     ieee = q.dtype == torch.float32
@@ -300,8 +324,8 @@ def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
     block_n = 64 if q.is_cuda and not ieee else 32
     grid = (triton.cdiv(max_query_len, block_m), batch, num_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, float(k_scale), float(v_scale), scale,
-        q.stride(0), q.stride(1), block_tables.stride(0), num_heads, num_kv_heads, window,
-        GROUP=num_heads // num_kv_heads, D=head_dim, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
-        FP8=_is_fp8(k_cache), IEEE=ieee, num_warps=4, num_stages=2)
+        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, out_scale if out_scale is not None else q,
+        float(k_scale), float(v_scale), scale, q.stride(0), q.stride(1), block_tables.stride(0), num_heads,
+        num_kv_heads, window, GROUP=num_heads // num_kv_heads, D=head_dim, PAGE=page, BLOCK_M=block_m,
+        BLOCK_N=block_n, FP8=_is_fp8(k_cache), IEEE=ieee, FP8_OUT=out_scale is not None, num_warps=4, num_stages=2)
     return out

@@ -73,13 +73,14 @@ class Attention(nn.Module):
         self.backend = select_attention_backend(spec, k_cache.device, backend)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                metadata: AttentionMetadata | None = None) -> torch.Tensor:
+                metadata: AttentionMetadata | None = None, fp8_scale: torch.Tensor | None = None) -> torch.Tensor:
         """``positions [B, T]``, ``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]`` (before RoPE) -> ``[B, T, H*D]``.
 
-        With ``metadata``, ``B == 1`` and the ``T`` tokens are the packed new tokens of a batch.
+        With ``metadata``, ``B == 1`` and the ``T`` tokens are the packed new tokens of a batch; then
+        ``fp8_scale`` (the output projection's ``fp8_input_scale``) makes the output E4M3 codes under it.
         """
         if metadata is not None:
-            return self._forward_paged(positions, q, k, v, metadata)
+            return self._forward_paged(positions, q, k, v, metadata, fp8_scale)
         q, k = self.rotary(positions, q, k)
         if self.kv_cache_dtype == "fp8":
             k = fp8.dequantize(fp8.quantize(k, self.k_scale_float), self.k_scale_float, k.dtype)
@@ -96,11 +97,11 @@ class Attention(nn.Module):
         )
         return out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
 
-    def _forward_paged(self, positions, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+    def _forward_paged(self, positions, q, k, v, meta: AttentionMetadata, fp8_scale) -> torch.Tensor:
         if self.backend is None:
             raise RuntimeError(f"{self.prefix}: attention metadata given but no KV cache attached")
         q = self.backend.rope_and_write(q[0], k[0], v[0], positions[0], self.rotary.cos_sin_cache, self.k_cache,
                                         self.v_cache, meta.slot_mapping, self.k_scale_float, self.v_scale_float)
         out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, self.k_scale_float,
-                                  self.v_scale_float, self.sliding_window)
+                                  self.v_scale_float, self.sliding_window, fp8_scale)
         return out.reshape(1, q.shape[0], self.num_heads * self.head_dim)

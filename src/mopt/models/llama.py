@@ -47,7 +47,7 @@ class LlamaAttentionBlock(nn.Module):
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.o_proj(self.attn(positions, q, k, v, meta))
+        return self.o_proj(self.attn(positions, q, k, v, meta, self.o_proj.fp8_input_scale))
 
 
 class LlamaMLP(nn.Module):
