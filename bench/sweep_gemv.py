@@ -17,25 +17,27 @@ import torch
 
 from mopt.bench.kernels import L2_BYTES, _time
 from mopt.kernels import triton_gemm
-from mopt.kernels.triton_gemv import GemvTiles, fp8_gemv
+from mopt.kernels.triton_gemv import GemvTiles, fp8_gemv, gemv
 from mopt.quant.formats import fp8
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 
 
-def configs(m: int):
+def configs(m: int, itemsize: int):
     if m == 1:
         for bn, bk, w, s in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (3, 5)):
-            if bn * bk <= 32768:
+            if bn * bk <= 32768 and (itemsize == 1 or bk <= 512):
                 yield GemvTiles(bn, bk, w, s, dot=False)
     for bn, bk, w, s in itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 5)):
-        yield GemvTiles(bn, bk, w, s, dot=True)
+        if itemsize == 1 or bk <= 256:
+            yield GemvTiles(bn, bk, w, s, dot=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
     parser.add_argument("--tokens", default="1,16")
+    parser.add_argument("--weights", default="fp8", choices=["fp8", "bf16"])
     args = parser.parse_args()
     dev = torch.device("cuda")
     rows = []
@@ -55,14 +57,17 @@ def main() -> None:
                                  for q, s in ws], 20, 5),
             }
             best = None
-            for t in configs(m):
+            for t in configs(m, 1 if args.weights == "fp8" else 2):
                 try:
-                    us = 1e6 * _time([lambda q=q, s=s: fp8_gemv(xq, q, xs1, s.reshape(1), None, torch.bfloat16, t)
-                                      for q, s in ws], 20, 5)
+                    if args.weights == "fp8":
+                        fns = [lambda q=q, s=s: fp8_gemv(xq, q, xs1, s.reshape(1), None, torch.bfloat16, t) for q, s in ws]
+                    else:
+                        fns = [lambda w=w: gemv(x, w, None, t) for w in wb]
+                    us = 1e6 * _time(fns, 20, 5)
                 except Exception as e:  # out of resources for a config: skip it
                     print(f"skip {t}: {type(e).__name__}")
                     continue
-                tb = (n * k + m * k + 2 * m * n) / us / 1e6
+                tb = (n * k * (1 if args.weights == "fp8" else 2) + m * k + 2 * m * n) / us / 1e6
                 row = dict(n=n, k=k, m=m, tiles=t.__dict__, us=us, tb_s=tb, **{f"{b}_us": 1e6 * v for b, v in base.items()})
                 rows.append(row)
                 if best is None or us < best["us"]:

@@ -95,9 +95,9 @@ def test_gpu_selector_defaults():
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     dev = torch.device("cuda")
-    names = {s: select_linear_kernel(LinearShape(s, 4096, 4096), dev).name for s in TRITON_KERNELS}
+    names = {s: select_linear_kernel(LinearShape(s, 4096, 4096), dev).name for s in list(TRITON_KERNELS) + [S.UNQUANTIZED]}
     assert names == {S.FP8_TENSOR: "hopper-fp8", S.FP8_CHANNEL_TOKEN: "hopper-fp8",
-                     S.FP8_BLOCK: "triton-fp8-block", S.NVFP4: "triton-nvfp4"}
+                     S.FP8_BLOCK: "triton-fp8-block", S.NVFP4: "triton-nvfp4", S.UNQUANTIZED: "triton-gemv"}
 
 
 @pytest.mark.parametrize("n,k", [(64, 256), (96, 272), (5, 32)])

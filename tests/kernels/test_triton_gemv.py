@@ -67,6 +67,18 @@ def test_fp8_gemv_interpreted(n, k, m, variant, rowwise):
     _check_gemv(_device(False), n, k, m, TILES[variant], torch.float32, rowwise)
 
 
+@pytest.mark.parametrize("m,dtype,variant", [(1, torch.bfloat16, "fma"), (1, torch.float16, "dot"),
+                                             (7, torch.float16, "dot")])
+def test_gemv_16bit_interpreted(m, dtype, variant):
+    """Unquantized 16-bit weights (scales 1): float32 sums of exact products, rounded once to the dtype."""
+    g = torch.Generator().manual_seed(m)
+    a, b, bias = (torch.randn(m, 200, generator=g).to(dtype), torch.randn(50, 200, generator=g).to(dtype),
+                  torch.randn(50, generator=g).to(dtype))
+    got = triton_gemv.gemv(a.to(_device(False)), b, bias, TILES[variant])
+    want = a.float() @ b.float().t() + bias.float()
+    assert got.dtype == dtype and _rel(got, want) <= 4e-3
+
+
 def test_fp8_gemv_rejects_large_m():
     with pytest.raises(ValueError, match="M=17"):
         triton_gemv.fp8_gemv(torch.zeros(17, 16, dtype=fp8.FP8_DTYPE), torch.zeros(16, 16, dtype=fp8.FP8_DTYPE),
@@ -89,6 +101,18 @@ def test_fp8_codes_as_input_equal_quantizing_inside(m):
     assert _rel(kernel.apply(layer, codes.to(device), None), expected) <= 1e-5
     channel = canonical_layer(S.FP8_CHANNEL_TOKEN, 64, 256)
     assert kernel.fp8_input_scale(channel) is None  # per-token scales are computed from the row itself
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(6144, 4096), (128256, 4096), (4096, 14336), (576, 576)])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_gemv_bf16_gpu(n, k, m):
+    device = _device(True)
+    g = torch.Generator().manual_seed(m)
+    a = torch.randn(m, k, generator=g).to(device, torch.bfloat16)
+    b = (torch.randn(n, k, generator=g) * 0.05).to(device, torch.bfloat16)
+    got = triton_gemv.gemv(a, b)
+    assert _rel(got, a.float() @ b.float().t()) <= 4e-3
 
 
 @pytest.mark.gpu

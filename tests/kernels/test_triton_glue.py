@@ -51,9 +51,9 @@ def _check(device, dtype, m, n, strided):
     assert torch.equal(res, want_res)
     _close(out, want, dtype)
     _close(triton_glue.silu_mul(x), silu_mul_reference(x), dtype)
-    # E4M3 output under a static scale: the codes of the unquantized output. The FP8 variant is compiled
-    # apart and may sum the mean square in another order, so a code may sit one step off where the
-    # output moved by one rounding; in float32 (the interpreter) they are equal.
+    # E4M3 output under a static scale: the codes of the unquantized output. On the GPU the FP8 variant
+    # is compiled apart and may sum the mean square in another order, so a code may sit one step off
+    # where the output moved by one rounding; through the interpreter they are equal.
     scale = torch.tensor(0.02, device=device)
     codes, res = triton_glue.rms_norm(x_in, weight, 1e-6, residual, scale)
     assert codes.dtype == fp8.FP8_DTYPE and torch.equal(res, want_res)
@@ -62,7 +62,7 @@ def _check(device, dtype, m, n, strided):
 
 
 def _same_codes(got, want, dtype):
-    if dtype == torch.float32:
+    if os.environ.get("TRITON_INTERPRET") == "1":
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
         return
     g, w = got.float().cpu(), want.float().cpu()

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from mopt.engine.staging import Staging
 from mopt.layers.attention import AttentionMetadata
 
 _IDS, _POSITIONS, _SLOTS, _SEQ_LENS = range(4)
@@ -40,6 +41,7 @@ class DecodeGraphs:
         self.vectors = torch.zeros((4, max_num_seqs), dtype=torch.int32, device=device)
         self.tables = torch.zeros((max_num_seqs, max_blocks_per_seq), dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)
+        self.staging = Staging(device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if capture:
@@ -91,10 +93,7 @@ class DecodeGraphs:
         vectors[_SLOTS, :batch], vectors[_SEQ_LENS, :batch] = arrays["slots"], arrays["seq_lens"]
         vectors[_SLOTS, batch:] = -1
         staging[4 * bs:].reshape(bs, width)[:batch] = tables
-        if self.device.type == "cpu":
-            device_staging = torch.from_numpy(staging)
-        else:
-            device_staging = torch.from_numpy(staging).pin_memory().to(self.device, non_blocking=True)
+        device_staging = self.staging.to_device(staging)
         self.vectors[:, :bs].copy_(device_staging[: 4 * bs].view(4, bs))
         self.tables[:bs, :width].copy_(device_staging[4 * bs:].view(bs, width))
         if bs in self.graphs:

@@ -20,6 +20,7 @@ from mopt.engine.block_manager import blocks_needed
 from mopt.engine.cuda_graphs import DecodeGraphs
 from mopt.engine.sampler import SamplingTensors, greedy_tokens, sample
 from mopt.engine.sequence import Sequence
+from mopt.engine.staging import Staging
 from mopt.layers.attention import Attention, AttentionMetadata
 from mopt.quant.formats import fp8
 
@@ -67,15 +68,10 @@ class ModelRunner:
             layer.attach_kv_cache(torch.zeros(shape, dtype=cache_dtype, device=self.device),
                                   torch.zeros(shape, dtype=cache_dtype, device=self.device))
         max_model_len = max_model_len or num_blocks * block_size
+        self.staging = Staging(self.device)
         self.graphs = DecodeGraphs(self._decode_forward, self.device, max_num_seqs, blocks_needed(max_model_len, block_size),
                                    capture=self.device.type == "cuda" and not enforce_eager,
                                    pad=self.device.type == "cuda", progress=progress)
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(array)
-        if self.device.type == "cpu":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                  last_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,7 +96,7 @@ class ModelRunner:
         q_starts = np.zeros(len(seqs) + 1, np.int32)
         np.cumsum(lens, out=q_starts[1:])
         n, b = len(ids), len(seqs)
-        packed = self._to_device(np.concatenate([ids, positions, slots, q_starts, np.asarray(lens, np.int32),
+        packed = self.staging.to_device(np.concatenate([ids, positions, slots, q_starts, np.asarray(lens, np.int32),
                                                  tables.reshape(-1)]))
         meta = AttentionMetadata(slot_mapping=packed[2 * n:3 * n], block_tables=packed[3 * n + 2 * b + 1:].view(b, -1),
                                  seq_lens=packed[3 * n + b + 1:3 * n + 2 * b + 1],

@@ -78,11 +78,11 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
 class SamplingTensors:
     """Per-row sampling parameters on the device, and what the host knows about the batch."""
 
-    temperature: torch.Tensor  # float32 [B]; 0 for greedy rows
-    top_k: torch.Tensor  # int64 [B]; 0: off
-    top_p: torch.Tensor  # float32 [B]; 1: off
-    keys: torch.Tensor  # int64 [B]: seed_key of each request
-    steps: torch.Tensor  # int64 [B]: index of the token being sampled
+    temperature: torch.Tensor | None  # float32 [B]; 0 for greedy rows (None: every row is greedy)
+    top_k: torch.Tensor | None  # int64 [B]; 0: off
+    top_p: torch.Tensor | None  # float32 [B]; 1: off
+    keys: torch.Tensor | None  # int64 [B]: seed_key of each request
+    steps: torch.Tensor | None  # int64 [B]: index of the token being sampled
     all_greedy: bool
     filtered: bool  # some sampled row uses top-k or top-p
 
@@ -90,6 +90,8 @@ class SamplingTensors:
     def from_sequences(cls, seqs: "list[Sequence]", device: torch.device) -> "SamplingTensors":
         params = [s.params for s in seqs]
         greedy = [p.greedy for p in params]
+        if all(greedy):  # nothing to copy to the device
+            return cls(None, None, None, None, None, True, False)
         floats = np.array([[0.0 if g else p.temperature, p.top_p] for p, g in zip(params, greedy)], np.float32)
         ints = np.array([[p.top_k, s.noise_key, len(s.output_token_ids)] for p, s in zip(params, seqs)], np.int64)
         f = torch.from_numpy(floats).to(device, non_blocking=True)

@@ -11,9 +11,10 @@ Cache layout and slot convention are those of ``mopt.kernels.paged_attention`` (
   bytes equal the reference's. Slots < 0 (padding rows of a CUDA-graph batch) are not written.
 * ``decode``: one query token per sequence. A program owns one KV head, all query heads of its
   GQA group (padded to 16 rows for the tensor cores) and one of ``num_splits`` contiguous slices
-  of the context (flash-decoding); the last program of a (sequence, KV head) to finish merges the
-  slices by their log-sum-exp (an atomic counter, so no second launch). The split count depends
-  only on the batch shape, so a captured CUDA graph stays valid for any context length.
+  of the context (flash-decoding); a second kernel merges the slices by their log-sum-exp (merging
+  in the last program of each KV head instead, behind an atomic counter, measured 10.7 us against
+  4.2 + 2.3 us on an H100: the merge then runs serially per head). The split count depends only on
+  the batch shape, so a captured CUDA graph stays valid for any context length.
 * ``prefill``: new tokens of several sequences packed back to back, each attending causally over
   its cached context and itself (chunked prefill: context + new tokens), BLOCK_M queries a program.
 
@@ -34,6 +35,7 @@ from mopt.kernels.triton_quant import _to_fp8
 from mopt.quant.formats import fp8
 
 MAX_DECODE_SPLITS = 32
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 @triton.jit
@@ -123,8 +125,7 @@ def _online_softmax(s, m, l, acc):
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_ptr, lse_ptr, count_ptr,
-                   out_scale_ptr, k_scale, v_scale, sm_scale, stride_qb, stride_qh, stride_bt, num_heads, num_kv_heads,
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_ptr, lse_ptr, out_scale_ptr, k_scale, v_scale, sm_scale, stride_qb, stride_qh, stride_bt, num_heads, num_kv_heads,
                    window, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr,
                    FP8_OUT: tl.constexpr):
@@ -163,23 +164,21 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, out_pt
         idx = (b * num_heads + heads) * NUM_SPLITS + split
         tl.store(part_ptr + idx[:, None] * D + cols[None, :], o, mask=hmask[:, None])
         tl.store(lse_ptr + idx, tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf")), mask=hmask)
-        # The last split of this (sequence, KV head) to finish merges all of them (no second launch) and
-        # resets the counter for the next call.
-        tl.debug_barrier()
-        counter = count_ptr + b * num_kv_heads + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
-            splits = tl.arange(0, NUM_SPLITS)
-            for g in tl.static_range(GROUP):
-                row = b * num_heads + kv_head * GROUP + g
-                lse = tl.load(lse_ptr + row * NUM_SPLITS + splits, cache_modifier=".cg")
-                top = tl.max(lse, axis=0)
-                w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(top > float("-inf"), top, 0.0)), 0.0)
-                total = tl.sum(w, axis=0)
-                parts = tl.load(part_ptr + (row * NUM_SPLITS + splits)[:, None] * D + cols[None, :],
-                                cache_modifier=".cg")
-                merged = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-                _store_out(out_ptr + row * D + cols, merged.to(q.dtype), out_scale_ptr, cols < D, FP8_OUT)
-            tl.atomic_xchg(counter, 0)
+
+
+@triton.jit
+def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, out_scale_ptr, NUM_SPLITS: tl.constexpr, D: tl.constexpr,
+                         DTYPE: tl.constexpr, FP8_OUT: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # b * num_heads + h
+    splits = tl.arange(0, NUM_SPLITS)
+    lse = tl.load(lse_ptr + row * NUM_SPLITS + splits)
+    top = tl.max(lse, axis=0)
+    w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(top > float("-inf"), top, 0.0)), 0.0)
+    total = tl.sum(w, axis=0)
+    cols = tl.arange(0, D)
+    parts = tl.load(part_ptr + (row * NUM_SPLITS + splits)[:, None] * D + cols[None, :])
+    merged = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    _store_out(out_ptr + row * D + cols, merged.to(DTYPE), out_scale_ptr, cols < D, FP8_OUT)
 
 
 @triton.jit
@@ -264,18 +263,6 @@ def decode_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
     return min(MAX_DECODE_SPLITS, triton.next_power_of_2(want))
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(n: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counters, one per (sequence, KV head), that every decode call leaves zeroed again.
-    Grown outside CUDA-graph capture: the engine's warm-up run of each bucket comes first."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < n:
-        counters = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return counters
-
-
 def _output(shape, dtype, out_scale, device) -> torch.Tensor:
     return torch.empty(shape, dtype=fp8.FP8_DTYPE if out_scale is not None else dtype, device=device)
 
@@ -295,16 +282,18 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
     if splits > 1:
         part = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
-        counters = _split_counters(batch * num_kv_heads, q.device)
     else:
-        part = lse = counters = out
+        part = lse = out
+    scale_arg = out_scale if out_scale is not None else q
     _decode_kernel[(batch, num_kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part, lse, counters,
-        out_scale if out_scale is not None else q, float(k_scale), float(v_scale), scale, q.stride(0), q.stride(1),
+        q, k_cache, v_cache, block_tables, seq_lens, out, part, lse, scale_arg, float(k_scale), float(v_scale), scale, q.stride(0), q.stride(1),
         block_tables.stride(0), num_heads, num_kv_heads, window, GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)), D=head_dim, PAGE=page, BLOCK_N=max(16, min(64, 4 * page)),
         NUM_SPLITS=splits, FP8=_is_fp8(k_cache), IEEE=q.dtype == torch.float32, FP8_OUT=out_scale is not None,
         num_warps=4, num_stages=2)
+    if splits > 1:
+        _decode_merge_kernel[(batch * num_heads,)](part, lse, out, scale_arg, NUM_SPLITS=splits, D=head_dim,
+                                                   DTYPE=_TL_DTYPES[q.dtype], FP8_OUT=out_scale is not None)
     return out
 
 

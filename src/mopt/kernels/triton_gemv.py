@@ -1,18 +1,19 @@
-"""Decode GEMV for FP8 weights: ``y[M, N] = (a[M, K] @ W[N, K]^T) * a_scale * w_scale (+ bias)``, small M.
+"""Decode GEMV: ``y[M, N] = (a[M, K] @ W[N, K]^T) * a_scale * w_scale (+ bias)`` for small M.
 
 Decode reads each weight once and does almost no arithmetic, so the kernel is built to stream
-``W`` (E4M3, row-major) at memory speed and to write the output dtype directly: no split-K, hence
-no zero-filled float32 buffer, no atomics and no cast afterwards (three launches fewer than the
-prefill GEMM's split-K path), and a deterministic summation order. Activations arrive as E4M3 codes
-(quantized by the norm or activation kernel before it, or by ``triton_quant``).
+``W`` (row-major; E4M3 codes, or BF16/FP16 for unquantized layers) at memory speed and to write the
+output dtype directly: no split-K, hence no zero-filled float32 buffer, no atomics and no cast
+afterwards (three launches fewer than the prefill GEMM's split-K path), and a deterministic
+summation order. FP8 activations arrive as E4M3 codes (quantized by the norm or activation kernel
+before it, or by ``triton_quant``); unquantized layers take the activations as they are, scales 1.
 
 Two inner loops, picked by the tile config:
 
 * ``DOT``: ``BLOCK_M = 16`` rows (padded) against ``BLOCK_N`` weight rows on the tensor cores;
 * FMA (``M == 1``): products summed in float32 on the CUDA cores, ``BLOCK_N x BLOCK_K`` per step.
 
-Both are exact float32 sums of exact products (E4M3 x E4M3 fits in float32), in another order than
-the reference's float32 GEMM. Scales: ``a_scale`` scalar or per row ``[M]``; ``w_scale`` scalar or
+Both sum exact products in float32 (E4M3 x E4M3 and BF16 x BF16 fit in float32), in another order
+than the reference's GEMM. Scales: ``a_scale`` scalar or per row ``[M]``; ``w_scale`` scalar or
 per output row ``[N]``.
 """
 
@@ -35,7 +36,7 @@ class GemvTiles:
 
 
 @triton.jit
-def _fp8_gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,
+def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,
                      stride_cm, A_ROWWISE: tl.constexpr, B_ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -80,28 +81,47 @@ def _fp8_gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M,
 MAX_M = 16
 
 
-def fp8_gemv_tiles(m: int, n: int, k: int) -> GemvTiles:
-    """Tile settings from a sweep on an H100 (``bench/sweep_gemv.py``, 2026-11-26, Llama-3-8B layers): one
-    config per inner loop was within 0.5% (M=1) and 3.4% (M=16) of each shape's best; at M=1 it moved
-    2.3-2.9 TB/s (6144x4096: 10.9 us, 28672x4096: 40.7 us; the split-K GEMM took 14.6 and 42.6)."""
+def gemv_tiles(m: int, n: int, k: int, itemsize: int = 1) -> GemvTiles:
+    """Tile settings from a sweep on an H100 (``bench/sweep_gemv.py``, 2026-11-26, Llama-3-8B layers): for
+    FP8 one config per inner loop was within 0.5% (M=1) and 3.4% (M=16) of each shape's best; at M=1 it
+    moved 2.3-2.9 TB/s (6144x4096: 10.9 us, 28672x4096: 40.7 us; the split-K GEMM took 14.6 and 42.6).
+    16-bit weights take tiles of the same bytes (half the K)."""
     if m == 1:
-        return GemvTiles(block_n=8, block_k=1024, num_warps=8, num_stages=5, dot=False)
-    return GemvTiles(block_n=32, block_k=512, num_warps=4, num_stages=5, dot=True)
+        return GemvTiles(block_n=8, block_k=1024 // itemsize, num_warps=8, num_stages=5, dot=False)
+    return GemvTiles(block_n=32, block_k=512 // itemsize, num_warps=4, num_stages=5, dot=True)
 
 
-def fp8_gemv(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-             bias: torch.Tensor | None, out_dtype: torch.dtype, tiles: GemvTiles | None = None) -> torch.Tensor:
-    """``a [M, K]`` E4M3 codes (M <= 16, rows contiguous), ``b [N, K]`` E4M3 -> ``[M, N]`` in ``out_dtype``."""
+def _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles) -> torch.Tensor:
     m, k = a.shape
     n = b.shape[0]
     if m > MAX_M:
-        raise ValueError(f"fp8_gemv: M={m} > {MAX_M}; use the GEMM")
-    t = tiles or fp8_gemv_tiles(m, n, k)
+        raise ValueError(f"gemv: M={m} > {MAX_M}; use a GEMM")
+    t = tiles or gemv_tiles(m, n, k, b.element_size())
+    if m > 1 and not t.dot:
+        raise ValueError(f"gemv: the FMA loop takes one row, got M={m}")
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m:
-        _fp8_gemv_kernel[(triton.cdiv(n, t.block_n),)](
+        _gemv_kernel[(triton.cdiv(n, t.block_n),)](
             a, b, out, a_scale, b_scale, bias if bias is not None else b_scale, m, n, k, a.stride(0), b.stride(0),
             out.stride(0), A_ROWWISE=a_scale.numel() > 1, B_ROWWISE=b_scale.numel() > 1, HAS_BIAS=bias is not None,
             BLOCK_M=16 if t.dot else 1, BLOCK_N=t.block_n, BLOCK_K=t.block_k, DOT=t.dot, num_warps=t.num_warps,
             num_stages=t.num_stages)
     return out
+
+
+def fp8_gemv(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+             bias: torch.Tensor | None, out_dtype: torch.dtype, tiles: GemvTiles | None = None) -> torch.Tensor:
+    """``a [M, K]`` E4M3 codes (M <= 16, rows contiguous), ``b [N, K]`` E4M3 -> ``[M, N]`` in ``out_dtype``."""
+    return _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles)
+
+
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def gemv(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
+         tiles: GemvTiles | None = None) -> torch.Tensor:
+    """``a [M, K] @ b[N, K]^T (+ bias)`` for 16-bit ``a`` and ``b`` of one dtype (M <= 16), in ``a``'s dtype."""
+    one = _ONES.get(a.device)
+    if one is None:
+        one = _ONES[a.device] = torch.ones(1, dtype=torch.float32, device=a.device)
+    return _launch(a, b, one, one, bias, a.dtype, tiles)

@@ -8,7 +8,9 @@ Selection (``mopt.kernels.linear.select_linear_kernel``), in order:
   under the layer's static input scale: ``fp8_input_scale``);
 * ``triton-fp8-block``: 128x128-block FP8 weights with 1x128 activation groups;
 * ``triton-nvfp4``: exact W4A4 (``triton_gemm.nvfp4_gemm``);
-* ``cublas-fp8`` / ``triton-fp8``: one engine for every M, for ``MOPT_BACKEND=cublas|triton``.
+* ``cublas-fp8`` / ``triton-fp8``: one engine for every M, for ``MOPT_BACKEND=cublas|triton``;
+* ``triton-gemv`` (backend ``auto``): unquantized BF16/FP16 layers (and the excluded ``lm_head``),
+  the decode GEMV up to 16 tokens (cuBLAS's split-K GEMV adds a reduction launch), cuBLAS above.
 
 Activations are quantized by ``triton_quant`` (bit-exact with the reference formats). All need
 compute capability >= 8.9 (FP8 tensor cores); NVFP4 >= 8.0 (BF16 tensor cores).
@@ -150,5 +152,19 @@ class TritonNvfp4Kernel(_CudaKernel):
         return restore(y)
 
 
-for _kernel in (HopperFp8Kernel, TritonFp8BlockKernel, TritonNvfp4Kernel, CublasFp8Kernel, TritonFp8Kernel):
+class TritonGemvKernel(_CudaKernel):
+    name, backend = "triton-gemv", "auto"
+    capability, capability_for = (8, 0), "the BF16 decode GEMV"
+    schemes = (LinearScheme.UNQUANTIZED,)
+
+    def apply(self, layer, x, bias):
+        x2, restore = flatten_tokens(x)
+        w = layer.weight
+        if x2.shape[0] <= triton_gemv.MAX_M and x2.dtype == w.dtype and w.element_size() == 2:
+            return restore(triton_gemv.gemv(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, bias))
+        return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+for _kernel in (HopperFp8Kernel, TritonFp8BlockKernel, TritonNvfp4Kernel, TritonGemvKernel, CublasFp8Kernel,
+                TritonFp8Kernel):
     register_linear_kernel("cuda", _kernel)
