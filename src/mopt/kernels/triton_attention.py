@@ -34,7 +34,7 @@ from mopt.kernels.triton_glue import _store_out
 from mopt.kernels.triton_quant import _to_fp8
 from mopt.quant.formats import fp8
 
-MAX_DECODE_SPLITS = 32
+MAX_DECODE_SPLITS = 16  # 256 tokens a split at 4096 of context; fewer partials for the merge to read
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
@@ -246,7 +246,7 @@ def rope_and_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
             float(v_scale), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             num_heads, num_kv_heads, HALF=head_dim // 2,
             BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads),
-            FP8=_is_fp8(k_cache),
+            FP8=_is_fp8(k_cache), num_warps=8 if _is_fp8(k_cache) else 4,
             enable_fp_fusion=False)
     return q_out
 

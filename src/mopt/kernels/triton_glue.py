@@ -59,6 +59,12 @@ def _silu_mul_kernel(x_ptr, out_ptr, scale_ptr, stride_x, n, BLOCK: tl.constexpr
     _store_out(out_ptr + row * n + cols, (silu * up).to(dtype), scale_ptr, mask, FP8_OUT)
 
 
+def _warps(block: int, fp8_scale) -> int:
+    """About 16 elements a thread; 8 when the output is quantized (an IEEE division per element made the
+    FP8 RMSNorm 45% slower than the BF16 one at one 4096-wide row on an H100)."""
+    return min(32, max(1, block // (256 if fp8_scale is not None else 512)))
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -77,7 +83,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         block = triton.next_power_of_2(n)
         _rms_norm_kernel[(m,)](x2, r2, weight, out, res_out, fp8_scale if fp8_scale is not None else weight,
                                x2.stride(0), r2.stride(0), n, eps, BLOCK=block, HAS_RESIDUAL=residual is not None,
-                               FP8_OUT=fp8_scale is not None, num_warps=min(16, max(1, block // 512)))
+                               FP8_OUT=fp8_scale is not None, num_warps=_warps(block, fp8_scale))
     if residual is None:
         return out.view(x.shape)
     return out.view(x.shape), res_out.view(x.shape)
@@ -92,5 +98,6 @@ def silu_mul(x: torch.Tensor, fp8_scale: torch.Tensor | None = None) -> torch.Te
     if m:
         block = min(1024, triton.next_power_of_2(n))
         _silu_mul_kernel[(m, triton.cdiv(n, block))](x2, out, fp8_scale if fp8_scale is not None else x2,
-                                                     x2.stride(0), n, BLOCK=block, FP8_OUT=fp8_scale is not None)
+                                                     x2.stride(0), n, BLOCK=block, FP8_OUT=fp8_scale is not None,
+                                                     num_warps=_warps(block, fp8_scale))
     return out.view(*x.shape[:-1], n)
