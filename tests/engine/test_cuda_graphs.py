@@ -114,3 +114,25 @@ def test_graphs_on_and_off_identical_gpu(fmt):
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     assert [o.token_ids for o in graphs.generate(prompts, params)] == \
         [o.token_ids for o in eager.generate(prompts, params)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llama-fp8-kv", "qwen3-nvfp4", "llama-nvfp4-kv", "qwen3_moe-fp8", "mixtral-nvfp4"])
+def test_graphs_on_and_off_identical_real_exports_gpu(name):
+    """Real tiny ModelOpt exports (made on a CPU by tests/make_gpu_exports.py, read from $MOPT_TEST_EXPORTS)."""
+    import os
+    from pathlib import Path
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    root = os.environ.get("MOPT_TEST_EXPORTS")
+    path = Path(root) / name if root else None
+    if path is None or not (path / "config.json").exists():
+        pytest.skip("set MOPT_TEST_EXPORTS to a folder written by tests/make_gpu_exports.py")
+    kw = dict(device="cuda", max_model_len=128, max_num_seqs=8, kv_cache_memory=32 << 20)
+    prompts = [[(5 * i + 7 * j) % 300 for j in range(3 + 4 * i)] for i in range(6)]
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    graphs, eager = LLM(path, **kw), LLM(path, enforce_eager=True, **kw)
+    assert graphs.runner.graphs.graphs
+    assert [o.token_ids for o in graphs.generate(prompts, params)] == \
+        [o.token_ids for o in eager.generate(prompts, params)]

@@ -217,3 +217,23 @@ def test_generation_on_gpu(plain_path, kv_cache_dtype):
     bf16 = LLM(plain_path, device="cuda", block_size=16, kv_cache_memory=16 << 20)
     assert bf16.dtype == torch.bfloat16
     assert all(len(o.token_ids) == 12 for o in bf16.generate(PROMPTS, params))
+
+
+@pytest.mark.gpu
+def test_preemption_on_gpu(plain_path):
+    """A cache too small for the batch on CUDA: sequences are preempted and recomputed, and every
+    output still equals cache-free greedy decoding (float32)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    probe = LLM(plain_path, device="cuda", dtype=torch.float32, block_size=16, kv_cache_memory=16 << 20)
+    per_block = 16 * _bytes_per_token(probe)
+    llm = LLM(plain_path, device="cuda", dtype=torch.float32, block_size=16, kv_cache_memory=6 * per_block,
+              max_model_len=64)
+    preempted = []
+    original = llm.scheduler._preempt
+    llm.scheduler._preempt = lambda seq: (preempted.append(seq.request_id), original(seq))
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=20, ignore_eos=True))
+    assert preempted
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == greedy_without_cache(llm.model, prompt, 20)[0]
+    assert llm.scheduler.blocks.num_free == llm.scheduler.blocks.num_blocks
