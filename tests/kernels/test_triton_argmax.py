@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
+from triton_device import triton_device
+
 triton_argmax = pytest.importorskip("mopt.kernels.triton_argmax")
 
 
-def _device(gpu: bool) -> str:
-    if gpu:
-        if not torch.cuda.is_available():
-            pytest.skip("needs a GPU")
-        return "cuda"
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("interpreter run (TRITON_INTERPRET=1)")
-    return "cpu"
 
 
 def _check(device, b, v):
@@ -31,10 +24,10 @@ def _check(device, b, v):
 
 @pytest.mark.parametrize("b,v", [(1, 320), (3, 9000), (2, 4096)])
 def test_argmax_interpreted(b, v):
-    _check(_device(False), b, v)
+    _check(triton_device(False), b, v)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,v", [(1, 128256), (64, 151936), (7, 32000), (1, 320)])
 def test_argmax_gpu(b, v):
-    _check(_device(True), b, v)
+    _check(triton_device(True), b, v)

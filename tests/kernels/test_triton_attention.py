@@ -15,27 +15,19 @@ Cases: block sizes 16 and 32 (4 on the CPU too), GQA ratios 1, 4 and 8, context 
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
+
+from triton_device import INTERPRETED, triton_device
 
 from mopt.kernels import paged_attention as ref
 from mopt.quant.formats import fp8
 
 triton_attention = pytest.importorskip("mopt.kernels.triton_attention")
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _device(gpu: bool) -> str:
-    if gpu:
-        if not torch.cuda.is_available():
-            pytest.skip("needs a GPU")
-        return "cuda"
-    if not INTERPRETED:
-        pytest.skip("interpreter run (TRITON_INTERPRET=1)")
-    return "cpu"
 
 
 def _cache(seq_lens, page, kv_heads, head_dim, dtype, cache_dtype, device, seed):
@@ -117,13 +109,13 @@ CACHES = {"fp8": fp8.FP8_DTYPE, "model": None}
 @pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 1), (8, 1)])
 @pytest.mark.parametrize("cache", ["fp8", "model"])
 def test_decode_interpreted(page, heads, kv_heads, cache):
-    device = _device(False)
+    device = triton_device(False)
     _decode_case(device, torch.float32, CACHES[cache] or torch.float32, page, heads, kv_heads, [1, 37, 0, 70])
 
 
 @pytest.mark.parametrize("splits", [1, 2, 8])
 def test_decode_splits_and_window_interpreted(splits):
-    device = _device(False)
+    device = triton_device(False)
     seq_lens = [5, 33, 90]
     k_cache, v_cache, tables, ks, vs = _cache(seq_lens, 16, 2, 32, torch.float32, torch.float32, device, 3)
     q = torch.randn(3, 4, 32)
@@ -163,21 +155,21 @@ def _fp8_output_case(device, dtype, splits):
 @pytest.mark.parametrize("splits", [1, 4])
 def test_fp8_output_interpreted(splits):
     """E4M3 output for an FP8 o_proj: the codes of the kernel's own output."""
-    _fp8_output_case(_device(False), torch.float32, splits)
+    _fp8_output_case(triton_device(False), torch.float32, splits)
 
 
 @pytest.mark.parametrize("page", [4, 16, 32])
 @pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 1)])
 @pytest.mark.parametrize("cache", ["fp8", "model"])
 def test_prefill_interpreted(page, heads, kv_heads, cache):
-    device = _device(False)
+    device = triton_device(False)
     # A fresh prompt, a chunk after 20 cached tokens, a one-token chunk, a prompt longer than BLOCK_M.
     _prefill_case(device, torch.float32, CACHES[cache] or torch.float32, page, heads, kv_heads, [7, 12, 1, 40],
                   [0, 20, 9, 0])
 
 
 def test_prefill_window_interpreted():
-    device = _device(False)
+    device = triton_device(False)
     _prefill_case(device, torch.float32, torch.float32, 16, 4, 2, [30, 12], [0, 25], window=8, head_dim=32)
 
 
@@ -209,7 +201,7 @@ def _rope_case(device, dtype, cache_dtype, n=6, heads=4, kv_heads=2, head_dim=64
 @pytest.mark.parametrize("cache", ["fp8", "model"])
 @pytest.mark.parametrize("strided", [True, False])
 def test_rope_and_write_exact_interpreted(cache, strided):
-    device = _device(False)
+    device = triton_device(False)
     _rope_case(device, torch.float32, CACHES[cache] or torch.float32, strided=strided)
 
 
@@ -219,7 +211,7 @@ def test_rope_and_write_exact_interpreted(cache, strided):
 @pytest.mark.parametrize("cache", ["fp8", "model"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rope_and_write_exact_gpu(cache, dtype):
-    device = _device(True)
+    device = triton_device(True)
     _rope_case(device, dtype, CACHES[cache] or dtype, n=6, heads=32, kv_heads=8, head_dim=128)
 
 
@@ -229,7 +221,7 @@ def test_rope_and_write_exact_gpu(cache, dtype):
 @pytest.mark.parametrize("cache", ["fp8", "model"])
 @pytest.mark.parametrize("seq_lens", [[1], [4096], [1, 17, 0, 513, 4096, 100, 2000, 64]])
 def test_decode_gpu(page, heads, kv_heads, cache, seq_lens):
-    device = _device(True)
+    device = triton_device(True)
     _decode_case(device, torch.bfloat16, CACHES[cache] or torch.bfloat16, page, heads, kv_heads, seq_lens,
                  head_dim=128)
 
@@ -239,7 +231,7 @@ def test_decode_gpu(page, heads, kv_heads, cache, seq_lens):
 @pytest.mark.parametrize("heads,kv_heads", [(8, 8), (32, 8), (32, 4)])
 @pytest.mark.parametrize("cache", ["fp8", "model"])
 def test_prefill_gpu(page, heads, kv_heads, cache):
-    device = _device(True)
+    device = triton_device(True)
     _prefill_case(device, torch.bfloat16, CACHES[cache] or torch.bfloat16, page, heads, kv_heads,
                   [1024, 1, 300, 77, 2048], [0, 4095, 200, 1000, 0], head_dim=128)
 
@@ -247,11 +239,11 @@ def test_prefill_gpu(page, heads, kv_heads, cache):
 @pytest.mark.gpu
 @pytest.mark.parametrize("splits", [1, 32])
 def test_fp8_output_gpu(splits):
-    _fp8_output_case(_device(True), torch.bfloat16, splits)
+    _fp8_output_case(triton_device(True), torch.bfloat16, splits)
 
 
 @pytest.mark.gpu
 def test_window_gpu():
-    device = _device(True)
+    device = triton_device(True)
     _decode_case(device, torch.bfloat16, torch.bfloat16, 16, 32, 8, [1, 300, 4096], window=256, head_dim=128)
     _prefill_case(device, torch.bfloat16, torch.bfloat16, 16, 32, 8, [700, 5], [0, 600], window=256, head_dim=128)

@@ -9,10 +9,11 @@ as the norm and SiLU kernels write them) must give the same bits as letting the 
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
+
+from triton_device import triton_device
 
 from canonical import S, canonical_layer
 from mopt.kernels.reference import ReferenceLinearKernel
@@ -22,14 +23,6 @@ triton_gemv = pytest.importorskip("mopt.kernels.triton_gemv")
 triton_linear = pytest.importorskip("mopt.kernels.triton_linear")
 
 
-def _device(gpu: bool) -> str:
-    if gpu:
-        if not torch.cuda.is_available():
-            pytest.skip("needs a GPU")
-        return "cuda"
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("interpreter run (TRITON_INTERPRET=1)")
-    return "cpu"
 
 
 def _rel(a, b) -> float:
@@ -64,7 +57,7 @@ TILES = {"fma": triton_gemv.GemvTiles(16, 128, 4, 2, dot=False), "dot": triton_g
                                            (70, 96, 5, "dot"), (32, 512, 16, "dot")])
 @pytest.mark.parametrize("rowwise", [False, True])
 def test_fp8_gemv_interpreted(n, k, m, variant, rowwise):
-    _check_gemv(_device(False), n, k, m, TILES[variant], torch.float32, rowwise)
+    _check_gemv(triton_device(False), n, k, m, TILES[variant], torch.float32, rowwise)
 
 
 @pytest.mark.parametrize("m,dtype,variant", [(1, torch.bfloat16, "fma"), (1, torch.float16, "dot"),
@@ -74,7 +67,7 @@ def test_gemv_16bit_interpreted(m, dtype, variant):
     g = torch.Generator().manual_seed(m)
     a, b, bias = (torch.randn(m, 200, generator=g).to(dtype), torch.randn(50, 200, generator=g).to(dtype),
                   torch.randn(50, generator=g).to(dtype))
-    got = triton_gemv.gemv(a.to(_device(False)), b, bias, TILES[variant])
+    got = triton_gemv.gemv(a.to(triton_device(False)), b, bias, TILES[variant])
     want = a.float() @ b.float().t() + bias.float()
     assert got.dtype == dtype and _rel(got, want) <= 4e-3
 
@@ -89,7 +82,7 @@ def test_fp8_gemv_rejects_large_m():
 def test_fp8_codes_as_input_equal_quantizing_inside(m):
     """A per-tensor FP8 layer given E4M3 codes under its input scale computes what it computes when it
     quantizes the same activations itself (the protocol the norm and SiLU kernels use)."""
-    device = _device(False)
+    device = triton_device(False)
     layer = canonical_layer(S.FP8_TENSOR, 64, 256)
     layer.params_dtype = torch.float32
     x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)) * 2
@@ -107,7 +100,7 @@ def test_fp8_codes_as_input_equal_quantizing_inside(m):
 @pytest.mark.parametrize("n,k", [(6144, 4096), (128256, 4096), (4096, 14336), (576, 576)])
 @pytest.mark.parametrize("m", [1, 3, 16])
 def test_gemv_bf16_gpu(n, k, m):
-    device = _device(True)
+    device = triton_device(True)
     g = torch.Generator().manual_seed(m)
     a = torch.randn(m, k, generator=g).to(device, torch.bfloat16)
     b = (torch.randn(n, k, generator=g) * 0.05).to(device, torch.bfloat16)
@@ -120,6 +113,6 @@ def test_gemv_bf16_gpu(n, k, m):
 @pytest.mark.parametrize("m", [1, 2, 16])
 @pytest.mark.parametrize("rowwise", [False, True])
 def test_fp8_gemv_gpu(n, k, m, rowwise):
-    device = _device(True)
+    device = triton_device(True)
     _check_gemv(device, n, k, m, None, torch.float32, rowwise)
     _check_gemv(device, n, k, m, None, torch.bfloat16, rowwise)

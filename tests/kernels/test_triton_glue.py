@@ -9,10 +9,11 @@ rounding boundary); at most 1% of elements may differ at all.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
+
+from triton_device import INTERPRETED, triton_device
 
 from mopt.kernels.glue import rms_norm_reference, silu_mul_reference
 from mopt.quant.formats import fp8
@@ -20,14 +21,6 @@ from mopt.quant.formats import fp8
 triton_glue = pytest.importorskip("mopt.kernels.triton_glue")
 
 
-def _device(gpu: bool) -> str:
-    if gpu:
-        if not torch.cuda.is_available():
-            pytest.skip("needs a GPU")
-        return "cuda"
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("interpreter run (TRITON_INTERPRET=1)")
-    return "cpu"
 
 
 def _close(got, want, dtype):
@@ -62,7 +55,7 @@ def _check(device, dtype, m, n, strided):
 
 
 def _same_codes(got, want, dtype):
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRETED:
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
         return
     g, w = got.float().cpu(), want.float().cpu()
@@ -73,11 +66,11 @@ def _same_codes(got, want, dtype):
 @pytest.mark.parametrize("m,n", [(1, 64), (5, 576), (3, 1000)])
 @pytest.mark.parametrize("strided", [False, True])
 def test_glue_interpreted(m, n, strided):
-    _check(_device(False), torch.float32, m, n, strided)
+    _check(triton_device(False), torch.float32, m, n, strided)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n", [(1, 4096), (64, 4096), (8192, 4096), (7, 14336), (3, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_glue_gpu(m, n, dtype):
-    _check(_device(True), dtype, m, n, strided=True)
+    _check(triton_device(True), dtype, m, n, strided=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from mopt.kernels import paged_attention as reference
-from mopt.kernels.linear import BACKEND_ENV, cuda_capability
+from mopt.kernels.linear import BACKEND_ENV, cuda_capability, first_fitting
 from mopt.quant.formats import fp8
 
 
@@ -131,15 +131,7 @@ def select_attention_backend(spec: AttentionSpec, device: torch.device,
     if override is None:
         env = os.environ.get(BACKEND_ENV)
         override = env if env in names else None
-    reasons = []
-    for backend in candidates:
-        if override is not None and backend.name != override:
-            reasons.append(f"{backend.name}: not the requested backend {override!r}")
-            continue
-        ok, why = backend.is_supported(device)
-        if ok:
-            ok, why = backend.can_implement(spec)
-        if ok:
-            return backend()
-        reasons.append(f"{backend.name}: {why}")
+    backend, reasons = first_fitting(candidates, device, spec, override, lambda b: b.name)
+    if backend is not None:
+        return backend()
     raise ValueError(f"no attention backend for {spec} on {device}:\n  " + "\n  ".join(reasons))

@@ -102,6 +102,24 @@ def candidate_kernels(device_type: str) -> list[type[LinearKernel]]:
     ]
 
 
+def first_fitting(candidates: list, device: torch.device, target, override: str | None,
+                  backend_of: Callable[[type], str]) -> tuple[type | None, list[str]]:
+    """The first candidate (a class with ``name``, ``is_supported(device)`` and ``can_implement(target)``)
+    whose backend is ``override`` (when given) and that fits, with why each one before it did not."""
+    reasons: list[str] = []
+    for candidate in candidates:
+        if override is not None and backend_of(candidate) != override:
+            reasons.append(f"{candidate.name}: not the requested backend {override!r}")
+            continue
+        ok, why = candidate.is_supported(device)
+        if ok:
+            ok, why = candidate.can_implement(target)
+        if ok:
+            return candidate, reasons
+        reasons.append(f"{candidate.name}: {why}")
+    return None, reasons
+
+
 def select_linear_kernel(
     shape: LinearShape, device: torch.device, override: str | None = None
 ) -> LinearKernel:
@@ -112,17 +130,9 @@ def select_linear_kernel(
     device offers is an error listing why each was passed over, never silently ignored.
     """
     override = override if override is not None else os.environ.get(BACKEND_ENV) or None
-    reasons: list[str] = []
-    for kernel in candidate_kernels(device.type):
-        if override is not None and kernel.backend != override:
-            reasons.append(f"{kernel.name}: not the requested backend {override!r}")
-            continue
-        ok, why = kernel.is_supported(device)
-        if ok:
-            ok, why = kernel.can_implement(shape)
-        if ok:
-            return kernel()
-        reasons.append(f"{kernel.name}: {why}")
+    kernel, reasons = first_fitting(candidate_kernels(device.type), device, shape, override, lambda k: k.backend)
+    if kernel is not None:
+        return kernel()
     raise ValueError(
         f"no linear kernel for {shape.scheme.value} {shape.out_features}x{shape.in_features} "
         f"on {device}:\n  " + "\n  ".join(reasons or ["no kernels registered"])

@@ -125,6 +125,18 @@ def _online_softmax(s, m, l, acc):
 
 
 @triton.jit
+def _attend_tile(q, k_cache_ptr, v_cache_ptr, table, tok, tmask, keep, kv_head, num_kv_heads, cols, k_scale,
+                 v_scale, sm_scale, m, l, acc, PAGE: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """Queries ``q [R, D]`` against the keys/values of tokens ``tok`` (``keep [R, N]``: which pairs count)."""
+    k = _load_kv(k_cache_ptr, table, tok, tmask, kv_head, num_kv_heads, cols, k_scale, q.dtype, PAGE, D, FP8)
+    s = tl.where(keep, _scores(q, k, sm_scale, IEEE), float("-inf"))
+    p, m, l, acc = _online_softmax(s, m, l, acc)
+    v = _load_kv(v_cache_ptr, table, tok, tmask, kv_head, num_kv_heads, cols, v_scale, q.dtype, PAGE, D, FP8)
+    return m, l, _pv(p, v, acc, IEEE)
+
+
+@triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_ptr, lse_ptr, out_scale_ptr, k_scale, v_scale, sm_scale, stride_qb, stride_qh, stride_bt, num_heads, num_kv_heads,
                    window, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr,
@@ -150,11 +162,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, out_pt
     for start in range(lo, hi, BLOCK_N):
         tok = start + tl.arange(0, BLOCK_N)
         tmask = tok < hi
-        k = _load_kv(k_cache_ptr, table, tok, tmask, kv_head, num_kv_heads, cols, k_scale, q.dtype, PAGE, D, FP8)
-        s = tl.where(tmask[None, :], _scores(q, k, sm_scale, IEEE), float("-inf"))
-        p, m, l, acc = _online_softmax(s, m, l, acc)
-        v = _load_kv(v_cache_ptr, table, tok, tmask, kv_head, num_kv_heads, cols, v_scale, q.dtype, PAGE, D, FP8)
-        acc = _pv(p, v, acc, IEEE)
+        m, l, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, table, tok, tmask, tmask[None, :], kv_head,
+                                 num_kv_heads, cols, k_scale, v_scale, sm_scale, m, l, acc, PAGE, D, FP8, IEEE)
     has = l > 0
     o = acc / tl.where(has, l, 1.0)[:, None]
     if NUM_SPLITS == 1:
@@ -211,16 +220,11 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, seq_lens_p
         for start in range(lo, hi, BLOCK_N):
             tok = start + tl.arange(0, BLOCK_N)
             tmask = tok < hi
-            k = _load_kv(k_cache_ptr, table, tok, tmask, kv_head, num_kv_heads, cols, k_scale, q.dtype, PAGE, D,
-                         FP8)
             keep = tmask[None, :] & (tok[None, :] <= q_pos[:, None])
             if window > 0:
                 keep = keep & (q_pos[:, None] - tok[None, :] < window)
-            s = tl.where(keep, _scores(q, k, sm_scale, IEEE), float("-inf"))
-            p, m, l, acc = _online_softmax(s, m, l, acc)
-            v = _load_kv(v_cache_ptr, table, tok, tmask, kv_head, num_kv_heads, cols, v_scale, q.dtype, PAGE, D,
-                         FP8)
-            acc = _pv(p, v, acc, IEEE)
+            m, l, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, table, tok, tmask, keep, kv_head, num_kv_heads,
+                                     cols, k_scale, v_scale, sm_scale, m, l, acc, PAGE, D, FP8, IEEE)
         o = acc / tl.where(l > 0, l, 1.0)[:, None]
         _store_out(out_ptr + (tokens[:, None] * num_heads + h) * D + cols[None, :], o.to(q.dtype), out_scale_ptr,
                    rmask[:, None], FP8_OUT)

@@ -55,6 +55,21 @@ def _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS: tl.c
 
 
 @triton.jit
+def scale_tile(acc, a_scale_ptr, b_scale_ptr, offs_m, offs_n, m_ok, n_ok, A_ROWWISE: tl.constexpr,
+               B_ROWWISE: tl.constexpr):
+    """``acc [BM, BN] * a_scale[m] * b_scale[n]``, each scale per row (``*_ROWWISE``) or one scalar."""
+    if A_ROWWISE:
+        sa = tl.load(a_scale_ptr + offs_m, mask=m_ok, other=0.0)
+    else:
+        sa = tl.load(a_scale_ptr + tl.zeros_like(offs_m))
+    if B_ROWWISE:
+        sb = tl.load(b_scale_ptr + offs_n, mask=n_ok, other=0.0)
+    else:
+        sb = tl.load(b_scale_ptr + tl.zeros_like(offs_n))
+    return acc * sa[:, None] * sb[None, :]
+
+
+@triton.jit
 def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,
                      stride_cm, num_kb, A_ROWWISE: tl.constexpr, B_ROWWISE: tl.constexpr,
                      BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -84,15 +99,7 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M,
             # accumulator every 128 products, as cuBLASLt does without fast accumulation.
             acc = tl.dot(a, b, acc, max_num_imprecise_acc=128)
     if not BLOCK_SCALES:
-        if A_ROWWISE:
-            sa = tl.load(a_scale_ptr + offs_m, mask=m_ok, other=0.0)
-        else:
-            sa = tl.load(a_scale_ptr + tl.zeros_like(offs_m))
-        if B_ROWWISE:
-            sb = tl.load(b_scale_ptr + offs_n, mask=n_ok, other=0.0)
-        else:
-            sb = tl.load(b_scale_ptr + tl.zeros_like(offs_n))
-        acc = acc * sa[:, None] * sb[None, :]
+        acc = scale_tile(acc, a_scale_ptr, b_scale_ptr, offs_m, offs_n, m_ok, n_ok, A_ROWWISE, B_ROWWISE)
     _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS, SPLIT_K)
 
 

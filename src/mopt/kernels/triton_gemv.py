@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mopt.kernels.triton_gemm import scale_tile
+
 
 @dataclass(frozen=True)
 class GemvTiles:
@@ -63,15 +65,7 @@ def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, 
         out = acc
     else:
         out = acc1[None, :]
-    if A_ROWWISE:
-        sa = tl.load(a_scale_ptr + offs_m, mask=m_ok, other=0.0)
-    else:
-        sa = tl.load(a_scale_ptr + tl.zeros_like(offs_m))
-    if B_ROWWISE:
-        sb = tl.load(b_scale_ptr + offs_n, mask=n_ok, other=0.0)
-    else:
-        sb = tl.load(b_scale_ptr + tl.zeros_like(offs_n))
-    out = out * sa[:, None] * sb[None, :]
+    out = scale_tile(out, a_scale_ptr, b_scale_ptr, offs_m, offs_n, m_ok, n_ok, A_ROWWISE, B_ROWWISE)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
