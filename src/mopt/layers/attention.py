@@ -39,11 +39,14 @@ class Attention(nn.Module):
     quant_kind = "attention"
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
-                 quant_config=None, prefix: str = "", kv_cache_dtype: str = "auto") -> None:
+                 quant_config=None, prefix: str = "", kv_cache_dtype: str = "auto",
+                 sliding_window: int | None = None) -> None:
         super().__init__()
         self.prefix = prefix
         self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
         self.scale = scale
+        # Query at position i sees keys at i - sliding_window < j <= i (transformers' convention).
+        self.sliding_window = sliding_window
         self.kv_cache_dtype = kv_cache_dtype
         self.quant_method = quant_config.get_quant_method(self, prefix) if quant_config is not None else None
         if self.quant_method is not None:
@@ -72,9 +75,14 @@ class Attention(nn.Module):
             k = fp8.dequantize(fp8.quantize(k, self.k_scale_float), self.k_scale_float, k.dtype)
             v = fp8.dequantize(fp8.quantize(v, self.v_scale_float), self.v_scale_float, v.dtype)
         b, t = q.shape[:2]
+        mask = None
+        if self.sliding_window is not None:
+            pos = torch.arange(t, device=q.device)
+            distance = pos[:, None] - pos[None, :]
+            mask = (distance >= 0) & (distance < self.sliding_window)
         out = nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=True, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            is_causal=mask is None, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
 
@@ -85,5 +93,5 @@ class Attention(nn.Module):
         write_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale_float, self.v_scale_float)
         out = paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
                               meta.query_start_loc, meta.max_query_len, self.scale,
-                              self.k_scale_float, self.v_scale_float)
+                              self.k_scale_float, self.v_scale_float, sliding_window=self.sliding_window)
         return out.reshape(1, q.shape[0], self.num_heads * self.head_dim)
