@@ -204,7 +204,7 @@ class LLM:
         """Token ids of ``messages`` through the tokenizer's chat template, ready for the reply."""
         tok = self._require_tokenizer()
         if not getattr(tok, "chat_template", None):
-            raise ValueError(f"{self.path}: the tokenizer has no chat template; use generate() with a plain prompt")
+            raise RequestError(f"{self.path}: the tokenizer has no chat template; use generate() with a plain prompt")
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return tok(text, add_special_tokens=False)["input_ids"]
 
