@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mopt import LLM, SamplingParams
+from mopt.engine.checkpoint import CheckpointError
 from mopt.engine.loader import load_model
 from mopt.errors import ModelConfigError, MoptError
 from mopt.models.registry import UnsupportedArchitectureError
@@ -111,6 +112,19 @@ def test_bad_model_configs_are_refused_by_field(llama_dir, tmp_path, edit, messa
         load_model(tmp_path / "ckpt")
     assert isinstance(info.value, (ModelConfigError, UnsupportedArchitectureError))
     assert "config.json" in str(info.value)
+
+
+@pytest.mark.parametrize("data,message", [
+    (json.dumps({"architectures": ["LlamaForCausalLM"]}).encode("utf-16"), r"config.json: not UTF-8 text"),
+    (b"[" * 100_000 + b"]" * 100_000, r"config.json: JSON nested too deeply"),
+    (b'{"vocab_size": ' + b"9" * 5000 + b"}", r"config.json: not valid JSON \(Exceeds the limit"),
+    (b"[1]", r"config.json: expected a JSON object, got list"),
+], ids=["UTF-16", "deeply nested", "5000-digit integer", "not an object"])
+def test_unreadable_config_json(llama_dir, tmp_path, data, message):
+    _edit_config(llama_dir, tmp_path / "ckpt", lambda config: None)
+    (tmp_path / "ckpt" / "config.json").write_bytes(data)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(tmp_path / "ckpt")
 
 
 FAMILY_BAD = [
