@@ -172,6 +172,19 @@ def test_text_prompts_go_through_the_tokenizer(llm):
     assert out.prompt == "héllo" and out.prompt_token_ids == llm.tokenizer("héllo")["input_ids"]
 
 
+@pytest.mark.parametrize("messages,message", [
+    (5, r"messages must be a conversation or a list of them, got int"),
+    ([], r"messages must be a conversation or a list of them, got list"),
+    ([{"role": "user"}], r"messages\[0\] must have a string 'role' and 'content'"),
+    ([{"role": "user", "content": "caf\udce9"}], r"messages\[0\].content is not valid Unicode"),
+    ([[{"role": "user", "content": "hi"}], [5]], r"messages\[0\] must have a string 'role' and 'content', got int 5"),
+], ids=["an int", "empty", "no content", "lone surrogate", "bad second conversation"])
+def test_bad_chat_messages(llm, messages, message):
+    with pytest.raises(RequestError, match=message):
+        llm.chat(messages)
+    assert_idle(llm)
+
+
 # -- engine arguments and generation_config.json ----------------------------------------------
 
 BAD_ARGS = [

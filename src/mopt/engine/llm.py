@@ -13,7 +13,7 @@ from mopt.engine.args import check_engine_args
 from mopt.engine.block_manager import BlockManager, blocks_needed
 from mopt.engine.checkpoint import CheckpointError
 from mopt.engine.loader import load_model
-from mopt.engine.request import is_int, prompt_batch, prompt_token_ids
+from mopt.engine.request import check_messages, is_int, prompt_batch, prompt_token_ids
 from mopt.engine.runner import ModelRunner, kv_bytes_per_token
 from mopt.engine.scheduler import Scheduler
 from mopt.engine.sequence import RequestOutput, SamplingParams, Sequence
@@ -89,8 +89,8 @@ class LLM:
         context = getattr(self.config, "max_position_embeddings", None) or capacity
         self.max_model_len = max_model_len or min(context, capacity)
         if self.max_model_len > capacity:
-            raise EngineArgumentError(f"max_model_len {self.max_model_len} needs {self.max_model_len * per_token} bytes "
-                             f"of KV cache; the cache holds {capacity} tokens ({budget} bytes)")
+            raise EngineArgumentError(f"max_model_len {self.max_model_len} needs {self.max_model_len * per_token} "
+                                      f"bytes of KV cache; the cache holds {capacity} tokens ({budget} bytes)")
         # Don't allocate more than max_num_seqs full-length sequences can use.
         num_blocks = min(num_blocks, max_num_seqs * blocks_needed(self.max_model_len, block_size))
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs,
@@ -202,6 +202,7 @@ class LLM:
 
     def chat_prompt(self, messages: Messages) -> list[int]:
         """Token ids of ``messages`` through the tokenizer's chat template, ready for the reply."""
+        check_messages(messages)
         tok = self._require_tokenizer()
         if not getattr(tok, "chat_template", None):
             raise RequestError(f"{self.path}: the tokenizer has no chat template; use generate() with a plain prompt")
@@ -211,7 +212,11 @@ class LLM:
     def chat(self, messages: Messages | Seq[Messages], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = False) -> list[RequestOutput]:
         """Reply to one conversation (a list of ``{"role", "content"}``) or to a list of them."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise RequestError(f"messages must be a conversation or a list of them, got {type(messages).__name__}")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        for conversation in conversations:  # all of them before any is templated or scheduled
+            check_messages(conversation)
         return self.generate([self.chat_prompt(c) for c in conversations], sampling_params, use_tqdm)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:

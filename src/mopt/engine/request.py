@@ -95,6 +95,17 @@ def check_sampling_params(params) -> None:
     params.ignore_eos = bool(params.ignore_eos)
 
 
+def check_messages(messages: Any) -> None:
+    """A conversation: a list of ``{"role": str, "content": str}`` with valid Unicode content."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(f"messages must be a non-empty list of {{'role', 'content'}} objects, got {_show(messages)}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise RequestError(f"messages[{i}] must have a string 'role' and 'content', got {_show(message)}")
+        check_text(message["content"], f"messages[{i}].content")
+
+
 def _is_id_array(value: Any) -> bool:
     return isinstance(value, (np.ndarray, torch.Tensor))
 

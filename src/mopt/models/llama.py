@@ -33,14 +33,15 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # none; all of them (Mistral, Mixtral, Qwen3-MoE; null means no window); those ``layer_types``
 # marks "sliding_attention" (Qwen2, Qwen3, Qwen2-MoE, whose configs derive it from
 # use_sliding_window and max_window_layers).
+def _window_by_layer_type(config, layer: int) -> int | None:
+    layer_types = getattr(config, "layer_types", None)
+    return config.sliding_window if layer_types and layer_types[layer] == "sliding_attention" else None
+
+
 SLIDING_WINDOW_RULES: dict[str, Callable[[object, int], "int | None"]] = {
     "none": lambda config, layer: None,
     "all_layers": lambda config, layer: getattr(config, "sliding_window", None),
-    "layer_types": lambda config, layer: (
-        config.sliding_window
-        if (getattr(config, "layer_types", None) or [None] * (layer + 1))[layer] == "sliding_attention"
-        else None
-    ),
+    "layer_types": _window_by_layer_type,
 }
 
 
