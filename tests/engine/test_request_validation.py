@@ -216,6 +216,19 @@ def test_bad_engine_arguments_fail_before_loading(tmp_path, kwargs, message):
         LLM(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(path=None), r"model must be a checkpoint folder path, got NoneType"),
+    (dict(dtype=torch.int64), r"dtype must be one of"),
+    (dict(kv_cache_dtype="int8"), r"kv_cache_dtype must be one of"),
+    (dict(device="vulkan"), r"device type 'vulkan' is not supported"),
+], ids=["path", "dtype", "kv_cache_dtype", "device"])
+def test_bad_load_model_arguments(tmp_path, kwargs, message):
+    from mopt import load_model
+
+    with pytest.raises(EngineArgumentError, match=message):
+        load_model(**{"path": tmp_path / "no-such-checkpoint", **kwargs})
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a CUDA GPU")
 def test_cuda_on_a_cpu_machine(tmp_path):
     with pytest.raises(EngineArgumentError, match=r"device 'cuda': no CUDA GPU is available.*use device='cpu'"):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mopt.engine.args import check_device, check_dtype, check_kv_cache_dtype
+from mopt.engine.args import check_device, check_dtype, check_kv_cache_dtype, check_model_path
 from mopt.engine.checkpoint import FLOAT_DTYPES, CheckpointError, read_checkpoint
 from mopt.errors import ModelConfigError
 from mopt.jsonio import read_json_object
@@ -142,6 +142,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
     ``progress`` shows a bar over the checkpoint's tensors on stderr.
     """
+    check_model_path(path)
     device = check_device(device) or torch.device("cpu")
     dtype = check_dtype(dtype) or torch.float32
     kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
