@@ -21,9 +21,12 @@ VOCAB, MAX_MODEL_LEN = 320, 32
 REFERENCE = ([5, 17, 33, 2, 9], SamplingParams(max_tokens=8, ignore_eos=True))
 
 
+BYTES_PER_TOKEN = 2 * 2 * 2 * 64 * 4  # tiny_llama(256): layers x (K, V) x KV heads x head size x float32
+
+
 def make_llm(path) -> LLM:
-    # 24 blocks of 4 tokens for up to 3 sequences of 32: enough pressure for preemption.
-    return LLM(path, device="cpu", block_size=4, kv_cache_memory=24 * 4 * 4096, max_model_len=MAX_MODEL_LEN)
+    # 20 blocks of 4 tokens for up to 3 sequences of up to 32: long batches get preempted.
+    return LLM(path, device="cpu", block_size=4, kv_cache_memory=20 * 4 * BYTES_PER_TOKEN, max_model_len=MAX_MODEL_LEN)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +115,7 @@ class InjectedFailure(Exception):
 
 def test_fuzz_requests(model_dir):
     llm = make_llm(model_dir)
+    assert llm.scheduler.blocks.num_blocks == 20
     reference = make_llm(model_dir).generate(*REFERENCE)[0].token_ids
     original_step = llm.runner.step
 

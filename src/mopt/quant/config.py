@@ -185,31 +185,24 @@ class ModelOptQuantConfigBase:
         """
         if not isinstance(config, Mapping):
             raise QuantConfigError(f"the quantization config must be an object, got {type(config).__name__}")
-        if "quantization" in config:
+        if "quantization" in config:  # hf_quant_config.json; field names in errors say where
             quant = config["quantization"]
             if not isinstance(quant, dict):
                 raise QuantConfigError(
                     f"'quantization' must be a dictionary, got {type(quant).__name__}"
                 )
-            fields = {"quant_algo": "quantization.quant_algo",
-                      "kv_cache_quant_algo": "quantization.kv_cache_quant_algo",
-                      "group_size": "quantization.group_size", "exclude_modules": "quantization.exclude_modules"}
-            kv_raw = quant.get("kv_cache_quant_algo")
-            exclude_raw = quant.get("exclude_modules")
-        else:
-            quant = config
-            fields = {"quant_algo": "quant_algo", "kv_cache_quant_algo": "kv_cache_quant_algo",
-                      "group_size": "group_size", "exclude_modules": "ignore"}
+            where, exclude_key, kv_raw = "quantization.", "exclude_modules", quant.get("kv_cache_quant_algo")
+        else:  # config.json's quantization_config
+            quant, where, exclude_key = config, "", "ignore"
             kv_raw = config.get("kv_cache_quant_algo", _kv_algo_from_scheme(config))
-            exclude_raw = config.get("ignore")
 
         if quant.get("quant_algo") is None:
             raise QuantConfigError("missing 'quant_algo' in the quantization config")
-        algo = validate.algo_name(quant["quant_algo"], fields["quant_algo"])
-        kv_algo = validate.optional_str(kv_raw, fields["kv_cache_quant_algo"])
+        algo = validate.algo_name(quant["quant_algo"], where + "quant_algo")
+        kv_algo = validate.optional_str(kv_raw, where + "kv_cache_quant_algo")
         kv_algo = kv_algo.upper() if kv_algo is not None else None
-        exclude_modules = validate.module_patterns(exclude_raw, fields["exclude_modules"])
-        group_size = validate.optional_int(quant.get("group_size"), fields["group_size"])
+        exclude_modules = validate.module_patterns(quant.get(exclude_key), where + exclude_key)
+        group_size = validate.optional_int(quant.get("group_size"), where + "group_size")
         if algo not in QUANT_ALGOS:
             raise QuantConfigError(
                 f"unsupported ModelOpt quant_algo {algo!r}; mopt supports {QUANT_ALGOS}"
