@@ -179,13 +179,19 @@ def test_loader_errors_name_parameter_and_shapes(fmt, param, make, message):
         layer.weight_loader(getattr(layer, param), make(), "k")
 
 
-def test_missing_partition_is_reported():
+@pytest.mark.parametrize("loaded_for_1,message", [
+    ((), r"mlp.gate_up_proj.weight \(rows 128..256 of 256\)"),  # loaded-ness is tracked per partition
+    (("weight",), r"mlp.gate_up_proj.weight_scale: no checkpoint value for partition\(s\) \[1\]"),
+])
+def test_missing_partition_is_reported(loaded_for_1, message):
     layer = MergedColumnParallelLinear(128, [128, 128], quant_config=qc("fp8"), prefix="mlp.gate_up_proj",
                                        params_dtype=torch.float32)
     t = checkpoint_tensors("fp8", 128, 128, 0)
     for name, v in t.items():
         layer.weight_loader(getattr(layer, name), v, 0)
-    with pytest.raises(WeightLoadError, match=r"mlp.gate_up_proj.weight_scale: no checkpoint value for partition\(s\) \[1\]"):
+        if name in loaded_for_1:
+            layer.weight_loader(getattr(layer, name), v, 1)
+    with pytest.raises(WeightLoadError, match=message):
         layer.process_weights_after_loading()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import deque
 
 from mopt.engine.sequence import Sequence
+from mopt.errors import EngineArgumentError
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
@@ -16,7 +17,8 @@ class BlockManager:
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"KV cache needs >= 1 block of >= 1 slot, got {num_blocks} x {block_size}")
+            raise EngineArgumentError(f"KV cache needs >= 1 block of >= 1 slot, got {num_blocks} x {block_size} "
+                                      "(raise kv_cache_memory)")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.free: deque[int] = deque(range(num_blocks))
 

@@ -6,68 +6,23 @@ it is instant even for large checkpoints.
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mopt.engine.checkpoint import (  # noqa: F401  (CheckpointError and the reader are public here too)
+    DTYPE_BYTES,
+    FLOAT_DTYPES,
+    CheckpointError,
+    checkpoint_files,
+    read_checkpoint,
+    read_safetensors_header,
+)
+from mopt.jsonio import read_json_object
 from mopt.quant.config import load_quant_config
 
-# Bytes per element of the safetensors dtype names.
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1,
-               "I8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
-FLOAT_DTYPES = ("BF16", "F16", "F32")
 _SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read; the message names the file."""
-
-
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """Tensor name -> {"dtype", "shape", "data_offsets"} from a safetensors header."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise CheckpointError(f"{path}: truncated safetensors file (no header length)")
-            (n,) = struct.unpack("<Q", head)
-            size = path.stat().st_size
-            if n > size - 8:
-                raise CheckpointError(f"{path}: corrupt safetensors header (length {n} > file size {size})")
-            header = json.loads(f.read(n))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read safetensors header ({e})") from None
-    header.pop("__metadata__", None)
-    data_size = size - 8 - n
-    for name, info in header.items():
-        end = info.get("data_offsets", [0, 0])[1]
-        if end > data_size:
-            raise CheckpointError(
-                f"{path}: tensor {name} ends at byte {end} but the file holds {data_size} data bytes "
-                "(truncated download?)"
-            )
-    return header
-
-
-def checkpoint_files(root: Path) -> list[Path]:
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = sorted({root / f for f in weight_map.values()})
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index}: names shard files that are missing: {missing}")
-        return files
-    single = root / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise CheckpointError(f"{root}: no model.safetensors or model.safetensors.index.json")
 
 
 @dataclass
@@ -167,14 +122,11 @@ def inspect_checkpoint(path: str | Path) -> Inspection:
     config_path = root / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{root}: no config.json")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
-    info = Inspection(root, (config.get("architectures") or ["?"])[0], load_quant_config(root))
-    tensors: dict[str, dict] = {}
-    for f in checkpoint_files(root):
-        tensors.update(read_safetensors_header(f))
+    config = read_json_object(config_path, CheckpointError)
+    architectures = config.get("architectures")
+    architecture = architectures[0] if isinstance(architectures, list) and architectures else "?"
+    info = Inspection(root, str(architecture), load_quant_config(root))
+    _, tensors = read_checkpoint(root)
     by_dtype: dict[str, int] = defaultdict(int)
     for name, t in tensors.items():
         numel = 1

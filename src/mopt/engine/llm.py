@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Iterator, Sequence as Seq
 
 import torch
 
+from mopt.engine.args import check_engine_args
 from mopt.engine.block_manager import BlockManager, blocks_needed
+from mopt.engine.checkpoint import CheckpointError
 from mopt.engine.loader import load_model
+from mopt.engine.request import check_messages, is_int, prompt_batch, prompt_token_ids
 from mopt.engine.runner import ModelRunner, kv_bytes_per_token
 from mopt.engine.scheduler import Scheduler
 from mopt.engine.sequence import RequestOutput, SamplingParams, Sequence
+from mopt.errors import EngineArgumentError, RequestError
+from mopt.jsonio import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -34,18 +39,20 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def _eos_token_ids(path: Path, config, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    sources = [getattr(config, "eos_token_id", None)]
+    """End-of-sequence ids from config.json, generation_config.json and the tokenizer; a malformed
+    generation_config.json is an error (ignoring it would let generation run past EOS)."""
+    sources = [("config.json eos_token_id", getattr(config, "eos_token_id", None))]
     gen = path / "generation_config.json"
     if gen.is_file():
-        try:
-            sources.append(json.loads(gen.read_text()).get("eos_token_id"))
-        except (OSError, ValueError):
-            logger.warning("%s: unreadable, ignoring it", gen)
+        sources.append((f"{gen}: eos_token_id", read_json_object(gen, CheckpointError).get("eos_token_id")))
     if tokenizer is not None:
-        sources.append(tokenizer.eos_token_id)
-    for s in sources:
-        ids.update(s if isinstance(s, list) else [] if s is None else [s])
+        sources.append(("the tokenizer's eos_token_id", tokenizer.eos_token_id))
+    ids: set[int] = set()
+    for where, value in sources:
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        if not all(is_int(v) and v >= 0 for v in values):
+            raise CheckpointError(f"{where} must be a token id or a list of token ids, got {value!r}")
+        ids.update(int(v) for v in values)
     return ids
 
 
@@ -68,19 +75,15 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
                  kv_cache_memory: int | None = None, progress: bool = False, enforce_eager: bool = False,
                  load_format: str = "auto", quantization: str | None = None, seed: int = 0) -> None:
-        if kv_cache_dtype not in ("auto", "fp8"):
-            raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {kv_cache_dtype!r}")
-        if load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
-        if quantization is not None and load_format != "dummy":
-            raise ValueError("quantization= chooses the format of dummy weights; a checkpoint brings its own "
-                             "(pass load_format='dummy')")
+        check_engine_args(model=model, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+                          max_model_len=max_model_len, block_size=block_size, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
+                          load_format=load_format, quantization=quantization, enforce_eager=enforce_eager)
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
         if load_format == "dummy":
-            from mopt.engine.dummy import build_dummy_model, dummy_quant_config, load_config
+            from mopt.engine.dummy import build_dummy_model, load_config
 
-            dummy_quant_config(quantization or "bf16")  # an unknown format fails before the build
             config = load_config(model)
             self.path = Path(model) if isinstance(model, (str, Path)) else Path("dummy")
             self.model = build_dummy_model(config, quantization or "bf16", self.device, self.dtype, kv_cache_dtype,
@@ -101,8 +104,8 @@ class LLM:
         context = getattr(self.config, "max_position_embeddings", None) or capacity
         self.max_model_len = max_model_len or min(context, capacity)
         if self.max_model_len > capacity:
-            raise ValueError(f"max_model_len {self.max_model_len} needs {self.max_model_len * per_token} bytes "
-                             f"of KV cache; the cache holds {capacity} tokens ({budget} bytes)")
+            raise EngineArgumentError(f"max_model_len {self.max_model_len} needs {self.max_model_len * per_token} "
+                                      f"bytes of KV cache; the cache holds {capacity} tokens ({budget} bytes)")
         # Don't allocate more than max_num_seqs full-length sequences can use.
         num_blocks = min(num_blocks, max_num_seqs * blocks_needed(self.max_model_len, block_size))
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs,
@@ -129,23 +132,15 @@ class LLM:
 
     def _require_tokenizer(self):
         if self.tokenizer is None:
-            raise ValueError(f"{self.path} has no tokenizer: pass token-id lists instead of text")
+            raise RequestError(f"{self.path} has no tokenizer: pass token-id lists instead of text")
         return self.tokenizer
 
     def _make_sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
-        if isinstance(prompt, str):
-            ids = self._require_tokenizer()(prompt)["input_ids"]
-            text = prompt
-        else:
-            ids, text = [int(t) for t in prompt], None
-        if not ids:
-            raise ValueError("empty prompt: give at least one token")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+        """A validated request, not yet in the scheduler (a bad one raises ``RequestError``)."""
+        ids, text = prompt_token_ids(prompt, self.tokenizer, self.vocab_size, str(self.path))
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
-                             "(prompt plus at least one generated token)")
+            raise RequestError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
+                               "(prompt plus at least one generated token)")
         return Sequence(ids, params, prompt=text)
 
     def _finish_check(self, seq: Sequence, token: int) -> None:
@@ -176,62 +171,94 @@ class LLM:
 
     @staticmethod
     def _per_prompt(params, n: int) -> list[SamplingParams]:
+        """One validated copy of the sampling parameters per prompt (re-checked: fields may have been
+        changed since construction, and the request must not change if the caller's object does)."""
         if params is None:
             return [SamplingParams()] * n
         if isinstance(params, SamplingParams):
-            return [params] * n
+            return [dataclasses.replace(params)] * n
+        if not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams) for p in params):
+            raise RequestError(f"sampling_params must be a SamplingParams or a list of them, got "
+                               f"{type(params).__name__}")
         if len(params) != n:
-            raise ValueError(f"{len(params)} SamplingParams for {n} prompts")
-        return list(params)
+            raise RequestError(f"{len(params)} SamplingParams for {n} prompts")
+        return [dataclasses.replace(p) for p in params]
 
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Outputs in prompt order. ``prompts``: a string, a token-id list, or a list of either."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        seqs = [self._make_sequence(p, sp) for p, sp in zip(prompts, self._per_prompt(sampling_params, len(prompts)))]
+        """Outputs in prompt order. ``prompts``: a string, a token-id list, or a list of either.
+
+        All-or-nothing: every prompt is validated before any enters the scheduler, and if the call
+        fails midway (an error, a KeyboardInterrupt) its requests are aborted and their KV-cache
+        blocks freed, so the engine stays usable.
+        """
+        batch = prompt_batch(prompts)
+        seqs = [self._make_sequence(p, sp) for p, sp in zip(batch, self._per_prompt(sampling_params, len(batch)))]
+        mine = set(map(id, seqs))
         for seq in seqs:
             self.scheduler.add(seq)
         bar = None
-        if use_tqdm:
-            from tqdm.auto import tqdm
+        try:
+            if use_tqdm:
+                from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(seqs), desc="generating", unit="req")
-        while self.scheduler.has_unfinished():
-            done = [s for s in self._step() if s.finish_reason is not None]
+                bar = tqdm(total=len(seqs), desc="generating", unit="req")
+            while any(s.finish_reason is None for s in seqs):
+                done = [s for s in self._step() if s.finish_reason is not None and id(s) in mine]
+                if bar is not None:
+                    bar.update(len(done))
+        except BaseException:
+            for seq in seqs:
+                self.scheduler.abort(seq)
+            raise
+        finally:
             if bar is not None:
-                bar.update(len(done))
-        if bar is not None:
-            bar.close()
+                bar.close()
         return [s.output() for s in seqs]
 
     def chat_prompt(self, messages: Messages) -> list[int]:
         """Token ids of ``messages`` through the tokenizer's chat template, ready for the reply."""
+        check_messages(messages)
         tok = self._require_tokenizer()
         if not getattr(tok, "chat_template", None):
-            raise ValueError(f"{self.path}: the tokenizer has no chat template; use generate() with a plain prompt")
+            raise RequestError(f"{self.path}: the tokenizer has no chat template; use generate() with a plain prompt")
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return tok(text, add_special_tokens=False)["input_ids"]
 
     def chat(self, messages: Messages | Seq[Messages], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = False) -> list[RequestOutput]:
         """Reply to one conversation (a list of ``{"role", "content"}``) or to a list of them."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise RequestError(f"messages must be a conversation or a list of them, got {type(messages).__name__}")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        for conversation in conversations:  # all of them before any is templated or scheduled
+            check_messages(conversation)
         return self.generate([self.chat_prompt(c) for c in conversations], sampling_params, use_tqdm)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Text deltas of one request as tokens arrive; held back while they could be a stop string's
-        beginning or an incomplete UTF-8 character."""
-        params = sampling_params or SamplingParams()
-        seq = self._make_sequence(prompt, params)
+        beginning or an incomplete UTF-8 character.
+
+        The request is validated here (``RequestError``) and enters the scheduler when iteration
+        starts; if a step fails or the iterator is closed early, it is aborted and its blocks freed.
+        """
+        seq = self._make_sequence(prompt, self._per_prompt(sampling_params, 1)[0])
+        return self._stream_deltas(seq)
+
+    def _stream_deltas(self, seq: Sequence) -> Iterator[str]:
         self.scheduler.add(seq)
-        hold = max((len(s) for s in params.stop), default=1) - 1
+        hold = max((len(s) for s in seq.params.stop), default=1) - 1
         sent = 0
-        while seq.finish_reason is None:
-            self._step()
-            text = seq.text
-            safe = len(text) if seq.finish_reason is not None else max(sent, len(text.rstrip("\ufffd")) - hold)
-            if safe > sent:
-                yield text[sent:safe]
-                sent = safe
+        try:
+            while seq.finish_reason is None:
+                self._step()
+                text = seq.text
+                safe = len(text) if seq.finish_reason is not None else max(sent, len(text.rstrip("\ufffd")) - hold)
+                if safe > sent:
+                    yield text[sent:safe]
+                    sent = safe
+            if len(seq.text) > sent:  # finished by another call's steps while this one waited
+                yield seq.text[sent:]
+        finally:
+            self.scheduler.abort(seq)  # no-op once finished; frees it after an error or early close
         self.last_output = seq.output()

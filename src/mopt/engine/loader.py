@@ -5,6 +5,11 @@ the parameters the quant methods created, so peak memory stays near the size of 
 model. Checkpoint names map to runtime names: q/k/v -> ``qkv_proj`` shards, gate/up ->
 ``gate_up_proj`` shards, ModelOpt's ``k_proj.k_scale`` / ``v_proj.v_scale`` -> the attention
 layer's KV-cache scales.
+
+Everything is checked before the model is built (config.json, the quant config, every safetensors
+header and the shard index), and while loading: scales must be finite and positive, every
+parameter (every shard of a fused one) must receive a tensor, and a tensor with no place in the
+model is an error rather than something silently dropped.
 """
 
 from __future__ import annotations
@@ -14,14 +19,21 @@ from pathlib import Path
 
 import torch
 
-from mopt.engine.inspect import FLOAT_DTYPES, CheckpointError, checkpoint_files, read_safetensors_header
-from mopt.layers.parameter import BaseParameter, WeightLoadError
+from mopt.engine.args import check_device, check_dtype, check_kv_cache_dtype, check_model_path
+from mopt.engine.checkpoint import FLOAT_DTYPES, CheckpointError, read_checkpoint
+from mopt.errors import ModelConfigError
+from mopt.jsonio import read_json_object
+from mopt.layers.parameter import BaseParameter, ExpertParameter, WeightLoadError
 from mopt.models.registry import model_class
+from mopt.models.validate import validate_model_config, validate_raw_config
 from mopt.quant.config import load_quant_config
 
 logger = logging.getLogger(__name__)
 
 _SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale")
+_KV_SCALES = {".attn.k_scale": ".k_proj.k_scale", ".attn.v_scale": ".v_proj.v_scale"}
+_ALL_SCALES = ("weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale")
+_IGNORED = ("rotary_emb.inv_freq",)  # buffers some exports save; mopt computes them
 
 
 def _runtime_name(name: str, packed: dict, experts: dict | None = None,
@@ -40,16 +52,28 @@ def _runtime_name(name: str, packed: dict, experts: dict | None = None,
             shard = experts[parts[i + 2]]
             stacked = "w2" if shard == "w2" else "w13"
             return ".".join(parts[: i + 1] + [f"{stacked}_{'.'.join(parts[i + 3:])}"]), (shard, int(parts[i + 1]))
-    if name.endswith(".k_proj.k_scale"):
-        return name.replace(".k_proj.k_scale", ".attn.k_scale"), None
-    if name.endswith(".v_proj.v_scale"):
-        return name.replace(".v_proj.v_scale", ".attn.v_scale"), None
+    for runtime, checkpoint in _KV_SCALES.items():
+        if name.endswith(checkpoint):
+            return name[: -len(checkpoint)] + runtime, None
     parts = name.split(".")
     for i, part in enumerate(parts):
         if part in packed:
             fused, shard = packed[part]
             return ".".join(parts[:i] + [fused] + parts[i + 1:]), shard
     return name, None
+
+
+def _checkpoint_names(target: str, packed: dict) -> list[str]:
+    """The checkpoint tensor names that load into runtime parameter ``target`` (one per shard)."""
+    for runtime, checkpoint in _KV_SCALES.items():
+        if target.endswith(runtime):
+            return [target[: -len(runtime)] + checkpoint]
+    parts = target.split(".")
+    for i, part in enumerate(parts):
+        shards = [name for name, (fused, _) in packed.items() if fused == part]
+        if shards:
+            return [".".join(parts[:i] + [s] + parts[i + 1:]) for s in shards]
+    return [target]
 
 
 def _unquantized_layers(headers: dict[str, dict], quant) -> list[str]:
@@ -66,64 +90,112 @@ def _unquantized_layers(headers: dict[str, dict], quant) -> list[str]:
     return found
 
 
+def check_scale(name: str, tensor: torch.Tensor) -> None:
+    """A scale must be finite; a per-tensor scale (one value) positive. Block and channel scales may
+    hold zeros (an all-zero block of weights has scale 0) but nothing negative."""
+    values = tensor.float()
+    if not bool(values.isfinite().all()):
+        raise WeightLoadError(f"{name}: scale has non-finite values ({values[~values.isfinite()][:3].tolist()})")
+    if values.numel() == 1 and not float(values.reshape(())) > 0:
+        raise WeightLoadError(f"{name}: scale must be positive, got {float(values.reshape(()))}")
+    if bool((values < 0).any()):
+        raise WeightLoadError(f"{name}: scale has negative values ({values[values < 0][:3].tolist()})")
+
+
+def _read_config(root: Path):
+    """``(model class, transformers config)`` after checking config.json field by field."""
+    from transformers import AutoConfig
+
+    config_path = root / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{root}: no config.json (is this a Hugging Face checkpoint folder?)")
+    raw = read_json_object(config_path, CheckpointError)
+    source = str(config_path)
+    cls = model_class(raw.get("architectures"), source)
+    validate_raw_config(raw, cls, source)
+    try:
+        config = AutoConfig.from_pretrained(root)
+    except Exception as e:  # transformers raises many kinds for a bad config
+        raise ModelConfigError(f"{source}: transformers cannot parse it ({e})") from None
+    validate_model_config(raw, config, cls, source)
+    return cls, config
+
+
+def _missing_tensors(params: dict, headers: dict, packed: dict, kv_scales_required: bool) -> list[str]:
+    missing = []
+    for target, p in params.items():
+        if not isinstance(p, BaseParameter) or p.loaded:
+            continue
+        if target.endswith(tuple(_KV_SCALES)) and not kv_scales_required:
+            continue
+        if isinstance(p, ExpertParameter):
+            missing += [f"{target} ({m})" for m in p.missing()]
+            continue
+        names = [n for n in _checkpoint_names(target, packed) if n not in headers]
+        missing += names or [f"{target} (rows {p.unloaded_spans()})"]
+    return missing
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                kv_cache_dtype: str = "auto", progress: bool = False) -> torch.nn.Module:
     """A mopt model whose ``forward(input_ids [B, T]) -> logits [B, T, vocab]`` runs without a cache.
 
     ``progress`` shows a bar over the checkpoint's tensors on stderr.
     """
-    from transformers import AutoConfig
-
+    check_model_path(path)
+    device = check_device(device) or torch.device("cpu")
+    dtype = check_dtype(dtype) or torch.float32
+    kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
     root = Path(path)
-    if not (root / "config.json").is_file():
-        raise CheckpointError(f"{root}: no config.json (is this a Hugging Face checkpoint folder?)")
-    try:
-        config = AutoConfig.from_pretrained(root)
-    except Exception as e:  # transformers raises many kinds for a bad config
-        raise CheckpointError(f"{root / 'config.json'}: cannot parse ({e})") from None
-    model_class(getattr(config, "architectures", None), str(root / "config.json"))  # fail before reading weights
+    cls, config = _read_config(root)
     quant = load_quant_config(root)
-    files = checkpoint_files(root)
-    headers = {}
-    for f in files:
-        headers.update({k: dict(v, file=f) for k, v in read_safetensors_header(f).items()})
+    files, headers = read_checkpoint(root)
     if quant is not None:
         stray = _unquantized_layers(headers, quant)
         if stray:
             logger.warning("layers stored unquantized although not excluded, run unquantized: %s", stray)
             quant.exclude_modules = list(quant.exclude_modules) + stray
+    kv_scales_required = quant is not None and quant.kv_cache_quantized
     kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, quant)
-    device = torch.device(device)
     model = build_model(config, quant, device, dtype, kv_cache_dtype, str(root / "config.json"))
     params = dict(model.named_parameters())
-    packed = {k: v for k, v in model.packed_modules_mapping.items()}
+    packed = dict(model.packed_modules_mapping)
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(headers), desc=f"loading {root.name}", unit="tensor", disable=not progress)
     for f in files:
-        with safe_open(f, framework="pt", device="cpu") as reader:
+        try:
+            reader_context = safe_open(f, framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error type
+            raise CheckpointError(f"{f}: cannot open ({e})") from None
+        with reader_context as reader:
             for name in reader.keys():
                 bar.update(1)
                 target, shard = _runtime_name(name, packed, model.expert_projections, model.module_renames)
                 param = params.get(target)
                 if param is None:
-                    if name.endswith(_SCALE_SUFFIXES):
+                    if name.endswith(_SCALE_SUFFIXES) and name.rsplit(".", 1)[0] + ".weight" in headers:
                         logger.warning("%s: ignoring %s (its layer runs unquantized)", f.name, name)
-                    elif not name.endswith("rotary_emb.inv_freq"):
-                        logger.warning("%s: ignoring unexpected tensor %s", f.name, name)
+                    elif not name.endswith(_IGNORED):
+                        raise WeightLoadError(
+                            f"{f.name}: tensor {name} has no place in {cls.__name__} as config.json describes "
+                            f"it (runtime name {target}); wrong config.json, or a tensor of another model?"
+                        )
                     continue
                 try:
                     tensor = reader.get_tensor(name)
                 except Exception as e:
                     raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from None
                 try:
+                    if name.rsplit(".", 1)[-1] in _ALL_SCALES:
+                        check_scale(name, tensor)
                     param.weight_loader(param, tensor.to(device), shard)
                 except WeightLoadError as e:
                     where = f"{f.name}" if str(e).startswith(name) else f"{f.name}: {name}"
                     raise WeightLoadError(f"{where}: {e}") from None
     bar.close()
-    return finish_loading(model, str(root))
+    return finish_loading(model, str(root), headers, kv_scales_required)
 
 
 def resolve_kv_cache_dtype(kv_cache_dtype: str, quant) -> str:
@@ -144,14 +216,15 @@ def build_model(config, quant, device: torch.device, dtype: torch.dtype, kv_cach
         return cls(config, quant, dtype, kv_cache_dtype)
 
 
-def finish_loading(model: torch.nn.Module, source: str) -> torch.nn.Module:
-    """After every tensor went through its loader: tie embeddings, refuse missing tensors, and let
-    each layer's method convert its weights once (``process_weights_after_loading``)."""
+def finish_loading(model: torch.nn.Module, source: str, headers: dict | None = None,
+                   kv_scales_required: bool = False) -> torch.nn.Module:
+    """After every tensor went through its loader: tie embeddings, refuse missing tensors (named as the
+    checkpoint would name them, from ``headers``), and let each layer's method convert its weights
+    once (``process_weights_after_loading``)."""
     params = dict(model.named_parameters())
     if model.tie_word_embeddings and not model.lm_head.weight.loaded:
         model.lm_head.weight_loader(model.lm_head.weight, model.model.embed_tokens.weight.data)
-    missing = [p.mopt_name for p in params.values() if isinstance(p, BaseParameter) and not p.loaded
-               and not p.mopt_name.endswith(("k_scale", "v_scale"))]
+    missing = _missing_tensors(params, headers or {}, dict(model.packed_modules_mapping), kv_scales_required)
     if missing:
         raise WeightLoadError(f"{source}: checkpoint has no tensor for: {', '.join(missing[:10])}"
                               + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))

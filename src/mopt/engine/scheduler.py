@@ -74,3 +74,15 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         self.blocks.release(seq)
         self.running.remove(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop ``seq`` whether waiting or running and free its blocks; a no-op when it already
+        finished or was aborted, so a failed request can always be cleaned up."""
+        for queue in (self.waiting, self.running):
+            if seq in queue:
+                queue.remove(seq)
+        if seq.block_table:
+            self.blocks.release(seq)
+        if seq.status is not SequenceStatus.FINISHED:
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = seq.finish_reason or "abort"

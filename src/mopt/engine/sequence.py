@@ -6,14 +6,22 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+import torch
+
+from mopt.engine.request import GREEDY_TEMPERATURE, check_sampling_params
+
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable them.
+    """How to pick tokens. ``top_k == 0`` and ``top_p == 1`` disable them.
 
+    Greedy when ``temperature`` is below 1e-5 (so also at 0): dividing logits by a smaller
+    temperature overflows, and the distribution it approaches is the argmax (vLLM does the same).
     ``seed`` gives the request its own random generator, so its samples do not depend on what it is
     batched with. ``stop`` strings end generation and are not part of the returned text;
     ``stop_token_ids`` add to the model's end-of-sequence tokens, which ``ignore_eos`` disables.
+    Every field is checked on construction (and again when a request starts); a bad one raises
+    :class:`mopt.RequestError` naming it.
     """
 
     max_tokens: int = 64
@@ -26,24 +34,11 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        checks = [
-            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
-            (all(s for s in self.stop), "stop strings must not be empty"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"SamplingParams: {message}")
+        check_sampling_params(self)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 class SequenceStatus(enum.Enum):
@@ -57,7 +52,8 @@ class RequestOutput:
     """One prompt's result: the generated text and token ids, and why generation stopped.
 
     ``finish_reason`` is ``"stop"`` (an end-of-sequence token or stop string; ``stop_reason``
-    says which) or ``"length"`` (``max_tokens`` or the model's context length reached).
+    says which), ``"length"`` (``max_tokens`` or the model's context length reached) or
+    ``"abort"`` (the request failed or its stream was closed early).
     """
 
     request_id: int

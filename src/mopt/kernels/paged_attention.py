@@ -56,14 +56,14 @@ def _read(cache: torch.Tensor, block_tables: torch.Tensor, scale: float, dtype: 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                    max_query_len: int, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
+                    max_query_len: int, scale: float, k_scale: float = 1.0, v_scale: float = 1.0, *,
                     sliding_window: int | None = None) -> torch.Tensor:
     """Causal attention of new tokens over their sequences' cached context.
 
     ``query [N, H, D]`` holds the new tokens of ``B`` sequences back to back
     (``query_start_loc [B + 1]``); sequence ``b`` has ``seq_lens[b]`` tokens in the cache, the last
-    ``q_len`` of which are its new ones. With ``sliding_window`` a query at position ``p`` sees keys
-    at positions ``p - sliding_window < k <= p``. Returns ``[N, H, D]``.
+    ``q_len`` of which are its new ones. With ``sliding_window``, a query at position ``i`` sees
+    only keys at ``i - sliding_window < j <= i``. Returns ``[N, H, D]``.
     """
     n, num_heads, head_dim = query.shape
     batch = seq_lens.shape[0]
@@ -78,7 +78,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     query_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_query_len, device=query.device)
     key_pos = torch.arange(keys.shape[1], device=query.device)
     mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < seq_lens[:, None, None])
-    if sliding_window:
+    if sliding_window is not None:
         mask &= query_pos[:, :, None] - key_pos[None, None, :] < sliding_window
     out = nn.functional.scaled_dot_product_attention(
         padded.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[:, None],

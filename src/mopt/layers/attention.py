@@ -49,6 +49,7 @@ class Attention(nn.Module):
         self.scale = scale
         self.rotary = rotary
         self.kv_cache_dtype = kv_cache_dtype
+        # Query at position i sees keys at i - sliding_window < j <= i (transformers' convention).
         self.sliding_window = sliding_window
         self.quant_method = quant_config.get_quant_method(self, prefix) if quant_config is not None else None
         if self.quant_method is not None:
@@ -87,10 +88,10 @@ class Attention(nn.Module):
             v = fp8.dequantize(fp8.quantize(v, self.v_scale_float), self.v_scale_float, v.dtype)
         b, t = q.shape[:2]
         mask = None
-        if self.sliding_window and t > self.sliding_window:
+        if self.sliding_window is not None:
             pos = torch.arange(t, device=q.device)
-            delta = pos[:, None] - pos[None, :]
-            mask = (delta >= 0) & (delta < self.sliding_window)
+            distance = pos[:, None] - pos[None, :]
+            mask = (distance >= 0) & (distance < self.sliding_window)
         out = nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
             is_causal=mask is None, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mopt.errors import ModelConfigError
 from mopt.kernels.glue import rms_norm
 from mopt.kernels.paged_attention import apply_rope
 from mopt.layers.parameter import ModelWeightParameter, ShardSpec
@@ -42,7 +43,7 @@ def rope_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
-        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, {sorted(ROPE_INIT_FUNCTIONS)}")
+        raise ModelConfigError(f"unsupported rope_type {rope_type!r}; supported: default, {sorted(ROPE_INIT_FUNCTIONS)}")
     inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
     return inv.float(), float(scaling)
 

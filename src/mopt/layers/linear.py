@@ -103,10 +103,11 @@ class BiasParameter(BaseParameter):
     """A bias: sharded along outputs like the weight's rows."""
 
     def load(self, loaded: torch.Tensor, spec: ShardSpec = ShardSpec()) -> None:
-        target = self.data
+        target, span = self.data, None
         size = spec.size if spec.size is not None else target.shape[0]
         if spec.split == "output" or spec.size is not None:
             target = target.narrow(0, spec.offset, size)
+            span = (spec.offset, spec.offset + size)
         if spec.split == "output":
             if loaded.shape[0] != size * spec.num_slices:
                 raise WeightLoadError(
@@ -114,7 +115,7 @@ class BiasParameter(BaseParameter):
                     f"expected ({size * spec.num_slices},)"
                 )
             loaded = loaded.narrow(0, spec.slice_index * size, size)
-        self.check_and_copy(target, loaded)
+        self.check_and_copy(target, loaded, span=span)
 
 
 class ReplicatedLinear(LinearBase):

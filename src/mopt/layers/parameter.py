@@ -13,8 +13,10 @@ from typing import Callable
 
 import torch
 
+from mopt.errors import MoptError
 
-class WeightLoadError(ValueError):
+
+class WeightLoadError(MoptError):
     """A checkpoint tensor that does not fit its parameter; the message names both."""
 
 
@@ -42,7 +44,12 @@ _QUANTIZED_STORAGE = (torch.float8_e4m3fn, torch.uint8, torch.int8)
 
 
 class BaseParameter(torch.nn.Parameter):
-    """A frozen parameter with a ``weight_loader`` and a name for error messages."""
+    """A frozen parameter with a ``weight_loader`` and a name for error messages.
+
+    Loads are tracked per span of the first (output / partition) axis, so a fused parameter is
+    ``loaded`` only when every shard was: q, k and v of a q/k/v weight, each partition's scale.
+    The memory behind a span never loaded is uninitialised and must not be read.
+    """
 
     def __new__(cls, data: torch.Tensor, **kwargs):
         return super().__new__(cls, data=data, requires_grad=False)
@@ -50,14 +57,36 @@ class BaseParameter(torch.nn.Parameter):
     def __init__(self, data: torch.Tensor, weight_loader: Callable | None = None) -> None:
         self._weight_loader = weight_loader
         self.mopt_name = "<unnamed parameter>"
-        self.loaded = False
+        self.loaded_spans: list[tuple[int, int]] = []
 
     @property
     def weight_loader(self) -> Callable | None:
         return self._weight_loader
 
-    def check_and_copy(self, target: torch.Tensor, loaded: torch.Tensor, expected_full=None) -> None:
-        """Copy ``loaded`` into ``target`` after checking shape and dtype."""
+    @property
+    def tracked_extent(self) -> int:
+        """Length of the axis loads are tracked along (output rows, or partitions of a scale)."""
+        return self.data.shape[0] if self.data.dim() else 1
+
+    def unloaded_spans(self) -> list[tuple[int, int]]:
+        """``[start, end)`` ranges of the tracked axis that no checkpoint tensor filled."""
+        gaps, position = [], 0
+        for start, end in sorted(self.loaded_spans):
+            if start > position:
+                gaps.append((position, start))
+            position = max(position, end)
+        if position < self.tracked_extent:
+            gaps.append((position, self.tracked_extent))
+        return gaps
+
+    @property
+    def loaded(self) -> bool:
+        return not self.unloaded_spans()
+
+    def check_and_copy(self, target: torch.Tensor, loaded: torch.Tensor, expected_full=None,
+                       span: tuple[int, int] | None = None) -> None:
+        """Copy ``loaded`` into ``target`` after checking shape and dtype; ``span`` is the range of
+        the tracked axis that ``target`` covers (default: all of it)."""
         if target.shape != loaded.shape:
             full = f" (the full tensor should be {tuple(expected_full)})" if expected_full else ""
             raise WeightLoadError(
@@ -66,7 +95,7 @@ class BaseParameter(torch.nn.Parameter):
             )
         self.check_dtype(loaded)
         target.copy_(loaded.to(target.dtype))
-        self.loaded = True
+        self.loaded_spans.append(span if span is not None else (0, self.tracked_extent))
 
     def check_dtype(self, loaded: torch.Tensor) -> None:
         want = self.data.dtype
@@ -105,16 +134,21 @@ class ModelWeightParameter(BaseParameter):
         self.output_dim = output_dim
         self.input_dim = input_dim
 
+    @property
+    def tracked_extent(self) -> int:
+        return self.data.shape[self.output_dim] if self.data.dim() else 1
+
     def load(self, loaded: torch.Tensor, spec: ShardSpec = ShardSpec()) -> None:
-        target = self.data
+        target, span = self.data, None
         if spec.split == "input":
             loaded = _take_slice(loaded, self.input_dim, spec, target.shape[self.input_dim], self.mopt_name)
         elif spec.split == "output" or spec.size is not None:
             size = spec.size if spec.size is not None else target.shape[self.output_dim]
             target = target.narrow(self.output_dim, spec.offset, size)
+            span = (spec.offset, spec.offset + size)
             if spec.split == "output":
                 loaded = _take_slice(loaded, self.output_dim, spec, size, self.mopt_name)
-        self.check_and_copy(target, loaded)
+        self.check_and_copy(target, loaded, span=span)
 
 
 class ChannelQuantScaleParameter(ModelWeightParameter):
@@ -132,6 +166,10 @@ class ChannelQuantScaleParameter(ModelWeightParameter):
 class PerTensorScaleParameter(BaseParameter):
     """One scalar per fused partition, ``[num_partitions]``; ModelOpt stores 0-dim tensors."""
 
+    @property
+    def tracked_extent(self) -> int:
+        return self.data.numel()
+
     def load(self, loaded: torch.Tensor, spec: ShardSpec = ShardSpec()) -> None:
         if loaded.numel() != 1:
             raise WeightLoadError(
@@ -142,7 +180,7 @@ class PerTensorScaleParameter(BaseParameter):
             raise WeightLoadError(
                 f"{self.mopt_name}: partition {index} out of range for {self.data.numel()} partitions"
             )
-        self.check_and_copy(self.data[index : index + 1], loaded.reshape(1))
+        self.check_and_copy(self.data[index : index + 1], loaded.reshape(1), span=(index, index + 1))
 
 
 class RowBlockScaleParameter(BaseParameter):
@@ -179,7 +217,7 @@ class RowBlockScaleParameter(BaseParameter):
             expanded = expanded.narrow(0, spec.slice_index * rows, rows)
         elif spec.split == "input":
             expanded = _take_slice(expanded, 1, spec, self.data.shape[1], self.mopt_name)
-        self.check_and_copy(self.data.narrow(0, spec.offset, rows), expanded)
+        self.check_and_copy(self.data.narrow(0, spec.offset, rows), expanded, span=(spec.offset, spec.offset + rows))
 
 
 class ExpertParameter(BaseParameter):
@@ -219,7 +257,10 @@ class ExpertParameter(BaseParameter):
             target = self.data[expert]
         self.check_and_copy(target, loaded)
         self.loaded_mask[expert, half] = True
-        self.loaded = bool(self.loaded_mask.all())
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self.loaded_mask.all())
 
     def missing(self) -> list[str]:
         names = ("w1", "w3") if self.kind == "w13" else ("w2",)

@@ -1,18 +1,54 @@
 """Llama-family decoders: Llama 2/3.x, Mistral, SmolLM2, Qwen2/2.5 (q/k/v bias), Qwen3 (q/k norms).
 
 Fused q/k/v and gate/up projections; checkpoint names map onto them through
-``packed_modules_mapping`` (``q_proj -> (qkv_proj, "q")``).
+``packed_modules_mapping`` (``q_proj -> (qkv_proj, "q")``). Each family reads the config fields
+transformers' own modeling of it reads (biases, activation, sliding window), no more and no less;
+``mopt.models.validate`` checks them before a model is built.
 """
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 from torch import nn
 
+from mopt.errors import ModelConfigError
 from mopt.kernels.glue import silu_mul
 from mopt.layers.attention import Attention, AttentionMetadata
 from mopt.layers.basic import RMSNorm, RotaryEmbedding, VocabEmbedding
 from mopt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
+
+# hidden_act -> function, as transformers' ACT2FN computes them ("gelu_new" is the tanh
+# approximation written out; the fused tanh form differs from it by float rounding only).
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": nn.functional.silu,
+    "swish": nn.functional.silu,
+    "gelu": nn.functional.gelu,
+    "gelu_new": partial(nn.functional.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(nn.functional.gelu, approximate="tanh"),
+}
+
+# Which layers attend over a sliding window of ``config.sliding_window`` tokens, by family:
+# none; all of them (Mistral, Mixtral, Qwen3-MoE; null means no window); those ``layer_types``
+# marks "sliding_attention" (Qwen2, Qwen3, Qwen2-MoE, whose configs derive it from
+# use_sliding_window and max_window_layers).
+def _window_by_layer_type(config, layer: int) -> int | None:
+    layer_types = getattr(config, "layer_types", None)
+    return config.sliding_window if layer_types and layer_types[layer] == "sliding_attention" else None
+
+
+SLIDING_WINDOW_RULES: dict[str, Callable[[object, int], "int | None"]] = {
+    "none": lambda config, layer: None,
+    "all_layers": lambda config, layer: getattr(config, "sliding_window", None),
+    "layer_types": _window_by_layer_type,
+}
+
+
+def config_flag(config, source: str | bool) -> bool:
+    """A family's bias setting: a constant, or a config field (absent means false)."""
+    return source if isinstance(source, bool) else bool(getattr(config, source, False))
 
 
 def head_dim_of(config) -> int:
@@ -21,7 +57,7 @@ def head_dim_of(config) -> int:
 
 class LlamaAttentionBlock(nn.Module):
     def __init__(self, config, quant_config, prefix: str, params_dtype, kv_cache_dtype: str, qk_norm: bool,
-                 qkv_bias: bool, o_bias: bool, rotary: RotaryEmbedding) -> None:
+                 qkv_bias: bool, o_bias: bool, rotary: RotaryEmbedding, sliding_window: int | None = None) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -35,7 +71,7 @@ class LlamaAttentionBlock(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, f"{prefix}.q_norm") if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, f"{prefix}.k_norm") if qk_norm else None
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5, rotary,
-                              quant_config, f"{prefix}.attn", kv_cache_dtype)
+                              quant_config, f"{prefix}.attn", kv_cache_dtype, sliding_window=sliding_window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata | None) -> torch.Tensor:
         b, t, _ = x.shape
@@ -51,16 +87,20 @@ class LlamaAttentionBlock(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, quant_config, prefix: str, params_dtype, intermediate_size: int | None = None) -> None:
+    """``down(act(gate(x)) * up(x))`` with ``act`` from ``config.hidden_act``."""
+
+    def __init__(self, config, quant_config, prefix: str, params_dtype, intermediate_size: int | None = None,
+                 bias: bool = False) -> None:
         super().__init__()
         act = getattr(config, "hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{prefix}: unsupported hidden_act {act!r}; supported: silu")
+        if act not in ACTIVATIONS:
+            raise ModelConfigError(f"{prefix}: hidden_act {act!r} is not supported; supported: {list(ACTIVATIONS)}")
+        self.act_fn = ACTIVATIONS[act]
         inter = intermediate_size or config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter] * 2,
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter] * 2, bias=bias,
                                                        quant_config=quant_config, prefix=f"{prefix}.gate_up_proj",
                                                        params_dtype=params_dtype)
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, quant_config=quant_config,
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias, quant_config=quant_config,
                                            prefix=f"{prefix}.down_proj", params_dtype=params_dtype)
 
     @property
@@ -68,7 +108,11 @@ class LlamaMLP(nn.Module):
         return self.gate_up_proj.fp8_input_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_up_proj(x), self.down_proj.fp8_input_scale))
+        gate_up = self.gate_up_proj(x)
+        if self.act_fn is nn.functional.silu:  # one kernel, writing the down projection's FP8 codes if it takes them
+            return self.down_proj(silu_mul(gate_up, self.down_proj.fp8_input_scale))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -77,11 +121,13 @@ class LlamaDecoderLayer(nn.Module):
     block's output is ``x + residual``."""
 
     def __init__(self, config, quant_config, prefix: str, params_dtype, kv_cache_dtype: str, flags: dict,
-                 rotary: RotaryEmbedding, mlp: nn.Module | None = None) -> None:
+                 rotary: RotaryEmbedding, mlp: nn.Module | None = None, sliding_window: int | None = None,
+                 mlp_bias: bool = False) -> None:
         super().__init__()
         self.self_attn = LlamaAttentionBlock(config, quant_config, f"{prefix}.self_attn", params_dtype,
-                                             kv_cache_dtype, rotary=rotary, **flags)
-        self.mlp = mlp if mlp is not None else LlamaMLP(config, quant_config, f"{prefix}.mlp", params_dtype)
+                                             kv_cache_dtype, rotary=rotary, **flags, sliding_window=sliding_window)
+        self.mlp = mlp if mlp is not None else LlamaMLP(config, quant_config, f"{prefix}.mlp", params_dtype,
+                                                        bias=mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, f"{prefix}.input_layernorm")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
                                                 f"{prefix}.post_attention_layernorm")
@@ -100,13 +146,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, quant_config, params_dtype, kv_cache_dtype: str, flags: dict, make_mlp=None) -> None:
+    def __init__(self, config, quant_config, params_dtype, kv_cache_dtype: str, flags: dict, make_mlp=None,
+                 sliding_window_of=None, mlp_bias: bool = False) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, params_dtype, "model.embed_tokens")
         self.rotary = RotaryEmbedding(config, head_dim_of(config))  # one table for every layer
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, quant_config, f"model.layers.{i}", params_dtype, kv_cache_dtype, flags,
-                              self.rotary, make_mlp(i) if make_mlp is not None else None)
+                              self.rotary, make_mlp(i) if make_mlp is not None else None,
+                              sliding_window_of(i) if sliding_window_of is not None else None, mlp_bias)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "model.norm")
@@ -129,7 +177,14 @@ class LlamaForCausalLM(nn.Module):
     """
 
     qk_norm = False
-    always_qkv_bias = False  # Qwen2: biased q/k/v, unbiased o_proj, whatever attention_bias says
+    # Biases of q/k/v, o_proj and the MLP: a config field (absent: false) or a constant, as
+    # transformers' modeling of the family has them.
+    qkv_bias: str | bool = "attention_bias"
+    o_bias: str | bool = "attention_bias"
+    mlp_bias: str | bool = "mlp_bias"
+    sliding_window_rule = "none"  # a key of SLIDING_WINDOW_RULES
+    activations: tuple[str, ...] = tuple(ACTIVATIONS)
+    config_fields: dict = {}  # family-specific config.json fields and their rules (models.validate)
     packed_modules_mapping = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"),
                               "v_proj": ("qkv_proj", "v"), "gate_proj": ("gate_up_proj", 0),
                               "up_proj": ("gate_up_proj", 1)}
@@ -141,14 +196,19 @@ class LlamaForCausalLM(nn.Module):
         """The feed-forward block of decoder layer ``layer``; ``None``: the dense Llama MLP."""
         return None
 
+    @classmethod
+    def layer_sliding_window(cls, config, layer: int) -> int | None:
+        """The sliding window of decoder layer ``layer`` (None: full causal attention)."""
+        return SLIDING_WINDOW_RULES[cls.sliding_window_rule](config, layer)
+
     def __init__(self, config, quant_config=None, params_dtype=torch.float32, kv_cache_dtype: str = "auto") -> None:
         super().__init__()
         self.config = config
-        attention_bias = bool(getattr(config, "attention_bias", False))
-        flags = dict(qk_norm=self.qk_norm, qkv_bias=attention_bias or self.always_qkv_bias,
-                     o_bias=attention_bias and not self.always_qkv_bias)
+        flags = dict(qk_norm=self.qk_norm, qkv_bias=config_flag(config, self.qkv_bias),
+                     o_bias=config_flag(config, self.o_bias))
         self.model = LlamaModel(config, quant_config, params_dtype, kv_cache_dtype, flags,
-                                lambda i: self.make_mlp(config, quant_config, i, params_dtype))
+                                lambda i: self.make_mlp(config, quant_config, i, params_dtype),
+                                lambda i: self.layer_sliding_window(config, i), config_flag(config, self.mlp_bias))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = ReplicatedLinear(config.hidden_size, config.vocab_size, quant_config=quant_config,
                                         prefix="lm_head", params_dtype=params_dtype)
@@ -164,9 +224,17 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
 
+class MistralForCausalLM(LlamaForCausalLM):
+    qkv_bias = o_bias = mlp_bias = False
+    sliding_window_rule = "all_layers"
+
+
 class Qwen2ForCausalLM(LlamaForCausalLM):
-    always_qkv_bias = True
+    qkv_bias, o_bias, mlp_bias = True, False, False
+    sliding_window_rule = "layer_types"
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     qk_norm = True
+    mlp_bias = False
+    sliding_window_rule = "layer_types"

@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mopt.errors import ModelConfigError
 from mopt.layers.fused_moe import FusedMoE
 from mopt.layers.linear import ReplicatedLinear
+from mopt.models import validate
 from mopt.models.llama import LlamaForCausalLM, LlamaMLP
 
 
@@ -40,10 +42,33 @@ class SparseMoeBlock(nn.Module):
         return y.reshape(x.shape)
 
 
-class Qwen3MoeForCausalLM(LlamaForCausalLM):
+def _check_top_k(config, source: str, experts_field: str) -> None:
+    experts = getattr(config, experts_field)
+    if experts and config.num_experts_per_tok > experts:
+        raise ModelConfigError(f"{source}: num_experts_per_tok ({config.num_experts_per_tok}) must be at most "
+                               f"{experts_field} ({experts})")
+
+
+class MoeFamily(LlamaForCausalLM):
+    """What the mixture-of-experts families share: experts compute SiLU only (the fused kernels
+    have it built in) and have no biases."""
+
+    activations = ("silu", "swish")
+    mlp_bias = False
+
+
+class Qwen3MoeForCausalLM(MoeFamily):
     qk_norm = True
+    sliding_window_rule = "all_layers"
     expert_projections = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
     shared_expert = False
+    config_fields = {"num_experts": validate.non_negative_int, "num_experts_per_tok": validate.positive_int,
+                     "moe_intermediate_size": validate.positive_int, "decoder_sparse_step": validate.positive_int,
+                     "norm_topk_prob": validate.boolean, "mlp_only_layers": validate.index_list}
+
+    @classmethod
+    def validate_config(cls, config, source: str) -> None:
+        _check_top_k(config, source, "num_experts")
 
     def make_mlp(self, config, quant_config, layer, params_dtype):
         experts = getattr(config, "num_experts", 0)
@@ -58,13 +83,23 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
 
 class Qwen2MoeForCausalLM(Qwen3MoeForCausalLM):
     qk_norm = False
-    always_qkv_bias = True
+    qkv_bias, o_bias = "qkv_bias", False
+    sliding_window_rule = "layer_types"
     shared_expert = True
+    config_fields = {**Qwen3MoeForCausalLM.config_fields, "qkv_bias": validate.boolean,
+                     "shared_expert_intermediate_size": validate.positive_int}
 
 
-class MixtralForCausalLM(LlamaForCausalLM):
+class MixtralForCausalLM(MoeFamily):
+    qkv_bias = o_bias = False
+    sliding_window_rule = "all_layers"
     expert_projections = {"w1": "w1", "w3": "w3", "w2": "w2"}
     module_renames = {"block_sparse_moe": "mlp"}
+    config_fields = {"num_local_experts": validate.positive_int, "num_experts_per_tok": validate.positive_int}
+
+    @classmethod
+    def validate_config(cls, config, source: str) -> None:
+        _check_top_k(config, source, "num_local_experts")
 
     def make_mlp(self, config, quant_config, layer, params_dtype):
         return SparseMoeBlock(config, quant_config, f"model.layers.{layer}.block_sparse_moe", params_dtype,

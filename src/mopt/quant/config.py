@@ -14,7 +14,6 @@ what they are through a ``quant_kind`` class attribute (``"linear"``, ``"attenti
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from fnmatch import fnmatch
@@ -23,7 +22,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from mopt.jsonio import read_json_object
 from mopt.names import NameMapper
+from mopt.quant import validate
+from mopt.quant.validate import QuantConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +41,6 @@ DEFAULT_PACKED_MODULES_MAPPING: dict[str, list[str]] = {
     "qkv_proj": ["q_proj", "k_proj", "v_proj"],
     "gate_up_proj": ["gate_proj", "up_proj"],
 }
-
-
-class QuantConfigError(ValueError):
-    """A quantization config that mopt cannot use; the message names the field."""
 
 
 def is_layer_skipped(
@@ -180,42 +178,41 @@ class ModelOptQuantConfigBase:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ModelOptQuantConfigBase":
-        """Parse either config form (see the module docstring) and validate its types."""
-        if "quantization" in config:
+        """Parse either config form (see the module docstring) and validate its types.
+
+        On the base class, the format class is picked by ``quant_algo``; on a format class, a
+        ``quant_algo`` of another format is an error (it would not be read as this one).
+        """
+        if not isinstance(config, Mapping):
+            raise QuantConfigError(f"the quantization config must be an object, got {type(config).__name__}")
+        if "quantization" in config:  # hf_quant_config.json; field names in errors say where
             quant = config["quantization"]
             if not isinstance(quant, dict):
                 raise QuantConfigError(
                     f"'quantization' must be a dictionary, got {type(quant).__name__}"
                 )
-            algo = quant.get("quant_algo")
-            kv_algo = quant.get("kv_cache_quant_algo")
-            group_size_raw = quant.get("group_size")
-            exclude_modules = quant.get("exclude_modules", [])
-        else:
-            algo = config.get("quant_algo")
-            kv_algo = config.get("kv_cache_quant_algo", _kv_algo_from_scheme(config))
-            group_size_raw = config.get("group_size")
-            exclude_modules = config.get("ignore", [])
+            where, exclude_key, kv_raw = "quantization.", "exclude_modules", quant.get("kv_cache_quant_algo")
+        else:  # config.json's quantization_config
+            quant, where, exclude_key = config, "", "ignore"
+            kv_raw = config.get("kv_cache_quant_algo", _kv_algo_from_scheme(config))
 
-        if not algo:
+        if quant.get("quant_algo") is None:
             raise QuantConfigError("missing 'quant_algo' in the quantization config")
-        algo = str(algo).upper()
-        if kv_algo is not None:
-            if not isinstance(kv_algo, str):
-                raise QuantConfigError(
-                    f"kv_cache_quant_algo must be a string, got {type(kv_algo).__name__}"
-                )
-            kv_algo = kv_algo.upper()
-        if exclude_modules is None:
-            exclude_modules = []
-        if not isinstance(exclude_modules, list):
-            raise QuantConfigError(
-                f"exclude_modules must be a list, got {type(exclude_modules).__name__}"
-            )
-        group_size = _parse_group_size(group_size_raw)
+        algo = validate.algo_name(quant["quant_algo"], where + "quant_algo")
+        kv_algo = validate.optional_str(kv_raw, where + "kv_cache_quant_algo")
+        kv_algo = kv_algo.upper() if kv_algo is not None else None
+        exclude_modules = validate.module_patterns(quant.get(exclude_key), where + exclude_key)
+        group_size = validate.optional_int(quant.get("group_size"), where + "group_size")
         if algo not in QUANT_ALGOS:
             raise QuantConfigError(
                 f"unsupported ModelOpt quant_algo {algo!r}; mopt supports {QUANT_ALGOS}"
+            )
+        fmt_cls = _CONFIG_BY_ALGO[algo]
+        if cls is ModelOptQuantConfigBase:
+            cls = fmt_cls
+        elif not issubclass(fmt_cls, cls):
+            raise QuantConfigError(
+                f"quant_algo {algo!r} is parsed by {fmt_cls.__name__}, not {cls.__name__}"
             )
         return cls._from_config(
             quant_method=algo,
@@ -243,27 +240,13 @@ def _kv_algo_from_scheme(config: Mapping[str, Any]) -> Any:
     if scheme is None or isinstance(scheme, str):
         return scheme
     if isinstance(scheme, dict):
-        if scheme.get("type") == "float" and scheme.get("num_bits") == 8:
+        kind, bits = scheme.get("type"), scheme.get("num_bits")
+        if kind == "float" and type(bits) is int and bits == 8:
             return "FP8"
         raise QuantConfigError(f"unsupported kv_cache_scheme {scheme}; supported: 8-bit float")
     raise QuantConfigError(
         f"kv_cache_scheme must be a dict or a string, got {type(scheme).__name__}"
     )
-
-
-def _parse_group_size(raw: Any) -> int | None:
-    if raw is None:
-        return None
-    if isinstance(raw, bool):
-        raise QuantConfigError(f"group_size must be an integer, got {raw!r}")
-    if isinstance(raw, int):
-        return raw
-    try:
-        return int(raw)
-    except (TypeError, ValueError):
-        raise QuantConfigError(
-            f"group_size must be an integer, got {type(raw).__name__} {raw!r}"
-        ) from None
 
 
 def _detect_algo(hf_quant_cfg: Mapping[str, Any] | None) -> str | None:
@@ -407,29 +390,10 @@ _CONFIG_BY_ALGO: dict[str, type[ModelOptQuantConfigBase]] = {
 
 def config_from_dict(config: Mapping[str, Any], source: str = "quantization config") -> ModelOptQuantConfigBase:
     """Pick the config class by ``quant_algo`` and parse ``config`` (either form)."""
-    quant = config.get("quantization", config)
-    algo = quant.get("quant_algo") if isinstance(quant, dict) else None
-    if not algo:
-        raise QuantConfigError(f"{source}: missing 'quant_algo'")
-    cls = _CONFIG_BY_ALGO.get(str(algo).upper())
-    if cls is None:
-        raise QuantConfigError(
-            f"{source}: unsupported ModelOpt quant_algo {algo!r}; mopt supports {QUANT_ALGOS}"
-        )
     try:
-        return cls.from_config(config)
+        return ModelOptQuantConfigBase.from_config(config)
     except QuantConfigError as e:
         raise QuantConfigError(f"{source}: {e}") from None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise QuantConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise QuantConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def load_quant_config(checkpoint_dir: str | os.PathLike) -> ModelOptQuantConfigBase | None:
@@ -441,10 +405,13 @@ def load_quant_config(checkpoint_dir: str | os.PathLike) -> ModelOptQuantConfigB
     root = Path(checkpoint_dir)
     hf_quant = root / "hf_quant_config.json"
     if hf_quant.is_file():
-        data = _read_json(hf_quant)
-        producer = data.get("producer", {})
-        name = producer.get("name") if isinstance(producer, dict) else None
-        if name is not None and str(name).lower() != "modelopt":
+        data = read_json_object(hf_quant, QuantConfigError)
+        try:
+            producer = validate.optional_dict(data.get("producer"), "producer") or {}
+            name = validate.optional_str(producer.get("name"), "producer.name")
+        except QuantConfigError as e:
+            raise QuantConfigError(f"{hf_quant}: {e}") from None
+        if name is not None and name.lower() != "modelopt":
             raise QuantConfigError(
                 f"{hf_quant}: produced by {name!r}; mopt runs checkpoints made by NVIDIA ModelOpt"
             )
@@ -454,13 +421,13 @@ def load_quant_config(checkpoint_dir: str | os.PathLike) -> ModelOptQuantConfigB
     config_json = root / "config.json"
     if not config_json.is_file():
         raise QuantConfigError(f"{root}: no config.json (is this a Hugging Face checkpoint folder?)")
-    quant = _read_json(config_json).get("quantization_config")
+    quant = read_json_object(config_json, QuantConfigError).get("quantization_config")
     if quant is None:
         return None
     if not isinstance(quant, dict):
         raise QuantConfigError(f"{config_json}: quantization_config must be an object")
-    method = str(quant.get("quant_method", "")).lower()
-    if method != "modelopt":
+    method = quant.get("quant_method")
+    if not isinstance(method, str) or method.lower() != "modelopt":
         raise QuantConfigError(
             f"{config_json}: quantization_config.quant_method is {quant.get('quant_method')!r}; "
             "mopt runs checkpoints quantized by NVIDIA ModelOpt (quant_method 'modelopt')"

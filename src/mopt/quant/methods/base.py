@@ -63,14 +63,15 @@ class ModelOptLinearMethodBase(LinearMethodBase):
 
 
 def require_loaded(layer: torch.nn.Module, *names: str) -> None:
-    """Raise naming every listed parameter of ``layer`` that no checkpoint tensor filled."""
-    missing = [
-        getattr(layer, n).mopt_name
-        for n in names
-        if isinstance(getattr(layer, n, None), BaseParameter) and not getattr(layer, n).loaded
-    ]
+    """Raise naming every listed parameter of ``layer`` (and its rows) that no checkpoint tensor filled."""
+    missing = []
+    for n in names:
+        param = getattr(layer, n, None)
+        if isinstance(param, BaseParameter) and not param.loaded:
+            spans = ", ".join(f"{a}..{b}" for a, b in param.unloaded_spans())
+            missing.append(f"{param.mopt_name} (rows {spans} of {param.tracked_extent})")
     if missing:
-        raise WeightLoadError(f"no checkpoint tensor was loaded into: {', '.join(missing)}")
+        raise WeightLoadError(f"no checkpoint tensor was loaded into: {'; '.join(missing)}")
 
 
 def replace_parameter(layer: torch.nn.Module, name: str, data: torch.Tensor) -> None:

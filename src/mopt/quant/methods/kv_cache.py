@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from mopt.layers.parameter import PerTensorScaleParameter
+from mopt.layers.parameter import PerTensorScaleParameter, WeightLoadError
 from mopt.quant.methods.base import QuantizeMethodBase
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class BaseKVCacheMethod(QuantizeMethodBase):
                     )
                 value = 1.0
             elif value <= 0:
-                raise ValueError(f"{getattr(layer, name).mopt_name}: KV-cache scale must be positive, got {value}")
+                raise WeightLoadError(f"{getattr(layer, name).mopt_name}: KV-cache scale must be positive, got {value}")
             setattr(layer, f"{name}_float", value)
             delattr(layer, name)
             layer.register_buffer(name, torch.tensor(value, dtype=torch.float32))

@@ -18,8 +18,9 @@ import logging
 
 import torch
 
+from mopt.errors import ModelConfigError
 from mopt.kernels.moe import MoEKernel, MoEScheme, select_moe_kernel
-from mopt.layers.parameter import ExpertParameter
+from mopt.layers.parameter import ExpertParameter, WeightLoadError
 from mopt.quant.formats import fp8, nvfp4
 from mopt.quant.methods.base import QuantizeMethodBase
 
@@ -52,7 +53,7 @@ class FusedMoEMethodBase(QuantizeMethodBase):
         for name, p in layer.named_parameters(recurse=False):
             if isinstance(p, ExpertParameter) and not p.loaded:
                 missing = p.missing()
-                raise ValueError(f"{p.mopt_name}: checkpoint has no tensor for {', '.join(missing[:6])}"
+                raise WeightLoadError(f"{p.mopt_name}: checkpoint has no tensor for {', '.join(missing[:6])}"
                                  + (f" and {len(missing) - 6} more" if len(missing) > 6 else ""))
 
 
@@ -108,7 +109,7 @@ class ModelOptNvFp4FusedMoE(FusedMoEMethodBase):
         e, g = num_experts, self.group_size
         for dim, name in ((hidden, "hidden_size"), (inter, "intermediate_size")):
             if dim % g:
-                raise ValueError(f"{layer.prefix}: NVFP4 experts need {name} divisible by {g}, got {dim}")
+                raise ModelConfigError(f"{layer.prefix}: NVFP4 experts need {name} divisible by {g}, got {dim}")
         _param(layer, "w13_weight", torch.empty(e, 2 * inter, hidden // 2, dtype=torch.uint8), "w13")
         _param(layer, "w2_weight", torch.empty(e, hidden, inter // 2, dtype=torch.uint8), "w2")
         _param(layer, "w13_weight_scale", torch.empty(e, 2 * inter, hidden // g, dtype=fp8.FP8_DTYPE), "w13")

@@ -14,6 +14,7 @@ import logging
 
 import torch
 
+from mopt.errors import ModelConfigError
 from mopt.kernels.linear import LinearScheme
 from mopt.layers.parameter import ModelWeightParameter, WeightLoadError
 from mopt.quant.formats import nvfp4
@@ -37,7 +38,7 @@ class ModelOptNvFp4LinearMethod(ModelOptLinearMethodBase):
         if not getattr(self.quant_config, "is_checkpoint_nvfp4_serialized", True):
             raise ValueError("NVFP4 needs an NVFP4-serialized checkpoint; dynamic quantization is not supported")
         if input_size_per_partition % self.group_size:
-            raise ValueError(
+            raise ModelConfigError(
                 f"{getattr(layer, 'prefix', '')}: NVFP4 needs in_features per partition to be a "
                 f"multiple of {self.group_size}, got {input_size_per_partition}"
             )

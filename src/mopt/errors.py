@@ -1,0 +1,25 @@
+"""Errors mopt raises for inputs it cannot use: all ``ValueError`` subclasses of :class:`MoptError`.
+
+Each message names what was wrong (file, tensor, config field, argument) and what was expected.
+Classes that belong to one layer live beside it (``CheckpointError`` in ``engine.checkpoint``,
+``WeightLoadError`` in ``layers.parameter``, ``QuantConfigError`` in ``quant.config``); the ones
+several modules raise live here.
+"""
+
+from __future__ import annotations
+
+
+class MoptError(ValueError):
+    """Base of every error mopt raises for a bad input (checkpoint, config, argument or request)."""
+
+
+class ModelConfigError(MoptError):
+    """A model ``config.json`` field mopt cannot honour: out of range, inconsistent or unsupported."""
+
+
+class EngineArgumentError(MoptError):
+    """An argument of ``mopt.LLM(...)`` (device, dtype, cache and batching sizes) that is invalid."""
+
+
+class RequestError(MoptError):
+    """A request mopt cannot run: a bad prompt or ``SamplingParams`` (an HTTP server answers 400)."""
