@@ -22,4 +22,12 @@ class EngineArgumentError(MoptError):
 
 
 class RequestError(MoptError):
-    """A request mopt cannot run: a bad prompt or ``SamplingParams`` (an HTTP server answers 400)."""
+    """A request mopt cannot run: a bad prompt or ``SamplingParams`` (an HTTP server answers 400).
+
+    ``field`` names the request field at fault (``"temperature"``, ``"prompt"``, ...) when one is,
+    so a server can report it without parsing the message.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field

@@ -81,7 +81,7 @@ def check_load_format(model: Any, load_format: Any, quantization: Any) -> None:
 def check_engine_args(*, model: Any, device: Any, dtype: Any, kv_cache_dtype: Any, max_model_len: Any,
                       block_size: Any, max_num_seqs: Any, max_num_batched_tokens: Any,
                       kv_cache_memory: Any, load_format: Any = "auto", quantization: Any = None,
-                      enforce_eager: Any = False) -> None:
+                      enforce_eager: Any = False, tokenizer: Any = None) -> None:
     """Raise :class:`EngineArgumentError` naming the first argument of ``LLM(...)`` that is invalid."""
     check_load_format(model, load_format, quantization)
     if not isinstance(enforce_eager, bool):
@@ -94,3 +94,5 @@ def check_engine_args(*, model: Any, device: Any, dtype: Any, kv_cache_dtype: An
                                   ("max_num_batched_tokens", max_num_batched_tokens, True),
                                   ("kv_cache_memory", kv_cache_memory, True)):
         check_positive_int(name, value, optional)
+    if tokenizer is not None and (not isinstance(tokenizer, (str, os.PathLike)) or not os.path.isdir(tokenizer)):
+        raise EngineArgumentError(f"tokenizer must be a folder with tokenizer files, got {tokenizer!r}")

@@ -16,7 +16,7 @@ from mopt.engine.loader import load_model
 from mopt.engine.request import check_messages, is_int, prompt_batch, prompt_token_ids
 from mopt.engine.runner import ModelRunner, kv_bytes_per_token
 from mopt.engine.scheduler import Scheduler
-from mopt.engine.sequence import RequestOutput, SamplingParams, Sequence
+from mopt.engine.sequence import Logprob, RequestOutput, SamplingParams, Sequence, TokenLogprobs
 from mopt.errors import EngineArgumentError, RequestError
 from mopt.jsonio import read_json_object
 
@@ -68,17 +68,21 @@ class LLM:
     memory after loading); ``max_model_len`` defaults to the model's context length, capped by
     what the cache holds. On GPUs decode steps replay CUDA graphs captured at start-up, one per
     batch-size bucket up to ``max_num_seqs``; ``enforce_eager=True`` runs them eagerly instead.
+    ``tokenizer``: a folder to load the tokenizer from instead of the checkpoint's (the only way a
+    dummy model gets one).
     """
 
     def __init__(self, model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  max_model_len: int | None = None, kv_cache_dtype: str = "auto", *, block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
                  kv_cache_memory: int | None = None, progress: bool = False, enforce_eager: bool = False,
-                 load_format: str = "auto", quantization: str | None = None, seed: int = 0) -> None:
+                 load_format: str = "auto", quantization: str | None = None, seed: int = 0,
+                 tokenizer: str | Path | None = None) -> None:
         check_engine_args(model=model, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                           max_model_len=max_model_len, block_size=block_size, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
-                          load_format=load_format, quantization=quantization, enforce_eager=enforce_eager)
+                          load_format=load_format, quantization=quantization, enforce_eager=enforce_eager,
+                          tokenizer=tokenizer)
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
         if load_format == "dummy":
@@ -88,11 +92,13 @@ class LLM:
             self.path = Path(model) if isinstance(model, (str, Path)) else Path("dummy")
             self.model = build_dummy_model(config, quantization or "bf16", self.device, self.dtype, kv_cache_dtype,
                                            seed)
-            self.tokenizer = None
         else:
             self.path = Path(model)
             self.model = load_model(self.path, self.device, self.dtype, kv_cache_dtype, progress=progress)
-            self.tokenizer = self._load_tokenizer()
+        if tokenizer is not None:
+            self.tokenizer = self._load_tokenizer(Path(tokenizer))
+        else:
+            self.tokenizer = None if load_format == "dummy" else self._load_tokenizer(self.path)
         self.config = self.model.config
         self.eos_token_ids = _eos_token_ids(self.path, self.config, self.tokenizer)
         self.vocab_size = self.config.vocab_size
@@ -120,13 +126,14 @@ class LLM:
             return int(free * GPU_MEMORY_UTILIZATION)
         return CPU_KV_CACHE_BYTES
 
-    def _load_tokenizer(self):
-        if not any((self.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            logger.warning("%s: no tokenizer; only token-id prompts work", self.path)
+    @staticmethod
+    def _load_tokenizer(path: Path):
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            logger.warning("%s: no tokenizer; only token-id prompts work", path)
             return None
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.path)
+        return AutoTokenizer.from_pretrained(path)
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -140,7 +147,7 @@ class LLM:
         ids, text = prompt_token_ids(prompt, self.tokenizer, self.vocab_size, str(self.path))
         if len(ids) >= self.max_model_len:
             raise RequestError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
-                               "(prompt plus at least one generated token)")
+                               "(prompt plus at least one generated token)", "prompt")
         return Sequence(ids, params, prompt=text)
 
     def _finish_check(self, seq: Sequence, token: int) -> None:
@@ -160,14 +167,30 @@ class LLM:
             seq.finish_reason = "length"
 
     def _step(self) -> list[Sequence]:
+        """One scheduler step: schedule, run the model, append and check each sampled token."""
         seqs, is_prefill = self.scheduler.schedule()
-        tokens = self.runner.step(seqs, is_prefill)
-        for seq, token in zip(seqs, tokens):
+        self._run_step(seqs, is_prefill)
+        return seqs
+
+    def _run_step(self, seqs: list[Sequence], is_prefill: bool) -> None:
+        """Run the model on scheduled ``seqs``; finished ones leave the scheduler. (Separate from the
+        scheduling so that a caller knows which sequences a failing step touched.)"""
+        tokens, logprobs = self.runner.step(seqs, is_prefill)
+        for row, (seq, token) in enumerate(zip(seqs, tokens)):
             seq.output_token_ids.append(token)
+            if seq.params.logprobs is not None:
+                seq.output_logprobs.append(self._token_logprobs(token, *logprobs[row][:3], seq.params.logprobs))
             self._finish_check(seq, token)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
-        return seqs
+
+    def _token_logprobs(self, token: int, logprob: float, top_ids: list[int], top_logprobs: list[float],
+                        k: int) -> TokenLogprobs:
+        """One position's logprobs, each token with its text; the batch computed the largest k asked."""
+        def named(t: int, value: float) -> Logprob:
+            return Logprob(t, value, None if self.tokenizer is None else self.tokenizer.decode([t]))
+
+        return TokenLogprobs(named(token, logprob), [named(t, v) for t, v in zip(top_ids[:k], top_logprobs[:k])])
 
     @staticmethod
     def _per_prompt(params, n: int) -> list[SamplingParams]:
@@ -247,15 +270,13 @@ class LLM:
 
     def _stream_deltas(self, seq: Sequence) -> Iterator[str]:
         self.scheduler.add(seq)
-        hold = max((len(s) for s in seq.params.stop), default=1) - 1
         sent = 0
         try:
             while seq.finish_reason is None:
                 self._step()
-                text = seq.text
-                safe = len(text) if seq.finish_reason is not None else max(sent, len(text.rstrip("\ufffd")) - hold)
+                safe = seq.releasable_text_length(sent)
                 if safe > sent:
-                    yield text[sent:safe]
+                    yield seq.text[sent:safe]
                     sent = safe
             if len(seq.text) > sent:  # finished by another call's steps while this one waited
                 yield seq.text[sent:]

@@ -8,7 +8,7 @@ Step inputs are built with numpy into one int32 array (token ids, positions, slo
 sequence lengths, block tables) and cross to the device in one copy. Decode steps run through
 :class:`~mopt.engine.cuda_graphs.DecodeGraphs` (captured CUDA graphs on GPUs, the same padded
 static buffers run eagerly elsewhere); prefill steps run eagerly. Sampling happens on the device;
-the sampled ids come back in one copy per step.
+the sampled ids (with their logprobs, when asked for) come back in one copy per step.
 """
 
 from __future__ import annotations
@@ -114,6 +114,8 @@ class ModelRunner:
         return self._logits(seqs, is_prefill)[0]
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+    def step(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[tuple] | None]:
+        """The sampled token of each sequence, and per row ``(logprob, top ids, top logprobs)`` when
+        some sequence asked for logprobs (else ``None``), from one device-to-host copy."""
         logits, greedy = self._logits(seqs, is_prefill)
-        return sample(logits, SamplingTensors.from_sequences(seqs, self.device), greedy).tolist()
+        return sample(logits, SamplingTensors.from_sequences(seqs, self.device), greedy).to_host()

@@ -1,7 +1,16 @@
-"""Token selection on the model's device: greedy, or temperature with top-k and top-p (nucleus).
+"""Token selection on the model's device: penalties, then greedy, or temperature with top-k and
+top-p (nucleus), and the log-probabilities requests ask for.
 
-Tensor in, tensor out: ``sample(logits [B, V], SamplingTensors) -> token ids [B]``, no loop over
-sequences and no host synchronization (the engine copies the ids to the host once per step).
+Tensor in, tensor out: ``sample(logits [B, V], SamplingTensors) -> SamplerOutput`` (token ids [B],
+optional logprobs), no loop over sequences or tokens and no host synchronization; the engine copies
+ids and logprobs to the host together, once per step (:meth:`SamplerOutput.to_host`).
+
+Penalties follow vLLM: the repetition penalty divides positive logits and multiplies negative ones
+of every token seen in the prompt or output; frequency and presence penalties subtract from the
+logits of tokens in the output, by count and once. A row whose penalties are neutral comes out
+bit-identical. Greedy rows of a batch with penalties take the argmax of the penalised logits (not
+the one the decode graph computed). Logprobs are the log-softmax of the penalised logits at
+temperature 1.
 
 Filtering follows the usual convention: top-k keeps the ``k`` largest logits (ties at the k-th
 value kept), top-p keeps the smallest set of most likely tokens whose probability reaches ``p``
@@ -76,7 +85,11 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
 
 @dataclass
 class SamplingTensors:
-    """Per-row sampling parameters on the device, and what the host knows about the batch."""
+    """Per-row sampling parameters on the device, and what the host knows about the batch.
+
+    Each group is ``None`` when no row of the batch needs it, so a greedy batch without penalties
+    or logprobs copies nothing to the device.
+    """
 
     temperature: torch.Tensor | None  # float32 [B]; 0 for greedy rows (None: every row is greedy)
     top_k: torch.Tensor | None  # int64 [B]; 0: off
@@ -85,19 +98,92 @@ class SamplingTensors:
     steps: torch.Tensor | None  # int64 [B]: index of the token being sampled
     all_greedy: bool
     filtered: bool  # some sampled row uses top-k or top-p
+    presence: torch.Tensor | None = None  # float32 [B]; 0: off (None: no row has a penalty)
+    frequency: torch.Tensor | None = None  # float32 [B]; 0: off
+    repetition: torch.Tensor | None = None  # float32 [B]; 1: off
+    output_tokens: torch.Tensor | None = None  # int64 [B, W]: output ids of penalised rows, -1 padding
+    prompt_tokens: torch.Tensor | None = None  # int64 [B, W]: prompt ids (repetition penalty only), -1 padding
+    num_logprobs: int | None = None  # most top logprobs a row asks for (None: no row asks)
 
     @classmethod
     def from_sequences(cls, seqs: "list[Sequence]", device: torch.device) -> "SamplingTensors":
         params = [s.params for s in seqs]
         greedy = [p.greedy for p in params]
-        if all(greedy):  # nothing to copy to the device
-            return cls(None, None, None, None, None, True, False)
-        floats = np.array([[0.0 if g else p.temperature, p.top_p] for p, g in zip(params, greedy)], np.float32)
-        ints = np.array([[p.top_k, s.noise_key, len(s.output_token_ids)] for p, s in zip(params, seqs)], np.int64)
+        penalized = [p.penalized for p in params]
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        num_logprobs = max(asked) if asked else None
+        if all(greedy) and not any(penalized):  # nothing to copy to the device
+            return cls(None, None, None, None, None, True, False, num_logprobs=num_logprobs)
+        # One float and one int64 array, each one copy: sampling columns, then penalty columns and
+        # the padded token lists of penalised rows.
+        floats = np.array([[0.0 if g else p.temperature, p.top_p, p.presence_penalty, p.frequency_penalty,
+                            p.repetition_penalty] for p, g in zip(params, greedy)], np.float32)
+        outputs = _padded([s.output_token_ids if pen else [] for s, pen in zip(seqs, penalized)])
+        repeats = any(p.repetition_penalty != 1 for p in params)
+        prompts = _padded([s.prompt_token_ids if p.repetition_penalty != 1 else [] for s, p in zip(seqs, params)]) \
+            if repeats else np.zeros((len(seqs), 0), np.int64)
+        ints = np.concatenate([np.array([[p.top_k, s.noise_key, len(s.output_token_ids)] for p, s in zip(params, seqs)],
+                                        np.int64), outputs, prompts], axis=1)
         f = torch.from_numpy(floats).to(device, non_blocking=True)
         i = torch.from_numpy(ints).to(device, non_blocking=True)
         filtered = any(not g and (p.top_k > 0 or p.top_p < 1) for p, g in zip(params, greedy))
-        return cls(f[:, 0], i[:, 0], f[:, 1], i[:, 1], i[:, 2], all(greedy), filtered)
+        t = cls(f[:, 0], i[:, 0], f[:, 1], i[:, 1], i[:, 2], all(greedy), filtered, num_logprobs=num_logprobs)
+        if any(penalized):
+            t.presence, t.frequency, t.repetition = f[:, 2], f[:, 3], f[:, 4]
+            t.output_tokens = i[:, 3:3 + outputs.shape[1]]
+            t.prompt_tokens = i[:, 3 + outputs.shape[1]:] if repeats else None
+        return t
+
+
+def _padded(rows: list[list[int]]) -> np.ndarray:
+    """Token lists as one int64 array ``[len(rows), longest]``, padded with -1."""
+    out = np.full((len(rows), max(map(len, rows), default=0)), -1, np.int64)
+    for row, ids in zip(out, rows):
+        row[: len(ids)] = ids
+    return out
+
+
+def token_counts(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[B, vocab]`` counts of each token in the rows of ``tokens [B, W]`` (-1 is padding)."""
+    counts = torch.zeros((tokens.shape[0], vocab + 1), dtype=torch.int32, device=tokens.device)
+    index = torch.where(tokens < 0, vocab, tokens)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32))
+    return counts[:, :vocab]
+
+
+def apply_penalties(logits: torch.Tensor, output_tokens: torch.Tensor, prompt_tokens: torch.Tensor | None,
+                    presence: torch.Tensor, frequency: torch.Tensor, repetition: torch.Tensor) -> torch.Tensor:
+    """Float32 ``logits [B, V]`` with repetition, frequency and presence penalties (see module doc)."""
+    vocab = logits.shape[-1]
+    counts = token_counts(output_tokens, vocab)
+    in_output = counts > 0
+    seen = in_output if prompt_tokens is None else in_output | (token_counts(prompt_tokens, vocab) > 0)
+    logits = logits.float()
+    rep = repetition[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - frequency[:, None] * counts - presence[:, None] * in_output
+
+
+@dataclass
+class SamplerOutput:
+    """Sampled ids ``[B]`` on the device and, when a row asked, logprobs of the penalised logits."""
+
+    tokens: torch.Tensor  # int64 [B]
+    logprobs: torch.Tensor | None = None  # float32 [B]: of each sampled token
+    top_ids: torch.Tensor | None = None  # int64 [B, K]: the K most likely tokens, most likely first
+    top_logprobs: torch.Tensor | None = None  # float32 [B, K]
+
+    def to_host(self) -> tuple[list[int], list[tuple[float, list[int], list[float]]] | None]:
+        """``(token ids, per-row (logprob, top ids, top logprobs) or None)`` in ONE device-to-host
+        copy: with logprobs, ids and values travel packed in one float64 tensor (exact for ids below
+        2**53 and for every float32 value)."""
+        if self.logprobs is None:
+            return self.tokens.tolist(), None
+        k = self.top_ids.shape[1]
+        packed = torch.cat([self.tokens[:, None].double(), self.logprobs[:, None].double(), self.top_ids.double(),
+                            self.top_logprobs.double()], dim=1).tolist()
+        tokens = [int(row[0]) for row in packed]
+        return tokens, [(row[1], [int(t) for t in row[2:2 + k]], row[2 + k:]) for row in packed]
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
@@ -111,16 +197,26 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, t: SamplingTensors, greedy: torch.Tensor | None = None) -> torch.Tensor:
-    """One token id (int64) per row of ``logits [B, V]``; ``greedy``: their argmax if already known."""
+def sample(logits: torch.Tensor, t: SamplingTensors, greedy: torch.Tensor | None = None) -> SamplerOutput:
+    """One token id (int64) per row of ``logits [B, V]``, and logprobs when a row asked for them.
+    ``greedy``: the argmax of the unpenalised logits if already known (the decode graph computes it)."""
+    if t.presence is not None:
+        logits = apply_penalties(logits, t.output_tokens, t.prompt_tokens, t.presence, t.frequency, t.repetition)
+        greedy = None  # penalised rows need the argmax of what they became
     greedy = greedy_tokens(logits) if greedy is None else greedy
     if t.all_greedy:
-        return greedy
-    sampled_rows = t.temperature > 0
-    temperature = torch.where(sampled_rows, t.temperature, 1.0)
-    if t.filtered:
-        scaled = filter_logits(logits, temperature, t.top_k, t.top_p)
+        tokens = greedy
     else:
-        scaled = logits.float() / temperature[:, None]
-    drawn = (scaled + gumbel_noise(t.keys, t.steps, logits.shape[-1])).argmax(dim=-1)
-    return torch.where(sampled_rows, drawn, greedy)
+        sampled_rows = t.temperature > 0
+        temperature = torch.where(sampled_rows, t.temperature, 1.0)
+        if t.filtered:
+            scaled = filter_logits(logits, temperature, t.top_k, t.top_p)
+        else:
+            scaled = logits.float() / temperature[:, None]
+        drawn = (scaled + gumbel_noise(t.keys, t.steps, logits.shape[-1])).argmax(dim=-1)
+        tokens = torch.where(sampled_rows, drawn, greedy)
+    if t.num_logprobs is None:
+        return SamplerOutput(tokens)
+    logprobs = logits.float().log_softmax(dim=-1)
+    top_logprobs, top_ids = logprobs.topk(t.num_logprobs, dim=-1)
+    return SamplerOutput(tokens, logprobs.gather(-1, tokens[:, None])[:, 0], top_ids, top_logprobs)
