@@ -1,0 +1,378 @@
+"""An asyncio front for :class:`~mopt.engine.llm.LLM`: requests come and go while one background
+thread steps the scheduler.
+
+The engine thread is the only one that touches the model, the scheduler and the tokenizer (prompts
+are validated and tokenized there too: a Hugging Face tokenizer is not safe to share between
+threads). Other threads talk to it through an inbox under a lock: submissions, aborts and the
+shutdown flag. Each loop iteration takes the inbox (aborts first, so an aborted request's KV-cache
+blocks are free before the next step), then runs one scheduler step through the same
+``LLM._run_step`` that ``generate`` uses, and hands every stepped request its delta (new text,
+token ids, logprobs, finish reason) on the request's event loop in one callback per step.
+
+Failures stay with the requests they touch: a step that raises fails the sequences it ran with
+:class:`EngineStepError` (details in the log) and the loop goes on serving the rest. The waiting
+queue is bounded: a submission that would take it past ``max_queue`` sequences raises
+:class:`QueueFullError` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from mopt.engine.llm import LLM, Messages, Prompt
+from mopt.engine.sequence import SamplingParams, Sequence, TokenLogprobs
+from mopt.errors import EngineArgumentError
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is full: retry later (a server answers 429 with Retry-After)."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is shutting down or stopped: it takes no requests and ended those in flight."""
+
+
+class EngineStepError(RuntimeError):
+    """A model step failed for this request; the cause is in the engine's log."""
+
+
+@dataclass
+class Chat:
+    """A prompt given as a conversation, turned into token ids through the chat template."""
+
+    messages: Messages
+
+
+@dataclass
+class RequestDelta:
+    """What a request produced since the previous delta its stream returned."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None  # one per token in token_ids when the request asked
+    finish_reason: str | None = None  # "stop", "length", "abort" (aborted by abort()) or None
+    stop_reason: str | int | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int = 0
+    waiting: int = 0  # sequences accepted and not running: queued, or preempted
+    free_blocks: int = 0
+    total_blocks: int = 0
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return 1 - self.free_blocks / self.total_blocks if self.total_blocks else 0.0
+
+
+class RequestStream:
+    """The outputs of one request: ``async for delta in stream``.
+
+    Each delta holds everything that arrived since the previous one (a slow reader gets fewer,
+    larger deltas; the engine never waits for readers). Iteration ends after the delta that carries
+    a finish reason; a request the engine failed raises :class:`EngineStepError` or
+    :class:`EngineStoppedError` instead. Times are ``time.monotonic()`` seconds.
+    """
+
+    def __init__(self, request_id: int, prompt_token_ids: list[int], arrival_time: float) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.arrival_time = arrival_time
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+        self.num_output_tokens = 0
+        self.finish_reason: str | None = None
+        self._items: deque[RequestDelta | BaseException] = deque()
+        self._ready = asyncio.Event()
+        self._ended = False
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self._ended
+
+    def _push(self, item: RequestDelta | BaseException, when: float) -> None:
+        """On the stream's event loop: one engine output."""
+        if isinstance(item, RequestDelta):
+            if item.token_ids and self.first_token_time is None:
+                self.first_token_time = when
+            self.num_output_tokens += len(item.token_ids)
+            if item.finish_reason is not None:
+                self.finish_reason, self.finish_time = item.finish_reason, when
+        else:
+            self.finish_time = when
+        self._items.append(item)
+        self._ready.set()
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestDelta:
+        if self._ended:
+            raise StopAsyncIteration
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        merged: RequestDelta | None = None
+        while self._items and not isinstance(self._items[0], BaseException):
+            merged = _merge(merged, self._items.popleft())
+        if merged is None:  # an error is next
+            self._ended = True
+            raise self._items.popleft()
+        self._ended = merged.finish_reason is not None
+        return merged
+
+
+def _merge(a: RequestDelta | None, b: RequestDelta) -> RequestDelta:
+    if a is None:
+        return b
+    logprobs = None if a.logprobs is None else a.logprobs + (b.logprobs or [])
+    return RequestDelta(a.text + b.text, a.token_ids + b.token_ids, logprobs, b.finish_reason, b.stop_reason)
+
+
+@dataclass
+class _Submission:
+    prompts: list[Prompt | Chat]
+    params: list[SamplingParams]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    arrival_time: float
+
+
+@dataclass
+class _Tracked:
+    """A request on the engine thread: its sequence, its stream, and how much the stream has."""
+
+    seq: Sequence
+    stream: RequestStream
+    loop: asyncio.AbstractEventLoop
+    tokens_sent: int = 0
+    text_sent: int = 0
+
+    def delta(self) -> RequestDelta:
+        seq = self.seq
+        safe = seq.releasable_text_length(self.text_sent)
+        logprobs = seq.output_logprobs[self.tokens_sent:] if seq.params.logprobs is not None else None
+        delta = RequestDelta(seq.text[self.text_sent:safe], seq.output_token_ids[self.tokens_sent:], logprobs,
+                             seq.finish_reason, seq.stop_reason)
+        self.tokens_sent, self.text_sent = len(seq.output_token_ids), safe
+        return delta
+
+
+@dataclass
+class _Inbox:
+    submissions: list[_Submission] = field(default_factory=list)
+    num_sequences: int = 0  # in submissions: they count against max_queue until they enter the scheduler
+    aborts: list[int] = field(default_factory=list)
+    stopping: bool = False
+    exit: bool = False
+
+
+class AsyncEngine:
+    """Serve ``llm`` to asyncio code: ``streams = await engine.add(prompts, params)``, then
+    ``async for delta in stream``; ``engine.abort(stream.request_id)``; ``await engine.stop()``.
+
+    The engine owns ``llm`` from :meth:`start` on: don't call its ``generate`` meanwhile.
+    ``max_queue``: most sequences accepted but not yet running.
+    """
+
+    def __init__(self, llm: LLM, max_queue: int = 512) -> None:
+        if type(max_queue) is not int or max_queue < 1:
+            raise EngineArgumentError(f"max_queue must be an integer >= 1, got {max_queue!r}")
+        self.llm, self.max_queue = llm, max_queue
+        self._lock = threading.Lock()
+        self._inbox = _Inbox()
+        self._wake = threading.Event()
+        self._tracked: dict[int, _Tracked] = {}  # engine thread only
+        self._thread: threading.Thread | None = None
+        blocks = llm.scheduler.blocks
+        self.stats = EngineStats(free_blocks=blocks.num_free, total_blocks=blocks.num_blocks)
+
+    # -- any thread ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mopt-engine", daemon=True)
+            self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._inbox.stopping
+
+    async def add(self, prompts: list[Prompt | Chat], params: list[SamplingParams]) -> list[RequestStream]:
+        """Submit requests that succeed or fail together: validated and tokenized on the engine
+        thread (a bad one raises :class:`~mopt.RequestError` and none runs), then one stream each."""
+        if len(prompts) != len(params) or not prompts:
+            raise ValueError(f"{len(prompts)} prompts and {len(params)} SamplingParams: give one of each, at least one")
+        loop = asyncio.get_running_loop()
+        submission = _Submission(list(prompts), list(params), loop, loop.create_future(), time.monotonic())
+        with self._lock:
+            if self._inbox.stopping or self._thread is None:
+                raise EngineStoppedError("the engine is not running (shutting down or not started)")
+            queued = self._inbox.num_sequences + len(self.llm.scheduler.waiting)
+            if queued + len(prompts) > self.max_queue:
+                raise QueueFullError(f"the queue holds {queued} waiting requests and takes at most {self.max_queue}; "
+                                     "retry later")
+            self._inbox.submissions.append(submission)
+            self._inbox.num_sequences += len(prompts)
+        self._wake.set()
+        return await submission.future  # cancelled: _accepted aborts the requests once they exist
+
+    def abort(self, request_id: int) -> None:
+        """End a request and free its KV-cache blocks before the next step (no-op once finished)."""
+        with self._lock:
+            self._inbox.aborts.append(request_id)
+        self._wake.set()
+
+    def begin_shutdown(self) -> None:
+        """Refuse new requests and end those in flight with :class:`EngineStoppedError`."""
+        with self._lock:
+            self._inbox.stopping = True
+        self._wake.set()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Shut down and wait (up to ``timeout`` seconds, without blocking the event loop) for the
+        engine thread to finish its current step and exit."""
+        with self._lock:
+            self._inbox.stopping = self._inbox.exit = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+            if self._thread.is_alive():
+                logger.error("the engine thread did not stop within %.0f s", timeout)
+
+    # -- engine thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self.llm.device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(self.llm.device)
+        while True:
+            with self._lock:
+                inbox, self._inbox = self._inbox, _Inbox(num_sequences=self._inbox.num_sequences,
+                                                         stopping=self._inbox.stopping, exit=self._inbox.exit)
+            try:
+                self._iteration(inbox)
+            except Exception as e:  # a bug in the loop itself: fail what is in flight, keep serving
+                logger.exception("engine loop failed")
+                self._fail(list(self._tracked.values()), EngineStepError(f"internal engine error ({type(e).__name__})"))
+            if inbox.exit:
+                return
+            if not self.llm.scheduler.has_unfinished():
+                self._wake.wait()
+                self._wake.clear()
+
+    def _iteration(self, inbox: _Inbox) -> None:
+        if inbox.stopping:
+            self._fail(list(self._tracked.values()), EngineStoppedError("the server is shutting down"))
+            for sub in inbox.submissions:
+                self._answer(sub, EngineStoppedError("the server is shutting down"))
+        else:
+            for request_id in inbox.aborts:
+                self._abort(request_id)
+            for sub in inbox.submissions:
+                self._admit(sub)
+        with self._lock:
+            self._inbox.num_sequences -= sum(len(sub.prompts) for sub in inbox.submissions)
+        if self.llm.scheduler.has_unfinished():
+            self._step()
+        self._update_stats()
+
+    def _admit(self, sub: _Submission) -> None:
+        llm = self.llm
+        try:
+            params = llm._per_prompt(sub.params, len(sub.params))
+            seqs = [llm._make_sequence(llm.chat_prompt(p.messages) if isinstance(p, Chat) else p, sp)
+                    for p, sp in zip(sub.prompts, params)]
+        except Exception as e:  # RequestError, or a tokenizer that failed: the submitter gets it
+            self._answer(sub, e)
+            return
+        streams = []
+        for seq in seqs:
+            llm.scheduler.add(seq)
+            stream = RequestStream(seq.request_id, list(seq.prompt_token_ids), sub.arrival_time)
+            self._tracked[seq.request_id] = _Tracked(seq, stream, sub.loop)
+            streams.append(stream)
+        self._answer(sub, streams)
+
+    def _answer(self, sub: _Submission, result: list[RequestStream] | BaseException) -> None:
+        def settle() -> None:
+            if sub.future.cancelled():  # the submitter went away while we validated: drop its requests
+                for stream in result if isinstance(result, list) else []:
+                    self.abort(stream.request_id)
+            elif isinstance(result, BaseException):
+                sub.future.set_exception(result)
+            else:
+                sub.future.set_result(result)
+
+        _call_soon(sub.loop, settle)
+
+    def _step(self) -> None:
+        scheduler = self.llm.scheduler
+        try:
+            seqs, is_prefill = scheduler.schedule()
+        except Exception as e:
+            logger.exception("scheduling failed; failing every request in flight")
+            self._fail(list(self._tracked.values()), EngineStepError(f"scheduling failed ({type(e).__name__})"))
+            return
+        try:
+            self.llm._run_step(seqs, is_prefill)
+        except Exception as e:
+            logger.exception("model step (%s of %d sequences) failed", "prefill" if is_prefill else "decode", len(seqs))
+            failed = [self._tracked[s.request_id] for s in seqs if s.request_id in self._tracked]
+            self._fail(failed, EngineStepError(f"the model step failed ({type(e).__name__}); see the server log"))
+            return
+        now = time.monotonic()
+        out: list[tuple[_Tracked, Any]] = []
+        for seq in seqs:
+            tracked = self._tracked.get(seq.request_id)
+            if tracked is None:
+                continue
+            out.append((tracked, tracked.delta()))
+            if seq.finish_reason is not None:
+                del self._tracked[seq.request_id]
+        self._deliver(out, now)
+
+    def _abort(self, request_id: int) -> None:
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return
+        self.llm.scheduler.abort(tracked.seq)
+        self._deliver([(tracked, RequestDelta("", [], [] if tracked.seq.params.logprobs is not None else None,
+                                              "abort"))], time.monotonic())
+
+    def _fail(self, failed: list[_Tracked], error: BaseException) -> None:
+        for tracked in failed:
+            self.llm.scheduler.abort(tracked.seq)
+            self._tracked.pop(tracked.seq.request_id, None)
+        self._deliver([(t, error) for t in failed], time.monotonic())
+
+    def _deliver(self, items: list[tuple[_Tracked, Any]], when: float) -> None:
+        """One callback per event loop for the whole step (not one wake-up per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Any]]] = {}
+        for tracked, item in items:
+            by_loop.setdefault(tracked.loop, []).append((tracked.stream, item))
+        for loop, batch in by_loop.items():
+            _call_soon(loop, lambda batch=batch: [stream._push(item, when) for stream, item in batch])
+
+    def _update_stats(self) -> None:
+        scheduler = self.llm.scheduler
+        self.stats = EngineStats(running=len(scheduler.running),
+                                 waiting=len(scheduler.waiting) + self._inbox.num_sequences,
+                                 free_blocks=scheduler.blocks.num_free, total_blocks=scheduler.blocks.num_blocks)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback) -> None:
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:  # the loop is closed: nobody is listening any more
+        pass

@@ -1,0 +1,213 @@
+"""The async engine without HTTP: streams equal LLM.generate, aborts free blocks before the next
+step, a full queue refuses at once, a failing step fails only its requests, stop ends everything.
+
+Prompts are token ids on a tiny random Llama (no tokenizer needed); the engine runs in its own
+thread as in the server. Every wait is bounded (``asyncio.wait_for``), so a hang fails the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from mopt import LLM, SamplingParams
+from mopt.engine.async_engine import AsyncEngine, EngineStepError, EngineStoppedError, QueueFullError
+from mopt.errors import EngineArgumentError, RequestError
+
+PROMPTS = [[5, 17, 33], list(range(40, 60)), [7] * 9]
+TIMEOUT = 30  # seconds for any one wait: far above the ~1 s these runs take on 2 busy cores
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from conftest import tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny-async")
+    tiny_llama(256).save_pretrained(path)
+    return path
+
+
+def small_llm(path, **kw) -> LLM:
+    return LLM(path, device="cpu", block_size=4, kv_cache_memory=2 << 20, max_model_len=64, **kw)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, TIMEOUT))
+
+
+async def started(llm, **kw) -> AsyncEngine:
+    engine = AsyncEngine(llm, **kw)
+    engine.start()
+    return engine
+
+
+async def collect(stream):
+    tokens, finish = [], None
+    async for delta in stream:
+        tokens += delta.token_ids
+        finish = delta.finish_reason
+    return tokens, finish
+
+
+async def wait_until(condition, what: str) -> None:
+    for _ in range(int(TIMEOUT / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def idle(engine: AsyncEngine) -> bool:
+    s = engine.llm.scheduler
+    return not s.waiting and not s.running and s.blocks.num_free == s.blocks.num_blocks
+
+
+def test_streams_equal_generate(model_dir):
+    params = [SamplingParams(max_tokens=6 + i, ignore_eos=True) for i in range(len(PROMPTS))]
+    want = [o.token_ids for o in small_llm(model_dir).generate(PROMPTS, params)]
+
+    async def main():
+        engine = await started(small_llm(model_dir))
+        streams = await engine.add(PROMPTS, params)
+        got = await asyncio.gather(*(collect(s) for s in streams))
+        await engine.stop()
+        assert idle(engine)
+        return got
+
+    assert run(main()) == [(w, "length") for w in want]
+
+
+def test_bad_request_is_refused_whole(model_dir):
+    async def main():
+        engine = await started(small_llm(model_dir))
+        with pytest.raises(RequestError, match="outside the vocabulary") as caught:
+            await engine.add([PROMPTS[0], [999]], [SamplingParams(max_tokens=3)] * 2)
+        assert caught.value.field == "prompt"
+        assert idle(engine)
+        await engine.stop()
+
+    run(main())
+
+
+def test_abort_frees_blocks_before_the_next_step(model_dir):
+    async def main():
+        llm = small_llm(model_dir)
+        engine = await started(llm)
+        steps_after_abort = []
+        original = llm._run_step
+
+        def run_step(seqs, is_prefill):
+            if aborted.is_set():
+                steps_after_abort.append([s.request_id for s in seqs])
+            return original(seqs, is_prefill)
+
+        aborted = threading.Event()
+        llm._run_step = run_step
+        long, short = await engine.add([PROMPTS[1], PROMPTS[0]], [SamplingParams(max_tokens=40, ignore_eos=True)] * 2)
+        first = await anext(long)
+        assert first.token_ids and llm.scheduler.blocks.num_free < llm.scheduler.blocks.num_blocks
+        engine.abort(long.request_id)
+        aborted.set()
+        rest = [d async for d in long]
+        assert rest[-1].finish_reason == "abort"
+        await collect(short)
+        await wait_until(lambda: idle(engine), "the engine to go idle")
+        # At most the step already under way when abort() was called ran the aborted request.
+        assert sum(long.request_id in ids for ids in steps_after_abort) <= 1
+        assert len(steps_after_abort) >= 2  # the short request went on stepping
+        await engine.stop()
+
+    run(main())
+
+
+def test_full_queue_refuses_at_once(model_dir):
+    async def main():
+        llm = small_llm(model_dir, max_num_seqs=1)
+        gate = threading.Event()
+        original = llm.runner.step
+        llm.runner.step = lambda *a: (gate.wait(TIMEOUT), original(*a))[1]  # the engine stalls in its first step
+        engine = await started(llm, max_queue=1)
+        params = SamplingParams(max_tokens=3, ignore_eos=True)
+        (running,) = await engine.add([PROMPTS[0]], [params])  # admitted, then its prefill stalls
+        await wait_until(lambda: llm.scheduler.running, "the first request to run")
+        queued = asyncio.ensure_future(engine.add([PROMPTS[1]], [params]))  # takes the one queue slot
+        await wait_until(lambda: engine._inbox.num_sequences == 1, "the second request to queue")
+        with pytest.raises(QueueFullError, match="takes at most 1"):
+            await engine.add([PROMPTS[2]], [params])
+        gate.set()
+        (second,) = await queued
+        assert (await collect(running))[1] == (await collect(second))[1] == "length"
+        await engine.stop()
+
+    run(main())
+
+
+def test_failed_step_fails_its_requests_and_the_engine_goes_on(model_dir, caplog):
+    async def main():
+        llm = small_llm(model_dir)
+        original, calls = llm.runner.step, [0]
+
+        def step(*args):
+            calls[0] += 1
+            if calls[0] == 2:  # the first decode step
+                raise RuntimeError("injected failure")
+            return original(*args)
+
+        llm.runner.step = step
+        engine = await started(llm)
+        streams = await engine.add(PROMPTS[:2], [SamplingParams(max_tokens=5, ignore_eos=True)] * 2)
+        for stream in streams:
+            with pytest.raises(EngineStepError, match="model step failed"):
+                await collect(stream)
+        assert idle(engine)
+        (again,) = await engine.add([PROMPTS[0]], [SamplingParams(max_tokens=5, ignore_eos=True)])
+        assert len((await collect(again))[0]) == 5
+        await engine.stop()
+
+    run(main())
+    assert "injected failure" in caplog.text
+
+
+def test_stop_ends_requests_in_flight_and_refuses_new_ones(model_dir):
+    async def main():
+        engine = await started(small_llm(model_dir))
+        (stream,) = await engine.add([PROMPTS[0]], [SamplingParams(max_tokens=60, ignore_eos=True)])
+        await anext(stream)
+        engine.begin_shutdown()
+        with pytest.raises(EngineStoppedError):
+            await collect(stream)
+        with pytest.raises(EngineStoppedError):
+            await engine.add([PROMPTS[0]], [SamplingParams()])
+        await engine.stop()
+        assert not engine._thread.is_alive() and idle(engine)
+
+    run(main())
+
+
+def test_cancelled_submission_leaves_nothing_behind(model_dir):
+    """A caller that goes away while the engine validates its request: the request is aborted."""
+    async def main():
+        llm = small_llm(model_dir)
+        gate = threading.Event()
+        original = llm._make_sequence
+        llm._make_sequence = lambda *a: (gate.wait(TIMEOUT), original(*a))[1]
+        aborted = []
+        abort = llm.scheduler.abort
+        llm.scheduler.abort = lambda seq: (aborted.append(seq.finish_reason), abort(seq))
+        engine = await started(llm)
+        task = asyncio.ensure_future(engine.add([PROMPTS[0]], [SamplingParams(max_tokens=60, ignore_eos=True)]))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        gate.set()
+        await wait_until(lambda: idle(engine) and aborted, "the orphan to be aborted")
+        assert aborted == [None]  # aborted while unfinished, not cleaned up after running to its end
+        await engine.stop()
+
+    run(main())
+
+
+def test_max_queue_is_checked():
+    with pytest.raises(EngineArgumentError, match="max_queue must be an integer >= 1"):
+        AsyncEngine(object(), max_queue=0)
