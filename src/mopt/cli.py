@@ -386,7 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="benchmarks (generation throughput; GPU kernels)")
+    from mopt.serve.command import add_engine_arguments, add_serve_arguments, cmd_serve
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the 'serve' extra)")
+    model_args(p)
+    add_engine_arguments(p)
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="benchmarks (generation throughput; serving; GPU kernels)")
     bench = p.add_subparsers(dest="bench", required=True)
     p = bench.add_parser("generate", help="prefill and decode tokens/s of a checkpoint or a dummy preset")
     model_args(p)

@@ -1,0 +1,135 @@
+"""``mopt serve`` on the command line, and the engine options it shares with ``mopt bench serve``.
+
+Every argument is checked before the model loads (a taken port included: the socket is bound
+first). Imports of the ``serve`` extra happen only when a server is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from mopt.errors import EngineArgumentError
+
+API_KEY_ENV = "MOPT_API_KEY"
+DEFAULT_MAX_QUEUE = 512
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """Engine options beyond the common model options (model, --format, --device, --dtype,
+    --kv-cache-dtype, --backend), for ``serve`` and ``bench serve``."""
+    p.add_argument("--dummy", metavar="PRESET",
+                   help="random weights of a preset's shape (llama3-8b, llama3-1b, qwen3-8b, ...) in --format; "
+                        "no tokenizer unless --tokenizer: then only token-id prompts work")
+    p.add_argument("--tokenizer", metavar="DIR", help="load the tokenizer from this folder")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's, capped by the cache)")
+    p.add_argument("--max-num-seqs", type=int, help="most sequences in a batch (default: 64)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    for action in p._actions:
+        if action.dest == "format":
+            action.choices = None
+            action.help = ("the default model's format; with --dummy the dummy weights' format (bf16, fp8, fp8-kv, "
+                           "fp8-pcpt, fp8-pb-wo, nvfp4, nvfp4-kv) (default: %(default)s)")
+
+
+def check_engine_options(args: argparse.Namespace) -> None:
+    """Refuse bad engine options by name, before anything loads."""
+    from mopt.engine.args import check_device
+
+    if args.dummy:
+        from mopt.engine.dummy import DUMMY_FORMATS, load_config
+
+        if args.model:
+            raise ValueError(f"give a MODEL or --dummy PRESET, not both (got {args.model!r} and {args.dummy!r})")
+        if args.format not in DUMMY_FORMATS:
+            raise ValueError(f"--format {args.format}: dummy formats are {', '.join(DUMMY_FORMATS)}")
+        load_config(args.dummy)
+    else:
+        from mopt.engine.default_model import default_formats
+
+        if args.format not in default_formats():
+            raise ValueError(f"--format {args.format}: the default model's formats are {', '.join(default_formats())}")
+        default_name = args.model is None or args.model.split(":")[0] == "smollm2"
+        if not default_name and not Path(args.model).is_dir():
+            raise ValueError(f"{args.model}: no such checkpoint folder (or say smollm2[:FORMAT] for the default model)")
+    for option in ("max_model_len", "max_num_seqs"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise EngineArgumentError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
+        raise ValueError(f"--tokenizer {args.tokenizer}: no such folder")
+    check_device(args.device)
+
+
+def make_llm(args: argparse.Namespace):
+    """The engine the options describe (the default model is built on first use)."""
+    from mopt.cli import _model_path, _torch_dtype
+    from mopt.engine.llm import LLM
+
+    if args.backend:
+        os.environ["MOPT_BACKEND"] = args.backend
+    kwargs = dict(device=args.device, dtype=_torch_dtype(args.dtype), max_model_len=args.max_model_len,
+                  kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager, tokenizer=args.tokenizer,
+                  progress=True)
+    if args.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = args.max_num_seqs
+    if args.dummy:
+        return LLM(args.dummy, load_format="dummy", quantization=args.format, **kwargs)
+    return LLM(_model_path(args.model, args.format), **kwargs)
+
+
+def engine_flags(args: argparse.Namespace) -> list[str]:
+    """The command-line flags that give another ``mopt`` command the same engine."""
+    flags = [args.model] if args.model else []
+    flags += ["--format", args.format, "--dtype", args.dtype, "--kv-cache-dtype", args.kv_cache_dtype]
+    for option in ("device", "backend", "dummy", "tokenizer", "max_model_len", "max_num_seqs"):
+        value = getattr(args, option)
+        if value is not None:
+            flags += [f"--{option.replace('_', '-')}", str(value)]
+    return flags + (["--enforce-eager"] if args.enforce_eager else [])
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    return args.served_model_name or args.dummy or args.model or "smollm2"
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free one; default: %(default)s)")
+    p.add_argument("--served-model-name", help="the model name clients give (default: MODEL as given, the "
+                   "preset with --dummy, or smollm2)")
+    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV})")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                   help="most requests waiting for a batch slot; beyond it requests get 429 (default: %(default)s)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn's log level (default: %(default)s)")
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if key is not None and not key.strip():
+        raise ValueError("--api-key must not be empty")
+    return key
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mopt.serve import require_serve_extra
+
+    require_serve_extra()
+    check_engine_options(args)
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_queue < 1:
+        raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
+    key = api_key(args)
+    from mopt.engine.async_engine import AsyncEngine
+    from mopt.serve.server import bind_socket, serve
+
+    sock = bind_socket(args.host, args.port)
+    try:
+        engine = AsyncEngine(make_llm(args), args.max_queue)
+        serve(engine, sock, served_model_name(args), key, args.log_level)
+    finally:
+        sock.close()
+    return 0
