@@ -419,6 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench_generate)
 
+    from mopt.bench.serve_command import add_arguments as add_bench_serve_arguments, cmd_bench_serve
+
+    p = bench.add_parser("serve", help="load on an OpenAI-compatible server (started here, or --url): output "
+                         "tok/s, TTFT, TPOT; --offline-baseline compares with LLM.generate")
+    model_args(p)
+    add_engine_arguments(p)
+    add_bench_serve_arguments(p)
+    p.set_defaults(func=cmd_bench_serve)
+
     p = bench.add_parser("kernels", help="GPU linear kernels vs BF16 cuBLAS and _scaled_mm, one run")
     p.add_argument("--shapes", help="NxK list, e.g. 4096x4096,28672x4096 (default: Llama-3-8B layers)")
     p.add_argument("--tokens", help="M list, e.g. 1,16,128 (default: 1,16,128,2048,8192)")

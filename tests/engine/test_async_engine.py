@@ -37,8 +37,10 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, TIMEOUT))
 
 
-async def started(llm, **kw) -> AsyncEngine:
+async def started(llm, defer: bool = False, **kw) -> AsyncEngine:
+    """``defer``: hold each step's deltas until the next step is launched, as on a GPU."""
     engine = AsyncEngine(llm, **kw)
+    engine._defer = defer
     engine.start()
     return engine
 
@@ -64,12 +66,13 @@ def idle(engine: AsyncEngine) -> bool:
     return not s.waiting and not s.running and s.blocks.num_free == s.blocks.num_blocks
 
 
-def test_streams_equal_generate(model_dir):
+@pytest.mark.parametrize("defer", [False, True], ids=["deltas at once", "deltas at the next launch"])
+def test_streams_equal_generate(model_dir, defer):
     params = [SamplingParams(max_tokens=6 + i, ignore_eos=True) for i in range(len(PROMPTS))]
     want = [o.token_ids for o in small_llm(model_dir).generate(PROMPTS, params)]
 
     async def main():
-        engine = await started(small_llm(model_dir))
+        engine = await started(small_llm(model_dir), defer)
         streams = await engine.add(PROMPTS, params)
         got = await asyncio.gather(*(collect(s) for s in streams))
         await engine.stop()
@@ -91,17 +94,18 @@ def test_bad_request_is_refused_whole(model_dir):
     run(main())
 
 
-def test_abort_frees_blocks_before_the_next_step(model_dir):
+@pytest.mark.parametrize("defer", [False, True], ids=["deltas at once", "deltas at the next launch"])
+def test_abort_frees_blocks_before_the_next_step(model_dir, defer):
     async def main():
         llm = small_llm(model_dir)
-        engine = await started(llm)
+        engine = await started(llm, defer)
         steps_after_abort = []
         original = llm._run_step
 
-        def run_step(seqs, is_prefill):
+        def run_step(seqs, *args):
             if aborted.is_set():
                 steps_after_abort.append([s.request_id for s in seqs])
-            return original(seqs, is_prefill)
+            return original(seqs, *args)
 
         aborted = threading.Event()
         llm._run_step = run_step
@@ -156,7 +160,7 @@ def test_failed_step_fails_its_requests_and_the_engine_goes_on(model_dir, caplog
             return original(*args)
 
         llm.runner.step = step
-        engine = await started(llm)
+        engine = await started(llm, defer=True)  # the failing step holds the previous step's deltas
         streams = await engine.add(PROMPTS[:2], [SamplingParams(max_tokens=5, ignore_eos=True)] * 2)
         for stream in streams:
             with pytest.raises(EngineStepError, match="model step failed"):

@@ -7,7 +7,10 @@ threads). Other threads talk to it through an inbox under a lock: submissions, a
 shutdown flag. Each loop iteration takes the inbox (aborts first, so an aborted request's KV-cache
 blocks are free before the next step), then runs one scheduler step through the same
 ``LLM._run_step`` that ``generate`` uses, and hands every stepped request its delta (new text,
-token ids, logprobs, finish reason) on the request's event loop in one callback per step.
+token ids, logprobs, finish reason) on the request's event loop in one callback per step. On a GPU
+that callback is made once the next step is queued on the device: the event loop then formats and
+sends while the device computes, instead of holding the GIL while the engine thread prepares the
+next step.
 
 Failures stay with the requests they touch: a step that raises fails the sequences it ran with
 :class:`EngineStepError` (details in the log) and the loop goes on serving the rest. The waiting
@@ -192,6 +195,8 @@ class AsyncEngine:
         self._inbox = _Inbox()
         self._wake = threading.Event()
         self._tracked: dict[int, _Tracked] = {}  # engine thread only
+        self._held: list[tuple[_Tracked, Any, float]] = []  # the last step's deltas, sent at the next launch
+        self._defer = llm.device.type == "cuda"
         self._thread: threading.Thread | None = None
         blocks = llm.scheduler.blocks
         self.stats = EngineStats(free_blocks=blocks.num_free, total_blocks=blocks.num_blocks)
@@ -285,6 +290,8 @@ class AsyncEngine:
             self._inbox.num_sequences -= sum(len(sub.prompts) for sub in inbox.submissions)
         if self.llm.scheduler.has_unfinished():
             self._step()
+        if not self.llm.scheduler.has_unfinished():
+            self._send_held()  # no next step to overlap with
         self._update_stats()
 
     def _admit(self, sub: _Submission) -> None:
@@ -325,7 +332,7 @@ class AsyncEngine:
             self._fail(list(self._tracked.values()), EngineStepError(f"scheduling failed ({type(e).__name__})"))
             return
         try:
-            self.llm._run_step(seqs, is_prefill)
+            self.llm._run_step(seqs, is_prefill, self._send_held)
         except Exception as e:
             logger.exception("model step (%s of %d sequences) failed", "prefill" if is_prefill else "decode", len(seqs))
             failed = [self._tracked[s.request_id] for s in seqs if s.request_id in self._tracked]
@@ -340,7 +347,10 @@ class AsyncEngine:
             out.append((tracked, tracked.delta()))
             if seq.finish_reason is not None:
                 del self._tracked[seq.request_id]
-        self._deliver(out, now)
+        if self._defer:
+            self._held = [(tracked, item, now) for tracked, item in out]
+        else:
+            self._deliver(out, now)
 
     def _abort(self, request_id: int) -> None:
         tracked = self._tracked.pop(request_id, None)
@@ -356,13 +366,23 @@ class AsyncEngine:
             self._tracked.pop(tracked.seq.request_id, None)
         self._deliver([(t, error) for t in failed], time.monotonic())
 
+    def _send_held(self) -> None:
+        held, self._held = self._held, []
+        self._send([(tracked, item, when) for tracked, item, when in held])
+
     def _deliver(self, items: list[tuple[_Tracked, Any]], when: float) -> None:
+        """Send ``items`` now, after any held ones (a stream sees its deltas in order)."""
+        self._send_held()
+        self._send([(tracked, item, when) for tracked, item in items])
+
+    @staticmethod
+    def _send(items: list[tuple[_Tracked, Any, float]]) -> None:
         """One callback per event loop for the whole step (not one wake-up per request)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Any]]] = {}
-        for tracked, item in items:
-            by_loop.setdefault(tracked.loop, []).append((tracked.stream, item))
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Any, float]]] = {}
+        for tracked, item, when in items:
+            by_loop.setdefault(tracked.loop, []).append((tracked.stream, item, when))
         for loop, batch in by_loop.items():
-            _call_soon(loop, lambda batch=batch: [stream._push(item, when) for stream, item in batch])
+            _call_soon(loop, lambda batch=batch: [stream._push(item, when) for stream, item, when in batch])
 
     def _update_stats(self) -> None:
         scheduler = self.llm.scheduler

@@ -172,10 +172,11 @@ class LLM:
         self._run_step(seqs, is_prefill)
         return seqs
 
-    def _run_step(self, seqs: list[Sequence], is_prefill: bool) -> None:
+    def _run_step(self, seqs: list[Sequence], is_prefill: bool, on_launched=None) -> None:
         """Run the model on scheduled ``seqs``; finished ones leave the scheduler. (Separate from the
-        scheduling so that a caller knows which sequences a failing step touched.)"""
-        tokens, logprobs = self.runner.step(seqs, is_prefill)
+        scheduling so that a caller knows which sequences a failing step touched.) ``on_launched``:
+        see ``ModelRunner.step``."""
+        tokens, logprobs = self.runner.step(seqs, is_prefill, on_launched)
         for row, (seq, token) in enumerate(zip(seqs, tokens)):
             seq.output_token_ids.append(token)
             if seq.params.logprobs is not None:

@@ -13,6 +13,8 @@ the sampled ids (with their logprobs, when asked for) come back in one copy per 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -114,8 +116,14 @@ class ModelRunner:
         return self._logits(seqs, is_prefill)[0]
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list[tuple] | None]:
+    def step(self, seqs: list[Sequence], is_prefill: bool,
+             on_launched: Callable[[], None] | None = None) -> tuple[list[int], list[tuple] | None]:
         """The sampled token of each sequence, and per row ``(logprob, top ids, top logprobs)`` when
-        some sequence asked for logprobs (else ``None``), from one device-to-host copy."""
+        some sequence asked for logprobs (else ``None``), from one device-to-host copy.
+        ``on_launched``: host work to do once the step is queued on the device, before waiting for
+        it (on a GPU it overlaps the step; on a CPU the step is already done)."""
         logits, greedy = self._logits(seqs, is_prefill)
-        return sample(logits, SamplingTensors.from_sequences(seqs, self.device), greedy).to_host()
+        sampled = sample(logits, SamplingTensors.from_sequences(seqs, self.device), greedy)
+        if on_launched is not None:
+            on_launched()
+        return sampled.to_host()

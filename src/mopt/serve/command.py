@@ -91,7 +91,7 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
 
 
 def served_model_name(args: argparse.Namespace) -> str:
-    return args.served_model_name or args.dummy or args.model or "smollm2"
+    return getattr(args, "served_model_name", None) or args.dummy or args.model or "smollm2"
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:

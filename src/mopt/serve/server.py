@@ -22,6 +22,7 @@ from mopt.engine.async_engine import AsyncEngine
 from mopt.serve.app import create_app
 
 SHUTDOWN_GRACE_SECONDS = 5.0
+SWITCH_INTERVAL_SECONDS = 0.0002
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -82,4 +83,8 @@ def make_server(engine: AsyncEngine, sock: socket.socket, model_name: str, api_k
 def serve(engine: AsyncEngine, sock: socket.socket, model_name: str, api_key: str | None = None,
           log_level: str = "warning") -> None:
     """Serve until SIGINT/SIGTERM (blocking; the engine starts and stops with the app)."""
+    # The engine thread gives up the GIL while the device works and needs it back at once to start
+    # the next step; with Python's default 5 ms switch interval a busy event loop (formatting
+    # events for many streams) could hold it for up to a decode step's length.
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     make_server(engine, sock, model_name, api_key, log_level).run(sockets=[sock])
