@@ -1,0 +1,75 @@
+"""``mopt bench serve`` end to end on a tiny model (it starts ``mopt serve`` as a child process), and
+its request mix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mopt import cli
+from mopt.bench.serve import RequestResult, make_requests, summarize
+from serving import make_model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("tiny-bench-serve"))
+
+
+def test_request_mix_is_seeded_and_exact():
+    fixed = make_requests(10, 16, 8, vocab_size=50, seed=1)
+    assert [len(r.prompt) for r in fixed] == [16] * 10 and [r.output_len for r in fixed] == [8] * 10
+    assert all(0 <= t < 50 for r in fixed for t in r.prompt)
+    assert [r.prompt for r in make_requests(10, 16, 8, 50, seed=1)] == [r.prompt for r in fixed]
+    assert [r.prompt for r in make_requests(10, 16, 8, 50, seed=2)] != [r.prompt for r in fixed]
+    mixed = make_requests(200, 100, 40, 50, seed=1, range_ratio=0.5, disconnect_fraction=0.25)
+    assert min(len(r.prompt) for r in mixed) >= 50 and max(len(r.prompt) for r in mixed) <= 150
+    assert len({len(r.prompt) for r in mixed}) > 20 and min(r.output_len for r in mixed) >= 20
+    leaving = [r for r in mixed if r.disconnect_after is not None]
+    assert len(leaving) == 50 and all(r.disconnect_after == max(1, r.output_len // 2) for r in leaving)
+
+
+def test_summary_counts_only_completed_requests():
+    results = [RequestResult(4, 10, ttft=0.1, latency=1.0), RequestResult(4, 10, ttft=0.3, latency=2.8),
+               RequestResult(4, 3, ttft=0.2, disconnected=True), RequestResult(4, error="HTTP 500: boom")]
+    report = summarize(results, duration=2.0, concurrency=2)
+    assert (report.completed, report.disconnected, report.errors, report.output_tokens) == (2, 1, 1, 20)
+    assert report.output_tokens_per_s == 10.0 and report.requests_per_s == 1.0
+    assert report.ttft_s["p50"] == 0.1 and report.ttft_s["p99"] == 0.3
+    assert report.tpot_s["mean"] == pytest.approx((0.9 / 9 + 2.5 / 9) / 2)  # (latency - TTFT) / (tokens - 1)
+
+
+def test_dummy_weights_with_offline_baseline(model_dir, tmp_path, capsys):
+    """The GPU command's path on a tiny config: dummy FP8 weights, no tokenizer, token-id prompts."""
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "serve", "--dummy", str(model_dir), "--format", "fp8-kv", "--device", "cpu",
+                     "--concurrency", "4", "--num-requests", "8", "--prompt-len", "8", "--output-len", "6",
+                     "--offline-baseline", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert (report["completed"], report["errors"], report["output_tokens"]) == (8, 0, 48)
+    assert report["server_errors"] == 0 and report["leaked_blocks"] == 0
+    assert report["offline"]["output_tokens"] == 48 and report["offline"]["ratio"] > 0
+    assert "serve / offline output tok/s" in capsys.readouterr().out
+
+
+def test_clients_that_walk_away_leak_nothing(model_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "serve", str(model_dir), "--device", "cpu", "--concurrency", "8", "--num-requests",
+                     "16", "--prompt-len", "8", "--output-len", "40", "--disconnect-fraction", "0.5",
+                     "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert (report["completed"], report["disconnected"], report["errors"]) == (8, 8, 0)
+    assert report["server_errors"] == 0 and report["leaked_blocks"] == 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--concurrency", "0"], "--concurrency must be >= 1"),
+    (["--disconnect-fraction", "1.5"], "--disconnect-fraction must be in [0, 1]"),
+    (["--url", "http://127.0.0.1:1", "--offline-baseline"], "--offline-baseline needs the engine options"),
+    (["--offline-baseline", "--disconnect-fraction", "0.5"], "--offline-baseline compares full answers"),
+    (["--dummy", "no-such-preset"], "no-such-preset: not a preset"),
+])
+def test_bench_serve_arguments(argv, message, capsys):
+    assert cli.main(["bench", "serve", *argv]) == 1
+    assert message in capsys.readouterr().err
