@@ -215,3 +215,54 @@ def test_cancelled_submission_leaves_nothing_behind(model_dir):
 def test_max_queue_is_checked():
     with pytest.raises(EngineArgumentError, match="max_queue must be an integer >= 1"):
         AsyncEngine(object(), max_queue=0)
+
+
+def test_a_dying_engine_thread_fails_everything_instead_of_hanging(model_dir, caplog):
+    async def main():
+        engine = await started(small_llm(model_dir))
+        (stream,) = await engine.add([PROMPTS[0]], [SamplingParams(max_tokens=60, ignore_eos=True)])
+        await anext(stream)
+        iteration = engine._iteration
+        engine._iteration = lambda inbox: (_ for _ in ()).throw(SystemExit("the loop itself broke"))
+        engine.abort(-1)  # wakes the loop
+        with pytest.raises(EngineStoppedError, match="engine thread stopped"):
+            await collect(stream)
+        with pytest.raises(EngineStoppedError):
+            await engine.add([PROMPTS[0]], [SamplingParams()])
+        engine._iteration = iteration
+        await engine.stop()
+
+    run(main())
+    assert "the engine thread stopped" in caplog.text
+
+
+@pytest.mark.gpu
+def test_streams_equal_generate_on_gpu(model_dir):
+    """On CUDA: deltas are sent at the next step's launch, penalties and logprobs on the device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    params = [SamplingParams(max_tokens=8, ignore_eos=True), SamplingParams(max_tokens=8, ignore_eos=True, logprobs=2),
+              SamplingParams(max_tokens=8, ignore_eos=True, repetition_penalty=1.5, temperature=0.8, seed=1)]
+
+    def gpu_llm():
+        return LLM(model_dir, device="cuda", dtype=torch.float32, block_size=16, kv_cache_memory=16 << 20)
+
+    want = gpu_llm().generate(PROMPTS, params)
+
+    async def main():
+        engine = await started(gpu_llm())
+        assert engine._defer
+        streams = await engine.add(PROMPTS, params)
+        deltas = [[d async for d in s] for s in streams]
+        await engine.stop()
+        assert idle(engine)
+        return deltas
+
+    got = run(main())
+    for out, ds in zip(want, got):
+        assert [t for d in ds for t in d.token_ids] == out.token_ids and ds[-1].finish_reason == "length"
+    # The same batches through the same kernels: equal up to float32 rounding of a different launch order.
+    assert [p.chosen.logprob for d in got[1] for p in d.logprobs] == \
+        pytest.approx([p.chosen.logprob for p in want[1].logprobs], abs=1e-5)

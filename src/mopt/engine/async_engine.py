@@ -24,12 +24,12 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from mopt.engine.llm import LLM, Messages, Prompt
-from mopt.engine.sequence import SamplingParams, Sequence, TokenLogprobs
+from mopt.engine.sequence import SamplingParams, Sequence
+from mopt.engine.stream import RequestDelta, RequestStream
 from mopt.errors import EngineArgumentError
 
 logger = logging.getLogger(__name__)
@@ -54,17 +54,6 @@ class Chat:
     messages: Messages
 
 
-@dataclass
-class RequestDelta:
-    """What a request produced since the previous delta its stream returned."""
-
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs] | None  # one per token in token_ids when the request asked
-    finish_reason: str | None = None  # "stop", "length", "abort" (aborted by abort()) or None
-    stop_reason: str | int | None = None
-
-
 @dataclass(frozen=True)
 class EngineStats:
     running: int = 0
@@ -75,70 +64,6 @@ class EngineStats:
     @property
     def kv_cache_usage(self) -> float:
         return 1 - self.free_blocks / self.total_blocks if self.total_blocks else 0.0
-
-
-class RequestStream:
-    """The outputs of one request: ``async for delta in stream``.
-
-    Each delta holds everything that arrived since the previous one (a slow reader gets fewer,
-    larger deltas; the engine never waits for readers). Iteration ends after the delta that carries
-    a finish reason; a request the engine failed raises :class:`EngineStepError` or
-    :class:`EngineStoppedError` instead. Times are ``time.monotonic()`` seconds.
-    """
-
-    def __init__(self, request_id: int, prompt_token_ids: list[int], arrival_time: float) -> None:
-        self.request_id = request_id
-        self.prompt_token_ids = prompt_token_ids
-        self.arrival_time = arrival_time
-        self.first_token_time: float | None = None
-        self.finish_time: float | None = None
-        self.num_output_tokens = 0
-        self.finish_reason: str | None = None
-        self._items: deque[RequestDelta | BaseException] = deque()
-        self._ready = asyncio.Event()
-        self._ended = False
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None or self._ended
-
-    def _push(self, item: RequestDelta | BaseException, when: float) -> None:
-        """On the stream's event loop: one engine output."""
-        if isinstance(item, RequestDelta):
-            if item.token_ids and self.first_token_time is None:
-                self.first_token_time = when
-            self.num_output_tokens += len(item.token_ids)
-            if item.finish_reason is not None:
-                self.finish_reason, self.finish_time = item.finish_reason, when
-        else:
-            self.finish_time = when
-        self._items.append(item)
-        self._ready.set()
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestDelta:
-        if self._ended:
-            raise StopAsyncIteration
-        while not self._items:
-            self._ready.clear()
-            await self._ready.wait()
-        merged: RequestDelta | None = None
-        while self._items and not isinstance(self._items[0], BaseException):
-            merged = _merge(merged, self._items.popleft())
-        if merged is None:  # an error is next
-            self._ended = True
-            raise self._items.popleft()
-        self._ended = merged.finish_reason is not None
-        return merged
-
-
-def _merge(a: RequestDelta | None, b: RequestDelta) -> RequestDelta:
-    if a is None:
-        return b
-    logprobs = None if a.logprobs is None else a.logprobs + (b.logprobs or [])
-    return RequestDelta(a.text + b.text, a.token_ids + b.token_ids, logprobs, b.finish_reason, b.stop_reason)
 
 
 @dataclass
@@ -220,8 +145,8 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         submission = _Submission(list(prompts), list(params), loop, loop.create_future(), time.monotonic())
         with self._lock:
-            if self._inbox.stopping or self._thread is None:
-                raise EngineStoppedError("the engine is not running (shutting down or not started)")
+            if self._inbox.stopping or self._thread is None or not self._thread.is_alive():
+                raise EngineStoppedError("the engine is not running (shutting down, stopped or not started)")
             queued = self._inbox.num_sequences + len(self.llm.scheduler.waiting)
             if queued + len(prompts) > self.max_queue:
                 raise QueueFullError(f"the queue holds {queued} waiting requests and takes at most {self.max_queue}; "
@@ -229,7 +154,7 @@ class AsyncEngine:
             self._inbox.submissions.append(submission)
             self._inbox.num_sequences += len(prompts)
         self._wake.set()
-        return await submission.future  # cancelled: _accepted aborts the requests once they exist
+        return await submission.future  # if cancelled, _answer aborts the requests once they exist
 
     def abort(self, request_id: int) -> None:
         """End a request and free its KV-cache blocks before the next step (no-op once finished)."""
@@ -257,10 +182,23 @@ class AsyncEngine:
     # -- engine thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
-        if self.llm.device.type == "cuda":
+        try:
+            self._loop()
+        except BaseException:  # the loop's own handling failed: never leave callers waiting
+            logger.exception("the engine thread stopped")
+            with self._lock:
+                self._inbox.stopping = True
+                orphans = self._inbox.submissions
+            stopped = EngineStoppedError("the engine thread stopped; see the server log")
+            for sub in orphans:
+                self._answer(sub, stopped)
+            self._fail(list(self._tracked.values()), stopped)
+
+    def _loop(self) -> None:
+        if self.llm.device.type == "cuda" and self.llm.device.index is not None:
             import torch
 
-            torch.cuda.set_device(self.llm.device)
+            torch.cuda.set_device(self.llm.device)  # a bare "cuda" is the current device already
         while True:
             with self._lock:
                 inbox, self._inbox = self._inbox, _Inbox(num_sequences=self._inbox.num_sequences,
@@ -278,9 +216,9 @@ class AsyncEngine:
 
     def _iteration(self, inbox: _Inbox) -> None:
         if inbox.stopping:
-            self._fail(list(self._tracked.values()), EngineStoppedError("the server is shutting down"))
+            self._fail(list(self._tracked.values()), EngineStoppedError("the engine is shutting down"))
             for sub in inbox.submissions:
-                self._answer(sub, EngineStoppedError("the server is shutting down"))
+                self._answer(sub, EngineStoppedError("the engine is shutting down"))
         else:
             for request_id in inbox.aborts:
                 self._abort(request_id)
@@ -361,10 +299,13 @@ class AsyncEngine:
                                               "abort"))], time.monotonic())
 
     def _fail(self, failed: list[_Tracked], error: BaseException) -> None:
-        for tracked in failed:
-            self.llm.scheduler.abort(tracked.seq)
-            self._tracked.pop(tracked.seq.request_id, None)
-        self._deliver([(t, error) for t in failed], time.monotonic())
+        """End ``failed`` with ``error``; their streams get it even if freeing their blocks fails."""
+        try:
+            for tracked in failed:
+                self._tracked.pop(tracked.seq.request_id, None)
+                self.llm.scheduler.abort(tracked.seq)
+        finally:
+            self._deliver([(t, error) for t in failed], time.monotonic())
 
     def _send_held(self) -> None:
         held, self._held = self._held, []
