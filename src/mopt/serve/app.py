@@ -113,12 +113,11 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         gen = await submit(lambda: completion_request(body), "cmpl")
         ids = bool(body.return_token_ids)
         if body.stream:
-            return EventStreamResponse(completion_events(gen, body, ids))
+            return EventStreamResponse(completion_events(gen, body, ids), gen)
 
         async def answer() -> Response:
             results = await gen.results()
-            offsets = [0] * len(results)
-            choices = [api.CompletionChoice(index=i, text=r.text, logprobs=completion_logprobs(r.logprobs, offsets[i]),
+            choices = [api.CompletionChoice(index=i, text=r.text, logprobs=completion_logprobs(r.logprobs, 0),
                                             finish_reason=r.finish_reason, stop_reason=r.stop_reason,
                                             token_ids=r.token_ids if ids else None,
                                             prompt_token_ids=gen.streams[i].prompt_token_ids if ids else None)
@@ -126,7 +125,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
             return json_response(api.CompletionResponse(id=gen.id, created=gen.created, model=model_name,
                                                         choices=choices, usage=gen.usage()))
 
-        return await until_disconnected(request, answer())
+        return await until_disconnected(request, answer(), gen)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: api.ChatCompletionRequest, request: Request) -> Response:
@@ -134,7 +133,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
         gen = await submit(lambda: chat_request(body, engine.llm.max_model_len), "chatcmpl", "messages")
         ids = bool(body.return_token_ids)
         if body.stream:
-            return EventStreamResponse(chat_events(gen, body, ids))
+            return EventStreamResponse(chat_events(gen, body, ids), gen)
 
         async def answer() -> Response:
             results = await gen.results()
@@ -146,7 +145,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
             return json_response(api.ChatCompletionResponse(id=gen.id, created=gen.created, model=model_name,
                                                             choices=choices, usage=gen.usage()))
 
-        return await until_disconnected(request, answer())
+        return await until_disconnected(request, answer(), gen)
 
     def check_model_counted(requested: str | None) -> None:
         try:

@@ -5,6 +5,7 @@ client going away, and the one place a request ends (aborting what still runs, c
 from __future__ import annotations
 
 import asyncio
+from contextlib import aclosing
 from typing import AsyncIterator, Awaitable, Callable
 
 import anyio
@@ -33,11 +34,13 @@ SSE_DONE = "data: [DONE]\n\n"
 
 class EventStreamResponse(StreamingResponse):
     """Server-sent events that stop as soon as the client disconnects (also while no event is due)
-    and always close their generator, so its cleanup (aborting the request) runs right then."""
+    and always close their generator and then ``generation``, so the request is aborted right then
+    (also when the client left before the first event, and the generator never started)."""
 
-    def __init__(self, events: AsyncIterator[str]) -> None:
+    def __init__(self, events: AsyncIterator[str], generation: "Generation") -> None:
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.generation = generation
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -54,10 +57,11 @@ class EventStreamResponse(StreamingResponse):
                 group.cancel_scope.cancel()
         finally:
             await self.body_iterator.aclose()
+            self.generation.close("abort")  # a no-op when the events ended it with their outcome
 
 
-async def until_disconnected(request: Request, work: Awaitable[Response]) -> Response:
-    """``work``'s response, or cancel it when the client disconnects first."""
+async def until_disconnected(request: Request, work: Awaitable[Response], generation: "Generation") -> Response:
+    """``work``'s response, or cancel it (and close ``generation``) when the client disconnects first."""
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -70,6 +74,7 @@ async def until_disconnected(request: Request, work: Awaitable[Response]) -> Res
         if not task.done():
             task.cancel()
             await asyncio.wait({task})  # its cleanup (aborting the request) runs now, not at some later GC
+        generation.close("abort")  # a no-op when the work ended it with its outcome
     if task.cancelled():
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     return task.result()
@@ -125,8 +130,9 @@ class Generation:
         results = [ChoiceResult() for _ in self.streams]
         outcome = "abort"
         try:
-            async for i, delta in merged(self.streams):
-                results[i].add(delta)
+            async with aclosing(merged(self.streams)) as deltas:
+                async for i, delta in deltas:
+                    results[i].add(delta)
             outcome = "success"
             return results
         except (EngineStepError, EngineStoppedError) as e:  # the engine logged the details
@@ -146,10 +152,11 @@ class Generation:
             for first in opening:
                 yield sse(first)
             try:
-                async for i, delta in merged(self.streams):
-                    out = chunk(i, delta)
-                    if out is not None:
-                        yield sse(out)
+                async with aclosing(merged(self.streams)) as deltas:
+                    async for i, delta in deltas:
+                        out = chunk(i, delta)
+                        if out is not None:
+                            yield sse(out)
                 outcome = "success"
             except (EngineStepError, EngineStoppedError) as e:
                 error = api_error(e)

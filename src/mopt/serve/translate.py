@@ -160,8 +160,8 @@ def chat_logprobs(items: list[TokenLogprobs] | None) -> api.ChatLogprobs | None:
         text = token_text(lp)
         return api.TopLogprob(token=text, logprob=_value(lp.logprob), bytes=list(text.encode("utf-8")))
 
-    return api.ChatLogprobs(content=[api.ChatTokenLogprob(**top(p.chosen).model_dump(), top_logprobs=[top(t) for t in p.top])
-                                     for p in items])
+    return api.ChatLogprobs(content=[api.ChatTokenLogprob(**top(p.chosen).model_dump(),
+                                                          top_logprobs=[top(t) for t in p.top]) for p in items])
 
 
 def completion_logprobs(items: list[TokenLogprobs] | None, offset: int) -> api.CompletionLogprobs | None:
