@@ -84,3 +84,22 @@ def default_model_cache(tmp_path_factory):
         mp.setenv("MOPT_CACHE", str(cache))
         default_model.build_default_model("fp8-kv", progress=lambda m: None)
         yield cache
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory):
+    """A tiny random Llama (vocab 320) with a byte-level tokenizer (ids 0..256) and a simple chat
+    template, saved once per session (the server tests)."""
+    from tiny_tokenizer import save_byte_tokenizer
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-chat-llama")
+    tiny_llama(256).save_pretrained(path)
+    save_byte_tokenizer(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,5 +1,5 @@
-"""Helpers for the server tests: a tiny model with a byte-level tokenizer and a chat template, and a
-real server on a free loopback port in a background thread, stopped by the test itself."""
+"""Helpers for the server tests: an engine on the tiny chat model (``chat_model_dir`` in conftest.py),
+and a real server on a free loopback port in a background thread, stopped by the test itself."""
 
 from __future__ import annotations
 
@@ -12,23 +12,8 @@ from pathlib import Path
 from mopt import LLM
 from mopt.engine.async_engine import AsyncEngine
 
-CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
 MODEL_NAME = "tiny"
 DEADLINE = 30.0  # seconds for a server to start, stop or go idle: far above what it takes
-
-
-def make_model_dir(path: Path) -> Path:
-    """A tiny random Llama (vocab 320) with a byte-level tokenizer (ids 0..256) and a chat template."""
-    from conftest import tiny_llama
-    from tiny_tokenizer import save_byte_tokenizer
-    from transformers import AutoTokenizer
-
-    tiny_llama(256).save_pretrained(path)
-    save_byte_tokenizer(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def tiny_llm(path: Path, **kw) -> LLM:

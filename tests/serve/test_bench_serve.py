@@ -9,12 +9,6 @@ import pytest
 
 from mopt import cli
 from mopt.bench.serve import RequestResult, make_requests, summarize
-from serving import make_model_dir
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("tiny-bench-serve"))
 
 
 def test_request_mix_is_seeded_and_exact():
@@ -40,10 +34,10 @@ def test_summary_counts_only_completed_requests():
     assert report.tpot_s["mean"] == pytest.approx((0.9 / 9 + 2.5 / 9) / 2)  # (latency - TTFT) / (tokens - 1)
 
 
-def test_dummy_weights_with_offline_baseline(model_dir, tmp_path, capsys):
+def test_dummy_weights_with_offline_baseline(chat_model_dir, tmp_path, capsys):
     """The GPU command's path on a tiny config: dummy FP8 weights, no tokenizer, token-id prompts."""
     out = tmp_path / "bench.json"
-    assert cli.main(["bench", "serve", "--dummy", str(model_dir), "--format", "fp8-kv", "--device", "cpu",
+    assert cli.main(["bench", "serve", "--dummy", str(chat_model_dir), "--format", "fp8-kv", "--device", "cpu",
                      "--concurrency", "4", "--num-requests", "8", "--prompt-len", "8", "--output-len", "6",
                      "--offline-baseline", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -53,9 +47,9 @@ def test_dummy_weights_with_offline_baseline(model_dir, tmp_path, capsys):
     assert "serve / offline output tok/s" in capsys.readouterr().out
 
 
-def test_clients_that_walk_away_leak_nothing(model_dir, tmp_path):
+def test_clients_that_walk_away_leak_nothing(chat_model_dir, tmp_path):
     out = tmp_path / "bench.json"
-    assert cli.main(["bench", "serve", str(model_dir), "--device", "cpu", "--concurrency", "8", "--num-requests",
+    assert cli.main(["bench", "serve", str(chat_model_dir), "--device", "cpu", "--concurrency", "8", "--num-requests",
                      "16", "--prompt-len", "8", "--output-len", "40", "--disconnect-fraction", "0.5",
                      "--json", str(out)]) == 0
     report = json.loads(out.read_text())

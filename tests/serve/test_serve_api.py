@@ -15,25 +15,20 @@ import httpx
 import pytest
 
 from mopt import SamplingParams
-from serving import MODEL_NAME, make_model_dir, running_server, tiny_llm
+from serving import MODEL_NAME, running_server, tiny_llm
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("tiny-serve"))
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
+def reference(chat_model_dir):
     """An engine of its own on the same model, for expected answers."""
-    return tiny_llm(model_dir)
+    return tiny_llm(chat_model_dir)
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    with running_server(tiny_llm(model_dir)) as running:
+def server(chat_model_dir):
+    with running_server(tiny_llm(chat_model_dir)) as running:
         yield running
 
 

@@ -14,17 +14,12 @@ import openai
 import pytest
 
 from mopt import cli
-from serving import DEADLINE, MODEL_NAME, make_model_dir, running_server, tiny_llm
+from serving import DEADLINE, MODEL_NAME, running_server, tiny_llm
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory.mktemp("tiny-serve-errors"))
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
-    with running_server(tiny_llm(model_dir)) as running:
+def server(chat_model_dir):
+    with running_server(tiny_llm(chat_model_dir)) as running:
         yield running
 
 
@@ -98,8 +93,8 @@ def test_unknown_model_is_404(server):
         server.openai().chat.completions.create(model="gpt-9", messages=CHAT["messages"])
 
 
-def test_api_key(model_dir):
-    with running_server(tiny_llm(model_dir), api_key="sesame") as server:
+def test_api_key(chat_model_dir):
+    with running_server(tiny_llm(chat_model_dir), api_key="sesame") as server:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
             assert_error(httpx.post(f"{server.url}/v1/completions", json=COMPLETION, headers=headers), 401, None,
                          "API key", "invalid_api_key")
@@ -120,8 +115,8 @@ def _stall_first_step(llm):
     return gate
 
 
-def test_full_queue_is_429_with_retry_after(model_dir):
-    llm = tiny_llm(model_dir, max_num_seqs=1)
+def test_full_queue_is_429_with_retry_after(chat_model_dir):
+    llm = tiny_llm(chat_model_dir, max_num_seqs=1)
     gate = _stall_first_step(llm)
     with running_server(llm, max_queue=1) as server:
         async def main():
@@ -143,8 +138,8 @@ def test_full_queue_is_429_with_retry_after(model_dir):
         server.wait_idle()
 
 
-def test_engine_failure_is_500_and_the_server_goes_on(model_dir, caplog):
-    llm = tiny_llm(model_dir)
+def test_engine_failure_is_500_and_the_server_goes_on(chat_model_dir, caplog):
+    llm = tiny_llm(chat_model_dir)
     original, calls = llm.runner.step, [0]
 
     def step(*args):
@@ -168,8 +163,8 @@ def test_engine_failure_is_500_and_the_server_goes_on(model_dir, caplog):
     assert "injected failure" in caplog.text  # the detail is in the log
 
 
-def test_shutting_down_is_503_and_ends_streams(model_dir):
-    llm = tiny_llm(model_dir)
+def test_shutting_down_is_503_and_ends_streams(chat_model_dir):
+    llm = tiny_llm(chat_model_dir)
     with running_server(llm) as server:
         body = {**COMPLETION, "max_tokens": 100, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
