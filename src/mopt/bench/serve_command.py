@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -64,6 +65,14 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_engine_options(args)
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the benchmark dies (killed, it runs no cleanup of its own)."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @contextlib.contextmanager
 def started_server(args: argparse.Namespace):
     """``mopt serve`` as a child process with ``args``' engine options; yields its URL, stops it
@@ -73,7 +82,7 @@ def started_server(args: argparse.Namespace):
     command = [sys.executable, "-m", "mopt.cli", "serve", *engine_flags(args), "--host", "127.0.0.1", "--port", "0",
                "--max-queue", str(max(args.num_requests, args.concurrency))]
     env = {k: v for k, v in os.environ.items() if k != "MOPT_API_KEY"}
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_die_with_parent)
     url: list[str] = []
     announced = threading.Event()
 
@@ -124,10 +133,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
     check_arguments(args)
     require_serve_extra()  # the server it starts needs it
-    try:
-        import httpx  # noqa: F401  (the load generator's client)
-    except ImportError:
-        raise RuntimeError("mopt bench serve needs httpx: pip install httpx (or 'mopt[test]')") from None
+    if importlib.util.find_spec("httpx") is None:  # the load generator's client
+        raise RuntimeError("mopt bench serve needs httpx: pip install httpx (or 'mopt[test]')")
     from mopt.bench.serve import bench_offline, bench_server, format_report, make_requests, model_card
 
     warmup = args.concurrency if args.warmup is None else args.warmup
