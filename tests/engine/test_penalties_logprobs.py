@@ -84,6 +84,21 @@ def test_penalties_and_logprobs_match_plain_implementation(batch, logprobs):
         torch.testing.assert_close(out.top_logprobs[b], top.values[:logprobs], rtol=0, atol=1e-6)
 
 
+@pytest.mark.gpu
+def test_penalties_and_logprobs_on_gpu():
+    """The whole table on CUDA (Triton argmax of the penalised logits) equals the CPU result;
+    logprobs to 1e-5 (GPU log-softmax sums in another order)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    logits = torch.randn(len(ROWS), VOCAB, generator=torch.Generator().manual_seed(0)) * 3
+    seqs = [_sequence(*row[1:], 3) for row in ROWS]
+    cpu = sample(logits, SamplingTensors.from_sequences(seqs, torch.device("cpu")))
+    gpu = sample(logits.cuda(), SamplingTensors.from_sequences(seqs, torch.device("cuda")))
+    assert gpu.tokens.tolist() == cpu.tokens.tolist() and gpu.top_ids.tolist() == cpu.top_ids.tolist()
+    torch.testing.assert_close(gpu.logprobs.cpu(), cpu.logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gpu.top_logprobs.cpu(), cpu.top_logprobs, rtol=0, atol=1e-5)
+
+
 def test_neutral_rows_are_untouched_by_a_penalised_batch():
     """A row without penalties samples the same token alone and beside penalised rows, and greedy
     rows of a penalised batch ignore a (wrong) argmax passed in from the decode graph."""
