@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from mopt.atomic import atomic_directory
+
+if TYPE_CHECKING:  # torch loads with the first quantization, not with the format names the CLI lists
+    import torch
 
 # Format name -> ModelOpt config names whose quant_cfg lists are concatenated, in order.
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -65,6 +66,7 @@ def _cpu_dynamic_block_quantize(
     scale_exponent_bits: int,
 ) -> torch.Tensor:
     """NVFP4 fake quantization through ModelOpt's own pure-torch ``NVFP4QTensor``."""
+    import torch
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
     if (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits) != (4, 2, 8, 4):
@@ -106,6 +108,8 @@ def quantize_model(
     mtq, _ = _modelopt()
     batches = list(calibration)
 
+    import torch
+
     def forward_loop(m: torch.nn.Module) -> None:
         with torch.no_grad():
             for ids in batches:
@@ -126,6 +130,8 @@ def export_checkpoint(
     complete, so an interrupted export never leaves a folder that looks usable.
     ``save_extra(tmp_dir)`` may add files (a tokenizer) before the rename.
     """
+    import torch
+
     _, mte = _modelopt()
     out = Path(out_dir)
     if getattr(model.config, "architectures", None) in (None, []):

