@@ -82,7 +82,7 @@ def default_model_cache(tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "mopt-cache"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOPT_CACHE", str(cache))
-        default_model.build_default_model("fp8-kv", progress=lambda m: None)
+        default_model.build_default_model("fp8-kv", progress=False)
         yield cache
 
 

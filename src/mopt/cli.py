@@ -13,20 +13,43 @@ from pathlib import Path
 DEFAULT_MODEL_NAME = "smollm2"
 
 
-def _model_path(arg: str | None, fmt: str) -> Path:
+def _model_path(arg: str | None, fmt: str, verbose: bool = False) -> Path:
     """A checkpoint folder, or the embedded default model: ``None`` (in ``fmt``), ``smollm2`` or
-    ``smollm2:FORMAT``."""
+    ``smollm2:FORMAT`` (built on first use, with a status line per step)."""
     if arg and arg.split(":")[0] != DEFAULT_MODEL_NAME:
         path = Path(arg)
         if not path.is_dir():
             raise FileNotFoundError(f"{arg}: no such checkpoint folder "
                                     f"(or say {DEFAULT_MODEL_NAME}[:FORMAT] for the embedded default model)")
         return path
+    from mopt.console import quiet_libraries
     from mopt.engine.default_model import build_default_model
 
     if arg and ":" in arg:
         fmt = arg.split(":", 1)[1]
-    return build_default_model(fmt, progress=lambda m: print(m, file=sys.stderr))
+    with quiet_libraries(verbose):
+        return build_default_model(fmt, progress=True)
+
+
+def _number(kind: type, ok, expected: str):
+    """An argparse type: ``kind(text)`` that satisfies ``ok`` (argparse names the option in its error)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+_nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+_temperature = _number(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+_probability = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def _torch_dtype(name: str | None):
@@ -37,12 +60,16 @@ def _torch_dtype(name: str | None):
 
 
 def _make_llm(args):
-    from mopt.engine.llm import LLM
+    from mopt.console import quiet_libraries
 
     if args.backend:
         os.environ["MOPT_BACKEND"] = args.backend
-    return LLM(_model_path(args.model, args.format), device=args.device, dtype=_torch_dtype(args.dtype),
-               max_model_len=args.max_model_len, kv_cache_dtype=args.kv_cache_dtype, progress=True)
+    path = _model_path(args.model, args.format, args.verbose)
+    with quiet_libraries(args.verbose):
+        from mopt.engine.llm import LLM
+
+        return LLM(path, device=args.device, dtype=_torch_dtype(args.dtype), max_model_len=args.max_model_len,
+                   kv_cache_dtype=args.kv_cache_dtype, progress=True)
 
 
 def _sampling(args):
@@ -62,11 +89,15 @@ def _use_chat_template(llm, args) -> bool:
 
 
 def cmd_generate(args) -> int:
+    from mopt.console import quiet_libraries
+
+    params = _sampling(args)  # a bad option fails here, before any model loads
     llm = _make_llm(args)
     chat = _use_chat_template(llm, args)
     prompts = [llm.chat_prompt([{"role": "user", "content": p}]) if chat else p for p in args.prompt]
     start = time.perf_counter()
-    outputs = llm.generate(prompts, _sampling(args), use_tqdm=len(prompts) > 1)
+    with quiet_libraries(args.verbose):
+        outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
     seconds = time.perf_counter() - start
     for i, out in enumerate(outputs):
         if len(outputs) > 1:
@@ -79,6 +110,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    params = _sampling(args)
     llm = _make_llm(args)
     _use_chat_template(llm, argparse.Namespace(raw=False, chat=True))
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -98,7 +130,7 @@ def cmd_chat(args) -> int:
             continue
         history.append({"role": "user", "content": line})
         reply = []
-        for delta in llm.stream(llm.chat_prompt(history), _sampling(args)):
+        for delta in llm.stream(llm.chat_prompt(history), params):
             reply.append(delta)
             print(delta, end="", flush=True)
         print()
@@ -106,32 +138,32 @@ def cmd_chat(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from transformers import AutoTokenizer
+    from mopt.console import quiet_libraries
+    from mopt.engine.evaluate import EVAL_TEXT
 
-    from mopt.engine.evaluate import EVAL_TEXT, evaluate
-    from mopt.engine.llm import default_device, default_dtype
-    from mopt.engine.loader import load_model
-
-    if args.backend:
-        os.environ["MOPT_BACKEND"] = args.backend
-    import torch
-
-    device = torch.device(args.device) if args.device else default_device()
-    dtype = _torch_dtype(args.dtype) or default_dtype(device)
-    path = _model_path(args.model, args.format)
     text_file = Path(args.text) if args.text else EVAL_TEXT
     try:
         text = text_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{text_file}: cannot read the evaluation text ({e})") from None
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    ids = tokenizer(text)["input_ids"]
-    model = load_model(path, device, dtype, args.kv_cache_dtype, progress=True)
-    reference = None
-    if args.reference:
-        ref_path = _model_path(args.reference, args.format)
-        reference = load_model(ref_path, device, dtype, "auto", progress=True)
-    result = evaluate(model, ids, args.context, reference, progress=True)
+        raise ValueError(f"--text {text_file}: cannot read the evaluation text ({e})") from None
+    if args.backend:
+        os.environ["MOPT_BACKEND"] = args.backend
+    path = _model_path(args.model, args.format, args.verbose)
+    ref_path = _model_path(args.reference, args.format, args.verbose) if args.reference else None
+    with quiet_libraries(args.verbose):
+        import torch
+        from transformers import AutoTokenizer
+
+        from mopt.engine.evaluate import evaluate
+        from mopt.engine.llm import default_device, default_dtype
+        from mopt.engine.loader import load_model
+
+        device = torch.device(args.device) if args.device else default_device()
+        dtype = _torch_dtype(args.dtype) or default_dtype(device)
+        ids = AutoTokenizer.from_pretrained(path)(text)["input_ids"]
+        model = load_model(path, device, dtype, args.kv_cache_dtype, progress=True)
+        reference = load_model(ref_path, device, dtype, "auto", progress=True) if ref_path else None
+        result = evaluate(model, ids, args.context, reference, progress=True)
     rows = [("model", str(path)), ("text", f"{text_file} ({result.tokens} predicted tokens, "
                                            f"{result.windows} windows of <= {args.context})"),
             ("perplexity", f"{result.perplexity:.4f}")]
@@ -150,22 +182,29 @@ def cmd_eval(args) -> int:
 def cmd_inspect(args) -> int:
     from mopt.engine.inspect import format_inspection, inspect_checkpoint
 
-    print(format_inspection(inspect_checkpoint(_model_path(args.model, args.format)), args.max_layers))
+    print(format_inspection(inspect_checkpoint(_model_path(args.model, args.format, args.verbose)), args.max_layers))
     return 0
 
 
 def cmd_quantize(args) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from mopt.console import quiet_libraries, status
 
-    from mopt.engine.default_model import calibration_batches
-    from mopt.quantize import export_checkpoint, quantize_model
+    if not Path(args.hf_model_dir, "config.json").is_file():
+        raise FileNotFoundError(f"{args.hf_model_dir}: no config.json (a Hugging Face model folder is expected)")
+    with quiet_libraries(args.verbose):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.hf_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.hf_model_dir, dtype=torch.float32).eval()
-    print(f"quantizing {args.hf_model_dir} to {args.format} ...", file=sys.stderr)
-    quantize_model(model, args.format, calibration_batches(tokenizer))
-    out = export_checkpoint(model, args.output, save_extra=lambda d: tokenizer.save_pretrained(d))
+        from mopt.engine.default_model import calibration_batches
+        from mopt.quantize import export_checkpoint, quantize_model
+
+        with status(f"reading {args.hf_model_dir}"):
+            tokenizer = AutoTokenizer.from_pretrained(args.hf_model_dir)
+            model = AutoModelForCausalLM.from_pretrained(args.hf_model_dir, dtype=torch.float32).eval()
+        with status(f"quantizing with NVIDIA ModelOpt ({args.format})"):
+            quantize_model(model, args.format, calibration_batches(tokenizer), progress=True)
+        with status(f"exporting to {args.output}"):
+            out = export_checkpoint(model, args.output, save_extra=lambda d: tokenizer.save_pretrained(d))
     print(out)
     return 0
 
@@ -181,30 +220,31 @@ def _positive_ints(text: str, option: str) -> list[int]:
 
 
 def cmd_bench_generate(args) -> int:
+    from mopt.engine.presets import DUMMY_FORMATS
+
+    batches = _positive_ints(args.batch, "--batch")
+    prefill = _positive_ints(args.prefill, "--prefill") if args.prefill else None
+    if args.dummy:
+        formats = args.format.split(",")
+        bad = [f for f in formats if f not in DUMMY_FORMATS]
+        if bad:
+            raise ValueError(f"--format {','.join(bad)}: dummy formats are {', '.join(DUMMY_FORMATS)}")
+    elif "," in args.format or args.format not in _default_formats():
+        raise ValueError(f"--format {args.format}: one of {', '.join(_default_formats())} (several formats need --dummy)")
+    if args.baseline == "hf" and not args.dummy:
+        raise ValueError("--baseline hf needs --dummy PRESET (it runs transformers on the same config)")
     import gc
     import platform
 
     import torch
 
     from mopt.bench import generate as bench
+    from mopt.console import quiet_libraries, status
 
-    batches = _positive_ints(args.batch, "--batch")
-    for option in ("prompt_len", "tokens"):
-        if getattr(args, option) < 1:
-            raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
-    prefill = _positive_ints(args.prefill, "--prefill") if args.prefill else None
     if args.dummy:
-        from mopt.engine.dummy import DUMMY_FORMATS, load_config
+        from mopt.engine.dummy import load_config
 
-        formats = args.format.split(",")
-        bad = [f for f in formats if f not in DUMMY_FORMATS]
-        if bad:
-            raise ValueError(f"--format {','.join(bad)}: dummy formats are {', '.join(DUMMY_FORMATS)}")
         config = load_config(args.dummy)
-    elif "," in args.format or args.format not in _default_formats():
-        raise ValueError(f"--format {args.format}: one of {', '.join(_default_formats())} (several formats need --dummy)")
-    if args.baseline == "hf" and not args.dummy:
-        raise ValueError("--baseline hf needs --dummy PRESET (it runs transformers on the same config)")
     device = torch.device(args.device) if args.device else None
     if args.backend:
         os.environ["MOPT_BACKEND"] = args.backend
@@ -218,13 +258,13 @@ def cmd_bench_generate(args) -> int:
         nonlocal bandwidth
         if llm.device.type == "cuda" and bandwidth is None:
             bandwidth = bench.copy_bandwidth(llm.device)
-        print(f"benchmarking {label} ...", file=sys.stderr)
-        rows.extend(bench.bench_generate(llm, batches, args.prompt_len, args.tokens, label, bandwidth))
-        if prefill:
-            prefills.append(dict(bench.bench_prefill(llm, prefill[0], prefill[1]), label=label))
-        if args.profile:
-            for b in batches:
-                profiles[f"{label} batch {b}"] = bench.profile_decode(llm, b, args.prompt_len)
+        with status(f"benchmarking {label}"):
+            rows.extend(bench.bench_generate(llm, batches, args.prompt_len, args.tokens, label, bandwidth))
+            if prefill:
+                prefills.append(dict(bench.bench_prefill(llm, prefill[0], prefill[1]), label=label))
+            if args.profile:
+                for b in batches:
+                    profiles[f"{label} batch {b}"] = bench.profile_decode(llm, b, args.prompt_len)
 
     batched_tokens = max([max(batches) * args.prompt_len] + ([prefill[0] * prefill[1]] if prefill else []))
     engine = dict(device=device, dtype=_torch_dtype(args.dtype), max_model_len=max_len,
@@ -233,21 +273,25 @@ def cmd_bench_generate(args) -> int:
                   progress=True)
     if args.dummy:
         for fmt in formats:
-            llm = _make_engine(args.dummy, dict(engine, load_format="dummy", quantization=fmt))
-            measure(llm, f"{args.dummy} {fmt}")
+            with status(f"building {args.dummy} with {fmt} dummy weights"), quiet_libraries(args.verbose):
+                llm = _make_engine(args.dummy, dict(engine, load_format="dummy", quantization=fmt))
+            with quiet_libraries(args.verbose):
+                measure(llm, f"{args.dummy} {fmt}")
             del llm
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     else:
-        llm = _make_engine(_model_path(args.model, args.format), engine)
-        measure(llm, llm.path.name)
+        path = _model_path(args.model, args.format, args.verbose)
+        with quiet_libraries(args.verbose):
+            llm = _make_engine(path, engine)
+            measure(llm, llm.path.name)
         del llm
         gc.collect()
     device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     if args.baseline == "hf":
-        print("benchmarking transformers generate ...", file=sys.stderr)
-        rows.extend(bench.bench_hf_generate(config, batches, args.prompt_len, args.tokens, device))
+        with status("benchmarking transformers generate"), quiet_libraries(args.verbose):
+            rows.extend(bench.bench_hf_generate(config, batches, args.prompt_len, args.tokens, device))
     where = torch_device_name(device)
     title = (f"mopt bench generate on {where}, torch {torch.__version__}, {torch_threads()} CPU threads, "
              f"python {platform.python_version()}"
@@ -331,13 +375,19 @@ def build_parser() -> argparse.ArgumentParser:
     from mopt.engine.default_model import default_formats
     from mopt.quantize import FORMATS
 
-    parser = argparse.ArgumentParser(prog="mopt", description="Run NVIDIA ModelOpt checkpoints.")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="show what libraries print and warn, and info logs (on stderr)")
+    parser = argparse.ArgumentParser(prog="mopt", description="Run NVIDIA ModelOpt checkpoints.", parents=[verbose])
+    parser.set_defaults(verbose=False)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[verbose], **k)
     p = sub.add_parser("inspect", help="quant config, per-layer methods, bytes by dtype")
     p.add_argument("model", nargs="?", help="checkpoint folder (default: the embedded SmolLM2 model)")
     p.add_argument("--format", default="fp8-kv", choices=default_formats(), help="default model's format")
-    p.add_argument("--max-layers", type=int, default=40)
+    p.add_argument("--max-layers", type=_positive_int, default=40,
+                   help="rows of the per-layer table to print (default: %(default)s)")
     p.set_defaults(func=cmd_inspect)
 
     def model_args(p, default_format="fp8-kv"):
@@ -354,12 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="force a kernel backend (same as MOPT_BACKEND)")
 
     def sampling_args(p, max_tokens):
-        p.add_argument("--max-tokens", type=int, default=max_tokens)
-        p.add_argument("--max-model-len", type=int)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--top-k", type=int, default=0)
-        p.add_argument("--seed", type=int)
+        p.add_argument("--max-tokens", type=_positive_int, default=max_tokens,
+                       help="tokens to generate at most (default: %(default)s)")
+        p.add_argument("--max-model-len", type=_positive_int, help="context length (default: the model's)")
+        p.add_argument("--temperature", type=_temperature, default=0.0, help="0 is greedy (default)")
+        p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass (default: 1, off)")
+        p.add_argument("--top-k", type=_nonnegative_int, default=0, help="sample among the k likeliest (0: off)")
+        p.add_argument("--seed", type=_nonnegative_int, help="seed of the request's own random stream")
         p.add_argument("--stop", action="append", help="stop string (repeatable)")
         p.add_argument("--ignore-eos", action="store_true")
 
@@ -382,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--text", help="UTF-8 text file (default: the English text mopt ships)")
     p.add_argument("--reference", help="reference checkpoint folder or smollm2[:FORMAT]")
-    p.add_argument("--context", type=int, default=512, help="window length in tokens (default: %(default)s)")
+    p.add_argument("--context", type=_positive_int, default=512, help="window length in tokens (default: %(default)s)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval)
 
@@ -396,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (generation throughput; serving; GPU kernels)")
     bench = p.add_subparsers(dest="bench", required=True)
+    _add_bench_parser = bench.add_parser
+    bench.add_parser = lambda *a, **k: _add_bench_parser(*a, parents=[verbose], **k)
     p = bench.add_parser("generate", help="prefill and decode tokens/s of a checkpoint or a dummy preset")
     model_args(p)
     p.set_defaults(format="fp8-kv")
@@ -408,9 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random weights of a preset's shape (llama3-8b, llama3-1b, qwen3-8b, qwen3-30b-a3b, "
                         "mixtral-8x7b) or of a checkpoint folder's config, in each --format")
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default: %(default)s)")
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--tokens", type=int, default=64, help="tokens generated per sequence")
-    p.add_argument("--max-model-len", type=int, help="default: prompt length + tokens + 16")
+    p.add_argument("--prompt-len", type=_positive_int, default=64, help="prompt tokens (default: %(default)s)")
+    p.add_argument("--tokens", type=_positive_int, default=64, help="tokens generated per sequence (default: %(default)s)")
+    p.add_argument("--max-model-len", type=_positive_int, help="default: prompt length + tokens + 16")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--baseline", choices=["hf"], help="also run transformers' generate (BF16, eager) in the same run")
     p.add_argument("--prefill", metavar="BxT", type=lambda v: v.replace("x", ","),

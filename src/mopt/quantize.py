@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from mopt.atomic import atomic_directory
+
+if TYPE_CHECKING:  # torch loads with the first quantization, not with the format names the CLI lists
+    import torch
 
 # Format name -> ModelOpt config names whose quant_cfg lists are concatenated, in order.
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -65,6 +66,7 @@ def _cpu_dynamic_block_quantize(
     scale_exponent_bits: int,
 ) -> torch.Tensor:
     """NVFP4 fake quantization through ModelOpt's own pure-torch ``NVFP4QTensor``."""
+    import torch
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
     if (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits) != (4, 2, 8, 4):
@@ -101,14 +103,19 @@ def quantize_model(
     model: torch.nn.Module,
     fmt: str,
     calibration: Iterable[torch.Tensor],
+    progress: bool = False,
 ) -> torch.nn.Module:
-    """Quantize ``model`` in place with ModelOpt, calibrating on batches of token ids."""
+    """Quantize ``model`` in place with ModelOpt, calibrating on batches of token ids (``progress``: a
+    bar over the calibration batches on stderr)."""
     mtq, _ = _modelopt()
     batches = list(calibration)
 
+    import torch
+    from tqdm.auto import tqdm
+
     def forward_loop(m: torch.nn.Module) -> None:
         with torch.no_grad():
-            for ids in batches:
+            for ids in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
                 m(ids.to(next(m.parameters()).device))
 
     with cpu_block_quantization():
@@ -126,6 +133,8 @@ def export_checkpoint(
     complete, so an interrupted export never leaves a folder that looks usable.
     ``save_extra(tmp_dir)`` may add files (a tokenizer) before the rename.
     """
+    import torch
+
     _, mte = _modelopt()
     out = Path(out_dir)
     if getattr(model.config, "architectures", None) in (None, []):

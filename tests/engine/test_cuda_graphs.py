@@ -86,7 +86,8 @@ def test_padding_rows_write_nothing_and_attend_to_nothing():
     assert logits.shape == (3, 7) and greedy.shape == (3,)
     assert seen["ids"].tolist() == [11, 12, 13, 0] and seen["slots"].tolist() == [20, 33, 9, -1]
     assert seen["lens"].tolist() == [5, 1, 10, 0] and seen["qsl"].tolist() == [0, 1, 2, 3, 4]
-    assert seen["tables"][:3, :3].tolist() == tables.tolist() and seen["tables"].shape == (4, 5)
+    # An eager step sees only the block-table columns in use (a captured graph sees all 5).
+    assert seen["tables"][:3].tolist() == tables.tolist() and seen["tables"].shape == (4, 3)
     # What the reference kernels do with such rows: no write for slot -1, zeros for length 0.
     cache = torch.randn(4, 4, 2, 8)
     before = cache.clone()

@@ -68,7 +68,7 @@ def test_failed_default_build_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(default_model, "load_gguf_model", lambda *a, **k: (_tiny(), _Tok()))
     monkeypatch.setattr("mopt.quantize.export_checkpoint", boom)
     with pytest.raises(RuntimeError, match="calibration failed"):
-        default_model.build_default_model("fp8", cache=tmp_path, progress=lambda m: None)
+        default_model.build_default_model("fp8", cache=tmp_path, progress=False)
     assert not default_model.default_model_path("fp8", tmp_path).exists()
     models = tmp_path / "models"
     assert not models.exists() or not any(models.iterdir())

@@ -57,13 +57,25 @@ def test_clients_that_walk_away_leak_nothing(chat_model_dir, tmp_path):
     assert report["server_errors"] == 0 and report["leaked_blocks"] == 0
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--concurrency", "0"], "--concurrency must be >= 1"),
-    (["--disconnect-fraction", "1.5"], "--disconnect-fraction must be in [0, 1]"),
-    (["--url", "http://127.0.0.1:1", "--offline-baseline"], "--offline-baseline needs the engine options"),
-    (["--offline-baseline", "--disconnect-fraction", "0.5"], "--offline-baseline compares full answers"),
-    (["--dummy", "no-such-preset"], "no-such-preset: not a preset"),
+@pytest.mark.parametrize("argv,status,message", [
+    (["--concurrency", "0"], 2, "argument --concurrency: expected an integer >= 1, got 0"),
+    (["--prompt-len", "x"], 2, "argument --prompt-len: expected an integer >= 1, got 'x'"),
+    (["--disconnect-fraction", "1.5"], 2, "argument --disconnect-fraction: expected a number in [0, 1], got 1.5"),
+    (["--range-ratio", "1"], 2, "argument --range-ratio: expected a number in [0, 1), got 1"),
+    (["--max-num-seqs", "0"], 2, "argument --max-num-seqs: expected an integer >= 1, got 0"),
+    (["--url", "http://127.0.0.1:1", "--offline-baseline"], 1, "--offline-baseline needs the engine options"),
+    (["--offline-baseline", "--disconnect-fraction", "0.5"], 1, "--offline-baseline compares full answers"),
+    (["--dummy", "no-such-preset"], 1, "no-such-preset: not a preset"),
 ])
-def test_bench_serve_arguments(argv, message, capsys):
-    assert cli.main(["bench", "serve", *argv]) == 1
+def test_bench_serve_arguments(argv, status, message, capsys):
+    """Refused by name before any server starts or model loads: by argparse (status 2) or by the
+    checks across options (status 1)."""
+    assert run_cli(["bench", "serve", *argv]) == status
     assert message in capsys.readouterr().err
+
+
+def run_cli(argv: list[str]) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as e:  # argparse
+        return e.code

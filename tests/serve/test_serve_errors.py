@@ -182,21 +182,28 @@ def test_shutting_down_is_503_and_ends_streams(chat_model_dir):
 
 # -- the command line -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv,message", [
-    (["--port", "70000"], "--port must be in [0, 65535]"),
-    (["--max-queue", "0"], "--max-queue must be >= 1"),
-    (["--max-num-seqs", "0"], "--max-num-seqs must be >= 1"),
-    (["--dummy", "no-such-preset"], "no-such-preset: not a preset"),
-    (["--dummy", "llama3-1b", "--format", "int3"], "--format int3: dummy formats are"),
-    (["--format", "int3"], "--format int3: the default model's formats are"),
-    (["--tokenizer", "/no/such/folder"], "--tokenizer /no/such/folder: no such folder"),
-    (["--device", "vulkan"], "device type 'vulkan' is not supported"),
-    (["--api-key", " "], "--api-key must not be empty"),
-], ids=["port", "max-queue", "max-num-seqs", "preset", "dummy format", "format", "tokenizer", "device", "api key"])
-def test_serve_arguments_refused_before_loading(argv, message, capsys, monkeypatch):
-    """No MODEL: the default model would be built if any check came after loading."""
+@pytest.mark.parametrize("argv,status,message", [
+    (["--port", "70000"], 2, "argument --port: expected a port in [0, 65535], got 70000"),
+    (["--max-queue", "0"], 2, "argument --max-queue: expected an integer >= 1, got 0"),
+    (["--max-num-seqs", "0"], 2, "argument --max-num-seqs: expected an integer >= 1, got 0"),
+    (["--max-model-len", "-5"], 2, "argument --max-model-len: expected an integer >= 1, got -5"),
+    (["--dummy", "no-such-preset"], 1, "no-such-preset: not a preset"),
+    (["--dummy", "llama3-1b", "--format", "int3"], 1, "--format int3: dummy formats are"),
+    (["--format", "int3"], 1, "--format int3: the default model's formats are"),
+    (["--tokenizer", "/no/such/folder"], 1, "--tokenizer /no/such/folder: no such folder"),
+    (["--device", "vulkan"], 1, "device type 'vulkan' is not supported"),
+    (["--api-key", " "], 1, "--api-key must not be empty"),
+], ids=["port", "max-queue", "max-num-seqs", "max-model-len", "preset", "dummy format", "format", "tokenizer",
+        "device", "api key"])
+def test_serve_arguments_refused_before_loading(argv, status, message, capsys, monkeypatch):
+    """No MODEL: the default model would be built if any check came after loading. argparse refuses
+    bad values (status 2), mopt's checks the rest (status 1), each naming the option."""
     monkeypatch.setattr("mopt.serve.command.make_llm", lambda args: pytest.fail("loaded a model"))
-    assert cli.main(["serve", *argv]) == 1
+    try:
+        got = cli.main(["serve", *argv])
+    except SystemExit as e:
+        got = e.code
+    assert got == status
     assert message in capsys.readouterr().err
 
 

@@ -24,38 +24,34 @@ SERVER_STOP_SECONDS = 60
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from mopt.cli import _nonnegative_int, _number, _positive_int  # a bad value names its option, nothing loads
+
+    fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
     p.add_argument("--url", help="a running server (default: start `mopt serve` with the engine options given)")
     p.add_argument("--api-key", help="for --url (default: $MOPT_API_KEY)")
-    p.add_argument("--concurrency", type=int, default=8, help="clients, each sending its next request when the "
+    p.add_argument("--concurrency", type=_positive_int, default=8, help="clients, each sending its next request when the "
                    "last one ends (default: %(default)s)")
-    p.add_argument("--num-requests", type=int, default=64, help="requests in all (default: %(default)s)")
-    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default: %(default)s)")
-    p.add_argument("--output-len", type=int, default=128, help="generated tokens, exact (default: %(default)s)")
-    p.add_argument("--range-ratio", type=float, default=0.0,
+    p.add_argument("--num-requests", type=_positive_int, default=64, help="requests in all (default: %(default)s)")
+    p.add_argument("--prompt-len", type=_positive_int, default=128, help="prompt tokens (default: %(default)s)")
+    p.add_argument("--output-len", type=_positive_int, default=128, help="generated tokens, exact (default: %(default)s)")
+    p.add_argument("--range-ratio", type=_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)"), default=0.0,
                    help="draw lengths uniformly from L*(1-r)..L*(1+r) (default: %(default)s: fixed)")
-    p.add_argument("--seed", type=int, default=0, help="for prompts and lengths (default: %(default)s)")
-    p.add_argument("--warmup", type=int, help="short requests before timing (default: --concurrency)")
-    p.add_argument("--vocab-size", type=int, help="token ids below it (default: the server's /v1/models vocab_size)")
+    p.add_argument("--seed", type=_nonnegative_int, default=0, help="for prompts and lengths (default: %(default)s)")
+    p.add_argument("--warmup", type=_nonnegative_int, help="short requests before timing (default: --concurrency)")
+    p.add_argument("--vocab-size", type=_positive_int,
+                   help="token ids below it (default: the server's /v1/models vocab_size)")
     p.add_argument("--offline-baseline", action="store_true",
                    help="also run the same requests through LLM.generate with the same engine options")
-    p.add_argument("--disconnect-fraction", type=float, default=0.0,
+    p.add_argument("--disconnect-fraction", type=fraction, default=0.0,
                    help="share of requests whose client closes the stream halfway (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
+    p.add_argument("--timeout", type=_number(float, lambda v: 0 < v < float("inf"), "a number of seconds > 0"),
+                   default=600.0, help="seconds per request (default: %(default)s)")
     p.add_argument("--json", help="also write the report to this JSON file")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
     from mopt.serve.command import check_engine_options
 
-    for option in ("concurrency", "num_requests", "prompt_len", "output_len"):
-        if getattr(args, option) < 1:
-            raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
-    if not 0 <= args.range_ratio < 1:
-        raise ValueError(f"--range-ratio must be in [0, 1), got {args.range_ratio}")
-    if not 0 <= args.disconnect_fraction <= 1:
-        raise ValueError(f"--disconnect-fraction must be in [0, 1], got {args.disconnect_fraction}")
-    if args.warmup is not None and args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     if args.offline_baseline and args.url:
         raise ValueError("--offline-baseline needs the engine options and a free device: leave out --url so the "
                          "benchmark starts (and stops) the server itself")

@@ -55,13 +55,15 @@ class DecodeGraphs:
             raise ValueError(f"decode batch of {batch} sequences exceeds max_num_seqs {self.sizes[-1]}")
         return self.sizes[i]
 
-    def _meta(self, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(slot_mapping=self.vectors[_SLOTS, :bs], block_tables=self.tables[:bs],
+    def _meta(self, bs: int, width: int | None = None) -> AttentionMetadata:
+        """Metadata over the static buffers; a graph sees every block-table column, an eager step only the
+        ``width`` in use (the reference attention reads every column it is given)."""
+        return AttentionMetadata(slot_mapping=self.vectors[_SLOTS, :bs], block_tables=self.tables[:bs, :width],
                                  seq_lens=self.vectors[_SEQ_LENS, :bs], query_start_loc=self.query_start_loc[:bs + 1],
                                  max_query_len=1)
 
-    def _run_eager(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.forward(self.vectors[_IDS, :bs], self.vectors[_POSITIONS, :bs], self._meta(bs))
+    def _run_eager(self, bs: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward(self.vectors[_IDS, :bs], self.vectors[_POSITIONS, :bs], self._meta(bs, width))
 
     def _capture_all(self, progress: bool) -> None:
         self.vectors[_SLOTS].fill_(-1)  # warm-up and capture runs write nothing and read nothing
@@ -100,5 +102,5 @@ class DecodeGraphs:
             self.graphs[bs].replay()
             logits, greedy = self.outputs[bs]
         else:
-            logits, greedy = self._run_eager(bs)
+            logits, greedy = self._run_eager(bs, width)
         return logits[:batch], greedy[:batch]

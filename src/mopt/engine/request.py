@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from mopt.errors import RequestError
 
@@ -124,8 +124,14 @@ def check_messages(messages: Any) -> None:
         check_text(message["content"], f"messages[{i}].content", "messages")
 
 
+def _torch_tensor(value: Any) -> bool:
+    """Whether ``value`` is a torch tensor, without importing torch (no tensor exists before it is)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def _is_id_array(value: Any) -> bool:
-    return isinstance(value, (np.ndarray, torch.Tensor))
+    return isinstance(value, np.ndarray) or _torch_tensor(value)
 
 
 def prompt_batch(prompts: Any) -> list[Any]:
@@ -138,10 +144,13 @@ def prompt_batch(prompts: Any) -> list[Any]:
                        "prompt")
 
 
-def _array_ids(prompt: np.ndarray | torch.Tensor) -> list[int]:
+def _array_ids(prompt) -> list[int]:
+    """Token ids of a 1-D integer numpy array or torch tensor."""
     dtype = prompt.dtype
-    integer = (dtype.is_floating_point is False and dtype.is_complex is False and dtype != torch.bool
-               if isinstance(prompt, torch.Tensor) else np.issubdtype(dtype, np.integer))
+    if _torch_tensor(prompt):
+        integer = not dtype.is_floating_point and not dtype.is_complex and dtype != sys.modules["torch"].bool
+    else:
+        integer = np.issubdtype(dtype, np.integer)
     if prompt.ndim != 1 or not integer:
         raise RequestError(f"a token-id prompt given as an array must be 1-D of integers, got "
                            f"{type(prompt).__name__} of shape {tuple(prompt.shape)} and dtype {dtype}", "prompt")

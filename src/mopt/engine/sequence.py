@@ -8,7 +8,6 @@ import hashlib
 import itertools
 from dataclasses import dataclass, field
 
-import torch
 
 from mopt.engine.request import GREEDY_TEMPERATURE, check_sampling_params
 

@@ -10,8 +10,6 @@ import argparse
 import os
 from pathlib import Path
 
-from mopt.errors import EngineArgumentError
-
 API_KEY_ENV = "MOPT_API_KEY"
 DEFAULT_MAX_QUEUE = 512
 
@@ -19,12 +17,14 @@ DEFAULT_MAX_QUEUE = 512
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """Engine options beyond the common model options (model, --format, --device, --dtype,
     --kv-cache-dtype, --backend), for ``serve`` and ``bench serve``."""
+    from mopt.cli import _positive_int  # argparse types: a bad value names its option before anything loads
+
     p.add_argument("--dummy", metavar="PRESET",
                    help="random weights of a preset's shape (llama3-8b, llama3-1b, qwen3-8b, ...) in --format; "
                         "no tokenizer unless --tokenizer: then only token-id prompts work")
     p.add_argument("--tokenizer", metavar="DIR", help="load the tokenizer from this folder")
-    p.add_argument("--max-model-len", type=int, help="context length (default: the model's, capped by the cache)")
-    p.add_argument("--max-num-seqs", type=int, help="most sequences in a batch (default: 64)")
+    p.add_argument("--max-model-len", type=_positive_int, help="context length (default: the model's, capped by the cache)")
+    p.add_argument("--max-num-seqs", type=_positive_int, help="most sequences in a batch (default: 64)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     for action in p._actions:
         if action.dest == "format":
@@ -53,10 +53,6 @@ def check_engine_options(args: argparse.Namespace) -> None:
         default_name = args.model is None or args.model.split(":")[0] == "smollm2"
         if not default_name and not Path(args.model).is_dir():
             raise ValueError(f"{args.model}: no such checkpoint folder (or say smollm2[:FORMAT] for the default model)")
-    for option in ("max_model_len", "max_num_seqs"):
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            raise EngineArgumentError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
         raise ValueError(f"--tokenizer {args.tokenizer}: no such folder")
     check_device(args.device)
@@ -65,18 +61,22 @@ def check_engine_options(args: argparse.Namespace) -> None:
 def make_llm(args: argparse.Namespace):
     """The engine the options describe (the default model is built on first use)."""
     from mopt.cli import _model_path, _torch_dtype
-    from mopt.engine.llm import LLM
+    from mopt.console import quiet_libraries
 
     if args.backend:
         os.environ["MOPT_BACKEND"] = args.backend
+    path = None if args.dummy else _model_path(args.model, args.format, args.verbose)
     kwargs = dict(device=args.device, dtype=_torch_dtype(args.dtype), max_model_len=args.max_model_len,
                   kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager, tokenizer=args.tokenizer,
                   progress=True)
     if args.max_num_seqs is not None:
         kwargs["max_num_seqs"] = args.max_num_seqs
-    if args.dummy:
-        return LLM(args.dummy, load_format="dummy", quantization=args.format, **kwargs)
-    return LLM(_model_path(args.model, args.format), **kwargs)
+    with quiet_libraries(args.verbose):
+        from mopt.engine.llm import LLM
+
+        if args.dummy:
+            return LLM(args.dummy, load_format="dummy", quantization=args.format, **kwargs)
+        return LLM(path, **kwargs)
 
 
 def engine_flags(args: argparse.Namespace) -> list[str]:
@@ -95,12 +95,14 @@ def served_model_name(args: argparse.Namespace) -> str:
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    from mopt.cli import _number, _positive_int
+
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="port (0: any free one; default: %(default)s)")
+    p.add_argument("--port", type=_number(int, lambda v: 0 <= v <= 65535, "a port in [0, 65535]"), default=8000, help="port (0: any free one; default: %(default)s)")
     p.add_argument("--served-model-name", help="the model name clients give (default: MODEL as given, the "
                    "preset with --dummy, or smollm2)")
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV})")
-    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+    p.add_argument("--max-queue", type=_positive_int, default=DEFAULT_MAX_QUEUE,
                    help="most requests waiting for a batch slot; beyond it requests get 429 (default: %(default)s)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level (default: %(default)s)")
@@ -118,10 +120,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     require_serve_extra()
     check_engine_options(args)
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    if args.max_queue < 1:
-        raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
     key = api_key(args)
     from mopt.engine.async_engine import AsyncEngine
     from mopt.serve.server import bind_socket, serve

@@ -1,0 +1,23 @@
+"""Names that dummy-weight models are built from, without importing torch: the config presets under
+``mopt/data/presets/`` and the formats dummy weights come in (as ``mopt quantize`` names them), each
+with the ``quantization`` section of a ModelOpt export in that format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "data" / "presets"
+
+DUMMY_FORMATS: dict[str, dict | None] = {
+    "bf16": None,
+    "fp8": {"quant_algo": "FP8"},
+    "fp8-kv": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"},
+    "fp8-pcpt": {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"},
+    "fp8-pb-wo": {"quant_algo": "FP8_PB_WO"},
+    "nvfp4": {"quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": None},
+    "nvfp4-kv": {"quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": "FP8"},
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
