@@ -134,6 +134,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     from mopt.bench.serve import bench_offline, bench_server, format_report, make_requests, model_card
 
     warmup = args.concurrency if args.warmup is None else args.warmup
+    load = [os.getloadavg()[0]]  # the machine's 1-minute load: other jobs on a shared machine skew the numbers
     context = contextlib.nullcontext(args.url) if args.url else started_server(args)
     key = api_key(args) if args.url else None
     with context as url:
@@ -149,6 +150,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         llm = make_llm(args)
         report.offline = bench_offline(llm, requests, min(warmup, len(requests)))
         report.offline["ratio"] = report.output_tokens_per_s / report.offline["output_tokens_per_s"]
+    load.append(os.getloadavg()[0])
     name = served_model_name(args) if not args.url else args.url
     machine = _machine(args) if not args.url else "server at " + args.url
     title = (f"mopt bench serve: {name}, prompt {args.prompt_len} / output {args.output_len} tokens"
@@ -156,5 +158,5 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     print(format_report(report, title))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(report.to_dict(), title=title, machine=machine,
-                                                   argv=sys.argv[1:]), indent=2))
+                                                   load_average_start_end=load, argv=sys.argv[1:]), indent=2))
     return 1 if report.errors or report.server_errors or report.leaked_blocks else 0
