@@ -19,6 +19,38 @@ class Export:
     fmt: str
     fake_quant_model: torch.nn.Module
     hf_config: object
+    _equivalent: torch.nn.Module | None = None
+
+    def export_equivalent(self) -> torch.nn.Module:
+        """See :func:`export_equivalent`; made once per export."""
+        if self._equivalent is None:
+            self._equivalent = export_equivalent(self.fake_quant_model, self.fmt)
+        return self._equivalent
+
+
+def export_equivalent(fake_quant_model: torch.nn.Module, fmt: str) -> torch.nn.Module:
+    """ModelOpt's fake-quant model after the rewrites its export applies to the model before it writes
+    tensors (``requantize_resmooth_fused_llm_layers``: fused shards' amax unified, AWQ scales averaged
+    over shards and folded into norms / preceding layers), so that it computes the function the export
+    describes. One export step is not a rewrite: W4A8_NVFP4_FP8's export writes ``weight_scale_2 =
+    amax / 448`` where the fake quantizer uses ``amax / (6 * 448)``; the weight quantizers' amax is
+    multiplied by 6 to give them the export's global scale."""
+    from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
+
+    from mopt.quantize import cpu_block_quantization
+
+    model = copy.deepcopy(fake_quant_model)
+    model.config.architectures = [type(model).__name__]
+    with warnings.catch_warnings(), cpu_block_quantization():
+        warnings.simplefilter("ignore")
+        requantize_resmooth_fused_llm_layers(model)
+    if fmt == "w4a8-nvfp4-fp8":
+        from modelopt.torch.quantization.nn import TensorQuantizer
+
+        for name, q in model.named_modules():  # dense weight_quantizer and experts' weight_quantizers.N
+            if isinstance(q, TensorQuantizer) and "weight_quantizer" in name and q.is_enabled and q.amax is not None:
+                q.amax = q.amax * 6
+    return model.eval()
 
 
 # (hidden, intermediate, heads, kv_heads): one shape on multiples of 128, one like SmolLM2 (576).

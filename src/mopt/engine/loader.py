@@ -17,6 +17,7 @@ import torch
 from mopt.engine.inspect import FLOAT_DTYPES, CheckpointError, checkpoint_files, read_safetensors_header
 from mopt.layers.parameter import BaseParameter, WeightLoadError
 from mopt.models.registry import model_class
+from mopt.quant.checkpoint_names import QUANT_TENSOR_RENAMES
 from mopt.quant.config import load_quant_config
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ def _runtime_name(name: str, packed: dict, experts: dict | None = None,
     Per-expert tensors ``...experts.N.<projection>.<suffix>`` map to the stacked
     ``...experts.w13_<suffix>`` / ``w2_<suffix>`` with shard id ``(w1|w3|w2, N)``.
     """
+    name = QUANT_TENSOR_RENAMES.map(name)
     if renames:
         name = ".".join(renames.get(part, part) for part in name.split("."))
     parts = name.split(".")
@@ -130,7 +132,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if model.tie_word_embeddings and not model.lm_head.weight.loaded:
         model.lm_head.weight_loader(model.lm_head.weight, model.model.embed_tokens.weight.data)
     missing = [p.mopt_name for p in params.values() if isinstance(p, BaseParameter) and not p.loaded
-               and not p.mopt_name.endswith(("k_scale", "v_scale"))]
+               and not p.optional and not p.mopt_name.endswith(("k_scale", "v_scale"))]
     if missing:
         raise WeightLoadError(f"{root}: checkpoint has no tensor for: {', '.join(missing[:10])}"
                               + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
