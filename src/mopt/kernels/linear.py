@@ -124,6 +124,10 @@ def candidate_kernels(device_type: str) -> list[type[LinearKernel]]:
             from mopt.kernels import triton_linear  # noqa: F401
         except ImportError:
             pass
+        try:
+            from mopt.kernels import triton_weight_only  # noqa: F401
+        except ImportError:
+            pass
     return list(_KERNELS.get(device_type, [])) + [
         k for k in _KERNELS.get("any", []) if k not in _KERNELS.get(device_type, [])
     ]
