@@ -168,10 +168,16 @@ def quantize_model(
     model: torch.nn.Module,
     fmt: str,
     calibration: Iterable[torch.Tensor],
+    algorithm: dict | str | None = None,
 ) -> torch.nn.Module:
-    """Quantize ``model`` in place with ModelOpt, calibrating on batches of token ids."""
+    """Quantize ``model`` in place with ModelOpt, calibrating on batches of token ids.
+
+    ``algorithm`` replaces the format's calibration algorithm (e.g. a coarser AWQ search for tests)."""
     mtq, _ = _modelopt()
     batches = list(calibration)
+    config = quant_config(fmt)
+    if algorithm is not None:
+        config["algorithm"] = algorithm
 
     def forward_loop(m: torch.nn.Module) -> None:
         with torch.no_grad():
@@ -179,7 +185,7 @@ def quantize_model(
                 m(ids.to(next(m.parameters()).device))
 
     with cpu_block_quantization():
-        model = mtq.quantize(model, quant_config(fmt), forward_loop)
+        model = mtq.quantize(model, config, forward_loop)
     model.mopt_quant_format = fmt  # export_checkpoint compresses COMPRESSED_FORMATS
     return model
 

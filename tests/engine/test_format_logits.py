@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 # fmt: (hidden, absolute bound vs ModelOpt for weight-only formats, or None: a fraction of the effect)
 CASES = {
-    "fp8-pb-wo": (576, 1e-3), "fp8-pb-real": (256, 1e-3), "int4-awq": (256, 1e-5), "int8-wo": (576, 1e-3),
+    "fp8-pb-wo": (576, 1e-3), "fp8-pb-real": (256, 1e-3), "int4-awq": (256, 1e-5), "int8-wo": (256, 1e-3),
     "w4a16-nvfp4": (576, 1e-5),
     "w4a8-awq": (256, None), "int8-sq": (256, None), "mxfp8": (576, None), "mxfp4": (256, None),
     "w4a8-mxfp4-fp8": (256, None), "w4a8-nvfp4-fp8": (256, None), "nvfp4-awq": (256, None),

@@ -191,3 +191,33 @@ def test_mixed_precision_export_loads_and_inspects(export_factory, capsys):
     model = load_model(export.path)
     assert type(model.model.layers[1].mlp.gate_up_proj.quant_method) is nvfp4_linear.ModelOptNvFp4LinearMethod
     assert type(model.model.layers[1].self_attn.qkv_proj.quant_method) is ModelOptFp8LinearMethod
+
+
+@pytest.mark.parametrize("algo", ["INT8", "NVFP4", "NVFP4_AFFINE"])
+def test_emulated_kv_cache_rounds_keys_and_values(algo):
+    """The KV-cache method of a format attention does not store natively rounds keys and values to what
+    such a cache returns (``fake_quantize_kv``) before attention sees them, on the cache-free path."""
+    from mopt.layers.attention import Attention
+    from mopt.quant.formats import kv_cache as kv_format
+
+    qc = ModelOptFp8Config("FP8", True, algo)
+    attn = Attention(4, 64, 2, 0.125, qc, "model.layers.0.self_attn.attn")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 6, h, 64, generator=g) for h in (4, 2, 2))
+    k_scale, v_scale = k.abs().max() / (127 if algo == "INT8" else 448), v.abs().max() / (127 if algo == "INT8" else 448)
+    attn.k_scale.weight_loader(attn.k_scale, k_scale)
+    attn.v_scale.weight_loader(attn.v_scale, v_scale)
+    bias = {}
+    if algo == "NVFP4_AFFINE":
+        for name in ("k_bias", "v_bias"):
+            bias[name] = torch.randn(1, 2, 1, 64, generator=g) * 0.1
+            getattr(attn, name).weight_loader(getattr(attn, name), bias[name])
+    attn.process_weights_after_loading()
+    assert attn.kv_cache_algo == algo and attn.kv_cache_storage == kv_format.kv_storage(algo, 64)
+    got = attn(q, k, v)
+    kb = bias["k_bias"][0, :, 0] if bias else None
+    vb = bias["v_bias"][0, :, 0] if bias else None
+    plain = Attention(4, 64, 2, 0.125, None, "plain")
+    want = plain(q, kv_format.fake_quantize_kv(k, algo, k_scale, kb), kv_format.fake_quantize_kv(v, algo, v_scale, vb))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(got, plain(q, k, v))

@@ -31,10 +31,10 @@ pytestmark = pytest.mark.slow
 #     format (2026-11-26, CPU, float32).
 # (b) vs ModelOpt's fake-quant modules (measured maxima over the shapes in brackets):
 #   the same function up to float32 rounding [<= 3e-7]: fp8-kv, nvfp4 and every NVFP4 variant,
-#     mxfp8, int4-awq, w4a8-awq, mixed;
+#     mxfp8, int4-awq, mixed;
 #   ModelOpt multiplies by maxbound/amax where the checkpoint stores amax/maxbound, so a few weights
 #     (or activations) round to the neighbouring code: fp8-pcpt [2.5e-4], fp8-pb-wo / fp8-pb-real
-#     [2.3e-4], int8-wo and int8-sq [4.4e-5];
+#     [2.3e-4], int8-wo and int8-sq [4.4e-5], w4a8-awq (its INT4 weights re-quantized to FP8) [7.4e-4];
 #   mxfp4: ModelOpt's export rounds weights with its MXFP4QTensor (ties toward zero, float log2 for
 #     the exponent), its fake quantization as its GPU kernel does (ties to even, exact exponent): an
 #     occasional weight differs between the two [4.1e-4; one of 110592 weights of a v_proj];
@@ -53,7 +53,7 @@ TOLERANCE = {
     "w4a16-nvfp4": EXACT,
     "w4a8-nvfp4-fp8": EXACT,
     "int4-awq": EXACT,
-    "w4a8-awq": EXACT,
+    "w4a8-awq": (1e-6, 1e-3),
     "int8-wo": (1e-6, 2e-4),
     "int8-sq": (1e-6, 2e-4),
     "mxfp8": EXACT,
@@ -61,11 +61,13 @@ TOLERANCE = {
     "w4a8-mxfp4-fp8": (1e-6, 6e-2),
     "mixed-fp8-nvfp4": EXACT,
 }
-# ModelOpt cannot export INT4 groups of 128 when K = 576 ("Cannot pack weight with input dimension
-# 576 and block size 128: partial blocks are not supported."), and its AWQ search takes ~90 s at that
-# size, so the AWQ formats run at hidden 256 only.
-CASES = [(fmt, hidden) for fmt in TOLERANCE for hidden in (256, 576)
-         if not (hidden == 576 and fmt in ("int4-awq", "w4a8-awq", "nvfp4-awq"))]
+# Hidden 576 (K not a multiple of 128; q/k/v shards of 576/192/192 rows) for the formats whose layout
+# meets it: 128-blocks, MX / NVFP4 blocks, INT8 channels, the mixed export. Not for INT4 groups, which
+# ModelOpt cannot export there ("Cannot pack weight with input dimension 576 and block size 128:
+# partial blocks are not supported."), nor for formats that only add smoothing or a different
+# activation step to weights covered at 576 (their AWQ / SVD calibration is the slowest fixture).
+ONLY_256 = ("int4-awq", "w4a8-awq", "nvfp4-awq", "nvfp4-svdquant", "int8-wo", "w4a8-mxfp4-fp8")
+CASES = [(fmt, hidden) for fmt in TOLERANCE for hidden in (256, 576) if not (hidden == 576 and fmt in ONLY_256)]
 _RENAMES = {"_svdquant_lora_a": "svdquant_lora_a", "_svdquant_lora_b": "svdquant_lora_b"}
 
 
