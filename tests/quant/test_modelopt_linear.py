@@ -27,19 +27,19 @@ from simulate import simulate_linear as _simulate
 pytestmark = pytest.mark.slow
 
 # Relative L2 error, ||ours - other|| / ||other||, allowed per format: (vs simulation, vs ModelOpt).
-# (a) vs the independent simulation: float32 accumulation order only; measured <= 1.3e-7 for every
+# (a) vs the independent simulation: float32 accumulation order only; measured <= 2.6e-7 for every
 #     format (2026-11-26, CPU, float32).
 # (b) vs ModelOpt's fake-quant modules (measured maxima over the shapes in brackets):
-#   the same function up to float32 rounding [<= 3e-7]: fp8-kv, nvfp4 and every NVFP4 variant,
+#   the same function up to float32 rounding [<= 3.7e-7]: fp8-kv, nvfp4 and every NVFP4 variant,
 #     mxfp8, int4-awq, mixed;
 #   ModelOpt multiplies by maxbound/amax where the checkpoint stores amax/maxbound, so a few weights
 #     (or activations) round to the neighbouring code: fp8-pcpt [2.5e-4], fp8-pb-wo / fp8-pb-real
-#     [2.3e-4], int8-wo and int8-sq [4.4e-5], w4a8-awq (its INT4 weights re-quantized to FP8) [7.4e-4];
+#     [5.1e-4], int8-wo [3.4e-5], int8-sq [1.4e-4], w4a8-awq (its INT4 weights re-quantized to FP8) [7.4e-4];
 #   mxfp4: ModelOpt's export rounds weights with its MXFP4QTensor (ties toward zero, float log2 for
 #     the exponent), its fake quantization as its GPU kernel does (ties to even, exact exponent): an
 #     occasional weight differs between the two [4.1e-4; one of 110592 weights of a v_proj];
 #   w4a8-mxfp4-fp8: ModelOpt takes one FP8 scale for the whole input tensor (its config calibrates
-#     none), mopt one per token: an E4M3 rounding of different scales [3.2e-2]; one token at a time
+#     none), mopt one per token: an E4M3 rounding of different scales [3.7e-2]; one token at a time
 #     both are the same (test_w4a8_mxfp4_one_token_equals_modelopt).
 EXACT = (1e-6, 1e-6)
 TOLERANCE = {
