@@ -37,10 +37,8 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, TIMEOUT))
 
 
-async def started(llm, defer: bool = False, **kw) -> AsyncEngine:
-    """``defer``: hold each step's deltas until the next step is launched, as on a GPU."""
+async def started(llm, **kw) -> AsyncEngine:
     engine = AsyncEngine(llm, **kw)
-    engine._defer = defer
     engine.start()
     return engine
 
@@ -66,13 +64,17 @@ def idle(engine: AsyncEngine) -> bool:
     return not s.waiting and not s.running and s.blocks.num_free == s.blocks.num_blocks
 
 
-@pytest.mark.parametrize("defer", [False, True], ids=["deltas at once", "deltas at the next launch"])
-def test_streams_equal_generate(model_dir, defer):
+ASYNC_SCHEDULING = pytest.mark.parametrize("async_scheduling", [False, True],
+                                           ids=["sync steps", "async scheduling (as on a GPU)"])
+
+
+@ASYNC_SCHEDULING
+def test_streams_equal_generate(model_dir, async_scheduling):
     params = [SamplingParams(max_tokens=6 + i, ignore_eos=True) for i in range(len(PROMPTS))]
     want = [o.token_ids for o in small_llm(model_dir).generate(PROMPTS, params)]
 
     async def main():
-        engine = await started(small_llm(model_dir), defer)
+        engine = await started(small_llm(model_dir, async_scheduling=async_scheduling))
         streams = await engine.add(PROMPTS, params)
         got = await asyncio.gather(*(collect(s) for s in streams))
         await engine.stop()
@@ -94,21 +96,21 @@ def test_bad_request_is_refused_whole(model_dir):
     run(main())
 
 
-@pytest.mark.parametrize("defer", [False, True], ids=["deltas at once", "deltas at the next launch"])
-def test_abort_frees_blocks_before_the_next_step(model_dir, defer):
+@ASYNC_SCHEDULING
+def test_abort_frees_blocks_before_the_next_step(model_dir, async_scheduling):
     async def main():
-        llm = small_llm(model_dir)
-        engine = await started(llm, defer)
+        llm = small_llm(model_dir, async_scheduling=async_scheduling)
+        engine = await started(llm)
         steps_after_abort = []
-        original = llm._run_step
+        original = llm.runner.launch
 
-        def run_step(seqs, *args):
+        def launch(seqs, *args, **kw):
             if aborted.is_set():
                 steps_after_abort.append([s.request_id for s in seqs])
-            return original(seqs, *args)
+            return original(seqs, *args, **kw)
 
         aborted = threading.Event()
-        llm._run_step = run_step
+        llm.runner.launch = launch
         long, short = await engine.add([PROMPTS[1], PROMPTS[0]], [SamplingParams(max_tokens=40, ignore_eos=True)] * 2)
         first = await anext(long)
         assert first.token_ids and llm.scheduler.blocks.num_free < llm.scheduler.blocks.num_blocks
@@ -130,8 +132,8 @@ def test_full_queue_refuses_at_once(model_dir):
     async def main():
         llm = small_llm(model_dir, max_num_seqs=1)
         gate = threading.Event()
-        original = llm.runner.step
-        llm.runner.step = lambda *a: (gate.wait(TIMEOUT), original(*a))[1]  # the engine stalls in its first step
+        original = llm.runner.launch
+        llm.runner.launch = lambda *a, **k: (gate.wait(TIMEOUT), original(*a, **k))[1]  # stalls in its first step
         engine = await started(llm, max_queue=1)
         params = SamplingParams(max_tokens=3, ignore_eos=True)
         (running,) = await engine.add([PROMPTS[0]], [params])  # admitted, then its prefill stalls
@@ -148,19 +150,20 @@ def test_full_queue_refuses_at_once(model_dir):
     run(main())
 
 
-def test_failed_step_fails_its_requests_and_the_engine_goes_on(model_dir, caplog):
+@ASYNC_SCHEDULING
+def test_failed_step_fails_its_requests_and_the_engine_goes_on(model_dir, async_scheduling, caplog):
     async def main():
-        llm = small_llm(model_dir)
-        original, calls = llm.runner.step, [0]
+        llm = small_llm(model_dir, async_scheduling=async_scheduling)
+        original, calls = llm.runner.launch, [0]
 
-        def step(*args):
+        def launch(*args, **kw):
             calls[0] += 1
-            if calls[0] == 2:  # the first decode step
+            if calls[0] == 2:  # the first decode step (async: queued before the prefill's tokens are read)
                 raise RuntimeError("injected failure")
-            return original(*args)
+            return original(*args, **kw)
 
-        llm.runner.step = step
-        engine = await started(llm, defer=True)  # the failing step holds the previous step's deltas
+        llm.runner.launch = launch
+        engine = await started(llm)
         streams = await engine.add(PROMPTS[:2], [SamplingParams(max_tokens=5, ignore_eos=True)] * 2)
         for stream in streams:
             with pytest.raises(EngineStepError, match="model step failed"):
@@ -238,31 +241,35 @@ def test_a_dying_engine_thread_fails_everything_instead_of_hanging(model_dir, ca
 
 @pytest.mark.gpu
 def test_streams_equal_generate_on_gpu(model_dir):
-    """On CUDA: deltas are sent at the next step's launch, penalties and logprobs on the device."""
+    """On CUDA with async scheduling (decode steps queued before the last tokens are read): streams equal
+    synchronous generate, with penalties and logprobs computed on the device."""
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
-    params = [SamplingParams(max_tokens=8, ignore_eos=True), SamplingParams(max_tokens=8, ignore_eos=True, logprobs=2),
-              SamplingParams(max_tokens=8, ignore_eos=True, repetition_penalty=1.5, temperature=0.8, seed=1)]
+    carried = [SamplingParams(max_tokens=8, ignore_eos=True), SamplingParams(max_tokens=8, ignore_eos=True, logprobs=2),
+               SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.8, seed=1)]
+    penalised = [SamplingParams(max_tokens=8, ignore_eos=True, repetition_penalty=1.5, logprobs=2)] * 3
 
-    def gpu_llm():
-        return LLM(model_dir, device="cuda", dtype=torch.float32, block_size=16, kv_cache_memory=16 << 20)
+    def gpu_llm(async_scheduling: bool):
+        return LLM(model_dir, device="cuda", dtype=torch.float32, block_size=16, kv_cache_memory=16 << 20,
+                   async_scheduling=async_scheduling)
 
-    want = gpu_llm().generate(PROMPTS, params)
+    sync = gpu_llm(False)
+    for params in (carried, penalised):  # the second batch is never carried (penalties need the last token)
+        want = sync.generate(PROMPTS, params)
 
-    async def main():
-        engine = await started(gpu_llm())
-        assert engine._defer
-        streams = await engine.add(PROMPTS, params)
-        deltas = [[d async for d in s] for s in streams]
-        await engine.stop()
-        assert idle(engine)
-        return deltas
+        async def main():
+            engine = await started(gpu_llm(True))
+            streams = await engine.add(PROMPTS, params)
+            deltas = [[d async for d in s] for s in streams]
+            await engine.stop()
+            assert idle(engine)
+            return deltas
 
-    got = run(main())
-    for out, ds in zip(want, got):
-        assert [t for d in ds for t in d.token_ids] == out.token_ids and ds[-1].finish_reason == "length"
-    # The same batches through the same kernels: equal up to float32 rounding of a different launch order.
-    assert [p.chosen.logprob for d in got[1] for p in d.logprobs] == \
-        pytest.approx([p.chosen.logprob for p in want[1].logprobs], abs=1e-5)
+        got = run(main())
+        for out, ds in zip(want, got):
+            assert [t for d in ds for t in d.token_ids] == out.token_ids and ds[-1].finish_reason == "length"
+        # The same batches through the same kernels: equal up to float32 rounding of another launch order.
+        assert [p.chosen.logprob for d in got[1] for p in d.logprobs] == \
+            pytest.approx([p.chosen.logprob for p in want[1].logprobs], abs=1e-5)

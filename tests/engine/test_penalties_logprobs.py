@@ -197,3 +197,29 @@ def test_logprobs_only_when_asked(llm):
     out = llm.generate([[1, 2, 3], [4, 5]], [SamplingParams(max_tokens=2, logprobs=0),
                                              SamplingParams(max_tokens=2, logprobs=4)])
     assert [len(p.top) for p in out[0].logprobs] == [0, 0] and [len(p.top) for p in out[1].logprobs] == [4, 4]
+
+
+@pytest.mark.parametrize("penalised", [False, True], ids=["carried", "penalised (never carried)"])
+def test_async_scheduling_changes_no_logprobs_or_penalties(llm, penalised):
+    """With async scheduling (on here on the CPU) logprobs travel with their step's tokens, and a batch
+    with a penalised request is not carried (its penalty needs the last token on the host): the
+    outputs equal synchronous steps exactly."""
+    prompts = [[5, 17, 33, 17, 5], [9, 8, 7], [1, 2, 3, 4]]
+    params = [SamplingParams(max_tokens=9, ignore_eos=True, logprobs=3),
+              SamplingParams(max_tokens=7, ignore_eos=True, temperature=0.9, seed=3, logprobs=1),
+              SamplingParams(max_tokens=9, ignore_eos=True, repetition_penalty=1.8 if penalised else 1.0)]
+    async_llm = LLM(llm.path, device="cpu", block_size=4, kv_cache_memory=4 << 20, async_scheduling=True)
+    carried_steps, launch = [], async_llm.runner.launch
+
+    def counting_launch(seqs, is_prefill, carried=None):
+        carried_steps.append(carried is not None)
+        return launch(seqs, is_prefill, carried)
+
+    async_llm.runner.launch = counting_launch
+    want, got = llm.generate(prompts, params), async_llm.generate(prompts, params)
+    for w, g in zip(want, got):
+        assert g.token_ids == w.token_ids
+        assert (g.logprobs is None) == (w.logprobs is None)
+        for a, b in zip(g.logprobs or [], w.logprobs or []):
+            assert a.chosen == b.chosen and a.top == b.top
+    assert any(carried_steps) != penalised

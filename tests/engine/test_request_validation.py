@@ -261,17 +261,18 @@ class Fail(Exception):
 
 
 def failing_after(llm, steps: int, error: BaseException):
-    """Make ``llm.runner.step`` raise ``error`` on call ``steps + 1``; returns the undo."""
-    original, calls = llm.runner.step, [0]
+    """Make ``llm.runner.launch`` (every model step goes through it) raise ``error`` on call
+    ``steps + 1``; returns the undo."""
+    original, calls = llm.runner.launch, [0]
 
-    def step(*args):
+    def launch(*args, **kw):
         calls[0] += 1
         if calls[0] > steps:
             raise error
-        return original(*args)
+        return original(*args, **kw)
 
-    llm.runner.step = step
-    return lambda: setattr(llm.runner, "step", original)
+    llm.runner.launch = launch
+    return lambda: setattr(llm.runner, "launch", original)
 
 
 @pytest.fixture(scope="module")

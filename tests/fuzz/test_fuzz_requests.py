@@ -117,7 +117,7 @@ def test_fuzz_requests(model_dir):
     llm = make_llm(model_dir)
     assert llm.scheduler.blocks.num_blocks == 20
     reference = make_llm(model_dir).generate(*REFERENCE)[0].token_ids
-    original_step = llm.runner.step
+    original_launch = llm.runner.launch  # every model step goes through it
 
     @fuzz_settings(max_examples=60)
     @given(request=requests(), use_stream=st.booleans(), fail_at=st.none() | st.none() | st.integers(0, 6))
@@ -128,13 +128,13 @@ def test_fuzz_requests(model_dir):
             return
         calls = [0]
 
-        def step(*args):
+        def launch(*args, **kw):
             calls[0] += 1
             if fail_at is not None and calls[0] > fail_at:
                 raise InjectedFailure
-            return original_step(*args)
+            return original_launch(*args, **kw)
 
-        llm.runner.step = step
+        llm.runner.launch = launch
         try:
             if use_stream:
                 prompt = prompts[0] if isinstance(prompts, list) and prompts and not isinstance(prompts[0], int) else prompts
@@ -151,7 +151,7 @@ def test_fuzz_requests(model_dir):
         except InjectedFailure:
             pass
         finally:
-            llm.runner.step = original_step
+            llm.runner.launch = original_launch
         assert not llm.scheduler.waiting and not llm.scheduler.running
         assert llm.scheduler.blocks.num_free == llm.scheduler.blocks.num_blocks
 

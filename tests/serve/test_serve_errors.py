@@ -110,8 +110,8 @@ def test_api_key(chat_model_dir):
 
 def _stall_first_step(llm):
     """The engine thread blocks in its first model step until the returned event is set."""
-    gate, original = threading.Event(), llm.runner.step
-    llm.runner.step = lambda *args: (gate.wait(DEADLINE), original(*args))[1]
+    gate, original = threading.Event(), llm.runner.launch
+    llm.runner.launch = lambda *args, **kw: (gate.wait(DEADLINE), original(*args, **kw))[1]
     return gate
 
 
@@ -140,15 +140,15 @@ def test_full_queue_is_429_with_retry_after(chat_model_dir):
 
 def test_engine_failure_is_500_and_the_server_goes_on(chat_model_dir, caplog):
     llm = tiny_llm(chat_model_dir)
-    original, calls = llm.runner.step, [0]
+    original, calls = llm.runner.launch, [0]
 
-    def step(*args):
+    def launch(*args, **kw):
         calls[0] += 1
         if calls[0] in (1, 2):
             raise RuntimeError("injected failure")
-        return original(*args)
+        return original(*args, **kw)
 
-    llm.runner.step = step
+    llm.runner.launch = launch
     with running_server(llm) as server:
         error = assert_error(httpx.post(f"{server.url}/v1/completions", json=COMPLETION), 500, None,
                              "model step failed", "internal_error")

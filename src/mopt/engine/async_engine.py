@@ -5,12 +5,11 @@ The engine thread is the only one that touches the model, the scheduler and the 
 are validated and tokenized there too: a Hugging Face tokenizer is not safe to share between
 threads). Other threads talk to it through an inbox under a lock: submissions, aborts and the
 shutdown flag. Each loop iteration takes the inbox (aborts first, so an aborted request's KV-cache
-blocks are free before the next step), then runs one scheduler step through the same
-``LLM._run_step`` that ``generate`` uses, and hands every stepped request its delta (new text,
-token ids, logprobs, finish reason) on the request's event loop in one callback per step. On a GPU
-that callback is made once the next step is queued on the device: the event loop then formats and
-sends while the device computes, instead of holding the GIL while the engine thread prepares the
-next step.
+blocks are free before the next step), then runs one step through the same ``LLM._step`` that
+``generate`` uses, and hands every request that received tokens its delta (new text, token ids,
+logprobs, finish reason) on the request's event loop in one callback per step. With the LLM's async
+scheduling (on GPUs) the next step is already queued on the device when ``_step`` returns, so the
+event loop formats and sends while the device computes.
 
 Failures stay with the requests they touch: a step that raises fails the sequences it ran with
 :class:`EngineStepError` (details in the log) and the loop goes on serving the rest. The waiting
@@ -120,8 +119,6 @@ class AsyncEngine:
         self._inbox = _Inbox()
         self._wake = threading.Event()
         self._tracked: dict[int, _Tracked] = {}  # engine thread only
-        self._held: list[tuple[_Tracked, Any, float]] = []  # the last step's deltas, sent at the next launch
-        self._defer = llm.device.type == "cuda"
         self._thread: threading.Thread | None = None
         blocks = llm.scheduler.blocks
         self.stats = EngineStats(free_blocks=blocks.num_free, total_blocks=blocks.num_blocks)
@@ -228,8 +225,6 @@ class AsyncEngine:
             self._inbox.num_sequences -= sum(len(sub.prompts) for sub in inbox.submissions)
         if self.llm.scheduler.has_unfinished():
             self._step()
-        if not self.llm.scheduler.has_unfinished():
-            self._send_held()  # no next step to overlap with
         self._update_stats()
 
     def _admit(self, sub: _Submission) -> None:
@@ -262,33 +257,35 @@ class AsyncEngine:
         _call_soon(sub.loop, settle)
 
     def _step(self) -> None:
-        scheduler = self.llm.scheduler
+        llm = self.llm
         try:
-            seqs, is_prefill = scheduler.schedule()
+            stepped = llm._step()
         except Exception as e:
-            logger.exception("scheduling failed; failing every request in flight")
-            self._fail(list(self._tracked.values()), EngineStepError(f"scheduling failed ({type(e).__name__})"))
+            logger.exception("model step failed (%d sequences running)", len(llm.scheduler.running))
+            self._step_failed(EngineStepError(f"the model step failed ({type(e).__name__}); see the server log"))
             return
-        try:
-            self.llm._run_step(seqs, is_prefill, self._send_held)
-        except Exception as e:
-            logger.exception("model step (%s of %d sequences) failed", "prefill" if is_prefill else "decode", len(seqs))
-            failed = [self._tracked[s.request_id] for s in seqs if s.request_id in self._tracked]
-            self._fail(failed, EngineStepError(f"the model step failed ({type(e).__name__}); see the server log"))
-            return
-        now = time.monotonic()
-        out: list[tuple[_Tracked, Any]] = []
+        self._deliver([(tracked, tracked.delta()) for tracked in self._finished_or_stepped(stepped)], time.monotonic())
+
+    def _finished_or_stepped(self, seqs: list[Sequence]) -> list[_Tracked]:
+        """The tracked requests of ``seqs``; finished ones stop being tracked."""
+        out = []
         for seq in seqs:
             tracked = self._tracked.get(seq.request_id)
-            if tracked is None:
-                continue
-            out.append((tracked, tracked.delta()))
-            if seq.finish_reason is not None:
-                del self._tracked[seq.request_id]
-        if self._defer:
-            self._held = [(tracked, item, now) for tracked, item in out]
-        else:
-            self._deliver(out, now)
+            if tracked is not None:
+                out.append(tracked)
+                if seq.finish_reason is not None:
+                    del self._tracked[seq.request_id]
+        return out
+
+    def _step_failed(self, error: EngineStepError) -> None:
+        """After a failed ``LLM._step``: requests that finished before the failure get their last delta,
+        the running ones (those the failing step ran or had queued) fail, waiting ones go on."""
+        llm = self.llm
+        pending, llm._pending = llm._pending, None  # what was queued is not to be trusted
+        finished = [t.seq for t in self._tracked.values() if t.seq.finish_reason is not None]
+        self._deliver([(tracked, tracked.delta()) for tracked in self._finished_or_stepped(finished)], time.monotonic())
+        ran = {id(s) for s in llm.scheduler.running} | {id(s) for s in (pending.seqs if pending else [])}
+        self._fail([t for t in self._tracked.values() if id(t.seq) in ran], error)
 
     def _abort(self, request_id: int) -> None:
         tracked = self._tracked.pop(request_id, None)
@@ -307,20 +304,11 @@ class AsyncEngine:
         finally:
             self._deliver([(t, error) for t in failed], time.monotonic())
 
-    def _send_held(self) -> None:
-        held, self._held = self._held, []
-        self._send([(tracked, item, when) for tracked, item, when in held])
-
-    def _deliver(self, items: list[tuple[_Tracked, Any]], when: float) -> None:
-        """Send ``items`` now, after any held ones (a stream sees its deltas in order)."""
-        self._send_held()
-        self._send([(tracked, item, when) for tracked, item in items])
-
     @staticmethod
-    def _send(items: list[tuple[_Tracked, Any, float]]) -> None:
+    def _deliver(items: list[tuple[_Tracked, Any]], when: float) -> None:
         """One callback per event loop for the whole step (not one wake-up per request)."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Any, float]]] = {}
-        for tracked, item, when in items:
+        for tracked, item in items:
             by_loop.setdefault(tracked.loop, []).append((tracked.stream, item, when))
         for loop, batch in by_loop.items():
             _call_soon(loop, lambda batch=batch: [stream._push(item, when) for stream, item, when in batch])

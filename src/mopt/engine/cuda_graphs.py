@@ -86,18 +86,32 @@ class DecodeGraphs:
             pool = graph.pool()
             self.graphs[bs] = graph
 
-    def run(self, arrays: dict[str, np.ndarray], tables: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, arrays: dict[str, np.ndarray], tables: np.ndarray,
+            carry: tuple[torch.Tensor, np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step. ``carry = (tokens, src, dst)``: rows ``dst`` take their input ids from
+        ``tokens[src]``, the device-side output of a step whose tokens the host has not read yet."""
         batch, width = tables.shape
         bs = self.bucket(batch)
-        staging = np.zeros(4 * bs + bs * width, np.int32)
+        carried = 0 if carry is None else len(carry[1])
+        staging = np.zeros(4 * bs + bs * width + 2 * carried, np.int32)
         vectors = staging[: 4 * bs].reshape(4, bs)
         vectors[_IDS, :batch], vectors[_POSITIONS, :batch] = arrays["ids"], arrays["positions"]
         vectors[_SLOTS, :batch], vectors[_SEQ_LENS, :batch] = arrays["slots"], arrays["seq_lens"]
         vectors[_SLOTS, batch:] = -1
-        staging[4 * bs:].reshape(bs, width)[:batch] = tables
+        tail = 4 * bs + bs * width
+        staging[tail - bs * width:tail].reshape(bs, width)[:batch] = tables
+        if carried:
+            staging[tail:tail + carried], staging[tail + carried:] = carry[1], carry[2]
         device_staging = self.staging.to_device(staging)
         self.vectors[:, :bs].copy_(device_staging[: 4 * bs].view(4, bs))
-        self.tables[:bs, :width].copy_(device_staging[4 * bs:].view(bs, width))
+        self.tables[:bs, :width].copy_(device_staging[4 * bs:tail].view(bs, width))
+        if carried:
+            tokens, src, dst = carry
+            if carried == batch and np.array_equal(src, dst) and np.array_equal(dst, np.arange(batch)):
+                self.vectors[_IDS, :batch].copy_(tokens[:batch])
+            else:
+                rows = device_staging[tail:].long()
+                self.vectors[_IDS].index_copy_(0, rows[carried:], tokens.index_select(0, rows[:carried]).int())
         if bs in self.graphs:
             self.graphs[bs].replay()
             logits, greedy = self.outputs[bs]

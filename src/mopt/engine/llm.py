@@ -14,13 +14,15 @@ from mopt.engine.block_manager import BlockManager, blocks_needed
 from mopt.engine.checkpoint import CheckpointError
 from mopt.engine.loader import load_model
 from mopt.engine.request import check_messages, is_int, prompt_batch, prompt_token_ids
-from mopt.engine.runner import ModelRunner, kv_bytes_per_token
+from mopt.engine.runner import ModelRunner, PendingStep, kv_bytes_per_token
 from mopt.engine.scheduler import Scheduler
-from mopt.engine.sequence import Logprob, RequestOutput, SamplingParams, Sequence, TokenLogprobs
+from mopt.engine.sequence import Logprob, RequestOutput, SamplingParams, Sequence, SequenceStatus, TokenLogprobs
 from mopt.errors import EngineArgumentError, RequestError
 from mopt.jsonio import read_json_object
 
 logger = logging.getLogger(__name__)
+
+_PLACEHOLDER = -1  # stands for a token still on the device while the next step is queued
 
 CPU_KV_CACHE_BYTES = 512 << 20
 GPU_MEMORY_UTILIZATION = 0.85
@@ -68,8 +70,10 @@ class LLM:
     memory after loading); ``max_model_len`` defaults to the model's context length, capped by
     what the cache holds. On GPUs decode steps replay CUDA graphs captured at start-up, one per
     batch-size bucket up to ``max_num_seqs``; ``enforce_eager=True`` runs them eagerly instead.
-    ``tokenizer``: a folder to load the tokenizer from instead of the checkpoint's (the only way a
-    dummy model gets one).
+    ``async_scheduling`` (default: on for GPUs) queues each decode step before the tokens of the step
+    before it reach the host, so the GPU does not wait for Python between steps; the tokens are the
+    same either way. ``tokenizer``: a folder to load the tokenizer from instead of the checkpoint's
+    (the only way a dummy model gets one).
     """
 
     def __init__(self, model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
@@ -77,13 +81,15 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
                  kv_cache_memory: int | None = None, progress: bool = False, enforce_eager: bool = False,
                  load_format: str = "auto", quantization: str | None = None, seed: int = 0,
-                 tokenizer: str | Path | None = None) -> None:
+                 async_scheduling: bool | None = None, tokenizer: str | Path | None = None) -> None:
         check_engine_args(model=model, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                           max_model_len=max_model_len, block_size=block_size, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
                           load_format=load_format, quantization=quantization, enforce_eager=enforce_eager,
-                          tokenizer=tokenizer)
+                          async_scheduling=async_scheduling, tokenizer=tokenizer)
         self.device = torch.device(device) if device is not None else default_device()
+        self.async_scheduling = self.device.type == "cuda" if async_scheduling is None else async_scheduling
+        self._pending: PendingStep | None = None  # a queued step whose tokens the host has not read
         self.dtype = dtype or default_dtype(self.device)
         if load_format == "dummy":
             from mopt.engine.dummy import build_dummy_model, load_config
@@ -167,23 +173,74 @@ class LLM:
             seq.finish_reason = "length"
 
     def _step(self) -> list[Sequence]:
-        """One scheduler step: schedule, run the model, append and check each sampled token."""
+        """Queue one model step and take in the tokens of the one before it; returns the sequences
+        that received a token. Without async scheduling each step's tokens are taken in at once."""
+        pending, self._pending = self._pending, None
+        if pending is not None and self._can_carry(pending):
+            return self._carry(pending)
+        done = self._take_tokens(pending) if pending is not None else []
+        if not self.scheduler.has_unfinished():
+            return done
         seqs, is_prefill = self.scheduler.schedule()
-        self._run_step(seqs, is_prefill)
-        return seqs
+        step = self.runner.launch(seqs, is_prefill)
+        if self.async_scheduling:
+            self._pending = step
+            return done
+        return done + self._take_tokens(step)
 
-    def _run_step(self, seqs: list[Sequence], is_prefill: bool, on_launched=None) -> None:
-        """Run the model on scheduled ``seqs``; finished ones leave the scheduler. (Separate from the
-        scheduling so that a caller knows which sequences a failing step touched.) ``on_launched``:
-        see ``ModelRunner.step``."""
-        tokens, logprobs = self.runner.step(seqs, is_prefill, on_launched)
-        for row, (seq, token) in enumerate(zip(seqs, tokens)):
-            seq.output_token_ids.append(token)
+    def _can_carry(self, pending: PendingStep) -> bool:
+        """Whether the next step can be queued before ``pending``'s tokens are known: a decode step of
+        the same running sequences, none of which can stop on length or is penalised (a penalty needs
+        the previous token on the host), with a KV slot for each."""
+        if not self.async_scheduling or self.scheduler.waiting:
+            return False
+        running, block_size = self.scheduler.running, self.scheduler.blocks.block_size
+        if len(running) != len(pending.seqs) or any(a is not b for a, b in zip(running, pending.seqs)):
+            return False
+        need = 0
+        for seq in running:
+            if len(seq.output_token_ids) + 1 >= seq.params.max_tokens or len(seq) + 1 >= self.max_model_len \
+                    or seq.params.penalized:
+                return False
+            need += len(seq.block_table) * block_size <= len(seq) + 1
+        return need <= self.scheduler.blocks.num_free
+
+    def _carry(self, pending: PendingStep) -> list[Sequence]:
+        """Queue the next decode step on placeholders for ``pending``'s tokens (its input ids come
+        from the device), then take ``pending``'s tokens in."""
+        for seq in pending.seqs:
+            seq.output_token_ids.append(_PLACEHOLDER)
+        try:
+            seqs, is_prefill = self.scheduler.schedule()
+            assert not is_prefill and len(seqs) == len(pending.seqs), "checked by _can_carry"
+            self._pending = self.runner.launch(seqs, False, carried=pending)
+        except BaseException:
+            for seq in pending.seqs:
+                seq.output_token_ids.pop()
+            raise
+        return self._take_tokens(pending, placeholders=True)
+
+    def _take_tokens(self, step: PendingStep, placeholders: bool = False) -> list[Sequence]:
+        """Append ``step``'s token (and its logprobs, when asked) to each of its sequences
+        (``placeholders``: fill in the placeholder that stood for it) and check whether it stops;
+        sequences finished or aborted while the step was queued take nothing (their row was computed
+        in vain)."""
+        done = []
+        tokens, logprobs = step.results()
+        for row, (seq, token) in enumerate(zip(step.seqs, tokens)):
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            if placeholders:
+                seq.output_token_ids[-1] = token
+            else:
+                seq.output_token_ids.append(token)
             if seq.params.logprobs is not None:
                 seq.output_logprobs.append(self._token_logprobs(token, *logprobs[row][:3], seq.params.logprobs))
             self._finish_check(seq, token)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
+            done.append(seq)
+        return done
 
     def _token_logprobs(self, token: int, logprob: float, top_ids: list[int], top_logprobs: list[float],
                         k: int) -> TokenLogprobs:

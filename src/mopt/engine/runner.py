@@ -9,18 +9,22 @@ sequence lengths, block tables) and cross to the device in one copy. Decode step
 :class:`~mopt.engine.cuda_graphs.DecodeGraphs` (captured CUDA graphs on GPUs, the same padded
 static buffers run eagerly elsewhere); prefill steps run eagerly. Sampling happens on the device;
 the sampled ids (with their logprobs, when asked for) come back in one copy per step.
+:meth:`ModelRunner.launch` queues a step and returns at once (a :class:`PendingStep`); a decode step
+may take the input ids of its sequences straight from the device-side output of the step before it,
+so the host can queue step ``k + 1`` before reading the tokens of step ``k`` and the GPU never waits
+for Python between steps.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from mopt.engine.block_manager import blocks_needed
 from mopt.engine.cuda_graphs import DecodeGraphs
-from mopt.engine.sampler import SamplingTensors, greedy_tokens, sample
+from mopt.engine.sampler import SamplerOutput, SamplingTensors, greedy_tokens, sample
 from mopt.engine.sequence import Sequence
 from mopt.engine.staging import Staging
 from mopt.layers.attention import Attention, AttentionMetadata
@@ -58,6 +62,32 @@ def block_table_array(seqs: list[Sequence], width: int | None = None) -> np.ndar
     return tables
 
 
+@dataclass(eq=False)
+class PendingStep:
+    """A queued model step: the sequences it ran and what it sampled, on its way to the host."""
+
+    seqs: list[Sequence]
+    sampled: SamplerOutput  # on the device
+    host: torch.Tensor | None = None  # pinned destination of the one copy (None on the CPU)
+    event: torch.cuda.Event | None = None
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The sampled ids, int64 ``[B]`` on the device (a carried step's input ids)."""
+        return self.sampled.tokens
+
+    def results(self) -> tuple[list[int], list[tuple[float, list[int], list[float]]] | None]:
+        """The sampled ids, and per row ``(logprob, top ids, top logprobs)`` when some sequence asked
+        for logprobs (else ``None``), waiting for this step (and only it) to finish."""
+        if self.event is None:
+            return self.sampled.to_host()
+        self.event.synchronize()
+        return self.sampled.unpack(self.host[: len(self.seqs)].tolist())
+
+    def token_ids(self) -> list[int]:
+        return self.results()[0]
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
                  max_num_seqs: int = 64, max_model_len: int | None = None, enforce_eager: bool = False,
@@ -71,6 +101,8 @@ class ModelRunner:
                                   torch.zeros(shape, dtype=cache_dtype, device=self.device))
         max_model_len = max_model_len or num_blocks * block_size
         self.staging = Staging(self.device)
+        self._token_buffers: list[torch.Tensor] = []  # two pinned buffers, used in turn (see Staging)
+        self._token_turn = 0
         self.graphs = DecodeGraphs(self._decode_forward, self.device, max_num_seqs, blocks_needed(max_model_len, block_size),
                                    capture=self.device.type == "cuda" and not enforce_eager,
                                    pad=self.device.type == "cuda", progress=progress)
@@ -105,10 +137,17 @@ class ModelRunner:
                                  query_start_loc=packed[3 * n:3 * n + b + 1], max_query_len=max(lens))
         return self._forward(packed[:n], packed[n:2 * n], meta, meta.query_start_loc[1:].long() - 1)
 
-    def _logits(self, seqs: list[Sequence], is_prefill: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _logits(self, seqs: list[Sequence], is_prefill: bool,
+                carried: PendingStep | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if is_prefill:
             return self._prefill_logits(seqs), None
-        return self.graphs.run(decode_arrays(seqs, self.block_size), block_table_array(seqs))
+        carry = None
+        if carried is not None:
+            row_of = {id(s): i for i, s in enumerate(carried.seqs)}
+            pairs = [(row_of[id(s)], dst) for dst, s in enumerate(seqs) if id(s) in row_of]
+            src, dst = (np.array(v, np.int32) for v in zip(*pairs)) if pairs else (np.zeros(0, np.int32),) * 2
+            carry = (carried.tokens, src, dst) if pairs else None
+        return self.graphs.run(decode_arrays(seqs, self.block_size), block_table_array(seqs), carry)
 
     @torch.inference_mode()
     def step_logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
@@ -116,14 +155,33 @@ class ModelRunner:
         return self._logits(seqs, is_prefill)[0]
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], is_prefill: bool,
-             on_launched: Callable[[], None] | None = None) -> tuple[list[int], list[tuple] | None]:
-        """The sampled token of each sequence, and per row ``(logprob, top ids, top logprobs)`` when
-        some sequence asked for logprobs (else ``None``), from one device-to-host copy.
-        ``on_launched``: host work to do once the step is queued on the device, before waiting for
-        it (on a GPU it overlaps the step; on a CPU the step is already done)."""
-        logits, greedy = self._logits(seqs, is_prefill)
+    def launch(self, seqs: list[Sequence], is_prefill: bool, carried: PendingStep | None = None) -> PendingStep:
+        """Queue one step and return without waiting for it. ``carried``: a decode step's sequences that
+        were in ``carried`` take their input ids from its device-side tokens (their last host token
+        is a placeholder then)."""
+        logits, greedy = self._logits(seqs, is_prefill, carried)
         sampled = sample(logits, SamplingTensors.from_sequences(seqs, self.device), greedy)
-        if on_launched is not None:
-            on_launched()
-        return sampled.to_host()
+        if self.device.type != "cuda":
+            return PendingStep(seqs, sampled)
+        packed = sampled.packed()
+        host = self._host_buffer(packed)
+        host[: len(seqs)].copy_(packed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingStep(seqs, sampled, host, event)
+
+    def _host_buffer(self, packed: torch.Tensor) -> torch.Tensor:
+        """Pinned room for ``packed``: for plain ids one of two buffers used in turn (see Staging); for
+        ids with logprobs (rarer, and of any width) a new one from torch's pinned-memory cache."""
+        if packed.dim() != 1:
+            return torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        if not self._token_buffers or self._token_buffers[0].numel() < len(packed):
+            size = max(len(packed), 256)
+            self._token_buffers = [torch.empty(size, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        host = self._token_buffers[self._token_turn]
+        self._token_turn ^= 1
+        return host
+
+    def step(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        """Run one step and return its sampled ids."""
+        return self.launch(seqs, is_prefill).token_ids()

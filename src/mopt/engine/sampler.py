@@ -3,7 +3,7 @@ top-p (nucleus), and the log-probabilities requests ask for.
 
 Tensor in, tensor out: ``sample(logits [B, V], SamplingTensors) -> SamplerOutput`` (token ids [B],
 optional logprobs), no loop over sequences or tokens and no host synchronization; the engine copies
-ids and logprobs to the host together, once per step (:meth:`SamplerOutput.to_host`).
+ids and logprobs to the host together, once per step (:meth:`SamplerOutput.packed`).
 
 Penalties follow vLLM: the repetition penalty divides positive logits and multiplies negative ones
 of every token seen in the prompt or output; frequency and presence penalties subtract from the
@@ -173,17 +173,24 @@ class SamplerOutput:
     top_ids: torch.Tensor | None = None  # int64 [B, K]: the K most likely tokens, most likely first
     top_logprobs: torch.Tensor | None = None  # float32 [B, K]
 
-    def to_host(self) -> tuple[list[int], list[tuple[float, list[int], list[float]]] | None]:
-        """``(token ids, per-row (logprob, top ids, top logprobs) or None)`` in ONE device-to-host
-        copy: with logprobs, ids and values travel packed in one float64 tensor (exact for ids below
+    def packed(self) -> torch.Tensor:
+        """Everything the host needs as ONE tensor, for one device-to-host copy: the ids (int64 ``[B]``),
+        or with logprobs ids and values together in float64 ``[B, 2 + 2K]`` (exact for ids below
         2**53 and for every float32 value)."""
         if self.logprobs is None:
-            return self.tokens.tolist(), None
+            return self.tokens
+        return torch.cat([self.tokens[:, None].double(), self.logprobs[:, None].double(), self.top_ids.double(),
+                          self.top_logprobs.double()], dim=1)
+
+    def unpack(self, rows: list) -> tuple[list[int], list[tuple[float, list[int], list[float]]] | None]:
+        """``(token ids, per-row (logprob, top ids, top logprobs) or None)`` from ``packed().tolist()``."""
+        if self.logprobs is None:
+            return rows, None
         k = self.top_ids.shape[1]
-        packed = torch.cat([self.tokens[:, None].double(), self.logprobs[:, None].double(), self.top_ids.double(),
-                            self.top_logprobs.double()], dim=1).tolist()
-        tokens = [int(row[0]) for row in packed]
-        return tokens, [(row[1], [int(t) for t in row[2:2 + k]], row[2 + k:]) for row in packed]
+        return [int(row[0]) for row in rows], [(row[1], [int(t) for t in row[2:2 + k]], row[2 + k:]) for row in rows]
+
+    def to_host(self) -> tuple[list[int], list[tuple[float, list[int], list[float]]] | None]:
+        return self.unpack(self.packed().tolist())
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
