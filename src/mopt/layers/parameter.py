@@ -228,6 +228,12 @@ class ExpertParameter(BaseParameter):
     projection, one slot per expert (``[E, ...]`` or ``[E]``). Missing experts are reported by name.
     """
 
+    # Tensor parallelism over the intermediate dimension (set by the layer): w13 takes this rank's rows
+    # of each projection, w2 its columns (in the tensor's own units: values, packed bytes or blocks).
+    tp_rank: int = 0
+    tp_size: int = 1
+    expert_offset: int = 0  # expert parallelism: global id of local expert 0 (for messages)
+
     def __init__(self, data: torch.Tensor, kind: str, weight_loader=None) -> None:
         super().__init__(data, weight_loader)
         self.kind = kind
@@ -246,7 +252,7 @@ class ExpertParameter(BaseParameter):
         half = 1 if shard == "w3" else 0
         if self.is_scalar:
             if loaded.numel() != 1:
-                raise WeightLoadError(f"{self.mopt_name}: expert {expert} {shard}: expected a scalar, got shape "
+                raise WeightLoadError(f"{self.mopt_name}: expert {expert + self.expert_offset} {shard}: expected a scalar, got shape "
                                       f"{tuple(loaded.shape)}")
             target = self.data[expert, half] if self.kind == "w13" else self.data[expert]
             loaded = loaded.reshape(())
@@ -255,6 +261,12 @@ class ExpertParameter(BaseParameter):
             target = self.data[expert, half * rows:(half + 1) * rows]
         else:
             target = self.data[expert]
+        if self.tp_size > 1 and not self.is_scalar:
+            split = ShardSpec(split="output" if self.kind == "w13" else "input", slice_index=self.tp_rank,
+                              num_slices=self.tp_size)
+            dim = 0 if self.kind == "w13" else target.dim() - 1
+            loaded = _take_slice(loaded, dim, split, target.shape[dim],
+                                 f"{self.mopt_name} (expert {expert + self.expert_offset} {shard})")
         self.check_and_copy(target, loaded)
         self.loaded_mask[expert, half] = True
 
@@ -264,4 +276,4 @@ class ExpertParameter(BaseParameter):
 
     def missing(self) -> list[str]:
         names = ("w1", "w3") if self.kind == "w13" else ("w2",)
-        return [f"expert {e} {names[h]}" for e, h in (~self.loaded_mask).nonzero().tolist()]
+        return [f"expert {e + self.expert_offset} {names[h]}" for e, h in (~self.loaded_mask).nonzero().tolist()]

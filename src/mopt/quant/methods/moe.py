@@ -69,6 +69,8 @@ class UnquantizedFusedMoEMethod(FusedMoEMethodBase):
 
 class ModelOptFp8MoEMethod(FusedMoEMethodBase):
     scheme = MoEScheme.FP8_TENSOR
+    # Tensor parallelism splits each expert's intermediate dimension (w2's K) into parts of this size.
+    intermediate_split_multiple, intermediate_split_reason = 16, "FP8 GEMMs need K % 16 == 0"
 
     def __init__(self, quant_config, layer=None) -> None:
         super().__init__()
@@ -104,6 +106,8 @@ class ModelOptNvFp4FusedMoE(FusedMoEMethodBase):
         super().__init__()
         self.quant_config = quant_config
         self.group_size = getattr(quant_config, "group_size", nvfp4.BLOCK_SIZE)
+        self.intermediate_split_multiple = self.group_size
+        self.intermediate_split_reason = f"whole {self.group_size}-element blocks of w2's packed values and scales"
 
     def create_weights(self, layer, num_experts, hidden, inter, params_dtype) -> None:
         e, g = num_experts, self.group_size
