@@ -11,6 +11,7 @@ same buffers and padding run eagerly, so the bucket logic is the same everywhere
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -20,6 +21,22 @@ from mopt.engine.staging import Staging
 from mopt.layers.attention import AttentionMetadata
 
 _IDS, _POSITIONS, _SLOTS, _SEQ_LENS = range(4)
+
+
+@dataclass(frozen=True)
+class StagedDecode:
+    """One decode step's inputs in the int32 layout ``run_staged`` copies to the static buffers: ids,
+    positions, slots and sequence lengths of ``bucket`` rows (``batch`` real ones), then the
+    ``bucket x width`` block tables. Tensor parallelism broadcasts it to the workers as it is."""
+
+    array: np.ndarray
+    batch: int
+    bucket: int
+    width: int
+
+    @property
+    def header(self) -> tuple[int, int, int]:
+        return self.batch, self.bucket, self.width
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -87,6 +104,9 @@ class DecodeGraphs:
             self.graphs[bs] = graph
 
     def run(self, arrays: dict[str, np.ndarray], tables: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.run_staged(self.stage(arrays, tables))
+
+    def stage(self, arrays: dict[str, np.ndarray], tables: np.ndarray) -> StagedDecode:
         batch, width = tables.shape
         bs = self.bucket(batch)
         staging = np.zeros(4 * bs + bs * width, np.int32)
@@ -95,7 +115,12 @@ class DecodeGraphs:
         vectors[_SLOTS, :batch], vectors[_SEQ_LENS, :batch] = arrays["slots"], arrays["seq_lens"]
         vectors[_SLOTS, batch:] = -1
         staging[4 * bs:].reshape(bs, width)[:batch] = tables
-        device_staging = self.staging.to_device(staging)
+        return StagedDecode(staging, batch, bs, width)
+
+    def run_staged(self, staged: StagedDecode) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and greedy ids of the ``batch`` real rows of a staged step."""
+        batch, bs, width = staged.batch, staged.bucket, staged.width
+        device_staging = self.staging.to_device(staged.array)
         self.vectors[:, :bs].copy_(device_staging[: 4 * bs].view(4, bs))
         self.tables[:bs, :width].copy_(device_staging[4 * bs:].view(bs, width))
         if bs in self.graphs:

@@ -9,9 +9,16 @@ sequence lengths, block tables) and cross to the device in one copy. Decode step
 :class:`~mopt.engine.cuda_graphs.DecodeGraphs` (captured CUDA graphs on GPUs, the same padded
 static buffers run eagerly elsewhere); prefill steps run eagerly. Sampling happens on the device;
 the sampled ids come back in one copy per step.
+
+Under tensor parallelism rank 0's runner hands each step's packed int32 array to ``step_scope``
+(set by the engine), which broadcasts it so that every worker runs the same step on its shard
+(``prefill_from_array`` / ``DecodeGraphs.run_staged``) while rank 0 runs it here.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
@@ -56,7 +63,26 @@ def block_table_array(seqs: list[Sequence], width: int | None = None) -> np.ndar
     return tables
 
 
+def prefill_array(seqs: list[Sequence], block_size: int) -> tuple[np.ndarray, int, int, int]:
+    """``(array, n, b, max_query_len)``: a prefill's ``n`` tokens of ``b`` sequences packed as token ids,
+    positions, slots, query starts, sequence lengths and block tables (``prefill_from_array`` reads it)."""
+    lens = [len(s) for s in seqs]
+    ids = np.fromiter((t for s in seqs for t in s.token_ids), np.int32, sum(lens))
+    positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lens])
+    tables = block_table_array(seqs)
+    rows = np.repeat(np.arange(len(seqs)), lens)
+    slots = tables[rows, positions // block_size] * block_size + positions % block_size
+    q_starts = np.zeros(len(seqs) + 1, np.int32)
+    np.cumsum(lens, out=q_starts[1:])
+    array = np.concatenate([ids, positions, slots, q_starts, np.asarray(lens, np.int32), tables.reshape(-1)])
+    return array, len(ids), len(seqs), max(lens)
+
+
 class ModelRunner:
+    # Tensor parallelism (rank 0): ``step_scope(kind, ints, array)`` announces a step to the workers and
+    # guards it ("prefill": ints (n, b, max_query_len); "decode": ``StagedDecode.header``).
+    step_scope: Callable[[str, tuple, np.ndarray], ContextManager] | None = None
+
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
                  max_num_seqs: int = 64, max_model_len: int | None = None, enforce_eager: bool = False,
                  progress: bool = False) -> None:
@@ -85,28 +111,28 @@ class ModelRunner:
         logits = self._forward(ids, positions, meta)
         return logits, greedy_tokens(logits)
 
-    def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
-        bs = self.block_size
-        lens = [len(s) for s in seqs]
-        ids = np.fromiter((t for s in seqs for t in s.token_ids), np.int32, sum(lens))
-        positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lens])
-        tables = block_table_array(seqs)
-        rows = np.repeat(np.arange(len(seqs)), lens)
-        slots = tables[rows, positions // bs] * bs + positions % bs
-        q_starts = np.zeros(len(seqs) + 1, np.int32)
-        np.cumsum(lens, out=q_starts[1:])
-        n, b = len(ids), len(seqs)
-        packed = self.staging.to_device(np.concatenate([ids, positions, slots, q_starts, np.asarray(lens, np.int32),
-                                                 tables.reshape(-1)]))
+    def prefill_from_array(self, array: np.ndarray, n: int, b: int, max_query_len: int) -> torch.Tensor:
+        """Logits at each sequence's last token of the prefill ``prefill_array`` packed."""
+        packed = self.staging.to_device(array)
         meta = AttentionMetadata(slot_mapping=packed[2 * n:3 * n], block_tables=packed[3 * n + 2 * b + 1:].view(b, -1),
                                  seq_lens=packed[3 * n + b + 1:3 * n + 2 * b + 1],
-                                 query_start_loc=packed[3 * n:3 * n + b + 1], max_query_len=max(lens))
+                                 query_start_loc=packed[3 * n:3 * n + b + 1], max_query_len=max_query_len)
         return self._forward(packed[:n], packed[n:2 * n], meta, meta.query_start_loc[1:].long() - 1)
+
+    def _scope(self, kind: str, ints: tuple, array: np.ndarray) -> ContextManager:
+        return self.step_scope(kind, ints, array) if self.step_scope is not None else contextlib.nullcontext()
+
+    def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
+        array, n, b, max_query_len = prefill_array(seqs, self.block_size)
+        with self._scope("prefill", (n, b, max_query_len), array):
+            return self.prefill_from_array(array, n, b, max_query_len)
 
     def _logits(self, seqs: list[Sequence], is_prefill: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         if is_prefill:
             return self._prefill_logits(seqs), None
-        return self.graphs.run(decode_arrays(seqs, self.block_size), block_table_array(seqs))
+        staged = self.graphs.stage(decode_arrays(seqs, self.block_size), block_table_array(seqs))
+        with self._scope("decode", staged.header, staged.array):
+            return self.graphs.run_staged(staged)
 
     @torch.inference_mode()
     def step_logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
