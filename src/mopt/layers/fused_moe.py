@@ -12,7 +12,9 @@ row-parallel) and the ranks' outputs are summed by an all-reduce. With expert pa
 holds whole experts, ``E / tp`` of them; tokens are routed on every rank (activations are
 replicated), each rank runs the (token, expert) pairs of its own experts (pairs of other ranks'
 experts carry the id ``num_experts``, which kernels skip) and the all-reduce combines them.
-Checkpoint tensors of other ranks' experts are never read.
+Checkpoint tensors of other ranks' experts are never read, except the scalars a method reduces over
+all experts (``ExpertParameter.global_experts``: FP8's static input scales take their maximum over
+every expert, so each rank must quantize activations with the same scale one rank would).
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ class FusedMoE(nn.Module):
         for name, param in self.named_parameters(recurse=False):
             param.mopt_name = f"{prefix}.{name}"
             if isinstance(param, ExpertParameter):
-                param.tp_rank, param.tp_size, param.expert_offset = self.tp_rank, self.tp_size, self.expert_start
+                offset = 0 if param.global_experts else self.expert_start
+                param.tp_rank, param.tp_size, param.expert_offset = self.tp_rank, self.tp_size, offset
 
     def _split(self, state) -> None:
         """This rank's experts (``expert_start`` + ``num_experts``) and intermediate size (see module doc)."""
@@ -114,6 +117,9 @@ class FusedMoE(nn.Module):
         if not 0 <= expert < self.total_num_experts:
             raise WeightLoadError(f"{param.mopt_name}: expert {expert} out of range (the layer has "
                                   f"{self.total_num_experts})")
+        if param.global_experts:
+            param.load_expert(loaded, projection, expert)
+            return
         expert -= self.expert_start
         if 0 <= expert < self.num_experts:  # else another rank's expert: not read
             param.load_expert(loaded, projection, expert)

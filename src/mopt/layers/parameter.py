@@ -233,6 +233,9 @@ class ExpertParameter(BaseParameter):
     tp_rank: int = 0
     tp_size: int = 1
     expert_offset: int = 0  # expert parallelism: global id of local expert 0 (for messages)
+    # Expert parallelism: a small tensor every rank holds for all experts (FP8 input scales, reduced over
+    # the experts after loading), indexed by global expert id.
+    global_experts: bool = False
 
     def __init__(self, data: torch.Tensor, kind: str, weight_loader=None) -> None:
         super().__init__(data, weight_loader)

@@ -82,8 +82,12 @@ class ModelOptFp8MoEMethod(FusedMoEMethodBase):
         _param(layer, "w2_weight", torch.empty(e, hidden, inter, dtype=fp8.FP8_DTYPE), "w2")
         _param(layer, "w13_weight_scale", torch.full((e, 2), torch.finfo(torch.float32).min), "w13")
         _param(layer, "w2_weight_scale", torch.full((e,), torch.finfo(torch.float32).min), "w2")
-        _param(layer, "w13_input_scale", torch.full((e, 2), torch.finfo(torch.float32).min), "w13")
-        _param(layer, "w2_input_scale", torch.full((e,), torch.finfo(torch.float32).min), "w2")
+        # One activation scale per GEMM, the maximum over *all* experts: under expert parallelism every rank
+        # reads every expert's input scales (scalars), so its activations quantize as one rank's would.
+        total = getattr(layer, "total_num_experts", e)
+        _param(layer, "w13_input_scale", torch.full((total, 2), torch.finfo(torch.float32).min), "w13")
+        _param(layer, "w2_input_scale", torch.full((total,), torch.finfo(torch.float32).min), "w2")
+        layer.w13_input_scale.global_experts = layer.w2_input_scale.global_experts = True
 
     def process_weights_after_loading(self, layer) -> None:
         self._check_loaded(layer)
