@@ -92,21 +92,83 @@ def group_for(tp_size: int) -> object | None:
     return state.group if tp_size > 1 and state.tp_size == tp_size else None
 
 
-def all_reduce(x: torch.Tensor, group, op: str = "sum") -> torch.Tensor:
-    """Sum (or max) ``x`` over the group's ranks in place; ``x`` on every rank afterwards. Capturable in
-    CUDA graphs (NCCL runs it on the stream)."""
+class Group:
+    """A process group of mopt's own: a torch.distributed backend (``ProcessGroupNCCL`` on GPUs,
+    ``ProcessGroupGloo`` on CPUs and for control messages) over the world's rendezvous store.
+
+    It is deliberately not torch.distributed's default group: other code in rank 0's process that uses
+    torch.distributed (ModelOpt's calibration syncs amaxes over the default group when one exists; a
+    user's own data parallelism) neither sees nor joins mopt's ranks. Collectives are the backends' own,
+    so NCCL ones are stream-ordered and capturable in CUDA graphs like ``torch.distributed.all_reduce``.
+    """
+
+    def __init__(self, backend, rank: int, size: int, name: str) -> None:
+        self.backend, self.rank, self.size, self.name = backend, rank, size, name
+
+    def _done(self, work, async_op: bool):
+        if async_op:
+            return work
+        work.wait()  # NCCL: the current stream waits; gloo: the host waits
+        return None
+
+    def all_reduce(self, x: torch.Tensor, op: str = "sum", async_op: bool = False):
+        import torch.distributed as dist
+
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+        return self._done(self.backend.allreduce([x], opts), async_op)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0, async_op: bool = False):
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank, opts.rootTensor = src, 0
+        return self._done(self.backend.broadcast([x], opts), async_op)
+
+    def all_gather_into(self, out: torch.Tensor, x: torch.Tensor, async_op: bool = False):
+        """``out`` (``size * x.shape[0]`` rows) gets every rank's ``x``, in rank order."""
+        return self._done(self.backend._allgather_base(out, x), async_op)
+
+    def abort(self) -> None:
+        self.backend.abort()
+
+    def shutdown(self) -> None:
+        stop = getattr(self.backend, "shutdown", None)
+        if stop is not None:
+            stop()
+
+
+def new_group(kind: str, store, rank: int, size: int, timeout_s: float, name: str,
+              device: torch.device | None = None) -> Group:
+    """A :class:`Group` of ``size`` ranks (``kind``: ``"nccl"`` or ``"gloo"``); every rank calls it with the
+    same ``name``, which keys its rendezvous in ``store``."""
+    import datetime
+
     import torch.distributed as dist
 
-    dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+    prefixed = dist.PrefixStore(f"group/{name}", store)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if kind == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options.is_high_priority_stream = False
+        options._timeout = timeout
+        backend = dist.ProcessGroupNCCL(prefixed, rank, size, options)
+        if device is not None and hasattr(backend, "eager_connect_single_device"):
+            backend.eager_connect_single_device(device)  # fail now, not in the first forward
+    else:
+        backend = dist.ProcessGroupGloo(prefixed, rank, size, timeout)
+    return Group(backend, rank, size, name)
+
+
+def all_reduce(x: torch.Tensor, group: Group, op: str = "sum") -> torch.Tensor:
+    """Sum (or max) ``x`` over the group's ranks in place; ``x`` on every rank afterwards."""
+    group.all_reduce(x, op)
     return x
 
 
-def all_gather_last_dim(x: torch.Tensor, group, world: int) -> torch.Tensor:
+def all_gather_last_dim(x: torch.Tensor, group: Group, world: int) -> torch.Tensor:
     """``[..., n]`` shards of the ranks, in rank order, as ``[..., world * n]`` on every rank."""
-    import torch.distributed as dist
-
     x = x.contiguous()
     out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, x, group=group)
+    group.all_gather_into(out, x)
     return out.view(world, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], world * x.shape[-1])

@@ -4,7 +4,8 @@ One node: rank 0 is the calling process; it opens a ``TCPStore`` on a free port 
 starts ranks 1..N-1 with torch.multiprocessing's spawn context. Several nodes: every rank is started
 by ``torchrun`` and reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 ``MASTER_PORT``. Either way every rank announces itself in the store; rank 0 waits for all of them
-(naming any that does not come, or that died on the way) before creating two process groups:
+(naming any that does not come, or that died on the way) before creating two process groups of
+mopt's own (``mopt.engine.distributed.Group``: never torch.distributed's default group):
 
 * ``group``: the model's collectives (NCCL on GPUs, gloo on CPUs), with ``MOPT_TP_TIMEOUT``;
 * ``ctrl``: gloo, rank 0's commands to the workers. Its own timeout is effectively infinite because
@@ -30,11 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mopt.engine.distributed import TensorParallelError
+from mopt.engine.distributed import Group, TensorParallelError, new_group
 
 logger = logging.getLogger(__name__)
 
-CTRL_TIMEOUT = datetime.timedelta(days=3650)  # waits on the control group are polled (see module doc)
+CTRL_TIMEOUT_S = 3650 * 86400.0  # waits on the control group are polled (see module doc)
 HEARTBEAT_S = 1.0
 POLL_S = 1.0
 
@@ -99,8 +100,8 @@ class World:
     store: object  # a PrefixStore over the rendezvous TCPStore
     store_address: tuple[str, int]
     timeouts: Timeouts
-    group: object = None
-    ctrl: object = None
+    group: Group | None = None
+    ctrl: Group | None = None
     processes: dict[int, object] = field(default_factory=dict)  # rank -> spawned process (one node, rank 0)
     parent_pid: int | None = None  # a spawned worker's rank 0
 
@@ -188,8 +189,28 @@ def _exit_description(world: World, rank: int) -> str:
     process = world.processes.get(rank)
     code = process.exitcode if process is not None else None
     message = failure_message(world.store, rank)
-    what = f"exited with code {code}" if code is not None else "failed"
+    if code is not None and code < 0:
+        import signal
+
+        try:
+            what = f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            what = f"was killed by signal {-code}"
+    else:
+        what = f"exited with code {code}" if code is not None else "failed"
     return what + (f": {message}" if message else "")
+
+
+# A worker whose collective failed because another rank died reports that as its own error; the
+# monitor names the rank that failed first, telling these apart by their text.
+_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "remote process exited", "Broken pipe")
+
+
+# A spawned worker imports the main module of rank 0's program; a script that starts a model at import time
+# makes every worker fail there, before it can leave a message (its traceback is on stderr).
+_SPAWN_HINT = (" (workers are started with multiprocessing's spawn method and import the main module: a script "
+               "must create tensor-parallel models under `if __name__ == \"__main__\":`; the worker's own error is "
+               "on stderr)")
 
 
 def failure_message(store, rank: int) -> str | None:
@@ -204,8 +225,6 @@ def failure_message(store, rank: int) -> str | None:
 
 def rendezvous(world: World, device_type: str) -> None:
     """Every rank announces itself; rank 0 waits for all (naming those missing), then the groups."""
-    import torch.distributed as dist
-
     store = world.store
     store.set(f"joined/{world.rank}", str(os.getpid()))
     if world.rank == 0:
@@ -215,7 +234,8 @@ def rendezvous(world: World, device_type: str) -> None:
             dead = [r for r in missing if r in world.processes and world.processes[r].exitcode is not None]
             if dead:
                 raise TensorParallelError("tensor-parallel " + "; ".join(
-                    f"rank {r} {_exit_description(world, r)} before joining" for r in dead))
+                    f"rank {r} {_exit_description(world, r)} before joining" for r in dead)
+                    + ("" if all(failure_message(store, r) for r in dead) else _SPAWN_HINT))
             if not missing:
                 break
             if time.monotonic() > deadline:
@@ -224,14 +244,11 @@ def rendezvous(world: World, device_type: str) -> None:
                     f"tensor-parallel rendezvous at {where} timed out after {world.timeouts.init:.0f} s: "
                     f"rank(s) {missing} of {world.size} did not join (MOPT_TP_INIT_TIMEOUT)")
             time.sleep(0.05)
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    options = dict(backend=backend, store=dist.PrefixStore("pg", store), rank=world.rank, world_size=world.size,
-                   timeout=datetime.timedelta(seconds=world.timeouts.collective))
-    if backend == "nccl":
-        options["device_id"] = world.device
-    dist.init_process_group(**options)
-    world.group = dist.group.WORLD
-    world.ctrl = dist.new_group(backend="gloo", timeout=CTRL_TIMEOUT)
+    kind = "nccl" if device_type == "cuda" else "gloo"
+    world.ctrl = new_group("gloo", store, world.rank, world.size, world.timeouts.init, "ctrl")
+    world.ctrl.backend.set_timeout(datetime.timedelta(seconds=CTRL_TIMEOUT_S))  # connected; now never time out
+    world.group = new_group(kind, store, world.rank, world.size, world.timeouts.collective, "model",
+                            world.device if kind == "nccl" else None)
 
 
 def wait_polled(work, check: callable, what: str, limit: float | None = None) -> None:
@@ -291,48 +308,66 @@ class Monitor(threading.Thread):
         self.store = store_client(world)
         self.peers = [PeerWatch(self.store, r, world.timeouts.peer) for r in range(1, world.size)]
 
-    def fail(self, rank: int, what: str) -> None:
-        if self.failure is None:
-            self.failure = TensorParallelError(f"tensor-parallel rank {rank} {what}")
-            logger.error("%s", self.failure)
-            abort_groups(self.world)
+    def fail(self, problems: dict[int, str]) -> None:
+        """Record the failure, the rank most likely to blame first (see ``_SECONDARY``)."""
+        if self.failure is not None or not problems:
+            return
+
+        def blame(item):
+            rank, what = item
+            return (any(s in what for s in _SECONDARY), rank)
+
+        ranked = sorted(problems.items(), key=blame)
+        text = "; ".join(f"rank {rank} {what}" for rank, what in ranked)
+        self.failure = TensorParallelError(f"tensor-parallel {text}")
+        logger.error("%s", self.failure)
+        abort_groups(self.world)
+
+    def scan(self, exited: set[int]) -> dict[int, str]:
+        """Problems now: exited processes, failure messages, silent heartbeats."""
+        problems: dict[int, str] = {r: _exit_description(self.world, r) for r in exited}
+        for rank in range(1, self.world.size):
+            message = failure_message(self.store, rank)
+            if message and rank not in problems:
+                problems[rank] = f"failed: {message}"
+        for peer in self.peers:
+            silent = peer.silent_for()
+            if silent > peer.timeout and peer.rank not in problems:
+                problems[peer.rank] = f"stopped responding (no heartbeat for {silent:.0f} s, MOPT_TP_PEER_TIMEOUT)"
+        return problems
 
     def run(self) -> None:
         from multiprocessing.connection import wait
 
         sentinels = {p.sentinel: r for r, p in self.world.processes.items()}
+        exited: set[int] = set()
         while not self.stopped.is_set() and self.failure is None:
             try:
                 self.store.add("alive/0", 1)
-                for rank in range(1, self.world.size):
-                    message = failure_message(self.store, rank)
-                    if message:
-                        self.fail(rank, f"failed: {message}")
-                for peer in self.peers:
-                    silent = peer.silent_for()
-                    if silent > peer.timeout:
-                        self.fail(peer.rank, f"stopped responding (no heartbeat for {silent:.0f} s, "
-                                             f"MOPT_TP_PEER_TIMEOUT)")
+                problems = self.scan(exited)
+                if problems:
+                    time.sleep(0.5)  # let the other ranks' reactions arrive, to tell cause from consequence
+                    exited |= {sentinels[s] for s in wait(list(sentinels), timeout=0)} if sentinels else set()
+                    if not self.stopped.is_set():
+                        self.fail(self.scan(exited))
+                    return
             except Exception as e:  # torchrun's agent store gone: the world is being torn down
                 if not self.stopped.is_set():
-                    self.fail(0, f"lost the rendezvous store ({str(e).splitlines()[0]})")
+                    self.fail({0: f"lost the rendezvous store ({str(e).splitlines()[0]})"})
                 return
             ready = wait(list(sentinels), timeout=HEARTBEAT_S) if sentinels else self.stopped.wait(HEARTBEAT_S)
-            for sentinel in ready if sentinels else []:
-                if not self.stopped.is_set():
-                    self.fail(sentinels[sentinel], _exit_description(self.world, sentinels[sentinel]))
+            if sentinels:
+                exited |= {sentinels[s] for s in ready}
 
 
 def abort_groups(world: World) -> None:
     """Make collectives that wait on a dead rank return (NCCL; gloo ones fail by themselves)."""
-    if world.device.type != "cuda":
+    if world.device.type != "cuda" or world.group is None:
         return
     try:
-        from torch.distributed.distributed_c10d import _abort_process_group
-
-        _abort_process_group()
+        world.group.abort()
     except Exception as e:  # best effort: the collective timeout still bounds the wait
-        logger.warning("could not abort the NCCL process groups: %s", e)
+        logger.warning("could not abort the NCCL process group: %s", e)
 
 
 def stop_processes(world: World, grace: float = 10.0) -> None:
@@ -349,11 +384,11 @@ def stop_processes(world: World, grace: float = 10.0) -> None:
             process.join(2.0)
 
 
-def destroy_groups() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception as e:  # a failed world may not tear down cleanly; the processes are gone anyway
-            logger.debug("destroy_process_group: %s", e)
+def destroy_groups(world: World) -> None:
+    for group in (world.group, world.ctrl):
+        if group is not None:
+            try:
+                group.shutdown()
+            except Exception as e:  # a failed world may not tear down cleanly; the processes are gone anyway
+                logger.debug("shutting down group %s: %s", group.name, e)
+    world.group = world.ctrl = None

@@ -1,8 +1,8 @@
 """Rank 0's side of tensor parallelism: the world of this process, and models sharded over it.
 
-A process has at most one tensor-parallel world (torch.distributed has one default group), started
-by the first ``LLM(..., tensor_parallel_size=N)`` or ``load_model(..., tensor_parallel_size=N)`` and
-shared by every later one of the same size; it stops at exit (or :func:`shutdown`). Each loaded model
+A process has at most one tensor-parallel world (its workers and process groups), started by the
+first ``LLM(..., tensor_parallel_size=N)`` or ``load_model(..., tensor_parallel_size=N)`` and shared
+by every later one of the same size; it stops at exit (or :func:`shutdown`). Each loaded model
 is a :class:`TensorParallelModel`: rank 0's shard, whose ``forward`` and engine steps are announced
 to the workers first, so that every rank runs the same computation on its own shard.
 
@@ -28,7 +28,8 @@ import torch
 from mopt.engine.distributed import TensorParallelError
 from mopt.engine.tp_launch import (Monitor, World, destroy_groups, spawn_world, stop_processes, torchrun_env,
                                    torchrun_world)
-from mopt.engine.tp_protocol import LoadSpec, Op, exchange_errors, load_shard, min_over_ranks, send_command
+from mopt.engine.tp_protocol import (LoadSpec, Op, broadcast_object, exchange_errors, load_shard, min_over_ranks,
+                                     send_command)
 from mopt.errors import EngineArgumentError
 
 logger = logging.getLogger(__name__)
@@ -99,12 +100,10 @@ class TensorParallelRuntime:
     def load(self, spec: LoadSpec, progress: bool = False) -> tuple[int, torch.nn.Module]:
         """Every rank loads its shard of ``spec``; ``(model id, rank 0's shard)``. A rank that cannot load
         it raises here (naming the rank) and the world stays usable."""
-        import torch.distributed as dist
-
         with self.guard():
             model_id, self.next_id = self.next_id, self.next_id + 1
             self.send(Op.LOAD, model_id)
-            dist.broadcast_object_list([spec], src=0, group=self.world.ctrl)
+            broadcast_object(self.world, spec, self.check)
             shard, own = None, None
             try:
                 shard = load_shard(spec, self.world, progress)
@@ -136,7 +135,7 @@ class TensorParallelRuntime:
                 except Exception as e:  # the workers are stopped below anyway
                     logger.debug("stopping the workers: %s", e)
             stop_processes(self.world)
-            destroy_groups()
+            destroy_groups(self.world)
             if _RUNTIME is self:
                 _RUNTIME = None
 
@@ -168,9 +167,7 @@ def runtime(size: int, device_type: str) -> TensorParallelRuntime:
             if world.rank != 0:
                 from mopt.engine.tp_worker import serve
 
-                code = serve(world)
-                destroy_groups()
-                raise SystemExit(code)
+                raise SystemExit(serve(world))
         else:
             world = spawn_world(size, device_type)
         _RUNTIME = TensorParallelRuntime(world)

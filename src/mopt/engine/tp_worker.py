@@ -19,8 +19,8 @@ import torch
 
 from mopt.engine.distributed import TensorParallelError
 from mopt.engine.tp_launch import Heartbeat, PeerWatch, Timeouts, World, rendezvous, store_client
-from mopt.engine.tp_protocol import (LoadSpec, Op, ShardState, exchange_errors, load_shard, local_kv_blocks,
-                                     min_over_ranks, receive_command)
+from mopt.engine.tp_protocol import (LoadSpec, Op, ShardState, broadcast_object, exchange_errors, load_shard,
+                                     local_kv_blocks, min_over_ranks, receive_command)
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,9 @@ def serve(world: World) -> int:
         return 1
     finally:
         heartbeat.stopped.set()
+        from mopt.engine.tp_launch import destroy_groups
+
+        destroy_groups(world)
 
 
 def _rank0_gone(world: World, check) -> bool:
@@ -116,12 +119,9 @@ def _rank0_gone(world: World, check) -> bool:
 
 def _run(world: World, shards: dict[int, ShardState], op: Op, model_id: int, ints: list[int], payload,
          check) -> None:
-    import torch.distributed as dist
-
     if op is Op.LOAD:
-        specs: list[LoadSpec | None] = [None]
-        dist.broadcast_object_list(specs, src=0, group=world.ctrl)
-        spec, error = specs[0], None
+        spec: LoadSpec = broadcast_object(world, check=check)
+        error = None
         try:
             shards[model_id] = ShardState(load_shard(spec, world), spec.dtype)
         except Exception as e:  # reported to rank 0, which raises it; the world stays usable
