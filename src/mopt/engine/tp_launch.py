@@ -17,7 +17,8 @@ dead, failed or silent (``MOPT_TP_PEER_TIMEOUT``) rank becomes a :class:`TensorP
 it, NCCL groups are aborted so that no collective waits forever, and the engine raises that error.
 A worker leaves when its parent process changes (one node), when rank 0's counter stops, or when the
 store or a collective reports rank 0 gone. NVLink multicast (``NCCL_NVLS_ENABLE``) is turned off for
-every process before NCCL starts.
+every process before NCCL starts, and NCCL errors fail the collective instead of aborting the process
+(``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` unless set).
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class Timeouts:
 def prepare_process_env() -> None:
     """Settings every rank needs before NCCL starts."""
     os.environ["NCCL_NVLS_ENABLE"] = "0"  # mopt never relies on NVLink multicast (NVLS)
+    # When a peer dies, NCCL's watchdog aborts the communicators and fails the pending work, which raises
+    # here, so that rank 0 can name the rank; torch's default (3) ends the whole process with SIGABRT first.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
 
 
 def torchrun_env() -> dict[str, str] | None:
