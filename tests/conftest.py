@@ -19,6 +19,38 @@ class Export:
     fmt: str
     fake_quant_model: torch.nn.Module
     hf_config: object
+    _equivalent: torch.nn.Module | None = None
+
+    def export_equivalent(self) -> torch.nn.Module:
+        """See :func:`export_equivalent`; made once per export."""
+        if self._equivalent is None:
+            self._equivalent = export_equivalent(self.fake_quant_model, self.fmt)
+        return self._equivalent
+
+
+def export_equivalent(fake_quant_model: torch.nn.Module, fmt: str) -> torch.nn.Module:
+    """ModelOpt's fake-quant model after the rewrites its export applies to the model before it writes
+    tensors (``requantize_resmooth_fused_llm_layers``: fused shards' amax unified, AWQ scales averaged
+    over shards and folded into norms / preceding layers), so that it computes the function the export
+    describes. One export step is not a rewrite: W4A8_NVFP4_FP8's export writes ``weight_scale_2 =
+    amax / 448`` where the fake quantizer uses ``amax / (6 * 448)``; the weight quantizers' amax is
+    multiplied by 6 to give them the export's global scale."""
+    from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
+
+    from mopt.quantize import cpu_block_quantization
+
+    model = copy.deepcopy(fake_quant_model)
+    model.config.architectures = [type(model).__name__]
+    with warnings.catch_warnings(), cpu_block_quantization():
+        warnings.simplefilter("ignore")
+        requantize_resmooth_fused_llm_layers(model)
+    if fmt == "w4a8-nvfp4-fp8":
+        from modelopt.torch.quantization.nn import TensorQuantizer
+
+        for name, q in model.named_modules():  # dense weight_quantizer and experts' weight_quantizers.N
+            if isinstance(q, TensorQuantizer) and "weight_quantizer" in name and q.is_enabled and q.amax is not None:
+                q.amax = q.amax * 6
+    return model.eval()
 
 
 # (hidden, intermediate, heads, kv_heads): one shape on multiples of 128, one like SmolLM2 (576).
@@ -50,6 +82,9 @@ def tiny_llama(hidden: int, layers: int = 2, seed: int = 0, arch: str = "llama")
 
 
 _CACHE: dict[tuple, Export] = {}
+# AWQ's search over its smoothing exponent, 3 steps instead of 11: the same export format, calibrated
+# more coarsely, a third of the time (these fixtures test layouts and numerics, not AWQ's search).
+FAST_CALIBRATION = {fmt: {"method": "awq_lite", "alpha_step": 0.5} for fmt in ("int4-awq", "w4a8-awq", "nvfp4-awq")}
 
 
 def make_export(tmp_root: Path, fmt: str, hidden: int, arch: str = "llama") -> Export:
@@ -62,7 +97,7 @@ def make_export(tmp_root: Path, fmt: str, hidden: int, arch: str = "llama") -> E
         calib = [torch.randint(0, 320, (2, 48)) for _ in range(2)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_model(model, fmt, calib)
+            quantize_model(model, fmt, calib, FAST_CALIBRATION.get(fmt))
             path = export_checkpoint(copy.deepcopy(model), tmp_root / f"{arch}-{hidden}-{fmt}")
         _CACHE[key] = Export(path, fmt, model, model.config)
     return _CACHE[key]

@@ -297,7 +297,8 @@ def cmd_bench_generate(args) -> int:
     engine = dict(device=device, dtype=_torch_dtype(args.dtype), max_model_len=max_len,
                   kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=max(batches + ([prefill[0]] if prefill else [])),
                   max_num_batched_tokens=max(batched_tokens, max_len), enforce_eager=args.enforce_eager,
-                  progress=True, **parallel_kwargs(args))
+                  async_scheduling=False if args.no_async_scheduling else None, progress=True,
+                  **parallel_kwargs(args))
     if args.dummy:
         for fmt in formats:
             with status(f"building {args.dummy} with {fmt} dummy weights"), quiet_libraries(args.verbose):
@@ -486,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=_positive_int, default=64, help="tokens generated per sequence (default: %(default)s)")
     p.add_argument("--max-model-len", type=_positive_int, help="default: prompt length + tokens + 16")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="read each step's tokens before queuing the next (the default on GPUs overlaps them)")
     p.add_argument("--baseline", choices=["hf"], help="also run transformers' generate (BF16, eager) in the same run")
     p.add_argument("--prefill", metavar="BxT", type=lambda v: v.replace("x", ","),
                    help="also time one prefill of B prompts of T tokens against cuBLAS on the same GEMMs (e.g. 8x1024)")

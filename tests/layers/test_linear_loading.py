@@ -12,15 +12,32 @@ from mopt.layers.linear import (
 )
 from mopt.layers.parameter import WeightLoadError
 from mopt.quant.config import ModelOptFp8Config, ModelOptNvFp4Config
-from mopt.quant.formats import fp8, nvfp4
+from mopt.quant.config_algos import (ModelOptFp4Config, ModelOptInt4AwqConfig, ModelOptInt8Config,
+                                     ModelOptMxFp4Config, ModelOptMxFp8Config)
+from mopt.quant.formats import fp8, int4, int8, mx, nvfp4
 
 FORMATS = {
     "unquantized": None,
     "fp8": lambda: ModelOptFp8Config("FP8"),
     "fp8-pcpt": lambda: ModelOptFp8Config("FP8_PER_CHANNEL_PER_TOKEN"),
     "fp8-pb-wo": lambda: ModelOptFp8Config("FP8_PB_WO"),
+    "fp8-pb-real": lambda: ModelOptFp8Config("FP8_PB_REAL"),
     "nvfp4": lambda: ModelOptNvFp4Config(),
+    "int4-awq": lambda: ModelOptInt4AwqConfig("W4A16_AWQ"),
+    "w4a8-awq": lambda: ModelOptInt4AwqConfig("W4A8_AWQ"),
+    "int8-wo": lambda: ModelOptInt8Config("W8A16"),
+    "int8-sq": lambda: ModelOptInt8Config("W8A8_SQ_PER_CHANNEL"),
+    "mxfp8": lambda: ModelOptMxFp8Config("MXFP8"),
+    "mxfp4": lambda: ModelOptMxFp4Config("MXFP4"),
+    "w4a8-mxfp4-fp8": lambda: ModelOptMxFp4Config("W4A8_MXFP4_FP8"),
+    "w4a16-nvfp4": lambda: ModelOptFp4Config("W4A16_NVFP4"),
+    "w4a8-nvfp4-fp8": lambda: ModelOptFp4Config("W4A8_NVFP4_FP8"),
+    "nvfp4-awq": lambda: ModelOptFp4Config("NVFP4_AWQ"),
+    "nvfp4-svdquant": lambda: ModelOptFp4Config("NVFP4_SVD"),
 }
+# Output of row-parallel shards sums to the full layer's: no dynamic per-row/per-tensor activation scale.
+ROW_SUMS = ("unquantized", "fp8", "nvfp4", "fp8-pb-wo", "fp8-pb-real", "int4-awq", "w4a8-awq", "int8-wo", "int8-sq",
+            "mxfp8", "mxfp4", "w4a16-nvfp4", "w4a8-nvfp4-fp8", "nvfp4-awq", "nvfp4-svdquant")
 
 
 
@@ -43,13 +60,39 @@ def checkpoint_tensors(fmt: str, n: int, k: int, seed: int) -> dict[str, torch.T
     if fmt == "fp8-pcpt":
         q, s = fp8.quantize_per_channel(w)
         return {"weight": q, "weight_scale": s}
-    if fmt == "fp8-pb-wo":
+    if fmt in ("fp8-pb-wo", "fp8-pb-real"):
         q, s = fp8.quantize_blocks(w)
-        return {"weight": q, "weight_scale": s[:, None, :, None]}
-    g2 = nvfp4.global_scale_from_amax(w.abs().max())
-    packed, bs = nvfp4.quantize(w, g2)
-    return {"weight": packed, "weight_scale": bs, "weight_scale_2": g2,
-            "input_scale": nvfp4.global_scale_from_amax(x_amax)}
+        return {"weight": q, "weight_scale": s[:, None, :, None] if fmt == "fp8-pb-wo" else s}
+    # Smoothing and SVDQuant's lora_a multiply the layer's input: one per K, shared by fused shards.
+    shared = torch.Generator().manual_seed(k)
+    smoothing = {"pre_quant_scale": 0.5 + torch.rand(k, generator=shared)}
+    if fmt in ("int4-awq", "w4a8-awq"):
+        q, s = int4.quantize(w, 128)
+        out = {"weight": int4.pack_rows(q), "weight_scale": s, **smoothing}
+        if fmt == "w4a8-awq":
+            out.update(weight_scale_2=int4.dequantize(q, s).abs().max() / 448, input_scale=x_amax / 448)
+        return out
+    if fmt in ("int8-wo", "int8-sq"):
+        q, s = int8.quantize_per_channel(w)
+        return {"weight": q, "weight_scale": s, **({"input_scale": x_amax / 127, **smoothing} if fmt == "int8-sq" else {})}
+    if fmt == "mxfp8":
+        q, s = mx.quantize_mxfp8(w)
+        return {"weight": q, "weight_scale": s}
+    if fmt in ("mxfp4", "w4a8-mxfp4-fp8"):
+        q, s = mx.quantize_mxfp4(w)
+        return {"weight": q, "weight_scale": s, **({"input_scale": x_amax / 448} if fmt == "w4a8-mxfp4-fp8" else {})}
+    block = 32 if fmt == "w4a8-nvfp4-fp8" else 16
+    g2 = w.abs().max() / 448 if fmt == "w4a8-nvfp4-fp8" else nvfp4.global_scale_from_amax(w.abs().max())
+    packed, bs = nvfp4.quantize(w, g2, block_size=block)
+    out = {"weight": packed, "weight_scale": bs, "weight_scale_2": g2}
+    if fmt != "w4a16-nvfp4":
+        out["input_scale"] = x_amax / 448 if fmt == "w4a8-nvfp4-fp8" else nvfp4.global_scale_from_amax(x_amax)
+    if fmt in ("nvfp4-awq", "nvfp4-svdquant"):
+        out.update(smoothing)
+    if fmt == "nvfp4-svdquant":
+        out.update(svdquant_lora_a=torch.randn(8, k, generator=shared) * 0.01,
+                   svdquant_lora_b=torch.randn(n, 8, generator=g) * 0.01)
+    return out
 
 
 def load(layer, tensors_by_shard):
@@ -68,6 +111,8 @@ def qc(fmt):
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("hidden,heads,kv_heads", [(256, 4, 2), (576, 9, 3)])
 def test_qkv_fused_equals_separate_layers(fmt, hidden, heads, kv_heads):
+    if hidden % 128 and fmt in ("int4-awq", "w4a8-awq"):
+        pytest.skip("INT4 groups of 128 need K % 128 == 0 (ModelOpt cannot export K=576 either)")
     shards = {s: checkpoint_tensors(fmt, n, hidden, i) for i, (s, n) in
               enumerate([("q", heads * 64), ("k", kv_heads * 64), ("v", kv_heads * 64)])}
     fused = load(QKVParallelLinear(hidden, 64, heads, kv_heads, quant_config=qc(fmt), prefix="qkv",
@@ -76,7 +121,7 @@ def test_qkv_fused_equals_separate_layers(fmt, hidden, heads, kv_heads):
     y = fused(x)
     start = 0
     for s, tensors in shards.items():
-        n = tensors["weight"].shape[0]
+        n = tensors["weight"].shape[0] * (2 if fmt in ("int4-awq", "w4a8-awq") else 1)  # INT4 packs row pairs
         single = load(ReplicatedLinear(hidden, n, quant_config=qc(fmt), prefix=s,
                                        params_dtype=torch.float32), {None: tensors})
         ref = single(x)
@@ -122,7 +167,7 @@ def test_row_parallel_shards_hold_input_slices(fmt):
                                    (f.view(torch.uint8) if f.dtype == torch.float8_e4m3fn else f)[:, r * cols:(r + 1) * cols])
             else:  # per-tensor / per-channel scales are replicated
                 assert torch.equal(p, f)
-    if fmt in ("unquantized", "fp8", "nvfp4"):  # static activation scales: the shards sum to the full output
+    if fmt in ROW_SUMS:  # no dynamic per-row activation scale: the shards sum to the full output
         x = torch.randn(4, k)
         parts = [load(RowParallelLinear(k, n, quant_config=qc(fmt), prefix="down", params_dtype=torch.float32,
                                         tp_rank=r, tp_size=tp), {None: tensors})(x[:, r * k // tp:(r + 1) * k // tp])

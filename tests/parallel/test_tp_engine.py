@@ -16,8 +16,15 @@ pytestmark = pytest.mark.usefixtures("tp_world_per_module")
 PROMPTS = [[5, 17, 33], list(range(40, 60)), [7] * 9]
 
 
-def _tokens(llm) -> list[list[int]]:
-    return [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True))]
+GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
+# Seeded sampling: only rank 0 samples; async scheduling: the next decode step takes its input ids from
+# the device-side tokens of the step before, which every rank receives by broadcast.
+SAMPLED = [SamplingParams(max_tokens=8 + 3 * i, ignore_eos=True, temperature=0.8, top_p=0.9, seed=i)
+           for i in range(len(PROMPTS))]
+
+
+def _tokens(llm, params=GREEDY) -> list[list[int]]:
+    return [o.token_ids for o in llm.generate(PROMPTS, params)]
 
 
 def _dummy_config():
@@ -30,28 +37,45 @@ def _dummy_config():
                        tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
 
 
-CASES = ["fp8-kv llama", "nvfp4 qwen3_moe expert-parallel", "fp8 dummy"]
+CASES = ["fp8-kv llama", "nvfp4 qwen3_moe expert-parallel", "fp8 dummy", "fp8 dummy async sampled"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
-def test_greedy_generation_equals_one_process(case, export_factory, tmp_path_factory):
+def test_generation_equals_one_process(case, export_factory, tmp_path_factory):
     """Prefill and decode steps (batched prompts of different lengths, paged KV cache split by heads)
-    give the same greedy tokens on 2 ranks as on one."""
+    give the same tokens on 2 ranks as on one: greedy, and seeded sampling under async scheduling."""
     engine = dict(device="cpu", block_size=4, kv_cache_memory=4 << 20, max_num_seqs=4)
-    if case == "fp8 dummy":
+    params = SAMPLED if "sampled" in case else GREEDY
+    if "async" in case:
+        engine["async_scheduling"] = True
+    if "dummy" in case:
         model, extra = _dummy_config(), dict(load_format="dummy", quantization="fp8")
     elif "moe" in case:
         model, extra = moe_export(tmp_path_factory, "nvfp4", "qwen3_moe"), dict(enable_expert_parallel=True)
     else:
         model, extra = export_factory("fp8-kv", 256).path, {}
-    want = _tokens(LLM(model, **engine, **{k: v for k, v in extra.items() if k != "enable_expert_parallel"}))
+    want = _tokens(LLM(model, **engine, **{k: v for k, v in extra.items() if k != "enable_expert_parallel"}), params)
     llm = LLM(model, **engine, **extra, tensor_parallel_size=2)
-    assert _tokens(llm) == want
+    carried = _count_carried(llm)
+    assert _tokens(llm, params) == want
+    assert (sum(carried) > 0) == ("async" in case)  # async: steps were queued on the device-side ids
     if case == "fp8 dummy":  # the engine's model also scores without a cache, on both ranks
         ids = torch.tensor([PROMPTS[1]])
         one = LLM(model, **engine, **extra)
         torch.testing.assert_close(llm.model(ids), one.model(ids), rtol=2e-6, atol=2e-5)
+
+
+def _count_carried(llm) -> list[bool]:
+    """Whether each step the engine launches carries input ids from the step before."""
+    seen, launch = [], llm.runner.launch
+
+    def counting(seqs, is_prefill, carried=None):
+        seen.append(carried is not None)
+        return launch(seqs, is_prefill, carried)
+
+    llm.runner.launch = counting
+    return seen
 
 
 def test_an_unsplittable_model_fails_before_any_process_starts(monkeypatch):
@@ -61,6 +85,19 @@ def test_an_unsplittable_model_fails_before_any_process_starts(monkeypatch):
     with pytest.raises(TensorParallelSplitError, match=r"mlp\.down_proj: input size 48 splits into 24 per rank over "
                                                        r"tensor_parallel_size 2"):
         LLM(config, device="cpu", load_format="dummy", quantization="nvfp4", tensor_parallel_size=2)
+
+
+@pytest.mark.slow
+def test_a_real_export_that_cannot_split_is_refused_before_any_process_starts(tmp_path_factory, monkeypatch):
+    """ModelOpt's FP8_PB_WO export of the tiny Qwen3-MoE: every projection is one 128x128 block."""
+    from mopt.engine.loader import load_model
+
+    path = moe_export(tmp_path_factory, "fp8-pb-wo", "qwen3_moe")
+    monkeypatch.setattr(tp_runtime, "runtime", lambda *a: pytest.fail("a tensor-parallel world was started"))
+    with pytest.raises(TensorParallelSplitError, match=r"model\.layers\.\*\.self_attn\.o_proj: input size 128 splits "
+                                                       r"into 64 per rank over tensor_parallel_size 2; "
+                                                       r"ModelOptFp8PbWoLinearMethod needs a multiple of 128"):
+        load_model(path, tensor_parallel_size=2, enable_expert_parallel=True)
 
 
 @pytest.mark.parametrize("kwargs,message", [

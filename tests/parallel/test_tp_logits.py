@@ -32,7 +32,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("tp_world_per_module")]
 ROUNDING = 2e-6
 CODE_FLIPS = 5e-2
 DENSE = [(fmt, arch) for arch in ("llama", "qwen3") for fmt in ("fp8", "fp8-kv", "fp8-pcpt", "fp8-pb-wo", "nvfp4")]
+# The other formats, one Llama each, chosen so that every kind of checkpoint tensor is read in slices:
+# INT4 rows packed in pairs and AWQ pre_quant_scale (int4-awq), SVDQuant's low-rank factors, INT8
+# per-channel scales with SmoothQuant, MX block scales, 2-D block scales (fp8-pb-real), an NVFP4 KV cache.
+DENSE += [(fmt, "llama") for fmt in ("int4-awq", "nvfp4-svdquant", "int8-sq", "w4a8-mxfp4-fp8", "fp8-pb-real",
+                                     "fp8-nvfp4-kv")]
 MOE = [(fmt, arch, ep) for arch in ("qwen3_moe", "mixtral") for fmt in ("fp8", "nvfp4") for ep in (False, True)]
+# Expert tensors of the other formats: per-row scales and per-token activations, per-input smoothing,
+# NVFP4 weight-only. (FP8_PB_WO's tiny export cannot be split at all: test_tp_engine.py.)
+MOE += [("fp8-pcpt", "qwen3_moe", False), ("int8-sq", "qwen3_moe", False), ("w4a16-nvfp4", "mixtral", True)]
 IDS = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(3))
 
 

@@ -5,9 +5,11 @@ shadow it.)"""
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -34,15 +36,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _test_moe():
-    """tests/models/test_moe.py as a module (one cache of exports when both files run)."""
-    if "test_moe" not in sys.modules:
-        sys.path.insert(0, str(TESTS / "models"))
+def load_test_module(folder: str, name: str):
+    """tests/FOLDER/NAME.py as a module, under the name pytest gives it (so that caches are shared when
+    both files run)."""
+    if name not in sys.modules:
+        sys.path.insert(0, str(TESTS / folder))
         try:
-            import test_moe  # noqa: F401
+            importlib.import_module(name)
         finally:
-            sys.path.remove(str(TESTS / "models"))
-    return sys.modules["test_moe"]
+            sys.path.remove(str(TESTS / folder))
+    return sys.modules[name]
+
+
+def _test_moe():
+    return load_test_module("models", "test_moe")
 
 
 def moe_export(tmp_path_factory, fmt: str, arch: str) -> Path:
@@ -76,3 +83,58 @@ def tp_world_per_module():
     from mopt.engine import tp_runtime
 
     tp_runtime.shutdown()
+
+
+class ThreadGroup:
+    """Stands in for a process group when the ranks are threads of this process (layer tests): every
+    collective meets at a barrier (60 s, so a rank that skips one fails the test instead of hanging it)
+    and combines the ranks' tensors in rank order. ``member(rank)`` is what a rank's layers hold."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.barrier, self.slots = size, threading.Barrier(size, timeout=60), [None] * size
+
+    def member(self, rank: int) -> "_Member":
+        return _Member(self, rank)
+
+    def run(self, work) -> list:
+        """``work(rank)`` on one thread per rank; their results in rank order (a rank's error re-raised)."""
+        results, errors = [None] * self.size, []
+
+        def target(rank: int) -> None:
+            try:
+                results[rank] = work(rank)
+            except BaseException as e:  # noqa: BLE001 (re-raised below)
+                errors.append(e)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        if errors:
+            raise errors[0]
+        return results
+
+
+class _Member:
+    def __init__(self, group: ThreadGroup, rank: int) -> None:
+        self.group, self.rank, self.size = group, rank, group.size
+
+    def _exchange(self, x: torch.Tensor) -> list[torch.Tensor]:
+        group = self.group
+        group.slots[self.rank] = x.clone()
+        group.barrier.wait()
+        values = list(group.slots)
+        group.barrier.wait()  # every rank has read the slots before they are written again
+        return values
+
+    def all_reduce(self, x: torch.Tensor, op: str = "sum", async_op: bool = False):
+        values = self._exchange(x)
+        out = values[0].clone()
+        for v in values[1:]:
+            out = out + v if op == "sum" else torch.maximum(out, v) if op == "max" else torch.minimum(out, v)
+        x.copy_(out)
+
+    def all_gather_into(self, out: torch.Tensor, x: torch.Tensor, async_op: bool = False):
+        out.copy_(torch.cat(self._exchange(x)))

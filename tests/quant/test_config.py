@@ -26,8 +26,11 @@ from mopt.quant.methods import (
 
 
 def test_public_constants():
-    assert QUANT_ALGOS == ["FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4"]
-    assert KV_CACHE_QUANT_ALGOS == ["FP8"]
+    assert QUANT_ALGOS[:4] == ["FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "NVFP4"]
+    assert set(QUANT_ALGOS[4:]) == {  # registered by mopt.quant.config_algos / config_mixed
+        "W4A16_AWQ", "W4A8_AWQ", "W8A16", "W8A8_SQ_PER_CHANNEL", "MXFP8", "MXFP4", "W4A8_MXFP4_FP8",
+        "W4A16_NVFP4", "W4A8_NVFP4_FP8", "NVFP4_AWQ", "NVFP4_SVD", "FP8_PB_REAL", "MIXED_PRECISION"}
+    assert KV_CACHE_QUANT_ALGOS == ["FP8", "NVFP4", "NVFP4_AFFINE", "INT8"]
 
 
 DETECTION = [
@@ -206,8 +209,10 @@ def test_moe_methods():
     nvfp4 = ModelOptNvFp4Config(True, None, ["lm_head"], 16)
     assert type(nvfp4.get_quant_method(_Layer("moe"), prefix)) is ModelOptNvFp4FusedMoE
     assert ModelOptFp8Config("FP8", exclude_modules=[prefix]).get_quant_method(_Layer("moe"), prefix) is None
-    with pytest.raises(QuantConfigError, match="mixture-of-experts"):  # no fused kernel for these yet
-        ModelOptFp8Config("FP8_PB_WO").get_quant_method(_Layer("moe"), prefix)
+    from mopt.quant.config_algos import ModelOptInt4AwqConfig
+
+    with pytest.raises(QuantConfigError, match="mixture-of-experts layers are not supported"):
+        ModelOptInt4AwqConfig("W4A16_AWQ").get_quant_method(_Layer("moe"), prefix)  # ModelOpt cannot export them
 
 
 def _write(tmp_path, name, data):
@@ -246,8 +251,8 @@ LOAD_ERRORS = [
     ({"hf_quant_config.json": "{not json"}, r"hf_quant_config.json: not valid JSON"),
     ({"hf_quant_config.json": {"producer": {"name": "other-tool"}, "quantization": {}}}, "produced by 'other-tool'"),
     ({"hf_quant_config.json": {"producer": {"name": "modelopt"}}}, "missing the 'quantization' section"),
-    ({"hf_quant_config.json": {"quantization": {"quant_algo": "W4A8_AWQ"}}},
-     r"hf_quant_config.json: unsupported ModelOpt quant_algo 'W4A8_AWQ'"),
+    ({"hf_quant_config.json": {"quantization": {"quant_algo": "INT4_GPTQ"}}},
+     r"hf_quant_config.json: unsupported ModelOpt quant_algo 'INT4_GPTQ'"),
     ({}, "no config.json"),
     ({"config.json": "[1, 2]"}, "expected a JSON object"),
 ]

@@ -103,11 +103,10 @@ def bench_generate(llm: LLM, batch_sizes: list[int], prompt_len: int, tokens: in
         llm._step()  # prefill of the whole batch: its first tokens
         _sync(llm.device)
         prefill = time.perf_counter() - start
-        steps = 0
         while llm.scheduler.has_unfinished():
             llm._step()
-            steps += 1
         _sync(llm.device)
+        steps = tokens - 1  # decode steps (async scheduling takes one more call to read the last tokens)
         decode = time.perf_counter() - start - prefill
         row = Row(label, batch, prompt_len, tokens, 1e3 * prefill, batch * prompt_len / prefill,
                   batch * (tokens - 1) / decode if steps else None, 1e3 * decode / steps if steps else None,

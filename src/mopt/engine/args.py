@@ -104,12 +104,14 @@ def check_parallel_args(tensor_parallel_size: Any, enable_expert_parallel: Any, 
 def check_engine_args(*, model: Any, device: Any, dtype: Any, kv_cache_dtype: Any, max_model_len: Any,
                       block_size: Any, max_num_seqs: Any, max_num_batched_tokens: Any,
                       kv_cache_memory: Any, load_format: Any = "auto", quantization: Any = None,
-                      enforce_eager: Any = False, tensor_parallel_size: Any = 1,
+                      enforce_eager: Any = False, async_scheduling: Any = None, tensor_parallel_size: Any = 1,
                       enable_expert_parallel: Any = False) -> None:
     """Raise :class:`EngineArgumentError` naming the first argument of ``LLM(...)`` that is invalid."""
     check_load_format(model, load_format, quantization)
     if not isinstance(enforce_eager, bool):
         raise EngineArgumentError(f"enforce_eager must be True or False, got {enforce_eager!r}")
+    if async_scheduling is not None and not isinstance(async_scheduling, bool):
+        raise EngineArgumentError(f"async_scheduling must be True, False or None, got {async_scheduling!r}")
     check_device(device)
     check_dtype(dtype)
     check_kv_cache_dtype(kv_cache_dtype)

@@ -26,17 +26,19 @@ _IDS, _POSITIONS, _SLOTS, _SEQ_LENS = range(4)
 @dataclass(frozen=True)
 class StagedDecode:
     """One decode step's inputs in the int32 layout ``run_staged`` copies to the static buffers: ids,
-    positions, slots and sequence lengths of ``bucket`` rows (``batch`` real ones), then the
-    ``bucket x width`` block tables. Tensor parallelism broadcasts it to the workers as it is."""
+    positions, slots and sequence lengths of ``bucket`` rows (``batch`` real ones), the ``bucket x
+    width`` block tables, then (async scheduling) the ``carried`` source and destination rows of input
+    ids taken from the step before's device-side tokens. Tensor parallelism broadcasts it as it is."""
 
     array: np.ndarray
     batch: int
     bucket: int
     width: int
+    carried: int = 0
 
     @property
-    def header(self) -> tuple[int, int, int]:
-        return self.batch, self.bucket, self.width
+    def header(self) -> tuple[int, int, int, int]:
+        return self.batch, self.bucket, self.width, self.carried
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -103,26 +105,45 @@ class DecodeGraphs:
             pool = graph.pool()
             self.graphs[bs] = graph
 
-    def run(self, arrays: dict[str, np.ndarray], tables: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.run_staged(self.stage(arrays, tables))
+    def run(self, arrays: dict[str, np.ndarray], tables: np.ndarray,
+            carry: tuple[torch.Tensor, np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step. ``carry = (tokens, src, dst)``: rows ``dst`` take their input ids from
+        ``tokens[src]``, the device-side output of a step whose tokens the host has not read yet."""
+        staged = self.stage(arrays, tables, None if carry is None else (carry[1], carry[2]))
+        return self.run_staged(staged, None if carry is None else carry[0])
 
-    def stage(self, arrays: dict[str, np.ndarray], tables: np.ndarray) -> StagedDecode:
+    def stage(self, arrays: dict[str, np.ndarray], tables: np.ndarray,
+              rows: tuple[np.ndarray, np.ndarray] | None = None) -> StagedDecode:
+        """The step's inputs packed as ``run_staged`` reads them (``rows``: carry's ``(src, dst)``)."""
         batch, width = tables.shape
         bs = self.bucket(batch)
-        staging = np.zeros(4 * bs + bs * width, np.int32)
+        carried = 0 if rows is None else len(rows[0])
+        staging = np.zeros(4 * bs + bs * width + 2 * carried, np.int32)
         vectors = staging[: 4 * bs].reshape(4, bs)
         vectors[_IDS, :batch], vectors[_POSITIONS, :batch] = arrays["ids"], arrays["positions"]
         vectors[_SLOTS, :batch], vectors[_SEQ_LENS, :batch] = arrays["slots"], arrays["seq_lens"]
         vectors[_SLOTS, batch:] = -1
-        staging[4 * bs:].reshape(bs, width)[:batch] = tables
-        return StagedDecode(staging, batch, bs, width)
+        tail = 4 * bs + bs * width
+        staging[tail - bs * width:tail].reshape(bs, width)[:batch] = tables
+        if carried:
+            staging[tail:tail + carried], staging[tail + carried:] = rows
+        return StagedDecode(staging, batch, bs, width, carried)
 
-    def run_staged(self, staged: StagedDecode) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and greedy ids of the ``batch`` real rows of a staged step."""
-        batch, bs, width = staged.batch, staged.bucket, staged.width
+    def run_staged(self, staged: StagedDecode, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and greedy ids of the ``batch`` real rows of a staged step; carried rows take their input
+        ids from ``tokens`` (the device-side tokens of the step before)."""
+        batch, bs, width, carried = staged.batch, staged.bucket, staged.width, staged.carried
+        tail = 4 * bs + bs * width
         device_staging = self.staging.to_device(staged.array)
         self.vectors[:, :bs].copy_(device_staging[: 4 * bs].view(4, bs))
-        self.tables[:bs, :width].copy_(device_staging[4 * bs:].view(bs, width))
+        self.tables[:bs, :width].copy_(device_staging[4 * bs:tail].view(bs, width))
+        if carried:
+            src, dst = staged.array[tail:tail + carried], staged.array[tail + carried:]
+            if carried == batch and np.array_equal(src, dst) and np.array_equal(dst, np.arange(batch)):
+                self.vectors[_IDS, :batch].copy_(tokens[:batch])
+            else:
+                rows = device_staging[tail:].long()
+                self.vectors[_IDS].index_copy_(0, rows[carried:], tokens.index_select(0, rows[:carried]).int())
         if bs in self.graphs:
             self.graphs[bs].replay()
             logits, greedy = self.outputs[bs]

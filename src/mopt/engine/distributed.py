@@ -77,6 +77,8 @@ def split_problem(message: str) -> None:
 def divide(total: int, parts: int, what: str, multiple: int = 1, why: str = "") -> int:
     """``total / parts`` when it is whole and a multiple of ``multiple``; else a split problem naming
     ``what`` (the layer and the size) and, in collect mode, the rounded-up share so building goes on."""
+    if parts == 1:
+        return total  # nothing is split: a format's blocks are whole, partial edge blocks included
     share = -(-total // parts)
     if total % parts:
         split_problem(f"{what} ({total}) is not divisible by the tensor-parallel size {parts}")

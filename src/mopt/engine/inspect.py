@@ -47,7 +47,7 @@ def _method_name(quant, module: str) -> str:
         return "UnquantizedLinearMethod"
     if quant.is_layer_excluded(module):
         return "UnquantizedLinearMethod (excluded)"
-    return quant.LinearMethodCls.__name__
+    return quant.linear_method_cls(module).__name__  # per layer for MIXED_PRECISION
 
 
 _EXPERT = re.compile(r"^(?P<block>.*\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)\.(?P<suffix>.+)$")
@@ -57,7 +57,7 @@ _GATED_PAIRS = (("gate_proj", "up_proj"), ("w1", "w3"))
 def _moe_method_name(quant, prefix: str) -> str:
     if quant is None or quant.is_layer_excluded(prefix):
         return "UnquantizedFusedMoEMethod"
-    cls = getattr(quant, "FusedMoEMethodCls", None)
+    cls = quant.moe_method_cls(prefix)
     return cls.__name__ if cls is not None else f"unsupported ({quant.quant_method} experts)"
 
 
@@ -170,7 +170,8 @@ def format_inspection(info: Inspection, max_layers: int = 40) -> str:
     if q is None:
         lines.append("quantization none (unquantized checkpoint)")
     else:
-        lines += [f"quantization {q.get_name()} quant_algo={q.quant_method} "
+        per_layer = f" ({', '.join(q.algos)})" if hasattr(q, "algos") else ""  # MIXED_PRECISION
+        lines += [f"quantization {q.get_name()} quant_algo={q.quant_method}{per_layer} "
                   f"kv_cache={q.kv_cache_quant_algo or 'model dtype'}",
                   f"excluded     {', '.join(q.exclude_modules) or '-'}"]
     lines.append("bytes by dtype:")

@@ -4,7 +4,7 @@ Under tensor parallelism each rank keeps a slice of most tensors. The loader han
 :class:`LazyTensor` instead of the tensor: its ``shape``, ``dtype``, ``dim()`` and ``numel()`` come
 from the safetensors header, ``narrow`` only narrows the box to read, and the bytes are read (through
 safetensors' ``get_slice``, so only the box) when the parameter copies it or does anything else with
-it. The parameter classes' ``_take_slice``/``narrow`` calls therefore read just their rank's rows or
+it. The parameter classes' ``take_slice``/``narrow`` calls therefore read just their rank's rows or
 columns; a parameter that does something else gets the whole tensor, which is always correct.
 
 Read whole on purpose (small, or needed whole on every rank): scales (``check_scale`` looks at all of

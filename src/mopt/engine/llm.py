@@ -14,13 +14,15 @@ from mopt.engine.block_manager import BlockManager, blocks_needed
 from mopt.engine.checkpoint import CheckpointError
 from mopt.engine.loader import load_model
 from mopt.engine.request import check_messages, is_int, prompt_batch, prompt_token_ids
-from mopt.engine.runner import ModelRunner, kv_bytes_per_token
+from mopt.engine.runner import ModelRunner, PendingStep, kv_bytes_per_token
 from mopt.engine.scheduler import Scheduler
-from mopt.engine.sequence import RequestOutput, SamplingParams, Sequence
+from mopt.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus
 from mopt.errors import EngineArgumentError, RequestError
 from mopt.jsonio import read_json_object
 
 logger = logging.getLogger(__name__)
+
+_PLACEHOLDER = -1  # stands for a token still on the device while the next step is queued
 
 CPU_KV_CACHE_BYTES = 512 << 20
 GPU_MEMORY_UTILIZATION = 0.85
@@ -68,6 +70,9 @@ class LLM:
     memory after loading); ``max_model_len`` defaults to the model's context length, capped by
     what the cache holds. On GPUs decode steps replay CUDA graphs captured at start-up, one per
     batch-size bucket up to ``max_num_seqs``; ``enforce_eager=True`` runs them eagerly instead.
+    ``async_scheduling`` (default: on for GPUs) queues each decode step before the tokens of the step
+    before it reach the host, so the GPU does not wait for Python between steps; the tokens are the
+    same either way.
 
     ``tensor_parallel_size=N`` shards the model over N ranks (one per GPU, or CPU processes with
     gloo): this process is rank 0 (scheduler and sampler) and starts the others, or, under torchrun,
@@ -81,13 +86,17 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
                  kv_cache_memory: int | None = None, progress: bool = False, enforce_eager: bool = False,
                  load_format: str = "auto", quantization: str | None = None, seed: int = 0,
-                 tensor_parallel_size: int = 1, enable_expert_parallel: bool = False) -> None:
+                 async_scheduling: bool | None = None, tensor_parallel_size: int = 1,
+                 enable_expert_parallel: bool = False) -> None:
         check_engine_args(model=model, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                           max_model_len=max_model_len, block_size=block_size, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
                           load_format=load_format, quantization=quantization, enforce_eager=enforce_eager,
-                          tensor_parallel_size=tensor_parallel_size, enable_expert_parallel=enable_expert_parallel)
+                          async_scheduling=async_scheduling, tensor_parallel_size=tensor_parallel_size,
+                          enable_expert_parallel=enable_expert_parallel)
         self.device = torch.device(device) if device is not None else default_device()
+        self.async_scheduling = self.device.type == "cuda" if async_scheduling is None else async_scheduling
+        self._pending: PendingStep | None = None  # a queued step whose tokens the host has not read
         self.dtype = dtype or default_dtype(self.device)
         self.tensor_parallel_size = tensor_parallel_size
         if tensor_parallel_size > 1:
@@ -135,7 +144,7 @@ class LLM:
         self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, max_num_seqs, self.max_model_len,
                                   enforce_eager=enforce_eager, progress=progress)
         if tensor_parallel_size > 1:
-            self.runner.step_scope = self.model.step_scope
+            self.runner.step_scope, self.runner.share_tokens = self.model.step_scope, self.model.share_tokens
         logger.info("KV cache: %d blocks x %d tokens (%d bytes/token)", num_blocks, block_size, per_token)
 
     def _default_cache_bytes(self) -> int:
@@ -184,14 +193,68 @@ class LLM:
             seq.finish_reason = "length"
 
     def _step(self) -> list[Sequence]:
+        """Queue one model step and take in the tokens of the one before it; returns the sequences
+        that received a token. Without async scheduling each step's tokens are taken in at once."""
+        pending, self._pending = self._pending, None
+        if pending is not None and self._can_carry(pending):
+            return self._carry(pending)
+        done = self._take_tokens(pending) if pending is not None else []
+        if not self.scheduler.has_unfinished():
+            return done
         seqs, is_prefill = self.scheduler.schedule()
-        tokens = self.runner.step(seqs, is_prefill)
-        for seq, token in zip(seqs, tokens):
-            seq.output_token_ids.append(token)
+        step = self.runner.launch(seqs, is_prefill)
+        if self.async_scheduling:
+            self._pending = step
+            return done
+        return done + self._take_tokens(step)
+
+    def _can_carry(self, pending: PendingStep) -> bool:
+        """Whether the next step can be queued before ``pending``'s tokens are known: a decode step of
+        the same running sequences, none of which can stop on length, with a KV slot for each."""
+        if not self.async_scheduling or self.scheduler.waiting:
+            return False
+        running, block_size = self.scheduler.running, self.scheduler.blocks.block_size
+        if len(running) != len(pending.seqs) or any(a is not b for a, b in zip(running, pending.seqs)):
+            return False
+        need = 0
+        for seq in running:
+            if len(seq.output_token_ids) + 1 >= seq.params.max_tokens or len(seq) + 1 >= self.max_model_len:
+                return False
+            need += len(seq.block_table) * block_size <= len(seq) + 1
+        return need <= self.scheduler.blocks.num_free
+
+    def _carry(self, pending: PendingStep) -> list[Sequence]:
+        """Queue the next decode step on placeholders for ``pending``'s tokens (its input ids come
+        from the device), then take ``pending``'s tokens in."""
+        for seq in pending.seqs:
+            seq.output_token_ids.append(_PLACEHOLDER)
+        try:
+            seqs, is_prefill = self.scheduler.schedule()
+            assert not is_prefill and len(seqs) == len(pending.seqs), "checked by _can_carry"
+            self._pending = self.runner.launch(seqs, False, carried=pending)
+        except BaseException:
+            for seq in pending.seqs:
+                seq.output_token_ids.pop()
+            raise
+        return self._take_tokens(pending, placeholders=True)
+
+    def _take_tokens(self, step: PendingStep, placeholders: bool = False) -> list[Sequence]:
+        """Append ``step``'s token to each of its sequences (``placeholders``: fill in the placeholder
+        that stood for it) and check whether it stops; sequences finished or aborted while the step
+        was queued take nothing (their row was computed in vain)."""
+        done = []
+        for seq, token in zip(step.seqs, step.token_ids()):
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            if placeholders:
+                seq.output_token_ids[-1] = token
+            else:
+                seq.output_token_ids.append(token)
             self._finish_check(seq, token)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
-        return seqs
+            done.append(seq)
+        return done
 
     @staticmethod
     def _per_prompt(params, n: int) -> list[SamplingParams]:

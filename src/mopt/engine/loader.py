@@ -29,9 +29,11 @@ from mopt.engine.distributed import current_parallel_state
 from mopt.engine.lazy_tensor import LazyTensor
 from mopt.errors import ModelConfigError
 from mopt.jsonio import read_json_object
-from mopt.layers.parameter import BaseParameter, ExpertParameter, WeightLoadError
+from mopt.layers.expert_parameter import ExpertParameter
+from mopt.layers.parameter import BaseParameter, WeightLoadError
 from mopt.models.registry import model_class
 from mopt.models.validate import validate_model_config, validate_raw_config
+from mopt.quant.checkpoint_names import QUANT_TENSOR_RENAMES
 from mopt.quant.config import load_quant_config
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ def _runtime_name(name: str, packed: dict, experts: dict | None = None,
     Per-expert tensors ``...experts.N.<projection>.<suffix>`` map to the stacked
     ``...experts.w13_<suffix>`` / ``w2_<suffix>`` with shard id ``(w1|w3|w2, N)``.
     """
+    name = QUANT_TENSOR_RENAMES.map(name)
     if renames:
         name = ".".join(renames.get(part, part) for part in name.split("."))
     parts = name.split(".")
@@ -130,7 +133,7 @@ def _read_config(root: Path):
 def _missing_tensors(params: dict, headers: dict, packed: dict, kv_scales_required: bool) -> list[str]:
     missing = []
     for target, p in params.items():
-        if not isinstance(p, BaseParameter) or p.loaded:
+        if not isinstance(p, BaseParameter) or p.loaded or p.optional:
             continue
         if target.endswith(tuple(_KV_SCALES)) and not kv_scales_required:
             continue

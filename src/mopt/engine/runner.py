@@ -8,16 +8,22 @@ Step inputs are built with numpy into one int32 array (token ids, positions, slo
 sequence lengths, block tables) and cross to the device in one copy. Decode steps run through
 :class:`~mopt.engine.cuda_graphs.DecodeGraphs` (captured CUDA graphs on GPUs, the same padded
 static buffers run eagerly elsewhere); prefill steps run eagerly. Sampling happens on the device;
-the sampled ids come back in one copy per step.
+the sampled ids come back in one copy per step. :meth:`ModelRunner.launch` queues a step and returns
+at once (a :class:`PendingStep`); a decode step may take the input ids of its sequences straight from
+the device-side output of the step before it, so the host can queue step ``k + 1`` before reading the
+tokens of step ``k`` and the GPU never waits for Python between steps.
 
 Under tensor parallelism rank 0's runner hands each step's packed int32 array to ``step_scope``
 (set by the engine), which broadcasts it so that every worker runs the same step on its shard
-(``prefill_from_array`` / ``DecodeGraphs.run_staged``) while rank 0 runs it here.
+(``prefill_from_array`` / ``DecodeGraphs.run_staged``) while rank 0 runs it here; rank 0 alone samples,
+and ``share_tokens`` broadcasts the sampled ids on the model's process group (device to device), where
+the workers' next step finds the ids it carries.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import numpy as np
@@ -78,10 +84,29 @@ def prefill_array(seqs: list[Sequence], block_size: int) -> tuple[np.ndarray, in
     return array, len(ids), len(seqs), max(lens)
 
 
+@dataclass(eq=False)
+class PendingStep:
+    """A queued model step: the sequences it ran and their sampled ids, on their way to the host."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # int64 [B] on the device
+    host: torch.Tensor | None = None  # pinned destination of the copy (None on the CPU)
+    event: torch.cuda.Event | None = None
+
+    def token_ids(self) -> list[int]:
+        """The sampled ids, waiting for this step (and only it) to finish."""
+        if self.event is None:
+            return self.tokens.tolist()
+        self.event.synchronize()
+        return self.host[: len(self.seqs)].tolist()
+
+
 class ModelRunner:
     # Tensor parallelism (rank 0): ``step_scope(kind, ints, array)`` announces a step to the workers and
-    # guards it ("prefill": ints (n, b, max_query_len); "decode": ``StagedDecode.header``).
+    # guards it ("prefill": ints (n, b, max_query_len, share); "decode": ``StagedDecode.header`` + share);
+    # ``share_tokens(tokens)`` gives the workers a step's sampled ids.
     step_scope: Callable[[str, tuple, np.ndarray], ContextManager] | None = None
+    share_tokens: Callable[[torch.Tensor], None] | None = None
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
                  max_num_seqs: int = 64, max_model_len: int | None = None, enforce_eager: bool = False,
@@ -95,6 +120,8 @@ class ModelRunner:
                                   torch.zeros(shape, dtype=cache_dtype, device=self.device))
         max_model_len = max_model_len or num_blocks * block_size
         self.staging = Staging(self.device)
+        self._token_buffers: list[torch.Tensor] = []  # two pinned buffers, used in turn (see Staging)
+        self._token_turn = 0
         self.graphs = DecodeGraphs(self._decode_forward, self.device, max_num_seqs, blocks_needed(max_model_len, block_size),
                                    capture=self.device.type == "cuda" and not enforce_eager,
                                    pad=self.device.type == "cuda", progress=progress)
@@ -122,24 +149,53 @@ class ModelRunner:
     def _scope(self, kind: str, ints: tuple, array: np.ndarray) -> ContextManager:
         return self.step_scope(kind, ints, array) if self.step_scope is not None else contextlib.nullcontext()
 
-    def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
-        array, n, b, max_query_len = prefill_array(seqs, self.block_size)
-        with self._scope("prefill", (n, b, max_query_len), array):
-            return self.prefill_from_array(array, n, b, max_query_len)
-
-    def _logits(self, seqs: list[Sequence], is_prefill: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _stage(self, seqs: list[Sequence], is_prefill: bool, carried: PendingStep | None, share: bool
+               ) -> tuple[str, tuple, np.ndarray, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]]:
+        """``(kind, ints, array, run)``: the step packed as the workers receive it, and rank 0's part of it.
+        ``ints`` end with ``share`` (whether the sampled ids are broadcast after the step)."""
         if is_prefill:
-            return self._prefill_logits(seqs), None
-        staged = self.graphs.stage(decode_arrays(seqs, self.block_size), block_table_array(seqs))
-        with self._scope("decode", staged.header, staged.array):
-            return self.graphs.run_staged(staged)
+            array, n, b, max_query_len = prefill_array(seqs, self.block_size)
+            return "prefill", (n, b, max_query_len, int(share)), array, \
+                lambda: (self.prefill_from_array(array, n, b, max_query_len), None)
+        rows = None
+        if carried is not None:
+            row_of = {id(s): i for i, s in enumerate(carried.seqs)}
+            pairs = [(row_of[id(s)], dst) for dst, s in enumerate(seqs) if id(s) in row_of]
+            rows = tuple(np.array(v, np.int32) for v in zip(*pairs)) if pairs else None
+        staged = self.graphs.stage(decode_arrays(seqs, self.block_size), block_table_array(seqs), rows)
+        tokens = carried.tokens if rows is not None else None
+        return "decode", (*staged.header, int(share)), staged.array, lambda: self.graphs.run_staged(staged, tokens)
 
     @torch.inference_mode()
     def step_logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         """Logits ``[len(seqs), vocab]`` at each sequence's last token, after caching its new tokens."""
-        return self._logits(seqs, is_prefill)[0]
+        kind, ints, array, run = self._stage(seqs, is_prefill, None, False)
+        with self._scope(kind, ints, array):
+            return run()[0]
 
     @torch.inference_mode()
+    def launch(self, seqs: list[Sequence], is_prefill: bool, carried: PendingStep | None = None) -> PendingStep:
+        """Queue one step and return without waiting for it. ``carried``: a decode step's sequences that
+        were in ``carried`` take their input ids from its device-side tokens (their last host token
+        is a placeholder then)."""
+        kind, ints, array, run = self._stage(seqs, is_prefill, carried, self.share_tokens is not None)
+        with self._scope(kind, ints, array):
+            logits, greedy = run()
+            tokens = sample(logits, SamplingTensors.from_sequences(seqs, self.device), greedy)
+            if self.share_tokens is not None:
+                self.share_tokens(tokens)
+        if self.device.type != "cuda":
+            return PendingStep(seqs, tokens)
+        if not self._token_buffers or self._token_buffers[0].numel() < len(seqs):
+            size = max(len(seqs), 256)
+            self._token_buffers = [torch.empty(size, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        host = self._token_buffers[self._token_turn]
+        self._token_turn ^= 1
+        host[: len(seqs)].copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingStep(seqs, tokens, host, event)
+
     def step(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        logits, greedy = self._logits(seqs, is_prefill)
-        return sample(logits, SamplingTensors.from_sequences(seqs, self.device), greedy).tolist()
+        """Run one step and return its sampled ids."""
+        return self.launch(seqs, is_prefill).token_ids()

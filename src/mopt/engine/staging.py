@@ -1,10 +1,12 @@
 """Host-to-device copies of step inputs through persistent buffers.
 
 Pinning memory per step cost about 0.3 ms of host time on the H100 machine (``cudaPointerGetAttributes``
-and the pinned allocator), on the critical path of every decode step. One pinned host buffer and
-one device buffer, grown when a step needs more, make each step one asynchronous copy. The engine
-synchronizes once per step (reading the sampled tokens), so a buffer is never rewritten while a copy
-from it is in flight. On the CPU the array is used as it is.
+and the pinned allocator), on the critical path of every decode step. Persistent pinned host buffers and
+one device buffer, grown when a step needs more, make each step one asynchronous copy. The engine may
+prepare step ``k + 1`` while step ``k`` is still queued (async scheduling), and it reads the tokens of
+step ``k - 1`` before preparing ``k + 1``, so two host buffers used in turn are never rewritten while a
+copy from them is in flight. The device buffer is only written by copies queued on the same stream as
+its readers. On the CPU the array is used as it is.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+_HOST_BUFFERS = 2
+
 
 class Staging:
     def __init__(self, device: torch.device, dtype: torch.dtype = torch.int32) -> None:
         self.device, self.dtype = device, dtype
-        self.host: torch.Tensor | None = None
+        self.hosts: list[torch.Tensor] = []
+        self.turn = 0
         self.buffer: torch.Tensor | None = None
 
     def to_device(self, array: np.ndarray) -> torch.Tensor:
@@ -24,9 +29,11 @@ class Staging:
         if self.device.type == "cpu":
             return torch.from_numpy(array)
         n = array.size
-        if self.host is None or self.host.numel() < n:
-            size = max(n, 2 * (self.host.numel() if self.host is not None else 0), 1 << 16)
-            self.host = torch.empty(size, dtype=self.dtype, pin_memory=True)
+        if not self.hosts or self.hosts[0].numel() < n:
+            size = max(n, 2 * (self.hosts[0].numel() if self.hosts else 0), 1 << 16)
+            self.hosts = [torch.empty(size, dtype=self.dtype, pin_memory=True) for _ in range(_HOST_BUFFERS)]
             self.buffer = torch.empty(size, dtype=self.dtype, device=self.device)
-        self.host.numpy()[:n] = array
-        return self.buffer[:n].copy_(self.host[:n], non_blocking=True)
+        host = self.hosts[self.turn]
+        self.turn = (self.turn + 1) % _HOST_BUFFERS
+        host.numpy()[:n] = array
+        return self.buffer[:n].copy_(host[:n], non_blocking=True)

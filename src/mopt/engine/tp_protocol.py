@@ -13,7 +13,7 @@ worker keeps a :class:`ShardState` per id until rank 0 frees it.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,8 +30,9 @@ class Op(enum.IntEnum):
     FORWARD = 2  # ints (batch, tokens); payload: token ids -> full-sequence logits, no cache
     KV_BLOCKS = 3  # ints (block_size, kv_cache_memory or -1): MIN all-reduce of each rank's block count
     RUNNER = 4  # ints (num_blocks, block_size, max_num_seqs, max_model_len, enforce_eager)
-    PREFILL = 5  # ints (n, b, max_query_len); payload: runner.prefill_array
-    DECODE = 6  # ints (batch, bucket, width); payload: StagedDecode.array
+    PREFILL = 5  # ints (n, b, max_query_len, share); payload: runner.prefill_array
+    DECODE = 6  # ints (batch, bucket, width, carried, share); payload: StagedDecode.array
+    # share: rank 0 then broadcasts the step's sampled ids on the model group (see ModelRunner.share_tokens)
     FREE = 7
 
 
@@ -54,7 +55,7 @@ class ShardState:
     model: torch.nn.Module
     dtype: torch.dtype
     runner: object = None
-    extra: dict = field(default_factory=dict)
+    tokens: torch.Tensor | None = None  # the last shared step's sampled ids (what a carried step reads)
 
 
 def load_shard(spec: LoadSpec, world: World, progress: bool = False) -> torch.nn.Module:
@@ -146,3 +147,10 @@ def exchange_errors(world: World, error: str | None, check=lambda: None) -> list
     wait_polled(world.ctrl.all_gather_into(gathered, mine, async_op=True), check, "loading the model")
     rows = gathered.view(world.size, ERROR_BYTES + 1)
     return [bytes(row[1:].tolist()).rstrip(b"\0").decode(errors="replace") if row[0] else None for row in rows]
+
+
+def receive_tokens(world: World, count: int) -> torch.Tensor:
+    """Worker: a step's sampled ids, broadcast by rank 0 on the model group (stream-ordered on GPUs)."""
+    tokens = torch.empty(count, dtype=torch.int64, device=world.device)
+    world.group.broadcast(tokens)
+    return tokens

@@ -222,6 +222,10 @@ class TensorParallelModel(torch.nn.Module):
         self.runtime.send(Op.RUNNER, self.model_id, (num_blocks, block_size, max_num_seqs, max_model_len,
                                                      int(enforce_eager)))
 
+    def share_tokens(self, tokens: torch.Tensor) -> None:
+        """The runner's ``share_tokens``: a step's sampled ids to the workers (inside the step's scope)."""
+        self.runtime.world.group.broadcast(tokens.contiguous())
+
     @contextlib.contextmanager
     def step_scope(self, kind: str, ints: tuple, array: np.ndarray) -> Iterator[None]:
         """The runner's ``step_scope``: announce a prefill or decode step, then run rank 0's part of it."""

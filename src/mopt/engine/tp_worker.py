@@ -20,7 +20,7 @@ import torch
 from mopt.engine.distributed import TensorParallelError
 from mopt.engine.tp_launch import Heartbeat, PeerWatch, Timeouts, World, rendezvous, store_client
 from mopt.engine.tp_protocol import (LoadSpec, Op, ShardState, broadcast_object, exchange_errors, load_shard,
-                                     local_kv_blocks, min_over_ranks, receive_command)
+                                     local_kv_blocks, min_over_ranks, receive_command, receive_tokens)
 
 logger = logging.getLogger(__name__)
 
@@ -154,11 +154,18 @@ def _run(world: World, shards: dict[int, ShardState], op: Op, model_id: int, int
             shard.runner = ModelRunner(shard.model, num_blocks, block_size, shard.dtype, max_num_seqs, max_model_len,
                                        enforce_eager=bool(eager))
         elif op is Op.PREFILL:
-            shard.runner.prefill_from_array(payload, *ints[:3])
+            n, b, max_query_len, share = ints[:4]
+            shard.runner.prefill_from_array(payload, n, b, max_query_len)
+            if share:
+                shard.tokens = receive_tokens(world, b)
         elif op is Op.DECODE:
             from mopt.engine.cuda_graphs import StagedDecode
 
-            batch, bucket, width = ints[:3]
-            shard.runner.graphs.run_staged(StagedDecode(payload, batch, bucket, width))
+            batch, bucket, width, carried, share = ints[:5]
+            if carried and shard.tokens is None:
+                raise TensorParallelError("rank 0 sent a decode step that carries tokens this rank never received")
+            shard.runner.graphs.run_staged(StagedDecode(payload, batch, bucket, width, carried), shard.tokens)
+            if share:
+                shard.tokens = receive_tokens(world, batch)
         else:
             raise TensorParallelError(f"unknown tensor-parallel command {op!r}")

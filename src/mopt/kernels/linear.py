@@ -20,6 +20,28 @@ Canonical processed weights, per scheme (``W[N, K]``; attributes on the layer):
 * ``NVFP4``: ``weight`` uint8 ``[N, K/2]``, ``weight_scale`` e4m3 ``[N, K/16]``,
   ``weight_scale_2`` fp32 ``[N]`` (global scale of each row's shard), ``input_scale`` fp32 ``[]``;
   activations quantized to NVFP4 at run time.
+
+Schemes of the other ModelOpt formats (``mopt.kernels.reference_formats`` holds their reference
+GEMMs; a per-input-channel ``pre_quant_scale`` is applied by the method, before the kernel):
+
+* ``FP8_BLOCK_WO`` (FP8_PB_WO, FP8_PB_REAL): as ``FP8_BLOCK`` but weight-only: activations stay
+  unquantized, each 128-wide K block's partial product is scaled by its row's block scale.
+* ``INT4_WO`` (W4A16_AWQ): ``weight`` uint8 ``[N, K/2]`` (two's-complement nibbles along K,
+  ``mopt.quant.formats.int4.pack_k``), ``weight_scale`` fp32 ``[N, K/g]``; each ``g``-wide K group's
+  partial product is scaled by its group scale.
+* ``INT8_WO`` (W8A16): ``weight`` int8 ``[N, K]``, ``weight_scale`` fp32 ``[N]`` (epilogue).
+* ``INT8_SQ`` (W8A8_SQ_PER_CHANNEL): as ``INT8_WO`` plus ``input_scale`` fp32 ``[]``: static INT8
+  activations, both scales in the epilogue.
+* ``MXFP8``: ``weight`` e4m3 ``[N, K]``, ``weight_scale`` uint8 E8M0 ``[N, K/32]``; activations
+  MXFP8 at run time (exact values: the GEMM multiplies dequantized values).
+* ``MXFP4`` / ``MXFP4_WO``: ``weight`` uint8 ``[N, K/2]`` (E2M1 codes), ``weight_scale`` uint8 E8M0
+  ``[N, K/32]``; activations MXFP4 at run time / unquantized.
+* ``W4A8_MXFP4``: MXFP4 weights; activations FP8 E4M3 per tensor (``input_scale`` fp32 ``[]``) or,
+  with ``input_scale`` None, per token at run time.
+* ``NVFP4_WO`` (W4A16_NVFP4): as ``NVFP4`` without ``input_scale``: unquantized activations times
+  the weights' block values, ``weight_scale_2`` in the epilogue.
+* ``W4A8_NVFP4`` (W4A8_NVFP4_FP8): as ``NVFP4`` with 32-element blocks (``weight_scale`` e4m3
+  ``[N, K/32]``) and static FP8 activations (``input_scale`` fp32 ``[]``).
 """
 
 from __future__ import annotations
@@ -40,6 +62,16 @@ class LinearScheme(enum.Enum):
     FP8_CHANNEL_TOKEN = "fp8_channel_token"
     FP8_BLOCK = "fp8_block"
     NVFP4 = "nvfp4"
+    FP8_BLOCK_WO = "fp8_block_weight_only"
+    INT4_WO = "int4_weight_only"
+    INT8_WO = "int8_weight_only"
+    INT8_SQ = "int8_smoothquant"
+    MXFP8 = "mxfp8"
+    MXFP4 = "mxfp4"
+    MXFP4_WO = "mxfp4_weight_only"
+    W4A8_MXFP4 = "w4a8_mxfp4_fp8"
+    NVFP4_WO = "nvfp4_weight_only"
+    W4A8_NVFP4 = "w4a8_nvfp4_fp8"
 
 
 @dataclass(frozen=True)
@@ -95,6 +127,10 @@ def candidate_kernels(device_type: str) -> list[type[LinearKernel]]:
     if device_type == "cuda":
         try:
             from mopt.kernels import triton_linear  # noqa: F401
+        except ImportError:
+            pass
+        try:
+            from mopt.kernels import triton_weight_only  # noqa: F401
         except ImportError:
             pass
     return list(_KERNELS.get(device_type, [])) + [

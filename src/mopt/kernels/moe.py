@@ -32,13 +32,36 @@ import torch
 from torch import nn
 
 from mopt.kernels import reference
-from mopt.kernels.linear import BACKEND_ENV, cuda_capability
+from mopt.kernels.linear import BACKEND_ENV, LinearScheme, LinearShape, cuda_capability
 
 
 class MoEScheme(enum.Enum):
     UNQUANTIZED = "unquantized"
     FP8_TENSOR = "fp8_tensor"
     NVFP4 = "nvfp4"
+    # Experts in a linear scheme's canonical form, stacked (see LINEAR_SCHEME_OF).
+    FP8_CHANNEL_TOKEN = "fp8_channel_token"
+    FP8_BLOCK_WO = "fp8_block_weight_only"
+    INT8_WO = "int8_weight_only"
+    INT8_SQ = "int8_smoothquant"
+    MXFP8 = "mxfp8"
+    MXFP4 = "mxfp4"
+    MXFP4_WO = "mxfp4_weight_only"
+    W4A8_MXFP4 = "w4a8_mxfp4_fp8"
+    NVFP4_WO = "nvfp4_weight_only"
+    W4A8_NVFP4 = "w4a8_nvfp4_fp8"
+
+
+# Experts of these schemes hold the canonical tensors of the linear scheme (``mopt.kernels.linear``)
+# stacked over experts: ``w13_<name> [E, ...]`` / ``w2_<name> [E, ...]`` for ``name`` in
+# ``EXPERT_TENSORS`` (per-tensor scales ``[E]``); an optional ``w13_pre_quant_scale [E, H]`` /
+# ``w2_pre_quant_scale [E, I]`` multiplies the expert's input first. Expert ``e`` of the reference
+# kernel is the linear reference GEMM on ``w13_<name>[e]``.
+LINEAR_SCHEME_OF: dict[MoEScheme, LinearScheme] = {
+    scheme: LinearScheme[scheme.name] for scheme in MoEScheme
+    if scheme.name not in ("UNQUANTIZED", "FP8_TENSOR", "NVFP4")
+}
+EXPERT_TENSORS = ("weight", "weight_scale", "weight_scale_2", "input_scale")
 
 
 class MoEKernel:
@@ -89,6 +112,33 @@ _REFERENCE_GEMMS: dict[MoEScheme, Callable] = {
 }
 
 
+class _ExpertView:
+    """Expert ``e``'s ``w13`` or ``w2`` as a linear layer in its scheme's canonical form."""
+
+    def __init__(self, layer: nn.Module, proj: str, e: int, scheme: LinearScheme) -> None:
+        for name in EXPERT_TENSORS:
+            stacked = getattr(layer, f"{proj}_{name}", None)
+            if stacked is not None:
+                setattr(self, name, stacked[e])
+        in_features = layer.hidden_size if proj == "w13" else layer.intermediate_size
+        self.linear_shape = LinearShape(scheme, in_features, self.weight.shape[0])
+        smoothing = getattr(layer, f"{proj}_pre_quant_scale", None)
+        self.pre_quant_scale = smoothing[e] if smoothing is not None else None
+        if proj == "w2":  # tensor parallel over the intermediate size: w2's input is a slice of each row
+            self.reduce_token_amax = getattr(layer, "reduce_token_amax", None)
+
+
+def _expert_linear(layer: nn.Module, proj: str, e: int, x: torch.Tensor, scheme: LinearScheme) -> torch.Tensor:
+    view = _ExpertView(layer, proj, e, scheme)
+    if view.pre_quant_scale is not None:
+        x = x * view.pre_quant_scale.to(x.dtype)
+    return reference._GEMM_BY_SCHEME[scheme](view, x, None)
+
+
+for _moe_scheme, _linear_scheme in LINEAR_SCHEME_OF.items():
+    _REFERENCE_GEMMS[_moe_scheme] = (lambda s: lambda l, w, e, x: _expert_linear(l, w, e, x, s))(_linear_scheme)
+
+
 class ReferenceMoEKernel(MoEKernel):
     name, backends = "reference", ("reference", "cpu", "auto")
 
@@ -109,6 +159,8 @@ class TritonFusedMoEKernel(MoEKernel):
 
     @classmethod
     def supports(cls, scheme, device):
+        if scheme not in cls.capability:
+            return False, f"no fused Triton kernel for {scheme.value} experts yet"
         ok, why = cuda_capability(device, *cls.capability[scheme])
         if not ok:
             return ok, why

@@ -19,6 +19,7 @@ from mopt.kernels.linear import (
     per_token_fp8,
     register_linear_kernel,
 )
+from mopt.kernels import reference_formats
 from mopt.quant.formats import fp8, nvfp4
 
 
@@ -112,6 +113,8 @@ _GEMM_BY_SCHEME = {
         x, l.weight, l.weight_scale, l.weight_scale_2, l.input_scale, b
     ),
 }
+_GEMM_BY_SCHEME.update({scheme: reference_formats.gemm for scheme in reference_formats.SCHEMES})
+
 
 class CpuDecodedLinearKernel(ReferenceLinearKernel):
     """The reference numerics with weights decoded once, for CPUs.
@@ -137,6 +140,10 @@ class CpuDecodedLinearKernel(ReferenceLinearKernel):
         return True, ""
 
     def process_weights(self, layer: torch.nn.Module) -> None:
+        if layer.linear_shape.scheme in reference_formats.SCHEMES:
+            values = reference_formats.decode_for_cpu(layer)
+            layer.weight = torch.nn.Parameter(values, requires_grad=False)
+            return
         if layer.linear_shape.scheme is LinearScheme.NVFP4:
             values = nvfp4.dequantize_to_block_values(layer.weight.data, layer.weight_scale)
             values = values[:, : layer.linear_shape.in_features]

@@ -62,6 +62,10 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None  # attached by the engine
         self.v_cache: torch.Tensor | None = None
         self.backend: AttentionBackend | None = None
+        # A KV-cache format the kernels do not store natively (NVFP4, INT8): its method rounds keys
+        # and values to what such a cache returns (set by the method after loading).
+        self.kv_emulation = None
+        self._identity_rope: torch.Tensor | None = None
 
     def process_weights_after_loading(self) -> None:
         if self.quant_method is not None:
@@ -83,6 +87,8 @@ class Attention(nn.Module):
         if metadata is not None:
             return self._forward_paged(positions, q, k, v, metadata, fp8_scale)
         q, k = self.rotary(positions, q, k)
+        if self.kv_emulation is not None:
+            k, v = self.kv_emulation.round_kv(self, k, v)
         if self.kv_cache_dtype == "fp8":
             k = fp8.dequantize(fp8.quantize(k, self.k_scale_float), self.k_scale_float, k.dtype)
             v = fp8.dequantize(fp8.quantize(v, self.v_scale_float), self.v_scale_float, v.dtype)
@@ -101,7 +107,18 @@ class Attention(nn.Module):
     def _forward_paged(self, positions, q, k, v, meta: AttentionMetadata, fp8_scale) -> torch.Tensor:
         if self.backend is None:
             raise RuntimeError(f"{self.prefix}: attention metadata given but no KV cache attached")
-        q = self.backend.rope_and_write(q[0], k[0], v[0], positions[0], self.rotary.cos_sin_cache, self.k_cache,
+        cos_sin = self.rotary.cos_sin_cache
+        if self.kv_emulation is not None:
+            # Round after RoPE, then let the kernel write through an identity rotation (cos 1, sin 0:
+            # exact), so the cache holds exactly the rounded keys.
+            q, k = self.rotary(positions, q, k)
+            k, v = self.kv_emulation.round_kv(self, k, v)
+            if self._identity_rope is None or self._identity_rope.shape != cos_sin.shape:
+                half = cos_sin.shape[-1] // 2
+                self._identity_rope = torch.cat([torch.ones_like(cos_sin[:, :half]),
+                                                 torch.zeros_like(cos_sin[:, half:])], dim=-1)
+            cos_sin = self._identity_rope
+        q = self.backend.rope_and_write(q[0], k[0], v[0], positions[0], cos_sin, self.k_cache,
                                         self.v_cache, meta.slot_mapping, self.k_scale_float, self.v_scale_float)
         out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, self.k_scale_float,
                                   self.v_scale_float, self.sliding_window, fp8_scale)

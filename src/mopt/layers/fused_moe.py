@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from mopt.engine.distributed import all_reduce, current_parallel_state, divide, group_for
-from mopt.layers.parameter import ExpertParameter, WeightLoadError
+from mopt.layers.expert_parameter import ExpertParameter
+from mopt.layers.parameter import WeightLoadError
 
 
 def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +107,8 @@ class FusedMoE(nn.Module):
             self.intermediate_size = self.total_intermediate_size
             return
         self.tp_rank, self.tp_size = state.tp_rank, state.tp_size
+        if self.tp_group is not None:  # w2's input is split: per-token activation scales take the whole row's amax
+            self.reduce_token_amax = lambda amax: all_reduce(amax, self.tp_group, op="max")
         self.num_experts, self.expert_start = self.total_num_experts, 0
         self.intermediate_size = divide(self.total_intermediate_size, state.tp_size,
                                         f"{self.prefix}: expert intermediate size",

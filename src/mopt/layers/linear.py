@@ -58,6 +58,8 @@ class LinearBase(nn.Module):
         self.quant_method = method if method is not None else UnquantizedLinearMethod()
         if input_size_per_partition != input_size:
             input_size_per_partition = self._check_input_split(input_size_per_partition)
+        if sum(output_partition_sizes) != output_size:
+            output_partition_sizes = self._check_output_split(output_partition_sizes)
         self.quant_method.create_weights(
             self,
             input_size_per_partition,
@@ -89,6 +91,17 @@ class LinearBase(nn.Module):
                               f"multiple of {multiple} per rank" + (f" ({why})" if why else ""))
             per_rank = -(-per_rank // multiple) * multiple
         return per_rank
+
+    def _check_output_split(self, partitions: list[int]) -> list[int]:
+        """Per-rank output sizes of a column-parallel layer, if the method's rule allows them (INT4 packs
+        rows in pairs)."""
+        multiple = getattr(self.quant_method, "output_split_multiple", 1)
+        if any(p % multiple for p in partitions):
+            split_problem(f"{self.prefix}: output sizes split into {list(partitions)} per rank over "
+                          f"tensor_parallel_size {self.tp_size}; {type(self.quant_method).__name__} needs multiples "
+                          f"of {multiple} ({getattr(self.quant_method, 'output_split_reason', '')})")
+            partitions = [-(-p // multiple) * multiple for p in partitions]
+        return partitions
 
     def weight_loader(self, param: BaseParameter, loaded: torch.Tensor, shard_id=None) -> None:
         param.load(loaded, self.shard_spec(param, shard_id))

@@ -58,6 +58,7 @@ class BaseParameter(torch.nn.Parameter):
         self._weight_loader = weight_loader
         self.mopt_name = "<unnamed parameter>"
         self.loaded_spans: list[tuple[int, int]] = []
+        self.optional = False  # a checkpoint may leave it out (e.g. AWQ's pre_quant_scale where folded)
 
     @property
     def weight_loader(self) -> Callable | None:
@@ -112,7 +113,7 @@ class BaseParameter(torch.nn.Parameter):
         raise NotImplementedError  # abstract: each layout slices differently
 
 
-def _take_slice(loaded: torch.Tensor, dim: int, spec: ShardSpec, size: int, name: str) -> torch.Tensor:
+def take_slice(loaded: torch.Tensor, dim: int, spec: ShardSpec, size: int, name: str) -> torch.Tensor:
     full = size * spec.num_slices
     if loaded.dim() <= dim or loaded.shape[dim] != full:
         raise WeightLoadError(
@@ -141,13 +142,13 @@ class ModelWeightParameter(BaseParameter):
     def load(self, loaded: torch.Tensor, spec: ShardSpec = ShardSpec()) -> None:
         target, span = self.data, None
         if spec.split == "input":
-            loaded = _take_slice(loaded, self.input_dim, spec, target.shape[self.input_dim], self.mopt_name)
+            loaded = take_slice(loaded, self.input_dim, spec, target.shape[self.input_dim], self.mopt_name)
         elif spec.split == "output" or spec.size is not None:
             size = spec.size if spec.size is not None else target.shape[self.output_dim]
             target = target.narrow(self.output_dim, spec.offset, size)
             span = (spec.offset, spec.offset + size)
             if spec.split == "output":
-                loaded = _take_slice(loaded, self.output_dim, spec, size, self.mopt_name)
+                loaded = take_slice(loaded, self.output_dim, spec, size, self.mopt_name)
         self.check_and_copy(target, loaded, span=span)
 
 
@@ -199,6 +200,8 @@ class RowBlockScaleParameter(BaseParameter):
     def load(self, loaded: torch.Tensor, spec: ShardSpec = ShardSpec()) -> None:
         if loaded.dim() == 4 and loaded.shape[1] == 1 and loaded.shape[3] == 1:
             loaded = loaded[:, 0, :, 0]
+        if loaded.dim() == 0:  # ModelOpt squeezes the scale of a weight that is a single block
+            loaded = loaded.reshape(1, 1)
         if loaded.dim() != 2:
             raise WeightLoadError(
                 f"{self.mopt_name}: block scale must be [out_blocks, 1, in_blocks, 1] or "
@@ -216,67 +219,96 @@ class RowBlockScaleParameter(BaseParameter):
         if spec.split == "output":
             expanded = expanded.narrow(0, spec.slice_index * rows, rows)
         elif spec.split == "input":
-            expanded = _take_slice(expanded, 1, spec, self.data.shape[1], self.mopt_name)
+            expanded = take_slice(expanded, 1, spec, self.data.shape[1], self.mopt_name)
         self.check_and_copy(self.data.narrow(0, spec.offset, rows), expanded, span=(spec.offset, spec.offset + rows))
 
 
-class ExpertParameter(BaseParameter):
-    """A tensor stacked over experts, ``[E, ...]``, loaded one expert and projection at a time.
+class PackedRowsWeightParameter(ModelWeightParameter):
+    """A weight packed two rows per byte along the output dim, ``[N / 2, K]`` (ModelOpt's INT4).
 
-    ``kind="w13"``: the fused gate/up projection; a weight-like slot holds w1's rows then w3's
-    (``[E, 2I, ...]``), a scalar slot one value per projection (``[E, 2]``). ``kind="w2"``: the down
-    projection, one slot per expert (``[E, ...]`` or ``[E]``). Missing experts are reported by name.
+    Shard offsets and sizes are in unpacked rows; they must be even.
     """
 
-    # Tensor parallelism over the intermediate dimension (set by the layer): w13 takes this rank's rows
-    # of each projection, w2 its columns (in the tensor's own units: values, packed bytes or blocks).
-    tp_rank: int = 0
-    tp_size: int = 1
-    expert_offset: int = 0  # expert parallelism: global id of local expert 0 (for messages)
-    # Expert parallelism: a small tensor every rank holds for all experts (FP8 input scales, reduced over
-    # the experts after loading), indexed by global expert id.
-    global_experts: bool = False
+    def load(self, loaded: torch.Tensor, spec: ShardSpec = ShardSpec()) -> None:
+        size = spec.size if spec.size is not None else 2 * self.data.shape[0]
+        if spec.offset % 2 or size % 2:
+            raise WeightLoadError(f"{self.mopt_name}: rows packed in pairs need even shard offsets and sizes, "
+                                  f"got offset {spec.offset}, size {size}")
+        packed = ShardSpec(partition=spec.partition, offset=spec.offset // 2,
+                           size=None if spec.size is None else spec.size // 2, split=spec.split,
+                           slice_index=spec.slice_index, num_slices=spec.num_slices)
+        super().load(loaded, packed)
 
-    def __init__(self, data: torch.Tensor, kind: str, weight_loader=None) -> None:
+
+class PartitionInputParameter(BaseParameter):
+    """One tensor per fused partition whose last dim is the layer's input, ``[P, ..., K]``.
+
+    AWQ/SmoothQuant ``pre_quant_scale`` (``[K]`` per shard) and SVDQuant's ``lora_a`` (``[r, K]``) are
+    such tensors: column-parallel ranks hold all of K, row-parallel ranks their slice of K. Fused
+    shards must agree (they multiply the same input); ``value()`` checks that and returns one.
+    """
+
+    def __init__(self, data: torch.Tensor, weight_loader=None) -> None:
         super().__init__(data, weight_loader)
-        self.kind = kind
-        self.loaded_mask = torch.zeros(data.shape[0], 2 if kind == "w13" else 1, dtype=torch.bool)
+        self.loaded_partitions = torch.zeros(data.shape[0], dtype=torch.bool)
+
+    def load(self, loaded: torch.Tensor, spec: ShardSpec = ShardSpec()) -> None:
+        index = spec.partition or 0
+        if index >= self.data.shape[0]:
+            raise WeightLoadError(f"{self.mopt_name}: partition {index} out of range for {self.data.shape[0]}")
+        if spec.split == "input":
+            loaded = take_slice(loaded, loaded.dim() - 1, spec, self.data.shape[-1], self.mopt_name)
+        self.check_and_copy(self.data[index], loaded, span=(index, index + 1))
+        self.loaded_partitions[index] = True
+
+    def value(self) -> torch.Tensor | None:
+        """The shared tensor ``[..., K]``, or None when no partition was loaded."""
+        if not bool(self.loaded_partitions.any()):
+            return None
+        if not bool(self.loaded_partitions.all()):
+            missing = (~self.loaded_partitions).nonzero().flatten().tolist()
+            raise WeightLoadError(f"{self.mopt_name}: no checkpoint value for partition(s) {missing}")
+        if not all(torch.equal(self.data[0], self.data[i]) for i in range(1, self.data.shape[0])):
+            raise WeightLoadError(f"{self.mopt_name}: fused shards have different values; they multiply "
+                                  "the same input, so they must be equal")
+        return self.data[0].clone()
+
+
+class ShardCollectingParameter(BaseParameter):
+    """Checkpoint tensors whose size along one dim only the checkpoint knows (SVDQuant's rank), kept per
+    fused partition and assembled after loading. ``output_dim`` / ``input_dim`` say which dim a
+    column- or row-parallel rank slices (None: not sliced)."""
+
+    def __init__(self, num_partitions: int, dtype: torch.dtype, output_dim: int | None, input_dim: int | None,
+                 weight_loader=None) -> None:
+        super().__init__(torch.empty(0, dtype=dtype), weight_loader)
+        self.num_partitions, self.output_dim, self.input_dim = num_partitions, output_dim, input_dim
+        self.shards: dict[int, torch.Tensor] = {}
+
+    def __new__(cls, num_partitions: int, dtype: torch.dtype, *args, **kwargs):
+        return super().__new__(cls, torch.empty(0, dtype=dtype))
+
+    def load(self, loaded: torch.Tensor, spec: ShardSpec = ShardSpec()) -> None:
+        index = spec.partition or 0
+        if index >= self.num_partitions:
+            raise WeightLoadError(f"{self.mopt_name}: partition {index} out of range for {self.num_partitions}")
+        dim = {"output": self.output_dim, "input": self.input_dim}.get(spec.split or "")
+        if dim is not None and spec.num_slices > 1:
+            if loaded.shape[dim] % spec.num_slices:
+                raise WeightLoadError(f"{self.mopt_name}: dim {dim} of shape {tuple(loaded.shape)} does not split "
+                                      f"into {spec.num_slices}")
+            size = loaded.shape[dim] // spec.num_slices
+            loaded = loaded.narrow(dim, spec.slice_index * size, size)
+        self.check_dtype(loaded)
+        self.shards[index] = loaded.to(self.data.dtype).clone()
+        self.loaded_spans.append((index, index + 1))
 
     @property
-    def is_scalar(self) -> bool:
-        return self.data.dim() == (2 if self.kind == "w13" else 1)
+    def tracked_extent(self) -> int:
+        return self.num_partitions
 
-    def load_expert(self, loaded: torch.Tensor, shard: str, expert: int) -> None:
-        num_experts = self.data.shape[0]
-        if not 0 <= expert < num_experts:
-            raise WeightLoadError(f"{self.mopt_name}: expert {expert} out of range (the layer has {num_experts})")
-        if (shard == "w2") != (self.kind == "w2"):
-            raise WeightLoadError(f"{self.mopt_name}: cannot load projection {shard} into {self.kind}")
-        half = 1 if shard == "w3" else 0
-        if self.is_scalar:
-            if loaded.numel() != 1:
-                raise WeightLoadError(f"{self.mopt_name}: expert {expert + self.expert_offset} {shard}: expected a scalar, got shape "
-                                      f"{tuple(loaded.shape)}")
-            target = self.data[expert, half] if self.kind == "w13" else self.data[expert]
-            loaded = loaded.reshape(())
-        elif self.kind == "w13":
-            rows = self.data.shape[1] // 2
-            target = self.data[expert, half * rows:(half + 1) * rows]
-        else:
-            target = self.data[expert]
-        if self.tp_size > 1 and not self.is_scalar:
-            split = ShardSpec(split="output" if self.kind == "w13" else "input", slice_index=self.tp_rank,
-                              num_slices=self.tp_size)
-            dim = 0 if self.kind == "w13" else target.dim() - 1
-            loaded = _take_slice(loaded, dim, split, target.shape[dim],
-                                 f"{self.mopt_name} (expert {expert + self.expert_offset} {shard})")
-        self.check_and_copy(target, loaded)
-        self.loaded_mask[expert, half] = True
-
-    @property
-    def loaded(self) -> bool:
-        return bool(self.loaded_mask.all())
-
-    def missing(self) -> list[str]:
-        names = ("w1", "w3") if self.kind == "w13" else ("w2",)
-        return [f"expert {e + self.expert_offset} {names[h]}" for e, h in (~self.loaded_mask).nonzero().tolist()]
+    def partitions(self) -> list[torch.Tensor]:
+        missing = [i for i in range(self.num_partitions) if i not in self.shards]
+        if missing:
+            raise WeightLoadError(f"{self.mopt_name}: no checkpoint tensor for partition(s) {missing}")
+        return [self.shards[i] for i in range(self.num_partitions)]

@@ -35,7 +35,7 @@ QUANT_ALGOS = [
     "FP8_PB_WO",  # 128x128 weight blocks (ModelOpt writes it lower-case)
     "NVFP4",  # FP4 E2M1 with E4M3 block scales and FP32 global scales
 ]
-KV_CACHE_QUANT_ALGOS = ["FP8"]
+KV_CACHE_QUANT_ALGOS = ["FP8", "NVFP4", "NVFP4_AFFINE", "INT8"]  # formats in mopt.quant.formats.kv_cache
 
 DEFAULT_PACKED_MODULES_MAPPING: dict[str, list[str]] = {
     "qkv_proj": ["q_proj", "k_proj", "v_proj"],
@@ -52,6 +52,9 @@ def is_layer_skipped(
     """
     proj_name = prefix.rsplit(".", 1)[-1]
     if proj_name not in fused_mapping:
+        if "experts" in prefix and prefix not in ignored_layers:
+            # vLLM's rule: a listed single expert (``...mlp.experts.0.w1``) excludes its whole MoE layer.
+            return any(prefix in name for name in ignored_layers if "experts" in name)
         return prefix in ignored_layers
     base = prefix[: len(prefix) - len(proj_name)]
     shards = [base + shard for shard in fused_mapping[proj_name]]
@@ -107,7 +110,22 @@ class ModelOptQuantConfigBase:
 
     @property
     def kv_cache_quantized(self) -> bool:
-        return self.kv_cache_quant_algo in KV_CACHE_QUANT_ALGOS
+        """True for an FP8 KV cache, the engine's native quantized cache (``--kv-cache-dtype fp8``);
+        the other formats are applied by their KV-cache method (``mopt.quant.methods.kv_cache``)."""
+        return self.kv_cache_quant_algo == "FP8"
+
+    @property
+    def kv_cache_quant_method(self) -> str | None:
+        """vLLM's name for ``kv_cache_quant_algo``."""
+        return self.kv_cache_quant_algo
+
+    def linear_method_cls(self, prefix: str) -> type | None:
+        """The linear method class of a (not excluded) layer; per layer for MIXED_PRECISION."""
+        return self.LinearMethodCls
+
+    def moe_method_cls(self, prefix: str) -> type | None:
+        """The MoE method class of a (not excluded) MoE layer, or None when unsupported."""
+        return self.FusedMoEMethodCls
 
     # -- exclusions ---------------------------------------------------------------------------
     def is_layer_excluded(self, prefix: str) -> bool:
@@ -151,11 +169,11 @@ class ModelOptQuantConfigBase:
         """The method that runs ``layer`` (named ``prefix``), or ``None`` for non-quant layers."""
         from mopt.quant.methods.linear import UnquantizedLinearMethod
 
-        from mopt.quant.methods.kv_cache import ModelOptFp8KVCacheMethod
+        from mopt.quant.methods.kv_cache import kv_cache_method_cls
 
         kind = getattr(layer, "quant_kind", None)
         if kind == "attention":
-            return (self.KVCacheMethodCls or ModelOptFp8KVCacheMethod)(self)
+            return (self.KVCacheMethodCls or kv_cache_method_cls(self.kv_cache_quant_algo))(self)
         if self.is_layer_excluded(prefix) or "vision_tower" in prefix or "vision_model" in prefix:
             return UnquantizedLinearMethod() if kind == "linear" else None
         if kind == "linear":
@@ -280,6 +298,7 @@ class ModelOptFp8Config(ModelOptQuantConfigBase):
             "FP8": fp8_linear.ModelOptFp8LinearMethod,
             "FP8_PER_CHANNEL_PER_TOKEN": fp8_linear.ModelOptFp8PcPtLinearMethod,
             "FP8_PB_WO": fp8_linear.ModelOptFp8PbWoLinearMethod,
+            "FP8_PB_REAL": fp8_linear.ModelOptFp8PbWoLinearMethod,
         }
         if quant_method not in methods:
             raise QuantConfigError(
@@ -288,10 +307,14 @@ class ModelOptFp8Config(ModelOptQuantConfigBase):
         self.quant_method = quant_method
         self.is_checkpoint_fp8_serialized = is_checkpoint_fp8_serialized
         self.LinearMethodCls = methods[quant_method]
-        if quant_method == "FP8":
-            from mopt.quant.methods.moe import ModelOptFp8MoEMethod
+        from mopt.quant.methods import moe, moe_formats
 
-            self.FusedMoEMethodCls = ModelOptFp8MoEMethod
+        self.FusedMoEMethodCls = {
+            "FP8": moe.ModelOptFp8MoEMethod,
+            "FP8_PER_CHANNEL_PER_TOKEN": moe_formats.ModelOptFp8PcPtMoEMethod,
+            "FP8_PB_WO": moe_formats.ModelOptFp8PbWoMoEMethod,
+            "FP8_PB_REAL": moe_formats.ModelOptFp8PbWoMoEMethod,
+        }[quant_method]
 
     def get_name(self) -> str:
         return "modelopt"
@@ -388,6 +411,13 @@ _CONFIG_BY_ALGO: dict[str, type[ModelOptQuantConfigBase]] = {
 }
 
 
+def register_quant_config(algo: str, cls: type[ModelOptQuantConfigBase]) -> None:
+    """Make ``quant_algo: algo`` parse with ``cls`` (``mopt.quant.config_algos`` registers the rest)."""
+    _CONFIG_BY_ALGO[algo] = cls
+    if algo not in QUANT_ALGOS:
+        QUANT_ALGOS.append(algo)
+
+
 def config_from_dict(config: Mapping[str, Any], source: str = "quantization config") -> ModelOptQuantConfigBase:
     """Pick the config class by ``quant_algo`` and parse ``config`` (either form)."""
     try:
@@ -433,3 +463,6 @@ def load_quant_config(checkpoint_dir: str | os.PathLike) -> ModelOptQuantConfigB
             "mopt runs checkpoints quantized by NVIDIA ModelOpt (quant_method 'modelopt')"
         )
     return config_from_dict(quant, f"{config_json} quantization_config")
+
+
+from mopt.quant import config_algos  # noqa: E402,F401  (registers every other quant_algo)

@@ -1,5 +1,5 @@
 """Exact reference numerics per format: quantize, dequantize, pack, scale layouts (torch only)."""
 
-from mopt.quant.formats import fp8, nvfp4
+from mopt.quant.formats import fp8, int4, int8, kv_cache, mx, nvfp4
 
-__all__ = ["fp8", "nvfp4"]
+__all__ = ["fp8", "int4", "int8", "kv_cache", "mx", "nvfp4"]

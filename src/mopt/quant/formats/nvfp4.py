@@ -16,6 +16,21 @@ Scales (ModelOpt's convention), for data ``x`` split into blocks of 16 along the
   all-zero block; ``weight_scale`` is ``float8_e4m3fn[N, K/16]``;
 * code value ``c = e2m1(x / (float(s) * g))`` computed in float32; ``x ~= c * float(s) * g``.
 
+The variants ModelOpt 0.47 exports with the same weight encoding (checked in its export code,
+``quant_utils.get_weight_scaling_factor(_2)``, and in real exports):
+
+* W4A16_NVFP4: weights as above, no ``input_scale``; activations stay unquantized.
+* W4A8_NVFP4_FP8: 32-element weight blocks (``weight_scale`` e4m3 ``[N, K/32]``) and
+  ``weight_scale_2 = amax / 448`` (not ``/ (6 * 448)``, so the kernel can widen weights to FP8), hence
+  block scales up to ``448 / 6``; activations FP8 E4M3 per tensor with ``input_scale = amax / 448``.
+  ModelOpt's own fake quantization uses ``amax / (6 * 448)`` for the weights, so its in-memory model
+  rounds block scales differently from its export; mopt follows the export.
+* NVFP4_AWQ: NVFP4 plus ``pre_quant_scale`` float32 ``[K]`` where AWQ's smoothing could not be
+  folded into the preceding layer (``x' = x * pre_quant_scale`` is quantized).
+* NVFP4_SVD (SVDQuant): NVFP4 plus ``pre_quant_scale`` on every layer and a low-rank branch
+  ``weight_quantizer._svdquant_lora_a`` ``[r, K]`` and ``weight_quantizer._svdquant_lora_b``
+  ``[N, r]`` in the export dtype: ``y = nvfp4(x') @ W^T + (x' @ A^T) @ B^T``.
+
 Swizzled block-scale layout (what CUTLASS/FlashInfer-style FP4 GEMMs read): the ``[rows, cols]``
 scale matrix is zero-padded to rows a multiple of 128 and cols a multiple of 4, then cut into
 128x4 tiles, tiles in row-major order (a row of tiles along cols first). Each tile is 512
@@ -86,10 +101,12 @@ def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pad))
 
 
-def block_scales(x: torch.Tensor, global_scale: torch.Tensor | float) -> torch.Tensor:
-    """E4M3 block scales ``[..., ceil(K/16)]`` for ``x[..., K]`` (a partial last block is padded)."""
+def block_scales(x: torch.Tensor, global_scale: torch.Tensor | float, block_size: int = BLOCK_SIZE) -> torch.Tensor:
+    """E4M3 block scales ``[..., ceil(K/16)]`` for ``x[..., K]`` (a partial last block is padded).
+
+    ``block_size`` 32 is W4A8_NVFP4_FP8's weight block (same scale rule)."""
     g = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device)
-    blocks = _pad_last(x.detach().float(), BLOCK_SIZE).unflatten(-1, (-1, BLOCK_SIZE))
+    blocks = _pad_last(x.detach().float(), block_size).unflatten(-1, (-1, block_size))
     scale = blocks.abs().amax(dim=-1) / (E2M1_MAX * g)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     return scale.clamp(MIN_BLOCK_SCALE, FP8_MAX).to(FP8_DTYPE)
@@ -99,6 +116,7 @@ def quantize(
     x: torch.Tensor,
     global_scale: torch.Tensor | float,
     block_scale: torch.Tensor | None = None,
+    block_size: int = BLOCK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x[..., K]`` to ``(packed uint8[..., Kp/2], block_scale e4m3[..., Kp/16])``.
 
@@ -107,8 +125,8 @@ def quantize(
     """
     g = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device)
     if block_scale is None:
-        block_scale = block_scales(x, g)
-    blocks = _pad_last(x.float(), BLOCK_SIZE).unflatten(-1, (-1, BLOCK_SIZE))
+        block_scale = block_scales(x, g, block_size)
+    blocks = _pad_last(x.float(), block_size).unflatten(-1, (-1, block_size))
     scaled = blocks / (to_float32(block_scale) * g).unsqueeze(-1)
     return pack(e2m1_encode(scaled.flatten(-2))), block_scale
 
@@ -119,24 +137,26 @@ def dequantize(
     global_scale: torch.Tensor | float,
     dtype: torch.dtype = torch.float32,
     k: int | None = None,
+    block_size: int = BLOCK_SIZE,
 ) -> torch.Tensor:
     """``code value * float(block_scale) * global_scale``; ``k`` crops padded columns."""
     g = torch.as_tensor(global_scale, dtype=torch.float32, device=packed.device)
-    values = e2m1_decode(unpack(packed)).unflatten(-1, (-1, BLOCK_SIZE))
+    values = e2m1_decode(unpack(packed)).unflatten(-1, (-1, block_size))
     out = (values * (to_float32(block_scale) * g).unsqueeze(-1)).flatten(-2)
     if k is not None:
         out = out[..., :k]
     return out.to(dtype)
 
 
-def dequantize_to_block_values(packed: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
+def dequantize_to_block_values(packed: torch.Tensor, block_scale: torch.Tensor,
+                               block_size: int = BLOCK_SIZE) -> torch.Tensor:
     """``code value * float(block_scale)`` without the global scale, float32.
 
     Exact: an E2M1 value (2 significant bits) times an E4M3 scale (4 significant bits) fits the
     8-bit significand of bfloat16, which is what lets a W4A4 GEMM run on BF16 tensor cores and
     apply both global scales once in its epilogue.
     """
-    values = e2m1_decode(unpack(packed)).unflatten(-1, (-1, BLOCK_SIZE))
+    values = e2m1_decode(unpack(packed)).unflatten(-1, (-1, block_size))
     return (values * to_float32(block_scale).unsqueeze(-1)).flatten(-2)
 
 

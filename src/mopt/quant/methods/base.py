@@ -24,6 +24,9 @@ class LinearMethodBase(QuantizeMethodBase):
     # for the reason given (format blocks, kernel alignment); checked when the layer is built.
     input_split_multiple: int = 1
     input_split_reason: str = ""
+    # ... and a column-parallel layer's per-rank output sizes (each fused shard's) a multiple of this.
+    output_split_multiple: int = 1
+    output_split_reason: str = ""
 
     def __init__(self) -> None:
         self.kernel: LinearKernel | None = None

@@ -1,4 +1,4 @@
-"""KV-cache scale method: per-layer FP8 ``k_scale`` / ``v_scale``.
+"""KV-cache methods: per-layer ``k_scale`` / ``v_scale`` (FP8), and NVFP4 / NVFP4_AFFINE / INT8 caches.
 
 ModelOpt stores them as ``self_attn.k_proj.k_scale`` and ``self_attn.v_proj.v_scale`` (fp32
 scalars, ``amax / 448``); the loader maps them onto the attention layer. A cache entry holds
@@ -12,6 +12,7 @@ import logging
 import torch
 
 from mopt.layers.parameter import PerTensorScaleParameter, WeightLoadError
+from mopt.quant.formats import kv_cache as kv_format
 from mopt.quant.methods.base import QuantizeMethodBase
 
 logger = logging.getLogger(__name__)
@@ -48,3 +49,102 @@ class BaseKVCacheMethod(QuantizeMethodBase):
 
 class ModelOptFp8KVCacheMethod(BaseKVCacheMethod):
     """Loads ModelOpt's per-layer FP8 KV-cache scales."""
+
+
+class _EmulatedKVCacheMethod(BaseKVCacheMethod):
+    """A KV-cache format the attention kernels do not store natively yet (NVFP4, NVFP4_AFFINE, INT8).
+
+    After loading, the layer carries ``kv_cache_algo`` and ``kv_cache_storage`` (what a cache of this
+    format holds per token and head, ``mopt.quant.formats.kv_cache.KVCacheStorage``), and the method
+    offers :meth:`quantize_kv` / :meth:`dequantize_kv` for attention to call when it writes and reads
+    the cache. Until attention does, the layer calls :meth:`round_kv` on keys (after RoPE) and values,
+    which rounds them to exactly what such a cache would return (``fake_quantize_kv``): on the
+    cache-free path and on the paged path (which then stores those values in the model dtype) the
+    results equal a real cache of the format, but the cache takes no less memory.
+    """
+
+    algo = "abstract"
+    has_bias = False
+
+    def create_weights(self, layer: torch.nn.Module) -> None:
+        super().create_weights(layer)
+        if self.has_bias:
+            for name in ("k_bias", "v_bias"):
+                param = _KVBiasParameter(torch.zeros(layer.num_kv_heads, layer.head_dim), weight_loader=None)
+                param._weight_loader = lambda p, t, shard_id=None: p.load(t)
+                param.mopt_name = f"{getattr(layer, 'prefix', 'attention')}.{name}"
+                layer.register_parameter(name, param)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        super().process_weights_after_loading(layer)
+        if self.has_bias:
+            for name in ("k_bias", "v_bias"):
+                value = getattr(layer, name).data.clone()
+                del layer._parameters[name]
+                layer.register_buffer(name, value)
+        layer.kv_cache_algo = self.algo
+        layer.kv_cache_storage = kv_format.kv_storage(self.algo, layer.head_dim)
+        if getattr(layer, "kv_cache_dtype", "auto") != "auto":
+            logger.warning("%s: an %s KV cache runs emulated; --kv-cache-dtype %s quantizes its values again",
+                           getattr(layer, "prefix", "attention"), self.algo, layer.kv_cache_dtype)
+        layer.kv_emulation = self
+
+    def quantize_kv(self, layer: torch.nn.Module, x: torch.Tensor, which: str) -> kv_format.KVCodes:
+        """Cache codes of keys (``which="k"``) or values (``"v"``) ``x [..., Hkv, D]``."""
+        return kv_format.quantize_kv(x, self.algo, getattr(layer, f"{which}_scale_float"),
+                                     getattr(layer, f"{which}_bias", None))
+
+    def dequantize_kv(self, layer: torch.nn.Module, stored: kv_format.KVCodes, which: str,
+                      dtype: torch.dtype) -> torch.Tensor:
+        return kv_format.dequantize_kv(stored, self.algo, getattr(layer, f"{which}_scale_float"),
+                                       getattr(layer, f"{which}_bias", None), dtype)
+
+    def round_kv(self, layer: torch.nn.Module, k: torch.Tensor,
+                 v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (after RoPE) and values as a cache of this format returns them."""
+        k = self.dequantize_kv(layer, self.quantize_kv(layer, k, "k"), "k", k.dtype)
+        v = self.dequantize_kv(layer, self.quantize_kv(layer, v, "v"), "v", v.dtype)
+        return k, v
+
+
+class _KVBiasParameter(PerTensorScaleParameter):
+    """NVFP4_AFFINE's ``k_bias`` / ``v_bias``: ``[Hkv, D]``; ModelOpt exports ``[1, Hkv, 1, D]``."""
+
+    def load(self, loaded: torch.Tensor, spec=None) -> None:
+        if loaded.dim() == 4 and loaded.shape[0] == 1 and loaded.shape[2] == 1:
+            loaded = loaded[0, :, 0, :]
+        self.check_and_copy(self.data, loaded)
+
+
+class ModelOptNvFp4KVCacheMethod(_EmulatedKVCacheMethod):
+    """NVFP4 KV cache: 16-element blocks along the head dim, global scale ``k_scale / 6``."""
+
+    algo = "NVFP4"
+
+
+class ModelOptNvFp4AffineKVCacheMethod(_EmulatedKVCacheMethod):
+    """NVFP4 KV cache of ``k - k_bias`` (per kv-head and channel bias)."""
+
+    algo = "NVFP4_AFFINE"
+    has_bias = True
+
+
+class ModelOptInt8KVCacheMethod(_EmulatedKVCacheMethod):
+    """INT8 KV cache with per-layer scales (``amax / 127``)."""
+
+    algo = "INT8"
+
+
+_KV_CACHE_METHODS: dict[str | None, type[BaseKVCacheMethod]] = {
+    None: ModelOptFp8KVCacheMethod,
+    "FP8": ModelOptFp8KVCacheMethod,
+    "NVFP4": ModelOptNvFp4KVCacheMethod,
+    "NVFP4_AFFINE": ModelOptNvFp4AffineKVCacheMethod,
+    "INT8": ModelOptInt8KVCacheMethod,
+}
+
+
+def kv_cache_method_cls(algo: str | None) -> type[BaseKVCacheMethod]:
+    """The KV-cache method of a ``kv_cache_quant_algo`` (the FP8 one loads scales when there are none;
+    an unknown algo was already warned about by the config and leaves the cache in the model dtype)."""
+    return _KV_CACHE_METHODS.get(algo, ModelOptFp8KVCacheMethod)

@@ -20,7 +20,8 @@ import torch
 
 from mopt.errors import ModelConfigError
 from mopt.kernels.moe import MoEKernel, MoEScheme, select_moe_kernel
-from mopt.layers.parameter import ExpertParameter, WeightLoadError
+from mopt.layers.expert_parameter import ExpertParameter
+from mopt.layers.parameter import WeightLoadError
 from mopt.quant.formats import fp8, nvfp4
 from mopt.quant.methods.base import QuantizeMethodBase
 
