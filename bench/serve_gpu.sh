@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Serving check on the GPU machine (issue 11's GPU targets), about 5 minutes on an H100:
-#   1. the GPU tests of the async engine and the device sampler (penalties, logprobs);
+#   1. the GPU tests of the async engine, the device sampler (penalties, logprobs) and async scheduling;
 #   2. `mopt bench serve` on the llama3-8b preset with dummy FP8 weights and FP8 KV cache, 64 clients,
 #      128-token prompts and outputs, against LLM.generate on the same requests in the same run
 #      (target: serve output tok/s >= 90% of offline);
@@ -49,8 +49,9 @@ uvicorn.__version__, 'pydantic', pydantic.VERSION, 'uvloop', u.find_spec('uvloop
 u.find_spec('httptools') is not None)" | tee -a "$OUT/gpu.txt"
 
 if [[ $what == tests || $what == all ]]; then
-  timeout ${TEST_TIMEOUT:-90} python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/engine/test_async_engine.py \
-    tests/engine/test_penalties_logprobs.py 2>&1 | tail -30 | tee "$OUT/gpu-tests.txt"
+  timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/engine/test_async_engine.py \
+    tests/engine/test_penalties_logprobs.py tests/engine/test_async_scheduling.py 2>&1 | tail -30 \
+    | tee "$OUT/gpu-tests.txt"
 fi
 if [[ $what == bench || $what == all ]]; then
   # Two model loads (server, then LLM.generate after the server exits) plus CUDA graph captures: ~1 min each.

@@ -52,6 +52,22 @@ _temperature = _number(float, lambda v: 0 <= v < float("inf"), "a finite number 
 _probability = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """``--tensor-parallel-size/-tp N`` and ``--enable-expert-parallel``: for every command that loads a
+    model (pass ``parallel_kwargs(args)`` on to ``LLM`` or ``load_model``)."""
+    p.add_argument("-tp", "--tensor-parallel-size", type=_positive_int, default=1, metavar="N",
+                   help="shard the model over N GPUs of this node (or N CPU processes); under torchrun, "
+                        "N must be its WORLD_SIZE (default: %(default)s)")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with tensor parallelism, give each rank whole MoE experts instead of a slice of every expert")
+
+
+def parallel_kwargs(args) -> dict:
+    """The ``LLM``/``load_model`` keyword arguments of ``add_parallel_args``' options."""
+    return dict(tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+                enable_expert_parallel=getattr(args, "enable_expert_parallel", False))
+
+
 def _torch_dtype(name: str | None):
     import torch
 
@@ -69,7 +85,7 @@ def _make_llm(args):
         from mopt.engine.llm import LLM
 
         return LLM(path, device=args.device, dtype=_torch_dtype(args.dtype), max_model_len=args.max_model_len,
-                   kv_cache_dtype=args.kv_cache_dtype, progress=True)
+                   kv_cache_dtype=args.kv_cache_dtype, progress=True, **parallel_kwargs(args))
 
 
 def _sampling(args):
@@ -161,8 +177,9 @@ def cmd_eval(args) -> int:
         device = torch.device(args.device) if args.device else default_device()
         dtype = _torch_dtype(args.dtype) or default_dtype(device)
         ids = AutoTokenizer.from_pretrained(path)(text)["input_ids"]
-        model = load_model(path, device, dtype, args.kv_cache_dtype, progress=True)
-        reference = load_model(ref_path, device, dtype, "auto", progress=True) if ref_path else None
+        model = load_model(path, device, dtype, args.kv_cache_dtype, progress=True, **parallel_kwargs(args))
+        reference = load_model(ref_path, device, dtype, "auto", progress=True, **parallel_kwargs(args)) \
+            if ref_path else None
         result = evaluate(model, ids, args.context, reference, progress=True)
     rows = [("model", str(path)), ("text", f"{text_file} ({result.tokens} predicted tokens, "
                                            f"{result.windows} windows of <= {args.context})"),
@@ -182,7 +199,17 @@ def cmd_eval(args) -> int:
 def cmd_inspect(args) -> int:
     from mopt.engine.inspect import format_inspection, inspect_checkpoint
 
-    print(format_inspection(inspect_checkpoint(_model_path(args.model, args.format, args.verbose)), args.max_layers))
+    path = _model_path(args.model, args.format, args.verbose)
+    print(format_inspection(inspect_checkpoint(path), args.max_layers))
+    if args.tensor_parallel_size > 1:
+        from mopt.console import quiet_libraries
+        from mopt.engine.loader import read_model_spec
+        from mopt.engine.tp_plan import format_plan, shard_plan
+
+        with quiet_libraries(args.verbose):
+            _, config, quant, _, _ = read_model_spec(path)
+            plan = shard_plan(config, quant, args.tensor_parallel_size, args.enable_expert_parallel)
+        print(format_plan(plan, args.max_layers))
     return 0
 
 
@@ -270,7 +297,8 @@ def cmd_bench_generate(args) -> int:
     engine = dict(device=device, dtype=_torch_dtype(args.dtype), max_model_len=max_len,
                   kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=max(batches + ([prefill[0]] if prefill else [])),
                   max_num_batched_tokens=max(batched_tokens, max_len), enforce_eager=args.enforce_eager,
-                  async_scheduling=False if args.no_async_scheduling else None, progress=True)
+                  async_scheduling=False if args.no_async_scheduling else None, progress=True,
+                  **parallel_kwargs(args))
     if args.dummy:
         for fmt in formats:
             with status(f"building {args.dummy} with {fmt} dummy weights"), quiet_libraries(args.verbose):
@@ -388,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="fp8-kv", choices=default_formats(), help="default model's format")
     p.add_argument("--max-layers", type=_positive_int, default=40,
                    help="rows of the per-layer table to print (default: %(default)s)")
+    add_parallel_args(p)
     p.set_defaults(func=cmd_inspect)
 
     def model_args(p, default_format="fp8-kv"):
@@ -402,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto: FP8 when the checkpoint has KV-cache scales")
         p.add_argument("--backend", choices=["reference", "cpu", "triton", "cublas"],
                        help="force a kernel backend (same as MOPT_BACKEND)")
+        add_parallel_args(p)
 
     def sampling_args(p, max_tokens):
         p.add_argument("--max-tokens", type=_positive_int, default=max_tokens,

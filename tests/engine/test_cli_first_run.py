@@ -34,6 +34,8 @@ CHATTER = ("Inserted", "Registered <class", "quantizers", "torch_dtype", "deprec
     (["bench", "generate", "--tokens", "0"], "--tokens"),
     (["bench", "generate", "--batch", "1,x"], "--batch"),
     (["inspect", "--max-layers", "-1"], "--max-layers"),
+    (["generate", "--prompt", "hi", "-tp", "0"], "--tensor-parallel-size"),
+    (["bench", "generate", "--tensor-parallel-size", "two"], "--tensor-parallel-size"),
 ])
 def test_bad_options_fail_fast_without_loading(args, option, tmp_path):
     """Checked before any model is built or loaded: well under 2 s on a 2-core machine (a model load

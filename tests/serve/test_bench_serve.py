@@ -79,3 +79,22 @@ def run_cli(argv: list[str]) -> int:
         return cli.main(argv)
     except SystemExit as e:  # argparse
         return e.code
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["some/checkpoint", "--device", "cpu", "--dtype", "float32", "--max-num-seqs", "8", "--max-model-len", "512"],
+    ["--dummy", "llama3-8b", "--format", "fp8-kv", "--enforce-eager", "--backend", "reference", "--tokenizer", "t"],
+    ["--dummy", "qwen3-30b-a3b", "--format", "fp8", "-tp", "2", "--enable-expert-parallel"],
+])
+def test_the_started_server_gets_the_same_engine_options(argv):
+    """``mopt bench serve`` starts ``mopt serve`` with the flags of ``engine_flags``: they parse back to
+    the same engine options."""
+    from mopt.serve.command import engine_flags
+
+    parser = cli.build_parser()
+    bench = parser.parse_args(["bench", "serve", *argv])
+    serve = parser.parse_args(["serve", *engine_flags(bench)])
+    options = ("model", "format", "device", "dtype", "kv_cache_dtype", "backend", "dummy", "tokenizer",
+               "max_model_len", "max_num_seqs", "enforce_eager", "tensor_parallel_size", "enable_expert_parallel")
+    assert {o: getattr(serve, o) for o in options} == {o: getattr(bench, o) for o in options}

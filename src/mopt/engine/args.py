@@ -78,10 +78,34 @@ def check_load_format(model: Any, load_format: Any, quantization: Any) -> None:
         raise EngineArgumentError(f"quantization must be one of {list(DUMMY_FORMATS)} or None, got {quantization!r}")
 
 
+def check_parallel_args(tensor_parallel_size: Any, enable_expert_parallel: Any, device: Any) -> None:
+    """``tensor_parallel_size`` ranks, one per GPU of this node (or per torchrun process), or CPU processes."""
+    check_positive_int("tensor_parallel_size", tensor_parallel_size)
+    if not isinstance(enable_expert_parallel, bool):
+        raise EngineArgumentError(f"enable_expert_parallel must be True or False, got {enable_expert_parallel!r}")
+    if tensor_parallel_size == 1:
+        return
+    dev = check_device(device)
+    if dev is not None and dev.index is not None:
+        raise EngineArgumentError(f"device {device!r}: with tensor_parallel_size {tensor_parallel_size} rank r runs on "
+                                  "cuda:LOCAL_RANK; pass device='cuda' (select GPUs with CUDA_VISIBLE_DEVICES)")
+    world = os.environ.get("WORLD_SIZE")
+    if "RANK" in os.environ and world is not None and world != "1":
+        if world != str(tensor_parallel_size):
+            raise EngineArgumentError(f"tensor_parallel_size is {tensor_parallel_size} but this process runs under "
+                                      f"torchrun with WORLD_SIZE={world}: they must be equal")
+        return
+    cuda = dev.type == "cuda" if dev is not None else torch.cuda.is_available()
+    if cuda and torch.cuda.device_count() < tensor_parallel_size:
+        raise EngineArgumentError(f"tensor_parallel_size {tensor_parallel_size} needs {tensor_parallel_size} GPUs on "
+                                  f"this node, there are {torch.cuda.device_count()} (use torchrun across nodes)")
+
+
 def check_engine_args(*, model: Any, device: Any, dtype: Any, kv_cache_dtype: Any, max_model_len: Any,
                       block_size: Any, max_num_seqs: Any, max_num_batched_tokens: Any,
                       kv_cache_memory: Any, load_format: Any = "auto", quantization: Any = None,
-                      enforce_eager: Any = False, async_scheduling: Any = None, tokenizer: Any = None) -> None:
+                      enforce_eager: Any = False, async_scheduling: Any = None, tensor_parallel_size: Any = 1,
+                      enable_expert_parallel: Any = False, tokenizer: Any = None) -> None:
     """Raise :class:`EngineArgumentError` naming the first argument of ``LLM(...)`` that is invalid."""
     check_load_format(model, load_format, quantization)
     if not isinstance(enforce_eager, bool):
@@ -96,5 +120,6 @@ def check_engine_args(*, model: Any, device: Any, dtype: Any, kv_cache_dtype: An
                                   ("max_num_batched_tokens", max_num_batched_tokens, True),
                                   ("kv_cache_memory", kv_cache_memory, True)):
         check_positive_int(name, value, optional)
+    check_parallel_args(tensor_parallel_size, enable_expert_parallel, device)
     if tokenizer is not None and (not isinstance(tokenizer, (str, os.PathLike)) or not os.path.isdir(tokenizer)):
         raise EngineArgumentError(f"tokenizer must be a folder with tokenizer files, got {tokenizer!r}")

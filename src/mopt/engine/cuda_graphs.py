@@ -11,6 +11,7 @@ same buffers and padding run eagerly, so the bucket logic is the same everywhere
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -20,6 +21,24 @@ from mopt.engine.staging import Staging
 from mopt.layers.attention import AttentionMetadata
 
 _IDS, _POSITIONS, _SLOTS, _SEQ_LENS = range(4)
+
+
+@dataclass(frozen=True)
+class StagedDecode:
+    """One decode step's inputs in the int32 layout ``run_staged`` copies to the static buffers: ids,
+    positions, slots and sequence lengths of ``bucket`` rows (``batch`` real ones), the ``bucket x
+    width`` block tables, then (async scheduling) the ``carried`` source and destination rows of input
+    ids taken from the step before's device-side tokens. Tensor parallelism broadcasts it as it is."""
+
+    array: np.ndarray
+    batch: int
+    bucket: int
+    width: int
+    carried: int = 0
+
+    @property
+    def header(self) -> tuple[int, int, int, int]:
+        return self.batch, self.bucket, self.width, self.carried
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -90,9 +109,15 @@ class DecodeGraphs:
             carry: tuple[torch.Tensor, np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step. ``carry = (tokens, src, dst)``: rows ``dst`` take their input ids from
         ``tokens[src]``, the device-side output of a step whose tokens the host has not read yet."""
+        staged = self.stage(arrays, tables, None if carry is None else (carry[1], carry[2]))
+        return self.run_staged(staged, None if carry is None else carry[0])
+
+    def stage(self, arrays: dict[str, np.ndarray], tables: np.ndarray,
+              rows: tuple[np.ndarray, np.ndarray] | None = None) -> StagedDecode:
+        """The step's inputs packed as ``run_staged`` reads them (``rows``: carry's ``(src, dst)``)."""
         batch, width = tables.shape
         bs = self.bucket(batch)
-        carried = 0 if carry is None else len(carry[1])
+        carried = 0 if rows is None else len(rows[0])
         staging = np.zeros(4 * bs + bs * width + 2 * carried, np.int32)
         vectors = staging[: 4 * bs].reshape(4, bs)
         vectors[_IDS, :batch], vectors[_POSITIONS, :batch] = arrays["ids"], arrays["positions"]
@@ -101,12 +126,19 @@ class DecodeGraphs:
         tail = 4 * bs + bs * width
         staging[tail - bs * width:tail].reshape(bs, width)[:batch] = tables
         if carried:
-            staging[tail:tail + carried], staging[tail + carried:] = carry[1], carry[2]
-        device_staging = self.staging.to_device(staging)
+            staging[tail:tail + carried], staging[tail + carried:] = rows
+        return StagedDecode(staging, batch, bs, width, carried)
+
+    def run_staged(self, staged: StagedDecode, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and greedy ids of the ``batch`` real rows of a staged step; carried rows take their input
+        ids from ``tokens`` (the device-side tokens of the step before)."""
+        batch, bs, width, carried = staged.batch, staged.bucket, staged.width, staged.carried
+        tail = 4 * bs + bs * width
+        device_staging = self.staging.to_device(staged.array)
         self.vectors[:, :bs].copy_(device_staging[: 4 * bs].view(4, bs))
         self.tables[:bs, :width].copy_(device_staging[4 * bs:tail].view(bs, width))
         if carried:
-            tokens, src, dst = carry
+            src, dst = staged.array[tail:tail + carried], staged.array[tail + carried:]
             if carried == batch and np.array_equal(src, dst) and np.array_equal(dst, np.arange(batch)):
                 self.vectors[_IDS, :batch].copy_(tokens[:batch])
             else:

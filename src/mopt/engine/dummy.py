@@ -9,7 +9,9 @@ numerics into exactly the tensors ModelOpt writes (``weight``, ``weight_scale``,
 goes through, and then the same ``process_weights_after_loading``: a dummy model shares every line
 with a real one after loading. Static activation scales assume activations of magnitude up to
 ``ACTIVATION_AMAX``. Weights are drawn from a seeded generator on the model's device, so the same
-preset, format and seed give the same model.
+preset, format and seed give the same model. Every tensor is drawn at its full checkpoint shape, in
+the same order, whatever the tensor-parallel split: each rank's loaders keep their own slices, so a
+sharded dummy model is the unsharded one, split.
 """
 
 from __future__ import annotations
@@ -102,12 +104,13 @@ def _export(scheme, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tens
 
 
 def _shards(layer: LinearBase) -> list[tuple[object, int]]:
-    """(shard id, rows) of each checkpoint tensor that feeds ``layer``."""
+    """(shard id, rows) of each checkpoint tensor that feeds ``layer`` (the whole tensor, not a rank's part)."""
     if isinstance(layer, QKVParallelLinear):
-        return [(s, layer.partition_sizes[s]) for s in ("q", "k", "v")]
+        kv = layer.total_num_kv_heads * layer.head_size
+        return [("q", layer.total_num_heads * layer.head_size), ("k", kv), ("v", kv)]
     if isinstance(layer, MergedColumnParallelLinear):
         return [(i, size) for i, size in enumerate(layer.output_sizes)]
-    return [(None, layer.output_size_per_partition)]
+    return [(None, getattr(layer, "vocab_size", layer.output_size))]
 
 
 class _Filler:
@@ -120,7 +123,7 @@ class _Filler:
         return torch.randn(shape, generator=self.gen, device=self.device) * std
 
     def linear(self, layer: LinearBase) -> None:
-        k = layer.input_size_per_partition
+        k = layer.input_size
         for shard, rows in _shards(layer):
             for suffix, t in _export(layer.quant_method.scheme, self.randn(rows, k, std=k**-0.5), self.dtype).items():
                 layer.weight_loader(getattr(layer, suffix), t, shard)
@@ -128,8 +131,8 @@ class _Filler:
                 layer.weight_loader(layer.bias, self.randn(rows, std=0.02).to(self.dtype), shard)
 
     def experts(self, layer: FusedMoE) -> None:
-        h, inter = layer.hidden_size, layer.intermediate_size
-        for e in range(layer.num_experts):
+        h, inter = layer.hidden_size, getattr(layer, "total_intermediate_size", layer.intermediate_size)
+        for e in range(getattr(layer, "total_num_experts", layer.num_experts)):
             for proj, (rows, k) in (("w1", (inter, h)), ("w3", (inter, h)), ("w2", (h, inter))):
                 stacked = "w2" if proj == "w2" else "w13"
                 for suffix, t in _export(layer.quant_method.scheme, self.randn(rows, k, std=k**-0.5), self.dtype).items():
@@ -155,7 +158,8 @@ class _Filler:
             elif isinstance(module, RMSNorm):
                 module.weight.weight_loader(module.weight, torch.ones_like(module.weight, device=self.device))
             elif isinstance(module, VocabEmbedding):
-                module.weight.weight_loader(module.weight, self.randn(*module.weight.shape).to(self.dtype))
+                full = self.randn(module.num_embeddings, module.embedding_dim)
+                module.weight.weight_loader(module.weight, full.to(self.dtype))
 
 
 def build_dummy_model(config, fmt: str = "bf16", device: str | torch.device = "cpu",

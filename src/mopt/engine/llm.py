@@ -74,6 +74,12 @@ class LLM:
     before it reach the host, so the GPU does not wait for Python between steps; the tokens are the
     same either way. ``tokenizer``: a folder to load the tokenizer from instead of the checkpoint's
     (the only way a dummy model gets one).
+
+    ``tensor_parallel_size=N`` shards the model over N ranks (one per GPU, or CPU processes with
+    gloo): this process is rank 0 (scheduler and sampler) and starts the others, or, under torchrun,
+    every process runs this same call and the ranks other than 0 serve rank 0 until it exits.
+    ``enable_expert_parallel`` divides mixture-of-experts layers' experts among the ranks instead of
+    splitting each expert. See ``mopt.engine.tp_runtime``.
     """
 
     def __init__(self, model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
@@ -81,17 +87,28 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int | None = None,
                  kv_cache_memory: int | None = None, progress: bool = False, enforce_eager: bool = False,
                  load_format: str = "auto", quantization: str | None = None, seed: int = 0,
-                 async_scheduling: bool | None = None, tokenizer: str | Path | None = None) -> None:
+                 async_scheduling: bool | None = None, tensor_parallel_size: int = 1,
+                 enable_expert_parallel: bool = False, tokenizer: str | Path | None = None) -> None:
         check_engine_args(model=model, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                           max_model_len=max_model_len, block_size=block_size, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
                           load_format=load_format, quantization=quantization, enforce_eager=enforce_eager,
-                          async_scheduling=async_scheduling, tokenizer=tokenizer)
+                          async_scheduling=async_scheduling, tensor_parallel_size=tensor_parallel_size,
+                          enable_expert_parallel=enable_expert_parallel, tokenizer=tokenizer)
         self.device = torch.device(device) if device is not None else default_device()
         self.async_scheduling = self.device.type == "cuda" if async_scheduling is None else async_scheduling
         self._pending: PendingStep | None = None  # a queued step whose tokens the host has not read
         self.dtype = dtype or default_dtype(self.device)
-        if load_format == "dummy":
+        self.tensor_parallel_size = tensor_parallel_size
+        if tensor_parallel_size > 1:
+            from mopt.engine.tp_runtime import load_tensor_parallel
+
+            kind = "dummy" if load_format == "dummy" else "checkpoint"
+            self.path = Path(model) if isinstance(model, (str, Path)) else Path("dummy")
+            self.model = load_tensor_parallel(kind, model, self.device.type, self.dtype, kv_cache_dtype,
+                                              tensor_parallel_size, enable_expert_parallel, quantization, seed,
+                                              progress)
+        elif load_format == "dummy":
             from mopt.engine.dummy import build_dummy_model, load_config
 
             config = load_config(model)
@@ -112,6 +129,8 @@ class LLM:
         per_token = kv_bytes_per_token(self.model, self.dtype)
         budget = kv_cache_memory if kv_cache_memory is not None else self._default_cache_bytes()
         num_blocks = budget // (per_token * block_size)
+        if tensor_parallel_size > 1:  # every rank holds its shard of the same blocks
+            num_blocks = self.model.agree_kv_blocks(num_blocks, block_size, kv_cache_memory)
         capacity = num_blocks * block_size
         context = getattr(self.config, "max_position_embeddings", None) or capacity
         self.max_model_len = max_model_len or min(context, capacity)
@@ -122,8 +141,12 @@ class LLM:
         num_blocks = min(num_blocks, max_num_seqs * blocks_needed(self.max_model_len, block_size))
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs,
                                    max_num_batched_tokens or max(self.max_model_len, 2048))
+        if tensor_parallel_size > 1:
+            self.model.start_runner(num_blocks, block_size, max_num_seqs, self.max_model_len, enforce_eager)
         self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, max_num_seqs, self.max_model_len,
                                   enforce_eager=enforce_eager, progress=progress)
+        if tensor_parallel_size > 1:
+            self.runner.step_scope, self.runner.share_tokens = self.model.step_scope, self.model.share_tokens
         logger.info("KV cache: %d blocks x %d tokens (%d bytes/token)", num_blocks, block_size, per_token)
 
     def _default_cache_bytes(self) -> int:

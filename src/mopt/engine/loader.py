@@ -10,6 +10,10 @@ Everything is checked before the model is built (config.json, the quant config, 
 header and the shard index), and while loading: scales must be finite and positive, every
 parameter (every shard of a fused one) must receive a tensor, and a tensor with no place in the
 model is an error rather than something silently dropped.
+
+Under tensor parallelism (``tensor_parallel_size > 1``) every rank runs :func:`load_local_model`
+inside its parallel state: the layers are built at their shard's shapes, and tensors are handed to
+the parameters as :class:`~mopt.engine.lazy_tensor.LazyTensor` so that only the rank's slices are read.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from pathlib import Path
 
 import torch
 
-from mopt.engine.args import check_device, check_dtype, check_kv_cache_dtype, check_model_path
+from mopt.engine.args import check_device, check_dtype, check_kv_cache_dtype, check_model_path, check_parallel_args
 from mopt.engine.checkpoint import FLOAT_DTYPES, CheckpointError, read_checkpoint
+from mopt.engine.distributed import current_parallel_state
+from mopt.engine.lazy_tensor import LazyTensor
 from mopt.errors import ModelConfigError
 from mopt.jsonio import read_json_object
-from mopt.layers.parameter import BaseParameter, ExpertParameter, WeightLoadError
+from mopt.layers.expert_parameter import ExpertParameter
+from mopt.layers.parameter import BaseParameter, WeightLoadError
 from mopt.models.registry import model_class
 from mopt.models.validate import validate_model_config, validate_raw_config
 from mopt.quant.checkpoint_names import QUANT_TENSOR_RENAMES
@@ -139,16 +146,30 @@ def _missing_tensors(params: dict, headers: dict, packed: dict, kv_scales_requir
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               kv_cache_dtype: str = "auto", progress: bool = False) -> torch.nn.Module:
+               kv_cache_dtype: str = "auto", progress: bool = False, *, tensor_parallel_size: int = 1,
+               enable_expert_parallel: bool = False) -> torch.nn.Module:
     """A mopt model whose ``forward(input_ids [B, T]) -> logits [B, T, vocab]`` runs without a cache.
 
-    ``progress`` shows a bar over the checkpoint's tensors on stderr.
+    ``progress`` shows a bar over the checkpoint's tensors on stderr. ``tensor_parallel_size > 1``
+    loads one shard per rank (``mopt.engine.tp_runtime``) and returns rank 0's, whose ``forward``
+    runs every rank's shard; ``enable_expert_parallel`` divides MoE experts among the ranks.
     """
     check_model_path(path)
     device = check_device(device) or torch.device("cpu")
     dtype = check_dtype(dtype) or torch.float32
     kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
-    root = Path(path)
+    check_parallel_args(tensor_parallel_size, enable_expert_parallel, device)
+    if tensor_parallel_size > 1:
+        from mopt.engine.tp_runtime import load_tensor_parallel
+
+        return load_tensor_parallel("checkpoint", path, device.type, dtype, kv_cache_dtype, tensor_parallel_size,
+                                    enable_expert_parallel, progress=progress)
+    return load_local_model(path, device, dtype, kv_cache_dtype, progress)
+
+
+def read_model_spec(root: Path):
+    """``(model class, config, quant config, files, headers)`` of a checkpoint folder, all validated; layers
+    stored unquantized although not excluded are added to the quant config's exclusions."""
     cls, config = _read_config(root)
     quant = load_quant_config(root)
     files, headers = read_checkpoint(root)
@@ -157,6 +178,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         if stray:
             logger.warning("layers stored unquantized although not excluded, run unquantized: %s", stray)
             quant.exclude_modules = list(quant.exclude_modules) + stray
+    return cls, config, quant, files, headers
+
+
+def load_local_model(path: str | Path, device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "auto",
+                     progress: bool = False) -> torch.nn.Module:
+    """``load_model`` in this process: the whole model, or this rank's shard inside a parallel state."""
+    root = Path(path)
+    cls, config, quant, files, headers = read_model_spec(root)
+    sharded = current_parallel_state().tp_size > 1
     kv_scales_required = quant is not None and quant.kv_cache_quantized
     kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, quant)
     model = build_model(config, quant, device, dtype, kv_cache_dtype, str(root / "config.json"))
@@ -185,14 +215,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                             f"it (runtime name {target}); wrong config.json, or a tensor of another model?"
                         )
                     continue
+                is_scale = name.rsplit(".", 1)[-1] in _ALL_SCALES
+                if sharded and not is_scale:  # read only this rank's slice (see lazy_tensor)
+                    tensor = LazyTensor(reader, name, headers[name], device)
+                else:
+                    try:
+                        tensor = reader.get_tensor(name)
+                    except Exception as e:
+                        raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from None
                 try:
-                    tensor = reader.get_tensor(name)
-                except Exception as e:
-                    raise CheckpointError(f"{f}: cannot read tensor {name} ({e})") from None
-                try:
-                    if name.rsplit(".", 1)[-1] in _ALL_SCALES:
+                    if is_scale:
                         check_scale(name, tensor)
-                    param.weight_loader(param, tensor.to(device), shard)
+                    param.weight_loader(param, tensor if isinstance(tensor, LazyTensor) else tensor.to(device), shard)
                 except WeightLoadError as e:
                     where = f"{f.name}" if str(e).startswith(name) else f"{f.name}: {name}"
                     raise WeightLoadError(f"{where}: {e}") from None
@@ -225,7 +259,11 @@ def finish_loading(model: torch.nn.Module, source: str, headers: dict | None = N
     once (``process_weights_after_loading``)."""
     params = dict(model.named_parameters())
     if model.tie_word_embeddings and not model.lm_head.weight.loaded:
-        model.lm_head.weight_loader(model.lm_head.weight, model.model.embed_tokens.weight.data)
+        tie = getattr(model.lm_head, "tie_to", None)  # vocabulary-parallel heads copy their own rows
+        if tie is not None:
+            tie(model.model.embed_tokens)
+        else:
+            model.lm_head.weight_loader(model.lm_head.weight, model.model.embed_tokens.weight.data)
     missing = _missing_tensors(params, headers or {}, dict(model.packed_modules_mapping), kv_scales_required)
     if missing:
         raise WeightLoadError(f"{source}: checkpoint has no tensor for: {', '.join(missing[:10])}"

@@ -13,11 +13,19 @@ the sampled ids (with their logprobs, when asked for) come back in one copy per 
 may take the input ids of its sequences straight from the device-side output of the step before it,
 so the host can queue step ``k + 1`` before reading the tokens of step ``k`` and the GPU never waits
 for Python between steps.
+
+Under tensor parallelism rank 0's runner hands each step's packed int32 array to ``step_scope``
+(set by the engine), which broadcasts it so that every worker runs the same step on its shard
+(``prefill_from_array`` / ``DecodeGraphs.run_staged``) while rank 0 runs it here; rank 0 alone samples,
+and ``share_tokens`` broadcasts the sampled ids on the model's process group (device to device), where
+the workers' next step finds the ids it carries.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
@@ -62,6 +70,21 @@ def block_table_array(seqs: list[Sequence], width: int | None = None) -> np.ndar
     return tables
 
 
+def prefill_array(seqs: list[Sequence], block_size: int) -> tuple[np.ndarray, int, int, int]:
+    """``(array, n, b, max_query_len)``: a prefill's ``n`` tokens of ``b`` sequences packed as token ids,
+    positions, slots, query starts, sequence lengths and block tables (``prefill_from_array`` reads it)."""
+    lens = [len(s) for s in seqs]
+    ids = np.fromiter((t for s in seqs for t in s.token_ids), np.int32, sum(lens))
+    positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lens])
+    tables = block_table_array(seqs)
+    rows = np.repeat(np.arange(len(seqs)), lens)
+    slots = tables[rows, positions // block_size] * block_size + positions % block_size
+    q_starts = np.zeros(len(seqs) + 1, np.int32)
+    np.cumsum(lens, out=q_starts[1:])
+    array = np.concatenate([ids, positions, slots, q_starts, np.asarray(lens, np.int32), tables.reshape(-1)])
+    return array, len(ids), len(seqs), max(lens)
+
+
 @dataclass(eq=False)
 class PendingStep:
     """A queued model step: the sequences it ran and what it sampled, on its way to the host."""
@@ -89,6 +112,12 @@ class PendingStep:
 
 
 class ModelRunner:
+    # Tensor parallelism (rank 0): ``step_scope(kind, ints, array)`` announces a step to the workers and
+    # guards it ("prefill": ints (n, b, max_query_len, share); "decode": ``StagedDecode.header`` + share);
+    # ``share_tokens(tokens)`` gives the workers a step's sampled ids.
+    step_scope: Callable[[str, tuple, np.ndarray], ContextManager] | None = None
+    share_tokens: Callable[[torch.Tensor], None] | None = None
+
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
                  max_num_seqs: int = 64, max_model_len: int | None = None, enforce_eager: bool = False,
                  progress: bool = False) -> None:
@@ -119,48 +148,52 @@ class ModelRunner:
         logits = self._forward(ids, positions, meta)
         return logits, greedy_tokens(logits)
 
-    def _prefill_logits(self, seqs: list[Sequence]) -> torch.Tensor:
-        bs = self.block_size
-        lens = [len(s) for s in seqs]
-        ids = np.fromiter((t for s in seqs for t in s.token_ids), np.int32, sum(lens))
-        positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lens])
-        tables = block_table_array(seqs)
-        rows = np.repeat(np.arange(len(seqs)), lens)
-        slots = tables[rows, positions // bs] * bs + positions % bs
-        q_starts = np.zeros(len(seqs) + 1, np.int32)
-        np.cumsum(lens, out=q_starts[1:])
-        n, b = len(ids), len(seqs)
-        packed = self.staging.to_device(np.concatenate([ids, positions, slots, q_starts, np.asarray(lens, np.int32),
-                                                 tables.reshape(-1)]))
+    def prefill_from_array(self, array: np.ndarray, n: int, b: int, max_query_len: int) -> torch.Tensor:
+        """Logits at each sequence's last token of the prefill ``prefill_array`` packed."""
+        packed = self.staging.to_device(array)
         meta = AttentionMetadata(slot_mapping=packed[2 * n:3 * n], block_tables=packed[3 * n + 2 * b + 1:].view(b, -1),
                                  seq_lens=packed[3 * n + b + 1:3 * n + 2 * b + 1],
-                                 query_start_loc=packed[3 * n:3 * n + b + 1], max_query_len=max(lens))
+                                 query_start_loc=packed[3 * n:3 * n + b + 1], max_query_len=max_query_len)
         return self._forward(packed[:n], packed[n:2 * n], meta, meta.query_start_loc[1:].long() - 1)
 
-    def _logits(self, seqs: list[Sequence], is_prefill: bool,
-                carried: PendingStep | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _scope(self, kind: str, ints: tuple, array: np.ndarray) -> ContextManager:
+        return self.step_scope(kind, ints, array) if self.step_scope is not None else contextlib.nullcontext()
+
+    def _stage(self, seqs: list[Sequence], is_prefill: bool, carried: PendingStep | None, share: bool
+               ) -> tuple[str, tuple, np.ndarray, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]]:
+        """``(kind, ints, array, run)``: the step packed as the workers receive it, and rank 0's part of it.
+        ``ints`` end with ``share`` (whether the sampled ids are broadcast after the step)."""
         if is_prefill:
-            return self._prefill_logits(seqs), None
-        carry = None
+            array, n, b, max_query_len = prefill_array(seqs, self.block_size)
+            return "prefill", (n, b, max_query_len, int(share)), array, \
+                lambda: (self.prefill_from_array(array, n, b, max_query_len), None)
+        rows = None
         if carried is not None:
             row_of = {id(s): i for i, s in enumerate(carried.seqs)}
             pairs = [(row_of[id(s)], dst) for dst, s in enumerate(seqs) if id(s) in row_of]
-            src, dst = (np.array(v, np.int32) for v in zip(*pairs)) if pairs else (np.zeros(0, np.int32),) * 2
-            carry = (carried.tokens, src, dst) if pairs else None
-        return self.graphs.run(decode_arrays(seqs, self.block_size), block_table_array(seqs), carry)
+            rows = tuple(np.array(v, np.int32) for v in zip(*pairs)) if pairs else None
+        staged = self.graphs.stage(decode_arrays(seqs, self.block_size), block_table_array(seqs), rows)
+        tokens = carried.tokens if rows is not None else None
+        return "decode", (*staged.header, int(share)), staged.array, lambda: self.graphs.run_staged(staged, tokens)
 
     @torch.inference_mode()
     def step_logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         """Logits ``[len(seqs), vocab]`` at each sequence's last token, after caching its new tokens."""
-        return self._logits(seqs, is_prefill)[0]
+        kind, ints, array, run = self._stage(seqs, is_prefill, None, False)
+        with self._scope(kind, ints, array):
+            return run()[0]
 
     @torch.inference_mode()
     def launch(self, seqs: list[Sequence], is_prefill: bool, carried: PendingStep | None = None) -> PendingStep:
         """Queue one step and return without waiting for it. ``carried``: a decode step's sequences that
         were in ``carried`` take their input ids from its device-side tokens (their last host token
         is a placeholder then)."""
-        logits, greedy = self._logits(seqs, is_prefill, carried)
-        sampled = sample(logits, SamplingTensors.from_sequences(seqs, self.device), greedy)
+        kind, ints, array, run = self._stage(seqs, is_prefill, carried, self.share_tokens is not None)
+        with self._scope(kind, ints, array):
+            logits, greedy = run()
+            sampled = sample(logits, SamplingTensors.from_sequences(seqs, self.device), greedy)
+            if self.share_tokens is not None:
+                self.share_tokens(sampled.tokens)
         if self.device.type != "cuda":
             return PendingStep(seqs, sampled)
         packed = sampled.packed()

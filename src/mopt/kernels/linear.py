@@ -185,6 +185,22 @@ def cuda_capability(device: torch.device, need: tuple[int, int], what: str) -> t
     return True, ""
 
 
+def per_token_fp8(x2: torch.Tensor, reduce_amax: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(e4m3 codes, scale [M, 1])`` of ``x2 [M, K]`` under each token's ``amax / 448``.
+
+    The amax is over the token's whole input row. A row-parallel layer holds a slice of that row, and
+    its ``reduce_token_amax`` (a MAX all-reduce over the tensor-parallel group, given as
+    ``reduce_amax``) makes every rank quantize under the full row's scale, as one rank would.
+    """
+    from mopt.quant.formats import fp8
+
+    if reduce_amax is None:
+        return fp8.quantize_per_token(x2)
+    scale = fp8.scale_from_amax(reduce_amax(x2.detach().abs().amax(dim=-1, keepdim=True).contiguous()))
+    return fp8.quantize(x2, scale), scale
+
+
 def flatten_tokens(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """``x[..., K]`` as ``[M, K]`` plus the function that restores the leading dims."""
     lead = x.shape[:-1]

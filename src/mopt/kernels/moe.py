@@ -14,6 +14,9 @@ rows; attributes on the ``FusedMoE`` layer:
   (each expert's input scale); ``w2_*`` likewise with ``[E, H, I/2]``, ``[E, H, I/16]``, ``[E, H]``,
   ``[E]``.
 
+Under expert parallelism ``ids`` may hold ``E`` (one past the layer's experts): a pair routed to an
+expert of another rank, which the kernel skips (it contributes nothing to this rank's output).
+
 Kernels: ``reference`` (any device; the exact format numerics of ``kernels.reference`` per expert,
 tokens grouped by expert) and ``triton-fused-moe`` (CUDA; ``kernels.triton_moe``). cuBLAS has no
 grouped GEMM, so ``MOPT_BACKEND=cublas`` (cuBLASLt for linear layers) keeps MoE layers on Triton.
@@ -83,14 +86,16 @@ def _gated(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def run_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                expert_mlp: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                expert_mlp: Callable[[int, torch.Tensor], torch.Tensor], num_experts: int | None = None) -> torch.Tensor:
     """Reference routing: ``expert_mlp(e, x_e) -> [n_e, H]`` for each expert with tokens, added back
-    in float32 times the router weight."""
+    in float32 times the router weight; ids ``>= num_experts`` (other ranks' experts) are skipped."""
     t, k = ids.shape
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     flat_ids, flat_w = ids.reshape(-1), weights.reshape(-1).float()
     token = torch.arange(t, device=x.device).repeat_interleave(k)
     for e in flat_ids.unique().tolist():
+        if num_experts is not None and e >= num_experts:
+            continue
         sel = flat_ids == e
         rows = token[sel]
         out.index_add_(0, rows, expert_mlp(e, x[rows]).float() * flat_w[sel, None])
@@ -119,6 +124,8 @@ class _ExpertView:
         self.linear_shape = LinearShape(scheme, in_features, self.weight.shape[0])
         smoothing = getattr(layer, f"{proj}_pre_quant_scale", None)
         self.pre_quant_scale = smoothing[e] if smoothing is not None else None
+        if proj == "w2":  # tensor parallel over the intermediate size: w2's input is a slice of each row
+            self.reduce_token_amax = getattr(layer, "reduce_token_amax", None)
 
 
 def _expert_linear(layer: nn.Module, proj: str, e: int, x: torch.Tensor, scheme: LinearScheme) -> torch.Tensor:
@@ -141,7 +148,8 @@ class ReferenceMoEKernel(MoEKernel):
 
     def apply(self, layer, scheme, x, weights, ids):
         gemm = _REFERENCE_GEMMS[scheme]
-        return run_experts(x, weights, ids, lambda e, xe: gemm(layer, "w2", e, _gated(gemm(layer, "w13", e, xe))))
+        return run_experts(x, weights, ids, lambda e, xe: gemm(layer, "w2", e, _gated(gemm(layer, "w13", e, xe))),
+                           layer.num_experts)
 
 
 class TritonFusedMoEKernel(MoEKernel):
@@ -165,7 +173,8 @@ class TritonFusedMoEKernel(MoEKernel):
     def apply(self, layer, scheme, x, weights, ids):
         from mopt.kernels import triton_moe
 
-        return triton_moe.fused_moe(x, weights, ids, *self.expert_weights(layer, scheme))
+        return triton_moe.fused_moe(x, weights, ids, *self.expert_weights(layer, scheme),
+                                    foreign_pairs=getattr(layer, "expert_parallel", False))
 
     @staticmethod
     def expert_weights(layer, scheme: MoEScheme):

@@ -16,6 +16,7 @@ from mopt.kernels.linear import (
     LinearScheme,
     LinearShape,
     flatten_tokens,
+    per_token_fp8,
     register_linear_kernel,
 )
 from mopt.kernels import reference_formats
@@ -41,9 +42,10 @@ def fp8_tensor_gemm(x, weight, weight_scale, input_scale, bias=None):
     return restore(_finish(y, bias, x.dtype))
 
 
-def fp8_channel_token_gemm(x, weight, weight_scale, bias=None):
+def fp8_channel_token_gemm(x, weight, weight_scale, bias=None, reduce_amax=None):
+    """``reduce_amax``: see ``kernels.linear.per_token_fp8`` (row-parallel layers)."""
     x2, restore = flatten_tokens(x)
-    xq, x_scale = fp8.quantize_per_token(x2)
+    xq, x_scale = per_token_fp8(x2, reduce_amax)
     acc = fp8.to_float32(xq) @ _values(weight).t()
     y = acc * x_scale * weight_scale.float().unsqueeze(0)
     return restore(_finish(y, bias, x.dtype))
@@ -104,7 +106,7 @@ _GEMM_BY_SCHEME = {
         x, l.weight, l.weight_scale, l.input_scale, b
     ),
     LinearScheme.FP8_CHANNEL_TOKEN: lambda l, x, b: fp8_channel_token_gemm(
-        x, l.weight, l.weight_scale, b
+        x, l.weight, l.weight_scale, b, getattr(l, "reduce_token_amax", None)
     ),
     LinearScheme.FP8_BLOCK: lambda l, x, b: fp8_block_gemm(x, l.weight, l.weight_scale, b),
     LinearScheme.NVFP4: lambda l, x, b: nvfp4_gemm(

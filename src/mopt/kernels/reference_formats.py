@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from mopt.kernels.linear import LinearScheme, flatten_tokens
+from mopt.kernels.linear import LinearScheme, flatten_tokens, per_token_fp8
 from mopt.quant.formats import fp8, int4, int8, mx, nvfp4
 
 S = LinearScheme
@@ -36,8 +36,8 @@ def _unquantized(layer, x2):
 
 def _fp8_static_or_per_token(layer, x2):
     scale = getattr(layer, "input_scale", None)
-    if scale is None:
-        q, s = fp8.quantize_per_token(x2)
+    if scale is None:  # per token; a row-parallel layer's token amax is the whole row's
+        q, s = per_token_fp8(x2, getattr(layer, "reduce_token_amax", None))
         return fp8.to_float32(q), s
     return fp8.to_float32(fp8.quantize(x2, scale)), scale.float()
 

@@ -22,7 +22,7 @@ import torch
 
 from mopt.kernels import triton_gemm, triton_gemv, triton_quant
 from mopt.kernels.linear import (LinearKernel, LinearScheme, LinearShape, cuda_capability, flatten_tokens,
-                                 register_linear_kernel)
+                                 per_token_fp8, register_linear_kernel)
 from mopt.quant.formats.fp8 import FP8_DTYPE
 
 SMALL_M = 16  # _scaled_mm beats the Triton GEMM from M=17 on (H100: ~95 vs ~135 us per Llama-3-8B layer at M=64)
@@ -38,7 +38,8 @@ def _schemes(shape: LinearShape, schemes: tuple[LinearScheme, ...]) -> tuple[boo
 def _quantize_fp8(layer, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if layer.linear_shape.scheme is LinearScheme.FP8_TENSOR:
         return triton_quant.fp8_static(x2, layer.input_scale), layer.input_scale.reshape(1)
-    q, scale = triton_quant.fp8_per_token(x2)
+    reduce_amax = getattr(layer, "reduce_token_amax", None)  # row-parallel: the whole row's amax
+    q, scale = per_token_fp8(x2, reduce_amax) if reduce_amax is not None else triton_quant.fp8_per_token(x2)
     return q, scale.reshape(-1)
 
 

@@ -352,10 +352,15 @@ def _gemm(a: torch.Tensor, w: ExpertWeights, out: torch.Tensor, cfg: dict, sorte
 
 
 def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: ExpertWeights,
-              w2: ExpertWeights) -> torch.Tensor:
+              w2: ExpertWeights, foreign_pairs: bool = False) -> torch.Tensor:
     """``x [T, H]`` through the routed experts (``ids [T, k]``, router ``weights [T, k]``); gated
     SiLU MLPs ``w13 [E, 2I, H]`` (gate rows, then up rows) and ``w2 [E, H, I]``. Both projections
-    are in the same format: BF16/FP16/float32, FP8 per-tensor or NVFP4 (see ``ExpertWeights``)."""
+    are in the same format: BF16/FP16/float32, FP8 per-tensor or NVFP4 (see ``ExpertWeights``).
+
+    ``foreign_pairs`` (expert parallelism): ids equal to ``E`` mark pairs routed to another rank's
+    experts. ``align_tokens`` counts them in no expert's run (they land past the last run, in blocks
+    marked -1, inside the buffer's bound), so no GEMM touches them; their rows of the down GEMM's
+    output are zeroed so that the per-token sum adds nothing for them."""
     t, k = ids.shape
     num_experts, inter, hidden = w13.weight.shape[0], w13.weight.shape[1] // 2, x.shape[-1]
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -363,7 +368,8 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: Ex
     block_m = block_m_for(pairs, num_experts, w13.nvfp4)
     sorted_pairs, block_expert = align_tokens(ids, num_experts, block_m)
     if w13.nvfp4:
-        a, a_row_div, act_dtype = nvfp4_block_values(x, w13.input_scale, repeat=k, index=ids), 1, torch.bfloat16
+        index = ids.clamp_max(num_experts - 1) if foreign_pairs else ids  # input scales of real experts only
+        a, a_row_div, act_dtype = nvfp4_block_values(x, w13.input_scale, repeat=k, index=index), 1, torch.bfloat16
     elif w13.fp8:
         a, a_row_div, act_dtype = fp8_static(x, w13.input_scale), k, w2.weight.dtype
     else:  # cast as the gate/up kernel loads it
@@ -373,7 +379,7 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: Ex
           True, x.dtype, out_scale=w2.input_scale)
     cfg = _tiles(act.dtype, w2, False, block_m)
     split = _split_k(block_expert.numel() * triton.cdiv(hidden, cfg["BLOCK_N"]), inter, cfg["BLOCK_K"], x.device)
-    down = torch.empty((split, pairs, hidden), dtype=torch.float32, device=x.device)
+    down = (torch.zeros if foreign_pairs else torch.empty)((split, pairs, hidden), dtype=torch.float32, device=x.device)
     _gemm(act, w2, down, cfg, sorted_pairs, block_expert, block_m, 1, pairs, False, x.dtype,
           router_weights=weights.reshape(-1).float().contiguous())
     out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from mopt.kernels import triton_quant
-from mopt.kernels.linear import LinearScheme, flatten_tokens, register_linear_kernel
+from mopt.kernels.linear import LinearScheme, flatten_tokens, per_token_fp8, register_linear_kernel
 from mopt.kernels.triton_gemm import _e2m1_pair, _num_sms, _output
 from mopt.kernels.triton_linear import _CudaKernel
 from mopt.quant.formats import int8, mx
@@ -226,7 +226,8 @@ def _fp8_codes(layer, x2):
     """FP8 E4M3 codes (static per-tensor scale folded into the row scale, or per token)."""
     if layer.input_scale is not None:
         return triton_quant.fp8_static(x2, layer.input_scale).to(x2.dtype), None
-    q, scale = triton_quant.fp8_per_token(x2)
+    reduce_amax = getattr(layer, "reduce_token_amax", None)  # row-parallel: the whole row's amax
+    q, scale = per_token_fp8(x2, reduce_amax) if reduce_amax is not None else triton_quant.fp8_per_token(x2)
     return q.to(x2.dtype), scale.reshape(-1)
 
 

@@ -1,14 +1,15 @@
-"""Small unquantized layers: RMSNorm, rotary embedding, vocabulary embedding."""
+"""Small unquantized layers: RMSNorm, rotary embedding, (vocabulary-parallel) vocabulary embedding."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from mopt.engine.distributed import all_reduce, current_parallel_state, group_for
 from mopt.errors import ModelConfigError
 from mopt.kernels.glue import rms_norm
 from mopt.kernels.paged_attention import apply_rope
-from mopt.layers.parameter import ModelWeightParameter, ShardSpec
+from mopt.layers.parameter import ModelWeightParameter, ShardSpec, WeightLoadError
 
 DEFAULT_MAX_POSITIONS = 8192
 
@@ -44,7 +45,8 @@ def rope_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ModelConfigError(f"unsupported rope_type {rope_type!r}; supported: default, {sorted(ROPE_INIT_FUNCTIONS)}")
-    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    with torch.device("cpu"):  # transformers computes on the CPU (also while a model is built on the meta device)
+        inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
     return inv.float(), float(scaling)
 
 
@@ -57,8 +59,11 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config, head_dim: int) -> None:
         super().__init__()
-        inv, scaling = rope_inv_freq(config, head_dim)
         self.max_positions = int(getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_POSITIONS)
+        if torch.empty(0).device.type == "meta":  # built for its shapes only (mopt.engine.tp_plan): no values
+            self.register_buffer("cos_sin_cache", torch.empty(self.max_positions, head_dim), persistent=False)
+            return
+        inv, scaling = rope_inv_freq(config, head_dim)
         positions = torch.arange(self.max_positions, dtype=torch.float32)
         freqs = positions[:, None] * inv.to(positions.device)[None, :]
         table = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
@@ -69,12 +74,53 @@ class RotaryEmbedding(nn.Module):
         return apply_rope(q, cos_sin), apply_rope(k, cos_sin)
 
 
+def vocab_rows_per_rank(vocab_size: int, tp_size: int) -> int:
+    """Rows of the vocabulary each rank holds: ``ceil(vocab / tp)``, the last rank's tail padded."""
+    return -(-vocab_size // tp_size)
+
+
+def load_vocab_rows(param: ModelWeightParameter, loaded: torch.Tensor, vocab_size: int, tp_rank: int) -> None:
+    """Load rank ``tp_rank``'s rows of a ``[vocab, ...]`` checkpoint tensor (only those are read) and zero
+    the padding rows after the vocabulary's end."""
+    rows = param.data.shape[0]
+    if loaded.dim() < 1 or loaded.shape[0] != vocab_size:
+        raise WeightLoadError(f"{param.mopt_name}: checkpoint tensor has shape {tuple(loaded.shape)}, expected "
+                              f"{vocab_size} rows (the vocabulary)")
+    start = min(tp_rank * rows, vocab_size)
+    count = min(rows, vocab_size - start)
+    if count:
+        param.load(loaded.narrow(0, start, count), ShardSpec(size=count))
+    if count < rows:
+        param.data[count:].zero_()
+        param.loaded_spans.append((count, rows))
+
+
 class VocabEmbedding(nn.Module):
+    """Token embeddings, vocabulary-parallel under tensor parallelism: each rank holds the rows
+    ``[rank * R, (rank + 1) * R)`` with ``R = ceil(vocab / tp)`` (past the vocabulary: zeros), looks up
+    the ids in its range, writes zeros for the others, and the ranks' lookups are summed (an
+    all-reduce: exact, since exactly one rank contributes each row)."""
+
     def __init__(self, vocab_size: int, hidden_size: int, params_dtype: torch.dtype, prefix: str = "") -> None:
         super().__init__()
-        self.weight = ModelWeightParameter(torch.empty(vocab_size, hidden_size, dtype=params_dtype))
+        state = current_parallel_state()
+        self.num_embeddings, self.embedding_dim = vocab_size, hidden_size
+        self.tp_rank, self.tp_size, self.tp_group = state.tp_rank, state.tp_size, group_for(state.tp_size)
+        rows = vocab_rows_per_rank(vocab_size, self.tp_size)
+        self.vocab_start = min(self.tp_rank * rows, vocab_size)
+        self.vocab_end = min(self.vocab_start + rows, vocab_size)
+        self.weight = ModelWeightParameter(torch.empty(rows, hidden_size, dtype=params_dtype))
         self.weight.mopt_name = f"{prefix}.weight"
-        self.weight._weight_loader = lambda param, t, shard_id=None: param.load(t, ShardSpec())
+        if self.tp_size == 1:
+            self.weight._weight_loader = lambda param, t, shard_id=None: param.load(t, ShardSpec())
+        else:
+            self.weight._weight_loader = lambda param, t, shard_id=None: load_vocab_rows(param, t, vocab_size,
+                                                                                         self.tp_rank)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(ids, self.weight)
+        if self.tp_size == 1:
+            return nn.functional.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.vocab_end - self.vocab_start)
+        out = nn.functional.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0)
+        return all_reduce(out, self.tp_group) if self.tp_group is not None else out

@@ -5,6 +5,16 @@ Expert weights are stacked: ``w13 [E, 2I, H]`` (gate rows, then up rows: the gat
 projection; the layer's ``weight_loader`` takes ``shard_id=(projection, expert)`` with projection
 ``"w1"`` (gate), ``"w3"`` (up) or ``"w2"`` (down). The router is a plain unquantized linear layer
 outside this module; ``forward`` takes its logits.
+
+Tensor parallelism (the parallel state the layer is built in): by default every rank holds every
+expert with a slice of its intermediate dimension (w13's rows, w2's columns: column- then
+row-parallel) and the ranks' outputs are summed by an all-reduce. With expert parallelism each rank
+holds whole experts, ``E / tp`` of them; tokens are routed on every rank (activations are
+replicated), each rank runs the (token, expert) pairs of its own experts (pairs of other ranks'
+experts carry the id ``num_experts``, which kernels skip) and the all-reduce combines them.
+Checkpoint tensors of other ranks' experts are never read, except the scalars a method reduces over
+all experts (``ExpertParameter.global_experts``: FP8's static input scales take their maximum over
+every expert, so each rank must quantize activations with the same scale one rank would).
 """
 
 from __future__ import annotations
@@ -12,7 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mopt.layers.parameter import ExpertParameter
+from mopt.engine.distributed import all_reduce, current_parallel_state, divide, group_for
+from mopt.layers.expert_parameter import ExpertParameter
+from mopt.layers.parameter import WeightLoadError
 
 
 def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,8 +76,9 @@ class FusedMoE(nn.Module):
         from mopt.quant.methods.moe import UnquantizedFusedMoEMethod
 
         self.prefix = prefix
-        self.num_experts, self.top_k = num_experts, top_k
-        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.top_k = top_k
+        self.total_num_experts, self.total_intermediate_size = num_experts, intermediate_size
+        self.hidden_size = hidden_size
         self.renormalize, self.scoring = renormalize, scoring
         self.num_expert_group, self.topk_group = num_expert_group, topk_group
         self.routed_scaling_factor = routed_scaling_factor
@@ -74,13 +87,45 @@ class FusedMoE(nn.Module):
         )
         method = quant_config.get_quant_method(self, prefix) if quant_config is not None else None
         self.quant_method = method or UnquantizedFusedMoEMethod()
-        self.quant_method.create_weights(self, num_experts, hidden_size, intermediate_size, params_dtype)
+        self._split(current_parallel_state())
+        self.quant_method.create_weights(self, self.num_experts, hidden_size, self.intermediate_size, params_dtype)
         for name, param in self.named_parameters(recurse=False):
             param.mopt_name = f"{prefix}.{name}"
+            if isinstance(param, ExpertParameter):
+                offset = 0 if param.global_experts else self.expert_start
+                param.tp_rank, param.tp_size, param.expert_offset = self.tp_rank, self.tp_size, offset
+
+    def _split(self, state) -> None:
+        """This rank's experts (``expert_start`` + ``num_experts``) and intermediate size (see module doc)."""
+        self.expert_parallel = state.expert_parallel and state.tp_size > 1
+        self.tp_group = group_for(state.tp_size)
+        if self.expert_parallel:
+            self.tp_rank, self.tp_size = 0, 1
+            self.num_experts = divide(self.total_num_experts, state.tp_size,
+                                      f"{self.prefix}: number of experts (expert parallelism)")
+            self.expert_start = state.tp_rank * self.num_experts
+            self.intermediate_size = self.total_intermediate_size
+            return
+        self.tp_rank, self.tp_size = state.tp_rank, state.tp_size
+        if self.tp_group is not None:  # w2's input is split: per-token activation scales take the whole row's amax
+            self.reduce_token_amax = lambda amax: all_reduce(amax, self.tp_group, op="max")
+        self.num_experts, self.expert_start = self.total_num_experts, 0
+        self.intermediate_size = divide(self.total_intermediate_size, state.tp_size,
+                                        f"{self.prefix}: expert intermediate size",
+                                        getattr(self.quant_method, "intermediate_split_multiple", 1),
+                                        getattr(self.quant_method, "intermediate_split_reason", ""))
 
     def weight_loader(self, param: ExpertParameter, loaded: torch.Tensor, shard_id: tuple[str, int]) -> None:
         projection, expert = shard_id
-        param.load_expert(loaded, projection, expert)
+        if not 0 <= expert < self.total_num_experts:
+            raise WeightLoadError(f"{param.mopt_name}: expert {expert} out of range (the layer has "
+                                  f"{self.total_num_experts})")
+        if param.global_experts:
+            param.load_expert(loaded, projection, expert)
+            return
+        expert -= self.expert_start
+        if 0 <= expert < self.num_experts:  # else another rank's expert: not read
+            param.load_expert(loaded, projection, expert)
 
     def select_experts(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.num_expert_group:
@@ -95,4 +140,8 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = self.select_experts(router_logits)
-        return self.quant_method.apply(self, x, weights, ids)
+        if self.expert_parallel:
+            local = ids - self.expert_start
+            ids = local.masked_fill((local < 0) | (local >= self.num_experts), self.num_experts)
+        y = self.quant_method.apply(self, x, weights, ids)
+        return all_reduce(y, self.tp_group) if self.tp_group is not None else y

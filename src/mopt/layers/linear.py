@@ -4,7 +4,10 @@ A layer owns its shape and sharding (which output rows or input columns this ran
 fused q/k/v or gate/up partitions sit); its method owns the parameters and the math. Weight
 loading is ``layer.weight_loader(param, tensor, shard_id)``: the layer turns ``shard_id`` into
 a :class:`ShardSpec` and the parameter slices, checks and copies. ``tp_rank``/``tp_size`` only
-decide which slice a rank loads; no process group is needed to build or test a layer.
+decide which slice a rank loads; no process group is needed to build or test a layer. Left out,
+they come from :func:`mopt.engine.distributed.current_parallel_state` (rank 0 of 1 unless a
+tensor-parallel model is being built), which also gives row-parallel layers the group their
+all-reduce runs on.
 """
 
 from __future__ import annotations
@@ -12,14 +15,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mopt.engine.distributed import all_reduce, current_parallel_state, divide, group_for, split_problem
 from mopt.layers.parameter import BaseParameter, ShardSpec, WeightLoadError
 from mopt.quant.methods.linear import UnquantizedLinearMethod
 
 
-def _divide(numerator: int, denominator: int, what: str) -> int:
-    if numerator % denominator:
-        raise ValueError(f"{what} ({numerator}) is not divisible by the tensor-parallel size {denominator}")
-    return numerator // denominator
+def _tp(tp_rank: int | None, tp_size: int | None) -> tuple[int, int]:
+    """Explicit rank and size, or the current parallel state's."""
+    state = current_parallel_state()
+    return (state.tp_rank if tp_rank is None else tp_rank), (state.tp_size if tp_size is None else tp_size)
 
 
 class LinearBase(nn.Module):
@@ -37,10 +41,11 @@ class LinearBase(nn.Module):
         quant_config=None,
         prefix: str = "",
         params_dtype: torch.dtype | None = None,
-        tp_rank: int = 0,
-        tp_size: int = 1,
+        tp_rank: int | None = None,
+        tp_size: int | None = None,
     ) -> None:
         super().__init__()
+        tp_rank, tp_size = _tp(tp_rank, tp_size)
         if not 0 <= tp_rank < tp_size:
             raise ValueError(f"{prefix}: tp_rank {tp_rank} out of range for tp_size {tp_size}")
         self.prefix = prefix
@@ -51,6 +56,10 @@ class LinearBase(nn.Module):
         self.params_dtype = params_dtype or torch.get_default_dtype()
         method = quant_config.get_quant_method(self, prefix) if quant_config is not None else None
         self.quant_method = method if method is not None else UnquantizedLinearMethod()
+        if input_size_per_partition != input_size:
+            input_size_per_partition = self._check_input_split(input_size_per_partition)
+        if sum(output_partition_sizes) != output_size:
+            output_partition_sizes = self._check_output_split(output_partition_sizes)
         self.quant_method.create_weights(
             self,
             input_size_per_partition,
@@ -70,6 +79,29 @@ class LinearBase(nn.Module):
         for name, param in self.named_parameters(recurse=False):
             if isinstance(param, BaseParameter):
                 param.mopt_name = f"{prefix}.{name}" if prefix else name
+
+    def _check_input_split(self, per_rank: int) -> int:
+        """The per-rank input size, if the method's split rule allows it (see ``LinearMethodBase``)."""
+        multiple = getattr(self.quant_method, "input_split_multiple", 1)
+        if per_rank % multiple:
+            if self.input_size % self.tp_size == 0:  # (an uneven split was reported already)
+                why = getattr(self.quant_method, "input_split_reason", "")
+                split_problem(f"{self.prefix}: input size {self.input_size} splits into {per_rank} per rank over "
+                              f"tensor_parallel_size {self.tp_size}; {type(self.quant_method).__name__} needs a "
+                              f"multiple of {multiple} per rank" + (f" ({why})" if why else ""))
+            per_rank = -(-per_rank // multiple) * multiple
+        return per_rank
+
+    def _check_output_split(self, partitions: list[int]) -> list[int]:
+        """Per-rank output sizes of a column-parallel layer, if the method's rule allows them (INT4 packs
+        rows in pairs)."""
+        multiple = getattr(self.quant_method, "output_split_multiple", 1)
+        if any(p % multiple for p in partitions):
+            split_problem(f"{self.prefix}: output sizes split into {list(partitions)} per rank over "
+                          f"tensor_parallel_size {self.tp_size}; {type(self.quant_method).__name__} needs multiples "
+                          f"of {multiple} ({getattr(self.quant_method, 'output_split_reason', '')})")
+            partitions = [-(-p // multiple) * multiple for p in partitions]
+        return partitions
 
     def weight_loader(self, param: BaseParameter, loaded: torch.Tensor, shard_id=None) -> None:
         param.load(loaded, self.shard_spec(param, shard_id))
@@ -124,17 +156,18 @@ class ReplicatedLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False, quant_config=None,
                  prefix: str = "", params_dtype=None) -> None:
         super().__init__(input_size, output_size, input_size, [output_size], bias, quant_config,
-                         prefix, params_dtype)
+                         prefix, params_dtype, tp_rank=0, tp_size=1)
 
 
 class ColumnParallelLinear(LinearBase):
     """Output rows split across ranks: ``Y_r = X W_r^T``."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, quant_config=None,
-                 prefix: str = "", params_dtype=None, tp_rank: int = 0, tp_size: int = 1,
+                 prefix: str = "", params_dtype=None, tp_rank: int | None = None, tp_size: int | None = None,
                  output_sizes: list[int] | None = None) -> None:
+        tp_rank, tp_size = _tp(tp_rank, tp_size)
         self.output_sizes = list(output_sizes) if output_sizes is not None else [output_size]
-        partitions = [_divide(s, tp_size, f"{prefix} output size") for s in self.output_sizes]
+        partitions = [divide(s, tp_size, f"{prefix}: output size") for s in self.output_sizes]
         super().__init__(input_size, output_size, input_size, partitions, bias, quant_config,
                          prefix, params_dtype, tp_rank, tp_size)
 
@@ -148,8 +181,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel weights fused on rows (gate/up); ``shard_id`` is their index."""
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
-                 quant_config=None, prefix: str = "", params_dtype=None, tp_rank: int = 0,
-                 tp_size: int = 1) -> None:
+                 quant_config=None, prefix: str = "", params_dtype=None, tp_rank: int | None = None,
+                 tp_size: int | None = None) -> None:
         super().__init__(input_size, sum(output_sizes), bias, quant_config, prefix, params_dtype,
                          tp_rank, tp_size, output_sizes=output_sizes)
 
@@ -172,17 +205,23 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
                  total_num_kv_heads: int | None = None, bias: bool = False, quant_config=None,
-                 prefix: str = "", params_dtype=None, tp_rank: int = 0, tp_size: int = 1) -> None:
+                 prefix: str = "", params_dtype=None, tp_rank: int | None = None,
+                 tp_size: int | None = None) -> None:
+        tp_rank, tp_size = _tp(tp_rank, tp_size)
         total_num_kv_heads = total_num_kv_heads or total_num_heads
         self.head_size = head_size
         self.total_num_heads = total_num_heads
         self.total_num_kv_heads = total_num_kv_heads
-        self.num_heads = _divide(total_num_heads, tp_size, f"{prefix} number of heads")
+        self.num_heads = divide(total_num_heads, tp_size, f"{prefix}: number of attention heads")
         if tp_size >= total_num_kv_heads:
+            # Fewer KV heads than ranks: each rank holds one, replicated on tp_size / kv_heads ranks.
             self.num_kv_heads = 1
-            self.num_kv_head_replicas = _divide(tp_size, total_num_kv_heads, f"{prefix} tp size / kv heads")
+            if tp_size % total_num_kv_heads:
+                split_problem(f"{prefix}: tensor_parallel_size {tp_size} is not a multiple of the "
+                              f"{total_num_kv_heads} KV heads (each KV head must be replicated equally)")
+            self.num_kv_head_replicas = max(1, tp_size // total_num_kv_heads)
         else:
-            self.num_kv_heads = _divide(total_num_kv_heads, tp_size, f"{prefix} number of kv heads")
+            self.num_kv_heads = divide(total_num_kv_heads, tp_size, f"{prefix}: number of KV heads")
             self.num_kv_head_replicas = 1
         q, kv = self.num_heads * head_size, self.num_kv_heads * head_size
         self.partition_sizes = {"q": q, "k": kv, "v": kv}
@@ -206,14 +245,24 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Input columns split across ranks: ``Y = sum_r X_r W_r^T`` (the caller all-reduces)."""
+    """Input columns split across ranks: ``Y = sum_r X_r W_r^T``, all-reduced over the tensor-parallel
+    group when the layer was built in one (``reduce_results``).
+
+    Formats that scale activations per token at run time (FP8_PER_CHANNEL_PER_TOKEN) take each
+    token's amax over its whole input row, not the rank's slice: the layer's
+    ``reduce_token_amax`` (a MAX all-reduce) lets the kernels quantize exactly as one rank would.
+    """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, quant_config=None,
-                 prefix: str = "", params_dtype=None, tp_rank: int = 0, tp_size: int = 1,
+                 prefix: str = "", params_dtype=None, tp_rank: int | None = None, tp_size: int | None = None,
                  reduce_results: bool = True) -> None:
+        tp_rank, tp_size = _tp(tp_rank, tp_size)
         self.reduce_results = reduce_results
-        super().__init__(input_size, output_size, _divide(input_size, tp_size, f"{prefix} input size"),
+        super().__init__(input_size, output_size, divide(input_size, tp_size, f"{prefix}: input size"),
                          [output_size], bias, quant_config, prefix, params_dtype, tp_rank, tp_size)
+        self.tp_group = group_for(tp_size)
+        if self.tp_group is not None:
+            self.reduce_token_amax = lambda amax: all_reduce(amax, self.tp_group, op="max")
 
     def shard_spec(self, param, shard_id) -> ShardSpec:
         if shard_id is not None:
@@ -226,6 +275,55 @@ class RowParallelLinear(LinearBase):
         # The bias is added once, by rank 0, so that the all-reduce sums it once.
         bias = self.bias if self.tp_rank == 0 else None
         y = self.quant_method.apply(self, x, bias)
-        if self.tp_size > 1 and self.reduce_results and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(y)
+        if self.reduce_results and self.tp_group is not None:
+            all_reduce(y, self.tp_group)
         return y
+
+
+class ParallelLMHead(ColumnParallelLinear):
+    """The output projection onto the vocabulary, vocabulary-parallel under tensor parallelism: rank
+    ``r`` holds the rows ``[r * R, (r + 1) * R)`` with ``R = ceil(vocab / tp)`` (the rows
+    :class:`~mopt.layers.basic.VocabEmbedding` holds), and ``forward`` all-gathers the ranks' logits into
+    the full vocabulary on every rank. A vocabulary that does not divide evenly is padded with zero
+    rows, which only an unquantized head can take (quantized rows carry scales per shard)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, quant_config=None, prefix: str = "lm_head",
+                 params_dtype=None) -> None:
+        from mopt.layers.basic import vocab_rows_per_rank
+
+        _, tp_size = _tp(None, None)
+        self.vocab_size = vocab_size
+        padded = vocab_rows_per_rank(vocab_size, tp_size) * tp_size
+        super().__init__(hidden_size, padded, quant_config=quant_config, prefix=prefix, params_dtype=params_dtype)
+        if padded != vocab_size and not isinstance(self.quant_method, UnquantizedLinearMethod):
+            split_problem(f"{prefix}: vocabulary size {vocab_size} is not divisible by tensor_parallel_size {tp_size} "
+                          f"and a {type(self.quant_method).__name__} head cannot be padded (only an unquantized one)")
+        self.tp_group = group_for(tp_size)
+
+    def shard_spec(self, param, shard_id) -> ShardSpec:
+        if self.tp_size == 1 and shard_id is None:
+            return ShardSpec()  # the whole tensor, as a replicated layer loads it
+        return super().shard_spec(param, shard_id)
+
+    def weight_loader(self, param: BaseParameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if self.output_size == self.vocab_size or shard_id is not None:
+            return super().weight_loader(param, loaded, shard_id)
+        from mopt.layers.basic import load_vocab_rows
+
+        load_vocab_rows(param, loaded, self.vocab_size, self.tp_rank)
+
+    def tie_to(self, embedding: nn.Module) -> None:
+        """Use ``embedding``'s weight (tied word embeddings); both hold the same vocabulary rows."""
+        if self.tp_size == 1:
+            self.weight_loader(self.weight, embedding.weight.data)
+        else:
+            self.weight.load(embedding.weight.data, ShardSpec())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self.tp_group is None:
+            return y
+        from mopt.engine.distributed import all_gather_last_dim
+
+        logits = all_gather_last_dim(y, self.tp_group, self.tp_size)
+        return logits if self.output_size == self.vocab_size else logits[..., : self.vocab_size].contiguous()

@@ -113,7 +113,7 @@ class BaseParameter(torch.nn.Parameter):
         raise NotImplementedError  # abstract: each layout slices differently
 
 
-def _take_slice(loaded: torch.Tensor, dim: int, spec: ShardSpec, size: int, name: str) -> torch.Tensor:
+def take_slice(loaded: torch.Tensor, dim: int, spec: ShardSpec, size: int, name: str) -> torch.Tensor:
     full = size * spec.num_slices
     if loaded.dim() <= dim or loaded.shape[dim] != full:
         raise WeightLoadError(
@@ -142,13 +142,13 @@ class ModelWeightParameter(BaseParameter):
     def load(self, loaded: torch.Tensor, spec: ShardSpec = ShardSpec()) -> None:
         target, span = self.data, None
         if spec.split == "input":
-            loaded = _take_slice(loaded, self.input_dim, spec, target.shape[self.input_dim], self.mopt_name)
+            loaded = take_slice(loaded, self.input_dim, spec, target.shape[self.input_dim], self.mopt_name)
         elif spec.split == "output" or spec.size is not None:
             size = spec.size if spec.size is not None else target.shape[self.output_dim]
             target = target.narrow(self.output_dim, spec.offset, size)
             span = (spec.offset, spec.offset + size)
             if spec.split == "output":
-                loaded = _take_slice(loaded, self.output_dim, spec, size, self.mopt_name)
+                loaded = take_slice(loaded, self.output_dim, spec, size, self.mopt_name)
         self.check_and_copy(target, loaded, span=span)
 
 
@@ -219,7 +219,7 @@ class RowBlockScaleParameter(BaseParameter):
         if spec.split == "output":
             expanded = expanded.narrow(0, spec.slice_index * rows, rows)
         elif spec.split == "input":
-            expanded = _take_slice(expanded, 1, spec, self.data.shape[1], self.mopt_name)
+            expanded = take_slice(expanded, 1, spec, self.data.shape[1], self.mopt_name)
         self.check_and_copy(self.data.narrow(0, spec.offset, rows), expanded, span=(spec.offset, spec.offset + rows))
 
 
@@ -257,7 +257,7 @@ class PartitionInputParameter(BaseParameter):
         if index >= self.data.shape[0]:
             raise WeightLoadError(f"{self.mopt_name}: partition {index} out of range for {self.data.shape[0]}")
         if spec.split == "input":
-            loaded = _take_slice(loaded, loaded.dim() - 1, spec, self.data.shape[-1], self.mopt_name)
+            loaded = take_slice(loaded, loaded.dim() - 1, spec, self.data.shape[-1], self.mopt_name)
         self.check_and_copy(self.data[index], loaded, span=(index, index + 1))
         self.loaded_partitions[index] = True
 
@@ -312,73 +312,3 @@ class ShardCollectingParameter(BaseParameter):
         if missing:
             raise WeightLoadError(f"{self.mopt_name}: no checkpoint tensor for partition(s) {missing}")
         return [self.shards[i] for i in range(self.num_partitions)]
-
-
-class ExpertParameter(BaseParameter):
-    """A tensor stacked over experts, ``[E, ...]``, loaded one expert and projection at a time.
-
-    ``kind="w13"``: the fused gate/up projection; a weight-like slot holds w1's rows then w3's
-    (``[E, 2I, ...]``), a scalar slot one value per projection (``[E, 2]``). ``kind="w2"``: the down
-    projection, one slot per expert (``[E, ...]`` or ``[E]``). Missing experts are reported by name.
-    """
-
-    def __init__(self, data: torch.Tensor, kind: str, weight_loader=None, per_row: bool = False) -> None:
-        super().__init__(data, weight_loader)
-        self.kind = kind
-        self.per_row = per_row  # [E, 2I] / [E, H]: one value per output row (per-channel scales)
-        self.loaded_mask = torch.zeros(data.shape[0], 2 if kind == "w13" else 1, dtype=torch.bool)
-
-    @property
-    def is_scalar(self) -> bool:
-        return not self.per_row and self.data.dim() == (2 if self.kind == "w13" else 1)
-
-    def load_expert(self, loaded: torch.Tensor, shard: str, expert: int) -> None:
-        num_experts = self.data.shape[0]
-        if not 0 <= expert < num_experts:
-            raise WeightLoadError(f"{self.mopt_name}: expert {expert} out of range (the layer has {num_experts})")
-        if (shard == "w2") != (self.kind == "w2"):
-            raise WeightLoadError(f"{self.mopt_name}: cannot load projection {shard} into {self.kind}")
-        half = 1 if shard == "w3" else 0
-        if self.is_scalar:
-            if loaded.numel() != 1:
-                raise WeightLoadError(f"{self.mopt_name}: expert {expert} {shard}: expected a scalar, got shape "
-                                      f"{tuple(loaded.shape)}")
-            target = self.data[expert, half] if self.kind == "w13" else self.data[expert]
-            loaded = loaded.reshape(())
-        elif self.kind == "w13":
-            rows = self.data.shape[1] // 2
-            target = self.data[expert, half * rows:(half + 1) * rows]
-        else:
-            target = self.data[expert]
-        self.check_and_copy(target, loaded)
-        self.loaded_mask[expert, half] = True
-
-    @property
-    def loaded(self) -> bool:
-        return bool(self.loaded_mask.all())
-
-    def missing(self) -> list[str]:
-        names = ("w1", "w3") if self.kind == "w13" else ("w2",)
-        return [f"expert {e} {names[h]}" for e, h in (~self.loaded_mask).nonzero().tolist()]
-
-
-class ExpertBlockScaleParameter(ExpertParameter):
-    """128x128-block weight scales of stacked experts, held one row per output row: ``[E, 2I, Kb]`` /
-    ``[E, H, Kb]`` (as :class:`RowBlockScaleParameter` for a dense layer). Each expert's checkpoint
-    tensor is ``[nb, 1, Kb, 1]``, ``[nb, Kb]``, or ``[]`` for a projection that is a single block."""
-
-    def __init__(self, data: torch.Tensor, kind: str, weight_loader=None, block_n: int = 128) -> None:
-        super().__init__(data, kind, weight_loader)
-        self.block_n = block_n
-
-    def load_expert(self, loaded: torch.Tensor, shard: str, expert: int) -> None:
-        if loaded.dim() == 4 and loaded.shape[1] == 1 and loaded.shape[3] == 1:
-            loaded = loaded[:, 0, :, 0]
-        if loaded.dim() == 0:
-            loaded = loaded.reshape(1, 1)
-        rows = self.data.shape[1] // (2 if self.kind == "w13" else 1)
-        want = (-(-rows // self.block_n), self.data.shape[2])
-        if tuple(loaded.shape) != want:
-            raise WeightLoadError(f"{self.mopt_name}: expert {expert} {shard}: block scale has shape "
-                                  f"{tuple(loaded.shape)}, expected {want} (or [{want[0]}, 1, {want[1]}, 1])")
-        super().load_expert(loaded.repeat_interleave(self.block_n, dim=0)[:rows], shard, expert)

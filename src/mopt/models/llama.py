@@ -18,7 +18,7 @@ from mopt.errors import ModelConfigError
 from mopt.kernels.glue import silu_mul
 from mopt.layers.attention import Attention, AttentionMetadata
 from mopt.layers.basic import RMSNorm, RotaryEmbedding, VocabEmbedding
-from mopt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
+from mopt.layers.linear import MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear, RowParallelLinear
 
 # hidden_act -> function, as transformers' ACT2FN computes them ("gelu_new" is the tanh
 # approximation written out; the fused tanh form differs from it by float rounding only).
@@ -65,7 +65,9 @@ class LlamaAttentionBlock(nn.Module):
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
                                           bias=qkv_bias, quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
                                           params_dtype=params_dtype)
-        self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, config.hidden_size,
+        # Under tensor parallelism this rank computes its share of the heads (KV heads may be replicated).
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(self.qkv_proj.total_num_heads * self.head_dim, config.hidden_size,
                                         bias=o_bias,
                                         quant_config=quant_config, prefix=f"{prefix}.o_proj", params_dtype=params_dtype)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, f"{prefix}.q_norm") if qk_norm else None
@@ -210,8 +212,8 @@ class LlamaForCausalLM(nn.Module):
                                 lambda i: self.make_mlp(config, quant_config, i, params_dtype),
                                 lambda i: self.layer_sliding_window(config, i), config_flag(config, self.mlp_bias))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = ReplicatedLinear(config.hidden_size, config.vocab_size, quant_config=quant_config,
-                                        prefix="lm_head", params_dtype=params_dtype)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, quant_config=quant_config,
+                                      prefix="lm_head", params_dtype=params_dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.compute_logits(self.model(input_ids))

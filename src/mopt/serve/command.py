@@ -60,7 +60,7 @@ def check_engine_options(args: argparse.Namespace) -> None:
 
 def make_llm(args: argparse.Namespace):
     """The engine the options describe (the default model is built on first use)."""
-    from mopt.cli import _model_path, _torch_dtype
+    from mopt.cli import _model_path, _torch_dtype, parallel_kwargs
     from mopt.console import quiet_libraries
 
     if args.backend:
@@ -68,7 +68,7 @@ def make_llm(args: argparse.Namespace):
     path = None if args.dummy else _model_path(args.model, args.format, args.verbose)
     kwargs = dict(device=args.device, dtype=_torch_dtype(args.dtype), max_model_len=args.max_model_len,
                   kv_cache_dtype=args.kv_cache_dtype, enforce_eager=args.enforce_eager, tokenizer=args.tokenizer,
-                  progress=True)
+                  progress=True, **parallel_kwargs(args))
     if args.max_num_seqs is not None:
         kwargs["max_num_seqs"] = args.max_num_seqs
     with quiet_libraries(args.verbose):
@@ -87,7 +87,12 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
         value = getattr(args, option)
         if value is not None:
             flags += [f"--{option.replace('_', '-')}", str(value)]
-    return flags + (["--enforce-eager"] if args.enforce_eager else [])
+    if getattr(args, "tensor_parallel_size", 1) > 1:
+        flags += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+    for option in ("enforce_eager", "enable_expert_parallel"):
+        if getattr(args, option, False):
+            flags.append(f"--{option.replace('_', '-')}")
+    return flags
 
 
 def served_model_name(args: argparse.Namespace) -> str:

@@ -20,6 +20,13 @@ class LinearMethodBase(QuantizeMethodBase):
     """A linear method computes through a kernel chosen for its scheme when weights are final."""
 
     scheme: LinearScheme = LinearScheme.UNQUANTIZED
+    # Tensor parallelism: a row-parallel layer's per-rank input size (K) must be a multiple of this,
+    # for the reason given (format blocks, kernel alignment); checked when the layer is built.
+    input_split_multiple: int = 1
+    input_split_reason: str = ""
+    # ... and a column-parallel layer's per-rank output sizes (each fused shard's) a multiple of this.
+    output_split_multiple: int = 1
+    output_split_reason: str = ""
 
     def __init__(self) -> None:
         self.kernel: LinearKernel | None = None

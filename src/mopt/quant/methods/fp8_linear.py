@@ -72,6 +72,7 @@ class ModelOptFp8LinearMethod(ModelOptLinearMethodBase):
     """
 
     scheme = LinearScheme.FP8_TENSOR
+    input_split_multiple, input_split_reason = 16, "the Hopper FP8 GEMV and torch._scaled_mm need K % 16 == 0"
 
     def create_weights(
         self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
@@ -109,6 +110,7 @@ class ModelOptFp8PcPtLinearMethod(ModelOptLinearMethodBase):
     """Per-channel weights, dynamic per-token activations."""
 
     scheme = LinearScheme.FP8_CHANNEL_TOKEN
+    input_split_multiple, input_split_reason = 16, "the Hopper FP8 GEMV and torch._scaled_mm need K % 16 == 0"
 
     def create_weights(
         self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
@@ -145,6 +147,7 @@ class ModelOptFp8PbWoLinearMethod(ModelOptLinearMethodBase):
     """
 
     block = fp8.BLOCK_SHAPE
+    input_split_multiple, input_split_reason = fp8.BLOCK_SHAPE[1], "whole 128x128 weight blocks and 1x128 activation groups"
 
     def __init__(self, quant_config) -> None:
         super().__init__(quant_config)

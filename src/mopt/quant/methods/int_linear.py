@@ -48,9 +48,13 @@ def static_input_scale(layer) -> torch.Tensor:
 
 
 class _Int4AwqBase(ModelOptLinearMethodBase):
+    output_split_multiple, output_split_reason = 2, "INT4 rows are packed in pairs"
+
     def __init__(self, quant_config) -> None:
         super().__init__(quant_config)
         self.group_size = getattr(quant_config, "group_size", None) or INT4_GROUP_SIZE
+        self.input_split_multiple = self.group_size
+        self.input_split_reason = f"whole {self.group_size}-element INT4 groups"
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs) -> None:
@@ -107,6 +111,8 @@ class _W4A8(_Int4AwqBase):
 
 
 class _Int8Base(ModelOptLinearMethodBase):
+    input_split_multiple, input_split_reason = 32, "the Triton weight-decoding GEMM needs K % 32 == 0"
+
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs) -> None:
         loader = extra_weight_attrs.get("weight_loader")

@@ -20,7 +20,8 @@ import torch
 
 from mopt.errors import ModelConfigError
 from mopt.kernels.moe import MoEKernel, MoEScheme, select_moe_kernel
-from mopt.layers.parameter import ExpertParameter, WeightLoadError
+from mopt.layers.expert_parameter import ExpertParameter
+from mopt.layers.parameter import WeightLoadError
 from mopt.quant.formats import fp8, nvfp4
 from mopt.quant.methods.base import QuantizeMethodBase
 
@@ -69,6 +70,8 @@ class UnquantizedFusedMoEMethod(FusedMoEMethodBase):
 
 class ModelOptFp8MoEMethod(FusedMoEMethodBase):
     scheme = MoEScheme.FP8_TENSOR
+    # Tensor parallelism splits each expert's intermediate dimension (w2's K) into parts of this size.
+    intermediate_split_multiple, intermediate_split_reason = 16, "FP8 GEMMs need K % 16 == 0"
 
     def __init__(self, quant_config, layer=None) -> None:
         super().__init__()
@@ -80,8 +83,12 @@ class ModelOptFp8MoEMethod(FusedMoEMethodBase):
         _param(layer, "w2_weight", torch.empty(e, hidden, inter, dtype=fp8.FP8_DTYPE), "w2")
         _param(layer, "w13_weight_scale", torch.full((e, 2), torch.finfo(torch.float32).min), "w13")
         _param(layer, "w2_weight_scale", torch.full((e,), torch.finfo(torch.float32).min), "w2")
-        _param(layer, "w13_input_scale", torch.full((e, 2), torch.finfo(torch.float32).min), "w13")
-        _param(layer, "w2_input_scale", torch.full((e,), torch.finfo(torch.float32).min), "w2")
+        # One activation scale per GEMM, the maximum over *all* experts: under expert parallelism every rank
+        # reads every expert's input scales (scalars), so its activations quantize as one rank's would.
+        total = getattr(layer, "total_num_experts", e)
+        _param(layer, "w13_input_scale", torch.full((total, 2), torch.finfo(torch.float32).min), "w13")
+        _param(layer, "w2_input_scale", torch.full((total,), torch.finfo(torch.float32).min), "w2")
+        layer.w13_input_scale.global_experts = layer.w2_input_scale.global_experts = True
 
     def process_weights_after_loading(self, layer) -> None:
         self._check_loaded(layer)
@@ -104,6 +111,8 @@ class ModelOptNvFp4FusedMoE(FusedMoEMethodBase):
         super().__init__()
         self.quant_config = quant_config
         self.group_size = getattr(quant_config, "group_size", nvfp4.BLOCK_SIZE)
+        self.intermediate_split_multiple = self.group_size
+        self.intermediate_split_reason = f"whole {self.group_size}-element blocks of w2's packed values and scales"
 
     def create_weights(self, layer, num_experts, hidden, inter, params_dtype) -> None:
         e, g = num_experts, self.group_size

@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 
 from mopt.kernels.moe import MoEScheme
-from mopt.layers.parameter import ExpertBlockScaleParameter, ExpertParameter, WeightLoadError
+from mopt.layers.expert_parameter import ExpertBlockScaleParameter, ExpertParameter
+from mopt.layers.parameter import WeightLoadError
 from mopt.quant.formats import fp8, mx, nvfp4
 from mopt.quant.methods.moe import FusedMoEMethodBase
 from mopt.quant.methods.mx_linear import MXFP4_ACTIVATIONS_ENV
@@ -51,6 +52,17 @@ class StackedExpertsMethod(FusedMoEMethodBase):
     tensors: tuple[ExpertTensor, ...] = ()
     divisor = 1  # hidden and intermediate sizes must be multiples of it (block / packing)
 
+    @property
+    def intermediate_split_multiple(self) -> int:
+        """Tensor parallelism splits w2's K (the intermediate size) into parts of this size."""
+        return fp8.BLOCK_SHAPE[1] if any(t.layout == "block" for t in self.tensors) else self.divisor
+
+    @property
+    def intermediate_split_reason(self) -> str:
+        if any(t.layout == "block" for t in self.tensors):
+            return "whole 128x128 weight blocks"
+        return f"whole {self.divisor}-element blocks" if self.divisor > 1 else ""
+
     def __init__(self, quant_config, layer=None) -> None:
         super().__init__()
         self.quant_config = quant_config
@@ -78,7 +90,7 @@ class StackedExpertsMethod(FusedMoEMethodBase):
         if t.layout in ("row", "input"):
             width = rows if t.layout == "row" else halves * cols
             return ExpertParameter(torch.zeros(e, width, dtype=t.dtype), kind=proj, weight_loader=loader,
-                                   per_row=True)
+                                   per_row=t.layout == "row", per_input=t.layout == "input")
         return ExpertParameter(torch.zeros(e, *t.shape(rows, cols), dtype=t.dtype), kind=proj, weight_loader=loader)
 
     def _check_loaded(self, layer) -> None:

@@ -34,6 +34,7 @@ MXFP4_ACTIVATIONS_ENV = "MOPT_MXFP4_ACTIVATIONS"
 class _MxLinearBase(ModelOptLinearMethodBase):
     weight_dtype: torch.dtype = torch.uint8
     values_per_byte = 2
+    input_split_multiple, input_split_reason = mx.BLOCK_SIZE, f"whole {mx.BLOCK_SIZE}-element MX blocks"
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs) -> None:

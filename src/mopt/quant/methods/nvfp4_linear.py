@@ -30,6 +30,8 @@ class ModelOptNvFp4LinearMethod(ModelOptLinearMethodBase):
     def __init__(self, quant_config) -> None:
         super().__init__(quant_config)
         self.group_size = getattr(quant_config, "group_size", nvfp4.BLOCK_SIZE)
+        self.input_split_multiple = self.group_size
+        self.input_split_reason = f"whole {self.group_size}-element blocks of packed values and block scales"
 
     def create_weights(
         self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,

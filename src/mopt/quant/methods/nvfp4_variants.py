@@ -12,6 +12,8 @@ Each shard keeps its own ``weight_scale_2`` (one per output row), as the NVFP4 m
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mopt.kernels.linear import LinearScheme
@@ -33,6 +35,8 @@ class _Fp4WeightsBase(ModelOptLinearMethodBase):
     def __init__(self, quant_config) -> None:
         super().__init__(quant_config)
         self.group_size = getattr(quant_config, "group_size", None) or self.default_group_size
+        self.input_split_multiple = math.lcm(self.group_size, 32)
+        self.input_split_reason = f"whole {self.group_size}-element blocks; the Triton weight-decoding GEMM needs K % 32 == 0"
 
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs) -> None:

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Tensor parallelism on a host with 2 GPUs (NCCL). Stages, in this order, each skipped when less time
+# is left than it needs (BUDGET_S, default 480 s, bounds the whole run; STAGES picks a subset):
+#   tests  the GPU tensor-parallel tests (tests/parallel/test_tp_gpu.py, measured errors kept by -rP)
+#   8b     mopt bench generate --dummy llama3-8b, BF16 and FP8+FP8 KV, batch 1 and 64, -tp 1 then -tp 2
+#   moe    the same for qwen3-30b-a3b in FP8: -tp 1, then -tp 2 --enable-expert-parallel
+#   70b    llama3-70b in FP8 (70 GB of weights, more than one H100 holds) at -tp 2, batch 1 and 64
+# Writes at most 8 files under $OUT (default ./out): summary.txt (GPUs, versions, stage results, the
+# speed-up table), speedups.json, tests.txt, tp1.json, tp2.json, moe-tp1.json, moe-tp2.json, 70b-tp2.json.
+# Usage: OUT=out bash bench/tp_gpu.sh            (mopt from this tree: PYTHONPATH=src)
+# DENSE, MOE, BIG (presets or config.json paths) and BENCH_ARGS override what is measured.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# NVLink multicast stays off for every process (mopt sets NCCL's too; the others are the host's rule).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+BUDGET_S=${BUDGET_S:-480}
+STAGES=${STAGES:-tests,8b,moe,70b}
+START=$(date +%s)
+SUMMARY="$OUT/summary.txt"
+LOG=$(mktemp); trap 'rm -f "$LOG"' EXIT
+left() { echo $((BUDGET_S - ($(date +%s) - START))); }
+note() { echo "$*" | tee -a "$SUMMARY"; }
+wants() { [[ ",$STAGES," == *",$1,"* ]]; }
+
+# stage NAME NEEDS_S TIMEOUT_S COMMAND...: runs COMMAND under a timeout if NEEDS_S seconds are left.
+stage() {
+  local name=$1 needs=$2 limit=$3; shift 3
+  if (( $(left) < needs )); then note "== $name: skipped ($(left) s left, needs $needs)"; return 1; fi
+  (( limit > $(left) )) && limit=$(left)
+  local t0=$(date +%s)
+  note "== $name (timeout $limit s): $*"
+  timeout --kill-after=15 "$limit" "$@" > "$LOG" 2>&1
+  local rc=$?
+  grep -v "it/s\]\|graph/s\]\|tensor/s\]" "$LOG" | tail -25 >> "$SUMMARY"
+  note "== $name: exit $rc after $(( $(date +%s) - t0 )) s"
+  return $rc
+}
+
+: > "$SUMMARY"
+nvidia-smi --query-gpu=index,name,memory.total,memory.used --format=csv 2>&1 | tee -a "$SUMMARY"
+nvidia-smi topo -m 2>/dev/null | head -4 >> "$SUMMARY"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'nccl', \
+  torch.cuda.nccl.version(), 'gpus', torch.cuda.device_count())" 2>&1 | tee -a "$SUMMARY"
+git log -1 --format='mopt %h %s' 2>/dev/null | tee -a "$SUMMARY"
+
+if wants tests; then
+  stage tests 60 180 python3 -m pytest -q -rP -m gpu -p no:cacheprovider tests/parallel/test_tp_gpu.py
+  grep -v "it/s\]" "$LOG" | tail -120 > "$OUT/tests.txt"
+fi
+
+DENSE=${DENSE:-llama3-8b} MOE=${MOE:-qwen3-30b-a3b} BIG=${BIG:-llama3-70b}
+read -r -a BENCH_ARGS <<< "${BENCH_ARGS:---batch 1,64 --prompt-len 128 --tokens 128}"
+BENCH=(python3 -m mopt.cli bench generate "${BENCH_ARGS[@]}")
+if wants 8b; then
+  stage "$DENSE -tp 1" 150 130 "${BENCH[@]}" --dummy "$DENSE" --format bf16,fp8-kv -tp 1 --json "$OUT/tp1.json" &&
+  stage "$DENSE -tp 2" 110 150 "${BENCH[@]}" --dummy "$DENSE" --format bf16,fp8-kv -tp 2 --json "$OUT/tp2.json"
+fi
+if wants moe; then
+  stage "$MOE -tp 1" 150 110 "${BENCH[@]}" --dummy "$MOE" --format fp8 -tp 1 --json "$OUT/moe-tp1.json" &&
+  stage "$MOE -tp 2 expert parallel" 90 130 "${BENCH[@]}" --dummy "$MOE" --format fp8 -tp 2 --enable-expert-parallel \
+    --json "$OUT/moe-tp2.json"
+fi
+if wants 70b; then
+  stage "$BIG fp8 -tp 2" 100 160 "${BENCH[@]}" --dummy "$BIG" --format fp8 -tp 2 --json "$OUT/70b-tp2.json"
+fi
+
+note "== speed-ups (TP=2 over TP=1, same host and run)"
+python3 bench/tp_speedup.py "$OUT/speedups.json" "$DENSE=$OUT/tp1.json:$OUT/tp2.json" \
+  "$MOE=$OUT/moe-tp1.json:$OUT/moe-tp2.json" 2>&1 | tee -a "$SUMMARY"
+note "total $(( $(date +%s) - START )) s"

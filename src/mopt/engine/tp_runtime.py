@@ -1,0 +1,264 @@
+"""Rank 0's side of tensor parallelism: the world of this process, and models sharded over it.
+
+A process has at most one tensor-parallel world (its workers and process groups), started by the
+first ``LLM(..., tensor_parallel_size=N)`` or ``load_model(..., tensor_parallel_size=N)`` and shared
+by every later one of the same size; it stops at exit (or :func:`shutdown`). Each loaded model
+is a :class:`TensorParallelModel`: rank 0's shard, whose ``forward`` and engine steps are announced
+to the workers first, so that every rank runs the same computation on its own shard.
+
+Anything that goes wrong inside a step (a rank that died, an interrupt) leaves the ranks out of step:
+the world is then *broken*: its workers are stopped, the step raises a :class:`TensorParallelError`
+naming the rank when one is to blame, and the next tensor-parallel model starts a new world.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from mopt.engine.distributed import TensorParallelError
+from mopt.engine.tp_launch import (Monitor, World, destroy_groups, spawn_world, stop_processes, torchrun_env,
+                                   torchrun_world)
+from mopt.engine.tp_protocol import (LoadSpec, Op, broadcast_object, exchange_errors, load_shard, min_over_ranks,
+                                     send_command)
+from mopt.errors import EngineArgumentError
+
+logger = logging.getLogger(__name__)
+
+
+class TensorParallelRuntime:
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.lock = threading.RLock()
+        self.monitor = Monitor(world)
+        self.monitor.start()
+        self.next_id = 1
+        self.pending_free: list[int] = []
+        self.broken: BaseException | None = None
+        self.closed = False
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise if the world cannot run commands (a rank failed, or it was stopped)."""
+        failure = self.monitor.failure
+        if failure is not None:
+            self._break(failure)
+            raise failure
+        if self.broken is not None:
+            raise TensorParallelError(f"the tensor-parallel world stopped after an earlier error: {self.broken}")
+        if self.closed:
+            raise TensorParallelError("the tensor-parallel world was shut down")
+
+    def _break(self, error: BaseException) -> None:
+        if self.broken is None:
+            self.broken = error
+            self.monitor.stopped.set()
+            stop_processes(self.world, grace=0.0)
+
+    def _failure_after(self, error: BaseException, wait: float = 3.0) -> TensorParallelError | None:
+        """The monitor's account of a failed collective (which rank died), given a moment to notice."""
+        deadline = time.monotonic() + wait
+        while self.monitor.failure is None and time.monotonic() < deadline and isinstance(error, RuntimeError):
+            time.sleep(0.05)
+        return self.monitor.failure
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Run a step of every rank: serialized, and fatal to the world if it fails midway."""
+        with self.lock:
+            self.check()
+            try:
+                yield
+            except BaseException as e:
+                failure = self._failure_after(e)
+                self._break(failure or e)
+                if failure is not None and failure is not e:
+                    raise failure from e
+                raise
+
+    def send(self, op: Op, model_id: int = 0, ints: tuple = (), payload: np.ndarray | None = None) -> None:
+        with self.lock:
+            self._flush_frees()
+            send_command(self.world, op, model_id, ints, payload, self.check)
+
+    def _flush_frees(self) -> None:
+        while self.pending_free:
+            send_command(self.world, Op.FREE, self.pending_free.pop(), check=self.check)
+
+    # -- models -----------------------------------------------------------------------------------
+
+    def load(self, spec: LoadSpec, progress: bool = False) -> tuple[int, torch.nn.Module]:
+        """Every rank loads its shard of ``spec``; ``(model id, rank 0's shard)``. A rank that cannot load
+        it raises here (naming the rank) and the world stays usable."""
+        with self.guard():
+            model_id, self.next_id = self.next_id, self.next_id + 1
+            self.send(Op.LOAD, model_id)
+            broadcast_object(self.world, spec, self.check)
+            shard, own = None, None
+            try:
+                shard = load_shard(spec, self.world, progress)
+            except Exception as e:
+                own = e
+            errors = exchange_errors(self.world, None if own is None else f"{type(own).__name__}: {own}", self.check)
+        if own is not None:
+            raise own
+        failed = [(rank, error) for rank, error in enumerate(errors) if error]
+        if failed:
+            rank, error = failed[0]
+            raise TensorParallelError(f"tensor-parallel rank {rank} could not load the model: {error}")
+        return model_id, shard
+
+    def free(self, model_id: int) -> None:
+        """Forget a model (its workers' memory is freed with the next command)."""
+        self.pending_free.append(model_id)
+
+    def shutdown(self) -> None:
+        global _RUNTIME
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.monitor.stopped.set()
+            if self.broken is None and self.monitor.failure is None:
+                try:
+                    send_command(self.world, Op.STOP, check=lambda: None)
+                except Exception as e:  # the workers are stopped below anyway
+                    logger.debug("stopping the workers: %s", e)
+            stop_processes(self.world)
+            destroy_groups(self.world)
+            if _RUNTIME is self:
+                _RUNTIME = None
+
+
+_RUNTIME: TensorParallelRuntime | None = None
+_START_LOCK = threading.Lock()
+
+
+def runtime(size: int, device_type: str) -> TensorParallelRuntime:
+    """This process's tensor-parallel world of ``size`` ranks on ``device_type``, started on first use.
+
+    Under torchrun, ranks other than 0 serve rank 0's commands here and exit the process when rank 0
+    ends (``SystemExit``); they never return.
+    """
+    global _RUNTIME
+    with _START_LOCK:
+        if _RUNTIME is not None and (_RUNTIME.broken is not None or _RUNTIME.monitor.failure is not None):
+            _RUNTIME.shutdown()
+        if _RUNTIME is not None:
+            have = (_RUNTIME.world.size, _RUNTIME.world.device.type)
+            if have != (size, device_type):
+                raise EngineArgumentError(f"this process already runs a tensor-parallel world of {have[0]} ranks on "
+                                          f"{have[1]}; a model of tensor_parallel_size {size} on {device_type} "
+                                          "needs its own process (or mopt.engine.tp_runtime.shutdown() first)")
+            return _RUNTIME
+        env = torchrun_env()
+        if env is not None and int(env["WORLD_SIZE"]) > 1:
+            world = torchrun_world(size, device_type)
+            if world.rank != 0:
+                from mopt.engine.tp_worker import serve
+
+                raise SystemExit(serve(world))
+        else:
+            world = spawn_world(size, device_type)
+        _RUNTIME = TensorParallelRuntime(world)
+        return _RUNTIME
+
+
+def shutdown() -> None:
+    """Stop this process's tensor-parallel world, if it has one (also runs at exit)."""
+    if _RUNTIME is not None:
+        _RUNTIME.shutdown()
+
+
+atexit.register(shutdown)
+
+
+class TensorParallelModel(torch.nn.Module):
+    """Rank 0's shard of a model sharded over the world. ``forward(input_ids)`` (full-sequence logits,
+    no cache) runs on every rank; attributes not found here are the shard's (``config``, ``model``,
+    ``compute_logits``...), but only ``forward`` and the engine's steps reach the other ranks."""
+
+    def __init__(self, shard: torch.nn.Module, runtime: TensorParallelRuntime, model_id: int) -> None:
+        super().__init__()
+        self.shard = shard
+        self.runtime, self.model_id = runtime, model_id
+        self._finalizer = _finalize(self, runtime, model_id)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules") or {}
+            if "shard" not in modules:
+                raise
+            return getattr(modules["shard"], name)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.detach().cpu()
+        with self.runtime.guard():
+            self.runtime.send(Op.FORWARD, self.model_id, tuple(ids.shape), ids.numpy().astype(np.int32).reshape(-1))
+            return self.shard(input_ids)
+
+    def agree_kv_blocks(self, local_blocks: int, block_size: int, kv_cache_memory: int | None) -> int:
+        """The KV-cache block count every rank can hold: the minimum over the ranks of what each one's
+        memory (``kv_cache_memory`` bytes, or each GPU's free memory) takes; ``local_blocks`` is rank 0's."""
+        with self.runtime.guard():
+            self.runtime.send(Op.KV_BLOCKS, self.model_id, (block_size, -1 if kv_cache_memory is None else kv_cache_memory))
+            return min_over_ranks(self.runtime.world, local_blocks, self.runtime.check)
+
+    def start_runner(self, num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int,
+                     enforce_eager: bool) -> None:
+        """Workers build their ``ModelRunner`` (KV cache, CUDA graphs) as rank 0 builds its own next."""
+        self.runtime.send(Op.RUNNER, self.model_id, (num_blocks, block_size, max_num_seqs, max_model_len,
+                                                     int(enforce_eager)))
+
+    def share_tokens(self, tokens: torch.Tensor) -> None:
+        """The runner's ``share_tokens``: a step's sampled ids to the workers (inside the step's scope)."""
+        self.runtime.world.group.broadcast(tokens.contiguous())
+
+    @contextlib.contextmanager
+    def step_scope(self, kind: str, ints: tuple, array: np.ndarray) -> Iterator[None]:
+        """The runner's ``step_scope``: announce a prefill or decode step, then run rank 0's part of it."""
+        with self.runtime.guard():
+            self.runtime.send(Op.PREFILL if kind == "prefill" else Op.DECODE, self.model_id, ints, array)
+            yield
+
+
+def _finalize(model: TensorParallelModel, runtime: TensorParallelRuntime, model_id: int):
+    import weakref
+
+    return weakref.finalize(model, runtime.free, model_id)
+
+
+def load_tensor_parallel(kind: str, model, device_type: str, dtype: torch.dtype, kv_cache_dtype: str,
+                         tensor_parallel_size: int, expert_parallel: bool, quantization: str | None = None,
+                         seed: int = 0, progress: bool = False) -> TensorParallelModel:
+    """Check that the model splits (before any process starts), then load it on every rank."""
+    from mopt.engine.tp_plan import check_split
+
+    if kind == "dummy":
+        from mopt.engine.dummy import dummy_quant_config, load_config
+
+        model = load_config(model)
+        config, quant = model, dummy_quant_config(quantization or "bf16")
+    else:
+        from mopt.engine.loader import read_model_spec
+
+        model = str(Path(model))
+        _, config, quant, _, _ = read_model_spec(Path(model))
+    check_split(config, quant, tensor_parallel_size, expert_parallel)
+    world = runtime(tensor_parallel_size, device_type)
+    spec = LoadSpec(kind, model, dtype, kv_cache_dtype, quantization, seed, expert_parallel)
+    model_id, shard = world.load(spec, progress)
+    gc.collect()
+    return TensorParallelModel(shard, world, model_id)

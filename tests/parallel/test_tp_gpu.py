@@ -1,0 +1,135 @@
+"""Tensor parallelism on 2 GPUs (NCCL; run with ``pytest -m gpu tests/parallel``, skipped with fewer).
+
+* float32, unquantized (dense, and MoE with expert parallelism): TP=2 logits equal TP=1 to float32
+  rounding (relative L2 <= 1e-4; measured on CPUs: <= 4e-7) and greedy tokens are identical;
+* BF16 activations in BF16, FP8 (+FP8 KV) and NVFP4 dummy models, CUDA graphs on: the all-reduce of
+  BF16 partial sums rounds differently from one GPU's GEMM, and quantized activations amplify that
+  (a code on a rounding boundary flips), so the prefill logits agree to a per-format tolerance and
+  greedy tokens are identical up to the first step where TP=1 itself had a near tie (its top logit
+  within a per-format margin of the token TP=2 chose); a wrong shard or a missing all-reduce moves
+  the logits by their own size (relative error ~1). TP=2 with graphs equals TP=2 eager exactly (two
+  ranks sum in one addition, whatever NCCL's algorithm);
+* a worker killed mid-run (NCCL collectives in flight) ends every process with an error naming it.
+
+Measured values are printed; ``bench/tp_gpu.sh`` runs this file with ``-rP`` to keep them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mopt import LLM, SamplingParams
+from tp_helpers import pid_alive, subprocess_env, tp_world_per_module  # noqa: F401 (a fixture)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("tp_world_per_module")]
+
+PROMPTS = [[(7 * i + 3 * j) % 300 for j in range(5 + 3 * i)] for i in range(6)]
+PARAMS = SamplingParams(max_tokens=16, ignore_eos=True)
+ENGINE = dict(device="cuda", max_model_len=256, max_num_seqs=8, kv_cache_memory=64 << 20, load_format="dummy")
+# BF16 activations: prefill logits' relative L2 error, and the near-tie margin (logits have std ~1).
+BF16_TOLERANCE = {"bf16": (0.03, 0.1), "fp8-kv": (0.1, 0.3), "fp8": (0.1, 0.3), "nvfp4": (0.3, 0.6)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _two_gpus():
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+
+
+def _dense():
+    from mopt.engine.dummy import tiny_preset_config
+
+    return tiny_preset_config()
+
+
+def _moe():
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(vocab_size=320, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                          num_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=64, norm_topk_prob=True, max_position_embeddings=512,
+                          architectures=["Qwen3MoeForCausalLM"], eos_token_id=None, bos_token_id=None)
+
+
+def _tokens(llm: LLM) -> list[list[int]]:
+    return [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _prefill_error(one: LLM, two: LLM) -> float:
+    ids = torch.tensor([PROMPTS[-1]], device="cuda")
+    with torch.no_grad():
+        return _rel(two.model(ids).float(), one.model(ids).float())
+
+
+@pytest.mark.parametrize("config,expert_parallel", [(_dense, False), (_moe, False), (_moe, True)],
+                         ids=["dense", "moe-intermediate-split", "moe-expert-parallel"])
+def test_float32_tp2_equals_tp1(config, expert_parallel):
+    """Unquantized only: float32 rounding differences can flip a quantized activation's code (see
+    test_tp_logits.py), which greedy tokens need not survive."""
+    kw = dict(ENGINE, quantization="bf16", dtype=torch.float32)
+    one = LLM(config(), **kw)
+    two = LLM(config(), **kw, tensor_parallel_size=2, enable_expert_parallel=expert_parallel)
+    error = _prefill_error(one, two)
+    print(f"float32 {config.__name__} ep={expert_parallel}: prefill logits relative L2 error {error:.2e}")
+    assert error <= 1e-4
+    assert _tokens(two) == _tokens(one)
+
+
+def _first_divergence(one: LLM, a: list[int], b: list[int], prompt: list[int]) -> tuple[int, float] | None:
+    """Where greedy tokens ``a`` (TP=1) and ``b`` (TP=2) first differ, and by how much TP=1's own logits
+    there prefer its token over TP=2's."""
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if i is None:
+        return None
+    with torch.no_grad():
+        logits = one.model(torch.tensor([prompt + a[:i]], device="cuda"))[0, -1].float()
+    return i, (logits.max() - logits[b[i]]).item()
+
+
+@pytest.mark.parametrize("config,fmt,expert_parallel", [(_dense, "bf16", False), (_dense, "fp8-kv", False),
+                                                        (_dense, "nvfp4", False), (_moe, "fp8", True),
+                                                        (_moe, "nvfp4", True)])
+def test_bf16_tp2_with_graphs_agrees_with_tp1(config, fmt, expert_parallel):
+    rel_tolerance, margin = BF16_TOLERANCE[fmt]
+    one = LLM(config(), **ENGINE, quantization=fmt)
+    two = LLM(config(), **ENGINE, quantization=fmt, tensor_parallel_size=2, enable_expert_parallel=expert_parallel)
+    assert two.runner.graphs.graphs, "decode CUDA graphs were not captured"
+    error = _prefill_error(one, two)
+    want, got = _tokens(one), _tokens(two)
+    gaps = [_first_divergence(one, a, b, p) for p, a, b in zip(PROMPTS, want, got)]
+    print(f"bf16 activations, {config.__name__} {fmt} ep={expert_parallel}: prefill logits relative L2 error {error:.2e}; first divergence (step, TP=1 "
+          f"logit gap) per prompt: {gaps}")
+    assert error <= rel_tolerance
+    assert all(g is None or g[1] <= margin for g in gaps), gaps
+    eager = LLM(config(), **ENGINE, quantization=fmt, tensor_parallel_size=2, enable_expert_parallel=expert_parallel,
+                enforce_eager=True)
+    assert _tokens(eager) == got
+
+
+def test_a_killed_worker_ends_the_run_with_an_error_naming_it():
+    child = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "tp_child.py"), "generate", "2",
+                              "cuda"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        line = child.stdout.readline()
+        assert line, child.communicate(timeout=60)[1][-3000:]
+        worker = int(__import__("json").loads(line)["1"])
+        time.sleep(3)
+        os.kill(worker, signal.SIGKILL)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 1, err[-3000:]
+    assert "tensor-parallel rank 1 was killed by signal SIGKILL" in err, err[-3000:]
+    assert not pid_alive(worker)

@@ -1,0 +1,110 @@
+"""Worlds of processes in children: a rank that dies mid-run, a rank 0 that goes away, a rendezvous
+that times out, and two torchrun "nodes" on loopback. Each ends with every process gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mopt.engine.loader import load_model
+from tp_child import IDS
+from tp_helpers import free_port, pid_alive, rel, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+CHILD = str(Path(__file__).resolve().parent / "tp_child.py")
+
+
+def _start(*args: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=subprocess_env(**env))
+
+
+def _worker_pids(child: subprocess.Popen) -> dict[int, int]:
+    line = child.stdout.readline()
+    assert line, f"the engine did not start: {child.communicate(timeout=60)[1][-3000:]}"
+    return {int(rank): pid for rank, pid in json.loads(line).items()}
+
+
+def _gone(pids, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not any(pid_alive(p) for p in pids):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_worker_killed_mid_run_ends_every_process_with_an_error_naming_it():
+    child = _start("generate", "3")
+    try:
+        pids = _worker_pids(child)
+        time.sleep(3)  # well into generating
+        os.kill(pids[2], signal.SIGKILL)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 1, err[-3000:]
+    assert "mopt: error: tensor-parallel rank 2 was killed by signal SIGKILL" in err, err[-3000:]
+    assert _gone(pids.values(), 10), "a worker outlived rank 0"
+
+
+def test_workers_leave_when_rank_0_goes_away():
+    child = _start("idle")
+    try:
+        pids = _worker_pids(child)
+        child.kill()  # SIGKILL: no clean shutdown, no atexit
+        child.wait(10)
+        assert _gone(pids.values(), 15), "a worker outlived rank 0"
+    finally:
+        child.kill()
+
+
+def test_a_rendezvous_that_times_out_names_the_missing_rank(export_factory):
+    port = free_port()
+    child = _start("logits", str(export_factory("fp8", 256).path), "unused.pt", RANK="0", WORLD_SIZE="2",
+                   LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MOPT_TP_INIT_TIMEOUT="3")
+    _, err = child.communicate(timeout=120)
+    assert child.returncode != 0
+    assert (f"tensor-parallel rendezvous at 127.0.0.1:{port} timed out after 3 s: rank(s) [1] of 2 did not join"
+            in err), err[-3000:]
+
+
+def test_a_script_without_a_main_guard_is_told_why_its_workers_died(tmp_path):
+    """Spawned workers import the main module; one that builds a model at import time fails there."""
+    script = tmp_path / "unguarded.py"
+    script.write_text("from mopt import LLM\nfrom mopt.engine.dummy import tiny_preset_config\n"
+                      "LLM(tiny_preset_config(), device='cpu', load_format='dummy', tensor_parallel_size=2)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180,
+                          env=subprocess_env())
+    assert proc.returncode != 0
+    assert "tensor-parallel rank 1 exited with code 1 before joining" in proc.stderr, proc.stderr[-3000:]
+    assert 'under `if __name__ == "__main__":`' in proc.stderr, proc.stderr[-3000:]
+
+
+def test_two_torchrun_nodes_on_loopback_give_the_same_logits(export_factory, tmp_path):
+    path = export_factory("fp8-kv", 256).path
+    port, out = free_port(), tmp_path / "logits.pt"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+                               "1", "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               CHILD, "logits", str(path), str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+             for rank in (0, 1)]
+    try:
+        results = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, (_, err) in zip(nodes, results):
+        assert node.returncode == 0, err[-3000:]
+    with torch.no_grad():
+        want = load_model(path)(IDS)
+    assert rel(torch.load(out), want) <= 2e-6  # the tolerance of test_tp_logits.py, for the same reason

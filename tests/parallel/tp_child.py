@@ -1,0 +1,68 @@
+"""Programs the process tests run in children: ``python tp_child.py MODE [ARG...]``.
+
+* ``generate TP [DEVICE]``: a TP-rank engine (on the CPU unless DEVICE is given), prints the workers' pids as JSON, then generates until
+  something fails, and exits like ``mopt`` does (``mopt: error: ...``, status 1);
+* ``idle``: a 2-rank engine that prints its workers' pids and sleeps;
+* ``logits CHECKPOINT OUT``: full-sequence logits of ``load_model(CHECKPOINT, tensor_parallel_size=
+  WORLD_SIZE)``, written by rank 0 to ``OUT`` (run under torchrun, or alone to test the rendezvous).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+IDS = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(3))
+
+
+def tiny_config(heads: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=320, hidden_size=32 * heads, intermediate_size=64 * heads, num_hidden_layers=2,
+                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
+                       architectures=["LlamaForCausalLM"])
+
+
+def _engine(tp: int, device: str = "cpu"):
+    from mopt import LLM
+    from mopt.engine import tp_runtime
+
+    llm = LLM(tiny_config(tp), device=device, load_format="dummy", quantization="fp8", kv_cache_memory=4 << 20,
+              tensor_parallel_size=tp)
+    pids = {rank: p.pid for rank, p in tp_runtime._RUNTIME.world.processes.items()}
+    print(json.dumps(pids), flush=True)
+    return llm
+
+
+def main(mode: str, *args: str) -> int:
+    from mopt import MoptError, SamplingParams
+
+    if mode == "generate":
+        llm = _engine(int(args[0]), *args[1:2])
+        try:
+            while True:
+                llm.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=200, ignore_eos=True))
+        except (MoptError, RuntimeError) as e:
+            print(f"mopt: error: {e}", file=sys.stderr, flush=True)
+            return 1
+    if mode == "idle":
+        _engine(2)
+        time.sleep(600)
+        return 0
+    if mode == "logits":
+        from mopt import load_model
+
+        model = load_model(args[0], tensor_parallel_size=int(os.environ["WORLD_SIZE"]))
+        with torch.no_grad():
+            logits = model(IDS)
+        torch.save(logits, args[1])  # only rank 0 gets here: the others serve it until it exits
+        return 0
+    raise SystemExit(f"unknown mode {mode}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
