@@ -325,26 +325,47 @@ def _default_formats() -> list[str]:
 
 
 def _run_gpu_bench(what: str, args, run, format_rows) -> int:
-    """Runs ``run() -> rows`` on the GPU, prints the table and writes ``--json`` if asked."""
+    """Runs ``run(save) -> rows`` on the GPU, prints the table and writes ``--json`` if asked; ``run`` may
+    call ``save(rows so far)`` to write partial results (a run cut short keeps them)."""
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError(f"mopt bench {what} needs a CUDA GPU")
-    rows = run()
+        raise RuntimeError(f"mopt bench {what} needs a CUDA GPU (torch {torch.__version__} sees none)")
     name = torch.cuda.get_device_name()
+
+    def save(rows: list[dict]) -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(device=name, torch=torch.__version__, rows=rows), indent=2))
+
+    rows = run(save)
     print(format_rows(rows, name))
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(device=name, torch=torch.__version__, rows=rows), indent=2))
+    save(rows)
     return 0
 
 
+def _shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise ValueError(f"--shapes: expected comma-separated NxK (e.g. 4096x4096,28672x4096), got {text!r}")
+    return shapes
+
+
 def cmd_bench_kernels(args) -> int:
+    from mopt.bench.kernel_formats import parse_formats
+
+    try:
+        formats = parse_formats(args.formats)
+    except ValueError as e:
+        raise ValueError(f"--formats: {e}") from None
+    shapes = _shapes(args.shapes) if args.shapes else None
+    tokens = _positive_ints(args.tokens, "--tokens") if args.tokens else None
     from mopt.bench.kernels import SHAPES, TOKENS, bench_kernels, format_rows
 
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
-    tokens = [int(m) for m in args.tokens.split(",")] if args.tokens else TOKENS
-    return _run_gpu_bench("kernels", args, lambda: bench_kernels(shapes, tokens, args.iters, args.repeats),
-                          format_rows)
+    return _run_gpu_bench("kernels", args, lambda save: bench_kernels(
+        shapes or SHAPES, tokens or TOKENS, formats, args.iters, args.repeats, on_rows=save), format_rows)
 
 
 def cmd_bench_moe(args) -> int:
@@ -352,7 +373,7 @@ def cmd_bench_moe(args) -> int:
 
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
     formats = args.formats.split(",") if args.formats else FORMATS
-    return _run_gpu_bench("moe", args, lambda: bench_moe(CONFIGS, tokens, formats=formats), format_rows)
+    return _run_gpu_bench("moe", args, lambda save: bench_moe(CONFIGS, tokens, formats=formats), format_rows)
 
 
 def torch_device_name(device) -> str:
@@ -372,6 +393,7 @@ def torch_threads() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mopt.bench.kernel_formats import FORMATS as BENCH_FORMATS
     from mopt.engine.default_model import default_formats
     from mopt.quantize import FORMATS
 
@@ -464,11 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench_generate)
 
-    p = bench.add_parser("kernels", help="GPU linear kernels vs BF16 cuBLAS and _scaled_mm, one run")
+    p = bench.add_parser("kernels", help="GPU linear kernels of every format vs BF16 cuBLAS and _scaled_mm, one run")
+    p.add_argument("--formats", help=f"comma list of linear formats (default: all: {', '.join(BENCH_FORMATS)})")
     p.add_argument("--shapes", help="NxK list, e.g. 4096x4096,28672x4096 (default: Llama-3-8B layers)")
     p.add_argument("--tokens", help="M list, e.g. 1,16,128 (default: 1,16,128,2048,8192)")
-    p.add_argument("--iters", type=int, default=20, help="calls per CUDA graph")
-    p.add_argument("--repeats", type=int, default=5, help="graph replays; the median is reported")
+    p.add_argument("--iters", type=_positive_int, default=20, help="calls per CUDA graph (default: %(default)s)")
+    p.add_argument("--repeats", type=_positive_int, default=5,
+                   help="graph replays; the median is reported (default: %(default)s)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench_kernels)
 

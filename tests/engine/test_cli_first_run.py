@@ -33,6 +33,7 @@ CHATTER = ("Inserted", "Registered <class", "quantizers", "torch_dtype", "deprec
     (["eval", "--context", "0"], "--context"),
     (["bench", "generate", "--tokens", "0"], "--tokens"),
     (["bench", "generate", "--batch", "1,x"], "--batch"),
+    (["bench", "kernels", "--formats", "fp8,bogus"], "--formats"),
     (["inspect", "--max-layers", "-1"], "--max-layers"),
 ])
 def test_bad_options_fail_fast_without_loading(args, option, tmp_path):

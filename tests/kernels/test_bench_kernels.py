@@ -1,0 +1,117 @@
+"""``mopt bench kernels``: a row per linear scheme the GPU selector serves, layers built in each format's
+checkpoint layout, the whole benchmark's code run on a CPU (timings there mean nothing), and its options.
+
+Accuracy bound of a bench layer against the unquantized layer it was made from (``W ~ N(0, 0.02)``, inputs
+``N(0, 1)``, 384x256, relative L2, measured 2026-11-27 on the CPU backend): 8-bit formats 0.007-0.038
+(bound 0.06), 4-bit formats 0.096-0.170 (bound 0.25). A wrong packing order, scale layout or scale
+convention gives ~1 or more.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mopt import cli
+from mopt.bench import kernel_formats, kernels
+from mopt.kernels.linear import LinearScheme
+
+# format: (scheme the method runs, bound against the unquantized layer)
+EXPECTED = {
+    "fp8": ("fp8_tensor", 0.06), "fp8-pcpt": ("fp8_channel_token", 0.06),
+    "fp8-pb-wo": ("fp8_block_weight_only", 0.06), "fp8-pb-wo-a8": ("fp8_block", 0.06),
+    "nvfp4": ("nvfp4", 0.25), "nvfp4-svdquant": ("nvfp4", 0.25), "w4a16-nvfp4": ("nvfp4_weight_only", 0.25),
+    "w4a8-nvfp4-fp8": ("w4a8_nvfp4_fp8", 0.25), "int4-awq": ("int4_weight_only", 0.25),
+    "w4a8-awq": ("fp8_tensor", 0.25), "int8-wo": ("int8_weight_only", 0.06), "int8-sq": ("int8_smoothquant", 0.06),
+    "mxfp8": ("mxfp8", 0.06), "mxfp4": ("mxfp4", 0.25), "mxfp4-wo": ("mxfp4_weight_only", 0.25),
+    "w4a8-mxfp4-fp8": ("w4a8_mxfp4_fp8", 0.25),
+}
+W = torch.randn(384, 256, generator=torch.Generator().manual_seed(0)) * 0.02
+X = torch.randn(5, 256, generator=torch.Generator().manual_seed(1))
+
+
+def test_table_lists_every_format():
+    assert set(EXPECTED) == set(kernel_formats.FORMATS)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_bench_layer_runs_its_format(name):
+    """Loaded through the method's loaders: the scheme the selector sees, and the layer's function."""
+    layer = kernel_formats.build_layer(name, W, torch.float32)
+    scheme, bound = EXPECTED[name]
+    assert layer.linear_shape.scheme.value == scheme
+    x = X * layer.pre_quant_scale if getattr(layer, "pre_quant_scale", None) is not None else X
+    want = x @ W.t()
+    if hasattr(layer, "svdquant_lora_a"):
+        want = want + x @ layer.svdquant_lora_a.t() @ layer.svdquant_lora_b.t()
+    with torch.no_grad():
+        got = layer(X)
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel <= bound, f"{name}: {rel:.3f}"
+
+
+def test_every_gpu_scheme_has_a_bench_row():
+    """Every quantized scheme a registered CUDA kernel implements is one bench format's scheme."""
+    pytest.importorskip("triton")
+    from mopt.kernels.linear import candidate_kernels
+
+    served = {s for k in candidate_kernels("cuda") for s in getattr(k, "schemes", ())} - {LinearScheme.UNQUANTIZED}
+    benched = {LinearScheme(scheme) for scheme, _ in EXPECTED.values()}
+    assert served and served <= benched, sorted(s.value for s in served - benched)
+
+
+def test_bench_kernels_code_runs_on_cpu(tmp_path):
+    """The GPU run's code path (layers, baselines incl. ``_scaled_mm``, rows, table, partial JSON) on a CPU."""
+    saved = []
+    rows = kernels.bench_kernels([(256, 384)], [1, 3], list(EXPECTED), iters=1, repeats=1, device="cpu",
+                                 timer=kernels.wall_time, on_rows=lambda r: saved.append(len(r)), l2_bytes=0)
+    assert [r for r in rows if "error" in r] == []
+    assert {(r["format"], r["m"]) for r in rows} == {(f, m) for f in EXPECTED for m in (1, 3)}
+    assert saved == [2 * (i + 1) for i in range(len(EXPECTED))]
+    for r in rows:
+        assert r["scheme"] == EXPECTED[r["format"]][0]
+        assert (r["scaled_mm_us"] is None) == (kernel_formats.FORMATS[r["format"]].scaled_mm is None)
+    table = kernels.format_rows(rows, "cpu")
+    assert all(f" {name} " in table for name in EXPECTED)
+    json.dumps(rows)
+
+
+def test_failed_format_is_a_row_not_a_crash(monkeypatch):
+    def broken(w):
+        raise ValueError("no such layout")
+
+    monkeypatch.setitem(kernel_formats.FORMATS, "int8-wo", kernel_formats.BenchFormat("W8A16", broken))
+    rows = kernels.bench_kernels([(64, 128)], [1], ["int8-wo", "fp8"], iters=1, repeats=1, device="cpu",
+                                 timer=kernels.wall_time, l2_bytes=0)
+    assert rows[0]["error"] == "ValueError: no such layout" and rows[1]["format"] == "fp8"
+    assert "error: ValueError: no such layout" in kernels.format_rows(rows, "cpu")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--formats", "int4-awq,nope"], "--formats: unknown format(s) nope"),
+    (["--shapes", "4096"], "--shapes: expected comma-separated NxK"),
+    (["--tokens", "1,0"], "--tokens: expected comma-separated positive integers"),
+])
+def test_bad_options_are_named(args, message, capsys):
+    assert cli.main(["bench", "kernels", *args]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_refuses_without_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert cli.main(["bench", "kernels", "--formats", "int4-awq,mxfp8", "--tokens", "1"]) == 1
+    assert "mopt bench kernels needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_bench_kernels_every_format_on_gpu():
+    """Every format runs (CUDA graphs included) on its CUDA kernel, never the reference fallback."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    rows = kernels.bench_kernels([(1024, 512)], [1, 40], None, iters=2, repeats=1)
+    assert [r for r in rows if "error" in r] == []
+    kernel_of = {r["format"]: r["kernel"] for r in rows}
+    assert set(kernel_of.values()).isdisjoint({"reference", "cpu-decoded"}), kernel_of
