@@ -364,8 +364,16 @@ def cmd_bench_kernels(args) -> int:
     tokens = _positive_ints(args.tokens, "--tokens") if args.tokens else None
     from mopt.bench.kernels import SHAPES, TOKENS, bench_kernels, format_rows
 
+    def progress(rows: list[dict], save) -> None:
+        last = rows[-1]
+        done = (f"error: {last['error']}" if "error" in last
+                else f"{last['kernel']}, {last['vs_bf16']:.2f}x BF16 at M={last['m']}")
+        print(f"bench kernels: {last['n']}x{last['k']} {last['format']}: {done}", file=sys.stderr, flush=True)
+        save(rows)
+
     return _run_gpu_bench("kernels", args, lambda save: bench_kernels(
-        shapes or SHAPES, tokens or TOKENS, formats, args.iters, args.repeats, on_rows=save), format_rows)
+        shapes or SHAPES, tokens or TOKENS, formats, args.iters, args.repeats, on_rows=lambda r: progress(r, save)),
+        format_rows)
 
 
 def cmd_bench_moe(args) -> int:

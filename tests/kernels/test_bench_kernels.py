@@ -9,7 +9,11 @@ convention gives ~1 or more.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,6 +108,39 @@ def test_refuses_without_a_gpu(capsys):
         pytest.skip("a GPU is present")
     assert cli.main(["bench", "kernels", "--formats", "int4-awq,mxfp8", "--tokens", "1"]) == 1
     assert "mopt bench kernels needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_cli_prints_progress_table_and_json(monkeypatch, tmp_path, capsys):
+    """The command end to end, on a CPU posing as a GPU (the CPU runs the same code, see above)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    monkeypatch.setattr(kernels, "bench_kernels", functools.partial(kernels.bench_kernels, device="cpu",
+                                                                    timer=kernels.wall_time, l2_bytes=0))
+    out = tmp_path / "kernels.json"
+    assert cli.main(["bench", "kernels", "--formats", "int4-awq,fp8", "--shapes", "128x256", "--tokens", "1,2",
+                     "--iters", "1", "--repeats", "1", "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "bench kernels: 128x256 int4-awq: cpu-decoded" in captured.err
+    assert "mopt bench kernels on fake GPU" in captured.out and "x BF16 cuBLAS" in captured.out
+    data = json.loads(out.read_text())
+    assert data["device"] == "fake GPU" and [(r["format"], r["m"]) for r in data["rows"]] == \
+        [("int4-awq", 1), ("int4-awq", 2), ("fp8", 1), ("fp8", 2)]
+
+
+SCRIPT = Path(__file__).parents[2] / "bench" / "formats_gpu.sh"
+
+
+def test_gpu_script_benches_every_format_once(capsys):
+    """bench/formats_gpu.sh: valid bash; its two halves cover every format once; its bench options parse."""
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+    text = SCRIPT.read_text()
+    halves = [re.search(rf"FORMATS_{i}=\$\{{FORMATS_{i}:-([^}}]+)\}}", text).group(1).split(",") for i in (1, 2)]
+    assert sorted(halves[0] + halves[1]) == sorted(kernel_formats.FORMATS)
+    bench_args = re.search(r"BENCH_ARGS:-([^}]+)\}", text).group(1).split()
+    if not torch.cuda.is_available():
+        for half in halves:
+            assert cli.main(["bench", "kernels", "--formats", ",".join(half), *bench_args]) == 1
+            assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
