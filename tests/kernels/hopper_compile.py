@@ -66,9 +66,9 @@ KERNELS = [
 
 # The weight-only family (``triton_weight_only``): each weight FORMAT once, with its scheme's pointer types
 # and flags, at the tiles and warps ``triton_weight_only.tiles`` picks for one call: one token (FMA
-# reduction, split K into a float32 buffer), a decode batch (BF16 MMA, split K), BF16 prefill, float32
-# prefill (IEEE dots). Compiling all 32 combinations took 2 min on 2 cores; these 8 cover each format, each
-# path and each flag once.
+# reduction, split K into a float32 buffer), a decode batch (BF16 or float32 MMA, split K), BF16 prefill,
+# float32 prefill (IEEE dots). Compiling all 32 combinations took 2 min on 2 cores; these 8 cover each
+# format, each path and each flag once.
 WEIGHT_ONLY = [  # (scheme, FORMAT, weight, scale, row scale, x scale, FP4_GROUP, group, (M, SPLIT_K, activations))
     ("fp8_block_wo", two.FP8_BLOCK, P_F8, P_F32, None, None, 16, 128, (1, 4, "bf16")),
     ("int4_wo", two.INT4, P_U8, P_F32, None, None, 16, 128, (4096, 1, "bf16")),
@@ -76,7 +76,7 @@ WEIGHT_ONLY = [  # (scheme, FORMAT, weight, scale, row scale, x scale, FP4_GROUP
     ("nvfp4_wo", two.NVFP4, P_U8, P_F8, P_F32, None, 16, 0, (16, 2, "bf16")),
     ("w4a8_nvfp4", two.NVFP4, P_U8, P_F8, P_F32, None, 32, 0, (4096, 1, "bf16")),
     ("mxfp4", two.MXFP4, P_U8, P_U8, None, None, 16, 0, (1, 4, "bf16")),
-    ("w4a8_mxfp4 per token", two.MXFP4, P_U8, P_U8, None, P_F32, 16, 0, (16, 2, "bf16")),
+    ("w4a8_mxfp4 per token", two.MXFP4, P_U8, P_U8, None, P_F32, 16, 0, (16, 2, "fp32")),
     ("mxfp8", two.MXFP8, P_F8, P_U8, None, None, 16, 0, (4096, 1, "bf16")),
 ]
 TORCH_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
