@@ -4,10 +4,10 @@
 # `mopt bench kernels` for every linear format (--json). The exports are built on a CPU beforehand:
 #   PYTHONPATH=src:tests python3 tests/make_gpu_exports.py .sweep/exports
 # and read from $MOPT_TEST_EXPORTS (default .sweep/exports). Writes at most 6 files under $OUT (or ./out):
-# gpu.txt, gpu-tests.txt, kernels-{1,2}.txt, kernels-{1,2}.json. Each step has its own timeout (at most 8
-# minutes in all): the two pytest runs (kernels, then the exports) append to gpu-tests.txt, and the bench
-# runs in two halves, each saving its JSON after every format of every shape, so a timeout keeps what was
-# measured. `tests` and `bench` can also run as two calls.
+# gpu.txt, gpu-tests.txt, kernels-{1,2}.txt, kernels-{1,2}.json. Each step has its own timeout (SIGINT, so
+# pytest still lists its failures and the bench its rows; at most 9.5 minutes in all): the two pytest runs
+# (the exports, then the weight-only kernels) append to gpu-tests.txt, and the bench runs in two halves,
+# each saving its JSON after every format of every shape. `tests` and `bench` can also run as two calls.
 # Usage: bash bench/formats_gpu.sh [tests|bench|all]   (env: TEST_TIMEOUT, BENCH_TIMEOUT, BENCH_ARGS,
 # FORMATS_1, FORMATS_2)
 set -uo pipefail
@@ -25,17 +25,17 @@ echo "exports: $MOPT_TEST_EXPORTS ($(ls "$MOPT_TEST_EXPORTS" 2>/dev/null | wc -l
 status=0
 if [[ $what == tests || $what == all ]]; then
   : > "$OUT/gpu-tests.txt"
-  for tests in tests/kernels/test_triton_weight_only.py tests/engine/test_formats_gpu.py; do
+  for tests in tests/engine/test_formats_gpu.py tests/kernels/test_triton_weight_only.py; do
     echo "=== pytest -m gpu $tests" | tee -a "$OUT/gpu-tests.txt"
-    timeout ${TEST_TIMEOUT:-140} python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs --durations=5 "$tests" 2>&1 \
-      | tee -a "$OUT/gpu-tests.txt" | tail -25
+    timeout -s INT -k 10 ${TEST_TIMEOUT:-150} python3 -m pytest -v -m gpu -p no:cacheprovider -rfEs --durations=5 \
+      "$tests" 2>&1 | tee -a "$OUT/gpu-tests.txt" | grep -v PASSED | tail -25
     status=$((status | PIPESTATUS[0]))
   done
 fi
 if [[ $what == bench || $what == all ]]; then
   for half in 1 2; do
     formats=FORMATS_$half
-    timeout ${BENCH_TIMEOUT:-100} python3 -m mopt.cli bench kernels --formats "${!formats}" ${BENCH_ARGS:---iters 10 --repeats 3} \
+    timeout -s INT -k 10 ${BENCH_TIMEOUT:-115} python3 -m mopt.cli bench kernels --formats "${!formats}" ${BENCH_ARGS:---iters 10 --repeats 3} \
       --json "$OUT/kernels-$half.json" 2>&1 | tee "$OUT/kernels-$half.txt" | tail -25
     status=$((status | PIPESTATUS[0]))
   done

@@ -332,12 +332,19 @@ def _run_gpu_bench(what: str, args, run, format_rows) -> int:
     if not torch.cuda.is_available():
         raise RuntimeError(f"mopt bench {what} needs a CUDA GPU (torch {torch.__version__} sees none)")
     name = torch.cuda.get_device_name()
+    saved: list[dict] = []
 
     def save(rows: list[dict]) -> None:
+        saved[:] = rows
         if args.json:
             Path(args.json).write_text(json.dumps(dict(device=name, torch=torch.__version__, rows=rows), indent=2))
 
-    rows = run(save)
+    try:
+        rows = run(save)
+    except KeyboardInterrupt:  # e.g. a timeout's SIGINT: the rows measured so far, then stop
+        if saved:
+            print(format_rows(saved, name + " (interrupted)"))
+        raise
     print(format_rows(rows, name))
     save(rows)
     return 0

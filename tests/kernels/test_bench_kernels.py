@@ -127,6 +127,26 @@ def test_cli_prints_progress_table_and_json(monkeypatch, tmp_path, capsys):
         [("int4-awq", 1), ("int4-awq", 2), ("fp8", 1), ("fp8", 2)]
 
 
+def test_interrupted_run_prints_and_keeps_what_it_measured(monkeypatch, tmp_path, capsys):
+    """The script's timeouts send SIGINT: the rows measured so far are printed and stay in the JSON."""
+    bench = kernels.bench_kernels
+
+    def bench_until_interrupted(*args, on_rows=None, **kwargs):
+        rows = bench([(128, 256)], [1], ["int8-wo"], iters=1, repeats=1, device="cpu", timer=kernels.wall_time,
+                     l2_bytes=0)
+        on_rows(rows)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    monkeypatch.setattr(kernels, "bench_kernels", bench_until_interrupted)
+    out = tmp_path / "kernels.json"
+    assert cli.main(["bench", "kernels", "--json", str(out)]) == 130
+    captured = capsys.readouterr()
+    assert "mopt bench kernels on fake GPU (interrupted)" in captured.out and "mopt: interrupted" in captured.err
+    assert [r["format"] for r in json.loads(out.read_text())["rows"]] == ["int8-wo"]
+
+
 SCRIPT = Path(__file__).parents[2] / "bench" / "formats_gpu.sh"
 
 
