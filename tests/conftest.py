@@ -84,6 +84,7 @@ def tiny_llama(hidden: int, layers: int = 2, seed: int = 0, arch: str = "llama")
 _CACHE: dict[tuple, Export] = {}
 # AWQ's search over its smoothing exponent, 3 steps instead of 11: the same export format, calibrated
 # more coarsely, a third of the time (these fixtures test layouts and numerics, not AWQ's search).
+# Passed by keyword: quantize_model's fourth parameter is ``progress``.
 FAST_CALIBRATION = {fmt: {"method": "awq_lite", "alpha_step": 0.5} for fmt in ("int4-awq", "w4a8-awq", "nvfp4-awq")}
 
 
@@ -97,7 +98,7 @@ def make_export(tmp_root: Path, fmt: str, hidden: int, arch: str = "llama") -> E
         calib = [torch.randint(0, 320, (2, 48)) for _ in range(2)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_model(model, fmt, calib, FAST_CALIBRATION.get(fmt))
+            quantize_model(model, fmt, calib, algorithm=FAST_CALIBRATION.get(fmt))
             path = export_checkpoint(copy.deepcopy(model), tmp_root / f"{arch}-{hidden}-{fmt}")
         _CACHE[key] = Export(path, fmt, model, model.config)
     return _CACHE[key]

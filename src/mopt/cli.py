@@ -353,26 +353,62 @@ def _default_formats() -> list[str]:
 
 
 def _run_gpu_bench(what: str, args, run, format_rows) -> int:
-    """Runs ``run() -> rows`` on the GPU, prints the table and writes ``--json`` if asked."""
+    """Runs ``run(save) -> rows`` on the GPU, prints the table and writes ``--json`` if asked; ``run`` may
+    call ``save(rows so far)`` to write partial results (a run cut short keeps them)."""
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError(f"mopt bench {what} needs a CUDA GPU")
-    rows = run()
+        raise RuntimeError(f"mopt bench {what} needs a CUDA GPU (torch {torch.__version__} sees none)")
     name = torch.cuda.get_device_name()
+    saved: list[dict] = []
+
+    def save(rows: list[dict]) -> None:
+        saved[:] = rows
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(device=name, torch=torch.__version__, rows=rows), indent=2))
+
+    try:
+        rows = run(save)
+    except KeyboardInterrupt:  # e.g. a timeout's SIGINT: the rows measured so far, then stop
+        if saved:
+            print(format_rows(saved, name + " (interrupted)"))
+        raise
     print(format_rows(rows, name))
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(device=name, torch=torch.__version__, rows=rows), indent=2))
+    save(rows)
     return 0
 
 
+def _shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise ValueError(f"--shapes: expected comma-separated NxK (e.g. 4096x4096,28672x4096), got {text!r}")
+    return shapes
+
+
 def cmd_bench_kernels(args) -> int:
+    from mopt.bench.kernel_formats import parse_formats
+
+    try:
+        formats = parse_formats(args.formats)
+    except ValueError as e:
+        raise ValueError(f"--formats: {e}") from None
+    shapes = _shapes(args.shapes) if args.shapes else None
+    tokens = _positive_ints(args.tokens, "--tokens") if args.tokens else None
     from mopt.bench.kernels import SHAPES, TOKENS, bench_kernels, format_rows
 
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
-    tokens = [int(m) for m in args.tokens.split(",")] if args.tokens else TOKENS
-    return _run_gpu_bench("kernels", args, lambda: bench_kernels(shapes, tokens, args.iters, args.repeats),
-                          format_rows)
+    def progress(rows: list[dict], save) -> None:
+        last = rows[-1]
+        done = (f"error: {last['error']}" if "error" in last
+                else f"{last['kernel']}, {last['vs_bf16']:.2f}x BF16 at M={last['m']}")
+        print(f"bench kernels: {last['n']}x{last['k']} {last['format']}: {done}", file=sys.stderr, flush=True)
+        save(rows)
+
+    return _run_gpu_bench("kernels", args, lambda save: bench_kernels(
+        shapes or SHAPES, tokens or TOKENS, formats, args.iters, args.repeats, on_rows=lambda r: progress(r, save)),
+        format_rows)
 
 
 def cmd_bench_moe(args) -> int:
@@ -380,7 +416,7 @@ def cmd_bench_moe(args) -> int:
 
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
     formats = args.formats.split(",") if args.formats else FORMATS
-    return _run_gpu_bench("moe", args, lambda: bench_moe(CONFIGS, tokens, formats=formats), format_rows)
+    return _run_gpu_bench("moe", args, lambda save: bench_moe(CONFIGS, tokens, formats=formats), format_rows)
 
 
 def torch_device_name(device) -> str:
@@ -400,6 +436,7 @@ def torch_threads() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mopt.bench.kernel_formats import FORMATS as BENCH_FORMATS
     from mopt.engine.default_model import default_formats
     from mopt.quantize import FORMATS
 
@@ -513,11 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_serve_arguments(p)
     p.set_defaults(func=cmd_bench_serve)
 
-    p = bench.add_parser("kernels", help="GPU linear kernels vs BF16 cuBLAS and _scaled_mm, one run")
+    p = bench.add_parser("kernels", help="GPU linear kernels of every format vs BF16 cuBLAS and _scaled_mm, one run")
+    p.add_argument("--formats", help=f"comma list of linear formats (default: all: {', '.join(BENCH_FORMATS)})")
     p.add_argument("--shapes", help="NxK list, e.g. 4096x4096,28672x4096 (default: Llama-3-8B layers)")
     p.add_argument("--tokens", help="M list, e.g. 1,16,128 (default: 1,16,128,2048,8192)")
-    p.add_argument("--iters", type=int, default=20, help="calls per CUDA graph")
-    p.add_argument("--repeats", type=int, default=5, help="graph replays; the median is reported")
+    p.add_argument("--iters", type=_positive_int, default=20, help="calls per CUDA graph (default: %(default)s)")
+    p.add_argument("--repeats", type=_positive_int, default=5,
+                   help="graph replays; the median is reported (default: %(default)s)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench_kernels)
 

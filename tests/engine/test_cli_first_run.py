@@ -33,6 +33,7 @@ CHATTER = ("Inserted", "Registered <class", "quantizers", "torch_dtype", "deprec
     (["eval", "--context", "0"], "--context"),
     (["bench", "generate", "--tokens", "0"], "--tokens"),
     (["bench", "generate", "--batch", "1,x"], "--batch"),
+    (["bench", "kernels", "--formats", "fp8,bogus"], "--formats"),
     (["inspect", "--max-layers", "-1"], "--max-layers"),
     (["generate", "--prompt", "hi", "-tp", "0"], "--tensor-parallel-size"),
     (["bench", "generate", "--tensor-parallel-size", "two"], "--tensor-parallel-size"),

@@ -2,7 +2,8 @@
 
 Run by ``test_hopper_compile.py`` in a subprocess without ``TRITON_INTERPRET`` (the interpreter accepts
 programs the compiler refuses, e.g. a variable whose tile shape changes inside a branch). Each entry:
-kernel, argument types, constexpr variants. Prints one line per compiled variant and its shared memory.
+kernel, argument types, constexpr variants (``num_warps`` among them is a launch option), optionally a
+label. Prints one line per compiled variant and its shared memory.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from mopt.kernels import triton_argmax as targ
 from mopt.kernels import triton_attention as ta
 from mopt.kernels import triton_gemv as tg
 from mopt.kernels import triton_glue as tgl
+from mopt.kernels import triton_weight_only as two
 
-P_BF16, P_F8, P_F32, P_I32 = "*bf16", "*fp8e4nv", "*fp32", "*i32"
+P_BF16, P_F8, P_F32, P_I32, P_U8, P_I8 = "*bf16", "*fp8e4nv", "*fp32", "*i32", "*u8", "*i8"
 HOPPER_SHARED_BYTES = 227 * 1024
 
 KERNELS = [
@@ -62,21 +64,61 @@ KERNELS = [
       dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, DOT=True)]),
 ]
 
+# The weight-only family (``triton_weight_only``): each weight FORMAT once, with its scheme's pointer types
+# and flags, at the tiles and warps ``triton_weight_only.tiles`` picks for one call: one token (FMA
+# reduction, split K into a float32 buffer), a decode batch (BF16 or float32 MMA, split K), BF16 prefill,
+# float32 prefill (IEEE dots). Compiling all 32 combinations took 2 min on 2 cores; these 8 cover each
+# format, each path and each flag once.
+WEIGHT_ONLY = [  # (scheme, FORMAT, weight, scale, row scale, x scale, FP4_GROUP, group, (M, SPLIT_K, activations))
+    ("fp8_block_wo", two.FP8_BLOCK, P_F8, P_F32, None, None, 16, 128, (1, 4, "bf16")),
+    ("int4_wo", two.INT4, P_U8, P_F32, None, None, 16, 128, (4096, 1, "bf16")),
+    ("int8_sq", two.INT8, P_I8, None, P_F32, None, 16, 0, (4096, 1, "fp32")),
+    ("nvfp4_wo", two.NVFP4, P_U8, P_F8, P_F32, None, 16, 0, (16, 2, "bf16")),
+    ("w4a8_nvfp4", two.NVFP4, P_U8, P_F8, P_F32, None, 32, 0, (4096, 1, "bf16")),
+    ("mxfp4", two.MXFP4, P_U8, P_U8, None, None, 16, 0, (1, 4, "bf16")),
+    ("w4a8_mxfp4 per token", two.MXFP4, P_U8, P_U8, None, P_F32, 16, 0, (16, 2, "fp32")),
+    ("mxfp8", two.MXFP8, P_F8, P_U8, None, None, 16, 0, (4096, 1, "bf16")),
+]
+TORCH_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+
+
+def _weight_only_entries() -> list:
+    import torch
+
+    entries = []
+    for i, (name, fmt, weight, scale, rows, x_scale, fp4_group, group, (m, split, act)) in enumerate(WEIGHT_ONLY):
+        bm, bn, bk, warps = two.tiles(fmt, m, 4096, 4096, group, getattr(torch, TORCH_DTYPES[act]))
+        types = dict(a_ptr=f"*{act}", b_ptr=weight, s_ptr=scale or weight, r_ptr=rows or weight,
+                     x_scale_ptr=x_scale or weight, c_ptr=P_F32 if split > 1 else f"*{act}", bias_ptr=f"*{act}",
+                     M="i32", N="i32", K="i32", stride_am="i32", stride_cm="i32", num_groups="i32")
+        constexprs = dict(FORMAT=fmt, FP4_GROUP=fp4_group, HAS_ROW_SCALE=rows is not None,
+                          HAS_X_SCALE=x_scale is not None, HAS_BIAS=i % 2 == 0, SPLIT_K=split, DOT_F32=act == "fp32",
+                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        entries.append((two._weight_only_kernel, types, [dict(constexprs, num_warps=warps)], name))
+    return entries
+
 
 def main() -> int:
     failures = 0
-    for fn, types, variants in KERNELS:
-        for constexprs in variants:
-            name = f"{fn.fn.__name__}{constexprs}"
+    for fn, types, variants, *label in KERNELS + _weight_only_entries():
+        for variant in variants:
+            constexprs = {k: v for k, v in variant.items() if k != "num_warps"}
+            options = {"num_warps": variant["num_warps"]} if "num_warps" in variant else None
+            name = f"{fn.fn.__name__}{f' [{label[0]}]' if label else ''}{variant}"
             signature = dict(types, **{k: "constexpr" for k in constexprs})
             try:
-                compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+                compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                          options=options)
                 shared = compiled.metadata.shared
                 ok = shared <= HOPPER_SHARED_BYTES
                 print(f"{'ok' if ok else 'FAIL'} {name}: {shared} B shared")
                 failures += not ok
             except Exception as e:  # report every kernel, then fail
-                print(f"FAIL {name}: {type(e).__name__}: {str(e)[-400:]}")
+                root = e
+                while root.__cause__ is not None:  # Triton chains one CompilationError per call level
+                    root = root.__cause__
+                cause = f" (caused by {type(root).__name__}: {str(root)[-300:]})" if root is not e else ""
+                print(f"FAIL {name}: {type(e).__name__}: {str(e)[-400:]}{cause}")
                 failures += 1
     return 1 if failures else 0
 

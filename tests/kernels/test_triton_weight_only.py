@@ -24,10 +24,11 @@ SCHEMES = [S.FP8_BLOCK_WO, S.INT4_WO, S.INT8_WO, S.NVFP4_WO, S.MXFP4_WO,  # weig
            S.INT8_SQ, S.W4A8_NVFP4, S.W4A8_MXFP4, S.MXFP8, S.MXFP4]  # activations quantized first
 
 
-def canonical_layer(scheme: S, n: int, k: int) -> torch.nn.Module:
-    """A layer holding ``scheme``'s canonical processed weights (``mopt.kernels.linear``)."""
+def canonical_layer(scheme: S, n: int, k: int, device: str = "cpu") -> torch.nn.Module:
+    """A layer holding ``scheme``'s canonical processed weights (``mopt.kernels.linear``), quantized on
+    ``device`` (the GPU tests' Llama-sized weights took ~10 s each to quantize on a CPU)."""
     g = torch.Generator().manual_seed(n * 1000 + k)
-    w = torch.randn(n, k, generator=g) * (1 + 4 * torch.rand(n, 1, generator=g)) * 0.05
+    w = (torch.randn(n, k, generator=g) * (1 + 4 * torch.rand(n, 1, generator=g)) * 0.05).to(device)
     layer = torch.nn.Module()
     if scheme is S.FP8_BLOCK_WO:
         q, scale = fp8.quantize_blocks(w)
@@ -37,19 +38,19 @@ def canonical_layer(scheme: S, n: int, k: int) -> torch.nn.Module:
         layer.weight = int4.pack_k(q)
     elif scheme in (S.INT8_WO, S.INT8_SQ):
         layer.weight, layer.weight_scale = int8.quantize_per_channel(w)
-        layer.input_scale = torch.tensor(6.0 / 127)
+        layer.input_scale = torch.tensor(6.0 / 127, device=device)
     elif scheme in (S.NVFP4_WO, S.W4A8_NVFP4):
         block = 32 if scheme is S.W4A8_NVFP4 else 16
         # One global scale per row (the general case of fused shards); W4A8's is amax / 448.
         ws2 = w.abs().amax(dim=1) / (448 if block == 32 else 6 * 448)
         layer.weight, layer.weight_scale = nvfp4.quantize(w, ws2[:, None], block_size=block)
-        layer.weight_scale_2, layer.input_scale = ws2, torch.tensor(6.0 / 448)
+        layer.weight_scale_2, layer.input_scale = ws2, torch.tensor(6.0 / 448, device=device)
     elif scheme is S.MXFP8:
         layer.weight, layer.weight_scale = mx.quantize_mxfp8(w)
     else:
         layer.weight, layer.weight_scale = mx.quantize_mxfp4(w)
         # W4A8_MXFP4: static FP8 activations when N is even here, per-token when odd (no input_scale)
-        layer.input_scale = torch.tensor(6.0 / 448) if n % 2 == 0 else None
+        layer.input_scale = torch.tensor(6.0 / 448, device=device) if n % 2 == 0 else None
     layer.linear_shape = LinearShape(scheme, k, n)
     return layer
 
@@ -59,18 +60,17 @@ def _rel(a, b) -> float:
 
 
 def _run(scheme, n, k, m, device, dtype=torch.float32, bias=True):
-    layer = canonical_layer(scheme, n, k)
-    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2).to(dtype)
-    b = torch.randn(n).to(dtype) if bias else None
+    """The kernel's output and the reference backend's (float32, same device, same canonical weights and
+    inputs)."""
+    layer = canonical_layer(scheme, n, k, device)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2).to(device, dtype)
+    b = torch.randn(n).to(device, dtype) if bias else None
     expected = ReferenceLinearKernel().apply(layer, x.float(), None if b is None else b.float())
-    for name, value in list(vars(layer).items()):
-        if isinstance(value, torch.Tensor):
-            setattr(layer, name, value.to(device))
     if scheme is not S.W4A8_MXFP4:
         layer.input_scale = getattr(layer, "input_scale", None)
     kernel = triton_weight_only.TritonWeightOnlyKernel()
     kernel.process_weights(layer)
-    return kernel.apply(layer, x.to(device), None if b is None else b.to(device)), expected
+    return kernel.apply(layer, x, b), expected
 
 
 # (n, k, m): one token (FMA path, split K), a decode batch and a prefill tile (MMA paths), odd N;

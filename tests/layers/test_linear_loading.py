@@ -252,3 +252,25 @@ def test_bad_shard_ids():
 def test_indivisible_tp_is_a_clear_error():
     with pytest.raises(ValueError, match=r"output size \(100\) is not divisible by the tensor-parallel size 3"):
         ColumnParallelLinear(16, 100, prefix="c", tp_rank=0, tp_size=3)
+
+
+@pytest.mark.parametrize("fmt", ["w4a8-awq", "nvfp4-svdquant"])
+def test_smoothed_layers_never_take_codes_from_the_layer_before(fmt):
+    """On a GPU, W4A8_AWQ runs the per-tensor FP8 kernels, which also take E4M3 codes a norm/SiLU/attention
+    kernel wrote under their input scale; a layer that smooths its input first (``pre_quant_scale``, as
+    ModelOpt exports o_proj / down_proj) or adds SVDQuant's low-rank branch must get the unquantized input."""
+    from mopt.kernels.reference import ReferenceLinearKernel
+
+    class TakesCodes(ReferenceLinearKernel):  # stands in for hopper-fp8 on a CPU
+        def fp8_input_scale(self, layer):
+            return layer.input_scale
+
+    tensors = checkpoint_tensors(fmt, 64, 128, 0)
+    for smoothed in (True, False):
+        if fmt == "nvfp4-svdquant" and not smoothed:
+            continue
+        kept = {k: v for k, v in tensors.items() if smoothed or k != "pre_quant_scale"}
+        layer = load(ReplicatedLinear(128, 64, quant_config=qc(fmt), prefix="down", params_dtype=torch.float32),
+                     {None: kept})
+        layer.quant_method.kernel = TakesCodes()
+        assert (layer.fp8_input_scale is None) == smoothed, (fmt, smoothed)

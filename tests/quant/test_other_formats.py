@@ -162,10 +162,14 @@ def test_kv_round_trip_is_idempotent_and_bounded(seed, algo):
     bias = _tensor(seed + 1, 2, 64, scale=0.1) if algo == "NVFP4_AFFINE" else None
     once = kv_cache.fake_quantize_kv(k, algo, scale, bias)
     assert torch.equal(kv_cache.fake_quantize_kv(once, algo, scale, bias), once)
-    # Relative error of one rounding: 2**-4 (E4M3), 1/254 of amax (INT8), and NVFP4's half step (1/6 of
-    # a block's amax, plus its E4M3 block scale's rounding).
-    bound = {"FP8": 0.07, "INT8": 0.01, "NVFP4": 0.3, "NVFP4_AFFINE": 0.3}[algo]
-    assert ((once - k).norm() / k.norm()).item() < bound
+    # One rounding: INT8 moves each value by at most half a step, 1/254 of amax (as a relative L2 error
+    # that depends on amax / rms: seed 449 gave 1.1e-2); relative L2 errors of 2**-4 (E4M3) and NVFP4's half
+    # step (1/6 of a block's amax, plus its E4M3 block scale's rounding).
+    if algo == "INT8":
+        assert (once - k).abs().max().item() <= amax.item() / 254 * (1 + 1e-6)
+    else:
+        bound = {"FP8": 0.07, "NVFP4": 0.3, "NVFP4_AFFINE": 0.3}[algo]
+        assert ((once - k).norm() / k.norm()).item() < bound
 
 
 def test_nvfp4_kv_uses_modelopts_global_scale():

@@ -41,6 +41,19 @@ class StagedDecode:
         return self.batch, self.bucket, self.width, self.carried
 
 
+def graph_blockers(model: torch.nn.Module) -> list[str]:
+    """Why a CUDA graph cannot hold ``model``'s decode step: one line per layer whose kernel says it cannot
+    be captured (``capturable() -> (ok, reason)``; e.g. the reference expert loop of the MoE formats
+    that have no fused kernel yet). Empty: capture."""
+    blockers = []
+    for name, module in model.named_modules():
+        kernel = getattr(getattr(module, "quant_method", None), "kernel", None)
+        ok, why = kernel.capturable() if hasattr(kernel, "capturable") else (True, "")
+        if not ok:
+            blockers.append(f"{name}: {kernel.name} kernel {why}")
+    return blockers
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs] + list(range(16, max_num_seqs, 16))
     return sizes + [max_num_seqs]

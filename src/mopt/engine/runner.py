@@ -24,6 +24,7 @@ the workers' next step finds the ids it carries.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Callable, ContextManager
 
@@ -31,12 +32,14 @@ import numpy as np
 import torch
 
 from mopt.engine.block_manager import blocks_needed
-from mopt.engine.cuda_graphs import DecodeGraphs
+from mopt.engine.cuda_graphs import DecodeGraphs, graph_blockers
 from mopt.engine.sampler import SamplerOutput, SamplingTensors, greedy_tokens, sample
 from mopt.engine.sequence import Sequence
 from mopt.engine.staging import Staging
 from mopt.layers.attention import Attention, AttentionMetadata
 from mopt.quant.formats import fp8
+
+logger = logging.getLogger(__name__)
 
 
 def attention_layers(model: torch.nn.Module) -> list[Attention]:
@@ -132,9 +135,13 @@ class ModelRunner:
         self.staging = Staging(self.device)
         self._token_buffers: list[torch.Tensor] = []  # two pinned buffers, used in turn (see Staging)
         self._token_turn = 0
+        capture = self.device.type == "cuda" and not enforce_eager
+        blockers = graph_blockers(model) if capture else []
+        if blockers:
+            logger.warning("decode steps run without CUDA graphs: %s%s", blockers[0],
+                           f" (and {len(blockers) - 1} more layers)" if len(blockers) > 1 else "")
         self.graphs = DecodeGraphs(self._decode_forward, self.device, max_num_seqs, blocks_needed(max_model_len, block_size),
-                                   capture=self.device.type == "cuda" and not enforce_eager,
-                                   pad=self.device.type == "cuda", progress=progress)
+                                   capture=capture and not blockers, pad=self.device.type == "cuda", progress=progress)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                  last_rows: torch.Tensor | None = None) -> torch.Tensor:

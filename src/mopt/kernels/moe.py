@@ -74,6 +74,11 @@ class MoEKernel:
     def supports(cls, scheme: MoEScheme, device: torch.device) -> tuple[bool, str]:
         raise NotImplementedError  # abstract
 
+    @classmethod
+    def capturable(cls) -> tuple[bool, str]:
+        """Whether a CUDA graph can hold ``apply`` (no host work that depends on the routing)."""
+        return True, ""
+
     def apply(self, layer: nn.Module, scheme: MoEScheme, x: torch.Tensor, weights: torch.Tensor,
               ids: torch.Tensor) -> torch.Tensor:
         """``x [T, H]`` through experts ``ids [T, k]`` weighted by ``weights [T, k]`` (float32)."""
@@ -145,6 +150,10 @@ class ReferenceMoEKernel(MoEKernel):
     @classmethod
     def supports(cls, scheme, device):
         return True, ""
+
+    @classmethod
+    def capturable(cls):
+        return False, "reads the routing on the host (one GEMM per expert that has tokens)"
 
     def apply(self, layer, scheme, x, weights, ids):
         gemm = _REFERENCE_GEMMS[scheme]

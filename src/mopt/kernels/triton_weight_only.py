@@ -43,7 +43,10 @@ from mopt.quant.formats import int8, mx
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-FP8_BLOCK, INT4, INT8, NVFP4, MXFP4, MXFP8 = 0, 1, 2, 3, 4, 5
+FP8_BLOCK, INT4, INT8, NVFP4, MXFP4, MXFP8 = 0, 1, 2, 3, 4, 5  # the kernel's FORMAT, on the host
+# The same values for the kernels: @triton.jit code may read only constexpr globals (the interpreter reads
+# any, so only the compiler catches this: tests/kernels/hopper_compile.py).
+_FP8_BLOCK, _INT4, _INT8, _NVFP4, _MXFP8 = (tl.constexpr(v) for v in (FP8_BLOCK, INT4, INT8, NVFP4, MXFP8))
 GROUP_SCALED = (FP8_BLOCK, INT4)  # one scale per row and BLOCK_K-wide tile, applied to its partial product
 
 
@@ -80,23 +83,23 @@ def _decode(b_ptr, s_ptr, rows, offs_h, t, n_ok, K, FORMAT: tl.constexpr, FP4_GR
             BLOCK_N: tl.constexpr, HALF_K: tl.constexpr):
     """Float32 values (even-k, odd-k) ``[BN, H]`` of the weight tile at pair indices ``offs_h``."""
     k_ok = n_ok[:, None] & (offs_h < K // 2)[None, :]
-    if FORMAT == FP8_BLOCK or FORMAT == MXFP8:
+    if FORMAT == _FP8_BLOCK or FORMAT == _MXFP8:
         base = b_ptr + rows * K + 2 * offs_h[None, :]
         even = tl.load(base, mask=k_ok, other=0.0).to(tl.float32)
         odd = tl.load(base + 1, mask=k_ok, other=0.0).to(tl.float32)
-        if FORMAT == MXFP8:
+        if FORMAT == _MXFP8:
             even, odd = _e8m0_pairs(even, odd, s_ptr, rows, t, n_ok, K, 0, BLOCK_N, HALF_K)
-    elif FORMAT == INT8:
+    elif FORMAT == _INT8:
         base = b_ptr + rows * K + 2 * offs_h[None, :]
         even = tl.load(base, mask=k_ok, other=0).to(tl.float32)
         odd = tl.load(base + 1, mask=k_ok, other=0).to(tl.float32)
     else:
         packed = tl.load(b_ptr + rows * (K // 2) + offs_h[None, :], mask=k_ok, other=0)
-        if FORMAT == INT4:
+        if FORMAT == _INT4:
             even, odd = _int4_pair(packed)
         else:
             even, odd = _e2m1_pair(packed)  # values times 2**-14
-            if FORMAT == NVFP4:  # E4M3 scale per FP4_GROUP (16, or 32 for W4A8) elements
+            if FORMAT == _NVFP4:  # E4M3 scale per FP4_GROUP (16, or 32 for W4A8) elements
                 PAIRS: tl.constexpr = FP4_GROUP // 2
                 offs_s = t * (HALF_K // PAIRS) + tl.arange(0, HALF_K // PAIRS)
                 s = tl.load(s_ptr + rows * (K // FP4_GROUP) + offs_s[None, :],
@@ -146,7 +149,7 @@ def _weight_only_kernel(a_ptr, b_ptr, s_ptr, r_ptr, x_scale_ptr, c_ptr, bias_ptr
             else:
                 part = tl.dot(ae.to(tl.bfloat16), tl.trans(we.to(tl.bfloat16)))
                 part = tl.dot(ao.to(tl.bfloat16), tl.trans(wo.to(tl.bfloat16)), part)
-        if FORMAT == FP8_BLOCK or FORMAT == INT4:  # BLOCK_K is the group: one scale per row and tile
+        if FORMAT == _FP8_BLOCK or FORMAT == _INT4:  # BLOCK_K is the group: one scale per row and tile
             g = tl.load(s_ptr + offs_n.to(tl.int64) * num_groups + t, mask=n_ok, other=0.0)
             if BLOCK_M == 1:
                 part1 = part1 * g

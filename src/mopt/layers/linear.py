@@ -118,8 +118,7 @@ class LinearBase(nn.Module):
     def fp8_input_scale(self) -> torch.Tensor | None:
         """When this layer's kernel also takes E4M3 activations, the static scale they must be quantized
         under (the kernel before it can then write codes instead of its output); else None."""
-        kernel = getattr(self.quant_method, "kernel", None)
-        return kernel.fp8_input_scale(self) if kernel is not None else None
+        return self.quant_method.fp8_input_scale(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)

@@ -70,8 +70,14 @@ def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
-    """``uint8`` codes (low 4 bits) to float32 values."""
-    return e2m1_values(codes.device)[(codes & 0xF).long()]
+    """``uint8`` codes (low 4 bits) to float32 values, by placing the code's fields into float32's: exponent
+    field ``e`` (2 bits, bias 1) and mantissa bit ``m`` give ``(1 + m/2) * 2**(e - 1)``, ``e == 0`` the
+    subnormals 0 and 0.5. No lookup table: nothing is copied from the host, so a CUDA graph can hold it."""
+    c = codes.to(torch.int32)
+    e, m = (c >> 1) & 3, c & 1
+    normal = ((e + 126) << 23) | (m << 22)
+    magnitude = torch.where(e == 0, m * (126 << 23), normal)  # 0.5 = 2**-1 when e == 0 and m == 1
+    return (magnitude | ((c & 8) << 28)).view(torch.float32)
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,11 @@ class LinearMethodBase(QuantizeMethodBase):
         self.kernel = select_linear_kernel(layer.linear_shape, layer.weight.device, override)
         self.kernel.process_weights(layer)
 
+    def fp8_input_scale(self, layer: torch.nn.Module) -> torch.Tensor | None:
+        """The static scale under which ``apply`` also takes E4M3 codes (its kernel's; None when ``apply``
+        must see the unquantized input, e.g. to smooth it first)."""
+        return self.kernel.fp8_input_scale(layer) if self.kernel is not None else None
+
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:

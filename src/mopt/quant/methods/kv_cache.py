@@ -43,8 +43,10 @@ class BaseKVCacheMethod(QuantizeMethodBase):
             elif value <= 0:
                 raise WeightLoadError(f"{getattr(layer, name).mopt_name}: KV-cache scale must be positive, got {value}")
             setattr(layer, f"{name}_float", value)
+            device = getattr(layer, name).device
             delattr(layer, name)
-            layer.register_buffer(name, torch.tensor(value, dtype=torch.float32))
+            # On the layer's device: emulated caches compute with it inside CUDA graphs (no host copy).
+            layer.register_buffer(name, torch.tensor(value, dtype=torch.float32, device=device))
 
 
 class ModelOptFp8KVCacheMethod(BaseKVCacheMethod):
@@ -91,12 +93,12 @@ class _EmulatedKVCacheMethod(BaseKVCacheMethod):
 
     def quantize_kv(self, layer: torch.nn.Module, x: torch.Tensor, which: str) -> kv_format.KVCodes:
         """Cache codes of keys (``which="k"``) or values (``"v"``) ``x [..., Hkv, D]``."""
-        return kv_format.quantize_kv(x, self.algo, getattr(layer, f"{which}_scale_float"),
+        return kv_format.quantize_kv(x, self.algo, getattr(layer, f"{which}_scale"),
                                      getattr(layer, f"{which}_bias", None))
 
     def dequantize_kv(self, layer: torch.nn.Module, stored: kv_format.KVCodes, which: str,
                       dtype: torch.dtype) -> torch.Tensor:
-        return kv_format.dequantize_kv(stored, self.algo, getattr(layer, f"{which}_scale_float"),
+        return kv_format.dequantize_kv(stored, self.algo, getattr(layer, f"{which}_scale"),
                                        getattr(layer, f"{which}_bias", None), dtype)
 
     def round_kv(self, layer: torch.nn.Module, k: torch.Tensor,
