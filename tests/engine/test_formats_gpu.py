@@ -15,7 +15,8 @@ Float32 logits of the GPU model (through the kernels the selector picks there: `
   static per-tensor FP8, whose codes the GPU's RMSNorm kernel writes, 6.4e-2 against 1.18e-1, 0.54); a
   wrong layout, scale or rounding rule gives about the whole effect or more.
 
-Then paged greedy generation equals cache-free greedy decoding of the same GPU model: decode steps replay
+Then paged greedy generation equals cache-free greedy decoding of the same GPU model, up to the first
+near-tie (see ``NEAR_TIE``): decode steps replay
 CUDA graphs (batches up to 4) for the dense formats, and run eagerly for the MoE formats whose experts have
 no fused kernel yet (their reference expert loop reads the routing on the host: ``graph_blockers``).
 """
@@ -34,6 +35,9 @@ from mopt.engine.loader import load_model
 EXPORTS = [f"llama-{f}" for f in FORMATS] + [f"{arch}-{f}" for arch, f in MOE_NEW]
 WEIGHT_ONLY = {"fp8-pb-wo", "fp8-pb-real", "int4-awq", "int8-wo", "w4a16-nvfp4"}
 IDS = torch.randint(0, 320, (2, 21), generator=torch.Generator().manual_seed(4))
+# A divergence of paged from cache-free greedy decoding is accepted at a near-tie only: the two logits within
+# 2% of the largest logit magnitude (the formats' GPU-vs-CPU logits differ by up to ~6% relative L2 above).
+NEAR_TIE = 0.02
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -77,6 +81,16 @@ def test_format_generates_on_gpu_like_cpu(name):
     for prompt, out in zip(prompts, outs):
         tokens = list(prompt)
         with torch.no_grad():
-            for _ in range(8):
-                tokens.append(int(llm.model(torch.tensor([tokens], device="cuda"))[0, -1].argmax()))
-        assert out.token_ids == tokens[len(prompt):], f"{name}: prompt {prompt[:3]}..."
+            for paged in out.token_ids:
+                logits = llm.model(torch.tensor([tokens], device="cuda"))[0, -1].float()
+                best = int(logits.argmax())
+                if paged != best:
+                    # Paged (Triton) and cache-free (SDPA) attention sum in different orders; where the next
+                    # activation or KV quantizer rounds the difference the other way, a near-tie may flip.
+                    # Anything else (a token the cache-free model ranks clearly lower) is an error.
+                    gap = (logits[best] - logits[paged]).item()
+                    assert gap <= NEAR_TIE * logits.abs().max().item(), (
+                        f"{name}: prompt {prompt[:3]}...: paged token {paged} is {gap:.3g} below the cache-free "
+                        f"argmax {best} after {len(tokens) - len(prompt)} tokens")
+                    break
+                tokens.append(best)
