@@ -36,7 +36,8 @@ EXPORTS = [f"llama-{f}" for f in FORMATS] + [f"{arch}-{f}" for arch, f in MOE_NE
 WEIGHT_ONLY = {"fp8-pb-wo", "fp8-pb-real", "int4-awq", "int8-wo", "w4a16-nvfp4"}
 IDS = torch.randint(0, 320, (2, 21), generator=torch.Generator().manual_seed(4))
 # A divergence of paged from cache-free greedy decoding is accepted at a near-tie only: the two logits within
-# 2% of the largest logit magnitude (the formats' GPU-vs-CPU logits differ by up to ~6% relative L2 above).
+# 2% of the largest logit magnitude, or within the relative difference the logits check allows the format
+# (formats with 4-bit activations or KV caches round away much more of attention's summation-order noise).
 NEAR_TIE = 0.02
 
 
@@ -89,7 +90,7 @@ def test_format_generates_on_gpu_like_cpu(name):
                     # activation or KV quantizer rounds the difference the other way, a near-tie may flip.
                     # Anything else (a token the cache-free model ranks clearly lower) is an error.
                     gap = (logits[best] - logits[paged]).item()
-                    assert gap <= NEAR_TIE * logits.abs().max().item(), (
+                    assert gap <= max(NEAR_TIE, bound) * logits.abs().max().item(), (
                         f"{name}: prompt {prompt[:3]}...: paged token {paged} is {gap:.3g} below the cache-free "
                         f"argmax {best} after {len(tokens) - len(prompt)} tokens")
                     break
