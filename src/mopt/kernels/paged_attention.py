@@ -22,9 +22,9 @@ from mopt.quant.formats import fp8
 def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     """``x [..., heads, D]`` rotated by ``cos_sin [..., D]`` (the table's rows at x's positions)."""
     cos, sin = cos_sin.unsqueeze(-2).chunk(2, dim=-1)
-    cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
     x1, x2 = x.float().chunk(2, dim=-1)
-    return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+    # Per half, as the Triton kernel computes it: (x1 cos - x2 sin, x2 cos + x1 sin), one product each.
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
