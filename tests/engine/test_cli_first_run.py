@@ -122,3 +122,28 @@ def test_inspect_lists_layers_in_numeric_order(tmp_path, capsys):
     out = capsys.readouterr().out
     positions = [out.index(f"model.layers.{i}.mlp.down_proj") for i in range(layers)]
     assert positions == sorted(positions)
+
+
+@pytest.mark.parametrize("quant", [
+    {"quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}},
+    {"quantization": {"quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": None, "exclude_modules": []}},
+    {"quantization": {"quant_algo": "W4A16_AWQ", "group_size": 128, "kv_cache_quant_algo": None,
+                      "exclude_modules": []}},
+    {"quantization": {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None, "exclude_modules": [],
+                      "quantized_layers": {"model.layers.0.mlp.down_proj": {"quant_algo": "FP8"}}}},
+], ids=["fp8", "nvfp4", "int4-awq", "mixed"])
+def test_inspect_names_methods_without_importing_torch(tmp_path, quant):
+    """`mopt inspect` reads headers and the quant config only: the per-layer table names each method from
+    the config without importing it, so torch (about 2.4 s of a 2-core machine's start) never loads."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"model.layers.0.mlp.down_proj.weight": torch.zeros(4, 4)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (tmp_path / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"}, **quant}))
+    code = ("import sys; from mopt import cli; rc = cli.main(['inspect', sys.argv[1]]); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'); sys.exit(rc)")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith("NO-TORCH"), run.stdout
+    assert "Method" in run.stdout

@@ -47,7 +47,7 @@ def _method_name(quant, module: str) -> str:
         return "UnquantizedLinearMethod"
     if quant.is_layer_excluded(module):
         return "UnquantizedLinearMethod (excluded)"
-    return quant.linear_method_cls(module).__name__  # per layer for MIXED_PRECISION
+    return quant.linear_method_name(module)  # per layer for MIXED_PRECISION; imports no method (nor torch)
 
 
 _EXPERT = re.compile(r"^(?P<block>.*\.experts)\.(?P<e>\d+)\.(?P<proj>[^.]+)\.(?P<suffix>.+)$")
@@ -57,8 +57,8 @@ _GATED_PAIRS = (("gate_proj", "up_proj"), ("w1", "w3"))
 def _moe_method_name(quant, prefix: str) -> str:
     if quant is None or quant.is_layer_excluded(prefix):
         return "UnquantizedFusedMoEMethod"
-    cls = quant.moe_method_cls(prefix)
-    return cls.__name__ if cls is not None else f"unsupported ({quant.quant_method} experts)"
+    name = quant.moe_method_name(prefix)
+    return name if name is not None else f"unsupported ({quant.quant_method} experts)"
 
 
 def _collect_experts(info: Inspection, tensors: dict[str, dict], root: Path) -> set[str]:

@@ -20,7 +20,10 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the methods import torch when a model is built; parsing a config needs none
+    import torch
 
 from mopt.jsonio import read_json_object
 from mopt.names import NameMapper
@@ -68,11 +71,38 @@ def is_layer_skipped(
     return all(skipped)
 
 
+class _MethodClass:
+    """A config's method class, set as the class or as ``(module, class name)`` and imported on first use,
+    so that parsing a config and naming its methods (``mopt inspect``) import no torch."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__.get(self.attr)
+        if isinstance(value, tuple):
+            import importlib
+
+            value = getattr(importlib.import_module(value[0]), value[1])
+            obj.__dict__[self.attr] = value
+        return value
+
+    def __set__(self, obj: Any, value: type | tuple[str, str] | None) -> None:
+        obj.__dict__[self.attr] = value
+
+    def name(self, obj: Any) -> str | None:
+        """The class's name without importing it (None: no class)."""
+        value = obj.__dict__.get(self.attr)
+        return value[1] if isinstance(value, tuple) else getattr(value, "__name__", None)
+
+
 class ModelOptQuantConfigBase:
     """What every ModelOpt config shares: exclusions, the per-layer policy and parsing."""
 
-    LinearMethodCls: type | None = None
-    FusedMoEMethodCls: type | None = None
+    LinearMethodCls = _MethodClass()
+    FusedMoEMethodCls = _MethodClass()
     KVCacheMethodCls: type | None = None
 
     def __init__(
@@ -98,6 +128,8 @@ class ModelOptQuantConfigBase:
         raise NotImplementedError  # abstract: each format names itself
 
     def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        import torch
+
         return [torch.bfloat16, torch.half, torch.float32]
 
     @classmethod
@@ -126,6 +158,14 @@ class ModelOptQuantConfigBase:
     def moe_method_cls(self, prefix: str) -> type | None:
         """The MoE method class of a (not excluded) MoE layer, or None when unsupported."""
         return self.FusedMoEMethodCls
+
+    def linear_method_name(self, prefix: str) -> str | None:
+        """``linear_method_cls(prefix).__name__`` without importing the method (and torch)."""
+        return type(self).LinearMethodCls.name(self)
+
+    def moe_method_name(self, prefix: str) -> str | None:
+        """``moe_method_cls(prefix).__name__`` without importing the method, or None when unsupported."""
+        return type(self).FusedMoEMethodCls.name(self)
 
     # -- exclusions ---------------------------------------------------------------------------
     def is_layer_excluded(self, prefix: str) -> bool:
@@ -292,13 +332,12 @@ class ModelOptFp8Config(ModelOptQuantConfigBase):
         packed_modules_mapping: Mapping[str, list[str]] | None = None,
     ) -> None:
         super().__init__(exclude_modules or [], kv_cache_quant_method, packed_modules_mapping)
-        from mopt.quant.methods import fp8_linear
-
+        linear = "mopt.quant.methods.fp8_linear"
         methods = {
-            "FP8": fp8_linear.ModelOptFp8LinearMethod,
-            "FP8_PER_CHANNEL_PER_TOKEN": fp8_linear.ModelOptFp8PcPtLinearMethod,
-            "FP8_PB_WO": fp8_linear.ModelOptFp8PbWoLinearMethod,
-            "FP8_PB_REAL": fp8_linear.ModelOptFp8PbWoLinearMethod,
+            "FP8": (linear, "ModelOptFp8LinearMethod"),
+            "FP8_PER_CHANNEL_PER_TOKEN": (linear, "ModelOptFp8PcPtLinearMethod"),
+            "FP8_PB_WO": (linear, "ModelOptFp8PbWoLinearMethod"),
+            "FP8_PB_REAL": (linear, "ModelOptFp8PbWoLinearMethod"),
         }
         if quant_method not in methods:
             raise QuantConfigError(
@@ -307,13 +346,12 @@ class ModelOptFp8Config(ModelOptQuantConfigBase):
         self.quant_method = quant_method
         self.is_checkpoint_fp8_serialized = is_checkpoint_fp8_serialized
         self.LinearMethodCls = methods[quant_method]
-        from mopt.quant.methods import moe, moe_formats
-
+        moe, moe_formats = "mopt.quant.methods.moe", "mopt.quant.methods.moe_formats"
         self.FusedMoEMethodCls = {
-            "FP8": moe.ModelOptFp8MoEMethod,
-            "FP8_PER_CHANNEL_PER_TOKEN": moe_formats.ModelOptFp8PcPtMoEMethod,
-            "FP8_PB_WO": moe_formats.ModelOptFp8PbWoMoEMethod,
-            "FP8_PB_REAL": moe_formats.ModelOptFp8PbWoMoEMethod,
+            "FP8": (moe, "ModelOptFp8MoEMethod"),
+            "FP8_PER_CHANNEL_PER_TOKEN": (moe_formats, "ModelOptFp8PcPtMoEMethod"),
+            "FP8_PB_WO": (moe_formats, "ModelOptFp8PbWoMoEMethod"),
+            "FP8_PB_REAL": (moe_formats, "ModelOptFp8PbWoMoEMethod"),
         }[quant_method]
 
     def get_name(self) -> str:
@@ -355,17 +393,15 @@ class ModelOptNvFp4Config(ModelOptQuantConfigBase):
         self.quant_method = "NVFP4"
         self.is_checkpoint_nvfp4_serialized = is_checkpoint_nvfp4_serialized
         self.group_size = group_size
-        from mopt.quant.methods.nvfp4_linear import ModelOptNvFp4LinearMethod
-
-        self.LinearMethodCls = ModelOptNvFp4LinearMethod
-        from mopt.quant.methods.moe import ModelOptNvFp4FusedMoE
-
-        self.FusedMoEMethodCls = ModelOptNvFp4FusedMoE
+        self.LinearMethodCls = ("mopt.quant.methods.nvfp4_linear", "ModelOptNvFp4LinearMethod")
+        self.FusedMoEMethodCls = ("mopt.quant.methods.moe", "ModelOptNvFp4FusedMoE")
 
     def get_name(self) -> str:
         return "modelopt_fp4"
 
     def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        import torch
+
         return [torch.bfloat16, torch.half, torch.float32, torch.float8_e4m3fn]
 
     @classmethod

@@ -27,11 +27,13 @@ MoE layer in these formats is a clear error.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 from mopt.quant.config import (ModelOptFp8Config, ModelOptQuantConfigBase, QuantConfigError, _detect_algo,
                                register_quant_config)
@@ -40,7 +42,7 @@ from mopt.quant.config import (ModelOptFp8Config, ModelOptQuantConfigBase, Quant
 @dataclass(frozen=True)
 class AlgoSpec:
     """What one ``quant_algo`` needs: its methods (``module:Class`` under ``mopt.quant.methods``, imported
-    when a config is built), its group size (None: no groups) and the sizes it accepts."""
+    when first used), its group size (None: no groups) and the sizes it accepts."""
 
     linear: str
     moe: str | None
@@ -48,11 +50,12 @@ class AlgoSpec:
     group_sizes: tuple[int, ...] = ()
 
 
-def _method(path: str | None) -> type | None:
+def _method(path: str | None) -> tuple[str, str] | None:
+    """``(module, class name)``, imported when first used (see ``config._MethodClass``)."""
     if path is None:
         return None
     module, cls = path.split(":")
-    return getattr(importlib.import_module(f"mopt.quant.methods.{module}"), cls)
+    return f"mopt.quant.methods.{module}", cls
 
 
 class ModelOptFormatConfig(ModelOptQuantConfigBase):
@@ -159,6 +162,8 @@ class ModelOptFp4Config(ModelOptFormatConfig):
     }
 
     def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        import torch
+
         return [torch.bfloat16, torch.half, torch.float32]
 
 

@@ -88,6 +88,14 @@ class ModelOptMixedPrecisionConfig(ModelOptQuantConfigBase):
         config = self.layer_config(prefix)
         return None if config is None else config.FusedMoEMethodCls
 
+    def linear_method_name(self, prefix: str) -> str | None:
+        config = self.layer_config(prefix)
+        return None if config is None else config.linear_method_name(prefix)
+
+    def moe_method_name(self, prefix: str) -> str | None:
+        config = self.layer_config(prefix)
+        return None if config is None else config.moe_method_name(prefix)
+
     def get_quant_method(self, layer, prefix: str) -> Any:
         kind = getattr(layer, "quant_kind", None)
         if kind == "attention" or self.is_layer_excluded(prefix):
