@@ -65,7 +65,6 @@ class Attention(nn.Module):
         # A KV-cache format the kernels do not store natively (NVFP4, INT8): its method rounds keys
         # and values to what such a cache returns (set by the method after loading).
         self.kv_emulation = None
-        self._identity_rope: torch.Tensor | None = None
 
     def process_weights_after_loading(self) -> None:
         if self.quant_method is not None:
@@ -113,11 +112,7 @@ class Attention(nn.Module):
             # exact), so the cache holds exactly the rounded keys.
             q, k = self.rotary(positions, q, k)
             k, v = self.kv_emulation.round_kv(self, k, v)
-            if self._identity_rope is None or self._identity_rope.shape != cos_sin.shape:
-                half = cos_sin.shape[-1] // 2
-                self._identity_rope = torch.cat([torch.ones_like(cos_sin[:, :half]),
-                                                 torch.zeros_like(cos_sin[:, half:])], dim=-1)
-            cos_sin = self._identity_rope
+            cos_sin = self.rotary.identity_cos_sin()
         q = self.backend.rope_and_write(q[0], k[0], v[0], positions[0], cos_sin, self.k_cache,
                                         self.v_cache, meta.slot_mapping, self.k_scale_float, self.v_scale_float)
         out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, self.k_scale_float,

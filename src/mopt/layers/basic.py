@@ -73,6 +73,17 @@ class RotaryEmbedding(nn.Module):
         cos_sin = self.cos_sin_cache[positions]
         return apply_rope(q, cos_sin), apply_rope(k, cos_sin)
 
+    def identity_cos_sin(self) -> torch.Tensor:
+        """A table of the same shape that rotates nothing (cos 1, sin 0: exact), built once for every layer
+        sharing this module: attention writes keys it already rotated through it."""
+        table = getattr(self, "_identity", None)
+        if table is None or table.device != self.cos_sin_cache.device:
+            half = self.cos_sin_cache.shape[-1] // 2
+            table = torch.cat([torch.ones_like(self.cos_sin_cache[:, :half]),
+                               torch.zeros_like(self.cos_sin_cache[:, half:])], dim=-1)
+            self._identity = table
+        return table
+
 
 def vocab_rows_per_rank(vocab_size: int, tp_size: int) -> int:
     """Rows of the vocabulary each rank holds: ``ceil(vocab / tp)``, the last rank's tail padded."""
