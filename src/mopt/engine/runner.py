@@ -110,9 +110,6 @@ class PendingStep:
         self.event.synchronize()
         return self.sampled.unpack(self.host[: len(self.seqs)].tolist())
 
-    def token_ids(self) -> list[int]:
-        return self.results()[0]
-
 
 class ModelRunner:
     # Tensor parallelism (rank 0): ``step_scope(kind, ints, array)`` announces a step to the workers and
@@ -221,7 +218,3 @@ class ModelRunner:
         host = self._token_buffers[self._token_turn]
         self._token_turn ^= 1
         return host
-
-    def step(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        """Run one step and return its sampled ids."""
-        return self.launch(seqs, is_prefill).token_ids()
