@@ -65,19 +65,18 @@ KERNELS = [
 ]
 
 # The weight-only family (``triton_weight_only``): each weight FORMAT once, with its scheme's pointer types
-# and flags, at the tiles and warps ``triton_weight_only.tiles`` picks for one call: one token (FMA
-# reduction, split K into a float32 buffer), a decode batch (BF16 or float32 MMA, split K), BF16 prefill,
-# float32 prefill (IEEE dots). Compiling all 32 combinations took 2 min on 2 cores; these 8 cover each
-# format, each path and each flag once.
+# and flags, on each of its paths: one token (``triton_weight_gemv``), the MMA kernel at the tiles of the
+# given M (split K into a float32 buffer, or not), and for formats exact in BF16 the expansion for cuBLAS
+# (and its epilogue).
 WEIGHT_ONLY = [  # (scheme, FORMAT, weight, scale, row scale, x scale, FP4_GROUP, group, (M, SPLIT_K, activations))
-    ("fp8_block_wo", two.FP8_BLOCK, P_F8, P_F32, None, None, 16, 128, (1, 4, "bf16")),
+    ("fp8_block_wo", two.FP8_BLOCK, P_F8, P_F32, None, None, 16, 128, (16, 4, "bf16")),
     ("int4_wo", two.INT4, P_U8, P_F32, None, None, 16, 128, (4096, 1, "bf16")),
-    ("int8_sq", two.INT8, P_I8, None, P_F32, None, 16, 0, (4096, 1, "fp32")),
+    ("int8_sq", two.INT8, P_I8, None, P_F32, None, 16, 0, (4, 1, "fp32")),
     ("nvfp4_wo", two.NVFP4, P_U8, P_F8, P_F32, None, 16, 0, (16, 2, "bf16")),
-    ("w4a8_nvfp4", two.NVFP4, P_U8, P_F8, P_F32, None, 32, 0, (4096, 1, "bf16")),
-    ("mxfp4", two.MXFP4, P_U8, P_U8, None, None, 16, 0, (1, 4, "bf16")),
+    ("w4a8_nvfp4", two.NVFP4, P_U8, P_F8, P_F32, None, 32, 0, (200, 1, "bf16")),
+    ("mxfp4", two.MXFP4, P_U8, P_U8, None, None, 16, 0, (48, 4, "bf16")),
     ("w4a8_mxfp4 per token", two.MXFP4, P_U8, P_U8, None, P_F32, 16, 0, (16, 2, "fp32")),
-    ("mxfp8", two.MXFP8, P_F8, P_U8, None, None, 16, 0, (4096, 1, "bf16")),
+    ("mxfp8", two.MXFP8, P_F8, P_U8, None, None, 16, 0, (100, 1, "bf16")),
 ]
 TORCH_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
@@ -85,16 +84,38 @@ TORCH_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 def _weight_only_entries() -> list:
     import torch
 
+    from mopt.kernels import triton_weight_gemv as twg
+    from mopt.kernels import triton_weight_prefill as twp
+    from mopt.kernels.triton_weight_decode import FOUR_BIT, GROUP_SCALED, scale_group
+
     entries = []
     for i, (name, fmt, weight, scale, rows, x_scale, fp4_group, group, (m, split, act)) in enumerate(WEIGHT_ONLY):
-        bm, bn, bk, warps = two.tiles(fmt, m, 4096, 4096, group, getattr(torch, TORCH_DTYPES[act]))
-        types = dict(a_ptr=f"*{act}", b_ptr=weight, s_ptr=scale or weight, r_ptr=rows or weight,
-                     x_scale_ptr=x_scale or weight, c_ptr=P_F32 if split > 1 else f"*{act}", bias_ptr=f"*{act}",
-                     M="i32", N="i32", K="i32", stride_am="i32", stride_cm="i32", num_groups="i32")
-        constexprs = dict(FORMAT=fmt, FP4_GROUP=fp4_group, HAS_ROW_SCALE=rows is not None,
-                          HAS_X_SCALE=x_scale is not None, HAS_BIAS=i % 2 == 0, SPLIT_K=split, DOT_F32=act == "fp32",
-                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-        entries.append((two._weight_only_kernel, types, [dict(constexprs, num_warps=warps)], name))
+        pointers = dict(a_ptr=f"*{act}", b_ptr=weight, s_ptr=scale or weight, r_ptr=rows or weight,
+                        x_scale_ptr=x_scale or weight, bias_ptr=f"*{act}")
+        flags = dict(HAS_ROW_SCALE=rows is not None, HAS_X_SCALE=x_scale is not None, HAS_BIAS=i % 2 == 0)
+        g = scale_group(fmt, group, fp4_group)
+        t = twp.mma_tiles(fmt, m, group, getattr(torch, TORCH_DTYPES[act]))
+        entries.append((twp._wo_mma_kernel,
+                        dict(pointers, c_ptr=P_F32 if split > 1 else f"*{act}", M="i32", N="i32", K="i32",
+                             stride_am="i32", stride_b="i32", stride_cm="i32", num_groups="i32"),
+                        [dict(flags, FORMAT=fmt, GROUP=g, SPLIT_K=split, DOT_F32=act == "fp32", BLOCK_M=t.block_m,
+                              BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=8, num_warps=t.num_warps)], f"{name} M={m}"))
+        gt = twg.gemv_tiles(fmt, 4096)
+        groups = max(1, gt.row_bytes // (g // 2 if fmt in FOUR_BIT else g))
+        entries.append((twg._wo_gemv_kernel,
+                        dict(pointers, c_ptr=f"*{act}", N="i32", K="i32", stride_b="i32", num_groups="i32"),
+                        [dict(flags, FORMAT=fmt, GROUP=g, EVEN_K=i % 2 == 1, BLOCK_N=gt.block_n, GROUPS=groups,
+                              SUM_GROUPS=gt.sum_groups, num_warps=gt.num_warps)], f"{name} one token"))
+        if fmt not in GROUP_SCALED:
+            out = P_BF16 if act == "bf16" else P_F32
+            g_bytes = g // 2 if fmt in FOUR_BIT else g
+            entries.append((twp._wo_expand_kernel,
+                            dict(b_ptr=weight, s_ptr=scale or weight, out_ptr=out, N="i32", K="i32", num_groups="i32"),
+                            [dict(FORMAT=fmt, GROUP=g, BLOCK_N=16, GROUPS=max(1, 512 // g_bytes), num_warps=4)],
+                            f"{name} expansion"))
+    entries.append((twp._epilogue_kernel,
+                    dict(y_ptr=P_F32, r_ptr=P_F32, x_scale_ptr=P_F32, bias_ptr=P_BF16, c_ptr=P_BF16, M="i32", N="i32"),
+                    [dict(HAS_ROW_SCALE=True, HAS_X_SCALE=True, HAS_BIAS=True, BLOCK_M=32, BLOCK_N=128, num_warps=4)]))
     return entries
 
 

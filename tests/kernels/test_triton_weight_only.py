@@ -73,9 +73,10 @@ def _run(scheme, n, k, m, device, dtype=torch.float32, bias=True):
     return kernel.apply(layer, x, b), expected
 
 
-# (n, k, m): one token (FMA path, split K), a decode batch and a prefill tile (MMA paths), odd N;
-# K=320 gives FP8 a partial 128-wide block (INT4 needs K % 128 == 0).
-SHAPES = [(64, 256, 1), (96, 384, 5), (131, 256, 20), (48, 320, 3)]
+# (n, k, m): each path of weight_only_gemm: one token (GEMV), MMAs with and without split K, and above
+# MMA_MAX_M the expansion for a GEMM and its epilogue (group-scaled formats: MMAs); odd N; K=320 gives
+# FP8 a partial 128-wide block (INT4 needs K % 128 == 0).
+SHAPES = [(64, 256, 1), (96, 384, 5), (131, 256, 20), (48, 320, 3), (40, 320, 1), (37, 320, 17), (37, 320, 300)]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

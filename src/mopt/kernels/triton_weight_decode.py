@@ -1,0 +1,81 @@
+"""How each weight format of the weight-decoding family (``triton_weight_only``) turns stored bytes into
+float32 values, as ``@triton.jit`` helpers shared by its kernels. Every decoded value is exact.
+
+Formats (``FORMAT``, a constexpr) and what one weight is stored as:
+
+* ``FP8_BLOCK``: an E4M3 code; a float32 scale per row and 128-wide K block (the 128x128 block's
+  scale, repeated per row), applied to each block's partial product.
+* ``INT4``: a two's-complement nibble, two per byte along K (element ``2i`` in the low nibble,
+  ``mopt.quant.formats.int4.pack_k``); a float32 scale per row and ``g``-wide K group, applied to the
+  group's partial product.
+* ``INT8``: a code; the channel scale is a row scale (epilogue).
+* ``NVFP4``: an E2M1 nibble (same packing), times its E4M3 scale per 16 (W4A8: 32) elements: exact in
+  BF16; ``weight_scale_2`` is a row scale.
+* ``MXFP4``: E2M1 nibbles times an E8M0 power of two per 32 elements. ``MXFP8``: E4M3 codes times it.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+FP8_BLOCK, INT4, INT8, NVFP4, MXFP4, MXFP8 = 0, 1, 2, 3, 4, 5  # FORMAT, on the host
+# The same values for the kernels: @triton.jit code may read only constexpr globals (the interpreter reads
+# any, so only the compiler catches this: tests/kernels/hopper_compile.py).
+_FP8_BLOCK, _INT4, _INT8, _NVFP4, _MXFP4, _MXFP8 = (tl.constexpr(v) for v in range(6))
+GROUP_SCALED = (FP8_BLOCK, INT4)  # one scale per row and K group, applied to the group's partial product
+FOUR_BIT = (INT4, NVFP4, MXFP4)
+
+
+def scale_group(fmt: int, group: int, fp4_group: int) -> int:
+    """Elements per scale along K (INT8, which has none, takes 128: any width works)."""
+    return {FP8_BLOCK: 128, INT4: group, INT8: 128, NVFP4: fp4_group}.get(fmt, 32)
+
+
+@triton.jit
+def int4_pair(packed):
+    """Signed nibbles of a ``uint8`` tile (element 2i low) as float32 (even, odd).
+
+    ``0x4B000000 | (nibble ^ 8)`` is the float32 ``2**23 + q + 8``: one logic op places the bits, one
+    subtraction gives ``q``; no integer-to-float conversion."""
+    b = packed.to(tl.int32)
+    lo = ((b & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
+    hi = (((b >> 4) & 0xF) ^ 0x4B000008).to(tl.float32, bitcast=True) - 8388616.0
+    return lo, hi
+
+
+@triton.jit
+def e2m1_pair(packed):
+    """E2M1 codes of a ``uint8`` tile (element 2i low) -> (even, odd) values times 2^-14, float32: the
+    magnitude bits shifted into float16's exponent/mantissa fields (``(c & 7) << 9``) make a float16
+    equal to the value times 2^-14 (code 1, value 0.5, lands on float16's subnormal 2^-15)."""
+    b = packed.to(tl.int32)
+    lo = ((b & 7) << 9) | ((b & 8) << 12)
+    hi = ((b & 0x70) << 5) | ((b & 0x80) << 8)
+    even = lo.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    odd = hi.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return even, odd
+
+
+@triton.jit
+def e8m0(e, BIAS: tl.constexpr):
+    """An E8M0 exponent byte (any int tile) times ``2**BIAS`` as float32, by placing it into the exponent
+    field (``BIAS`` folds powers of two the decoded codes carry)."""
+    return (tl.minimum(e.to(tl.int32) + BIAS, 254) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def group_scales(s_ptr, rows, groups, ok, num_groups, FORMAT: tl.constexpr):
+    """The float32 scale of each (row, K group) in ``rows [R, 1] x groups [1, G]`` (``ok`` masks), in the
+    units the decoded codes need: E4M3 block scales times 2^14 and E8M0 powers of two times 2^14 for
+    E2M1 codes (``e2m1_pair``'s 2^-14)."""
+    ptrs = s_ptr + rows * num_groups + groups
+    if FORMAT == _NVFP4:
+        s = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * 16384.0
+    elif FORMAT == _MXFP4:
+        s = e8m0(tl.load(ptrs, mask=ok, other=0), 14)
+    elif FORMAT == _MXFP8:
+        s = e8m0(tl.load(ptrs, mask=ok, other=0), 0)
+    else:
+        s = tl.load(ptrs, mask=ok, other=0.0)
+    return s.to(tl.float32)

@@ -1,0 +1,251 @@
+"""Multi-token GEMMs of the weight-decoding family (``triton_weight_only``), two ways:
+
+* **Expand, then cuBLAS** for formats whose decoded values (codes times their block or E8M0 scale) are
+  exact in BF16: INT8, NVFP4, MXFP4, MXFP8. One pass writes the weight's values (BF16 for BF16
+  activations, float32 otherwise) into a scratch copy; cuBLAS multiplies with float32 accumulation; a
+  one-pass epilogue applies the row scale, the activation scale and the bias to the float32 result
+  (with none of them, cuBLAS writes the output dtype itself, rounded once). The expansion reads the
+  stored weight once and writes it once, small against a GEMM of many tokens.
+* **A Triton MMA kernel** for any format: up to a few hundred tokens (where expanding would cost more
+  than the GEMM), and at every M for group-scaled formats (FP8 128x128 blocks, INT4 groups), whose
+  values times their scale are not exact in BF16. Weights decode in registers to exact BF16 values
+  (group-scaled formats: codes, one scale group per K tile, its partial product scaled before
+  accumulating). The weight tile is the MMA's left operand (``acc[N, M] = W . X^T``), so the decoded
+  weights feed the tensor cores from registers and only the activations go through shared memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from mopt.kernels.triton_weight_decode import (
+    FOUR_BIT, GROUP_SCALED, INT8, _FP8_BLOCK, _INT4, _INT8, _MXFP4, _NVFP4, e2m1_pair, group_scales, int4_pair,
+    scale_group,
+)
+
+
+@triton.jit
+def _wo_expand_kernel(b_ptr, s_ptr, out_ptr, N, K, num_groups, FORMAT: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    """Values ``[N, K]`` (codes times their exact group scale) of a stored weight; ``GROUPS`` groups per
+    program along K."""
+    FOUR: tl.constexpr = FORMAT == _NVFP4 or FORMAT == _MXFP4
+    GB: tl.constexpr = GROUP // 2 if FOUR else GROUP
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rows = offs_n.to(tl.int64)
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    offs_e = tl.arange(0, GB)
+    at = groups[:, None] * GB + offs_e[None, :]
+    if FORMAT != _INT8:  # INT8 has no group scale
+        s = group_scales(s_ptr, rows[:, None], groups[None, :], n_ok[:, None] & (groups < num_groups)[None, :],
+                         num_groups, FORMAT)[:, :, None]
+    if FOUR:
+        ok = n_ok[:, None, None] & (at < K // 2)[None, :, :]
+        packed = tl.load(b_ptr + rows[:, None, None] * (K // 2) + at[None, :, :], mask=ok, other=0)
+        even, odd = e2m1_pair(packed)
+        values = tl.join(even * s, odd * s)  # [BN, G, GB, 2]: element 2i, 2i+1
+        ptrs = out_ptr + rows[:, None, None, None] * K + 2 * at[None, :, :, None] + tl.arange(0, 2)[None, None, None, :]
+        tl.store(ptrs, values.to(out_ptr.dtype.element_ty), mask=ok[:, :, :, None])
+    else:
+        ok = n_ok[:, None, None] & (at < K)[None, :, :]
+        if FORMAT == _INT8:
+            values = tl.load(b_ptr + rows[:, None, None] * K + at[None, :, :], mask=ok, other=0).to(tl.float32)
+        else:  # MXFP8's E4M3 codes
+            values = tl.load(b_ptr + rows[:, None, None] * K + at[None, :, :], mask=ok, other=0.0).to(tl.float32)
+            values = values * s
+        tl.store(out_ptr + rows[:, None, None] * K + at[None, :, :], values.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _epilogue_kernel(y_ptr, r_ptr, x_scale_ptr, bias_ptr, c_ptr, M, N, HAS_ROW_SCALE: tl.constexpr,
+                     HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    at = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    y = tl.load(y_ptr + at, mask=mask, other=0.0)
+    if HAS_ROW_SCALE:
+        y = y * tl.load(r_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    if HAS_X_SCALE:
+        y = y * tl.load(x_scale_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + at, y.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def expand_weight(fmt: int, weight: torch.Tensor, scale: torch.Tensor | None, n: int, k: int, fp4_group: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The exact values ``[N, K]`` of a stored INT8 / NVFP4 / MXFP4 / MXFP8 weight, in ``dtype``."""
+    if fmt in GROUP_SCALED:
+        raise ValueError(f"weight FORMAT {fmt} is group-scaled: its values are not exact in BF16 (use group_mma)")
+    g = scale_group(fmt, 0, fp4_group)
+    out = torch.empty((n, k), dtype=dtype, device=weight.device)
+    groups = max(1, 512 // (g // 2 if fmt in FOUR_BIT else g))
+    num_groups = scale.shape[-1] if scale is not None and fmt != INT8 else 1
+    _wo_expand_kernel[(triton.cdiv(n, 16), triton.cdiv(triton.cdiv(k, g), groups))](
+        weight, scale if scale is not None else weight, out, n, k, num_groups, FORMAT=fmt, GROUP=g, BLOCK_N=16,
+        GROUPS=groups, num_warps=4)
+    return out
+
+
+def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32) if a.dtype != torch.float32 else torch.mm(a, b)
+    return a.float() @ b.float()
+
+
+def expanded_gemm(x: torch.Tensor, fmt: int, weight: torch.Tensor, scale: torch.Tensor | None,
+                  row_scale: torch.Tensor | None, bias: torch.Tensor | None, n: int, k: int, fp4_group: int,
+                  x_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``x [M, K]`` times an expanded copy of the weight (see the module docstring)."""
+    m = x.shape[0]
+    w = expand_weight(fmt, weight, scale, n, k, fp4_group, torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
+    if x.dtype != w.dtype:
+        x = x.float()
+    if row_scale is None and x_scale is None and x.is_cuda and x.dtype == out_dtype:
+        return torch.mm(x, w.t()) if bias is None else torch.addmm(bias.to(out_dtype), x, w.t())
+    y = _mm_float32(x, w.t())
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    _epilogue_kernel[(triton.cdiv(m, 32), triton.cdiv(n, 128))](
+        y, row_scale if row_scale is not None else y, x_scale if x_scale is not None else y,
+        bias if bias is not None else y, out, m, n, HAS_ROW_SCALE=row_scale is not None,
+        HAS_X_SCALE=x_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=32, BLOCK_N=128, num_warps=4)
+    return out
+
+
+@triton.jit
+def _wo_mma_kernel(a_ptr, b_ptr, s_ptr, r_ptr, x_scale_ptr, c_ptr, bias_ptr, M, N, K, stride_am, stride_b, stride_cm,
+                   num_groups, FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+                   HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """``c[M, N]`` for any weight format. Group-scaled formats (FP8_BLOCK, INT4) take one scale group per K
+    tile (``BLOCK_K == GROUP``) and scale its partial product; the others fold their exact group scale
+    into the decoded values and chain the MMAs. ``SPLIT_K > 1`` adds float32 partial sums atomically.
+    Programs walk M within bands of ``GROUP_M`` tiles so that neighbours share weight tiles in L2."""
+    FOUR: tl.constexpr = FORMAT == _INT4 or FORMAT == _NVFP4 or FORMAT == _MXFP4
+    SCALED_PARTS: tl.constexpr = FORMAT == _FP8_BLOCK or FORMAT == _INT4
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    band = GROUP_M * grid_n
+    first_m = (pid // band) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % band) % size_m
+    pid_n = (pid % band) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    rows = offs_n.to(tl.int64)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    first = tl.program_id(1) * per_split
+    last = tl.minimum(first + per_split, k_tiles)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for t in range(first, last):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x_t = tl.load(a_ptr + offs_m[None, :].to(tl.int64) * stride_am + offs_k[:, None],
+                      mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+        if FOUR:
+            offs_h = t * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(b_ptr + rows[:, None] * stride_b + offs_h[None, :],
+                             mask=n_ok[:, None] & (offs_h < K // 2)[None, :], other=0)
+            if FORMAT == _INT4:
+                even, odd = int4_pair(packed)
+            else:
+                even, odd = e2m1_pair(packed)
+            w = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
+        elif FORMAT == _INT8:
+            w = tl.load(b_ptr + rows[:, None] * stride_b + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        else:
+            w = tl.load(b_ptr + rows[:, None] * stride_b + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+        w = w.to(tl.float32)
+        if not SCALED_PARTS and FORMAT != _INT8:  # exact block / E8M0 scales, folded into the values
+            groups = t * (BLOCK_K // GROUP) + tl.arange(0, BLOCK_K // GROUP)
+            s = group_scales(s_ptr, rows[:, None], groups[None, :], n_ok[:, None] & (groups < num_groups)[None, :],
+                             num_groups, FORMAT)
+            w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * s[:, :, None], (BLOCK_N, BLOCK_K))
+        if SCALED_PARTS:
+            if DOT_F32:
+                part = tl.dot(w, x_t.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(w.to(tl.bfloat16), x_t.to(tl.bfloat16))
+            acc += part * tl.load(s_ptr + rows * num_groups + t, mask=n_ok, other=0.0)[:, None]
+        elif DOT_F32:
+            acc = tl.dot(w, x_t.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w.to(tl.bfloat16), x_t.to(tl.bfloat16), acc)
+    if HAS_ROW_SCALE:
+        acc = acc * tl.load(r_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
+    if HAS_X_SCALE:
+        acc = acc * tl.load(x_scale_ptr + offs_m, mask=m_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        if tl.program_id(1) == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    ptrs = c_ptr + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
+    mask = n_ok[:, None] & m_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+
+
+MMA_SMALL_M = 256
+
+
+@dataclass(frozen=True)
+class MmaTiles:
+    block_m: int
+    block_n: int
+    block_k: int  # the scale group for group-scaled formats
+    num_warps: int
+    num_stages: int
+
+
+def mma_tiles(fmt: int, m: int, group: int, dtype: torch.dtype) -> MmaTiles:
+    """By M bucket, from sweeps on an H200 (``bench/sweep_weight_only.py``, 2026-11-26, Llama-3-8B shapes):
+    64 weight rows and 4 warps per program up to a few hundred tokens (best at M=16 and within 2% at
+    M=128 for INT4, NVFP4, INT8 and FP8 blocks), 128x128 tiles and 8 warps for prefill (M=4096). Float32
+    activations take smaller tiles (twice the bytes)."""
+    block_k = group if fmt in GROUP_SCALED else 128
+    if dtype == torch.float32:
+        return MmaTiles(min(32, max(16, triton.next_power_of_2(m))), 64, block_k, 4, 2)
+    if m <= MMA_SMALL_M:
+        return MmaTiles(min(128, max(16, triton.next_power_of_2(m))), 64, block_k, 4, 3)
+    return MmaTiles(128, 128, block_k, 8, 3)
+
+
+def wo_mma(x: torch.Tensor, fmt: int, weight: torch.Tensor, scale: torch.Tensor | None,
+           row_scale: torch.Tensor | None, bias: torch.Tensor | None, n: int, k: int, group: int, fp4_group: int,
+           x_scale: torch.Tensor | None, out_dtype: torch.dtype, interpreted: bool, num_sms: int,
+           tiles: MmaTiles | None = None) -> torch.Tensor:
+    """``x [M, K]`` times any stored weight on the tensor cores; K is split across programs when too few
+    output tiles would stream the weights."""
+    m = x.shape[0]
+    t = tiles or mma_tiles(fmt, m, group, x.dtype)
+    g = scale_group(fmt, group, fp4_group)
+    if fmt in GROUP_SCALED and t.block_k != g:
+        raise ValueError(f"group-scaled weights need BLOCK_K == their group ({g}), got {t.block_k}")
+    programs = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
+    k_tiles = triton.cdiv(k, t.block_k)
+    split = 1
+    if programs < 2 * num_sms:
+        split = max(1, min(k_tiles // 2, triton.cdiv(2 * num_sms, programs)))
+    out = (torch.zeros if split > 1 else torch.empty)((m, n), dtype=torch.float32 if split > 1 else out_dtype,
+                                                      device=x.device)
+    dummy = weight
+    num_groups = scale.shape[-1] if scale is not None and fmt != INT8 else 1
+    _wo_mma_kernel[(programs, split)](
+        x, weight, scale if scale is not None else dummy, row_scale if row_scale is not None else dummy,
+        x_scale if x_scale is not None else dummy, out, bias if bias is not None else dummy, m, n, k, x.stride(0),
+        weight.stride(0), out.stride(0), num_groups, FORMAT=fmt, GROUP=g, HAS_ROW_SCALE=row_scale is not None,
+        HAS_X_SCALE=x_scale is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
+        DOT_F32=interpreted or x.dtype == torch.float32, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        GROUP_M=8, num_warps=t.num_warps, num_stages=t.num_stages)
+    return out.to(out_dtype) if out.dtype != out_dtype else out
