@@ -89,3 +89,39 @@ def test_paged_generation_equals_cache_free(fmt):
             for _ in range(5):
                 ids.append(int(llm.model(torch.tensor([ids]))[0, -1].argmax()))
         assert out.token_ids == ids[len(prompt):]
+
+
+# -- GPU ------------------------------------------------------------------------------------------
+
+def _gpu_llm(fmt: str, dtype: torch.dtype, enforce_eager: bool) -> LLM:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    return LLM(tiny_preset_config(), device="cuda", dtype=dtype, load_format="dummy", quantization=fmt,
+               block_size=16, kv_cache_memory=8 << 20, max_num_seqs=8, seed=3, enforce_eager=enforce_eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_generation_equals_emulation_gpu(fmt, dtype):
+    """Triton kernels, decode in CUDA graphs, native cache against the emulation (eager: its caches are
+    swapped in after start-up). Same tokens; logprobs within 1e-4: both read the same dequantized values,
+    except that the GPU may contract NVFP4_AFFINE's ``value * scale + bias`` into one FMA (a last-bit
+    difference before the value is rounded to the model dtype)."""
+    llm = _gpu_llm(fmt, dtype, enforce_eager=False)
+    assert all(layer.k_cache.dtype == CASES[fmt][1] for layer in attention_layers(llm.model))
+    native = _generate(llm)
+    emulated = _generate(_emulated_gpu(_gpu_llm(fmt, dtype, enforce_eager=True)))
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(native, emulated):
+        assert tokens == want_tokens
+        got = torch.tensor([[c, *top] for c, top in logprobs])
+        want = torch.tensor([[c, *top] for c, top in want_logprobs])
+        assert torch.allclose(got, want, atol=1e-4, rtol=0)
+
+
+def _emulated_gpu(llm: LLM) -> LLM:
+    for layer in attention_layers(llm.model):
+        shape = (*layer.k_cache.shape[:3], layer.head_dim)
+        zeros = dict(dtype=llm.dtype, device=layer.k_cache.device)
+        layer.attach_kv_cache(torch.zeros(shape, **zeros), torch.zeros(shape, **zeros))
+    return llm
