@@ -80,7 +80,7 @@ def test_nvfp4_affine_kv_cache(export_factory, tmp_path):
     assert _rel(ours, sim) <= 1e-5
     attn = load_model(export.path).model.layers[0].self_attn.attn
     assert attn.kv_cache_algo == "NVFP4_AFFINE" and attn.kv_cache_storage.codes == (torch.uint8, 32)
-    assert attn.k_bias.shape == (2, 64) and attn.kv_cache_dtype == "auto"  # emulated: values in the model dtype
+    assert attn.k_bias.shape == (2, 64) and attn.kv_cache_dtype == "auto"  # the paged cache stores NVFP4 codes
     shutil.copytree(export.path, tmp_path / "ckpt")
     sd = load_file(export.path / "model.safetensors")
     assert any(k.endswith("k_bias") and v.abs().max() > 0 for k, v in sd.items())
@@ -92,8 +92,9 @@ def test_nvfp4_affine_kv_cache(export_factory, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["fp8-nvfp4-kv", "w4a8-mxfp4-fp8", "int4-awq"])
 def test_paged_generation_equals_cache_free(export_factory, fmt):
-    """Batched, paged greedy generation equals cache-free greedy decoding (the NVFP4 cache is emulated
-    through the KV method's hook; W4A8_MXFP4's per-token activations keep batching invariant)."""
+    """Batched, paged greedy generation equals cache-free greedy decoding (the paged NVFP4 cache stores codes
+    and block scales, the cache-free path rounds through the KV method; W4A8_MXFP4's per-token activations
+    keep batching invariant)."""
     from mopt import LLM, SamplingParams
 
     llm = LLM(export_factory(fmt, CASES[fmt][0]).path, device="cpu", block_size=4, kv_cache_memory=4 << 20)

@@ -23,26 +23,64 @@ from mopt.kernels import triton_weight_only as two
 P_BF16, P_F8, P_F32, P_I32, P_U8, P_I8 = "*bf16", "*fp8e4nv", "*fp32", "*i32", "*u8", "*i8"
 HOPPER_SHARED_BYTES = 227 * 1024
 
+def _kv_ptrs(cache: str) -> dict:
+    """The KV-cache pointers of the attention kernels for a cache of element type ``cache`` (NVFP4's
+    block scales are E4M3, its biases float32; other formats pass the cache for them, never read)."""
+    side = (P_F8, P_F32) if cache == P_U8 else (cache, cache)
+    return dict(k_cache_ptr=cache, v_cache_ptr=cache, k_bs_ptr=side[0], v_bs_ptr=side[0], k_bias_ptr=side[1],
+                v_bias_ptr=side[1])
+
+
+def _rope(cache: str) -> dict:
+    return dict(q_ptr=P_BF16, k_ptr=P_BF16, v_ptr=P_BF16, q_out_ptr=P_BF16, pos_ptr=P_I32, cos_sin_ptr=P_F32,
+                slot_ptr=P_I32, **_kv_ptrs(cache), k_scale="fp32", v_scale="fp32", stride_qt="i32", stride_qh="i32",
+                stride_kt="i32", stride_kh="i32", stride_vt="i32", stride_vh="i32", num_heads="i32",
+                num_kv_heads="i32")
+
+
+def _decode(cache: str) -> dict:
+    return dict(q_ptr=P_BF16, **_kv_ptrs(cache), bt_ptr=P_I32, seq_lens_ptr=P_I32, out_ptr=P_F8, part_ptr=P_F32,
+                lse_ptr=P_F32, out_scale_ptr=P_F32, k_scale="fp32", v_scale="fp32", sm_scale="fp32",
+                stride_qb="i32", stride_qh="i32", stride_bt="i32", num_heads="i32", num_kv_heads="i32", window="i32")
+
+
+def _prefill(cache: str) -> dict:
+    return dict(q_ptr=P_BF16, **_kv_ptrs(cache), out_ptr=P_BF16, bt_ptr=P_I32, seq_lens_ptr=P_I32, qsl_ptr=P_I32,
+                out_scale_ptr=P_F32, k_scale="fp32", v_scale="fp32", sm_scale="fp32", stride_qt="i32",
+                stride_qh="i32", stride_bt="i32", num_heads="i32", num_kv_heads="i32", window="i32")
+
+
 KERNELS = [
-    (ta._rope_write_kernel,
-     dict(q_ptr=P_BF16, k_ptr=P_BF16, v_ptr=P_BF16, q_out_ptr=P_BF16, pos_ptr=P_I32, cos_sin_ptr=P_F32, slot_ptr=P_I32,
-          k_cache_ptr=P_F8, v_cache_ptr=P_F8, k_scale="fp32", v_scale="fp32", stride_qt="i32", stride_qh="i32",
-          stride_kt="i32", stride_kh="i32", stride_vt="i32", stride_vh="i32", num_heads="i32", num_kv_heads="i32"),
-     [dict(HALF=64, BLOCK_H=32, BLOCK_KV=8, FP8=True), dict(HALF=32, BLOCK_H=4, BLOCK_KV=2, FP8=False)]),
-    (ta._decode_kernel,
-     dict(q_ptr=P_BF16, k_cache_ptr=P_F8, v_cache_ptr=P_F8, bt_ptr=P_I32, seq_lens_ptr=P_I32, out_ptr=P_F8,
-          part_ptr=P_F32, lse_ptr=P_F32, out_scale_ptr=P_F32, k_scale="fp32", v_scale="fp32",
-          sm_scale="fp32", stride_qb="i32", stride_qh="i32", stride_bt="i32", num_heads="i32", num_kv_heads="i32",
-          window="i32"),
-     [dict(GROUP=4, BLOCK_H=16, D=128, PAGE=16, BLOCK_N=64, NUM_SPLITS=32, FP8=True, IEEE=False, FP8_OUT=True),
-      dict(GROUP=8, BLOCK_H=16, D=128, PAGE=32, BLOCK_N=64, NUM_SPLITS=1, FP8=True, IEEE=False, FP8_OUT=False)]),
+    (ta._rope_write_kernel, _rope(P_F8),
+     [dict(HALF=64, BLOCK_H=32, BLOCK_KV=8, FMT=1, AFFINE=False), dict(HALF=32, BLOCK_H=4, BLOCK_KV=2, FMT=0,
+                                                                        AFFINE=False)]),
+    (ta._rope_write_kernel, _rope(P_I8), [dict(HALF=64, BLOCK_H=32, BLOCK_KV=8, FMT=2, AFFINE=False)], "INT8 KV"),
+    (ta._rope_write_kernel, _rope(P_U8),
+     [dict(HALF=64, BLOCK_H=32, BLOCK_KV=8, FMT=3, AFFINE=False), dict(HALF=8, BLOCK_H=4, BLOCK_KV=1, FMT=3,
+                                                                        AFFINE=True)], "NVFP4 KV"),
+    (ta._decode_kernel, _decode(P_F8),
+     [dict(GROUP=4, BLOCK_H=16, D=128, PAGE=16, BLOCK_N=64, NUM_SPLITS=32, FMT=1, AFFINE=False, IEEE=False,
+           FP8_OUT=True),
+      dict(GROUP=8, BLOCK_H=16, D=128, PAGE=32, BLOCK_N=64, NUM_SPLITS=1, FMT=1, AFFINE=False, IEEE=False,
+           FP8_OUT=False)]),
+    (ta._decode_kernel, _decode(P_I8),
+     [dict(GROUP=4, BLOCK_H=16, D=128, PAGE=16, BLOCK_N=64, NUM_SPLITS=32, FMT=2, AFFINE=False, IEEE=False,
+           FP8_OUT=True)], "INT8 KV"),
+    (ta._decode_kernel, _decode(P_U8),
+     [dict(GROUP=4, BLOCK_H=16, D=128, PAGE=16, BLOCK_N=64, NUM_SPLITS=32, FMT=3, AFFINE=False, IEEE=False,
+           FP8_OUT=True),
+      dict(GROUP=8, BLOCK_H=16, D=64, PAGE=16, BLOCK_N=64, NUM_SPLITS=1, FMT=3, AFFINE=True, IEEE=False,
+           FP8_OUT=False)], "NVFP4 KV"),
     (ta._decode_merge_kernel, dict(part_ptr=P_F32, lse_ptr=P_F32, out_ptr=P_F8, out_scale_ptr=P_F32),
      [dict(NUM_SPLITS=32, D=128, DTYPE=triton.language.bfloat16, FP8_OUT=True)]),
-    (ta._prefill_kernel,
-     dict(q_ptr=P_BF16, k_cache_ptr=P_F8, v_cache_ptr=P_F8, out_ptr=P_BF16, bt_ptr=P_I32, seq_lens_ptr=P_I32,
-          qsl_ptr=P_I32, out_scale_ptr=P_F32, k_scale="fp32", v_scale="fp32", sm_scale="fp32", stride_qt="i32",
-          stride_qh="i32", stride_bt="i32", num_heads="i32", num_kv_heads="i32", window="i32"),
-     [dict(GROUP=4, D=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, FP8=True, IEEE=False, FP8_OUT=False)]),
+    (ta._prefill_kernel, _prefill(P_F8),
+     [dict(GROUP=4, D=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, FMT=1, AFFINE=False, IEEE=False, FP8_OUT=False)]),
+    (ta._prefill_kernel, _prefill(P_I8),
+     [dict(GROUP=4, D=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, FMT=2, AFFINE=False, IEEE=False, FP8_OUT=False)],
+     "INT8 KV"),
+    (ta._prefill_kernel, _prefill(P_U8),
+     [dict(GROUP=4, D=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, FMT=3, AFFINE=True, IEEE=False, FP8_OUT=False)],
+     "NVFP4 KV"),
     (targ._chunk_max_kernel, dict(x_ptr=P_F32, val_ptr=P_F32, idx_ptr=P_I32, n="i32", stride="i32"),
      [dict(CHUNKS=32, BLOCK=4096)]),
     (targ._pick_chunk_kernel, dict(val_ptr=P_F32, idx_ptr=P_I32, out_ptr="*i64"), [dict(CHUNKS=32)]),

@@ -140,9 +140,16 @@ class _Filler:
 
     def attention(self, layer: Attention) -> None:
         if layer.quant_method is not None:
+            algo = getattr(layer.quant_method, "kv_algo", None)
+            # ModelOpt's k_scale / v_scale: amax / 448, except INT8's amax / 127.
+            amax_div = 127.0 if algo == "INT8" else fp8.FP8_MAX
             for name in ("k_scale", "v_scale"):
                 getattr(layer, name).weight_loader(getattr(layer, name),
-                                                   torch.tensor(ACTIVATION_AMAX / fp8.FP8_MAX, device=self.device))
+                                                   torch.tensor(ACTIVATION_AMAX / amax_div, device=self.device))
+            if algo == "NVFP4_AFFINE":  # the per-channel means its bias calibrator measures
+                for name in ("k_bias", "v_bias"):
+                    param = getattr(layer, name)
+                    param.weight_loader(param, self.randn(layer.num_kv_heads, layer.head_dim, std=0.1))
 
     def fill(self, model: torch.nn.Module) -> None:
         tied = model.lm_head if getattr(model, "tie_word_embeddings", False) else None

@@ -16,6 +16,9 @@ DUMMY_FORMATS: dict[str, dict | None] = {
     "fp8-pb-wo": {"quant_algo": "FP8_PB_WO"},
     "nvfp4": {"quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": None},
     "nvfp4-kv": {"quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": "FP8"},
+    "fp8-nvfp4-kv": {"quant_algo": "FP8", "kv_cache_quant_algo": "NVFP4"},
+    "fp8-nvfp4-affine-kv": {"quant_algo": "FP8", "kv_cache_quant_algo": "NVFP4_AFFINE"},
+    "fp8-int8-kv": {"quant_algo": "FP8", "kv_cache_quant_algo": "INT8"},
 }
 
 

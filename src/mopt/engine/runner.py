@@ -1,8 +1,9 @@
 """Runs the model on a scheduled batch: packs new tokens, builds attention metadata, samples.
 
-It also owns the paged KV cache: one ``k_cache`` / ``v_cache`` pair of
-``[num_blocks, block_size, num_kv_heads, head_dim]`` per attention layer, in the model's dtype or
-in FP8 E4M3 (with the layer's ``k_scale`` / ``v_scale``) when the model's KV cache is FP8.
+It also owns the paged KV cache: per attention layer one ``k_cache`` / ``v_cache`` pair of
+``[num_blocks, block_size, num_kv_heads, width]`` in the layer's storage (``Attention.kv_storage``):
+the model's dtype, FP8 E4M3 or INT8 codes (``width = head_dim``), or NVFP4 packed codes
+(``head_dim / 2`` bytes) plus E4M3 block scales ``[..., head_dim / 16]``.
 
 Step inputs are built with numpy into one int32 array (token ids, positions, slots, query starts,
 sequence lengths, block tables) and cross to the device in one copy. Decode steps run through
@@ -37,7 +38,6 @@ from mopt.engine.sampler import SamplerOutput, SamplingTensors, greedy_tokens, s
 from mopt.engine.sequence import Sequence
 from mopt.engine.staging import Staging
 from mopt.layers.attention import Attention, AttentionMetadata
-from mopt.quant.formats import fp8
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +46,9 @@ def attention_layers(model: torch.nn.Module) -> list[Attention]:
     return [m for m in model.modules() if isinstance(m, Attention)]
 
 
-def kv_cache_dtype_of(model: torch.nn.Module, model_dtype: torch.dtype) -> torch.dtype:
-    layers = attention_layers(model)
-    return fp8.FP8_DTYPE if layers and layers[0].kv_cache_dtype == "fp8" else model_dtype
-
-
 def kv_bytes_per_token(model: torch.nn.Module, model_dtype: torch.dtype) -> int:
-    itemsize = torch.empty((), dtype=kv_cache_dtype_of(model, model_dtype)).element_size()
-    return sum(2 * a.num_kv_heads * a.head_dim * itemsize for a in attention_layers(model))
+    """Cache bytes one token takes over all layers, keys and values, codes and block scales."""
+    return sum(2 * a.num_kv_heads * a.kv_storage(model_dtype).bytes_per_head() for a in attention_layers(model))
 
 
 def decode_arrays(seqs: list[Sequence], block_size: int) -> dict[str, np.ndarray]:
@@ -123,11 +118,8 @@ class ModelRunner:
                  progress: bool = False) -> None:
         self.model, self.block_size = model, block_size
         self.device = next(model.parameters()).device
-        cache_dtype = kv_cache_dtype_of(model, dtype)
         for layer in attention_layers(model):
-            shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
-            layer.attach_kv_cache(torch.zeros(shape, dtype=cache_dtype, device=self.device),
-                                  torch.zeros(shape, dtype=cache_dtype, device=self.device))
+            layer.allocate_kv_cache(num_blocks, block_size, dtype, self.device)
         max_model_len = max_model_len or num_blocks * block_size
         self.staging = Staging(self.device)
         self._token_buffers: list[torch.Tensor] = []  # two pinned buffers, used in turn (see Staging)

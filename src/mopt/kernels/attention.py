@@ -46,13 +46,14 @@ class AttentionBackend:
         raise NotImplementedError  # abstract
 
     def rope_and_write(self, q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, k_scale,
-                       v_scale) -> torch.Tensor:
+                       v_scale, packed: reference.PackedKV | None = None) -> torch.Tensor:
         raise NotImplementedError  # abstract
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float,
                k_scale: float, v_scale: float, sliding_window: int | None,
-               fp8_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """``[N, H, D]`` in q's dtype, or E4M3 codes of it under ``fp8_scale`` (an FP8 ``o_proj``'s input scale)."""
+               fp8_scale: torch.Tensor | None = None, packed: reference.PackedKV | None = None) -> torch.Tensor:
+        """``[N, H, D]`` in q's dtype, or E4M3 codes of it under ``fp8_scale`` (an FP8 ``o_proj``'s input scale).
+        ``packed``: an NVFP4 cache's block scales (and NVFP4_AFFINE biases)."""
         raise NotImplementedError  # abstract
 
 
@@ -67,13 +68,14 @@ class ReferenceAttention(AttentionBackend):
     def can_implement(cls, spec):
         return True, ""
 
-    def rope_and_write(self, *args):
-        return reference.rope_and_write(*args)
+    def rope_and_write(self, *args, packed=None):
+        return reference.rope_and_write(*args, packed=packed)
 
-    def attend(self, q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding_window, fp8_scale=None):
+    def attend(self, q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding_window, fp8_scale=None,
+               packed=None):
         out = reference.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                         meta.query_start_loc, meta.max_query_len, scale, k_scale, v_scale,
-                                        sliding_window=sliding_window)
+                                        sliding_window=sliding_window, packed=packed)
         return out if fp8_scale is None else fp8.quantize(out, fp8_scale)
 
 
@@ -99,21 +101,22 @@ class TritonAttention(AttentionBackend):
             return False, f"{spec.num_heads} query heads do not split into {spec.num_kv_heads} KV heads"
         return True, ""
 
-    def rope_and_write(self, *args):
+    def rope_and_write(self, *args, packed=None):
         from mopt.kernels import triton_attention
 
-        return triton_attention.rope_and_write(*args)
+        return triton_attention.rope_and_write(*args, packed=packed)
 
-    def attend(self, q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding_window, fp8_scale=None):
+    def attend(self, q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding_window, fp8_scale=None,
+               packed=None):
         from mopt.kernels import triton_attention
 
         window = sliding_window or 0
         if meta.max_query_len == 1:
             return triton_attention.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                           k_scale, v_scale, window, out_scale=fp8_scale)
+                                           k_scale, v_scale, window, out_scale=fp8_scale, packed=packed)
         return triton_attention.prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                         meta.query_start_loc, meta.max_query_len, scale, k_scale, v_scale, window,
-                                        out_scale=fp8_scale)
+                                        out_scale=fp8_scale, packed=packed)
 
 
 ATTENTION_BACKENDS: dict[str, list[type[AttentionBackend]]] = {

@@ -2,7 +2,11 @@
 
 Cache layout, per layer: ``k_cache``, ``v_cache`` ``[num_blocks, block_size, num_kv_heads, head_dim]``;
 token ``t`` of a sequence lives in slot ``block_table[t // block_size] * block_size + t % block_size``.
-An FP8 cache stores ``e4m3(k / k_scale)`` (``mopt.quant.formats.fp8``) and dequantizes on read, so
+The cache's dtype says its format (``mopt.quant.formats.kv_cache``): float8_e4m3fn is FP8
+(``e4m3(k / k_scale)``), int8 is INT8 (``round(k / k_scale)``), uint8 is NVFP4 (two E2M1 codes a
+byte, ``[..., Hkv, D/2]``) whose E4M3 block scales ``[..., Hkv, D/16]`` and, for NVFP4_AFFINE, float32
+``[Hkv, D]`` biases come in a :class:`PackedKV`; any other dtype holds the values themselves. Writes
+quantize with the format's reference ``quantize_kv``, reads dequantize with its ``dequantize_kv``, so
 attention sees exactly the values the cache-free path computes with. A slot < 0 is not written
 (padding rows of a CUDA-graph batch); a sequence with ``seq_len == 0`` gets a zero output.
 
@@ -13,10 +17,45 @@ the input dtype once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from mopt.quant.formats import fp8
+from mopt.quant.formats import kv_cache as kv_format
+
+
+@dataclass(frozen=True)
+class PackedKV:
+    """What an NVFP4 cache keeps beside its packed codes: E4M3 block scales ``[num_blocks, block_size,
+    num_kv_heads, head_dim / 16]`` for keys and values, and NVFP4_AFFINE's float32 ``[num_kv_heads,
+    head_dim]`` biases (None: plain NVFP4)."""
+
+    k_block_scales: torch.Tensor
+    v_block_scales: torch.Tensor
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+
+
+def cache_format(cache: torch.Tensor, packed: PackedKV | None = None) -> str:
+    """The KV-cache format a cache tensor holds (``"NONE"``: values in the cache's dtype)."""
+    if cache.dtype == fp8.FP8_DTYPE:
+        return "FP8"
+    if cache.dtype == torch.int8:
+        return "INT8"
+    if cache.dtype == torch.uint8:
+        assert packed is not None, "an NVFP4 cache needs its block scales (PackedKV)"
+        return "NVFP4" if packed.k_bias is None else "NVFP4_AFFINE"
+    return "NONE"
+
+
+def _sides(k_cache, v_cache, k_scale, v_scale, packed: PackedKV | None):
+    """``(cache, scale, block scales, bias)`` of keys, then of values."""
+    if packed is None:
+        return (k_cache, k_scale, None, None), (v_cache, v_scale, None, None)
+    return ((k_cache, k_scale, packed.k_block_scales, packed.k_bias),
+            (v_cache, v_scale, packed.v_block_scales, packed.v_bias))
 
 
 def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
@@ -28,48 +67,64 @@ def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor, k_scale: float, v_scale: float) -> None:
-    """Store ``key, value [N, Hkv, D]`` at ``slot_mapping [N]``, quantizing when the cache is FP8."""
+             slot_mapping: torch.Tensor, k_scale: float, v_scale: float, packed: PackedKV | None = None) -> None:
+    """Store ``key, value [N, Hkv, D]`` at ``slot_mapping [N]`` in the caches' format."""
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
-    for new, cache, scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
+    algo = cache_format(k_cache, packed)
+    for new, (cache, scale, block_scales, bias) in zip((key, value),
+                                                       _sides(k_cache, v_cache, k_scale, v_scale, packed)):
         flat = cache.view(-1, *cache.shape[2:])
-        flat[slot_mapping] = fp8.quantize(new, scale) if cache.dtype == fp8.FP8_DTYPE else new.to(cache.dtype)
+        if algo == "NONE":
+            flat[slot_mapping] = new.to(cache.dtype)
+            continue
+        codes = kv_format.quantize_kv(new, algo, scale, bias)
+        flat[slot_mapping] = codes.codes
+        if block_scales is not None:
+            block_scales.view(-1, *block_scales.shape[2:])[slot_mapping] = codes.block_scales
 
 
 def rope_and_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                    cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor, k_scale: float, v_scale: float) -> torch.Tensor:
+                   slot_mapping: torch.Tensor, k_scale: float, v_scale: float,
+                   packed: PackedKV | None = None) -> torch.Tensor:
     """``q [N, H, D]``, ``k, v [N, Hkv, D]`` -> rotated q; rotated k and v are written to the caches."""
     cos_sin = cos_sin_cache[positions]
-    write_kv(apply_rope(k, cos_sin), v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    write_kv(apply_rope(k, cos_sin), v, k_cache, v_cache, slot_mapping, k_scale, v_scale, packed)
     return apply_rope(q, cos_sin)
 
 
-def _read(cache: torch.Tensor, block_tables: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+def _read(algo: str, cache: torch.Tensor, scale: float, block_scales: torch.Tensor | None,
+          bias: torch.Tensor | None, block_tables: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[B, max_blocks * block_size, Hkv, D]`` in ``dtype``."""
-    blocks = cache[block_tables]
-    blocks = blocks.flatten(1, 2)
-    return fp8.dequantize(blocks, scale, dtype) if cache.dtype == fp8.FP8_DTYPE else blocks.to(dtype)
+    blocks = cache[block_tables].flatten(1, 2)
+    if algo == "NONE":
+        return blocks.to(dtype)
+    if block_scales is not None:
+        block_scales = block_scales[block_tables].flatten(1, 2)
+    return kv_format.dequantize_kv(kv_format.KVCodes(blocks, block_scales), algo, scale, bias, dtype)
 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                     max_query_len: int, scale: float, k_scale: float = 1.0, v_scale: float = 1.0, *,
-                    sliding_window: int | None = None) -> torch.Tensor:
+                    sliding_window: int | None = None, packed: PackedKV | None = None) -> torch.Tensor:
     """Causal attention of new tokens over their sequences' cached context.
 
     ``query [N, H, D]`` holds the new tokens of ``B`` sequences back to back
     (``query_start_loc [B + 1]``); sequence ``b`` has ``seq_lens[b]`` tokens in the cache, the last
     ``q_len`` of which are its new ones. With ``sliding_window``, a query at position ``i`` sees
-    only keys at ``i - sliding_window < j <= i``. Returns ``[N, H, D]``.
+    only keys at ``i - sliding_window < j <= i``; ``packed``: an NVFP4 cache's block scales and biases.
+    Returns ``[N, H, D]``.
     """
     n, num_heads, head_dim = query.shape
     batch = seq_lens.shape[0]
     block_tables, seq_lens, query_start_loc = block_tables.long(), seq_lens.long(), query_start_loc.long()
-    keys = _read(k_cache, block_tables, k_scale, query.dtype)
-    values = _read(v_cache, block_tables, v_scale, query.dtype)
+    algo = cache_format(k_cache, packed)
+    (k_side, v_side) = _sides(k_cache, v_cache, k_scale, v_scale, packed)
+    keys = _read(algo, *k_side, block_tables, query.dtype)
+    values = _read(algo, *v_side, block_tables, query.dtype)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]
     seq_of_token = torch.repeat_interleave(torch.arange(batch, device=query.device), q_lens)
     row_of_token = torch.arange(n, device=query.device) - query_start_loc[seq_of_token]

@@ -1,14 +1,17 @@
 """Triton paged attention: RoPE fused with the KV-cache write, split-KV decode, varlen prefill.
 
 Cache layout and slot convention are those of ``mopt.kernels.paged_attention`` (the reference):
-``[num_blocks, page, num_kv_heads, head_dim]``, token ``t`` of a sequence in slot
-``block_table[t // page] * page + t % page``; an FP8 cache holds ``e4m3(x / scale)``.
+``[num_blocks, page, num_kv_heads, width]``, token ``t`` of a sequence in slot
+``block_table[t // page] * page + t % page``. The cache's dtype says its format
+(``mopt.kernels.triton_kv``): model dtype, FP8, INT8 codes, or NVFP4 packed codes (``width =
+head_dim / 2``) with E4M3 block scales and, for NVFP4_AFFINE, biases passed as a ``PackedKV``.
 
 * ``rope_and_write``: one program per token rotates its query and key heads (rotate-half RoPE from
   a ``[positions, head_dim]`` cos|sin table) and stores keys and values into their slots, quantized
-  when the cache is FP8. Every rounding step is the reference's (float32 products and sums, FMA
-  contraction off, the rotated key rounded to the model dtype before quantization), so the cache
-  bytes equal the reference's. Slots < 0 (padding rows of a CUDA-graph batch) are not written.
+  to the cache's format (NVFP4: per 16-element block, the block scale computed as the token is
+  written). Every rounding step is the reference's (float32 products and sums, FMA contraction off,
+  the rotated key rounded to the model dtype before quantization), so the cache bytes equal the
+  reference's. Slots < 0 (padding rows of a CUDA-graph batch) are not written.
 * ``decode``: one query token per sequence. A program owns one KV head, all query heads of its
   GQA group (padded to 16 rows for the tensor cores) and one of ``num_splits`` contiguous slices
   of the context (flash-decoding); a second kernel merges the slices by their log-sum-exp (merging
@@ -18,10 +21,12 @@ Cache layout and slot convention are those of ``mopt.kernels.paged_attention`` (
 * ``prefill``: new tokens of several sequences packed back to back, each attending causally over
   its cached context and itself (chunked prefill: context + new tokens), BLOCK_M queries a program.
 
-FP8 keys and values are dequantized in the kernel as the reference does (``code * scale`` in
-float32, rounded to the query dtype). With ``out_scale`` the output (rounded to the query dtype)
-is written as E4M3 codes under it, for an FP8 ``o_proj`` that takes those. Softmax is online, in float32; probabilities meet the values
-in the query dtype. A sequence with no cached tokens (``seq_len == 0``) gets a zero output.
+Quantized keys and values are dequantized in the kernel, tile by tile, as the reference does
+(``code * scale``, NVFP4 ``e2m1 * (block_scale * scale / 6)`` (+ bias), in float32, rounded to the
+query dtype); nothing is dequantized outside the kernels. With ``out_scale`` the output (rounded to
+the query dtype) is written as E4M3 codes under it, for an FP8 ``o_proj`` that takes those. Softmax
+is online, in float32; probabilities meet the values in the query dtype. A sequence with no cached
+tokens (``seq_len == 0``) gets a zero output.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
+from mopt.kernels.paged_attention import PackedKV
 from mopt.kernels.triton_glue import _store_out
-from mopt.kernels.triton_quant import _to_fp8
+from mopt.kernels.triton_kv import FMT_NONE, kv_format_args, load_values, store_elementwise, store_nvfp4
 from mopt.quant.formats import fp8
 
 MAX_DECODE_SPLITS = 16  # 256 tokens a split at 4096 of context; fewer partials for the merge to read
@@ -39,19 +45,10 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 
 
 @triton.jit
-def _store_kv(cache_ptr, slot, num_kv_heads, heads, hmask, cols, x, scale, D: tl.constexpr, FP8: tl.constexpr):
-    ptrs = cache_ptr + (slot * num_kv_heads + heads[:, None]) * D + cols[None, :]
-    if FP8:
-        tl.store(ptrs, _to_fp8(x, scale), mask=hmask[:, None])
-    else:
-        tl.store(ptrs, x.to(cache_ptr.dtype.element_ty), mask=hmask[:, None])
-
-
-@triton.jit
 def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
-                       k_scale, v_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                       num_heads, num_kv_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr,
-                       FP8: tl.constexpr):
+                       k_bs_ptr, v_bs_ptr, k_bias_ptr, v_bias_ptr, k_scale, v_scale, stride_qt, stride_qh,
+                       stride_kt, stride_kh, stride_vt, stride_vh, num_heads, num_kv_heads, HALF: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, FMT: tl.constexpr, AFFINE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     D: tl.constexpr = 2 * HALF
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -74,30 +71,43 @@ def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, slo
         kv_heads = tl.arange(0, BLOCK_KV)
         kmask = kv_heads < num_kv_heads
         k_rows = k_ptr + t * stride_kt + kv_heads[:, None] * stride_kh
-        k1 = tl.load(k_rows + j[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
-        k2 = tl.load(k_rows + HALF + j[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
-        # The reference rounds the rotated key to the model dtype before the cache quantizes it.
-        k_lo = (k1 * c[None, :] - k2 * s[None, :]).to(dtype).to(tl.float32)
-        k_hi = (k2 * c[None, :] + k1 * s[None, :]).to(dtype).to(tl.float32)
-        _store_kv(k_cache_ptr, slot, num_kv_heads, kv_heads, kmask, j, k_lo, k_scale, D, FP8)
-        _store_kv(k_cache_ptr, slot, num_kv_heads, kv_heads, kmask, HALF + j, k_hi, k_scale, D, FP8)
         cols = tl.arange(0, D)
         v = tl.load(v_ptr + t * stride_vt + kv_heads[:, None] * stride_vh + cols[None, :], mask=kmask[:, None],
                     other=0.0).to(tl.float32)
-        _store_kv(v_cache_ptr, slot, num_kv_heads, kv_heads, kmask, cols, v, v_scale, D, FP8)
+        if FMT == 3:
+            # NVFP4 blocks of 16 may span both halves: rotate all D columns at once, column i against its
+            # partner i +- HALF, with the same products as the halves below.
+            jj = cols % HALF
+            cf = tl.load(cos_sin_ptr + pos * D + jj)[None, :]
+            sf = tl.load(cos_sin_ptr + pos * D + HALF + jj)[None, :]
+            kx = tl.load(k_rows + cols[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+            kp = tl.load(k_rows + ((cols + HALF) % D)[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+            key = tl.where(cols[None, :] < HALF, kx * cf - kp * sf, kx * cf + kp * sf).to(dtype).to(tl.float32)
+            if AFFINE:
+                bias_at = kv_heads[:, None] * D + cols[None, :]
+                key = key - tl.load(k_bias_ptr + bias_at, mask=kmask[:, None], other=0.0)
+                v = v - tl.load(v_bias_ptr + bias_at, mask=kmask[:, None], other=0.0)
+            store_nvfp4(k_cache_ptr, k_bs_ptr, slot, num_kv_heads, kv_heads, kmask, key, k_scale, BLOCK_KV, D)
+            store_nvfp4(v_cache_ptr, v_bs_ptr, slot, num_kv_heads, kv_heads, kmask, v, v_scale, BLOCK_KV, D)
+        else:
+            k1 = tl.load(k_rows + j[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+            k2 = tl.load(k_rows + HALF + j[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+            # The reference rounds the rotated key to the model dtype before the cache quantizes it.
+            k_lo = (k1 * c[None, :] - k2 * s[None, :]).to(dtype).to(tl.float32)
+            k_hi = (k2 * c[None, :] + k1 * s[None, :]).to(dtype).to(tl.float32)
+            store_elementwise(k_cache_ptr, slot, num_kv_heads, kv_heads, kmask, j, k_lo, k_scale, D, FMT)
+            store_elementwise(k_cache_ptr, slot, num_kv_heads, kv_heads, kmask, HALF + j, k_hi, k_scale, D, FMT)
+            store_elementwise(v_cache_ptr, slot, num_kv_heads, kv_heads, kmask, cols, v, v_scale, D, FMT)
 
 
 @triton.jit
-def _load_kv(cache_ptr, block_table_row, tok, tmask, kv_head, num_kv_heads, cols, scale, dtype: tl.constexpr,
-             PAGE: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr):
+def _load_kv(cache_ptr, scales_ptr, bias_ptr, block_table_row, tok, tmask, kv_head, num_kv_heads, cols, scale,
+             dtype: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, FMT: tl.constexpr, AFFINE: tl.constexpr):
     """``[BLOCK_N, D]`` keys or values of tokens ``tok`` through the block table, in ``dtype``."""
     page = tl.load(block_table_row + tok // PAGE, mask=tmask, other=0).to(tl.int64)
     slot = page * PAGE + tok % PAGE
-    x = tl.load(cache_ptr + (slot * num_kv_heads + kv_head)[:, None] * D + cols[None, :], mask=tmask[:, None],
-                other=0.0)
-    if FP8:
-        return (x.to(tl.float32) * scale).to(dtype)
-    return x.to(dtype)
+    return load_values(cache_ptr, scales_ptr, bias_ptr, slot, tmask, kv_head, num_kv_heads, cols, scale, dtype, D,
+                       FMT, AFFINE)
 
 
 @triton.jit
@@ -125,22 +135,27 @@ def _online_softmax(s, m, l, acc):
 
 
 @triton.jit
-def _attend_tile(q, k_cache_ptr, v_cache_ptr, table, tok, tmask, keep, kv_head, num_kv_heads, cols, k_scale,
-                 v_scale, sm_scale, m, l, acc, PAGE: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr,
-                 IEEE: tl.constexpr):
-    """Queries ``q [R, D]`` against the keys/values of tokens ``tok`` (``keep [R, N]``: which pairs count)."""
-    k = _load_kv(k_cache_ptr, table, tok, tmask, kv_head, num_kv_heads, cols, k_scale, q.dtype, PAGE, D, FP8)
+def _attend_tile(q, k_cache_ptr, v_cache_ptr, kv, table, tok, tmask, keep, kv_head, num_kv_heads, cols, k_scale,
+                 v_scale, sm_scale, m, l, acc, PAGE: tl.constexpr, D: tl.constexpr, FMT: tl.constexpr,
+                 AFFINE: tl.constexpr, IEEE: tl.constexpr):
+    """Queries ``q [R, D]`` against the keys/values of tokens ``tok`` (``keep [R, N]``: which pairs count).
+    ``kv``: the (k block scales, v block scales, k bias, v bias) pointers of an NVFP4 cache."""
+    k_bs_ptr, v_bs_ptr, k_bias_ptr, v_bias_ptr = kv
+    k = _load_kv(k_cache_ptr, k_bs_ptr, k_bias_ptr, table, tok, tmask, kv_head, num_kv_heads, cols, k_scale, q.dtype,
+                 PAGE, D, FMT, AFFINE)
     s = tl.where(keep, _scores(q, k, sm_scale, IEEE), float("-inf"))
     p, m, l, acc = _online_softmax(s, m, l, acc)
-    v = _load_kv(v_cache_ptr, table, tok, tmask, kv_head, num_kv_heads, cols, v_scale, q.dtype, PAGE, D, FP8)
+    v = _load_kv(v_cache_ptr, v_bs_ptr, v_bias_ptr, table, tok, tmask, kv_head, num_kv_heads, cols, v_scale, q.dtype,
+                 PAGE, D, FMT, AFFINE)
     return m, l, _pv(p, v, acc, IEEE)
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_ptr, lse_ptr, out_scale_ptr, k_scale, v_scale, sm_scale, stride_qb, stride_qh, stride_bt, num_heads, num_kv_heads,
-                   window, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr,
-                   FP8_OUT: tl.constexpr):
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_bs_ptr, v_bs_ptr, k_bias_ptr, v_bias_ptr, bt_ptr, seq_lens_ptr,
+                   out_ptr, part_ptr, lse_ptr, out_scale_ptr, k_scale, v_scale, sm_scale, stride_qb, stride_qh,
+                   stride_bt, num_heads, num_kv_heads, window, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+                   D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   FMT: tl.constexpr, AFFINE: tl.constexpr, IEEE: tl.constexpr, FP8_OUT: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -162,8 +177,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, seq_lens_ptr, out_pt
     for start in range(lo, hi, BLOCK_N):
         tok = start + tl.arange(0, BLOCK_N)
         tmask = tok < hi
-        m, l, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, table, tok, tmask, tmask[None, :], kv_head,
-                                 num_kv_heads, cols, k_scale, v_scale, sm_scale, m, l, acc, PAGE, D, FP8, IEEE)
+        m, l, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, (k_bs_ptr, v_bs_ptr, k_bias_ptr, v_bias_ptr), table,
+                                 tok, tmask, tmask[None, :], kv_head, num_kv_heads, cols, k_scale, v_scale, sm_scale,
+                                 m, l, acc, PAGE, D, FMT, AFFINE, IEEE)
     has = l > 0
     o = acc / tl.where(has, l, 1.0)[:, None]
     if NUM_SPLITS == 1:
@@ -191,10 +207,11 @@ def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, out_scale_ptr, NUM_SPLITS: 
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_scale_ptr,
-                    k_scale, v_scale, sm_scale, stride_qt, stride_qh, stride_bt, num_heads, num_kv_heads, window,
-                    GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr, FP8_OUT: tl.constexpr):
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_bs_ptr, v_bs_ptr, k_bias_ptr, v_bias_ptr, out_ptr, bt_ptr,
+                    seq_lens_ptr, qsl_ptr, out_scale_ptr, k_scale, v_scale, sm_scale, stride_qt, stride_qh, stride_bt,
+                    num_heads, num_kv_heads, window, GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FMT: tl.constexpr, AFFINE: tl.constexpr,
+                    IEEE: tl.constexpr, FP8_OUT: tl.constexpr):
     mb = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2)
@@ -223,35 +240,34 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, seq_lens_p
             keep = tmask[None, :] & (tok[None, :] <= q_pos[:, None])
             if window > 0:
                 keep = keep & (q_pos[:, None] - tok[None, :] < window)
-            m, l, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, table, tok, tmask, keep, kv_head, num_kv_heads,
-                                     cols, k_scale, v_scale, sm_scale, m, l, acc, PAGE, D, FP8, IEEE)
+            m, l, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, (k_bs_ptr, v_bs_ptr, k_bias_ptr, v_bias_ptr),
+                                     table, tok, tmask, keep, kv_head, num_kv_heads, cols, k_scale, v_scale, sm_scale,
+                                     m, l, acc, PAGE, D, FMT, AFFINE, IEEE)
         o = acc / tl.where(l > 0, l, 1.0)[:, None]
         _store_out(out_ptr + (tokens[:, None] * num_heads + h) * D + cols[None, :], o.to(q.dtype), out_scale_ptr,
                    rmask[:, None], FP8_OUT)
 
 
-def _is_fp8(cache: torch.Tensor) -> bool:
-    return cache.dtype == fp8.FP8_DTYPE
-
-
 def rope_and_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                    cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor, k_scale: float, v_scale: float) -> torch.Tensor:
+                   slot_mapping: torch.Tensor, k_scale: float, v_scale: float,
+                   packed: PackedKV | None = None) -> torch.Tensor:
     """``q [N, H, D]``, ``k, v [N, Hkv, D]`` (last dim contiguous) -> rotated ``q [N, H, D]``; rotated
-    keys and values go into the caches at ``slot_mapping [N]``. ``cos_sin_cache [P, D]`` float32."""
+    keys and values go into the caches at ``slot_mapping [N]``. ``cos_sin_cache [P, D]`` float32;
+    ``packed``: an NVFP4 cache's block scales (and NVFP4_AFFINE biases)."""
     n, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if head_dim % 2 or head_dim & (head_dim - 1):
         raise ValueError(f"rope_and_write: head_dim {head_dim} must be a power of two")
     q_out = torch.empty((n, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if n:
+        fmt, affine, ks, vs, *kv = kv_format_args(k_cache, k_scale, v_scale, packed)
         _rope_write_kernel[(n,)](
-            q, k, v, q_out, positions, cos_sin_cache, slot_mapping, k_cache, v_cache, float(k_scale),
-            float(v_scale), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            num_heads, num_kv_heads, HALF=head_dim // 2,
-            BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads),
-            FP8=_is_fp8(k_cache), num_warps=8 if _is_fp8(k_cache) else 4,
-            enable_fp_fusion=False)
+            q, k, v, q_out, positions, cos_sin_cache, slot_mapping, k_cache, v_cache, *kv, ks, vs, q.stride(0),
+            q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), num_heads, num_kv_heads,
+            HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(num_heads),
+            BLOCK_KV=triton.next_power_of_2(num_kv_heads), FMT=fmt, AFFINE=affine,
+            num_warps=4 if fmt == FMT_NONE else 8, enable_fp_fusion=False)
     return q_out
 
 
@@ -273,7 +289,8 @@ def _output(shape, dtype, out_scale, device) -> torch.Tensor:
 
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
            seq_lens: torch.Tensor, scale: float, k_scale: float, v_scale: float, window: int = 0,
-           num_splits: int | None = None, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+           num_splits: int | None = None, out_scale: torch.Tensor | None = None,
+           packed: PackedKV | None = None) -> torch.Tensor:
     """``q [B, H, D]`` (one new token per sequence, already in the cache) -> ``[B, H, D]``, or E4M3 codes
     of it under ``out_scale`` (the next GEMM's static input scale)."""
     batch, num_heads, head_dim = q.shape
@@ -289,11 +306,12 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
     else:
         part = lse = out
     scale_arg = out_scale if out_scale is not None else q
+    fmt, affine, ks, vs, *kv = kv_format_args(k_cache, k_scale, v_scale, packed)
     _decode_kernel[(batch, num_kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part, lse, scale_arg, float(k_scale), float(v_scale), scale, q.stride(0), q.stride(1),
-        block_tables.stride(0), num_heads, num_kv_heads, window, GROUP=group,
+        q, k_cache, v_cache, *kv, block_tables, seq_lens, out, part, lse, scale_arg, ks, vs, scale, q.stride(0),
+        q.stride(1), block_tables.stride(0), num_heads, num_kv_heads, window, GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)), D=head_dim, PAGE=page, BLOCK_N=max(16, min(64, 4 * page)),
-        NUM_SPLITS=splits, FP8=_is_fp8(k_cache), IEEE=q.dtype == torch.float32, FP8_OUT=out_scale is not None,
+        NUM_SPLITS=splits, FMT=fmt, AFFINE=affine, IEEE=q.dtype == torch.float32, FP8_OUT=out_scale is not None,
         num_warps=4, num_stages=2)
     if splits > 1:
         _decode_merge_kernel[(batch * num_heads,)](part, lse, out, scale_arg, NUM_SPLITS=splits, D=head_dim,
@@ -303,7 +321,8 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
 
 def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
             seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int, scale: float,
-            k_scale: float, v_scale: float, window: int = 0, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+            k_scale: float, v_scale: float, window: int = 0, out_scale: torch.Tensor | None = None,
+            packed: PackedKV | None = None) -> torch.Tensor:
     """``q [N, H, D]``: the new tokens of ``B`` sequences (``query_start_loc [B + 1]``), in the cache
     already -> ``[N, H, D]`` (E4M3 codes under ``out_scale`` if given)."""
     n, num_heads, head_dim = q.shape
@@ -316,9 +335,11 @@ def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
     block_m = 64 if q.is_cuda and not ieee else 16
     block_n = 64 if q.is_cuda and not ieee else 32
     grid = (triton.cdiv(max_query_len, block_m), batch, num_heads)
+    fmt, affine, ks, vs, *kv = kv_format_args(k_cache, k_scale, v_scale, packed)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, out_scale if out_scale is not None else q,
-        float(k_scale), float(v_scale), scale, q.stride(0), q.stride(1), block_tables.stride(0), num_heads,
-        num_kv_heads, window, GROUP=num_heads // num_kv_heads, D=head_dim, PAGE=page, BLOCK_M=block_m,
-        BLOCK_N=block_n, FP8=_is_fp8(k_cache), IEEE=ieee, FP8_OUT=out_scale is not None, num_warps=4, num_stages=2)
+        q, k_cache, v_cache, *kv, out, block_tables, seq_lens, query_start_loc,
+        out_scale if out_scale is not None else q, ks, vs, scale, q.stride(0), q.stride(1), block_tables.stride(0),
+        num_heads, num_kv_heads, window, GROUP=num_heads // num_kv_heads, D=head_dim, PAGE=page, BLOCK_M=block_m,
+        BLOCK_N=block_n, FMT=fmt, AFFINE=affine, IEEE=ieee, FP8_OUT=out_scale is not None, num_warps=4,
+        num_stages=2)
     return out

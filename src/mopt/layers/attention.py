@@ -1,11 +1,16 @@
 """Attention: RoPE, grouped-query causal attention, with the layer's KV-cache quantization method.
 
 Two paths. Without metadata (scoring, evaluation) it rotates ``q, k`` and attends over the full
-sequence with no cache; keys and values still pass through the KV cache's storage format when
-that is FP8 (``e4m3(k / k_scale) * k_scale``), so logits equal what a cached decode computes. With
-:class:`AttentionMetadata` (generation) the backend chosen when the engine attaches the paged cache
-(``kernels.attention``) rotates the new tokens, writes their keys and values into the cache (one
-fused kernel on GPUs) and attends over the cached context.
+sequence with no cache; keys and values still pass through the KV cache's storage format (FP8:
+``e4m3(k / k_scale) * k_scale``; NVFP4, NVFP4_AFFINE, INT8: the KV method's ``round_kv``), so logits
+equal what a cached decode computes. With :class:`AttentionMetadata` (generation) the backend chosen
+when the engine attaches the paged cache (``kernels.attention``) rotates the new tokens, writes their
+keys and values into the cache (one fused kernel on GPUs) and attends over the cached context.
+
+The paged cache stores the layer's format natively (:meth:`Attention.kv_storage`): FP8 or INT8 codes,
+or NVFP4 packed codes plus E4M3 block scales (``kernels.paged_attention.PackedKV``). Only an NVFP4 /
+INT8 checkpoint run with ``kv_cache_dtype="fp8"`` still rounds keys and values to the checkpoint's
+format first and then stores them as FP8 (both roundings, as before).
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import torch
 from torch import nn
 
 from mopt.kernels.attention import AttentionBackend, AttentionSpec, select_attention_backend
+from mopt.kernels.paged_attention import PackedKV, cache_format
 from mopt.quant.formats import fp8
+from mopt.quant.formats import kv_cache as kv_format
 
 
 @dataclass
@@ -62,17 +69,50 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None  # attached by the engine
         self.v_cache: torch.Tensor | None = None
         self.backend: AttentionBackend | None = None
-        # A KV-cache format the kernels do not store natively (NVFP4, INT8): its method rounds keys
-        # and values to what such a cache returns (set by the method after loading).
+        # An NVFP4 / NVFP4_AFFINE / INT8 KV-cache method (set by it after loading): rounds keys and values
+        # to what such a cache returns on the cache-free path, and hands out the format's codes.
         self.kv_emulation = None
+        self.kv_packed: PackedKV | None = None  # an NVFP4 paged cache's block scales and biases
+        self.kv_native = True  # False: the paged cache is FP8 for an NVFP4 / INT8 method (round first)
 
     def process_weights_after_loading(self) -> None:
         if self.quant_method is not None:
             self.quant_method.process_weights_after_loading(self)
 
-    def attach_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, backend: str | None = None) -> None:
-        """Give the layer its paged cache and pick the backend that computes with it."""
-        self.k_cache, self.v_cache = k_cache, v_cache
+    def kv_storage(self, model_dtype: torch.dtype) -> kv_format.KVCacheStorage:
+        """What the paged cache holds per token and KV head: the checkpoint's KV format (FP8 when
+        ``kv_cache_dtype == "fp8"``), else the values in ``model_dtype``. Known before loading."""
+        if self.kv_cache_dtype == "fp8":
+            return kv_format.kv_storage("FP8", self.head_dim)
+        algo = getattr(self.quant_method, "kv_algo", None)
+        if algo is not None:
+            return kv_format.kv_storage(algo, self.head_dim)
+        return kv_format.unquantized_storage(model_dtype, self.head_dim)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, model_dtype: torch.dtype, device: torch.device,
+                          backend: str | None = None) -> None:
+        """Allocate (zeroed) and attach a paged cache of ``num_blocks x block_size`` slots in :meth:`kv_storage`."""
+        storage = self.kv_storage(model_dtype)
+        lead = (num_blocks, block_size, self.num_kv_heads)
+        dtype, width = storage.codes
+        k_cache, v_cache = (torch.zeros(*lead, width, dtype=dtype, device=device) for _ in range(2))
+        packed = None
+        if storage.block_scales is not None:
+            sdtype, swidth = storage.block_scales
+            k_scales, v_scales = (torch.zeros(*lead, swidth, dtype=sdtype, device=device) for _ in range(2))
+            biases = (None, None)
+            if storage.bias:
+                biases = tuple(getattr(self, name).to(device, torch.float32).contiguous()
+                               for name in ("k_bias", "v_bias"))
+            packed = PackedKV(k_scales, v_scales, *biases)
+        self.attach_kv_cache(k_cache, v_cache, backend, packed)
+
+    def attach_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, backend: str | None = None,
+                        packed: PackedKV | None = None) -> None:
+        """Give the layer its paged cache (``packed``: an NVFP4 cache's block scales and biases) and pick
+        the backend that computes with it."""
+        self.k_cache, self.v_cache, self.kv_packed = k_cache, v_cache, packed
+        self.kv_native = self.kv_emulation is None or cache_format(k_cache, packed) == self.kv_cache_algo
         spec = AttentionSpec(self.num_heads, self.num_kv_heads, self.head_dim, self.sliding_window)
         self.backend = select_attention_backend(spec, k_cache.device, backend)
 
@@ -107,14 +147,15 @@ class Attention(nn.Module):
         if self.backend is None:
             raise RuntimeError(f"{self.prefix}: attention metadata given but no KV cache attached")
         cos_sin = self.rotary.cos_sin_cache
-        if self.kv_emulation is not None:
-            # Round after RoPE, then let the kernel write through an identity rotation (cos 1, sin 0:
-            # exact), so the cache holds exactly the rounded keys.
+        if self.kv_emulation is not None and not self.kv_native:
+            # An FP8 cache for an NVFP4 / INT8 checkpoint: round after RoPE, then let the kernel write
+            # through an identity rotation (cos 1, sin 0: exact), so the cache holds the rounded keys.
             q, k = self.rotary(positions, q, k)
             k, v = self.kv_emulation.round_kv(self, k, v)
             cos_sin = self.rotary.identity_cos_sin()
-        q = self.backend.rope_and_write(q[0], k[0], v[0], positions[0], cos_sin, self.k_cache,
-                                        self.v_cache, meta.slot_mapping, self.k_scale_float, self.v_scale_float)
+        q = self.backend.rope_and_write(q[0], k[0], v[0], positions[0], cos_sin, self.k_cache, self.v_cache,
+                                        meta.slot_mapping, self.k_scale_float, self.v_scale_float,
+                                        packed=self.kv_packed)
         out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, self.k_scale_float,
-                                  self.v_scale_float, self.sliding_window, fp8_scale)
+                                  self.v_scale_float, self.sliding_window, fp8_scale, packed=self.kv_packed)
         return out.reshape(1, q.shape[0], self.num_heads * self.head_dim)

@@ -48,13 +48,22 @@ class KVCacheStorage:
     block_scales: tuple[torch.dtype, int] | None = None
     bias: bool = False
 
-    def bytes_per_element(self, head_dim: int) -> float:
+    def bytes_per_head(self) -> int:
+        """Bytes one token's K (or V) of one KV head takes in the cache: codes plus block scales."""
         dtype, width = self.codes
         total = torch.empty((), dtype=dtype).element_size() * width
         if self.block_scales is not None:
             sdtype, swidth = self.block_scales
             total += torch.empty((), dtype=sdtype).element_size() * swidth
-        return total / head_dim
+        return total
+
+    def bytes_per_element(self, head_dim: int) -> float:
+        return self.bytes_per_head() / head_dim
+
+
+def unquantized_storage(dtype: torch.dtype, head_dim: int) -> KVCacheStorage:
+    """A cache holding keys and values as they are, in ``dtype`` (no KV-cache format)."""
+    return KVCacheStorage("NONE", (dtype, head_dim))
 
 
 def kv_storage(algo: str, head_dim: int) -> KVCacheStorage:

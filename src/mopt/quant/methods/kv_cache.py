@@ -54,19 +54,24 @@ class ModelOptFp8KVCacheMethod(BaseKVCacheMethod):
 
 
 class _EmulatedKVCacheMethod(BaseKVCacheMethod):
-    """A KV-cache format the attention kernels do not store natively yet (NVFP4, NVFP4_AFFINE, INT8).
+    """An NVFP4, NVFP4_AFFINE or INT8 KV cache.
 
-    After loading, the layer carries ``kv_cache_algo`` and ``kv_cache_storage`` (what a cache of this
-    format holds per token and head, ``mopt.quant.formats.kv_cache.KVCacheStorage``), and the method
-    offers :meth:`quantize_kv` / :meth:`dequantize_kv` for attention to call when it writes and reads
-    the cache. Until attention does, the layer calls :meth:`round_kv` on keys (after RoPE) and values,
-    which rounds them to exactly what such a cache would return (``fake_quantize_kv``): on the
-    cache-free path and on the paged path (which then stores those values in the model dtype) the
-    results equal a real cache of the format, but the cache takes no less memory.
+    ``kv_algo`` tells attention (before loading) which format its paged cache stores natively
+    (``Attention.kv_storage``); the paged kernels quantize on write and dequantize on read. After
+    loading, the layer carries ``kv_cache_algo`` and ``kv_cache_storage`` (what a cache of this format
+    holds per token and head, ``mopt.quant.formats.kv_cache.KVCacheStorage``), and the method offers
+    :meth:`quantize_kv` / :meth:`dequantize_kv` (the reference write and read) and :meth:`round_kv`,
+    which the cache-free path calls on keys (after RoPE) and values: they become exactly what a cache
+    of the format returns. The paged path calls it too only when ``kv_cache_dtype="fp8"`` makes its
+    cache FP8 (both roundings then, as the warning says).
     """
 
     algo = "abstract"
     has_bias = False
+
+    @property
+    def kv_algo(self) -> str:
+        return self.algo
 
     def create_weights(self, layer: torch.nn.Module) -> None:
         super().create_weights(layer)
@@ -87,8 +92,9 @@ class _EmulatedKVCacheMethod(BaseKVCacheMethod):
         layer.kv_cache_algo = self.algo
         layer.kv_cache_storage = kv_format.kv_storage(self.algo, layer.head_dim)
         if getattr(layer, "kv_cache_dtype", "auto") != "auto":
-            logger.warning("%s: an %s KV cache runs emulated; --kv-cache-dtype %s quantizes its values again",
-                           getattr(layer, "prefix", "attention"), self.algo, layer.kv_cache_dtype)
+            logger.warning("%s: an %s KV cache under --kv-cache-dtype %s: values are rounded to %s, then stored "
+                           "as FP8 (quantized twice)",
+                           getattr(layer, "prefix", "attention"), self.algo, layer.kv_cache_dtype, self.algo)
         layer.kv_emulation = self
 
     def quantize_kv(self, layer: torch.nn.Module, x: torch.Tensor, which: str) -> kv_format.KVCodes:
