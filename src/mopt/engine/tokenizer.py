@@ -43,12 +43,8 @@ def _special_tokens(config: dict, added: dict[str, bool]) -> dict[str, str] | No
         if not isinstance(value, str) or not added.get(value, False):
             return None
         tokens[name] = value
-    for name in ("additional_special_tokens", "extra_special_tokens"):
-        extra = config.get(name)
-        if extra and (not isinstance(extra, list) or any(not isinstance(t, str) or not added.get(t) for t in extra)):
-            return None
-        if extra:
-            return None  # listed in special_tokens_map under a name that varies by version: leave it to transformers
+    if config.get("additional_special_tokens") or config.get("extra_special_tokens"):
+        return None  # special_tokens_map lists them under a name that varies by version: left to transformers
     return tokens
 
 

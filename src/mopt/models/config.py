@@ -36,14 +36,14 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
                   "num_attention_heads": 16, "num_key_value_heads": 16, "moe_intermediate_size": 1408,
                   "shared_expert_intermediate_size": 5632, "num_experts_per_tok": 4, "num_experts": 60,
                   "qkv_bias": True},
-    "qwen3_moe": {**_QWEN2, **_MOE, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24,
-                  "num_attention_heads": 32, "num_key_value_heads": 4, "attention_bias": False,
-                  "moe_intermediate_size": 768, "num_experts_per_tok": 8, "num_experts": 128},
+    # Qwen3-MoE's config class has no max_window_layers or layer_types.
+    "qwen3_moe": {**{k: v for k, v in _QWEN2.items() if k not in ("max_window_layers", "layer_types")}, **_MOE,
+                  "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24, "num_attention_heads": 32,
+                  "num_key_value_heads": 4, "attention_bias": False, "moe_intermediate_size": 768,
+                  "num_experts_per_tok": 8, "num_experts": 128},
     "mixtral": {**_MISTRAL, "rms_norm_eps": 1e-5, "sliding_window": None, "num_experts_per_tok": 2,
                 "num_local_experts": 8},
 }
-for _name in ("qwen3_moe",):  # no max_window_layers or layer_types in Qwen3-MoE's config class
-    del FAMILY_DEFAULTS[_name]["max_window_layers"], FAMILY_DEFAULTS[_name]["layer_types"]
 # Fields the config classes declare nullable; null in any other declared field is an error transformers
 # reports (its strict dataclass checks), so such a config is left to it.
 _NULLABLE_QWEN = {"num_key_value_heads", "sliding_window", "layer_types", "eos_token_id"}
