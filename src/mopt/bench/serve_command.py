@@ -24,7 +24,7 @@ SERVER_STOP_SECONDS = 60
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from mopt.cli import _nonnegative_int, _number, _positive_int  # a bad value names its option, nothing loads
+    from mopt.cli.common import _nonnegative_int, _number, _positive_int  # a bad value names its option, nothing loads
 
     fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
     p.add_argument("--url", help="a running server (default: start `mopt serve` with the engine options given)")

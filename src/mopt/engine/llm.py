@@ -160,9 +160,9 @@ class LLM:
         if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             logger.warning("%s: no tokenizer; only token-id prompts work", path)
             return None
-        from transformers import AutoTokenizer
+        from mopt.engine.tokenizer import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(path)
+        return load_tokenizer(path)
 
     # -- requests ---------------------------------------------------------------------------------
 

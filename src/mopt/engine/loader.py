@@ -31,6 +31,7 @@ from mopt.errors import ModelConfigError
 from mopt.jsonio import read_json_object
 from mopt.layers.expert_parameter import ExpertParameter
 from mopt.layers.parameter import BaseParameter, WeightLoadError
+from mopt.models.config import read_model_config
 from mopt.models.registry import model_class
 from mopt.models.validate import validate_model_config, validate_raw_config
 from mopt.quant.checkpoint_names import QUANT_TENSOR_RENAMES
@@ -112,9 +113,8 @@ def check_scale(name: str, tensor: torch.Tensor) -> None:
 
 
 def _read_config(root: Path):
-    """``(model class, transformers config)`` after checking config.json field by field."""
-    from transformers import AutoConfig
-
+    """``(model class, config)`` after checking config.json field by field; the config is read
+    without transformers when ``mopt.models.config`` covers it (a faster start), else by ``AutoConfig``."""
     config_path = root / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{root}: no config.json (is this a Hugging Face checkpoint folder?)")
@@ -122,12 +122,20 @@ def _read_config(root: Path):
     source = str(config_path)
     cls = model_class(raw.get("architectures"), source)
     validate_raw_config(raw, cls, source)
-    try:
-        config = AutoConfig.from_pretrained(root)
-    except Exception as e:  # transformers raises many kinds for a bad config
-        raise ModelConfigError(f"{source}: transformers cannot parse it ({e})") from None
+    config = read_model_config(raw)
+    if config is None:
+        config = _transformers_config(root, source)
     validate_model_config(raw, config, cls, source)
     return cls, config
+
+
+def _transformers_config(root: Path, source: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(root)
+    except Exception as e:  # transformers raises many kinds for a bad config
+        raise ModelConfigError(f"{source}: transformers cannot parse it ({e})") from None
 
 
 def _missing_tensors(params: dict, headers: dict, packed: dict, kv_scales_required: bool) -> list[str]:

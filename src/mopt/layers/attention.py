@@ -15,8 +15,11 @@ format first and then stores them as FP8 (both roundings, as before).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,6 +27,17 @@ from mopt.kernels.attention import AttentionBackend, AttentionSpec, select_atten
 from mopt.kernels.paged_attention import PackedKV, cache_format
 from mopt.quant.formats import fp8
 from mopt.quant.formats import kv_cache as kv_format
+
+
+def cache_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled cache tensor. On CPUs numpy's calloc'd memory: the OS maps zero pages as they are first
+    touched, where ``torch.zeros`` writes the whole cache up front (0.2 s of start-up for the default 512 MiB)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros(math.prod(shape) * itemsize, np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
 
 
 @dataclass
@@ -95,11 +109,11 @@ class Attention(nn.Module):
         storage = self.kv_storage(model_dtype)
         lead = (num_blocks, block_size, self.num_kv_heads)
         dtype, width = storage.codes
-        k_cache, v_cache = (torch.zeros(*lead, width, dtype=dtype, device=device) for _ in range(2))
+        k_cache, v_cache = (cache_zeros((*lead, width), dtype, device) for _ in range(2))
         packed = None
         if storage.block_scales is not None:
             sdtype, swidth = storage.block_scales
-            k_scales, v_scales = (torch.zeros(*lead, swidth, dtype=sdtype, device=device) for _ in range(2))
+            k_scales, v_scales = (cache_zeros((*lead, swidth), sdtype, device) for _ in range(2))
             biases = (None, None)
             if storage.bias:
                 biases = tuple(getattr(self, name).to(device, torch.float32).contiguous()

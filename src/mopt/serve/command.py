@@ -17,7 +17,7 @@ DEFAULT_MAX_QUEUE = 512
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """Engine options beyond the common model options (model, --format, --device, --dtype,
     --kv-cache-dtype, --backend), for ``serve`` and ``bench serve``."""
-    from mopt.cli import _positive_int  # argparse types: a bad value names its option before anything loads
+    from mopt.cli.common import _positive_int  # argparse types: a bad value names its option before anything loads
 
     p.add_argument("--dummy", metavar="PRESET",
                    help="random weights of a preset's shape (llama3-8b, llama3-1b, qwen3-8b, ...) in --format; "
@@ -60,7 +60,7 @@ def check_engine_options(args: argparse.Namespace) -> None:
 
 def make_llm(args: argparse.Namespace):
     """The engine the options describe (the default model is built on first use)."""
-    from mopt.cli import _model_path, _torch_dtype, parallel_kwargs
+    from mopt.cli.common import _model_path, _torch_dtype, parallel_kwargs
     from mopt.console import quiet_libraries
 
     if args.backend:
@@ -100,7 +100,7 @@ def served_model_name(args: argparse.Namespace) -> str:
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    from mopt.cli import _number, _positive_int
+    from mopt.cli.common import _number, _positive_int
 
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=_number(int, lambda v: 0 <= v <= 65535, "a port in [0, 65535]"), default=8000, help="port (0: any free one; default: %(default)s)")
