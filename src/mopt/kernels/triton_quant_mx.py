@@ -43,13 +43,28 @@ def e8m0_value(code):
 
 
 @triton.jit
-def _mx_values_kernel(x_ptr, out_ptr, k, stride_x, BLOCKS: tl.constexpr, FP4: tl.constexpr):
-    """One program per (row, BLOCKS x 32 columns); K is a multiple of 32."""
+def bf16_bits(v):
+    """Float32 to bfloat16 bits (int16), round to nearest even, subnormals kept, NaN kept NaN."""
+    bits = v.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(v != v, 0x7FC0, rounded).to(tl.int16)
+
+
+@triton.jit
+def _mx_values_kernel(x_ptr, out_ptr, k, stride_x, BLOCKS: tl.constexpr, FP4: tl.constexpr,
+                      BF16_BITS: tl.constexpr):
+    """One program per (row, BLOCKS x 32 columns); K is a multiple of 32. ``BF16_BITS``: ``x_ptr`` and
+    ``out_ptr`` are the int16 views of bfloat16 tensors, converted by their bits (exact, and the
+    interpreter's conversions get subnormals wrong)."""
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
     cols = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
     mask = cols < k
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if BF16_BITS:
+        x = (tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32,
+                                                                                                 bitcast=True)
+    else:
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     code = e8m0_code(tl.max(tl.abs(x), axis=1), 6.0 if FP4 else 448.0)
     # torch's amax propagates NaN (giving code 0); the GPU's max reduction drops it.
     has_nan = tl.max((x != x).to(tl.int32), axis=1) > 0
@@ -66,7 +81,11 @@ def _mx_values_kernel(x_ptr, out_ptr, k, stride_x, BLOCKS: tl.constexpr, FP4: tl
     else:
         clamped = tl.minimum(tl.maximum(y, -448.0), 448.0)
         q = round_e4m3(tl.where(y != y, y, clamped))  # NaN stays NaN, as torch's clamp keeps it
-    tl.store(out_ptr + row * k + cols, (q * scale).to(out_ptr.dtype.element_ty), mask=mask)
+    value = q * scale  # exact: at most 4 significant bits, and no smaller than 2**-136
+    if BF16_BITS:
+        tl.store(out_ptr + row * k + cols, bf16_bits(value), mask=mask)
+    else:
+        tl.store(out_ptr + row * k + cols, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 _BLOCKS = 8  # 32-element blocks per program: 256 columns
@@ -80,7 +99,9 @@ def _mx_values(x: torch.Tensor, fp4: bool) -> torch.Tensor:
     out = torch.empty((m, k), dtype=x.dtype, device=x.device)
     if m and k:
         grid = (m, triton.cdiv(k // mx.BLOCK_SIZE, _BLOCKS))
-        _mx_values_kernel[grid](x2, out, k, x2.stride(0), BLOCKS=_BLOCKS, FP4=fp4)
+        bf16 = out.dtype == torch.bfloat16
+        as_bits = (lambda t: t.view(torch.int16)) if bf16 else (lambda t: t)
+        _mx_values_kernel[grid](as_bits(x2), as_bits(out), k, x2.stride(0), BLOCKS=_BLOCKS, FP4=fp4, BF16_BITS=bf16)
     return out.reshape(x.shape)
 
 
