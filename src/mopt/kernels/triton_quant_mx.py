@@ -81,7 +81,9 @@ def _mx_values_kernel(x_ptr, out_ptr, k, stride_x, BLOCKS: tl.constexpr, FP4: tl
     else:
         clamped = tl.minimum(tl.maximum(y, -448.0), 448.0)
         q = round_e4m3(tl.where(y != y, y, clamped))  # NaN stays NaN, as torch's clamp keeps it
-    value = q * scale  # exact: at most 4 significant bits, and no smaller than 2**-136
+    # Exact (at most 4 significant bits, none below 2**-149), except that an amax within half an E4M3 step
+    # of float32's maximum rounds to 2**128 = inf, as the reference's product does.
+    value = q * scale
     if BF16_BITS:
         tl.store(out_ptr + row * k + cols, bf16_bits(value), mask=mask)
     else:
