@@ -17,6 +17,8 @@ from triton.compiler import ASTSource
 from mopt.kernels import triton_argmax as targ
 from mopt.kernels import triton_attention as ta
 from mopt.kernels import triton_gemv as tg
+from mopt.kernels import triton_quant as tq
+from mopt.kernels import triton_quant_mx as tqm
 from mopt.kernels import triton_glue as tgl
 from mopt.kernels import triton_weight_only as two
 
@@ -100,6 +102,14 @@ KERNELS = [
           N="i32", K="i32", stride_am="i32", stride_bn="i32", stride_cm="i32"),
      [dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, DOT=False),
       dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, DOT=True)]),
+    (tq._int8_static_kernel, dict(x_ptr=P_BF16, out_ptr=P_BF16, scale_ptr=P_F32, n="i32"), [dict(BLOCK=1024)],
+     "INT8 values"),
+    (tq._int8_static_kernel, dict(x_ptr=P_F32, out_ptr=P_I8, scale_ptr=P_F32, n="i32"), [dict(BLOCK=1024)],
+     "INT8 codes"),
+    (tqm._mx_values_kernel, dict(x_ptr="*i16", out_ptr="*i16", k="i32", stride_x="i32"),
+     [dict(BLOCKS=8, FP4=False, BF16_BITS=True), dict(BLOCKS=8, FP4=True, BF16_BITS=True)], "bf16 bits"),
+    (tqm._mx_values_kernel, dict(x_ptr=P_F32, out_ptr=P_F32, k="i32", stride_x="i32"),
+     [dict(BLOCKS=8, FP4=False, BF16_BITS=False), dict(BLOCKS=8, FP4=True, BF16_BITS=False)], "float32"),
 ]
 
 # The weight-only family (``triton_weight_only``): each weight FORMAT once, with its scheme's pointer types

@@ -1,6 +1,8 @@
 """Triton activation quantizers, bit-exact with ``mopt.quant.formats`` (one pass over the input).
 
 * ``fp8_static``: ``e4m3(clamp(x / s))`` with a given per-tensor scale;
+* ``int8_static``: ``clamp(round(x / s), -128, 127)`` with a given per-tensor scale (SmoothQuant),
+  as int8 codes or as their values in the input's dtype (what the weight-only GEMM multiplies);
 * ``fp8_per_token``: per-row scale ``amax / 448`` (1.0 for an all-zero row);
 * ``fp8_groups``: per-row, per-128-column group scales (partial last group);
 * ``nvfp4_packed`` / ``nvfp4_block_values``: 16-element blocks with E4M3 block scales under a given global scale; returns either
@@ -50,6 +52,22 @@ def _fp8_static_kernel(x_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr):
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, _to_fp8(x, tl.load(scale_ptr)), mask=mask)
+
+
+@triton.jit
+def _int8_static_kernel(x_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.math.div_rn(x, tl.load(scale_ptr))
+    # Clamping to the integer bounds first gives what rounding first does, and keeps |y| < 2**22 for
+    # the rounding trick below.
+    y = tl.minimum(tl.maximum(y, -128.0), 127.0)
+    y = (y + 12582912.0) - 12582912.0  # 1.5 * 2**23: round to an integer, ties to even (torch.round)
+    # Through int32, so -0.0 (from -0.5 <= y < 0) becomes +0 as it does through torch's int8; then
+    # through float32, since the interpreter converts int32 to bfloat16 wrongly.
+    q = y.to(tl.int32).to(tl.float32)
+    tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -157,6 +175,20 @@ def fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     block = 1024
     _fp8_static_kernel[(triton.cdiv(n, block),)](x, out, scale.float().reshape(1), n, BLOCK=block)
+    return out
+
+
+def int8_static(x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """``int8.quantize_static(x, scale).to(out_dtype)`` for a per-tensor ``scale`` (one element), in one
+    pass: ``out_dtype`` int8 gives the codes, a float dtype their (exact) values."""
+    if scale.numel() != 1:
+        raise ValueError(f"int8_static needs one per-tensor scale, got shape {tuple(scale.shape)}")
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    n = x.numel()
+    block = 1024
+    if n:
+        _int8_static_kernel[(triton.cdiv(n, block),)](x, out, scale.float().reshape(1), n, BLOCK=block)
     return out
 
 

@@ -24,14 +24,13 @@ from typing import Callable
 
 import torch
 
-from mopt.kernels import triton_quant
+from mopt.kernels import triton_quant, triton_quant_mx
 from mopt.kernels.linear import LinearScheme, flatten_tokens, per_token_fp8, register_linear_kernel
 from mopt.kernels.triton_gemm import _num_sms
 from mopt.kernels.triton_linear import _CudaKernel
 from mopt.kernels.triton_weight_decode import FP8_BLOCK, GROUP_SCALED, INT4, INT8, MXFP4, MXFP8, NVFP4
 from mopt.kernels.triton_weight_gemv import weight_gemv
 from mopt.kernels.triton_weight_prefill import expanded_gemm, wo_mma
-from mopt.quant.formats import int8, mx
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 __all__ = ["FP8_BLOCK", "INT4", "INT8", "NVFP4", "MXFP4", "MXFP8", "weight_only_gemm", "TritonWeightOnlyKernel"]
@@ -72,15 +71,16 @@ def _fp8_codes(layer, x2):
 
 
 def _int8_codes(layer, x2):
-    return int8.quantize_static(x2, layer.input_scale).to(x2.dtype), None
+    """INT8 codes under the static per-tensor scale (folded into the row scale), as ``x2.dtype`` values."""
+    return triton_quant.int8_static(x2, layer.input_scale, x2.dtype), None
 
 
 def _mxfp8_values(layer, x2):
-    return mx.fake_quantize_mxfp8(x2).to(x2.dtype), None
+    return triton_quant_mx.mxfp8_values(x2), None
 
 
 def _mxfp4_values(layer, x2):
-    return mx.fake_quantize_mxfp4(x2).to(x2.dtype), None
+    return triton_quant_mx.mxfp4_values(x2), None
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,8 @@ SCHEMES: dict[LinearScheme, SchemeSpec] = {
 class TritonWeightOnlyKernel(_CudaKernel):
     """Weight-decoding GEMMs for every M (one token, decode batches, prefill MMA tiles): the weight-only
     schemes, and those whose activations are quantized to values exact in BF16 first (INT8 SmoothQuant,
-    W4A8 NVFP4/MXFP4 with FP8 activations, MXFP8 and MXFP4 W4A4) by ``triton_quant`` or the torch
-    reference quantizers on the GPU."""
+    W4A8 NVFP4/MXFP4 with FP8 activations, MXFP8 and MXFP4 W4A4) by ``triton_quant`` /
+    ``triton_quant_mx``, one launch each, bit-exact with the reference quantizers."""
 
     name, backend = "triton-weight-only", "triton"
     capability, capability_for = (8, 0), "BF16 tensor cores"
