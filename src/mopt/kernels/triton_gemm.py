@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mopt.kernels.triton_weight_decode import e2m1_pair as _e2m1_pair  # one E2M1 decode for every kernel
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -101,24 +103,6 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M,
     if not BLOCK_SCALES:
         acc = scale_tile(acc, a_scale_ptr, b_scale_ptr, offs_m, offs_n, m_ok, n_ok, A_ROWWISE, B_ROWWISE)
     _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS, SPLIT_K)
-
-
-@triton.jit
-def _e2m1_pair(packed):
-    """Codes of a packed tile ``uint8 [BN, BK/2]`` -> (even, odd) element values times 2^-14, float32.
-
-    An E2M1 code's magnitude bits shifted into float16's exponent/mantissa fields
-    (``(c & 7) << 9``) make a float16 equal to the E2M1 value times 2^-14 (code 1, value 0.5,
-    lands on float16's subnormal 2^-15), so decoding is a shift, a bitcast and a convert; the 2^14
-    is folded into the scales. The tile stays in its loaded, vectorized layout: even and odd
-    elements are kept apart instead of interleaved.
-    """
-    b = packed.to(tl.int32)
-    lo = ((b & 7) << 9) | ((b & 8) << 12)
-    hi = ((b & 0x70) << 5) | ((b & 0x80) << 8)
-    even = lo.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    odd = hi.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return even, odd
 
 
 @triton.jit

@@ -48,7 +48,9 @@ def int4_pair(packed):
 def e2m1_pair(packed):
     """E2M1 codes of a ``uint8`` tile (element 2i low) -> (even, odd) values times 2^-14, float32: the
     magnitude bits shifted into float16's exponent/mantissa fields (``(c & 7) << 9``) make a float16
-    equal to the value times 2^-14 (code 1, value 0.5, lands on float16's subnormal 2^-15)."""
+    equal to the value times 2^-14 (code 1, value 0.5, lands on float16's subnormal 2^-15), so decoding
+    is a shift, a bitcast and a convert; callers fold the 2^14 into their scales. Even and odd elements
+    stay apart, in the tile's loaded (vectorized) layout."""
     b = packed.to(tl.int32)
     lo = ((b & 7) << 9) | ((b & 8) << 12)
     hi = ((b & 0x70) << 5) | ((b & 0x80) << 8)
