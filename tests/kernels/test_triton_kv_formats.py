@@ -141,9 +141,14 @@ def _read_exact_case(device, dtype, algo, kv_heads=2, head_dim=64):
         assert torch.equal(got, value)
 
 
-def _rope_case(device, dtype, algo, n=6, heads=4, kv_heads=2, head_dim=64):
+def _rope_case(device, dtype, algo, n=6, heads=4, kv_heads=2, head_dim=64, grid=None):
+    """``grid``: inputs rounded to multiples of it, so that many values and block amaxes sit exactly on
+    rounding ties of the formats (as small dummy or real weights produce)."""
     g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, generator=g).to(device, dtype) * 2
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, generator=g) * 2
+    if grid is not None:
+        qkv = (qkv / grid).round() * grid
+    qkv = qkv.to(device, dtype)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k, v = (t.reshape(n, -1, head_dim) for t in (q, k, v))  # strided views, as the QKV GEMM leaves them
     positions = torch.tensor([0, 5, 17, 300, 1023, 2][:n], dtype=torch.int32, device=device)
@@ -169,8 +174,9 @@ def _rope_case(device, dtype, algo, n=6, heads=4, kv_heads=2, head_dim=64):
 # -- interpreter -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("algo", FORMATS)
-def test_rope_and_write_exact_interpreted(algo):
-    _rope_case(triton_device(False), torch.float32, algo)
+@pytest.mark.parametrize("grid", [None, 2 ** -3])
+def test_rope_and_write_exact_interpreted(algo, grid):
+    _rope_case(triton_device(False), torch.float32, algo, grid=grid)
 
 
 @pytest.mark.parametrize("algo", FORMATS)
@@ -202,8 +208,10 @@ def test_nvfp4_cache_needs_its_block_scales():
 @pytest.mark.gpu
 @pytest.mark.parametrize("algo", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_rope_and_write_exact_gpu(algo, dtype):
-    _rope_case(triton_device(True), dtype, algo, heads=32, kv_heads=8, head_dim=128)
+@pytest.mark.parametrize("grid", [None, 2 ** -3])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (4, 2, 64)])
+def test_rope_and_write_exact_gpu(algo, dtype, grid, heads, kv_heads, head_dim):
+    _rope_case(triton_device(True), dtype, algo, heads=heads, kv_heads=kv_heads, head_dim=head_dim, grid=grid)
 
 
 @pytest.mark.gpu
