@@ -22,7 +22,6 @@ from mopt.kernels.linear import LinearScheme as S
 from mopt.kernels.triton_weight_gemv import GemvTiles, weight_gemv
 from mopt.kernels.triton_weight_only import SCHEMES, TritonWeightOnlyKernel
 from mopt.kernels.triton_weight_prefill import MmaTiles, wo_mma
-from mopt.kernels.triton_gemm import _num_sms
 
 GEMV_SHAPES = [(4096, 4096), (28672, 4096)]
 MMA_SHAPES = [(4096, 4096), (28672, 4096)]
@@ -85,7 +84,7 @@ def main() -> None:
                                                    spec.fp4_group, None, torch.bfloat16, t) for l in layers]
                 else:
                     fns = [lambda l=l: wo_mma(x, spec.fmt, l.weight, l.wo_scale, l.wo_rows, None, n, k, l.wo_group,
-                                              spec.fp4_group, None, torch.bfloat16, False, _num_sms(x.device), t)
+                                              spec.fp4_group, None, torch.bfloat16, False, t)
                            for l in layers]
                 us = 1e6 * _time(fns, 20, 5)
             except Exception as e:  # out of resources for a config: skip it

@@ -134,7 +134,7 @@ def _weight_only_entries() -> list:
 
     from mopt.kernels import triton_weight_gemv as twg
     from mopt.kernels import triton_weight_prefill as twp
-    from mopt.kernels.triton_weight_decode import FOUR_BIT, GROUP_SCALED, scale_group
+    from mopt.kernels.triton_weight_decode import GROUP_SCALED, group_bytes, scale_group
 
     entries = []
     for i, (name, fmt, weight, scale, rows, x_scale, fp4_group, group, (m, split, act)) in enumerate(WEIGHT_ONLY):
@@ -149,17 +149,16 @@ def _weight_only_entries() -> list:
                         [dict(flags, FORMAT=fmt, GROUP=g, SPLIT_K=split, DOT_F32=act == "fp32", BLOCK_M=t.block_m,
                               BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=8, num_warps=t.num_warps)], f"{name} M={m}"))
         gt = twg.gemv_tiles(fmt, 4096)
-        groups = max(1, gt.row_bytes // (g // 2 if fmt in FOUR_BIT else g))
+        groups = max(1, gt.row_bytes // group_bytes(fmt, g))
         entries.append((twg._wo_gemv_kernel,
                         dict(pointers, c_ptr=f"*{act}", N="i32", K="i32", stride_b="i32", num_groups="i32"),
                         [dict(flags, FORMAT=fmt, GROUP=g, EVEN_K=i % 2 == 1, BLOCK_N=gt.block_n, GROUPS=groups,
                               SUM_GROUPS=gt.sum_groups, num_warps=gt.num_warps)], f"{name} one token"))
         if fmt not in GROUP_SCALED:
             out = P_BF16 if act == "bf16" else P_F32
-            g_bytes = g // 2 if fmt in FOUR_BIT else g
             entries.append((twp._wo_expand_kernel,
                             dict(b_ptr=weight, s_ptr=scale or weight, out_ptr=out, N="i32", K="i32", num_groups="i32"),
-                            [dict(FORMAT=fmt, GROUP=g, BLOCK_N=16, GROUPS=max(1, 512 // g_bytes), num_warps=4)],
+                            [dict(FORMAT=fmt, GROUP=g, BLOCK_N=16, GROUPS=max(1, 512 // group_bytes(fmt, g)), num_warps=4)],
                             f"{name} expansion"))
     entries.append((twp._epilogue_kernel,
                     dict(y_ptr=P_F32, r_ptr=P_F32, x_scale_ptr=P_F32, bias_ptr=P_BF16, c_ptr=P_BF16, M="i32", N="i32"),

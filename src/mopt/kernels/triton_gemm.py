@@ -252,9 +252,10 @@ def nvfp4_gemv_tiles(block_m: int, n: int) -> tuple[int, int, int, int]:
 
 
 def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """BF16 x BF16 -> float32 output (cuBLAS keeps the float32 accumulator); float32 math on CPU."""
+    """BF16 x BF16 -> float32 output (cuBLAS keeps the float32 accumulator); float32 math on CPU and for
+    float32 inputs."""
     if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.mm(a, b) if a.dtype == torch.float32 else torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
 
 

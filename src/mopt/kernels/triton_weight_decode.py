@@ -32,6 +32,16 @@ def scale_group(fmt: int, group: int, fp4_group: int) -> int:
     return {FP8_BLOCK: 128, INT4: group, INT8: 128, NVFP4: fp4_group}.get(fmt, 32)
 
 
+def scale_columns(fmt: int, scale) -> int:
+    """Scale groups per weight row, as the kernels index ``scale`` (1 where there are none: INT8)."""
+    return scale.shape[-1] if scale is not None and fmt != INT8 else 1
+
+
+def group_bytes(fmt: int, group: int) -> int:
+    """Stored bytes of ``group`` elements along K (4-bit formats pack two per byte)."""
+    return group // 2 if fmt in FOUR_BIT else group
+
+
 @triton.jit
 def int4_pair(packed):
     """Signed nibbles of a ``uint8`` tile (element 2i low) as float32 (even, odd).

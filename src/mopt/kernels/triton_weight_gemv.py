@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from mopt.kernels.triton_weight_decode import (
-    FOUR_BIT, INT4, INT8, _INT4, _INT8, _MXFP4, _NVFP4, e2m1_pair, group_scales, int4_pair, scale_group,
+    FOUR_BIT, INT4, _INT4, _INT8, _MXFP4, _NVFP4, e2m1_pair, group_bytes, group_scales, int4_pair, scale_columns,
+    scale_group,
 )
 
 
@@ -128,15 +129,14 @@ def weight_gemv(x: torch.Tensor, fmt: int, weight: torch.Tensor, scale: torch.Te
     ``triton_weight_only.weight_only_gemm``."""
     t = tiles or gemv_tiles(fmt, n)
     g = scale_group(fmt, group, fp4_group)
-    group_bytes = g // 2 if fmt in FOUR_BIT else g
-    groups = max(1, t.row_bytes // group_bytes)
+    groups = max(1, t.row_bytes // group_bytes(fmt, g))
     out = torch.empty((1, n), dtype=out_dtype, device=x.device)
     even_k = k % (groups * g) == 0
-    num_groups = scale.shape[-1] if scale is not None and fmt != INT8 else 1
+    num_groups = scale_columns(fmt, scale)
     _wo_gemv_kernel[(triton.cdiv(n, t.block_n),)](
         x, weight, scale if scale is not None else weight, row_scale if row_scale is not None else weight,
         x_scale if x_scale is not None else weight, out, bias if bias is not None else weight, n, k, weight.stride(0),
         num_groups, FORMAT=fmt, GROUP=g, HAS_ROW_SCALE=row_scale is not None, HAS_X_SCALE=x_scale is not None,
-        HAS_BIAS=bias is not None, EVEN_K=even_k, BLOCK_N=t.block_n, GROUPS=groups, SUM_GROUPS=t.sum_groups, num_warps=t.num_warps,
-        num_stages=t.num_stages)
+        HAS_BIAS=bias is not None, EVEN_K=even_k, BLOCK_N=t.block_n, GROUPS=groups, SUM_GROUPS=t.sum_groups,
+        num_warps=t.num_warps, num_stages=t.num_stages)
     return out

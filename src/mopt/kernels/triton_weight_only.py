@@ -26,7 +26,6 @@ import torch
 
 from mopt.kernels import triton_quant, triton_quant_mx
 from mopt.kernels.linear import LinearScheme, flatten_tokens, per_token_fp8, register_linear_kernel
-from mopt.kernels.triton_gemm import _num_sms
 from mopt.kernels.triton_linear import _CudaKernel
 from mopt.kernels.triton_weight_decode import FP8_BLOCK, GROUP_SCALED, INT4, INT8, MXFP4, MXFP8, NVFP4
 from mopt.kernels.triton_weight_gemv import weight_gemv
@@ -51,7 +50,7 @@ def weight_only_gemm(x: torch.Tensor, fmt: int, weight: torch.Tensor, scale: tor
         return weight_gemv(x, fmt, weight, scale, row_scale, bias, n, k, group, fp4_group, x_scale, out_dtype)
     if m <= MMA_MAX_M or fmt in GROUP_SCALED:
         return wo_mma(x, fmt, weight, scale, row_scale, bias, n, k, group, fp4_group, x_scale, out_dtype,
-                      INTERPRETED, _num_sms(x.device))
+                      INTERPRETED)
     return expanded_gemm(x, fmt, weight, scale, row_scale, bias, n, k, fp4_group, x_scale, out_dtype)
 
 

@@ -22,9 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
+from mopt.kernels.triton_gemm import _mm_float32, _num_sms, _output
 from mopt.kernels.triton_weight_decode import (
-    FOUR_BIT, GROUP_SCALED, INT8, _FP8_BLOCK, _INT4, _INT8, _MXFP4, _NVFP4, e2m1_pair, group_scales, int4_pair,
-    scale_group,
+    GROUP_SCALED, _FP8_BLOCK, _INT4, _INT8, _MXFP4, _NVFP4, e2m1_pair, group_bytes, group_scales, int4_pair,
+    scale_columns, scale_group,
 )
 
 
@@ -86,18 +87,12 @@ def expand_weight(fmt: int, weight: torch.Tensor, scale: torch.Tensor | None, n:
         raise ValueError(f"weight FORMAT {fmt} is group-scaled: its values are not exact in BF16 (use group_mma)")
     g = scale_group(fmt, 0, fp4_group)
     out = torch.empty((n, k), dtype=dtype, device=weight.device)
-    groups = max(1, 512 // (g // 2 if fmt in FOUR_BIT else g))
-    num_groups = scale.shape[-1] if scale is not None and fmt != INT8 else 1
+    groups = max(1, 512 // group_bytes(fmt, g))
+    num_groups = scale_columns(fmt, scale)
     _wo_expand_kernel[(triton.cdiv(n, 16), triton.cdiv(triton.cdiv(k, g), groups))](
         weight, scale if scale is not None else weight, out, n, k, num_groups, FORMAT=fmt, GROUP=g, BLOCK_N=16,
         GROUPS=groups, num_warps=4)
     return out
-
-
-def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32) if a.dtype != torch.float32 else torch.mm(a, b)
-    return a.float() @ b.float()
 
 
 def expanded_gemm(x: torch.Tensor, fmt: int, weight: torch.Tensor, scale: torch.Tensor | None,
@@ -105,7 +100,8 @@ def expanded_gemm(x: torch.Tensor, fmt: int, weight: torch.Tensor, scale: torch.
                   x_scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """``x [M, K]`` times an expanded copy of the weight (see the module docstring)."""
     m = x.shape[0]
-    w = expand_weight(fmt, weight, scale, n, k, fp4_group, torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
+    values_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    w = expand_weight(fmt, weight, scale, n, k, fp4_group, values_dtype)
     if x.dtype != w.dtype:
         x = x.float()
     if row_scale is None and x_scale is None and x.is_cuda and x.dtype == out_dtype:
@@ -223,7 +219,7 @@ def mma_tiles(fmt: int, m: int, group: int, dtype: torch.dtype) -> MmaTiles:
 
 def wo_mma(x: torch.Tensor, fmt: int, weight: torch.Tensor, scale: torch.Tensor | None,
            row_scale: torch.Tensor | None, bias: torch.Tensor | None, n: int, k: int, group: int, fp4_group: int,
-           x_scale: torch.Tensor | None, out_dtype: torch.dtype, interpreted: bool, num_sms: int,
+           x_scale: torch.Tensor | None, out_dtype: torch.dtype, interpreted: bool,
            tiles: MmaTiles | None = None) -> torch.Tensor:
     """``x [M, K]`` times any stored weight on the tensor cores; K is split across programs when too few
     output tiles would stream the weights."""
@@ -235,12 +231,11 @@ def wo_mma(x: torch.Tensor, fmt: int, weight: torch.Tensor, scale: torch.Tensor 
     programs = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
     k_tiles = triton.cdiv(k, t.block_k)
     split = 1
-    if programs < 2 * num_sms:
-        split = max(1, min(k_tiles // 2, triton.cdiv(2 * num_sms, programs)))
-    out = (torch.zeros if split > 1 else torch.empty)((m, n), dtype=torch.float32 if split > 1 else out_dtype,
-                                                      device=x.device)
+    if programs < 2 * _num_sms(x.device):
+        split = max(1, min(k_tiles // 2, triton.cdiv(2 * _num_sms(x.device), programs)))
+    out = _output(m, n, out_dtype, split, x.device)
     dummy = weight
-    num_groups = scale.shape[-1] if scale is not None and fmt != INT8 else 1
+    num_groups = scale_columns(fmt, scale)
     _wo_mma_kernel[(programs, split)](
         x, weight, scale if scale is not None else dummy, row_scale if row_scale is not None else dummy,
         x_scale if x_scale is not None else dummy, out, bias if bias is not None else dummy, m, n, k, x.stride(0),
