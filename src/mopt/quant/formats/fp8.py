@@ -30,9 +30,16 @@ BLOCK_SHAPE = (128, 128)
 GROUP_SIZE = 128
 
 
+def div_ieee(x: torch.Tensor, number: float) -> torch.Tensor:
+    """``x / number`` rounded as IEEE division on every device. CUDA divides a tensor by a Python number
+    as a multiplication by its reciprocal, one ulp off at times, which the Triton kernels (``div_rn``)
+    and CPUs do not; a tensor divisor keeps the true division."""
+    return x / torch.full((), number, dtype=x.dtype, device=x.device)
+
+
 def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """``amax / 448`` in float32, with 1.0 where that is zero (all-zero data)."""
-    scale = amax.float() / FP8_MAX
+    scale = div_ieee(amax.float(), FP8_MAX)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 

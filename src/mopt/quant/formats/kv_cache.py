@@ -89,11 +89,9 @@ class KVCodes:
 
 
 def nvfp4_global_scale(scale: torch.Tensor | float) -> torch.Tensor:
-    """NVFP4 global scale from the exported ``k_scale`` / ``v_scale`` (``amax / 448``): ``/ 6``, rounded as
-    IEEE division. The divisor is a tensor on purpose: CUDA divides a tensor by a Python number as a
-    multiplication by its reciprocal, one ulp away at times, which moved E2M1 roundings on the GPU."""
-    scale = torch.as_tensor(scale, dtype=torch.float32)
-    return scale / torch.full((), nvfp4.E2M1_MAX, dtype=torch.float32, device=scale.device)
+    """NVFP4 global scale from the exported ``k_scale`` / ``v_scale`` (``amax / 448``): ``/ 6``, as IEEE
+    division (on CUDA, a reciprocal multiplication one ulp off moved E2M1 roundings)."""
+    return fp8.div_ieee(torch.as_tensor(scale, dtype=torch.float32), nvfp4.E2M1_MAX)
 
 
 def quantize_kv(x: torch.Tensor, algo: str, scale: torch.Tensor | float,
