@@ -119,15 +119,20 @@ def test_bf16_tp2_with_graphs_agrees_with_tp1(config, fmt, expert_parallel):
 
 
 def test_a_killed_worker_ends_the_run_with_an_error_naming_it():
+    env = {**subprocess_env(), "PYTHONFAULTHANDLER": "1"}  # a hang is shown with every thread's stack
     child = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "tp_child.py"), "generate", "2",
-                              "cuda"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+                              "cuda"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = child.stdout.readline()
         assert line, child.communicate(timeout=60)[1][-3000:]
         worker = int(__import__("json").loads(line)["1"])
         time.sleep(3)
         os.kill(worker, signal.SIGKILL)
-        _, err = child.communicate(timeout=120)
+        try:
+            _, err = child.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGABRT)
+            pytest.fail("rank 0 did not exit within 90 s of its worker's death:\n" + child.communicate(timeout=30)[1][-6000:])
     finally:
         child.kill()
     assert child.returncode == 1, err[-3000:]

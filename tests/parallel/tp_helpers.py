@@ -135,6 +135,7 @@ class _Member:
         for v in values[1:]:
             out = out + v if op == "sum" else torch.maximum(out, v) if op == "max" else torch.minimum(out, v)
         x.copy_(out)
+        return x
 
     def all_gather_into(self, out: torch.Tensor, x: torch.Tensor, async_op: bool = False):
         out.copy_(torch.cat(self._exchange(x)))

@@ -106,6 +106,7 @@ class Group:
 
     def __init__(self, backend, rank: int, size: int, name: str) -> None:
         self.backend, self.rank, self.size, self.name = backend, rank, size, name
+        self.one_shot = None  # mopt.engine.one_shot.OneShotAllReduce: small sums on one node's GPUs
 
     def _done(self, work, async_op: bool):
         if async_op:
@@ -114,11 +115,16 @@ class Group:
         return None
 
     def all_reduce(self, x: torch.Tensor, op: str = "sum", async_op: bool = False):
+        """The sum (max, min) of ``x`` over the ranks: ``x`` itself, reduced in place, or, for a small
+        sum on one node's GPUs (see :mod:`mopt.engine.one_shot`), a new tensor. ``async_op``: the work."""
         import torch.distributed as dist
 
+        if op == "sum" and not async_op and self.one_shot is not None and self.one_shot.fits(x):
+            return self.one_shot(x)
         opts = dist.AllreduceOptions()
         opts.reduceOp = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
-        return self._done(self.backend.allreduce([x], opts), async_op)
+        work = self._done(self.backend.allreduce([x], opts), async_op)
+        return work if async_op else x
 
     def broadcast(self, x: torch.Tensor, src: int = 0, async_op: bool = False):
         import torch.distributed as dist
@@ -135,9 +141,21 @@ class Group:
         self.backend.abort()
 
     def shutdown(self) -> None:
+        """Free the group once no collective is pending. NCCL's communicators are aborted rather than
+        finalized: finalizing waited for a peer that had already left (seen on 2 H200s, tearing a world
+        down between tests)."""
+        if isinstance(self.backend, _nccl_backend_type()):
+            self.backend.abort()
+            return
         stop = getattr(self.backend, "shutdown", None)
         if stop is not None:
             stop()
+
+
+def _nccl_backend_type() -> type | tuple:
+    import torch.distributed as dist
+
+    return getattr(dist, "ProcessGroupNCCL", ())
 
 
 def new_group(kind: str, store, rank: int, size: int, timeout_s: float, name: str,
@@ -163,9 +181,8 @@ def new_group(kind: str, store, rank: int, size: int, timeout_s: float, name: st
 
 
 def all_reduce(x: torch.Tensor, group: Group, op: str = "sum") -> torch.Tensor:
-    """Sum (or max) ``x`` over the group's ranks in place; ``x`` on every rank afterwards."""
-    group.all_reduce(x, op)
-    return x
+    """Sum (or max) ``x`` over the group's ranks; use the result (``x`` reduced in place, or a new tensor)."""
+    return group.all_reduce(x, op)
 
 
 def all_gather_last_dim(x: torch.Tensor, group: Group, world: int) -> torch.Tensor:

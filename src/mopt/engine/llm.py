@@ -147,6 +147,7 @@ class LLM:
                                   enforce_eager=enforce_eager, progress=progress)
         if tensor_parallel_size > 1:
             self.runner.step_scope, self.runner.share_tokens = self.model.step_scope, self.model.share_tokens
+            self.runner.wait_step = self.model.wait_step
         logger.info("KV cache: %d blocks x %d tokens (%d bytes/token)", num_blocks, block_size, per_token)
 
     def _default_cache_bytes(self) -> int:

@@ -91,6 +91,7 @@ class PendingStep:
     sampled: SamplerOutput  # on the device
     host: torch.Tensor | None = None  # pinned destination of the one copy (None on the CPU)
     event: torch.cuda.Event | None = None
+    wait: Callable[[torch.cuda.Event], None] | None = None  # how to wait for ``event`` (default: synchronize)
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -102,8 +103,15 @@ class PendingStep:
         for logprobs (else ``None``), waiting for this step (and only it) to finish."""
         if self.event is None:
             return self.sampled.to_host()
-        self.event.synchronize()
+        self.event.synchronize() if self.wait is None else self.wait(self.event)
         return self.sampled.unpack(self.host[: len(self.seqs)].tolist())
+
+
+# How tensor-parallel workers learn a step's sampled ids (which a carried decode step reads): not at all
+# (a step of ``step_logits``), from rank 0's broadcast after sampling, or, when every row is greedy,
+# as the argmax of their own logits, which equal rank 0's bit for bit (the vocabulary-parallel
+# lm_head all-gathers them), so that the step needs no collective and no host work beyond rank 0's.
+SHARE_NONE, SHARE_BROADCAST, SHARE_GREEDY = 0, 1, 2
 
 
 class ModelRunner:
@@ -112,6 +120,7 @@ class ModelRunner:
     # ``share_tokens(tokens)`` gives the workers a step's sampled ids.
     step_scope: Callable[[str, tuple, np.ndarray], ContextManager] | None = None
     share_tokens: Callable[[torch.Tensor], None] | None = None
+    wait_step: Callable[[torch.cuda.Event], None] | None = None  # rank 0 polls, to notice a dead rank
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
                  max_num_seqs: int = 64, max_model_len: int | None = None, enforce_eager: bool = False,
@@ -155,10 +164,10 @@ class ModelRunner:
     def _scope(self, kind: str, ints: tuple, array: np.ndarray) -> ContextManager:
         return self.step_scope(kind, ints, array) if self.step_scope is not None else contextlib.nullcontext()
 
-    def _stage(self, seqs: list[Sequence], is_prefill: bool, carried: PendingStep | None, share: bool
+    def _stage(self, seqs: list[Sequence], is_prefill: bool, carried: PendingStep | None, share: int
                ) -> tuple[str, tuple, np.ndarray, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]]:
         """``(kind, ints, array, run)``: the step packed as the workers receive it, and rank 0's part of it.
-        ``ints`` end with ``share`` (whether the sampled ids are broadcast after the step)."""
+        ``ints`` end with ``share`` (how the workers learn the sampled ids: ``SHARE_*``)."""
         if is_prefill:
             array, n, b, max_query_len = prefill_array(seqs, self.block_size)
             return "prefill", (n, b, max_query_len, int(share)), array, \
@@ -184,11 +193,14 @@ class ModelRunner:
         """Queue one step and return without waiting for it. ``carried``: a decode step's sequences that
         were in ``carried`` take their input ids from its device-side tokens (their last host token
         is a placeholder then)."""
-        kind, ints, array, run = self._stage(seqs, is_prefill, carried, self.share_tokens is not None)
+        params = SamplingTensors.from_sequences(seqs, self.device)
+        share = SHARE_NONE if self.share_tokens is None else \
+            SHARE_GREEDY if params.all_greedy and params.presence is None else SHARE_BROADCAST
+        kind, ints, array, run = self._stage(seqs, is_prefill, carried, share)
         with self._scope(kind, ints, array):
             logits, greedy = run()
-            sampled = sample(logits, SamplingTensors.from_sequences(seqs, self.device), greedy)
-            if self.share_tokens is not None:
+            sampled = sample(logits, params, greedy)
+            if share == SHARE_BROADCAST:
                 self.share_tokens(sampled.tokens)
         if self.device.type != "cuda":
             return PendingStep(seqs, sampled)
@@ -197,7 +209,7 @@ class ModelRunner:
         host[: len(seqs)].copy_(packed, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return PendingStep(seqs, sampled, host, event)
+        return PendingStep(seqs, sampled, host, event, self.wait_step)
 
     def _host_buffer(self, packed: torch.Tensor) -> torch.Tensor:
         """Pinned room for ``packed``: for plain ids one of two buffers used in turn (see Staging); for

@@ -11,12 +11,15 @@ mopt's own (``mopt.engine.distributed.Group``: never torch.distributed's default
 * ``ctrl``: gloo, rank 0's commands to the workers. Its own timeout is effectively infinite because
   an engine may idle for days; waits on it are polled, and a worker leaves when rank 0 goes away.
 
-Liveness: each rank bumps a counter in the store every second. Rank 0's :class:`Monitor` also watches
-the spawned processes' sentinels and the ``failed/<rank>`` messages workers leave before exiting; a
-dead, failed or silent (``MOPT_TP_PEER_TIMEOUT``) rank becomes a :class:`TensorParallelError` naming
-it, NCCL groups are aborted so that no collective waits forever, and the engine raises that error.
-A worker leaves when its parent process changes (one node), when rank 0's counter stops, or when the
-store or a collective reports rank 0 gone. NVLink multicast (``NCCL_NVLS_ENABLE``) is turned off for
+On one node's GPUs the model group also gets a one-shot all-reduce over peer memory for small sums
+(``mopt.engine.one_shot``). Liveness (``mopt.engine.tp_watch``): each rank bumps a counter in the
+store every second; rank 0's ``Monitor`` also watches the spawned processes' sentinels and the
+``failed/<rank>`` messages workers leave before exiting; a dead, failed or silent
+(``MOPT_TP_PEER_TIMEOUT``) rank becomes a :class:`TensorParallelError` naming it, and the engine,
+which polls its steps, raises that error. NCCL-only groups are aborted so that no collective waits
+forever; a GPU whose one-shot all-reduce waits on the dead rank cannot be freed, so such a process
+leaves at exit without tearing NCCL down (``tp_runtime``). A worker leaves when its parent process
+changes (one node), when rank 0's counter stops, or when the store or a collective reports rank 0 gone. NVLink multicast (``NCCL_NVLS_ENABLE``) is turned off for
 every process before NCCL starts, and NCCL errors fail the collective instead of aborting the process
 (``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` unless set).
 """
@@ -26,12 +29,12 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from mopt.engine import one_shot
 from mopt.engine.distributed import Group, TensorParallelError, new_group
 
 logger = logging.getLogger(__name__)
@@ -250,9 +253,17 @@ def rendezvous(world: World, device_type: str) -> None:
             time.sleep(0.05)
     kind = "nccl" if device_type == "cuda" else "gloo"
     world.ctrl = new_group("gloo", store, world.rank, world.size, world.timeouts.init, "ctrl")
-    world.ctrl.backend.set_timeout(datetime.timedelta(seconds=CTRL_TIMEOUT_S))  # connected; now never time out
     world.group = new_group(kind, store, world.rank, world.size, world.timeouts.collective, "model",
                             world.device if kind == "nccl" else None)
+    world.group.one_shot = one_shot.set_up(world, lambda ok: _agree(world.ctrl, ok))
+    world.ctrl.backend.set_timeout(datetime.timedelta(seconds=CTRL_TIMEOUT_S))  # connected; now never time out
+
+
+def _agree(ctrl: Group, ok: bool) -> bool:
+    """Whether every rank says ``ok`` (a MIN over the control group)."""
+    flag = torch.tensor([int(ok)])
+    ctrl.all_reduce(flag, op="min")
+    return bool(flag.item())
 
 
 def wait_polled(work, check: callable, what: str, limit: float | None = None) -> None:
@@ -271,103 +282,10 @@ def wait_polled(work, check: callable, what: str, limit: float | None = None) ->
             raise TensorParallelError(f"{what}: no answer from the other ranks within {limit:.0f} s (MOPT_TP_TIMEOUT)")
 
 
-class Heartbeat(threading.Thread):
-    """Bumps ``alive/<rank>`` every second on its own store connection."""
-
-    def __init__(self, world: World) -> None:
-        super().__init__(daemon=True, name=f"mopt-tp-heartbeat{world.rank}")
-        self.world, self.stopped = world, threading.Event()
-        self.store = store_client(world)
-
-    def run(self) -> None:
-        while not self.stopped.wait(HEARTBEAT_S):
-            try:
-                self.store.add(f"alive/{self.world.rank}", 1)
-            except Exception:
-                return  # the store went away with rank 0; the worker loop notices
-
-
-class PeerWatch:
-    """Whether another rank's heartbeat counter moved within ``timeout`` seconds (local clock)."""
-
-    def __init__(self, store, rank: int, timeout: float) -> None:
-        self.store, self.rank, self.timeout = store, rank, timeout
-        self.value, self.since = None, time.monotonic()
-
-    def silent_for(self) -> float:
-        value = self.store.add(f"alive/{self.rank}", 0)
-        now = time.monotonic()
-        if value != self.value:
-            self.value, self.since = value, now
-        return now - self.since
-
-
-class Monitor(threading.Thread):
-    """Rank 0's watch over the workers (see module doc); ``failure`` is the first problem found."""
-
-    def __init__(self, world: World) -> None:
-        super().__init__(daemon=True, name="mopt-tp-monitor")
-        self.world, self.stopped = world, threading.Event()
-        self.failure: TensorParallelError | None = None
-        self.store = store_client(world)
-        self.peers = [PeerWatch(self.store, r, world.timeouts.peer) for r in range(1, world.size)]
-
-    def fail(self, problems: dict[int, str]) -> None:
-        """Record the failure, the rank most likely to blame first (see ``_SECONDARY``)."""
-        if self.failure is not None or not problems:
-            return
-
-        def blame(item):
-            rank, what = item
-            return (any(s in what for s in _SECONDARY), rank)
-
-        ranked = sorted(problems.items(), key=blame)
-        text = "; ".join(f"rank {rank} {what}" for rank, what in ranked)
-        self.failure = TensorParallelError(f"tensor-parallel {text}")
-        logger.error("%s", self.failure)
-        abort_groups(self.world)
-
-    def scan(self, exited: set[int]) -> dict[int, str]:
-        """Problems now: exited processes, failure messages, silent heartbeats."""
-        problems: dict[int, str] = {r: _exit_description(self.world, r) for r in exited}
-        for rank in range(1, self.world.size):
-            message = failure_message(self.store, rank)
-            if message and rank not in problems:
-                problems[rank] = f"failed: {message}"
-        for peer in self.peers:
-            silent = peer.silent_for()
-            if silent > peer.timeout and peer.rank not in problems:
-                problems[peer.rank] = f"stopped responding (no heartbeat for {silent:.0f} s, MOPT_TP_PEER_TIMEOUT)"
-        return problems
-
-    def run(self) -> None:
-        from multiprocessing.connection import wait
-
-        sentinels = {p.sentinel: r for r, p in self.world.processes.items()}
-        exited: set[int] = set()
-        while not self.stopped.is_set() and self.failure is None:
-            try:
-                self.store.add("alive/0", 1)
-                problems = self.scan(exited)
-                if problems:
-                    time.sleep(0.5)  # let the other ranks' reactions arrive, to tell cause from consequence
-                    exited |= {sentinels[s] for s in wait(list(sentinels), timeout=0)} if sentinels else set()
-                    if not self.stopped.is_set():
-                        self.fail(self.scan(exited))
-                    return
-            except Exception as e:  # torchrun's agent store gone: the world is being torn down
-                if not self.stopped.is_set():
-                    self.fail({0: f"lost the rendezvous store ({str(e).splitlines()[0]})"})
-                return
-            ready = wait(list(sentinels), timeout=HEARTBEAT_S) if sentinels else self.stopped.wait(HEARTBEAT_S)
-            if sentinels:
-                exited |= {sentinels[s] for s in ready}
-
-
 def abort_groups(world: World) -> None:
     """Make collectives that wait on a dead rank return (NCCL; gloo ones fail by themselves)."""
-    if world.device.type != "cuda" or world.group is None:
-        return
+    if world.device.type != "cuda" or world.group is None or world.group.one_shot is not None:
+        return  # a one-shot all-reduce never sees NCCL's abort, and the abort would block on it
     try:
         world.group.abort()
     except Exception as e:  # best effort: the collective timeout still bounds the wait
@@ -389,6 +307,8 @@ def stop_processes(world: World, grace: float = 10.0) -> None:
 
 
 def destroy_groups(world: World) -> None:
+    if world.group is not None and world.group.one_shot is not None:
+        one_shot.unregister_process_group(world.group.one_shot.name)
     for group in (world.group, world.ctrl):
         if group is not None:
             try:

@@ -17,6 +17,8 @@ import atexit
 import contextlib
 import gc
 import logging
+import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,10 +28,10 @@ import numpy as np
 import torch
 
 from mopt.engine.distributed import TensorParallelError
-from mopt.engine.tp_launch import (Monitor, World, destroy_groups, spawn_world, stop_processes, torchrun_env,
-                                   torchrun_world)
+from mopt.engine.tp_launch import World, destroy_groups, spawn_world, stop_processes, torchrun_env, torchrun_world
 from mopt.engine.tp_protocol import (LoadSpec, Op, broadcast_object, exchange_errors, load_shard, min_over_ranks,
                                      send_command)
+from mopt.engine.tp_watch import Monitor
 from mopt.errors import EngineArgumentError
 
 logger = logging.getLogger(__name__)
@@ -122,6 +124,13 @@ class TensorParallelRuntime:
         """Forget a model (its workers' memory is freed with the next command)."""
         self.pending_free.append(model_id)
 
+    @property
+    def wedged(self) -> bool:
+        """A rank failed while this GPU may wait on it in a collective that nothing can interrupt (the
+        one-shot all-reduce waits without limit; NCCL's abort and shutdown then block on the device)."""
+        failed = self.broken is not None or self.monitor.failure is not None
+        return failed and self.world.device.type == "cuda"
+
     def shutdown(self) -> None:
         global _RUNTIME
         with self.lock:
@@ -135,7 +144,8 @@ class TensorParallelRuntime:
                 except Exception as e:  # the workers are stopped below anyway
                     logger.debug("stopping the workers: %s", e)
             stop_processes(self.world)
-            destroy_groups(self.world)
+            if not self.wedged:
+                destroy_groups(self.world)
             if _RUNTIME is self:
                 _RUNTIME = None
 
@@ -152,6 +162,9 @@ def runtime(size: int, device_type: str) -> TensorParallelRuntime:
     """
     global _RUNTIME
     with _START_LOCK:
+        if _RUNTIME is not None and _RUNTIME.wedged:
+            raise TensorParallelError("this process's GPUs still wait on a tensor-parallel rank that failed "
+                                      f"({_RUNTIME.broken or _RUNTIME.monitor.failure}); a new model needs a new process")
         if _RUNTIME is not None and (_RUNTIME.broken is not None or _RUNTIME.monitor.failure is not None):
             _RUNTIME.shutdown()
         if _RUNTIME is not None:
@@ -180,7 +193,18 @@ def shutdown() -> None:
         _RUNTIME.shutdown()
 
 
-atexit.register(shutdown)
+def _at_exit() -> None:
+    wedged = _RUNTIME is not None and _RUNTIME.wedged
+    shutdown()
+    if wedged:
+        # Freeing NCCL's communicators (which interpreter teardown does) would wait forever on the GPU
+        # work that waits on the failed rank; the error has been raised and reported, so leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+atexit.register(_at_exit)
 
 
 class TensorParallelModel(torch.nn.Module):
@@ -225,6 +249,15 @@ class TensorParallelModel(torch.nn.Module):
     def share_tokens(self, tokens: torch.Tensor) -> None:
         """The runner's ``share_tokens``: a step's sampled ids to the workers (inside the step's scope)."""
         self.runtime.world.group.broadcast(tokens.contiguous())
+
+    def wait_step(self, event: torch.cuda.Event) -> None:
+        """The runner's ``wait_step``: wait for a step by polling its event. The one-shot all-reduce
+        (``mopt.engine.one_shot``) waits on its peers with no time limit, so a blocking wait would never
+        return after a rank died; polling lets the monitor's error through."""
+        while not event.query():
+            if self.runtime.monitor.failure is not None:
+                self.runtime.check()
+            time.sleep(0)  # lets the other threads (a server's event loop) run
 
     @contextlib.contextmanager
     def step_scope(self, kind: str, ints: tuple, array: np.ndarray) -> Iterator[None]:

@@ -18,9 +18,11 @@ import warnings
 import torch
 
 from mopt.engine.distributed import TensorParallelError
-from mopt.engine.tp_launch import Heartbeat, PeerWatch, Timeouts, World, rendezvous, store_client
+from mopt.engine.sampler import greedy_tokens
+from mopt.engine.tp_launch import Timeouts, World, rendezvous, store_client
 from mopt.engine.tp_protocol import (LoadSpec, Op, ShardState, broadcast_object, exchange_errors, load_shard,
                                      local_kv_blocks, min_over_ranks, receive_command, receive_tokens)
+from mopt.engine.tp_watch import Heartbeat, PeerWatch
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,22 @@ def serve(world: World) -> int:
         if silent > world.timeouts.peer:
             raise RankZeroGone(f"rank 0 sent no heartbeat for {silent:.0f} s")
 
+    try:
+        code = _serve_commands(world, check_rank0)
+    finally:
+        heartbeat.stopped.set()
+    if code != 0 and world.device.type == "cuda":
+        # A collective on this GPU may wait forever on the rank that failed, and freeing NCCL's
+        # communicators (here or in interpreter teardown) would wait with it: leave at once.
+        sys.stderr.flush()
+        os._exit(code)
+    from mopt.engine.tp_launch import destroy_groups
+
+    destroy_groups(world)
+    return code
+
+
+def _serve_commands(world: World, check_rank0) -> int:
     shards: dict[int, ShardState] = {}
     try:
         while True:
@@ -102,11 +120,6 @@ def serve(world: World) -> int:
         logger.debug("%s", traceback.format_exc())
         _report(world, e)
         return 1
-    finally:
-        heartbeat.stopped.set()
-        from mopt.engine.tp_launch import destroy_groups
-
-        destroy_groups(world)
 
 
 def _rank0_gone(world: World, check) -> bool:
@@ -155,17 +168,26 @@ def _run(world: World, shards: dict[int, ShardState], op: Op, model_id: int, int
                                        enforce_eager=bool(eager))
         elif op is Op.PREFILL:
             n, b, max_query_len, share = ints[:4]
-            shard.runner.prefill_from_array(payload, n, b, max_query_len)
-            if share:
-                shard.tokens = receive_tokens(world, b)
+            logits = shard.runner.prefill_from_array(payload, n, b, max_query_len)
+            _keep_tokens(world, shard, share, b, lambda: greedy_tokens(logits))
         elif op is Op.DECODE:
             from mopt.engine.cuda_graphs import StagedDecode
 
             batch, bucket, width, carried, share = ints[:5]
             if carried and shard.tokens is None:
                 raise TensorParallelError("rank 0 sent a decode step that carries tokens this rank never received")
-            shard.runner.graphs.run_staged(StagedDecode(payload, batch, bucket, width, carried), shard.tokens)
-            if share:
-                shard.tokens = receive_tokens(world, batch)
+            _, greedy = shard.runner.graphs.run_staged(StagedDecode(payload, batch, bucket, width, carried),
+                                                       shard.tokens)
+            _keep_tokens(world, shard, share, batch, lambda: greedy)
         else:
             raise TensorParallelError(f"unknown tensor-parallel command {op!r}")
+
+
+def _keep_tokens(world: World, shard: ShardState, share: int, count: int, greedy) -> None:
+    """A step's sampled ids, as rank 0 shares them (``runner.SHARE_*``), for the next step to carry."""
+    from mopt.engine.runner import SHARE_BROADCAST, SHARE_GREEDY
+
+    if share == SHARE_BROADCAST:
+        shard.tokens = receive_tokens(world, count)
+    elif share == SHARE_GREEDY:
+        shard.tokens = greedy()

@@ -275,7 +275,7 @@ class RowParallelLinear(LinearBase):
         bias = self.bias if self.tp_rank == 0 else None
         y = self.quant_method.apply(self, x, bias)
         if self.reduce_results and self.tp_group is not None:
-            all_reduce(y, self.tp_group)
+            y = all_reduce(y, self.tp_group)
         return y
 
 

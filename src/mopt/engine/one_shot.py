@@ -1,0 +1,165 @@
+"""One-shot all-reduce over NVLink peer memory for the small sums of decoding (torch symmetric memory).
+
+A decode step of a tensor-parallel model sums a few kilobytes per row-parallel layer (batch x hidden
+BF16 values), 65 times per step for a Llama-3-8B. NCCL's ring all-reduce takes 6-7 us for such a
+message on two H200s; a one-shot all-reduce, where every rank reads every peer's partial sums directly
+from the peer's memory and adds them, needs one round of signals instead of a ring's steps. The
+peers use the same idea (vLLM's and TensorRT-LLM's custom all-reduce); mopt takes the kernel from
+torch.distributed's symmetric memory (``torch.ops.symm_mem.one_shot_all_reduce_copy``): each rank
+copies its partial sums into its slot of a buffer mapped on every GPU of the node, the ranks signal
+each other, and each adds all slots in rank order (so every rank gets the same bits) and signals
+again before the buffer is reused. No NVLink multicast is involved.
+
+Larger messages (prefill), other reductions (the MAX of per-token activation scales), several
+nodes, and hosts where the set-up fails use NCCL. The kernel waits on its peers without a time
+limit, so a rank that dies leaves the others' GPUs spinning: rank 0 polls its steps (see
+``TensorParallelModel.wait``) and reports the rank instead of hanging. ``MOPT_TP_ALLREDUCE=nccl``
+turns this path off; ``MOPT_TP_ONE_SHOT_BYTES`` sets the largest message it takes (default 1 MiB).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 1 << 20
+DTYPES = (torch.bfloat16, torch.float32)  # what torch's kernel is built for
+
+
+class OneShotAllReduce:
+    """Sums of at most ``max_bytes`` over the ranks of ``name`` through ``buffer`` (symmetric memory)."""
+
+    def __init__(self, name: str, buffer: torch.Tensor, max_bytes: int, process_group) -> None:
+        self.name, self.buffer, self.max_bytes = name, buffer, max_bytes
+        self.process_group = process_group  # c10d's registry holds it weakly: kept alive here
+
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` takes this path; it depends on the shape and dtype alone, so every rank, which
+        holds the same shape, decides alike."""
+        nbytes = x.numel() * x.element_size()
+        return x.dtype in DTYPES and 0 < nbytes <= self.max_bytes and nbytes % 16 == 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of ``x`` over the ranks, a new tensor (``x`` is left as it was)."""
+        x = x.contiguous()
+        if x.data_ptr() % 16:
+            x = x.clone()  # the kernel moves 16 bytes at a time, from the buffer and from x alike
+        slot = self.buffer[: x.numel() * x.element_size()].view(x.dtype).view(x.shape)
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(slot, x, "sum", self.name)
+
+
+def max_bytes_from_env() -> int:
+    if os.environ.get("MOPT_TP_ALLREDUCE", "auto").lower() == "nccl":
+        return 0
+    value = os.environ.get("MOPT_TP_ONE_SHOT_BYTES")
+    if value is None:
+        return DEFAULT_MAX_BYTES
+    try:
+        size = int(value)
+    except ValueError:
+        from mopt.engine.distributed import TensorParallelError
+
+        raise TensorParallelError(f"MOPT_TP_ONE_SHOT_BYTES must be a whole number of bytes, got {value!r}") from None
+    return max(0, size // 16 * 16)
+
+
+def register_process_group(name: str, store, rank: int, size: int, backend, device: torch.device):
+    """Make ``backend`` (mopt's own NCCL or gloo group) known to c10d by ``name``, which is how torch's
+    symmetric memory finds the ranks and the store of a rendezvous. It does not become
+    torch.distributed's default group: other code in the process still sees none."""
+    from torch._C._distributed_c10d import ProcessGroup, _register_process_group
+
+    group = ProcessGroup(store, rank, size)
+    kind = ProcessGroup.BackendType.NCCL if device.type == "cuda" else ProcessGroup.BackendType.GLOO
+    group._register_backend(torch.device(device.type), kind, backend)
+    group._set_group_name(name)
+    _register_process_group(name, group)
+    return group  # c10d's registry holds it weakly: the caller keeps it
+
+
+def unregister_process_group(name: str) -> None:
+    from torch._C._distributed_c10d import _unregister_process_group
+
+    try:
+        _unregister_process_group(name)
+    except Exception as e:  # not registered (the set-up failed before)
+        logger.debug("unregistering %s: %s", name, e)
+
+
+def set_up(world, agree) -> OneShotAllReduce | None:
+    """The one-shot all-reduce of ``world``'s model group, or None where NCCL must do every sum.
+
+    Collective: every rank calls it after the groups exist. ``agree(ok) -> bool`` is True when every
+    rank passes ``ok`` True (a MIN over the control group), so that either all ranks use the path or
+    none does, and no rank enters the buffer's rendezvous alone."""
+    max_bytes = max_bytes_from_env()
+    if world.device.type != "cuda" or world.size < 2 or max_bytes == 0:
+        return None
+    problem = None
+    host = socket.gethostname()
+    world.store.set(f"host/{world.rank}", host)
+    hosts = {world.store.get(f"host/{r}").decode() for r in range(world.size)}
+    if len(hosts) > 1:
+        problem = f"the ranks run on {len(hosts)} hosts"  # peer memory is one node's
+    buffer = name = process_group = None
+    if problem is None:
+        try:
+            import torch.distributed as dist
+            import torch.distributed._symmetric_memory as symm_mem
+            from torch._C._distributed_c10d import _SymmetricMemory
+
+            name = f"mopt-tp-{world.store_address[0]}:{world.store_address[1]}"
+            store = dist.PrefixStore("symm", world.store)
+            process_group = register_process_group(name, store, world.rank, world.size, world.group.backend,
+                                                   world.device)
+            try:  # torch releases that look groups up by name in their own table rather than c10d's
+                _SymmetricMemory.set_group_info(name, world.rank, world.size, store)
+            except Exception as e:
+                logger.debug("symmetric memory group info: %s", e)
+            try:
+                symm_mem.set_backend("CUDA")  # peer mappings of cudaMalloc'd memory (not NVSHMEM)
+            except Exception as e:  # set already, or this torch has one backend only
+                logger.debug("symmetric memory backend: %s", e)
+            buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=world.device)
+        except Exception as e:  # no symmetric memory in this torch or on this host: NCCL does it all
+            problem = _describe(e)
+    if not agree(problem is None):
+        return _unavailable(name, problem or "another rank cannot map its peers' memory")
+    try:
+        symm_mem.rendezvous(buffer, name)
+        op = OneShotAllReduce(name, buffer, max_bytes, process_group)
+    except Exception as e:
+        problem = _describe(e)
+    if not agree(problem is None):
+        return _unavailable(name, problem or "the rendezvous failed on another rank")
+    probe = torch.full((8,), float(world.rank + 1), device=world.device)
+    expected = world.size * (world.size + 1) / 2
+    try:
+        good = bool((op(probe) == expected).all().item())
+        problem = None if good else "a probe sum came out wrong"
+    except Exception as e:
+        problem = _describe(e)
+    if not agree(problem is None):
+        return _unavailable(name, f"its probe failed ({problem or 'on another rank'})")
+    return op
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:500]}"
+
+
+unavailable_reason: str | None = None  # why the last set-up fell back to NCCL (for benchmarks and logs)
+
+
+def _unavailable(name: str | None, reason: str) -> None:
+    global unavailable_reason
+    unavailable_reason = reason
+    logger.info("tensor parallelism: NCCL does every all-reduce (no one-shot all-reduce: %s)", reason)
+    if name is not None:
+        unregister_process_group(name)
+    return None

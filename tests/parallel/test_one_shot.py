@@ -1,0 +1,120 @@
+"""The one-shot all-reduce's rules, on CPUs (the kernel itself runs on 2 GPUs: bench/tp_allreduce.py
+compares its sums with NCCL's bit for bit, and tests/parallel/test_tp_gpu.py runs models through it).
+
+* which sums take the path: decided by shape and dtype alone, so every rank (same shapes) decides alike;
+* the environment switches, with errors naming the variable;
+* mopt's group as c10d knows it by name lives as long as mopt holds it (c10d keeps it weakly: losing
+  it made torch's rendezvous fail on the GPUs with "has already been destroyed");
+* ``Group.all_reduce`` routes small sums there and everything else (MAX, large, other dtypes) to the backend.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import types
+
+import pytest
+import torch
+
+from mopt.engine import one_shot
+from mopt.engine.distributed import Group, TensorParallelError
+
+
+def _op(max_bytes: int = 1024) -> one_shot.OneShotAllReduce:
+    return one_shot.OneShotAllReduce("test", torch.empty(max_bytes, dtype=torch.uint8), max_bytes, None)
+
+
+@pytest.mark.parametrize("dtype,shape,fits", [
+    (torch.bfloat16, (1, 8), True),          # 16 bytes
+    (torch.bfloat16, (1, 512), True),        # 1024 bytes: the limit itself
+    (torch.bfloat16, (1, 520), False),       # over the limit
+    (torch.bfloat16, (3,), False),           # 6 bytes: the kernel moves 16 at a time
+    (torch.float32, (4, 4), True),
+    (torch.float16, (8,), False),            # torch's kernel is built for float32 and bfloat16 only
+    (torch.int32, (8,), False),
+    (torch.bfloat16, (0, 8), False),
+])
+def test_which_sums_take_the_one_shot_path(dtype, shape, fits):
+    assert _op().fits(torch.zeros(shape, dtype=dtype)) is fits
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, one_shot.DEFAULT_MAX_BYTES),
+    ({"MOPT_TP_ALLREDUCE": "nccl"}, 0),
+    ({"MOPT_TP_ALLREDUCE": "NCCL", "MOPT_TP_ONE_SHOT_BYTES": "4096"}, 0),
+    ({"MOPT_TP_ONE_SHOT_BYTES": "100"}, 96),  # whole 16-byte units
+    ({"MOPT_TP_ONE_SHOT_BYTES": "0"}, 0),
+])
+def test_environment_switches(monkeypatch, env, expected):
+    for name in ("MOPT_TP_ALLREDUCE", "MOPT_TP_ONE_SHOT_BYTES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert one_shot.max_bytes_from_env() == expected
+
+
+def test_a_bad_size_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MOPT_TP_ONE_SHOT_BYTES", "1MB")
+    with pytest.raises(TensorParallelError, match="MOPT_TP_ONE_SHOT_BYTES.*'1MB'"):
+        one_shot.max_bytes_from_env()
+
+
+def test_the_registered_group_lives_as_long_as_it_is_held():
+    import torch.distributed as dist
+    from torch._C._distributed_c10d import _resolve_process_group
+
+    store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=10), wait_for_workers=False)
+    backend = dist.ProcessGroupGloo(dist.PrefixStore("b", store), 0, 1, datetime.timedelta(seconds=10))
+    held = one_shot.register_process_group("mopt-test-held", store, 0, 1, backend, torch.device("cpu"))
+    one_shot.register_process_group("mopt-test-dropped", store, 0, 1, backend, torch.device("cpu"))
+    gc.collect()
+    assert _resolve_process_group("mopt-test-held") is held
+    with pytest.raises(RuntimeError, match="destroyed"):
+        _resolve_process_group("mopt-test-dropped")
+    one_shot.unregister_process_group("mopt-test-held")
+    one_shot.unregister_process_group("mopt-test-dropped")
+    one_shot.unregister_process_group("never-registered")  # quiet
+    with pytest.raises(RuntimeError):
+        _resolve_process_group("mopt-test-held")
+
+
+def test_no_one_shot_path_off_gpus():
+    world = types.SimpleNamespace(device=torch.device("cpu"), size=2)
+    assert one_shot.set_up(world, agree=lambda ok: pytest.fail("a CPU world needs no agreement")) is None
+
+
+class _Backend:
+    def __init__(self):
+        self.calls = []
+
+    def allreduce(self, tensors, opts):
+        self.calls.append(opts.reduceOp)
+        return types.SimpleNamespace(wait=lambda: None)
+
+
+class _FakeOneShot:
+    def __init__(self):
+        self.calls = 0
+
+    def fits(self, x):
+        return _op(64).fits(x)
+
+    def __call__(self, x):
+        self.calls += 1
+        return x * 2  # a new tensor, as the real one returns
+
+
+@pytest.mark.parametrize("shape,op,to_one_shot", [
+    ((1, 8), "sum", True),
+    ((1, 8), "max", False),     # per-token amaxes: NCCL
+    ((64, 8), "sum", False),    # 1 KiB > the 64 bytes allowed here: NCCL
+])
+def test_group_routes_sums(shape, op, to_one_shot):
+    backend, fast = _Backend(), _FakeOneShot()
+    group = Group(backend, 0, 2, "model")
+    group.one_shot = fast
+    x = torch.ones(shape, dtype=torch.bfloat16)
+    y = group.all_reduce(x, op)
+    assert (fast.calls, len(backend.calls)) == ((1, 0) if to_one_shot else (0, 1))
+    assert (y is x) is not to_one_shot  # callers must use the result
