@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Tensor parallelism on a host with 2 GPUs (NCCL). Stages, in this order, each skipped when less time
-# is left than it needs (BUDGET_S, default 480 s, bounds the whole run; STAGES picks a subset):
+# is left than it needs (BUDGET_S, default 570 s, bounds the whole run; STAGES picks a subset):
 #   tests  the GPU tensor-parallel tests (tests/parallel/test_tp_gpu.py, measured errors kept by -rP)
+#   allreduce  NCCL against the one-shot all-reduce, eager and in CUDA graphs (bench/tp_allreduce.py)
 #   8b     mopt bench generate --dummy llama3-8b, BF16 and FP8+FP8 KV, batch 1 and 64, -tp 1 then -tp 2
 #   moe    the same for qwen3-30b-a3b in FP8: -tp 1, then -tp 2 --enable-expert-parallel
 #   70b    llama3-70b in FP8 (70 GB of weights, more than one H100 holds) at -tp 2, batch 1 and 64
-# Writes at most 8 files under $OUT (default ./out): summary.txt (GPUs, versions, stage results, the
-# speed-up table), speedups.json, tests.txt, tp1.json, tp2.json, moe-tp1.json, moe-tp2.json, 70b-tp2.json.
+# Writes under $OUT (default ./out): summary.txt (GPUs, versions, stage results, the speed-up table),
+# speedups.json, tests.txt, allreduce.json, tp1.json, tp2.json, moe-tp1.json, moe-tp2.json, 70b-tp2.json
+# (9 files: the device tool brings back 8, so leave one stage out there).
 # Usage: OUT=out bash bench/tp_gpu.sh            (mopt from this tree: PYTHONPATH=src)
 # DENSE, MOE, BIG (presets or config.json paths) and BENCH_ARGS override what is measured.
 set -uo pipefail
@@ -15,8 +17,8 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # NVLink multicast stays off for every process (mopt sets NCCL's too; the others are the host's rule).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-BUDGET_S=${BUDGET_S:-480}
-STAGES=${STAGES:-tests,8b,moe,70b}
+BUDGET_S=${BUDGET_S:-570}
+STAGES=${STAGES:-tests,allreduce,8b,moe,70b}
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 LOG=$(mktemp); trap 'rm -f "$LOG"' EXIT
@@ -46,8 +48,12 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 git log -1 --format='mopt %h %s' 2>/dev/null | tee -a "$SUMMARY"
 
 if wants tests; then
-  stage tests 60 180 python3 -m pytest -q -rP -m gpu -p no:cacheprovider tests/parallel/test_tp_gpu.py
+  stage tests 60 300 python3 -m pytest -q -rP -m gpu -p no:cacheprovider -o faulthandler_timeout=240 tests/parallel/test_tp_gpu.py
   grep -v "it/s\]" "$LOG" | tail -120 > "$OUT/tests.txt"
+fi
+
+if wants allreduce; then
+  stage allreduce 60 90 python3 bench/tp_allreduce.py --json "$OUT/allreduce.json"
 fi
 
 DENSE=${DENSE:-llama3-8b} MOE=${MOE:-qwen3-30b-a3b} BIG=${BIG:-llama3-70b}
