@@ -13,7 +13,7 @@ again before the buffer is reused. No NVLink multicast is involved.
 Larger messages (prefill), other reductions (the MAX of per-token activation scales), several
 nodes, and hosts where the set-up fails use NCCL. The kernel waits on its peers without a time
 limit, so a rank that dies leaves the others' GPUs spinning: rank 0 polls its steps (see
-``TensorParallelModel.wait``) and reports the rank instead of hanging. ``MOPT_TP_ALLREDUCE=nccl``
+``TensorParallelModel.wait_step``) and reports the rank instead of hanging. ``MOPT_TP_ALLREDUCE=nccl``
 turns this path off; ``MOPT_TP_ONE_SHOT_BYTES`` sets the largest message it takes (default 1 MiB).
 """
 

@@ -19,9 +19,10 @@ store every second; rank 0's ``Monitor`` also watches the spawned processes' sen
 which polls its steps, raises that error. NCCL-only groups are aborted so that no collective waits
 forever; a GPU whose one-shot all-reduce waits on the dead rank cannot be freed, so such a process
 leaves at exit without tearing NCCL down (``tp_runtime``). A worker leaves when its parent process
-changes (one node), when rank 0's counter stops, or when the store or a collective reports rank 0 gone. NVLink multicast (``NCCL_NVLS_ENABLE``) is turned off for
-every process before NCCL starts, and NCCL errors fail the collective instead of aborting the process
-(``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` unless set).
+changes (one node), when rank 0's counter stops, or when the store or a collective reports rank 0
+gone. NVLink multicast (``NCCL_NVLS_ENABLE``) is turned off for every process before NCCL starts, and
+NCCL errors fail the collective instead of aborting the process (``TORCH_NCCL_ASYNC_ERROR_HANDLING=2``
+unless set).
 """
 
 from __future__ import annotations

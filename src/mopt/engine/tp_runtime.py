@@ -125,11 +125,15 @@ class TensorParallelRuntime:
         self.pending_free.append(model_id)
 
     @property
+    def failed(self) -> bool:
+        """A rank failed (the monitor saw it) or a step broke the world."""
+        return self.broken is not None or self.monitor.failure is not None
+
+    @property
     def wedged(self) -> bool:
         """A rank failed while this GPU may wait on it in a collective that nothing can interrupt (the
         one-shot all-reduce waits without limit; NCCL's abort and shutdown then block on the device)."""
-        failed = self.broken is not None or self.monitor.failure is not None
-        return failed and self.world.device.type == "cuda"
+        return self.failed and self.world.device.type == "cuda"
 
     def shutdown(self) -> None:
         global _RUNTIME
@@ -138,7 +142,7 @@ class TensorParallelRuntime:
                 return
             self.closed = True
             self.monitor.stopped.set()
-            if self.broken is None and self.monitor.failure is None:
+            if not self.failed:
                 try:
                     send_command(self.world, Op.STOP, check=lambda: None)
                 except Exception as e:  # the workers are stopped below anyway
@@ -165,7 +169,7 @@ def runtime(size: int, device_type: str) -> TensorParallelRuntime:
         if _RUNTIME is not None and _RUNTIME.wedged:
             raise TensorParallelError("this process's GPUs still wait on a tensor-parallel rank that failed "
                                       f"({_RUNTIME.broken or _RUNTIME.monitor.failure}); a new model needs a new process")
-        if _RUNTIME is not None and (_RUNTIME.broken is not None or _RUNTIME.monitor.failure is not None):
+        if _RUNTIME is not None and _RUNTIME.failed:
             _RUNTIME.shutdown()
         if _RUNTIME is not None:
             have = (_RUNTIME.world.size, _RUNTIME.world.device.type)
