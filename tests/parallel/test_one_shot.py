@@ -118,3 +118,13 @@ def test_group_routes_sums(shape, op, to_one_shot):
     y = group.all_reduce(x, op)
     assert (fast.calls, len(backend.calls)) == ((1, 0) if to_one_shot else (0, 1))
     assert (y is x) is not to_one_shot  # callers must use the result
+
+
+def test_a_bad_size_fails_before_any_process_starts(monkeypatch):
+    from mopt.engine import tp_runtime
+    from mopt.engine.dummy import tiny_preset_config
+
+    monkeypatch.setenv("MOPT_TP_ONE_SHOT_BYTES", "lots")
+    monkeypatch.setattr(tp_runtime, "runtime", lambda *a: pytest.fail("a world was started"))
+    with pytest.raises(TensorParallelError, match="MOPT_TP_ONE_SHOT_BYTES"):
+        tp_runtime.load_tensor_parallel("dummy", tiny_preset_config(), "cpu", torch.float32, "auto", 2, False)

@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mopt.engine import one_shot
 from mopt.engine.distributed import TensorParallelError
 from mopt.engine.tp_launch import World, destroy_groups, spawn_world, stop_processes, torchrun_env, torchrun_world
 from mopt.engine.tp_protocol import (LoadSpec, Op, broadcast_object, exchange_errors, load_shard, min_over_ranks,
@@ -294,6 +295,7 @@ def load_tensor_parallel(kind: str, model, device_type: str, dtype: torch.dtype,
         model = str(Path(model))
         _, config, quant, _, _ = read_model_spec(Path(model))
     check_split(config, quant, tensor_parallel_size, expert_parallel)
+    one_shot.max_bytes_from_env()  # a bad MOPT_TP_ONE_SHOT_BYTES fails here, before any process starts
     world = runtime(tensor_parallel_size, device_type)
     spec = LoadSpec(kind, model, dtype, kv_cache_dtype, quantization, seed, expert_parallel)
     model_id, shard = world.load(spec, progress)
