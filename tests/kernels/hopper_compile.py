@@ -14,6 +14,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from mopt.kernels import triton_allreduce_norm as tan
 from mopt.kernels import triton_argmax as targ
 from mopt.kernels import triton_attention as ta
 from mopt.kernels import triton_gemv as tg
@@ -90,6 +91,11 @@ KERNELS = [
      dict(x_ptr=P_BF16, res_ptr=P_BF16, w_ptr=P_F32, out_ptr=P_F8, res_out_ptr=P_BF16, scale_ptr=P_F32,
           stride_x="i32", stride_r="i32", n="i32", eps="fp32"),
      [dict(BLOCK=4096, HAS_RESIDUAL=True, FP8_OUT=True), dict(BLOCK=16384, HAS_RESIDUAL=False, FP8_OUT=False)]),
+    (tan._allreduce_rms_norm_kernel,
+     dict(x_ptr=P_BF16, res_ptr=P_BF16, w_ptr=P_F32, out_ptr=P_F8, res_out_ptr=P_BF16, scale_ptr=P_F32,
+          bases_ptr="*i64", stride_x="i32", stride_r="i32", n="i32", eps="fp32"),
+     [dict(RANK=0, WORLD=2, ROW_ELEMS=8192, BLOCK=4096, FP8_OUT=True),
+      dict(RANK=5, WORLD=8, ROW_ELEMS=8192, BLOCK=8192, FP8_OUT=False)]),
     (tgl._silu_mul_kernel, dict(x_ptr=P_BF16, out_ptr=P_F8, scale_ptr=P_F32, stride_x="i32", n="i32"),
      [dict(BLOCK=1024, FP8_OUT=True)]),
     (tg._gemv_kernel,

@@ -126,6 +126,13 @@ class Group:
         work = self._done(self.backend.allreduce([x], opts), async_op)
         return work if async_op else x
 
+    def fused_rms_norm(self, x: torch.Tensor):
+        """The all-reduce fused with the residual add and RMSNorm (``mopt.engine.one_shot.OneShotRMSNorm``)
+        that takes the partial sums ``x``, or None where they take :meth:`all_reduce` and a separate norm.
+        It depends on ``x``'s shape and dtype alone, so every rank decides alike."""
+        norm = self.one_shot.norm if self.one_shot is not None else None
+        return norm if norm is not None and norm.fits(x) else None
+
     def broadcast(self, x: torch.Tensor, src: int = 0, async_op: bool = False):
         import torch.distributed as dist
 

@@ -60,3 +60,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 def silu_mul(x: torch.Tensor, fp8_scale: torch.Tensor | None = None) -> torch.Tensor:
     kernels = _triton_glue(x)
     return silu_mul_reference(x, fp8_scale) if kernels is None else kernels.silu_mul(x, fp8_scale)
+
+
+def all_reduce_rms_norm_reference(partials: list[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor,
+                                  eps: float, fp8_scale: torch.Tensor | None = None):
+    """The reference of ``triton_allreduce_norm``: the ranks' partial sums added in rank order in float32
+    and rounded to their dtype once, then :func:`rms_norm_reference` with ``residual``."""
+    total = partials[0].float()
+    for p in partials[1:]:
+        total = total + p.float()
+    return rms_norm_reference(total.to(partials[0].dtype), weight, eps, residual, fp8_scale)

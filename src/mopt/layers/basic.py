@@ -19,7 +19,9 @@ class RMSNorm(nn.Module):
 
     ``forward(x, residual)`` first adds the residual stream (rounded to the activation dtype, as an
     unfused ``x + residual`` is) and returns ``(normed, new residual)``: one kernel on GPUs. With
-    ``fp8_scale`` (the next layer's ``fp8_input_scale``) ``normed`` is E4M3 codes under it.
+    ``fp8_scale`` (the next layer's ``fp8_input_scale``) ``normed`` is E4M3 codes under it. With
+    ``reduce_group``, ``x`` is this rank's partial sums of a row-parallel layer: they are all-reduced
+    first, in the norm's own kernel where the group has one for them (one node's GPUs).
     """
 
     def __init__(self, size: int, eps: float = 1e-6, prefix: str = "") -> None:
@@ -29,7 +31,13 @@ class RMSNorm(nn.Module):
         self.weight.mopt_name = f"{prefix}.weight"
         self.weight._weight_loader = lambda param, t, shard_id=None: param.load(t, ShardSpec())
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8_scale: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8_scale: torch.Tensor | None = None,
+                reduce_group=None):
+        if reduce_group is not None:
+            fused = reduce_group.fused_rms_norm(x) if residual is not None else None
+            if fused is not None:
+                return fused(x, residual, self.weight, self.eps, fp8_scale)
+            x = all_reduce(x, reduce_group)
         return rms_norm(x, self.weight, self.eps, residual, fp8_scale)
 
 

@@ -270,11 +270,13 @@ class RowParallelLinear(LinearBase):
             return ShardSpec()
         return ShardSpec(split="input", slice_index=self.tp_rank, num_slices=self.tp_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """``reduce=False``: this rank's partial sums, for a caller that reduces them itself (the next
+        RMSNorm, which can do the all-reduce in its own kernel)."""
         # The bias is added once, by rank 0, so that the all-reduce sums it once.
         bias = self.bias if self.tp_rank == 0 else None
         y = self.quant_method.apply(self, x, bias)
-        if self.reduce_results and self.tp_group is not None:
+        if reduce and self.reduce_results and self.tp_group is not None:
             y = all_reduce(y, self.tp_group)
         return y
 

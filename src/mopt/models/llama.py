@@ -75,7 +75,8 @@ class LlamaAttentionBlock(nn.Module):
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5, rotary,
                               quant_config, f"{prefix}.attn", kv_cache_dtype, sliding_window=sliding_window)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata | None) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata | None,
+                reduce: bool = True) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -85,7 +86,7 @@ class LlamaAttentionBlock(nn.Module):
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.o_proj(self.attn(positions, q, k, v, meta, self.o_proj.fp8_input_scale))
+        return self.o_proj(self.attn(positions, q, k, v, meta, self.o_proj.fp8_input_scale), reduce)
 
 
 class LlamaMLP(nn.Module):
@@ -109,18 +110,24 @@ class LlamaMLP(nn.Module):
     def fp8_input_scale(self) -> torch.Tensor | None:
         return self.gate_up_proj.fp8_input_scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self.act_fn is nn.functional.silu:  # one kernel, writing the down projection's FP8 codes if it takes them
-            return self.down_proj(silu_mul(gate_up, self.down_proj.fp8_input_scale))
+            return self.down_proj(silu_mul(gate_up, self.down_proj.fp8_input_scale), reduce)
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(self.act_fn(gate) * up)
+        return self.down_proj(self.act_fn(gate) * up, reduce)
 
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block. The residual stream travels beside the hidden states so that each RMSNorm
     adds it in the same kernel: ``forward(positions, x, residual, meta) -> (x, residual)``, where the
-    block's output is ``x + residual``."""
+    block's output is ``x + residual``.
+
+    Under tensor parallelism the row-parallel o_proj and down_proj hand their partial sums to the norm
+    after them, which all-reduces them (in its own kernel on one node's GPUs): ``input_group`` is set
+    (by :class:`LlamaModel`) when ``x`` arrives as partial sums of the layer before, and
+    ``output_group`` when this layer returns them (a dense MLP; mixture-of-experts blocks reduce their
+    own output)."""
 
     def __init__(self, config, quant_config, prefix: str, params_dtype, kv_cache_dtype: str, flags: dict,
                  rotary: RotaryEmbedding, mlp: nn.Module | None = None, sliding_window: int | None = None,
@@ -133,6 +140,9 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, f"{prefix}.input_layernorm")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
                                                 f"{prefix}.post_attention_layernorm")
+        self.tp_group = self.self_attn.o_proj.tp_group
+        self.input_group = None
+        self.output_group = self.tp_group if type(self.mlp) is LlamaMLP else None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,9 +151,12 @@ class LlamaDecoderLayer(nn.Module):
         if residual is None:
             x, residual = self.input_layernorm(x, fp8_scale=qkv_scale), x
         else:
-            x, residual = self.input_layernorm(x, residual, qkv_scale)
-        x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual, getattr(self.mlp, "fp8_input_scale", None))
+            x, residual = self.input_layernorm(x, residual, qkv_scale, self.input_group)
+        x = self.self_attn(positions, x, meta, reduce=self.tp_group is None)
+        x, residual = self.post_attention_layernorm(x, residual, getattr(self.mlp, "fp8_input_scale", None),
+                                                    self.tp_group)
+        if self.output_group is not None:
+            return self.mlp(x, reduce=False), residual
         return self.mlp(x), residual
 
 
@@ -160,6 +173,9 @@ class LlamaModel(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "model.norm")
+        for before, layer in zip(self.layers, self.layers[1:]):
+            layer.input_group = before.output_group
+        self.norm_group = self.layers[-1].output_group if len(self.layers) else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 meta: AttentionMetadata | None = None) -> torch.Tensor:
@@ -168,7 +184,7 @@ class LlamaModel(nn.Module):
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
-        return self.norm(x, residual)[0]
+        return self.norm(x, residual, reduce_group=self.norm_group)[0]
 
 
 class LlamaForCausalLM(nn.Module):

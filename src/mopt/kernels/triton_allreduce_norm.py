@@ -1,0 +1,149 @@
+"""All-reduce fused with the residual add and RMSNorm, over peer memory (one node's GPUs).
+
+After a row-parallel layer each rank holds partial sums; the next thing the model does is add the
+residual stream and normalize. This kernel does the three in one launch: each program takes one row,
+pushes the rank's partial sums into every peer's buffer, waits for the peers' rows to arrive in its
+own, adds every rank's row in rank order (float32, rounded to the activation dtype once, so every rank
+gets the same bits, and two ranks get exactly the rounded sum NCCL gives), then adds the residual and
+normalizes as ``triton_glue._rms_norm_kernel`` does (same rounding steps, same reduction tree),
+optionally writing the next GEMM's E4M3 codes.
+
+No flags and no memory fences: the data is its own signal (the "Lamport" one-shot all-reduce of
+TensorRT-LLM). Every free slot holds negative zero (``SENTINEL``, 0x8000 in BF16 and FP16); a rank
+sends its values with negative zeros made positive, so a peer knows a row has arrived when none of
+its values is the sentinel. Rows rotate through three slots: in its e-th call (counted per row) a
+program writes into the peers' slot ``e % 3``, reads its own slot ``e % 3`` and puts the sentinel back
+into its slot ``(e - 1) % 3``, which no peer writes until its call e + 2 -- and a peer cannot get there
+before this rank has sent it row e + 1, after this call has ended.
+
+Each rank's buffer (``buffer_bytes(world)``, the same layout on every rank; ``bases[r]`` is rank r's
+buffer as mapped on this GPU): ``rows[3][world][MAX_ROWS][ROW_BYTES]`` (slot, sending rank, row), then
+``slot[MAX_ROWS]`` (int32, each row's next slot: 0, 1, 2, 0, ...). The waits have no time limit: a peer
+that died leaves the GPU spinning, which the engine detects from the host
+(``TensorParallelModel.wait_step``).
+
+Sign of zero: a partial sum of -0.0 is sent as +0.0, so where every rank's partial is -0.0 the sum is
++0.0 where NCCL's is -0.0 -- equal values, and every rank still agrees bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mopt.kernels.triton_glue import _store_out, _warps
+from mopt.quant.formats import fp8
+
+MAX_ROWS = 128
+ROW_BYTES = 16384  # 8192 BF16 values: a hidden size up to 8192
+MAX_WORLD = 8
+SLOTS = 3
+SENTINEL_BITS = -32768  # 0x8000 as int16: -0.0 in BF16 and FP16
+DTYPES = (torch.bfloat16, torch.float16)
+_MAX_ROWS = tl.constexpr(MAX_ROWS)
+_SENTINEL = tl.constexpr(SENTINEL_BITS)
+_SLOTS = tl.constexpr(SLOTS)
+
+
+def rows_bytes(world: int) -> int:
+    return SLOTS * world * MAX_ROWS * ROW_BYTES
+
+
+def buffer_bytes(world: int) -> int:
+    return rows_bytes(world) + 4 * MAX_ROWS
+
+
+def init_buffer(buffer: torch.Tensor, world: int) -> None:
+    """Every slot free (the sentinel), every row's next slot 0."""
+    buffer[: rows_bytes(world)].view(torch.int16).fill_(SENTINEL_BITS)
+    buffer[rows_bytes(world): buffer_bytes(world)].zero_()
+
+
+@triton.jit
+def _row_bits(base_ptr, slot, source, row, WORLD: tl.constexpr, ROW_ELEMS: tl.constexpr):
+    """Pointer (int16) to row ``row`` from rank ``source`` in slot ``slot`` of the buffer at ``base_ptr``."""
+    return base_ptr.to(tl.pointer_type(tl.int16)) + ((slot * WORLD + source) * _MAX_ROWS + row) * ROW_ELEMS
+
+
+@triton.jit
+def _allreduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale_ptr, bases_ptr, stride_x, stride_r,
+                               n, eps, RANK: tl.constexpr, WORLD: tl.constexpr, ROW_ELEMS: tl.constexpr,
+                               BLOCK: tl.constexpr, FP8_OUT: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    dtype = x_ptr.dtype.element_ty
+    me = tl.load(bases_ptr + RANK)
+    slot_ptr = (me + _SLOTS * WORLD * _MAX_ROWS * ROW_ELEMS * 2).to(tl.pointer_type(tl.int32)) + row
+    slot = tl.load(slot_ptr)
+    bits = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0).to(tl.int16, bitcast=True)
+    bits = tl.where(bits == _SENTINEL, 0, bits)  # -0.0 -> +0.0: the sentinel never travels as data
+    for s in tl.static_range(WORLD):
+        if s != RANK:
+            dst = _row_bits(tl.load(bases_ptr + s), slot, RANK, row, WORLD, ROW_ELEMS)
+            tl.store(tl.multiple_of(dst, 16) + cols, bits, mask=mask)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(WORLD):
+        if s == RANK:
+            acc += bits.to(dtype, bitcast=True).to(tl.float32)
+        else:
+            src = tl.multiple_of(_row_bits(me, slot, s, row, WORLD, ROW_ELEMS), 16) + cols
+            got = tl.load(src, mask=mask, other=0, volatile=True)
+            while tl.sum((got == _SENTINEL).to(tl.int32), axis=0) > 0:
+                got = tl.load(src, mask=mask, other=0, volatile=True)
+            acc += got.to(dtype, bitcast=True).to(tl.float32)
+    free = (slot + _SLOTS - 1) % _SLOTS
+    for s in tl.static_range(WORLD):
+        if s != RANK:
+            tl.store(tl.multiple_of(_row_bits(me, free, s, row, WORLD, ROW_ELEMS), 16) + cols,
+                     tl.full((BLOCK,), _SENTINEL, tl.int16), mask=mask)
+    tl.store(slot_ptr, (slot + 1) % _SLOTS)
+    r = tl.load(res_ptr + row.to(tl.int64) * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    s_row = (acc.to(dtype).to(tl.float32) + r).to(dtype)
+    tl.store(res_out_ptr + row.to(tl.int64) * n + cols, s_row, mask=mask)
+    xs = s_row.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(xs * xs, axis=0) / n + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    _store_out(out_ptr + row.to(tl.int64) * n + cols, (w * (xs * rstd)).to(dtype), scale_ptr, mask, FP8_OUT)
+
+
+def supports(x: torch.Tensor, world: int) -> tuple[bool, str]:
+    """Whether the kernel takes ``x [..., n]`` (the partial sums) over ``world`` ranks, and why not."""
+    n = x.shape[-1]
+    rows = x.numel() // max(n, 1)
+    if x.dtype not in DTYPES:
+        return False, f"activations are {x.dtype}, the kernel takes {DTYPES}"
+    if not 1 <= rows <= MAX_ROWS:
+        return False, f"{rows} rows, the buffer holds 1 to {MAX_ROWS}"
+    if n * x.element_size() > ROW_BYTES:
+        return False, f"rows of {n} values exceed its {ROW_BYTES}-byte rows"
+    if not 1 <= world <= MAX_WORLD:
+        return False, f"{world} ranks, the layout has room for {MAX_WORLD}"
+    return True, ""
+
+
+def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                        fp8_scale: torch.Tensor | None, bases: torch.Tensor, rank: int,
+                        world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(normed, s)`` with ``s = sum over ranks of x + residual`` (as ``triton_glue.rms_norm`` with
+    ``residual``) for this rank's partial sums ``x``. ``bases`` (int64 ``[world]``, on ``x``'s device): each
+    rank's buffer (``buffer_bytes(world)``, set up by :func:`init_buffer`) at its address on this GPU.
+    Every rank must make the same calls in the same order with the same shapes."""
+    ok, why = supports(x, world)
+    if not ok:
+        raise ValueError(f"all_reduce_rms_norm: {why}")
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    r2 = residual.reshape(-1, n)
+    r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=fp8.FP8_DTYPE if fp8_scale is not None else x.dtype, device=x.device)
+    res_out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(n)
+    _allreduce_rms_norm_kernel[(m,)](
+        x2, r2, weight, out, res_out, fp8_scale if fp8_scale is not None else weight, bases, x2.stride(0),
+        r2.stride(0), n, eps, RANK=rank, WORLD=world, ROW_ELEMS=ROW_BYTES // 2, BLOCK=block,
+        FP8_OUT=fp8_scale is not None, num_warps=_warps(block, fp8_scale))
+    return out.view(x.shape), res_out.view(x.shape)
