@@ -28,8 +28,10 @@ unless set).
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -307,13 +309,42 @@ def stop_processes(world: World, grace: float = 10.0) -> None:
             process.join(2.0)
 
 
+TEARDOWN_S = 30.0
+
+
 def destroy_groups(world: World) -> None:
+    """Free the world's groups. CUDA graphs that captured NCCL collectives go first (models hold them in
+    reference cycles, hence the collection); each group's shutdown gets ``TEARDOWN_S`` seconds, after
+    which it is left to the process's exit (seen on 2 H100s: NCCL's abort never returned in a process
+    that had captured and replayed its collectives), so that tearing a world down never hangs."""
+    if world.device.type == "cuda":
+        gc.collect()
+        try:
+            torch.cuda.synchronize(world.device)
+        except Exception as e:  # a failed device: the shutdowns below are bounded anyway
+            logger.debug("synchronizing before the groups' shutdown: %s", e)
     if world.group is not None and world.group.one_shot is not None:
         one_shot.unregister_process_group(world.group.one_shot.name)
     for group in (world.group, world.ctrl):
         if group is not None:
-            try:
-                group.shutdown()
-            except Exception as e:  # a failed world may not tear down cleanly; the processes are gone anyway
-                logger.debug("shutting down group %s: %s", group.name, e)
+            _shut_down_within(group, TEARDOWN_S)
     world.group = world.ctrl = None
+
+
+def _shut_down_within(group: Group, seconds: float) -> bool:
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            group.shutdown()
+        except Exception as e:  # a failed world may not tear down cleanly; the processes are gone anyway
+            logger.debug("shutting down group %s: %s", group.name, e)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"mopt-shutdown-{group.name}", daemon=True).start()
+    if done.wait(seconds):
+        return True
+    logger.warning("tensor parallelism: shutting down the %s process group did not finish within %.0f s; "
+                   "leaving it to the process's exit", group.name, seconds)
+    return False
