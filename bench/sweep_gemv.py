@@ -3,7 +3,8 @@
 Each config is timed like ``mopt bench kernels`` (a CUDA graph of calls cycling through weight copies
 larger than L2; median of replays) next to BF16 cuBLAS, ``_scaled_mm`` and the split-K Triton GEMM
 on the same pre-quantized activations. Prints the best configs per shape; ``--json`` keeps all rows.
-Usage: PYTHONPATH=src python3 bench/sweep_gemv.py [--json OUT]
+Usage: PYTHONPATH=src python3 bench/sweep_gemv.py [--weights fp8|bf16] [--tokens 1,16] [--shapes NxK,...] [--json OUT]
+(``--shapes tp2`` takes the Llama-3-8B layers as one rank of two holds them.)
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import torch
 
 from mopt.bench.kernels import L2_BYTES, _time
 from mopt.kernels import triton_gemm
-from mopt.kernels.triton_gemv import GemvTiles, fp8_gemv, gemv
+from mopt.kernels.triton_gemv import GemvTiles, fp8_gemv, gemv, gemv_tiles
 from mopt.quant.formats import fp8
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+TP2_SHAPES = [(3072, 4096), (4096, 2048), (14336, 4096), (4096, 7168)]
 
 
 def configs(m: int, itemsize: int):
@@ -38,10 +40,13 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--tokens", default="1,16")
     parser.add_argument("--weights", default="fp8", choices=["fp8", "bf16"])
+    parser.add_argument("--shapes", default="", help="NxK,... or tp2 (default: the Llama-3-8B layers)")
     args = parser.parse_args()
+    shapes = (TP2_SHAPES if args.shapes == "tp2" else
+              [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES)
     dev = torch.device("cuda")
     rows = []
-    for n, k in SHAPES:
+    for n, k in shapes:
         copies = max(2, min(8, math.ceil(2 * L2_BYTES / (n * k))))
         ws = [fp8.quantize_per_tensor(torch.randn(n, k, device=dev) * 0.02) for _ in range(copies)]
         wb = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(copies)]
@@ -72,15 +77,19 @@ def main() -> None:
                 rows.append(row)
                 if best is None or us < best["us"]:
                     best = row
-            print(f"{n}x{k} M={m}: best {best['tiles']} {best['us']:.1f} us {best['tb_s']:.2f} TB/s | bf16 "
-                  f"{best['bf16_us']:.1f} scaled_mm {best['scaled_mm_us']:.1f} splitk {best['splitk_us']:.1f}", flush=True)
+            current = gemv_tiles(m, n, k, 1 if args.weights == "fp8" else 2)
+            now = next((r["us"] for r in rows if r["n"] == n and r["k"] == k and r["m"] == m
+                        and r["tiles"] == current.__dict__), float("nan"))
+            print(f"{n}x{k} M={m}: best {best['tiles']} {best['us']:.1f} us {best['tb_s']:.2f} TB/s (current tiles "
+                  f"{now:.1f} us) | bf16 {best['bf16_us']:.1f} scaled_mm {best['scaled_mm_us']:.1f} splitk "
+                  f"{best['splitk_us']:.1f}", flush=True)
     ranked = {}
     for r in rows:
         key = tuple(sorted(r["tiles"].items()))
         ranked.setdefault((r["m"], key), []).append(r["us"] / min(x["us"] for x in rows
                                                                     if x["n"] == r["n"] and x["k"] == r["k"] and x["m"] == r["m"]))
     for m in sorted({r["m"] for r in rows}):
-        scored = sorted((sum(v) / len(v), key) for (mm, key), v in ranked.items() if mm == m and len(v) == len(SHAPES))
+        scored = sorted((sum(v) / len(v), key) for (mm, key), v in ranked.items() if mm == m and len(v) == len(shapes))
         print(f"M={m}: best single configs (mean slowdown vs per-shape best):")
         for score, key in scored[:5]:
             print(f"  {score:.3f} {dict(key)}")

@@ -1,8 +1,12 @@
-"""All-reduce latency on this node's GPUs: NCCL against mopt's one-shot all-reduce (symmetric memory).
+"""All-reduce latency on this node's GPUs: NCCL against mopt's one-shot all-reduce (symmetric memory),
+and the all-reduce + residual add + RMSNorm of a decoder layer: one-shot sum then the norm kernel
+against the fused kernel (``mopt.kernels.triton_allreduce_norm``).
 
 Usage: python3 bench/tp_allreduce.py [--ranks 2] [--json out.json]
 Each size is summed 64 times in a row, eagerly and inside one CUDA graph (how decode runs them); the
-table gives microseconds per all-reduce on rank 0 and checks that both paths give the same sums.
+table gives microseconds per all-reduce on rank 0 and checks that both paths give the same sums. The
+norm table chains 64 layers (each one's residual output feeds the next) inside one CUDA graph,
+replays it 50 times, and checks the fused chain's bits against the unfused chain's (rank 0's).
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ def _rank(rank: int, size: int, port: int, out: str | None) -> None:
                 one()
             row["one_shot_graph_us"] = _time(graph.replay, device)
         rows.append(row)
+    norm_rows = _norm_table(fast, world, device, rank)
     if rank == 0:
         name = torch.cuda.get_device_name(device)
         print(f"all-reduce of BF16 over {size} x {name}, {CALLS} in a row; microseconds per all-reduce"
@@ -88,11 +93,70 @@ def _rank(rank: int, size: int, port: int, out: str | None) -> None:
             print(f"{r['bytes']:>9} {r['nccl_eager_us']:>11.2f} {r['nccl_graph_us']:>11.2f} "
                   f"{r.get('one_shot_eager_us', float('nan')):>13.2f} {r.get('one_shot_graph_us', float('nan')):>13.2f} "
                   f"{str(r.get('same_sums', '-')):>5}")
+        print(f"all-reduce + residual add + RMSNorm (BF16, {CALLS} chained layers in a CUDA graph); microseconds per"
+              f" layer{'' if fast is not None and fast.norm is not None else ' (fused kernel unavailable: ' + str(one_shot.unavailable_reason) + ')'}")
+        print(f"{'rows x hidden':>14} {'NCCL+norm':>10} {'1-shot+norm':>12} {'fused':>7} {'same bits':>10}")
+        for r in norm_rows:
+            print(f"{r['rows']:>6} x {r['hidden']:<5} {r['nccl_norm_us']:>10.2f} {r.get('one_shot_norm_us', float('nan')):>12.2f}"
+                  f" {r.get('fused_us', float('nan')):>7.2f} {str(r.get('same_bits', '-')):>10}")
         if out:
             with open(out, "w") as f:
-                json.dump({"device": name, "ranks": size, "rows": rows}, f, indent=1)
+                json.dump({"device": name, "ranks": size, "rows": rows, "norm_rows": norm_rows}, f, indent=1)
     world.ctrl.all_reduce(torch.zeros(1))  # nobody leaves while another still reads its buffer
-    world.group.shutdown()
+    import time
+
+    from mopt.engine.tp_launch import destroy_groups
+
+    graph = fast = None  # noqa: F841 (the graphs that captured NCCL collectives go before the groups)
+    t0 = time.perf_counter()
+    destroy_groups(world)
+    print(f"rank {rank}: groups destroyed in {time.perf_counter() - t0:.2f} s", flush=True)
+
+
+NORM_SHAPES = [(1, 4096), (8, 4096), (64, 4096), (128, 4096), (1, 8192), (64, 8192)]
+
+
+def _norm_table(fast, world, device, rank: int) -> list[dict]:
+    from mopt.kernels.triton_glue import rms_norm
+
+    rows = []
+    for m, hidden in NORM_SHAPES:
+        g = torch.Generator().manual_seed(m * hidden + rank)
+        xs = [torch.randn(m, hidden, generator=g).to(device, torch.bfloat16) for _ in range(CALLS)]
+        weight = (1 + torch.randn(hidden, generator=torch.Generator().manual_seed(1)) * 0.1).to(device)
+        start = torch.randn(m, hidden, generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
+        row = {"rows": m, "hidden": hidden}
+
+        def chain(norm_of):
+            def run():
+                residual = start
+                for x in xs:
+                    out, residual = norm_of(x, residual)
+                return out, residual
+            return run
+
+        def with_nccl(x, residual):
+            return rms_norm(world.group.all_reduce(x.clone()), weight, 1e-5, residual)
+
+        variants = {"nccl_norm_us": with_nccl}
+        if fast is not None and m * hidden * 2 <= fast.max_bytes:
+            variants["one_shot_norm_us"] = lambda x, residual: rms_norm(fast(x), weight, 1e-5, residual)
+            if fast.norm is not None and fast.norm.fits(xs[0]):
+                variants["fused_us"] = lambda x, residual: fast.norm(x, residual, weight, 1e-5)
+        results = {}
+        for key, norm_of in variants.items():
+            graph = torch.cuda.CUDAGraph()
+            run = chain(norm_of)
+            run()  # warm-up (compiles the kernels)
+            torch.cuda.synchronize(device)
+            with torch.cuda.graph(graph):
+                results[key] = run()
+            row[key] = _time(graph.replay, device, repeats=50)
+        if "fused_us" in results:
+            same = all(torch.equal(a, b) for a, b in zip(results["fused_us"], results["one_shot_norm_us"]))
+            row["same_bits"] = same
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
