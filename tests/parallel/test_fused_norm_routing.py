@@ -2,9 +2,9 @@
 
 The ranks are threads of this process (``tp_helpers.ThreadGroup``) whose group offers a "fused"
 all-reduce + RMSNorm (here the all-reduce followed by the reference norm, counted): a TP=2 model must
-take it after every dense o_proj and down_proj -- 2 per decoder layer, counting the final norm -- and
-never after a mixture-of-experts block, which reduces its own output; its logits equal one process's
-to float32 rounding. On GPUs the real kernel runs in ``tests/parallel/test_tp_gpu.py``.
+take it after every o_proj and every MLP -- 2 per decoder layer, counting the final norm -- except
+after a mixture-of-experts block with a shared expert (Qwen2-MoE), which reduces its own output; its
+logits equal one process's to float32 rounding. On GPUs the real kernel runs in ``tests/parallel/test_tp_gpu.py``.
 """
 
 from __future__ import annotations
@@ -51,8 +51,18 @@ def _mixtral(layers: int):
     return MixtralForCausalLM(config)
 
 
-@pytest.mark.parametrize("family,layers,fused_per_rank", [(_llama, 3, 6), (_mixtral, 2, 2)],
-                         ids=["dense", "moe"])
+def _qwen2_moe(layers: int):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(vocab_size=320, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                            shared_expert_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
+                            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=64, architectures=["Qwen2MoeForCausalLM"])
+    return Qwen2MoeForCausalLM(config)
+
+
+@pytest.mark.parametrize("family,layers,fused_per_rank", [(_llama, 3, 6), (_mixtral, 2, 4), (_qwen2_moe, 2, 2)],
+                         ids=["dense", "moe", "moe-shared-expert"])
 def test_partial_sums_go_to_the_next_norm(tmp_path, monkeypatch, family, layers, fused_per_rank):
     monkeypatch.setenv("MOPT_BACKEND", "reference")
     torch.manual_seed(0)

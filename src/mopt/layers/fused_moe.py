@@ -138,10 +138,11 @@ class FusedMoE(nn.Module):
     def process_weights_after_loading(self) -> None:
         self.quant_method.process_weights_after_loading(self)
 
-    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """``reduce=False``: this rank's partial sums, for a caller that reduces them itself."""
         weights, ids = self.select_experts(router_logits)
         if self.expert_parallel:
             local = ids - self.expert_start
             ids = local.masked_fill((local < 0) | (local >= self.num_experts), self.num_experts)
         y = self.quant_method.apply(self, x, weights, ids)
-        return all_reduce(y, self.tp_group) if self.tp_group is not None else y
+        return all_reduce(y, self.tp_group) if reduce and self.tp_group is not None else y

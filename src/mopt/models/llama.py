@@ -110,6 +110,8 @@ class LlamaMLP(nn.Module):
     def fp8_input_scale(self) -> torch.Tensor | None:
         return self.gate_up_proj.fp8_input_scale
 
+    partial_output = True  # forward(x, reduce=False) returns the down projection's partial sums
+
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self.act_fn is nn.functional.silu:  # one kernel, writing the down projection's FP8 codes if it takes them
@@ -126,8 +128,8 @@ class LlamaDecoderLayer(nn.Module):
     Under tensor parallelism the row-parallel o_proj and down_proj hand their partial sums to the norm
     after them, which all-reduces them (in its own kernel on one node's GPUs): ``input_group`` is set
     (by :class:`LlamaModel`) when ``x`` arrives as partial sums of the layer before, and
-    ``output_group`` when this layer returns them (a dense MLP; mixture-of-experts blocks reduce their
-    own output)."""
+    ``output_group`` when this layer returns them (an MLP whose ``partial_output`` is true: dense ones,
+    and mixture-of-experts blocks without a shared expert)."""
 
     def __init__(self, config, quant_config, prefix: str, params_dtype, kv_cache_dtype: str, flags: dict,
                  rotary: RotaryEmbedding, mlp: nn.Module | None = None, sliding_window: int | None = None,
@@ -142,7 +144,7 @@ class LlamaDecoderLayer(nn.Module):
                                                 f"{prefix}.post_attention_layernorm")
         self.tp_group = self.self_attn.o_proj.tp_group
         self.input_group = None
-        self.output_group = self.tp_group if type(self.mlp) is LlamaMLP else None
+        self.output_group = self.tp_group if getattr(self.mlp, "partial_output", False) else None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,9 +34,15 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = ReplicatedLinear(h, 1, quant_config=None, prefix=f"{prefix}.shared_expert_gate",
                                                        params_dtype=params_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def partial_output(self) -> bool:
+        """Whether ``forward(x, reduce=False)`` can hand partial sums to the next norm: not with a shared
+        expert, whose gated output is added after the experts' sum."""
+        return self.shared_expert is None
+
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        y = self.experts(x2, self.gate(x2))
+        y = self.experts(x2, self.gate(x2), reduce=reduce or self.shared_expert is not None)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x2)) * self.shared_expert(x2)
         return y.reshape(x.shape)
