@@ -5,7 +5,8 @@ compares its sums with NCCL's bit for bit, and tests/parallel/test_tp_gpu.py run
 * the environment switches, with errors naming the variable;
 * mopt's group as c10d knows it by name lives as long as mopt holds it (c10d keeps it weakly: losing
   it made torch's rendezvous fail on the GPUs with "has already been destroyed");
-* ``Group.all_reduce`` routes small sums there and everything else (MAX, large, other dtypes) to the backend.
+* ``Group.all_reduce`` routes small sums there and everything else (MAX, large, other dtypes) to the backend;
+* ``Group.fused_rms_norm`` offers the fused all-reduce + RMSNorm only where it is set up and fits.
 """
 
 from __future__ import annotations
@@ -120,11 +121,42 @@ def test_group_routes_sums(shape, op, to_one_shot):
     assert (y is x) is not to_one_shot  # callers must use the result
 
 
-def test_a_bad_size_fails_before_any_process_starts(monkeypatch):
+@pytest.mark.parametrize("variable,value", [("MOPT_TP_ONE_SHOT_BYTES", "lots"), ("MOPT_TP_FUSED_NORM", "on")])
+def test_a_bad_setting_fails_before_any_process_starts(monkeypatch, variable, value):
     from mopt.engine import tp_runtime
     from mopt.engine.dummy import tiny_preset_config
 
-    monkeypatch.setenv("MOPT_TP_ONE_SHOT_BYTES", "lots")
+    monkeypatch.setenv(variable, value)
     monkeypatch.setattr(tp_runtime, "runtime", lambda *a: pytest.fail("a world was started"))
-    with pytest.raises(TensorParallelError, match="MOPT_TP_ONE_SHOT_BYTES"):
+    with pytest.raises(TensorParallelError, match=variable):
         tp_runtime.load_tensor_parallel("dummy", tiny_preset_config(), "cpu", torch.float32, "auto", 2, False)
+
+
+class _FakeNorm:
+    def fits(self, x):
+        return x.shape[0] <= 2
+
+
+@pytest.mark.parametrize("rows,has_norm,fused", [(1, True, True), (3, True, False), (1, False, False)])
+def test_group_offers_the_fused_norm_where_it_fits(rows, has_norm, fused):
+    group = Group(_Backend(), 0, 2, "model")
+    assert group.fused_rms_norm(torch.ones(rows, 8)) is None  # no one-shot path at all
+    group.one_shot = _FakeOneShot()
+    norm = _FakeNorm()
+    group.one_shot.norm = norm if has_norm else None
+    assert (group.fused_rms_norm(torch.ones(rows, 8)) is norm) is fused
+
+
+@pytest.mark.parametrize("value,expected", [(None, True), ("1", True), ("0", False)])
+def test_fused_norm_switch(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv("MOPT_TP_FUSED_NORM", raising=False)
+    else:
+        monkeypatch.setenv("MOPT_TP_FUSED_NORM", value)
+    assert one_shot.fused_norm_from_env() is expected
+
+
+def test_a_bad_fused_norm_switch_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MOPT_TP_FUSED_NORM", "yes")
+    with pytest.raises(TensorParallelError, match="MOPT_TP_FUSED_NORM must be 0 or 1, got 'yes'"):
+        one_shot.fused_norm_from_env()

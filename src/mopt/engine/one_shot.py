@@ -67,23 +67,20 @@ class OneShotRMSNorm:
     every rank's GPU, as mapped on this one, is in ``bases`` (see ``kernels.triton_allreduce_norm``)."""
 
     def __init__(self, buffer: torch.Tensor, handle, rank: int, world: int, max_bytes: int) -> None:
+        from mopt.kernels import triton_allreduce_norm  # Triton: imported where a GPU world exists
+
+        self.kernel = triton_allreduce_norm
         self.buffer, self.handle = buffer, handle  # the mapping lives as long as both
         self.bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=buffer.device)
         self.rank, self.world, self.max_bytes = rank, world, max_bytes
 
     def fits(self, x: torch.Tensor) -> bool:
-        from mopt.kernels import triton_allreduce_norm
-
-        return (x.is_cuda and x.numel() * x.element_size() <= self.max_bytes
-                and triton_allreduce_norm.supports(x, self.world)[0])
+        return x.is_cuda and x.numel() * x.element_size() <= self.max_bytes and self.kernel.supports(x, self.world)[0]
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                  fp8_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(normed, sum of x over the ranks + residual)``, as ``rms_norm(all_reduce(x), ..., residual)``."""
-        from mopt.kernels import triton_allreduce_norm
-
-        return triton_allreduce_norm.all_reduce_rms_norm(x, residual, weight, eps, fp8_scale, self.bases, self.rank,
-                                                         self.world)
+        return self.kernel.all_reduce_rms_norm(x, residual, weight, eps, fp8_scale, self.bases, self.rank, self.world)
 
 
 def fused_norm_from_env() -> bool:
