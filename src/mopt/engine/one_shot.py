@@ -41,6 +41,8 @@ DTYPES = (torch.bfloat16, torch.float32)  # what torch's kernel is built for
 class OneShotAllReduce:
     """Sums of at most ``max_bytes`` over the ranks of ``name`` through ``buffer`` (symmetric memory)."""
 
+    norm: "OneShotRMSNorm | None" = None  # the fused all-reduce + RMSNorm beside it, where set up
+
     def __init__(self, name: str, buffer: torch.Tensor, max_bytes: int, process_group) -> None:
         self.name, self.buffer, self.max_bytes = name, buffer, max_bytes
         self.process_group = process_group  # c10d's registry holds it weakly: kept alive here
@@ -50,8 +52,6 @@ class OneShotAllReduce:
         holds the same shape, decides alike."""
         nbytes = x.numel() * x.element_size()
         return x.dtype in DTYPES and 0 < nbytes <= self.max_bytes and nbytes % 16 == 0
-
-    norm: "OneShotRMSNorm | None" = None  # the fused all-reduce + RMSNorm beside it, where set up
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of ``x`` over the ranks, a new tensor (``x`` is left as it was)."""
@@ -226,7 +226,7 @@ def _set_up_norm(world, agree, name: str, op: OneShotAllReduce) -> OneShotRMSNor
 
 def _probe_norm(norm: OneShotRMSNorm, op: OneShotAllReduce, world) -> str | None:
     """None if the fused kernel gives the same bits as the one-shot sum followed by the norm kernel, on
-    sums that are exact in BF16 (small integers), twice (the second call runs on advanced counters)."""
+    sums that are exact in BF16 (small integers), twice (the second call uses each row's next slot)."""
     from mopt.kernels.triton_glue import rms_norm
 
     g = torch.Generator().manual_seed(0)
