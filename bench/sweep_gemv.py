@@ -4,7 +4,7 @@ Each config is timed like ``mopt bench kernels`` (a CUDA graph of calls cycling 
 larger than L2; median of replays) next to BF16 cuBLAS, ``_scaled_mm`` and the split-K Triton GEMM
 on the same pre-quantized activations. Prints the best configs per shape; ``--json`` keeps all rows.
 Usage: PYTHONPATH=src python3 bench/sweep_gemv.py [--weights fp8|bf16] [--tokens 1,16] [--shapes NxK,...] [--json OUT]
-(``--shapes tp2`` takes the Llama-3-8B layers as one rank of two holds them.)
+(``--shapes tp2`` takes the Llama-3-8B layers as one rank of two holds them; ``all`` both sets.)
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ def configs(m: int, itemsize: int):
         for bn, bk, w, s in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (3, 5)):
             if bn * bk <= 32768 and (itemsize == 1 or bk <= 512):
                 yield GemvTiles(bn, bk, w, s, dot=False)
+    if m > 16:  # 32-64 rows: fewer configs, the compile per BLOCK_M dominates the sweep
+        for bn, bk, w, s in itertools.product((16, 32, 64), (128, 256), (4, 8), (3, 5)):
+            yield GemvTiles(bn, bk, w, s, dot=True)
+        return
     for bn, bk, w, s in itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 5)):
         if itemsize == 1 or bk <= 256:
             yield GemvTiles(bn, bk, w, s, dot=True)
@@ -42,7 +46,7 @@ def main() -> None:
     parser.add_argument("--weights", default="fp8", choices=["fp8", "bf16"])
     parser.add_argument("--shapes", default="", help="NxK,... or tp2 (default: the Llama-3-8B layers)")
     args = parser.parse_args()
-    shapes = (TP2_SHAPES if args.shapes == "tp2" else
+    shapes = (TP2_SHAPES if args.shapes == "tp2" else SHAPES + TP2_SHAPES if args.shapes == "all" else
               [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES)
     dev = torch.device("cuda")
     rows = []

@@ -3,7 +3,8 @@
 Run by ``test_hopper_compile.py`` in a subprocess without ``TRITON_INTERPRET`` (the interpreter accepts
 programs the compiler refuses, e.g. a variable whose tile shape changes inside a branch). Each entry:
 kernel, argument types, constexpr variants (``num_warps`` among them is a launch option), optionally a
-label. Prints one line per compiled variant and its shared memory.
+label. Kernels with a ``PDL`` constexpr are compiled with programmatic dependent launch unless a variant
+says otherwise. Prints one line per compiled variant and its shared memory.
 """
 
 from __future__ import annotations
@@ -102,12 +103,14 @@ KERNELS = [
      dict(a_ptr=P_F8, b_ptr=P_F8, c_ptr=P_BF16, a_scale_ptr=P_F32, b_scale_ptr=P_F32, bias_ptr=P_F32, M="i32",
           N="i32", K="i32", stride_am="i32", stride_bn="i32", stride_cm="i32"),
      [dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, DOT=False),
-      dict(A_ROWWISE=True, B_ROWWISE=True, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, DOT=True)]),
+      dict(A_ROWWISE=True, B_ROWWISE=True, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, DOT=True),
+      dict(A_ROWWISE=False, B_ROWWISE=True, HAS_BIAS=False, BLOCK_M=32, BLOCK_N=16, BLOCK_K=256, DOT=True,
+           PDL=False)]),
     (tg._gemv_kernel,
      dict(a_ptr=P_BF16, b_ptr=P_BF16, c_ptr=P_BF16, a_scale_ptr=P_F32, b_scale_ptr=P_F32, bias_ptr=P_BF16, M="i32",
           N="i32", K="i32", stride_am="i32", stride_bn="i32", stride_cm="i32"),
      [dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, DOT=False),
-      dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, DOT=True)]),
+      dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, DOT=True)]),
     (tq._int8_static_kernel, dict(x_ptr=P_BF16, out_ptr=P_BF16, scale_ptr=P_F32, n="i32"), [dict(BLOCK=1024)],
      "INT8 values"),
     (tq._int8_static_kernel, dict(x_ptr=P_F32, out_ptr=P_I8, scale_ptr=P_F32, n="i32"), [dict(BLOCK=1024)],
@@ -177,15 +180,21 @@ def main() -> int:
     for fn, types, variants, *label in KERNELS + _weight_only_entries():
         for variant in variants:
             constexprs = {k: v for k, v in variant.items() if k != "num_warps"}
-            options = {"num_warps": variant["num_warps"]} if "num_warps" in variant else None
+            options = {"num_warps": variant["num_warps"]} if "num_warps" in variant else {}
+            if "PDL" in fn.arg_names:  # decode-path kernels: compiled as the GPU launches them, with PDL
+                constexprs.setdefault("PDL", True)
+                options["launch_pdl"] = constexprs["PDL"]
             name = f"{fn.fn.__name__}{f' [{label[0]}]' if label else ''}{variant}"
             signature = dict(types, **{k: "constexpr" for k in constexprs})
             try:
                 compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                                          options=options)
+                                          options=options or None)
                 shared = compiled.metadata.shared
                 ok = shared <= HOPPER_SHARED_BYTES
-                print(f"{'ok' if ok else 'FAIL'} {name}: {shared} B shared")
+                waits = "griddepcontrol.wait" in compiled.asm["ptx"]
+                ok = ok and waits == bool(constexprs.get("PDL"))
+                print(f"{'ok' if ok else 'FAIL'} {name}: {shared} B shared, PDL wait {'in' if waits else 'not in'} "
+                      f"its PTX")
                 failures += not ok
             except Exception as e:  # report every kernel, then fail
                 root = e

@@ -54,14 +54,15 @@ TILES = {"fma": triton_gemv.GemvTiles(16, 128, 4, 2, dot=False), "dot": triton_g
 
 
 @pytest.mark.parametrize("n,k,m,variant", [(48, 256, 1, "fma"), (50, 200, 1, "fma"), (48, 256, 1, "dot"),
-                                           (70, 96, 5, "dot"), (32, 512, 16, "dot")])
+                                           (70, 96, 5, "dot"), (32, 512, 16, "dot"),
+                                           (40, 128, 17, "dot"), (32, 64, 32, "dot")])
 @pytest.mark.parametrize("rowwise", [False, True])
 def test_fp8_gemv_interpreted(n, k, m, variant, rowwise):
     _check_gemv(triton_device(False), n, k, m, TILES[variant], torch.float32, rowwise)
 
 
 @pytest.mark.parametrize("m,dtype,variant", [(1, torch.bfloat16, "fma"), (1, torch.float16, "dot"),
-                                             (7, torch.float16, "dot")])
+                                             (7, torch.float16, "dot"), (50, torch.float16, "dot")])
 def test_gemv_16bit_interpreted(m, dtype, variant):
     """Unquantized 16-bit weights (scales 1): float32 sums of exact products, rounded once to the dtype."""
     g = torch.Generator().manual_seed(m)
@@ -73,8 +74,8 @@ def test_gemv_16bit_interpreted(m, dtype, variant):
 
 
 def test_fp8_gemv_rejects_large_m():
-    with pytest.raises(ValueError, match="M=17"):
-        triton_gemv.fp8_gemv(torch.zeros(17, 16, dtype=fp8.FP8_DTYPE), torch.zeros(16, 16, dtype=fp8.FP8_DTYPE),
+    with pytest.raises(ValueError, match="M=33"):
+        triton_gemv.fp8_gemv(torch.zeros(33, 16, dtype=fp8.FP8_DTYPE), torch.zeros(16, 16, dtype=fp8.FP8_DTYPE),
                              torch.ones(1), torch.ones(1), None, torch.float32)
 
 
@@ -98,7 +99,7 @@ def test_fp8_codes_as_input_equal_quantizing_inside(m):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(6144, 4096), (128256, 4096), (4096, 14336), (576, 576)])
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 16, 64])
 def test_gemv_bf16_gpu(n, k, m):
     device = triton_device(True)
     g = torch.Generator().manual_seed(m)
@@ -110,7 +111,7 @@ def test_gemv_bf16_gpu(n, k, m):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (576, 576)])
-@pytest.mark.parametrize("m", [1, 2, 16])
+@pytest.mark.parametrize("m", [1, 2, 16, 17, 32])
 @pytest.mark.parametrize("rowwise", [False, True])
 def test_fp8_gemv_gpu(n, k, m, rowwise):
     device = triton_device(True)

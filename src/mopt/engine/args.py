@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from mopt.errors import EngineArgumentError
+from mopt.kernels.env import pdl_setting
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KV_CACHE_DTYPES = ("auto", "fp8")
@@ -121,5 +122,9 @@ def check_engine_args(*, model: Any, device: Any, dtype: Any, kv_cache_dtype: An
                                   ("kv_cache_memory", kv_cache_memory, True)):
         check_positive_int(name, value, optional)
     check_parallel_args(tensor_parallel_size, enable_expert_parallel, device)
+    try:
+        pdl_setting()
+    except ValueError as e:
+        raise EngineArgumentError(str(e)) from None
     if tokenizer is not None and (not isinstance(tokenizer, (str, os.PathLike)) or not os.path.isdir(tokenizer)):
         raise EngineArgumentError(f"tokenizer must be a folder with tokenizer files, got {tokenizer!r}")

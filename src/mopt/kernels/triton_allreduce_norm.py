@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from mopt.kernels.triton_glue import _store_out, _warps
+from mopt.kernels.triton_pdl import launch_options, pdl_prologue
 from mopt.quant.formats import fp8
 
 MAX_ROWS = 128
@@ -69,7 +70,8 @@ def _row_bits(base_ptr, slot, source, row, WORLD: tl.constexpr, ROW_ELEMS: tl.co
 @triton.jit
 def _allreduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale_ptr, bases_ptr, stride_x, stride_r,
                                n, eps, RANK: tl.constexpr, WORLD: tl.constexpr, ROW_ELEMS: tl.constexpr,
-                               BLOCK: tl.constexpr, FP8_OUT: tl.constexpr):
+                               BLOCK: tl.constexpr, FP8_OUT: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -145,5 +147,5 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     _allreduce_rms_norm_kernel[(m,)](
         x2, r2, weight, out, res_out, fp8_scale if fp8_scale is not None else weight, bases, x2.stride(0),
         r2.stride(0), n, eps, RANK=rank, WORLD=world, ROW_ELEMS=ROW_BYTES // 2, BLOCK=block,
-        FP8_OUT=fp8_scale is not None, num_warps=_warps(block, fp8_scale))
+        FP8_OUT=fp8_scale is not None, num_warps=_warps(block, fp8_scale), **launch_options(x.device))
     return out.view(x.shape), res_out.view(x.shape)

@@ -12,11 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
+from mopt.kernels.triton_pdl import launch_options, pdl_prologue
+
 BLOCK = 4096
 
 
 @triton.jit
-def _chunk_max_kernel(x_ptr, val_ptr, idx_ptr, n, stride, CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
+def _chunk_max_kernel(x_ptr, val_ptr, idx_ptr, n, stride, CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -27,7 +31,8 @@ def _chunk_max_kernel(x_ptr, val_ptr, idx_ptr, n, stride, CHUNKS: tl.constexpr, 
 
 
 @triton.jit
-def _pick_chunk_kernel(val_ptr, idx_ptr, out_ptr, CHUNKS: tl.constexpr):
+def _pick_chunk_kernel(val_ptr, idx_ptr, out_ptr, CHUNKS: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunks = tl.arange(0, CHUNKS)
     values = tl.load(val_ptr + row * CHUNKS + chunks)
@@ -44,6 +49,6 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
         values = torch.full((b, chunks), float("-inf"), dtype=torch.float32, device=x.device)
         index = torch.zeros((b, chunks), dtype=torch.int32, device=x.device)
         _chunk_max_kernel[(b, triton.cdiv(n, BLOCK))](x, values, index, n, x.stride(0), CHUNKS=chunks, BLOCK=BLOCK,
-                                                      num_warps=8)
-        _pick_chunk_kernel[(b,)](values, index, out, CHUNKS=chunks)
+                                                      num_warps=8, **launch_options(x.device))
+        _pick_chunk_kernel[(b,)](values, index, out, CHUNKS=chunks, **launch_options(x.device))
     return out

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from mopt.kernels.paged_attention import PackedKV
 from mopt.kernels.triton_glue import _store_out
+from mopt.kernels.triton_pdl import launch_options, pdl_prologue
 from mopt.kernels.triton_kv import FMT_NONE, kv_format_args, load_values, store_elementwise, store_nvfp4
 from mopt.quant.formats import fp8
 
@@ -48,7 +49,9 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
                        k_bs_ptr, v_bs_ptr, k_bias_ptr, v_bias_ptr, k_scale, v_scale, stride_qt, stride_qh,
                        stride_kt, stride_kh, stride_vt, stride_vh, num_heads, num_kv_heads, HALF: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, FMT: tl.constexpr, AFFINE: tl.constexpr):
+                       BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, FMT: tl.constexpr, AFFINE: tl.constexpr,
+                       PDL: tl.constexpr):
+    pdl_prologue(PDL)
     t = tl.program_id(0).to(tl.int64)
     D: tl.constexpr = 2 * HALF
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -155,7 +158,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_bs_ptr, v_bs_ptr, k_bias_p
                    out_ptr, part_ptr, lse_ptr, out_scale_ptr, k_scale, v_scale, sm_scale, stride_qb, stride_qh,
                    stride_bt, num_heads, num_kv_heads, window, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
                    D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   FMT: tl.constexpr, AFFINE: tl.constexpr, IEEE: tl.constexpr, FP8_OUT: tl.constexpr):
+                   FMT: tl.constexpr, AFFINE: tl.constexpr, IEEE: tl.constexpr, FP8_OUT: tl.constexpr,
+                   PDL: tl.constexpr):
+    pdl_prologue(PDL)
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -193,7 +198,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_bs_ptr, v_bs_ptr, k_bias_p
 
 @triton.jit
 def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, out_scale_ptr, NUM_SPLITS: tl.constexpr, D: tl.constexpr,
-                         DTYPE: tl.constexpr, FP8_OUT: tl.constexpr):
+                         DTYPE: tl.constexpr, FP8_OUT: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)  # b * num_heads + h
     splits = tl.arange(0, NUM_SPLITS)
     lse = tl.load(lse_ptr + row * NUM_SPLITS + splits)
@@ -267,7 +273,7 @@ def rope_and_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
             q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), num_heads, num_kv_heads,
             HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(num_heads),
             BLOCK_KV=triton.next_power_of_2(num_kv_heads), FMT=fmt, AFFINE=affine,
-            num_warps=4 if fmt == FMT_NONE else 8, enable_fp_fusion=False)
+            num_warps=4 if fmt == FMT_NONE else 8, enable_fp_fusion=False, **launch_options(q.device))
     return q_out
 
 
@@ -312,10 +318,11 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
         q.stride(1), block_tables.stride(0), num_heads, num_kv_heads, window, GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)), D=head_dim, PAGE=page, BLOCK_N=max(16, min(64, 4 * page)),
         NUM_SPLITS=splits, FMT=fmt, AFFINE=affine, IEEE=q.dtype == torch.float32, FP8_OUT=out_scale is not None,
-        num_warps=4, num_stages=2)
+        num_warps=4, num_stages=2, **launch_options(q.device))
     if splits > 1:
         _decode_merge_kernel[(batch * num_heads,)](part, lse, out, scale_arg, NUM_SPLITS=splits, D=head_dim,
-                                                   DTYPE=_TL_DTYPES[q.dtype], FP8_OUT=out_scale is not None)
+                                                   DTYPE=_TL_DTYPES[q.dtype], FP8_OUT=out_scale is not None,
+                                                   **launch_options(q.device))
     return out
 
 

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mopt.kernels.triton_pdl import launch_options, pdl_prologue
 from mopt.kernels.triton_weight_decode import e2m1_pair as _e2m1_pair  # one E2M1 decode for every kernel
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -141,9 +142,10 @@ def _nvfp4_dequant_kernel(b_ptr, bs_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, B
 @triton.jit
 def _nvfp4_gemv_kernel(a_ptr, b_ptr, bs_ptr, c_ptr, a_global_ptr, b_global_ptr, bias_ptr, M, N, K,
                        stride_am, stride_cm, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Small M: streams the packed weights once. ``BLOCK_M == 1``: FMA reductions per 16-block, the
     block scale applied to each block's partial sum; else BF16 MMAs over even and odd elements."""
+    pdl_prologue(PDL)
     HALF_K: tl.constexpr = BLOCK_K // 2
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -314,5 +316,5 @@ def nvfp4_gemm(a_values: torch.Tensor, b_packed: torch.Tensor, b_scale: torch.Te
         a_values, b_packed, b_scale, out, a_global.float().reshape(1), b_global.float().contiguous(),
         bias if bias is not None else b_global, m, n, kp, a_values.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, SPLIT_K=split, DOT_F32=INTERPRETED, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=warps, num_stages=stages)
+        num_warps=warps, num_stages=stages, **launch_options(a_values.device))
     return out.to(out_dtype) if out.dtype != out_dtype else out

@@ -9,7 +9,8 @@ before it, or by ``triton_quant``); unquantized layers take the activations as t
 
 Two inner loops, picked by the tile config:
 
-* ``DOT``: ``BLOCK_M = 16`` rows (padded) against ``BLOCK_N`` weight rows on the tensor cores;
+* ``DOT``: M rows, padded to 16 and a power of two (``BLOCK_M``, up to 64; 32 for E4M3 weights, see
+  ``FP8_MAX_M``), against ``BLOCK_N`` weight rows on the tensor cores;
 * FMA (``M == 1``): products summed in float32 on the CUDA cores, ``BLOCK_N x BLOCK_K`` per step.
 
 Both sum exact products in float32 (E4M3 x E4M3 and BF16 x BF16 fit in float32), in another order
@@ -26,6 +27,7 @@ import triton
 import triton.language as tl
 
 from mopt.kernels.triton_gemm import scale_tile
+from mopt.kernels.triton_pdl import launch_options, pdl_prologue
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,10 @@ class GemvTiles:
 
 @triton.jit
 def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,
-                     stride_cm, A_ROWWISE: tl.constexpr, B_ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+                 stride_cm, A_ROWWISE: tl.constexpr, B_ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+                 PDL: tl.constexpr):
+    pdl_prologue(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
@@ -72,24 +76,37 @@ def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, 
     tl.store(ptrs, out.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-MAX_M = 16
+MAX_M = 64  # 16-bit weights
+FP8_MAX_M = 32  # E4M3 dots of 64 rows compile to Hopper's WGMMA, whose FP8 sums are not float32 (~3e-3 off)
+
+
+def max_rows(itemsize: int) -> int:
+    """The most rows (tokens) the kernel takes for weights of ``itemsize`` bytes."""
+    return FP8_MAX_M if itemsize == 1 else MAX_M
 
 
 def gemv_tiles(m: int, n: int, k: int, itemsize: int = 1) -> GemvTiles:
-    """Tile settings from a sweep on an H100 (``bench/sweep_gemv.py``, 2026-11-26, Llama-3-8B layers): for
-    FP8 one config per inner loop was within 0.5% (M=1) and 3.4% (M=16) of each shape's best; at M=1 it
-    moved 2.3-2.9 TB/s (6144x4096: 10.9 us, 28672x4096: 40.7 us; the split-K GEMM took 14.6 and 42.6).
-    16-bit weights take tiles of the same bytes (half the K)."""
+    """Tile settings from sweeps on an H100 (``bench/sweep_gemv.py``, Llama-3-8B layers whole and per rank
+    of two). M=1 and 16 (2026-11-26): for FP8 one config per inner loop was within 0.5% (M=1) and 3.4%
+    (M=16) of each shape's best; at M=1 it moved 2.3-2.9 TB/s (6144x4096: 10.9 us, 28672x4096: 40.7 us;
+    the split-K GEMM took 14.6 and 42.6). M=32 and 64 (2026-11-26, H100): within 3-5% of each shape's
+    best; BF16 at M=64 equal to cuBLAS or up to 9% faster (4096x7168: 25.2 us, cuBLAS 27.6 with its
+    split-K reduction), FP8 at M=32 slower than cuBLAS (4096x4096: 12.6 us, ``_scaled_mm`` 9.1). 16-bit
+    weights take tiles of the same bytes (half the K), except at M <= 32 where twice the rows were best."""
     if m == 1:
         return GemvTiles(block_n=8, block_k=1024 // itemsize, num_warps=8, num_stages=5, dot=False)
-    return GemvTiles(block_n=32, block_k=512 // itemsize, num_warps=4, num_stages=5, dot=True)
+    if m <= 16:
+        return GemvTiles(block_n=32, block_k=512 // itemsize, num_warps=4, num_stages=5, dot=True)
+    if m <= 32:
+        return GemvTiles(block_n=16 * itemsize, block_k=256, num_warps=4, num_stages=5, dot=True)
+    return GemvTiles(block_n=64, block_k=256 // itemsize, num_warps=4, num_stages=5, dot=True)
 
 
 def _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles) -> torch.Tensor:
     m, k = a.shape
     n = b.shape[0]
-    if m > MAX_M:
-        raise ValueError(f"gemv: M={m} > {MAX_M}; use a GEMM")
+    if m > max_rows(b.element_size()):
+        raise ValueError(f"gemv: M={m} > {max_rows(b.element_size())} for {b.dtype} weights; use a GEMM")
     t = tiles or gemv_tiles(m, n, k, b.element_size())
     if m > 1 and not t.dot:
         raise ValueError(f"gemv: the FMA loop takes one row, got M={m}")
@@ -98,14 +115,14 @@ def _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles) -> torch.Tensor:
         _gemv_kernel[(triton.cdiv(n, t.block_n),)](
             a, b, out, a_scale, b_scale, bias if bias is not None else b_scale, m, n, k, a.stride(0), b.stride(0),
             out.stride(0), A_ROWWISE=a_scale.numel() > 1, B_ROWWISE=b_scale.numel() > 1, HAS_BIAS=bias is not None,
-            BLOCK_M=16 if t.dot else 1, BLOCK_N=t.block_n, BLOCK_K=t.block_k, DOT=t.dot, num_warps=t.num_warps,
-            num_stages=t.num_stages)
+            BLOCK_M=max(16, triton.next_power_of_2(m)) if t.dot else 1, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+            DOT=t.dot, num_warps=t.num_warps, num_stages=t.num_stages, **launch_options(a.device))
     return out
 
 
 def fp8_gemv(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
              bias: torch.Tensor | None, out_dtype: torch.dtype, tiles: GemvTiles | None = None) -> torch.Tensor:
-    """``a [M, K]`` E4M3 codes (M <= 16, rows contiguous), ``b [N, K]`` E4M3 -> ``[M, N]`` in ``out_dtype``."""
+    """``a [M, K]`` E4M3 codes (M <= FP8_MAX_M, rows contiguous), ``b [N, K]`` E4M3 -> ``[M, N]`` in ``out_dtype``."""
     return _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles)
 
 
@@ -114,7 +131,7 @@ _ONES: dict[torch.device, torch.Tensor] = {}
 
 def gemv(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
          tiles: GemvTiles | None = None) -> torch.Tensor:
-    """``a [M, K] @ b[N, K]^T (+ bias)`` for 16-bit ``a`` and ``b`` of one dtype (M <= 16), in ``a``'s dtype."""
+    """``a [M, K] @ b[N, K]^T (+ bias)`` for 16-bit ``a`` and ``b`` of one dtype (M <= MAX_M), in ``a``'s dtype."""
     one = _ONES.get(a.device)
     if one is None:
         one = _ONES[a.device] = torch.ones(1, dtype=torch.float32, device=a.device)

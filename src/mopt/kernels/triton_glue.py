@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mopt.kernels.triton_pdl import launch_options, pdl_prologue
 from mopt.kernels.triton_quant import _to_fp8
 from mopt.quant.formats import fp8
 
@@ -31,7 +32,8 @@ def _store_out(ptr, y, scale_ptr, mask, FP8_OUT: tl.constexpr):
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale_ptr, stride_x, stride_r, n, eps,
-                     BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr):
+                     BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -48,7 +50,9 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale_ptr, str
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, scale_ptr, stride_x, n, BLOCK: tl.constexpr, FP8_OUT: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, scale_ptr, stride_x, n, BLOCK: tl.constexpr, FP8_OUT: tl.constexpr,
+                     PDL: tl.constexpr):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -83,7 +87,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         block = triton.next_power_of_2(n)
         _rms_norm_kernel[(m,)](x2, r2, weight, out, res_out, fp8_scale if fp8_scale is not None else weight,
                                x2.stride(0), r2.stride(0), n, eps, BLOCK=block, HAS_RESIDUAL=residual is not None,
-                               FP8_OUT=fp8_scale is not None, num_warps=_warps(block, fp8_scale))
+                               FP8_OUT=fp8_scale is not None, num_warps=_warps(block, fp8_scale),
+                               **launch_options(x.device))
     if residual is None:
         return out.view(x.shape)
     return out.view(x.shape), res_out.view(x.shape)
@@ -99,5 +104,5 @@ def silu_mul(x: torch.Tensor, fp8_scale: torch.Tensor | None = None) -> torch.Te
         block = min(1024, triton.next_power_of_2(n))
         _silu_mul_kernel[(m, triton.cdiv(n, block))](x2, out, fp8_scale if fp8_scale is not None else x2,
                                                      x2.stride(0), n, BLOCK=block, FP8_OUT=fp8_scale is not None,
-                                                     num_warps=_warps(block, fp8_scale))
+                                                     num_warps=_warps(block, fp8_scale), **launch_options(x.device))
     return out.view(*x.shape[:-1], n)

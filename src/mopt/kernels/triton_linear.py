@@ -10,7 +10,7 @@ Selection (``mopt.kernels.linear.select_linear_kernel``), in order:
 * ``triton-nvfp4``: exact W4A4 (``triton_gemm.nvfp4_gemm``);
 * ``cublas-fp8`` / ``triton-fp8``: one engine for every M, for ``MOPT_BACKEND=cublas|triton``;
 * ``triton-gemv`` (backend ``auto``): unquantized BF16/FP16 layers (and the excluded ``lm_head``),
-  the decode GEMV up to 16 tokens (cuBLAS's split-K GEMV adds a reduction launch), cuBLAS above.
+  the decode GEMV up to 64 tokens (cuBLAS's split-K GEMV adds a reduction launch), cuBLAS above.
 
 Activations are quantized by ``triton_quant`` (bit-exact with the reference formats). All need
 compute capability >= 8.9 (FP8 tensor cores); NVFP4 >= 8.0 (BF16 tensor cores).
@@ -25,7 +25,12 @@ from mopt.kernels.linear import (LinearKernel, LinearScheme, LinearShape, cuda_c
                                  per_token_fp8, register_linear_kernel)
 from mopt.quant.formats.fp8 import FP8_DTYPE
 
-SMALL_M = 16  # _scaled_mm beats the Triton GEMM from M=17 on (H100: ~95 vs ~135 us per Llama-3-8B layer at M=64)
+# Rows (tokens) up to which the decode GEMV runs, cuBLAS above; from sweeps and end-to-end decode on an H100
+# (2026-11-26, bench/results/gemv-m64-h100-2026-11-26.txt): BF16 up to 64 (Llama-3-8B batch 32/64 decode
+# +3.9%/+2.2% over cuBLAS), FP8 up to 16 (its exact kernel is slower than _scaled_mm at 32 and 64 rows).
+BF16_GEMV_MAX_M = 64
+FP8_GEMV_MAX_M = 16
+SMALL_M = FP8_GEMV_MAX_M  # _scaled_mm beats the Triton GEMM from M=17 on (H100: ~95 vs ~135 us per Llama-3-8B layer at M=64)
 FP8_SCHEMES = (LinearScheme.FP8_TENSOR, LinearScheme.FP8_CHANNEL_TOKEN)
 
 
@@ -100,7 +105,7 @@ class TritonFp8Kernel(_Fp8Base):
     name, backend = "triton-fp8", "triton"
 
     def run(self, layer, xq, x_scale, bias, out_dtype):
-        if xq.shape[0] <= triton_gemv.MAX_M:  # decode: no split-K, output written once
+        if xq.shape[0] <= FP8_GEMV_MAX_M:  # decode: no split-K, output written once
             return triton_gemv.fp8_gemv(xq, layer.weight, x_scale, layer.weight_scale.reshape(-1), bias, out_dtype)
         return triton_gemm.fp8_gemm(xq, layer.weight, x_scale, layer.weight_scale.reshape(-1), bias, out_dtype)
 
@@ -161,7 +166,7 @@ class TritonGemvKernel(_CudaKernel):
     def apply(self, layer, x, bias):
         x2, restore = flatten_tokens(x)
         w = layer.weight
-        if x2.shape[0] <= triton_gemv.MAX_M and x2.dtype == w.dtype and w.element_size() == 2:
+        if x2.shape[0] <= BF16_GEMV_MAX_M and x2.dtype == w.dtype and w.element_size() == 2:
             return restore(triton_gemv.gemv(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, bias))
         return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 

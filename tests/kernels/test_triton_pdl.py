@@ -1,0 +1,73 @@
+"""Programmatic dependent launch: the switch, and that the decode chain's results do not change with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mopt.engine.args import check_engine_args
+from mopt.errors import EngineArgumentError
+from mopt.kernels import env
+
+triton_pdl = pytest.importorskip("mopt.kernels.triton_pdl")
+
+ENGINE_ARGS = dict(model="m", device="cpu", dtype=None, kv_cache_dtype="auto", max_model_len=None, block_size=16,
+                   max_num_seqs=8, max_num_batched_tokens=None, kv_cache_memory=None)
+
+
+@pytest.mark.parametrize("value,want", [(None, True), ("1", True), ("0", False), (" 0 ", False)])
+def test_setting(monkeypatch, value, want):
+    if value is None:
+        monkeypatch.delenv(env.PDL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(env.PDL_ENV, value)
+    assert env.pdl_setting() is want
+
+
+@pytest.mark.parametrize("value", ["yes", "2", ""])
+def test_bad_setting_is_refused_before_loading(monkeypatch, value):
+    monkeypatch.setenv(env.PDL_ENV, value)
+    with pytest.raises(ValueError, match="MOPT_PDL"):
+        env.pdl_setting()
+    with pytest.raises(EngineArgumentError, match="MOPT_PDL"):
+        check_engine_args(**ENGINE_ARGS)
+
+
+def test_cpu_launches_without_pdl():
+    assert triton_pdl.launch_options(torch.device("cpu")) == {"PDL": False}
+    assert not triton_pdl.enabled(torch.device("cpu"))
+
+
+def _decode_chain(x, residual, norm_w, w_gate_up, w_down, lm_head):
+    """One MLP block and the logits' argmax, as decode runs them (norm -> GEMV -> SiLU -> GEMV -> argmax)."""
+    from mopt.kernels import triton_argmax, triton_gemv, triton_glue
+    h, s = triton_glue.rms_norm(x, norm_w, 1e-5, residual)
+    y = triton_gemv.gemv(triton_glue.silu_mul(triton_gemv.gemv(h, w_gate_up)), w_down)
+    logits = triton_gemv.gemv(triton_glue.rms_norm(y, norm_w, 1e-5), lm_head)
+    return torch.stack([y.float().sum(1), s.float().sum(1)]), triton_argmax.argmax_rows(logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_pdl_graph_equals_plain_launches(monkeypatch, m):
+    """The same chain replayed from a CUDA graph, launched with and without PDL: the same bits."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    g = torch.Generator(device="cuda").manual_seed(m)
+    args = [torch.randn(shape, device="cuda", generator=g, dtype=torch.bfloat16) * scale
+            for shape, scale in (((m, 4096), 1), ((m, 4096), 1), ((4096,), 1), ((28672, 4096), 0.02),
+                                 ((4096, 14336), 0.02), ((32000, 4096), 0.02))]
+    results = {}
+    for on in (False, True):
+        monkeypatch.setattr(triton_pdl, "_ENABLED", {torch.cuda.current_device(): on})
+        _decode_chain(*args)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = _decode_chain(*args)
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        results[on] = [t.clone() for t in out]
+    for plain, pdl in zip(results[False], results[True]):
+        assert torch.equal(plain, pdl)
