@@ -60,7 +60,7 @@ def test_triton_kernels_interpreted(scheme, n, k, m):
     assert _rel(got, expected) <= 1e-5
 
 
-GPU_SHAPES = [(4096, 4096, 1), (6144, 4096, 16), (6144, 4096, 64), (576, 576, 33), (28672, 4096, 3), (4096, 14336, 128), (4096, 4096, 2048),
+GPU_SHAPES = [(4096, 4096, 1), (6144, 4096, 16), (3072, 4096, 32), (6144, 4096, 64), (576, 576, 33), (28672, 4096, 3), (4096, 14336, 128), (4096, 4096, 2048),
               (576, 576, 7), (1536, 576, 300), (192, 576, 1)]
 
 
@@ -83,7 +83,9 @@ def test_fp8_dispatch_gpu(kernel, scheme, per_row, n, k, m):
         pytest.skip("needs a GPU")
     cls = {"cublas-fp8": triton_linear.CublasFp8Kernel, "hopper-fp8": triton_linear.HopperFp8Kernel}[kernel]
     got, expected = _run(cls, scheme, n, k, m, "cuda", per_row)
-    cublas = kernel == "cublas-fp8" or m > triton_linear.SMALL_M
+    layer_rows = 32 if per_row or scheme is S.FP8_CHANNEL_TOKEN else 16
+    assert layer_rows == (triton_linear.FP8_ROWWISE_GEMV_MAX_M if layer_rows > 16 else triton_linear.FP8_GEMV_MAX_M)
+    cublas = kernel == "cublas-fp8" or m > layer_rows
     bf16_out = cublas and (per_row or scheme is S.FP8_CHANNEL_TOKEN)
     assert _rel(got, expected) <= (4e-3 if bf16_out else 5e-4 if cublas or m > 16 else 1e-5)
 

@@ -97,6 +97,27 @@ def test_fp8_codes_as_input_equal_quantizing_inside(m):
     assert kernel.fp8_input_scale(channel) is None  # per-token scales are computed from the row itself
 
 
+@pytest.mark.parametrize("per_row,m,engine", [(True, 32, "gemv"), (True, 33, "cublas"), (False, 16, "gemv"),
+                                              (False, 17, "cublas")])
+def test_hopper_fp8_rows_by_weight_scale(monkeypatch, per_row, m, engine):
+    """hopper-fp8 keeps FP8 layers on the GEMV up to 16 tokens, or 32 where the weight scale is per row
+    (cuBLASLt's rowwise GEMM being the slower one); cuBLASLt above. The GEMV's result is the reference's."""
+    device = triton_device(False)
+    layer = canonical_layer(S.FP8_TENSOR, 64, 256)
+    if not per_row:
+        layer.weight_scale = layer.weight_scale.max().reshape(())
+    calls = []
+    monkeypatch.setattr(triton_linear, "_scaled_mm", lambda *args: calls.append(args) or torch.zeros(m, 64))
+    kernel = triton_linear.HopperFp8Kernel()
+    kernel.process_weights(layer)
+    assert hasattr(layer, "input_scale_rows") == per_row
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m))
+    got = kernel.apply(layer, x.to(device), None)
+    assert (engine == "cublas") == bool(calls)
+    if engine == "gemv":
+        assert _rel(got, ReferenceLinearKernel().apply(layer, x, None)) <= 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(6144, 4096), (128256, 4096), (4096, 14336), (576, 576)])
 @pytest.mark.parametrize("m", [1, 3, 16, 64])

@@ -3,7 +3,8 @@
 Selection (``mopt.kernels.linear.select_linear_kernel``), in order:
 
 * ``hopper-fp8`` (backend ``auto``): FP8 per-tensor and per-channel x per-token; by M bucket,
-  the decode GEMV (``triton_gemv``) for M <= ``SMALL_M`` and ``_scaled_mm`` above it (cuBLASLt).
+  the decode GEMV (``triton_gemv``) for M <= ``fp8_gemv_rows(layer)`` and ``_scaled_mm`` above it
+  (cuBLASLt).
   Per-tensor layers also take activations the kernel before them already quantized (E4M3 codes
   under the layer's static input scale: ``fp8_input_scale``);
 * ``triton-fp8-block``: 128x128-block FP8 weights with 1x128 activation groups;
@@ -26,11 +27,20 @@ from mopt.kernels.linear import (LinearKernel, LinearScheme, LinearShape, cuda_c
 from mopt.quant.formats.fp8 import FP8_DTYPE
 
 # Rows (tokens) up to which the decode GEMV runs, cuBLAS above; from sweeps and end-to-end decode on an H100
-# (2026-11-26, bench/results/gemv-m64-h100-2026-11-26.txt): BF16 up to 64 (Llama-3-8B batch 32/64 decode
-# +3.9%/+2.2% over cuBLAS), FP8 up to 16 (its exact kernel is slower than _scaled_mm at 32 and 64 rows).
+# (2026-11-26, bench/results/gemv-m64-h100-2026-11-26.txt, sweep-fp8-rowwise-h100-2026-11-26.txt): BF16 up
+# to 64 (Llama-3-8B batch 32/64 decode +3.9%/+2.2% over cuBLAS). FP8 up to 16 where the weight has one
+# scale (the exact GEMV is slower than _scaled_mm at 32 and 64 rows), up to 32 where it has one per output
+# row (fused shards keeping their own scales, per-channel checkpoints): cuBLASLt's rowwise GEMM costs more
+# (Llama-3-8B qkv per rank of two at M=32: 15.0 us, one-scale 7.7, the GEMV 12.3).
 BF16_GEMV_MAX_M = 64
 FP8_GEMV_MAX_M = 16
-SMALL_M = FP8_GEMV_MAX_M  # _scaled_mm beats the Triton GEMM from M=17 on (H100: ~95 vs ~135 us per Llama-3-8B layer at M=64)
+FP8_ROWWISE_GEMV_MAX_M = 32
+ROWWISE_SCALE_ROWS = 1024  # static activation scales expanded once for the rowwise GEMM, sliced per call
+
+
+def fp8_gemv_rows(layer) -> int:
+    """The most tokens for which ``hopper-fp8`` runs ``layer`` on the decode GEMV."""
+    return FP8_ROWWISE_GEMV_MAX_M if layer.weight_scale.numel() > 1 else FP8_GEMV_MAX_M
 FP8_SCHEMES = (LinearScheme.FP8_TENSOR, LinearScheme.FP8_CHANNEL_TOKEN)
 
 
@@ -54,7 +64,13 @@ def _scaled_mm(layer, xq: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.
     if x_scale.numel() == 1 and w_scale.numel() == 1:
         return torch._scaled_mm(xq, layer.weight.t(), scale_a=x_scale.reshape(()), scale_b=w_scale.reshape(()),
                                 out_dtype=out_dtype)
-    a = x_scale.reshape(-1, 1).expand(m, 1).contiguous() if x_scale.numel() == 1 else x_scale.reshape(m, 1)
+    rows = getattr(layer, "input_scale_rows", None)
+    if x_scale.numel() > 1:
+        a = x_scale.reshape(m, 1)
+    elif rows is not None and m <= rows.shape[0] and x_scale.data_ptr() == layer.input_scale.data_ptr():
+        a = rows[:m]  # no copy kernel per call
+    else:
+        a = x_scale.reshape(-1, 1).expand(m, 1).contiguous()
     b = w_scale.reshape(1, -1).expand(1, layer.weight.shape[0]).contiguous()
     # cuBLASLt's rowwise FP8 GEMM produces BF16 only.
     out = torch._scaled_mm(xq, layer.weight.t(), scale_a=a, scale_b=b, out_dtype=torch.bfloat16)
@@ -79,6 +95,11 @@ class _CudaKernel(LinearKernel):
 
 class _Fp8Base(_CudaKernel):
     schemes = FP8_SCHEMES
+
+    def process_weights(self, layer):
+        if layer.linear_shape.scheme is LinearScheme.FP8_TENSOR and layer.weight_scale.numel() > 1:
+            scale = layer.input_scale.float().reshape(1, 1)
+            layer.input_scale_rows = scale.expand(ROWWISE_SCALE_ROWS, 1).contiguous()
 
     @classmethod
     def can_implement(cls, shape):
@@ -105,7 +126,7 @@ class TritonFp8Kernel(_Fp8Base):
     name, backend = "triton-fp8", "triton"
 
     def run(self, layer, xq, x_scale, bias, out_dtype):
-        if xq.shape[0] <= FP8_GEMV_MAX_M:  # decode: no split-K, output written once
+        if xq.shape[0] <= fp8_gemv_rows(layer):  # decode: no split-K, output written once
             return triton_gemv.fp8_gemv(xq, layer.weight, x_scale, layer.weight_scale.reshape(-1), bias, out_dtype)
         return triton_gemm.fp8_gemm(xq, layer.weight, x_scale, layer.weight_scale.reshape(-1), bias, out_dtype)
 
@@ -119,7 +140,7 @@ class CublasFp8Kernel(_Fp8Base):
 
 
 class HopperFp8Kernel(_Fp8Base):
-    """Triton below ``SMALL_M`` tokens, cuBLASLt from there on."""
+    """The decode GEMV up to ``fp8_gemv_rows(layer)`` tokens, cuBLASLt from there on."""
 
     name, backend = "hopper-fp8", "auto"
 
@@ -127,7 +148,7 @@ class HopperFp8Kernel(_Fp8Base):
         self.small, self.large = TritonFp8Kernel(), CublasFp8Kernel()
 
     def run(self, layer, xq, x_scale, bias, out_dtype):
-        engine = self.small if xq.shape[0] <= SMALL_M else self.large
+        engine = self.small if xq.shape[0] <= fp8_gemv_rows(layer) else self.large
         return engine.run(layer, xq, x_scale, bias, out_dtype)
 
 
