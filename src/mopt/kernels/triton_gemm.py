@@ -246,10 +246,13 @@ NVFP4_GEMV_MAX_M = 16  # 64-row tiles measured 6x slower than expanding for cuBL
 
 
 def nvfp4_gemv_tiles(block_m: int, n: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of the small-M NVFP4 kernel, from a sweep on an
-    H100 (2026-11-25) over Llama-3-8B layer shapes."""
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of the small-M NVFP4 kernel, from sweeps on an H100 over
+    Llama-3-8B layer shapes. One token (``bench/sweep_nvfp4_gemv.py``, 2026-11-26, whole layers and per
+    rank of two): narrow tiles and no split-K, within 2% of each shape's best on average and 2-30% faster
+    than 32-row tiles split over K (4096x2048: 5.4 us against 7.7, counting the split's zeroed buffer
+    and cast; 4096x14336, the one shape where split-K won: 28.8 against 28.1). 16 tokens: 2026-11-25."""
     if block_m == 1:
-        return (16, 512, 4, 4) if n >= 16384 else (32, 512, 8, 4)
+        return (16, 512, 4, 4) if n >= 14336 else (8, 1024, 8, 4)
     return 128, 256, 4, 4
 
 
@@ -282,9 +285,10 @@ def nvfp4_alpha(a_global: torch.Tensor, b_global: torch.Tensor) -> float | None:
 
 def nvfp4_gemm(a_values: torch.Tensor, b_packed: torch.Tensor, b_scale: torch.Tensor, a_global: torch.Tensor,
                b_global: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-               alpha: float | None = None) -> torch.Tensor:
+               alpha: float | None = None, config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """``a_values [M, Kp]`` BF16 block values, ``b_packed [N, Kp/2]``, ``b_scale [N, Kp/16]`` e4m3,
-    ``a_global []``, ``b_global [N]``; ``alpha``: ``nvfp4_alpha(a_global, b_global)`` if known.
+    ``a_global []``, ``b_global [N]``; ``alpha``: ``nvfp4_alpha(a_global, b_global)`` if known;
+    ``config``: the small-M kernel's ``(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)`` (sweeps).
 
     M <= ``NVFP4_GEMV_MAX_M``: one Triton kernel streams the packed weights (0.5625 bytes per
     weight). Larger M: the weights are expanded once per call into exact BF16 block values and
@@ -305,11 +309,13 @@ def nvfp4_gemm(a_values: torch.Tensor, b_packed: torch.Tensor, b_scale: torch.Te
             y += bias.float()
         return y.to(out_dtype)
     bm = 1 if m == 1 else 16
-    bn, bk, warps, stages = nvfp4_gemv_tiles(bm, n)
+    bn, bk, warps, stages = config[:4] if config else nvfp4_gemv_tiles(bm, n)
     tiles = triton.cdiv(n, bn)
     k_tiles = triton.cdiv(kp, bk)
     split = 1
-    if tiles < 2 * _num_sms(a_values.device):
+    if config:
+        split = config[4]
+    elif bm > 1 and tiles < 2 * _num_sms(a_values.device):  # one token: never split (see nvfp4_gemv_tiles)
         split = max(1, min(k_tiles // 2, triton.cdiv(2 * _num_sms(a_values.device), tiles)))
     out = _output(m, n, out_dtype, split, a_values.device)
     _nvfp4_gemv_kernel[(tiles, split)](
