@@ -26,6 +26,7 @@ from mopt.kernels import triton_weight_only as two
 
 P_BF16, P_F8, P_F32, P_I32, P_U8, P_I8 = "*bf16", "*fp8e4nv", "*fp32", "*i32", "*u8", "*i8"
 HOPPER_SHARED_BYTES = 227 * 1024
+UNGATED = dict(GATED=False, DTYPE=triton.language.bfloat16, FP8_OUT=False)  # a plain GEMV
 
 def _kv_ptrs(cache: str) -> dict:
     """The KV-cache pointers of the attention kernels for a cache of element type ``cache`` (NVFP4's
@@ -100,17 +101,26 @@ KERNELS = [
     (tgl._silu_mul_kernel, dict(x_ptr=P_BF16, out_ptr=P_F8, scale_ptr=P_F32, stride_x="i32", n="i32"),
      [dict(BLOCK=1024, FP8_OUT=True)]),
     (tg._gemv_kernel,
-     dict(a_ptr=P_F8, b_ptr=P_F8, c_ptr=P_BF16, a_scale_ptr=P_F32, b_scale_ptr=P_F32, bias_ptr=P_F32, M="i32",
-          N="i32", K="i32", stride_am="i32", stride_bn="i32", stride_cm="i32"),
-     [dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, DOT=False),
-      dict(A_ROWWISE=True, B_ROWWISE=True, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, DOT=True),
+     dict(a_ptr=P_F8, b_ptr=P_F8, c_ptr=P_BF16, a_scale_ptr=P_F32, b_scale_ptr=P_F32, bias_ptr=P_F32,
+          out_scale_ptr=P_F32, M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32", stride_cm="i32"),
+     [dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, DOT=False, **UNGATED),
+      dict(A_ROWWISE=True, B_ROWWISE=True, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, DOT=True, **UNGATED),
       dict(A_ROWWISE=False, B_ROWWISE=True, HAS_BIAS=False, BLOCK_M=32, BLOCK_N=16, BLOCK_K=256, DOT=True,
-           PDL=False)]),
+           PDL=False, **UNGATED)]),
     (tg._gemv_kernel,
-     dict(a_ptr=P_BF16, b_ptr=P_BF16, c_ptr=P_BF16, a_scale_ptr=P_F32, b_scale_ptr=P_F32, bias_ptr=P_BF16, M="i32",
-          N="i32", K="i32", stride_am="i32", stride_bn="i32", stride_cm="i32"),
-     [dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, DOT=False),
-      dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, DOT=True)]),
+     dict(a_ptr=P_F8, b_ptr=P_F8, c_ptr=P_F8, a_scale_ptr=P_F32, b_scale_ptr=P_F32, bias_ptr=P_F32,
+          out_scale_ptr=P_F32, M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32", stride_cm="i32"),
+     [dict(A_ROWWISE=False, B_ROWWISE=True, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, DOT=False,
+           GATED=True, DTYPE=triton.language.bfloat16, FP8_OUT=True),
+      dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, DOT=True,
+           GATED=True, DTYPE=triton.language.bfloat16, FP8_OUT=True)], "gated, E4M3 out"),
+    (tg._gemv_kernel,
+     dict(a_ptr=P_BF16, b_ptr=P_BF16, c_ptr=P_BF16, a_scale_ptr=P_F32, b_scale_ptr=P_F32, bias_ptr=P_BF16,
+          out_scale_ptr=P_F32, M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32", stride_cm="i32"),
+     [dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, DOT=False, **UNGATED),
+      dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, DOT=True, **UNGATED),
+      dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, DOT=True,
+           GATED=True, DTYPE=triton.language.bfloat16, FP8_OUT=False)]),
     (tq._int8_static_kernel, dict(x_ptr=P_BF16, out_ptr=P_BF16, scale_ptr=P_F32, n="i32"), [dict(BLOCK=1024)],
      "INT8 values"),
     (tq._int8_static_kernel, dict(x_ptr=P_F32, out_ptr=P_I8, scale_ptr=P_F32, n="i32"), [dict(BLOCK=1024)],

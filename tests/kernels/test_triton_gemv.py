@@ -97,6 +97,101 @@ def test_fp8_codes_as_input_equal_quantizing_inside(m):
     assert kernel.fp8_input_scale(channel) is None  # per-token scales are computed from the row itself
 
 
+def _gated_case(device, m, n, k, weights, rowwise, fp8_out, bias, out_dtype, tiles=None):
+    """``silu_gated_gemv`` and the GEMV followed by ``triton_glue.silu_mul`` on the same inputs. Through the
+    interpreter ``n`` must be a multiple of the tile's rows: its dot is numpy's matmul, whose sum for an
+    output depends on that output's place in the tile (the fused kernel puts up rows elsewhere); a GPU's
+    MMA sums each output the same way wherever it sits, so the GPU test takes any ``n``."""
+    from mopt.kernels import triton_glue
+    g = torch.Generator().manual_seed(m * 7 + n)
+    w = torch.randn(2 * n, k, generator=g) * 0.05
+    x = torch.randn(m, k, generator=g)
+    b = (torch.randn(2 * n, generator=g) * 0.1).to(device, out_dtype) if bias else None
+    scale = torch.tensor([0.02], device=device) if fp8_out else None
+    if weights == "fp8":
+        if rowwise:
+            wq, ws = fp8.quantize_per_channel(w)
+        else:
+            wq, ws = fp8.quantize_per_tensor(w)
+        xq, xs = fp8.quantize_per_tensor(x)
+        args = [t.to(device) for t in (xq, wq, xs.reshape(1), ws.reshape(-1))]
+        plain = triton_gemv.fp8_gemv(*args, b, out_dtype, tiles)
+    else:
+        args = [x.to(device, out_dtype), w.to(device, out_dtype), None, None]
+        plain = triton_gemv.gemv(args[0], args[1], b, tiles)
+    fused = triton_gemv.silu_gated_gemv(*args, b, out_dtype, scale, tiles)
+    return fused, triton_glue.silu_mul(plain, scale)
+
+
+@pytest.mark.parametrize("m,variant", [(1, "fma"), (1, "dot"), (5, "dot")])
+@pytest.mark.parametrize("weights,rowwise", [("fp8", False), ("fp8", True), ("16bit", False)])
+@pytest.mark.parametrize("fp8_out,bias", [(False, True), (True, False)])
+def test_silu_gated_gemv_interpreted(m, variant, weights, rowwise, fp8_out, bias):
+    """One kernel for gate/up and the SiLU-gated product: the bits of the GEMV then the SiLU kernel."""
+    fused, unfused = _gated_case(triton_device(False), m, 48, 96, weights, rowwise, fp8_out, bias, torch.float16,
+                                 TILES[variant])
+    assert fused.shape == (m, 48) and fused.dtype == unfused.dtype
+    assert torch.equal(fused.view(torch.uint8) if fp8_out else fused, unfused.view(torch.uint8) if fp8_out else unfused)
+
+
+def test_silu_gated_gemv_needs_halves():
+    with pytest.raises(ValueError, match="gate and up"):
+        triton_gemv.silu_gated_gemv(torch.zeros(1, 16), torch.zeros(7, 16), None, None, None, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(14336, 4096), (7168, 4096), (500, 576)])
+@pytest.mark.parametrize("weights,m", [("fp8", 1), ("fp8", 16), ("fp8", 32), ("16bit", 1), ("16bit", 16),
+                                       ("16bit", 32), ("16bit", 64)])
+@pytest.mark.parametrize("rowwise,fp8_out", [(False, False), (True, True)])
+def test_silu_gated_gemv_gpu(n, k, weights, m, rowwise, fp8_out):
+    fused, unfused = _gated_case(triton_device(True), m, n, k, weights, rowwise and weights == "fp8", fp8_out,
+                                 False, torch.bfloat16)
+    assert torch.equal(fused.view(torch.uint8) if fp8_out else fused, unfused.view(torch.uint8) if fp8_out else unfused)
+
+
+@pytest.mark.parametrize("per_row,m,fused", [(True, 1, True), (True, 32, True), (True, 33, False),
+                                             (False, 16, True), (False, 17, False)])
+@pytest.mark.parametrize("codes_in,fp8_out", [(False, False), (True, True)])
+def test_fp8_kernels_fuse_the_silu_within_the_gemv_rows(per_row, m, fused, codes_in, fp8_out):
+    """hopper-fp8's ``apply_silu_gated`` (gate/up + SiLU in one kernel) gives the bits of ``apply`` followed
+    by the SiLU kernel, for activations or E4M3 codes in, activations or E4M3 codes out; beyond the
+    GEMV's rows it declines (None) and the model runs the two."""
+    from mopt.kernels import triton_glue
+
+    device = triton_device(False)
+    layer = canonical_layer(S.FP8_TENSOR, 128, 256)  # [gate | up] of 64 each (see _gated_case on why 64)
+    layer.params_dtype = torch.float32
+    if not per_row:
+        layer.weight_scale = layer.weight_scale.max().reshape(())
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)) * 2
+    x = fp8.quantize(x, layer.input_scale) if codes_in else x
+    scale = torch.tensor([0.05]) if fp8_out else None
+    kernel = triton_linear.HopperFp8Kernel()
+    got = kernel.apply_silu_gated(layer, x.to(device), None, scale)
+    if not fused:
+        assert got is None
+        return
+    want = triton_glue.silu_mul(kernel.apply(layer, x.to(device), None), scale)
+    assert got.shape == (m, 64) and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("m,fused", [(1, True), (64, True), (65, False)])
+def test_16bit_gemv_kernel_fuses_the_silu(m, fused):
+    from mopt.kernels import triton_glue
+
+    layer = torch.nn.Module()
+    g = torch.Generator().manual_seed(m)
+    layer.weight = (torch.randn(256, 128, generator=g) * 0.1).half()  # halves of 128: see _gated_case
+    x = torch.randn(m, 128, generator=g).half().to(triton_device(False))
+    kernel = triton_linear.TritonGemvKernel()
+    got = kernel.apply_silu_gated(layer, x, None, None)
+    if not fused:
+        assert got is None
+        return
+    assert torch.equal(got, triton_glue.silu_mul(kernel.apply(layer, x, None)))
+
+
 @pytest.mark.parametrize("per_row,m,engine", [(True, 32, "gemv"), (True, 33, "cublas"), (False, 16, "gemv"),
                                               (False, 17, "cublas")])
 def test_hopper_fp8_rows_by_weight_scale(monkeypatch, per_row, m, engine):

@@ -274,3 +274,56 @@ def test_smoothed_layers_never_take_codes_from_the_layer_before(fmt):
                      {None: kept})
         layer.quant_method.kernel = TakesCodes()
         assert (layer.fp8_input_scale is None) == smoothed, (fmt, smoothed)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_silu_gated_reaches_the_kernel_with_the_layers_input(fmt):
+    """``MergedColumnParallelLinear.silu_gated`` (the decode GEMV fused with the SiLU on GPUs) hands the
+    kernel what ``apply`` would: the input smoothed first where the method smooths it. A kernel that does
+    not fuse (the reference, every CPU kernel) and SVDQuant's low-rank branch give None: the model then
+    runs the layer and the SiLU kernel."""
+    from mopt.kernels.glue import silu_mul_reference
+    from mopt.kernels.reference import ReferenceLinearKernel
+
+    class Fuses(ReferenceLinearKernel):  # stands in for the GPU's decode GEMV
+        def apply_silu_gated(self, layer, x, bias, fp8_scale):
+            return silu_mul_reference(self.apply(layer, x, bias), fp8_scale)
+
+    layer = load(MergedColumnParallelLinear(128, [64, 64], quant_config=qc(fmt), prefix="gate_up",
+                                            params_dtype=torch.float32),
+                 {i: checkpoint_tensors(fmt, 64, 128, i) for i in range(2)})
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
+    assert layer.silu_gated(x) is None
+    layer.quant_method.kernel = Fuses()
+    got = layer.silu_gated(x)
+    if fmt == "nvfp4-svdquant":
+        assert got is None
+    else:
+        assert torch.equal(got, silu_mul_reference(layer(x)))
+    three = MergedColumnParallelLinear(128, [64, 64, 64], prefix="three", params_dtype=torch.float32)
+    uneven = MergedColumnParallelLinear(128, [64, 32], prefix="uneven", params_dtype=torch.float32)
+    for other in (three, uneven):
+        other.quant_method.kernel = Fuses()
+        assert other.silu_gated(x) is None
+
+
+def test_llama_mlp_takes_the_fused_gate_up_where_offered(monkeypatch):
+    from types import SimpleNamespace
+
+    from mopt.kernels.glue import silu_mul_reference
+    from mopt.models.llama import LlamaMLP
+
+    config = SimpleNamespace(hidden_act="silu", hidden_size=64, intermediate_size=96)
+    mlp = LlamaMLP(config, None, "mlp", torch.float32)
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        mlp.gate_up_proj.weight_loader(mlp.gate_up_proj.weight, torch.randn(96, 64, generator=g), i)
+    mlp.down_proj.weight_loader(mlp.down_proj.weight, torch.randn(64, 96, generator=g))
+    for layer in (mlp.gate_up_proj, mlp.down_proj):
+        layer.process_weights_after_loading()
+    x = torch.randn(2, 64, generator=g)
+    unfused = mlp(x)
+    calls = []
+    monkeypatch.setattr(mlp.gate_up_proj, "silu_gated",
+                        lambda x, scale: calls.append(scale) or silu_mul_reference(mlp.gate_up_proj(x), scale))
+    assert torch.equal(mlp(x), unfused) and calls == [None]

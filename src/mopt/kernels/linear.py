@@ -110,6 +110,13 @@ class LinearKernel:
     ) -> torch.Tensor:
         raise NotImplementedError  # abstract
 
+    def apply_silu_gated(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+                         fp8_scale: torch.Tensor | None) -> torch.Tensor | None:
+        """For a fused gate/up layer (output ``[gate | up]``): ``silu(gate) * up`` in one kernel, as
+        ``kernels.glue.silu_mul(self.apply(layer, x, bias), fp8_scale)`` computes it, or None where this
+        kernel does not fuse it (for these inputs)."""
+        return None
+
 
 # Ordered candidates per device type; GPU backends register themselves in front.
 _KERNELS: dict[str, list[type[LinearKernel]]] = {}

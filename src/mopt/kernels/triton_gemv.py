@@ -16,6 +16,11 @@ Two inner loops, picked by the tile config:
 Both sum exact products in float32 (E4M3 x E4M3 and BF16 x BF16 fit in float32), in another order
 than the reference's GEMM. Scales: ``a_scale`` scalar or per row ``[M]``; ``w_scale`` scalar or
 per output row ``[N]``.
+
+``silu_gated_gemv`` runs a fused gate/up projection and the SiLU-gated product after it in one kernel:
+each program takes matching gate and up rows, rounds both outputs to the activation dtype and
+finishes as ``triton_glue.silu_mul`` does (optionally as the down projection's E4M3 codes), so the
+bits equal the two kernels'.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import triton
 import triton.language as tl
 
 from mopt.kernels.triton_gemm import scale_tile
+from mopt.kernels.triton_glue import _store_out
 from mopt.kernels.triton_pdl import launch_options, pdl_prologue
+from mopt.quant.formats import fp8
 
 
 @dataclass(frozen=True)
@@ -40,40 +47,70 @@ class GemvTiles:
 
 
 @triton.jit
-def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, stride_am, stride_bn,
-                 stride_cm, A_ROWWISE: tl.constexpr, B_ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_scale_ptr, M, N, K, stride_am,
+                 stride_bn, stride_cm, A_ROWWISE: tl.constexpr, B_ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
-                 PDL: tl.constexpr):
+                 GATED: tl.constexpr, DTYPE: tl.constexpr, FP8_OUT: tl.constexpr, PDL: tl.constexpr):
+    """``GATED``: ``b`` holds ``2N`` rows, gate then up; a program takes ``BLOCK_N`` of each and writes
+    ``silu(gate) * up`` as ``triton_glue.silu_mul`` computes it from the GEMV's ``DTYPE`` output."""
     pdl_prologue(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     b_rows = b_ptr + offs_n[:, None].to(tl.int64) * stride_bn
-    if DOT:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    up_rows = b_rows + N.to(tl.int64) * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc1_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
-        b = tl.load(b_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        b_mask = n_ok[:, None] & k_ok[None, :]
+        b = tl.load(b_rows + offs_k[None, :], mask=b_mask, other=0.0)
+        if GATED:
+            b_up = tl.load(up_rows + offs_k[None, :], mask=b_mask, other=0.0)
         if DOT:
             a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                         other=0.0)
             acc = tl.dot(a, tl.trans(b), acc)
+            if GATED:
+                acc_up = tl.dot(a, tl.trans(b_up), acc_up)
         else:
             a = tl.load(a_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             acc1 += tl.sum(b.to(tl.float32) * a[None, :], axis=1)
-    if DOT:
-        out = acc
+            if GATED:
+                acc1_up += tl.sum(b_up.to(tl.float32) * a[None, :], axis=1)
+    if not DOT:
+        acc = acc1[None, :]
+        acc_up = acc1_up[None, :]
+    out = _finish(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, m_ok, n_ok, A_ROWWISE, B_ROWWISE,
+                  HAS_BIAS)
+    ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if GATED:
+        if B_ROWWISE:
+            up_scale_ptr = b_scale_ptr + N
+        else:
+            up_scale_ptr = b_scale_ptr
+        up = _finish(acc_up, a_scale_ptr, up_scale_ptr, bias_ptr + N, offs_m, offs_n, m_ok, n_ok, A_ROWWISE,
+                     B_ROWWISE, HAS_BIAS)
+        gate = out.to(DTYPE).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(DTYPE).to(tl.float32)
+        _store_out(ptrs, (silu * up.to(DTYPE).to(tl.float32)).to(DTYPE), out_scale_ptr, mask, FP8_OUT)
     else:
-        out = acc1[None, :]
-    out = scale_tile(out, a_scale_ptr, b_scale_ptr, offs_m, offs_n, m_ok, n_ok, A_ROWWISE, B_ROWWISE)
+        tl.store(ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _finish(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, m_ok, n_ok, A_ROWWISE: tl.constexpr,
+            B_ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The float32 output tile: sums times the scales, plus the bias."""
+    out = scale_tile(acc, a_scale_ptr, b_scale_ptr, offs_m, offs_n, m_ok, n_ok, A_ROWWISE, B_ROWWISE)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-    tl.store(ptrs, out.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    return out
 
 
 MAX_M = 64  # 16-bit weights
@@ -102,21 +139,33 @@ def gemv_tiles(m: int, n: int, k: int, itemsize: int = 1) -> GemvTiles:
     return GemvTiles(block_n=64, block_k=256 // itemsize, num_warps=4, num_stages=5, dot=True)
 
 
-def _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles) -> torch.Tensor:
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+GATED_SHARED_BYTES = 200 * 1024  # of the H100's 227 KiB; stages change no sum, only how far loads run ahead
+
+
+def _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles, gated=False, fp8_scale=None) -> torch.Tensor:
     m, k = a.shape
-    n = b.shape[0]
+    n = b.shape[0] // 2 if gated else b.shape[0]
     if m > max_rows(b.element_size()):
         raise ValueError(f"gemv: M={m} > {max_rows(b.element_size())} for {b.dtype} weights; use a GEMM")
-    t = tiles or gemv_tiles(m, n, k, b.element_size())
+    if gated and b.shape[0] % 2:
+        raise ValueError(f"gated gemv: the weight's {b.shape[0]} rows are not gate and up halves")
+    t = tiles or gemv_tiles(m, b.shape[0], k, b.element_size())  # the ungated GEMV's tiles: the same sums
     if m > 1 and not t.dot:
         raise ValueError(f"gemv: the FMA loop takes one row, got M={m}")
-    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    out = torch.empty((m, n), dtype=fp8.FP8_DTYPE if fp8_scale is not None else out_dtype, device=a.device)
+    block_m = max(16, triton.next_power_of_2(m)) if t.dot else 1
+    stages = t.num_stages
+    if gated and t.dot:  # two weight tiles a stage: fewer stages where the plain GEMV's would overflow
+        stages = max(2, min(stages, GATED_SHARED_BYTES // ((block_m + 2 * t.block_n) * t.block_k * b.element_size())))
     if m:
         _gemv_kernel[(triton.cdiv(n, t.block_n),)](
-            a, b, out, a_scale, b_scale, bias if bias is not None else b_scale, m, n, k, a.stride(0), b.stride(0),
-            out.stride(0), A_ROWWISE=a_scale.numel() > 1, B_ROWWISE=b_scale.numel() > 1, HAS_BIAS=bias is not None,
-            BLOCK_M=max(16, triton.next_power_of_2(m)) if t.dot else 1, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-            DOT=t.dot, num_warps=t.num_warps, num_stages=t.num_stages, **launch_options(a.device))
+            a, b, out, a_scale, b_scale, bias if bias is not None else b_scale,
+            fp8_scale if fp8_scale is not None else b_scale, m, n, k, a.stride(0), b.stride(0), out.stride(0),
+            A_ROWWISE=a_scale.numel() > 1, B_ROWWISE=b_scale.numel() > 1, HAS_BIAS=bias is not None,
+            BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, DOT=t.dot, GATED=gated,
+            DTYPE=_TL_DTYPES[out_dtype], FP8_OUT=fp8_scale is not None, num_warps=t.num_warps, num_stages=stages,
+            **launch_options(a.device))
     return out
 
 
@@ -126,13 +175,29 @@ def fp8_gemv(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: t
     return _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles)
 
 
+def _ones(device: torch.device) -> torch.Tensor:
+    one = _ONES.get(device)
+    if one is None:
+        one = _ONES[device] = torch.ones(1, dtype=torch.float32, device=device)
+    return one
+
+
 _ONES: dict[torch.device, torch.Tensor] = {}
 
 
 def gemv(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
          tiles: GemvTiles | None = None) -> torch.Tensor:
     """``a [M, K] @ b[N, K]^T (+ bias)`` for 16-bit ``a`` and ``b`` of one dtype (M <= MAX_M), in ``a``'s dtype."""
-    one = _ONES.get(a.device)
-    if one is None:
-        one = _ONES[a.device] = torch.ones(1, dtype=torch.float32, device=a.device)
-    return _launch(a, b, one, one, bias, a.dtype, tiles)
+    return _launch(a, b, _ones(a.device), _ones(a.device), bias, a.dtype, tiles)
+
+
+def silu_gated_gemv(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None, b_scale: torch.Tensor | None,
+                    bias: torch.Tensor | None, out_dtype: torch.dtype, fp8_scale: torch.Tensor | None = None,
+                    tiles: GemvTiles | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` of ``[gate | up] = a @ b^T * scales (+ bias)``, ``b [2I, K]`` (gate rows, then up
+    rows; E4M3 with ``a`` E4M3 codes, or 16-bit like ``a`` with the scales None) -> ``[M, I]`` in
+    ``out_dtype``, or E4M3 codes under ``fp8_scale``. The bits of the GEMV (``out_dtype`` output)
+    followed by ``triton_glue.silu_mul``, in one kernel: no ``[M, 2I]`` round trip, one launch less."""
+    if a_scale is None:
+        a_scale = b_scale = _ones(a.device)
+    return _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles, gated=True, fp8_scale=fp8_scale)

@@ -122,8 +122,24 @@ class _Fp8Base(_CudaKernel):
         return restore(self.run(layer, xq, x_scale, bias, x.dtype))
 
 
+def _fp8_silu_gated(layer, x: torch.Tensor, bias, fp8_scale) -> torch.Tensor | None:
+    """The decode GEMV's gate/up product fused with the SiLU (``apply_silu_gated``), within its rows."""
+    x2, restore = flatten_tokens(x)
+    if x2.shape[0] > fp8_gemv_rows(layer):
+        return None
+    if x2.dtype == FP8_DTYPE:  # already quantized under layer.input_scale
+        xq, x_scale, out_dtype = x2, layer.input_scale.reshape(1), layer.params_dtype
+    else:
+        (xq, x_scale), out_dtype = _quantize_fp8(layer, x2), x.dtype
+    return restore(triton_gemv.silu_gated_gemv(xq, layer.weight, x_scale, layer.weight_scale.reshape(-1), bias,
+                                               out_dtype, fp8_scale))
+
+
 class TritonFp8Kernel(_Fp8Base):
     name, backend = "triton-fp8", "triton"
+
+    def apply_silu_gated(self, layer, x, bias, fp8_scale):
+        return _fp8_silu_gated(layer, x, bias, fp8_scale)
 
     def run(self, layer, xq, x_scale, bias, out_dtype):
         if xq.shape[0] <= fp8_gemv_rows(layer):  # decode: no split-K, output written once
@@ -146,6 +162,9 @@ class HopperFp8Kernel(_Fp8Base):
 
     def __init__(self) -> None:
         self.small, self.large = TritonFp8Kernel(), CublasFp8Kernel()
+
+    def apply_silu_gated(self, layer, x, bias, fp8_scale):
+        return _fp8_silu_gated(layer, x, bias, fp8_scale)
 
     def run(self, layer, xq, x_scale, bias, out_dtype):
         engine = self.small if xq.shape[0] <= fp8_gemv_rows(layer) else self.large
@@ -190,6 +209,14 @@ class TritonGemvKernel(_CudaKernel):
         if x2.shape[0] <= BF16_GEMV_MAX_M and x2.dtype == w.dtype and w.element_size() == 2:
             return restore(triton_gemv.gemv(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, bias))
         return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def apply_silu_gated(self, layer, x, bias, fp8_scale):
+        x2, restore = flatten_tokens(x)
+        w = layer.weight
+        if x2.shape[0] > BF16_GEMV_MAX_M or x2.dtype != w.dtype or w.element_size() != 2:
+            return None
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        return restore(triton_gemv.silu_gated_gemv(x2, w, None, None, bias, x2.dtype, fp8_scale))
 
 
 for _kernel in (HopperFp8Kernel, TritonFp8BlockKernel, TritonNvfp4Kernel, TritonGemvKernel, CublasFp8Kernel,

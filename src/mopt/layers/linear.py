@@ -185,6 +185,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias, quant_config, prefix, params_dtype,
                          tp_rank, tp_size, output_sizes=output_sizes)
 
+    def silu_gated(self, x: torch.Tensor, fp8_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+        """A gate/up pair's ``silu(gate) * up`` in one kernel where the layer's kernel fuses it (decode
+        GEMVs), as ``kernels.glue.silu_mul(self(x), fp8_scale)`` computes it; else None."""
+        if len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
+            return None
+        return self.quant_method.apply_silu_gated(self, x, self.bias, fp8_scale)
+
     def shard_spec(self, param, shard_id) -> ShardSpec:
         if shard_id is None:
             raise WeightLoadError(

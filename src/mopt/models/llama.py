@@ -113,10 +113,11 @@ class LlamaMLP(nn.Module):
     partial_output = True  # forward(x, reduce=False) returns the down projection's partial sums
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if self.act_fn is nn.functional.silu:  # one kernel, writing the down projection's FP8 codes if it takes them
-            return self.down_proj(silu_mul(gate_up, self.down_proj.fp8_input_scale), reduce)
-        gate, up = gate_up.chunk(2, dim=-1)
+        if self.act_fn is nn.functional.silu:  # writing the down projection's FP8 codes if it takes them
+            scale = self.down_proj.fp8_input_scale
+            act = self.gate_up_proj.silu_gated(x, scale)  # decode: one kernel for both
+            return self.down_proj(silu_mul(self.gate_up_proj(x), scale) if act is None else act, reduce)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up, reduce)
 
 

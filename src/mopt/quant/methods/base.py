@@ -65,6 +65,14 @@ class LinearMethodBase(QuantizeMethodBase):
             )
         return self.kernel.apply(layer, x, bias)
 
+    def apply_silu_gated(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+                         fp8_scale: torch.Tensor | None) -> torch.Tensor | None:
+        """``silu(gate) * up`` of a fused gate/up layer in one kernel where the kernel offers it (see
+        ``LinearKernel.apply_silu_gated``); None: use ``apply`` and ``kernels.glue.silu_mul``."""
+        if self.kernel is None:
+            return None  # apply raises the error
+        return self.kernel.apply_silu_gated(layer, x, bias, fp8_scale)
+
 
 class ModelOptLinearMethodBase(LinearMethodBase):
     """A linear method that reads its format's settings from a ModelOpt quant config."""

@@ -51,6 +51,11 @@ class PreQuantScaleMixin:
             x = x * layer.pre_quant_scale.to(x.dtype)
         return super().apply(layer, x, bias)
 
+    def apply_silu_gated(self, layer, x, bias, fp8_scale) -> torch.Tensor | None:
+        if layer.pre_quant_scale is not None:
+            x = x * layer.pre_quant_scale.to(x.dtype)
+        return super().apply_silu_gated(layer, x, bias, fp8_scale)
+
 
 class SvdQuantLoraMixin:
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
@@ -80,6 +85,9 @@ class SvdQuantLoraMixin:
 
     def fp8_input_scale(self, layer) -> torch.Tensor | None:
         return None  # the low-rank branch multiplies the unquantized input
+
+    def apply_silu_gated(self, layer, x, bias, fp8_scale) -> None:
+        return None  # the low-rank branch joins before the SiLU
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         a, b = layer.svdquant_lora_a.to(x.dtype), layer.svdquant_lora_b.to(x.dtype)
