@@ -3,7 +3,7 @@
 # is left than it needs (BUDGET_S, default 570 s, bounds the whole run; STAGES picks a subset):
 #   tests  the GPU tensor-parallel tests (tests/parallel/test_tp_gpu.py, measured errors kept by -rP)
 #   allreduce  NCCL against the one-shot all-reduce, eager and in CUDA graphs (bench/tp_allreduce.py)
-#   8b     mopt bench generate --dummy llama3-8b, BF16 and FP8+FP8 KV, batch 1 and 64, -tp 1 then -tp 2
+#   8b     mopt bench generate --dummy llama3-8b, BF16, FP8+FP8 KV and NVFP4, batch 1 and 64, -tp 1 then -tp 2
 #   moe    the same for qwen3-30b-a3b in FP8: -tp 1, then -tp 2 --enable-expert-parallel
 #   70b    llama3-70b in FP8 (70 GB of weights, more than one H100 holds) at -tp 2, batch 1 and 64
 # Writes under $OUT (default ./out): summary.txt (GPUs, versions, stage results, the speed-up table),
@@ -60,8 +60,8 @@ DENSE=${DENSE:-llama3-8b} MOE=${MOE:-qwen3-30b-a3b} BIG=${BIG:-llama3-70b}
 read -r -a BENCH_ARGS <<< "${BENCH_ARGS:---batch 1,64 --prompt-len 128 --tokens 128}"
 BENCH=(python3 -m mopt.cli bench generate "${BENCH_ARGS[@]}")
 if wants 8b; then
-  stage "$DENSE -tp 1" 150 130 "${BENCH[@]}" --dummy "$DENSE" --format bf16,fp8-kv -tp 1 --json "$OUT/tp1.json" &&
-  stage "$DENSE -tp 2" 110 150 "${BENCH[@]}" --dummy "$DENSE" --format bf16,fp8-kv -tp 2 --json "$OUT/tp2.json"
+  stage "$DENSE -tp 1" 150 130 "${BENCH[@]}" --dummy "$DENSE" --format bf16,fp8-kv,nvfp4 -tp 1 --json "$OUT/tp1.json" &&
+  stage "$DENSE -tp 2" 110 150 "${BENCH[@]}" --dummy "$DENSE" --format bf16,fp8-kv,nvfp4 -tp 2 --json "$OUT/tp2.json"
 fi
 if wants moe; then
   stage "$MOE -tp 1" 150 110 "${BENCH[@]}" --dummy "$MOE" --format fp8 -tp 1 --json "$OUT/moe-tp1.json" &&
