@@ -285,8 +285,14 @@ def test_silu_gated_reaches_the_kernel_with_the_layers_input(fmt):
     from mopt.kernels.glue import silu_mul_reference
     from mopt.kernels.reference import ReferenceLinearKernel
 
-    class Fuses(ReferenceLinearKernel):  # stands in for the GPU's decode GEMV
+    class Fuses(ReferenceLinearKernel):  # stands in for the GPU's decode GEMV, up to `rows` tokens
+        rows = 3
+
+        def silu_gated_rows(self, layer):
+            return self.rows
+
         def apply_silu_gated(self, layer, x, bias, fp8_scale):
+            assert x.numel() // x.shape[-1] <= self.rows
             return silu_mul_reference(self.apply(layer, x, bias), fp8_scale)
 
     layer = load(MergedColumnParallelLinear(128, [64, 64], quant_config=qc(fmt), prefix="gate_up",
@@ -300,6 +306,9 @@ def test_silu_gated_reaches_the_kernel_with_the_layers_input(fmt):
         assert got is None
     else:
         assert torch.equal(got, silu_mul_reference(layer(x)))
+    Fuses.rows = 2  # beyond the kernel's rows: declined before any work (no smoothing pass)
+    assert layer.silu_gated(x) is None
+    Fuses.rows = 3
     three = MergedColumnParallelLinear(128, [64, 64, 64], prefix="three", params_dtype=torch.float32)
     uneven = MergedColumnParallelLinear(128, [64, 32], prefix="uneven", params_dtype=torch.float32)
     for other in (three, uneven):

@@ -110,6 +110,10 @@ class LinearKernel:
     ) -> torch.Tensor:
         raise NotImplementedError  # abstract
 
+    def silu_gated_rows(self, layer: torch.nn.Module) -> int:
+        """The most tokens ``apply_silu_gated`` fuses for ``layer`` (0: never)."""
+        return 0
+
     def apply_silu_gated(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
                          fp8_scale: torch.Tensor | None) -> torch.Tensor | None:
         """For a fused gate/up layer (output ``[gate | up]``): ``silu(gate) * up`` in one kernel, as

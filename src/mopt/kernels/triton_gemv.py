@@ -157,7 +157,8 @@ def _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles, gated=False, fp8_sca
     block_m = max(16, triton.next_power_of_2(m)) if t.dot else 1
     stages = t.num_stages
     if gated and t.dot:  # two weight tiles a stage: fewer stages where the plain GEMV's would overflow
-        stages = max(2, min(stages, GATED_SHARED_BYTES // ((block_m + 2 * t.block_n) * t.block_k * b.element_size())))
+        stage_bytes = (block_m + 2 * t.block_n) * t.block_k * b.element_size()
+        stages = max(2, min(stages, GATED_SHARED_BYTES // stage_bytes))
     if m:
         _gemv_kernel[(triton.cdiv(n, t.block_n),)](
             a, b, out, a_scale, b_scale, bias if bias is not None else b_scale,
@@ -175,14 +176,14 @@ def fp8_gemv(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: t
     return _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles)
 
 
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
 def _ones(device: torch.device) -> torch.Tensor:
     one = _ONES.get(device)
     if one is None:
         one = _ONES[device] = torch.ones(1, dtype=torch.float32, device=device)
     return one
-
-
-_ONES: dict[torch.device, torch.Tensor] = {}
 
 
 def gemv(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,

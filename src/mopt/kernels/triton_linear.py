@@ -13,6 +13,9 @@ Selection (``mopt.kernels.linear.select_linear_kernel``), in order:
 * ``triton-gemv`` (backend ``auto``): unquantized BF16/FP16 layers (and the excluded ``lm_head``),
   the decode GEMV up to 64 tokens (cuBLAS's split-K GEMV adds a reduction launch), cuBLAS above.
 
+Where a fused gate/up layer runs on the decode GEMV (``hopper-fp8``, ``triton-fp8``, ``triton-gemv``),
+``apply_silu_gated`` also applies the SiLU-gated product in the same kernel (``triton_gemv.silu_gated_gemv``).
+
 Activations are quantized by ``triton_quant`` (bit-exact with the reference formats). All need
 compute capability >= 8.9 (FP8 tensor cores); NVFP4 >= 8.0 (BF16 tensor cores).
 """
@@ -41,6 +44,8 @@ ROWWISE_SCALE_ROWS = 1024  # static activation scales expanded once for the roww
 def fp8_gemv_rows(layer) -> int:
     """The most tokens for which ``hopper-fp8`` runs ``layer`` on the decode GEMV."""
     return FP8_ROWWISE_GEMV_MAX_M if layer.weight_scale.numel() > 1 else FP8_GEMV_MAX_M
+
+
 FP8_SCHEMES = (LinearScheme.FP8_TENSOR, LinearScheme.FP8_CHANNEL_TOKEN)
 
 
@@ -138,6 +143,9 @@ def _fp8_silu_gated(layer, x: torch.Tensor, bias, fp8_scale) -> torch.Tensor | N
 class TritonFp8Kernel(_Fp8Base):
     name, backend = "triton-fp8", "triton"
 
+    def silu_gated_rows(self, layer):
+        return fp8_gemv_rows(layer)
+
     def apply_silu_gated(self, layer, x, bias, fp8_scale):
         return _fp8_silu_gated(layer, x, bias, fp8_scale)
 
@@ -162,6 +170,9 @@ class HopperFp8Kernel(_Fp8Base):
 
     def __init__(self) -> None:
         self.small, self.large = TritonFp8Kernel(), CublasFp8Kernel()
+
+    def silu_gated_rows(self, layer):
+        return fp8_gemv_rows(layer)
 
     def apply_silu_gated(self, layer, x, bias, fp8_scale):
         return _fp8_silu_gated(layer, x, bias, fp8_scale)
@@ -209,6 +220,9 @@ class TritonGemvKernel(_CudaKernel):
         if x2.shape[0] <= BF16_GEMV_MAX_M and x2.dtype == w.dtype and w.element_size() == 2:
             return restore(triton_gemv.gemv(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, bias))
         return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def silu_gated_rows(self, layer):
+        return BF16_GEMV_MAX_M if layer.weight.element_size() == 2 else 0
 
     def apply_silu_gated(self, layer, x, bias, fp8_scale):
         x2, restore = flatten_tokens(x)

@@ -69,9 +69,14 @@ class LinearMethodBase(QuantizeMethodBase):
                          fp8_scale: torch.Tensor | None) -> torch.Tensor | None:
         """``silu(gate) * up`` of a fused gate/up layer in one kernel where the kernel offers it (see
         ``LinearKernel.apply_silu_gated``); None: use ``apply`` and ``kernels.glue.silu_mul``."""
-        if self.kernel is None:
-            return None  # apply raises the error
+        if not self.fuses_silu(layer, x):
+            return None
         return self.kernel.apply_silu_gated(layer, x, bias, fp8_scale)
+
+    def fuses_silu(self, layer: torch.nn.Module, x: torch.Tensor) -> bool:
+        """Whether the kernel fuses the SiLU for ``x``'s number of tokens (checked before any work on ``x``)."""
+        tokens = x.numel() // max(1, x.shape[-1])
+        return self.kernel is not None and tokens <= self.kernel.silu_gated_rows(layer)
 
 
 class ModelOptLinearMethodBase(LinearMethodBase):

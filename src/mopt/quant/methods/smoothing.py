@@ -52,6 +52,8 @@ class PreQuantScaleMixin:
         return super().apply(layer, x, bias)
 
     def apply_silu_gated(self, layer, x, bias, fp8_scale) -> torch.Tensor | None:
+        if not self.fuses_silu(layer, x):
+            return None  # no smoothing pass for nothing: apply smooths
         if layer.pre_quant_scale is not None:
             x = x * layer.pre_quant_scale.to(x.dtype)
         return super().apply_silu_gated(layer, x, bias, fp8_scale)
