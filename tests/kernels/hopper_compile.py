@@ -49,6 +49,11 @@ def _decode(cache: str) -> dict:
                 stride_qb="i32", stride_qh="i32", stride_bt="i32", num_heads="i32", num_kv_heads="i32", window="i32")
 
 
+def _gemv(operands: str, out: str, bias: str) -> dict:
+    return dict(a_ptr=operands, b_ptr=operands, c_ptr=out, a_scale_ptr=P_F32, b_scale_ptr=P_F32, bias_ptr=bias,
+                out_scale_ptr=P_F32, M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32", stride_cm="i32")
+
+
 def _prefill(cache: str) -> dict:
     return dict(q_ptr=P_BF16, **_kv_ptrs(cache), out_ptr=P_BF16, bt_ptr=P_I32, seq_lens_ptr=P_I32, qsl_ptr=P_I32,
                 out_scale_ptr=P_F32, k_scale="fp32", v_scale="fp32", sm_scale="fp32", stride_qt="i32",
@@ -101,22 +106,19 @@ KERNELS = [
     (tgl._silu_mul_kernel, dict(x_ptr=P_BF16, out_ptr=P_F8, scale_ptr=P_F32, stride_x="i32", n="i32"),
      [dict(BLOCK=1024, FP8_OUT=True)]),
     (tg._gemv_kernel,
-     dict(a_ptr=P_F8, b_ptr=P_F8, c_ptr=P_BF16, a_scale_ptr=P_F32, b_scale_ptr=P_F32, bias_ptr=P_F32,
-          out_scale_ptr=P_F32, M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32", stride_cm="i32"),
+     _gemv(P_F8, P_BF16, P_F32),
      [dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, DOT=False, **UNGATED),
       dict(A_ROWWISE=True, B_ROWWISE=True, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, DOT=True, **UNGATED),
       dict(A_ROWWISE=False, B_ROWWISE=True, HAS_BIAS=False, BLOCK_M=32, BLOCK_N=16, BLOCK_K=256, DOT=True,
            PDL=False, **UNGATED)]),
     (tg._gemv_kernel,
-     dict(a_ptr=P_F8, b_ptr=P_F8, c_ptr=P_F8, a_scale_ptr=P_F32, b_scale_ptr=P_F32, bias_ptr=P_F32,
-          out_scale_ptr=P_F32, M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32", stride_cm="i32"),
+     _gemv(P_F8, P_F8, P_F32),
      [dict(A_ROWWISE=False, B_ROWWISE=True, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, DOT=False,
            GATED=True, DTYPE=triton.language.bfloat16, FP8_OUT=True),
       dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, DOT=True,
            GATED=True, DTYPE=triton.language.bfloat16, FP8_OUT=True)], "gated, E4M3 out"),
     (tg._gemv_kernel,
-     dict(a_ptr=P_BF16, b_ptr=P_BF16, c_ptr=P_BF16, a_scale_ptr=P_F32, b_scale_ptr=P_F32, bias_ptr=P_BF16,
-          out_scale_ptr=P_F32, M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32", stride_cm="i32"),
+     _gemv(P_BF16, P_BF16, P_BF16),
      [dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, DOT=False, **UNGATED),
       dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, DOT=True, **UNGATED),
       dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, DOT=True,
