@@ -164,7 +164,7 @@ def test_fp8_kernels_fuse_the_silu_within_the_gemv_rows(per_row, m, fused, codes
     layer.params_dtype = torch.float32
     if not per_row:
         layer.weight_scale = layer.weight_scale.max().reshape(())
-    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)) * 2
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)) * 0.05  # outputs of a few units: SiLU's bend
     x = fp8.quantize(x, layer.input_scale) if codes_in else x
     scale = torch.tensor([0.05]) if fp8_out else None
     kernel = triton_linear.HopperFp8Kernel()
