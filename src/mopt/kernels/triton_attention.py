@@ -36,13 +36,12 @@ import triton
 import triton.language as tl
 
 from mopt.kernels.paged_attention import PackedKV
-from mopt.kernels.triton_glue import _store_out
+from mopt.kernels.triton_glue import TL_DTYPES, _store_out
 from mopt.kernels.triton_pdl import launch_options, pdl_prologue
 from mopt.kernels.triton_kv import FMT_NONE, kv_format_args, load_values, store_elementwise, store_nvfp4
 from mopt.quant.formats import fp8
 
 MAX_DECODE_SPLITS = 16  # 256 tokens a split at 4096 of context; fewer partials for the merge to read
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 @triton.jit
@@ -321,7 +320,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
         num_warps=4, num_stages=2, **launch_options(q.device))
     if splits > 1:
         _decode_merge_kernel[(batch * num_heads,)](part, lse, out, scale_arg, NUM_SPLITS=splits, D=head_dim,
-                                                   DTYPE=_TL_DTYPES[q.dtype], FP8_OUT=out_scale is not None,
+                                                   DTYPE=TL_DTYPES[q.dtype], FP8_OUT=out_scale is not None,
                                                    **launch_options(q.device))
     return out
 

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from mopt.kernels.triton_gemm import scale_tile
-from mopt.kernels.triton_glue import _store_out
+from mopt.kernels.triton_glue import TL_DTYPES, _store_out
 from mopt.kernels.triton_pdl import launch_options, pdl_prologue
 from mopt.quant.formats import fp8
 
@@ -139,7 +139,6 @@ def gemv_tiles(m: int, n: int, k: int, itemsize: int = 1) -> GemvTiles:
     return GemvTiles(block_n=64, block_k=256 // itemsize, num_warps=4, num_stages=5, dot=True)
 
 
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 GATED_SHARED_BYTES = 200 * 1024  # of the H100's 227 KiB; stages change no sum, only how far loads run ahead
 
 
@@ -165,7 +164,7 @@ def _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles, gated=False, fp8_sca
             fp8_scale if fp8_scale is not None else b_scale, m, n, k, a.stride(0), b.stride(0), out.stride(0),
             A_ROWWISE=a_scale.numel() > 1, B_ROWWISE=b_scale.numel() > 1, HAS_BIAS=bias is not None,
             BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, DOT=t.dot, GATED=gated,
-            DTYPE=_TL_DTYPES[out_dtype], FP8_OUT=fp8_scale is not None, num_warps=t.num_warps, num_stages=stages,
+            DTYPE=TL_DTYPES[out_dtype], FP8_OUT=fp8_scale is not None, num_warps=t.num_warps, num_stages=stages,
             **launch_options(a.device))
     return out
 

@@ -21,6 +21,8 @@ from mopt.kernels.triton_pdl import launch_options, pdl_prologue
 from mopt.kernels.triton_quant import _to_fp8
 from mopt.quant.formats import fp8
 
+TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
 
 @triton.jit
 def _store_out(ptr, y, scale_ptr, mask, FP8_OUT: tl.constexpr):
