@@ -38,13 +38,26 @@ def test_cpu_launches_without_pdl():
     assert not triton_pdl.enabled(torch.device("cpu"))
 
 
-def _decode_chain(x, residual, norm_w, w_gate_up, w_down, lm_head):
-    """One MLP block and the logits' argmax, as decode runs them (norm -> GEMV -> SiLU -> GEMV -> argmax)."""
-    from mopt.kernels import triton_argmax, triton_gemv, triton_glue
+def _decode_chain(x, residual, norm_w, w_gate_up, w_down, lm_head, fp4):
+    """One MLP block (plain, with the SiLU fused into gate/up, and an NVFP4 layer) and the logits' argmax, as
+    decode runs them (norm -> GEMV -> SiLU -> GEMV -> argmax). The NVFP4 layer only for one token: for 2-16
+    its kernel splits K and adds the splits atomically, in no fixed order."""
+    from mopt.kernels import triton_argmax, triton_gemm, triton_gemv, triton_glue
     h, s = triton_glue.rms_norm(x, norm_w, 1e-5, residual)
     y = triton_gemv.gemv(triton_glue.silu_mul(triton_gemv.gemv(h, w_gate_up)), w_down)
+    y_fused = triton_gemv.gemv(triton_gemv.silu_gated_gemv(h, w_gate_up, None, None, None, h.dtype), w_down)
+    z = triton_gemm.nvfp4_gemm(h, *fp4, None, torch.bfloat16) if h.shape[0] == 1 else h
     logits = triton_gemv.gemv(triton_glue.rms_norm(y, norm_w, 1e-5), lm_head)
-    return torch.stack([y.float().sum(1), s.float().sum(1)]), triton_argmax.argmax_rows(logits)
+    sums = torch.stack([y.float().sum(1), y_fused.float().sum(1), z.float().sum(1), s.float().sum(1)])
+    return sums, triton_argmax.argmax_rows(logits)
+
+
+def _fp4_layer(n: int, k: int, g: torch.Generator) -> tuple:
+    from mopt.quant.formats import nvfp4
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+    w_global = nvfp4.global_scale_from_amax(w.abs().amax())
+    packed, scale = nvfp4.quantize(w, w_global)
+    return packed, scale, torch.tensor(1.0, device="cuda"), w_global.reshape(1).expand(n).contiguous()
 
 
 @pytest.mark.gpu
@@ -57,6 +70,7 @@ def test_pdl_graph_equals_plain_launches(monkeypatch, m):
     args = [torch.randn(shape, device="cuda", generator=g, dtype=torch.bfloat16) * scale
             for shape, scale in (((m, 4096), 1), ((m, 4096), 1), ((4096,), 1), ((28672, 4096), 0.02),
                                  ((4096, 14336), 0.02), ((32000, 4096), 0.02))]
+    args.append(_fp4_layer(6144, 4096, g))
     results = {}
     for on in (False, True):
         monkeypatch.setattr(triton_pdl, "_ENABLED", {torch.cuda.current_device(): on})
