@@ -50,10 +50,12 @@ def _check_gemv(device, n, k, m, tiles, out_dtype, rowwise):
     assert _rel(got, want) <= ((1e-6 if k <= 1024 else 1e-5) if out_dtype == torch.float32 else 4e-3)
 
 
-TILES = {"fma": triton_gemv.GemvTiles(16, 128, 4, 2, dot=False), "dot": triton_gemv.GemvTiles(16, 64, 4, 2, dot=True)}
+TILES = {"fma": triton_gemv.GemvTiles(16, 128, 4, 2, dot=False), "dot": triton_gemv.GemvTiles(16, 64, 4, 2, dot=True),
+         "fma_steps": triton_gemv.GemvTiles(16, 32, 4, 2, dot=False)}  # 3-8 steps of K at these sizes
 
 
 @pytest.mark.parametrize("n,k,m,variant", [(48, 256, 1, "fma"), (50, 200, 1, "fma"), (48, 256, 1, "dot"),
+                                           (48, 256, 1, "fma_steps"), (50, 200, 1, "fma_steps"),
                                            (70, 96, 5, "dot"), (32, 512, 16, "dot"),
                                            (40, 128, 17, "dot"), (32, 64, 32, "dot")])
 @pytest.mark.parametrize("rowwise", [False, True])
@@ -61,7 +63,8 @@ def test_fp8_gemv_interpreted(n, k, m, variant, rowwise):
     _check_gemv(triton_device(False), n, k, m, TILES[variant], torch.float32, rowwise)
 
 
-@pytest.mark.parametrize("m,dtype,variant", [(1, torch.bfloat16, "fma"), (1, torch.float16, "dot"),
+@pytest.mark.parametrize("m,dtype,variant", [(1, torch.bfloat16, "fma"), (1, torch.bfloat16, "fma_steps"),
+                                             (1, torch.float16, "dot"),
                                              (7, torch.float16, "dot"), (50, torch.float16, "dot")])
 def test_gemv_16bit_interpreted(m, dtype, variant):
     """Unquantized 16-bit weights (scales 1): float32 sums of exact products, rounded once to the dtype."""
@@ -123,7 +126,7 @@ def _gated_case(device, m, n, k, weights, rowwise, fp8_out, bias, out_dtype, til
     return fused, triton_glue.silu_mul(plain, scale)
 
 
-@pytest.mark.parametrize("m,variant", [(1, "fma"), (1, "dot"), (5, "dot")])
+@pytest.mark.parametrize("m,variant", [(1, "fma"), (1, "fma_steps"), (1, "dot"), (5, "dot")])
 @pytest.mark.parametrize("weights,rowwise", [("fp8", False), ("fp8", True), ("16bit", False)])
 @pytest.mark.parametrize("fp8_out,bias", [(False, True), (True, False)])
 def test_silu_gated_gemv_interpreted(m, variant, weights, rowwise, fp8_out, bias):

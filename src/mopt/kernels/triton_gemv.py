@@ -47,6 +47,46 @@ class GemvTiles:
 
 
 @triton.jit
+def _dot_rows(a_ptr, b_rows, up_rows, offs_m, m_ok, n_ok, stride_am, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, GATED: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N]`` float32 sums (and the up half's) on the tensor cores."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        b_mask = n_ok[:, None] & k_ok[None, :]
+        b = tl.load(b_rows + offs_k[None, :], mask=b_mask, other=0.0)
+        if GATED:
+            b_up = tl.load(up_rows + offs_k[None, :], mask=b_mask, other=0.0)
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc)
+        if GATED:
+            acc_up = tl.dot(a, tl.trans(b_up), acc_up)
+    return acc, acc_up
+
+
+@triton.jit
+def _fma_rows(a_ptr, b_rows, up_rows, n_ok, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr):
+    """``[BLOCK_N]`` float32 sums (and the up half's) of one token on the CUDA cores."""
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        b_mask = n_ok[:, None] & k_ok[None, :]
+        b = tl.load(b_rows + offs_k[None, :], mask=b_mask, other=0.0)
+        if GATED:
+            b_up = tl.load(up_rows + offs_k[None, :], mask=b_mask, other=0.0)
+        a = tl.load(a_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        acc += tl.sum(b.to(tl.float32) * a[None, :], axis=1)
+        if GATED:
+            acc_up += tl.sum(b_up.to(tl.float32) * a[None, :], axis=1)
+    return acc, acc_up
+
+
+@triton.jit
 def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_scale_ptr, M, N, K, stride_am,
                  stride_bn, stride_cm, A_ROWWISE: tl.constexpr, B_ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
@@ -60,29 +100,11 @@ def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_sc
     m_ok = offs_m < M
     b_rows = b_ptr + offs_n[:, None].to(tl.int64) * stride_bn
     up_rows = b_rows + N.to(tl.int64) * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc1_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        b_mask = n_ok[:, None] & k_ok[None, :]
-        b = tl.load(b_rows + offs_k[None, :], mask=b_mask, other=0.0)
-        if GATED:
-            b_up = tl.load(up_rows + offs_k[None, :], mask=b_mask, other=0.0)
-        if DOT:
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            acc = tl.dot(a, tl.trans(b), acc)
-            if GATED:
-                acc_up = tl.dot(a, tl.trans(b_up), acc_up)
-        else:
-            a = tl.load(a_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            acc1 += tl.sum(b.to(tl.float32) * a[None, :], axis=1)
-            if GATED:
-                acc1_up += tl.sum(b_up.to(tl.float32) * a[None, :], axis=1)
-    if not DOT:
+    if DOT:
+        acc, acc_up = _dot_rows(a_ptr, b_rows, up_rows, offs_m, m_ok, n_ok, stride_am, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                                GATED)
+    else:
+        acc1, acc1_up = _fma_rows(a_ptr, b_rows, up_rows, n_ok, K, BLOCK_N, BLOCK_K, GATED)
         acc = acc1[None, :]
         acc_up = acc1_up[None, :]
     out = _finish(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, m_ok, n_ok, A_ROWWISE, B_ROWWISE,
@@ -124,14 +146,17 @@ def max_rows(itemsize: int) -> int:
 
 def gemv_tiles(m: int, n: int, k: int, itemsize: int = 1) -> GemvTiles:
     """Tile settings from sweeps on an H100 (``bench/sweep_gemv.py``, Llama-3-8B layers whole and per rank
-    of two). M=1 and 16 (2026-11-26): for FP8 one config per inner loop was within 0.5% (M=1) and 3.4%
-    (M=16) of each shape's best; at M=1 it moved 2.3-2.9 TB/s (6144x4096: 10.9 us, 28672x4096: 40.7 us;
-    the split-K GEMM took 14.6 and 42.6). M=32 and 64 (2026-11-26, H100): within 3-5% of each shape's
+    of two). M=1 (second sweep, 2026-11-26, rows of up to 4 KiB): 8 rows of 2 KiB a step on 8 warps, for
+    FP8 and BF16 alike, was within 3% (FP8) and 1% (BF16) of each shape's best on average; against the
+    earlier 1 KiB rows it took the per-rank layers of two 3.2 us (FP8) and 5.7 us (BF16) less per
+    Llama-3-8B layer (4096x7168 FP8: 13.3 -> 12.1 us; 6144x4096 FP8, the one shape it loses: 10.3 ->
+    11.0). Loading each next tile before summing the current one was slower everywhere. M=16
+    (2026-11-26): one config within 3.4% of each shape's best. M=32 and 64 (2026-11-26, H100): within 3-5% of each shape's
     best; BF16 at M=64 equal to cuBLAS or up to 9% faster (4096x7168: 25.2 us, cuBLAS 27.6 with its
     split-K reduction), FP8 at M=32 slower than cuBLAS (4096x4096: 12.6 us, ``_scaled_mm`` 9.1). 16-bit
     weights take tiles of the same bytes (half the K), except at M <= 32 where twice the rows were best."""
     if m == 1:
-        return GemvTiles(block_n=8, block_k=1024 // itemsize, num_warps=8, num_stages=5, dot=False)
+        return GemvTiles(block_n=8, block_k=2048 // itemsize, num_warps=8, num_stages=5, dot=False)
     if m <= 16:
         return GemvTiles(block_n=32, block_k=512 // itemsize, num_warps=4, num_stages=5, dot=True)
     if m <= 32:
