@@ -27,6 +27,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", default="1")
     parser.add_argument("--json")
+    parser.add_argument("--wide", action="store_true",
+                        help="one token, no split-K: wider rows (512-4096 elements, at most 16384 a program)")
     args = parser.parse_args()
     dev = torch.device("cuda")
     rows = []
@@ -42,7 +44,9 @@ def main() -> None:
             a = torch.randn(m, k, device=dev).to(torch.bfloat16)
             a_global = torch.tensor(0.02, device=dev)
             results = {}
-            configs = [None] + [c for c in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (3, 4), (1, 2, 4))]
+            configs = [None] + ([c for c in itertools.product((4, 8, 16), (512, 1024, 2048, 4096), (4, 8), (4,), (1,))
+                                 if c[0] * c[1] <= 16384] if args.wide else
+                                [c for c in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (3, 4), (1, 2, 4))])
             for cfg in configs:
                 try:
                     fns = [lambda p=p, s=s, g=g, c=cfg: triton_gemm.nvfp4_gemm(a, p, s, a_global, g, None, torch.bfloat16,

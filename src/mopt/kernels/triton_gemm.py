@@ -245,13 +245,18 @@ def fp8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: t
 NVFP4_GEMV_MAX_M = 16  # 64-row tiles measured 6x slower than expanding for cuBLAS (H100, 2026-11-26)
 
 
-def nvfp4_gemv_tiles(block_m: int, n: int) -> tuple[int, int, int, int]:
+def nvfp4_gemv_tiles(block_m: int, n: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages) of the small-M NVFP4 kernel, from sweeps on an H100 over
     Llama-3-8B layer shapes. One token (``bench/sweep_nvfp4_gemv.py``, 2026-11-26, whole layers and per
     rank of two): narrow tiles and no split-K, within 2% of each shape's best on average and 2-30% faster
     than 32-row tiles split over K (4096x2048: 5.4 us against 7.7, counting the split's zeroed buffer
-    and cast; 4096x14336, the one shape where split-K won: 28.8 against 28.1). 16 tokens: 2026-11-25."""
+    and cast; 4096x14336, the one shape where split-K won: 28.8 against 28.1). Rows of up to 4096 values
+    (``--wide``, same day) help only where a whole row of 4096 is one step and N is small: 3072x4096
+    7.6 us against 9.4, 6144x4096 13.5 against 14.3; they lose elsewhere (4096x2048: 9.3 against 5.5).
+    16 tokens: 2026-11-25."""
     if block_m == 1:
+        if n <= 6144 and 2048 < k <= 4096:
+            return 4, 4096, 8, 4
         return (16, 512, 4, 4) if n >= 14336 else (8, 1024, 8, 4)
     return 128, 256, 4, 4
 
@@ -309,7 +314,7 @@ def nvfp4_gemm(a_values: torch.Tensor, b_packed: torch.Tensor, b_scale: torch.Te
             y += bias.float()
         return y.to(out_dtype)
     bm = 1 if m == 1 else 16
-    bn, bk, warps, stages = config[:4] if config else nvfp4_gemv_tiles(bm, n)
+    bn, bk, warps, stages = config[:4] if config else nvfp4_gemv_tiles(bm, n, kp)
     tiles = triton.cdiv(n, bn)
     k_tiles = triton.cdiv(kp, bk)
     split = 1
