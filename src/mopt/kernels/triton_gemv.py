@@ -47,46 +47,6 @@ class GemvTiles:
 
 
 @triton.jit
-def _dot_rows(a_ptr, b_rows, up_rows, offs_m, m_ok, n_ok, stride_am, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, GATED: tl.constexpr):
-    """``[BLOCK_M, BLOCK_N]`` float32 sums (and the up half's) on the tensor cores."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        b_mask = n_ok[:, None] & k_ok[None, :]
-        b = tl.load(b_rows + offs_k[None, :], mask=b_mask, other=0.0)
-        if GATED:
-            b_up = tl.load(up_rows + offs_k[None, :], mask=b_mask, other=0.0)
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc)
-        if GATED:
-            acc_up = tl.dot(a, tl.trans(b_up), acc_up)
-    return acc, acc_up
-
-
-@triton.jit
-def _fma_rows(a_ptr, b_rows, up_rows, n_ok, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr):
-    """``[BLOCK_N]`` float32 sums (and the up half's) of one token on the CUDA cores."""
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        b_mask = n_ok[:, None] & k_ok[None, :]
-        b = tl.load(b_rows + offs_k[None, :], mask=b_mask, other=0.0)
-        if GATED:
-            b_up = tl.load(up_rows + offs_k[None, :], mask=b_mask, other=0.0)
-        a = tl.load(a_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        acc += tl.sum(b.to(tl.float32) * a[None, :], axis=1)
-        if GATED:
-            acc_up += tl.sum(b_up.to(tl.float32) * a[None, :], axis=1)
-    return acc, acc_up
-
-
-@triton.jit
 def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_scale_ptr, M, N, K, stride_am,
                  stride_bn, stride_cm, A_ROWWISE: tl.constexpr, B_ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
@@ -100,11 +60,29 @@ def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_sc
     m_ok = offs_m < M
     b_rows = b_ptr + offs_n[:, None].to(tl.int64) * stride_bn
     up_rows = b_rows + N.to(tl.int64) * stride_bn
-    if DOT:
-        acc, acc_up = _dot_rows(a_ptr, b_rows, up_rows, offs_m, m_ok, n_ok, stride_am, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                                GATED)
-    else:
-        acc1, acc1_up = _fma_rows(a_ptr, b_rows, up_rows, n_ok, K, BLOCK_N, BLOCK_K, GATED)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc1_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        b_mask = n_ok[:, None] & k_ok[None, :]
+        b = tl.load(b_rows + offs_k[None, :], mask=b_mask, other=0.0)
+        if GATED:
+            b_up = tl.load(up_rows + offs_k[None, :], mask=b_mask, other=0.0)
+        if DOT:
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            acc = tl.dot(a, tl.trans(b), acc)
+            if GATED:
+                acc_up = tl.dot(a, tl.trans(b_up), acc_up)
+        else:
+            a = tl.load(a_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            acc1 += tl.sum(b.to(tl.float32) * a[None, :], axis=1)
+            if GATED:
+                acc1_up += tl.sum(b_up.to(tl.float32) * a[None, :], axis=1)
+    if not DOT:
         acc = acc1[None, :]
         acc_up = acc1_up[None, :]
     out = _finish(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, m_ok, n_ok, A_ROWWISE, B_ROWWISE,
@@ -151,8 +129,8 @@ def gemv_tiles(m: int, n: int, k: int, itemsize: int = 1) -> GemvTiles:
     earlier 1 KiB rows it took the per-rank layers of two 3.2 us (FP8) and 5.7 us (BF16) less per
     Llama-3-8B layer (4096x7168 FP8: 13.3 -> 12.1 us; 6144x4096 FP8, the one shape it loses: 10.3 ->
     11.0). Loading each next tile before summing the current one was slower everywhere. M=16
-    (2026-11-26): one config within 3.4% of each shape's best. M=32 and 64 (2026-11-26, H100): within 3-5% of each shape's
-    best; BF16 at M=64 equal to cuBLAS or up to 9% faster (4096x7168: 25.2 us, cuBLAS 27.6 with its
+    (2026-11-26): one config within 3.4% of each shape's best. M=32 and 64 (2026-11-26, H100): within
+    3-5% of each shape's best; BF16 at M=64 equal to cuBLAS or up to 9% faster (4096x7168: 25.2 us, cuBLAS 27.6 with its
     split-K reduction), FP8 at M=32 slower than cuBLAS (4096x4096: 12.6 us, ``_scaled_mm`` 9.1). 16-bit
     weights take tiles of the same bytes (half the K), except at M <= 32 where twice the rows were best."""
     if m == 1:
