@@ -45,8 +45,10 @@ def _rope(cache: str) -> dict:
 
 def _decode(cache: str) -> dict:
     return dict(q_ptr=P_BF16, **_kv_ptrs(cache), bt_ptr=P_I32, seq_lens_ptr=P_I32, out_ptr=P_F8, part_ptr=P_F32,
-                lse_ptr=P_F32, out_scale_ptr=P_F32, k_scale="fp32", v_scale="fp32", sm_scale="fp32",
-                stride_qb="i32", stride_qh="i32", stride_bt="i32", num_heads="i32", num_kv_heads="i32", window="i32")
+                lse_ptr=P_F32, out_scale_ptr=P_F32, k_new_ptr=P_BF16, v_new_ptr=P_BF16, pos_ptr=P_I32,
+                cos_sin_ptr=P_F32, slot_ptr=P_I32, k_scale="fp32", v_scale="fp32", sm_scale="fp32",
+                stride_qb="i32", stride_qh="i32", stride_kt="i32", stride_kh="i32", stride_vt="i32", stride_vh="i32",
+                stride_bt="i32", num_heads="i32", num_kv_heads="i32", window="i32")
 
 
 def _gemv(operands: str, out: str, bias: str) -> dict:
@@ -70,17 +72,17 @@ KERNELS = [
                                                                         AFFINE=True)], "NVFP4 KV"),
     (ta._decode_kernel, _decode(P_F8),
      [dict(GROUP=4, BLOCK_H=16, D=128, PAGE=16, BLOCK_N=64, NUM_SPLITS=32, FMT=1, AFFINE=False, IEEE=False,
-           FP8_OUT=True),
+           FP8_OUT=True, ROPE=True),
       dict(GROUP=8, BLOCK_H=16, D=128, PAGE=32, BLOCK_N=64, NUM_SPLITS=1, FMT=1, AFFINE=False, IEEE=False,
-           FP8_OUT=False)]),
+           FP8_OUT=False, ROPE=False)]),
     (ta._decode_kernel, _decode(P_I8),
      [dict(GROUP=4, BLOCK_H=16, D=128, PAGE=16, BLOCK_N=64, NUM_SPLITS=32, FMT=2, AFFINE=False, IEEE=False,
-           FP8_OUT=True)], "INT8 KV"),
+           FP8_OUT=True, ROPE=True)], "INT8 KV"),
     (ta._decode_kernel, _decode(P_U8),
      [dict(GROUP=4, BLOCK_H=16, D=128, PAGE=16, BLOCK_N=64, NUM_SPLITS=32, FMT=3, AFFINE=False, IEEE=False,
-           FP8_OUT=True),
+           FP8_OUT=True, ROPE=True),
       dict(GROUP=8, BLOCK_H=16, D=64, PAGE=16, BLOCK_N=64, NUM_SPLITS=1, FMT=3, AFFINE=True, IEEE=False,
-           FP8_OUT=False)], "NVFP4 KV"),
+           FP8_OUT=False, ROPE=False)], "NVFP4 KV"),
     (ta._decode_merge_kernel, dict(part_ptr=P_F32, lse_ptr=P_F32, out_ptr=P_F8, out_scale_ptr=P_F32),
      [dict(NUM_SPLITS=32, D=128, DTYPE=triton.language.bfloat16, FP8_OUT=True)]),
     (ta._prefill_kernel, _prefill(P_F8),

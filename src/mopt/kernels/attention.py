@@ -56,6 +56,17 @@ class AttentionBackend:
         ``packed``: an NVFP4 cache's block scales (and NVFP4_AFFINE biases)."""
         raise NotImplementedError  # abstract
 
+    def rope_write_attend(self, q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta, scale: float,
+                          k_scale: float, v_scale: float, sliding_window: int | None,
+                          fp8_scale: torch.Tensor | None = None,
+                          packed: reference.PackedKV | None = None) -> torch.Tensor:
+        """:meth:`rope_and_write` then :meth:`attend` (``q [N, H, D]``, ``k, v [N, Hkv, D]``, ``positions [N]``,
+        slots from ``meta``), in one kernel where a backend has one."""
+        q = self.rope_and_write(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta.slot_mapping, k_scale,
+                                v_scale, packed=packed)
+        return self.attend(q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding_window, fp8_scale,
+                           packed=packed)
+
 
 class ReferenceAttention(AttentionBackend):
     name = "reference"
@@ -117,6 +128,17 @@ class TritonAttention(AttentionBackend):
         return triton_attention.prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                         meta.query_start_loc, meta.max_query_len, scale, k_scale, v_scale, window,
                                         out_scale=fp8_scale, packed=packed)
+
+    def rope_write_attend(self, q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta, scale, k_scale, v_scale,
+                          sliding_window, fp8_scale=None, packed=None):
+        if meta.max_query_len != 1:
+            return super().rope_write_attend(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta, scale,
+                                             k_scale, v_scale, sliding_window, fp8_scale, packed)
+        from mopt.kernels import triton_attention
+
+        new = triton_attention.NewTokens(k, v, positions, cos_sin_cache, meta.slot_mapping)
+        return triton_attention.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, k_scale,
+                                       v_scale, sliding_window or 0, out_scale=fp8_scale, packed=packed, new=new)
 
 
 ATTENTION_BACKENDS: dict[str, list[type[AttentionBackend]]] = {

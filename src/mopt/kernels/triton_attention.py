@@ -17,7 +17,10 @@ head_dim / 2``) with E4M3 block scales and, for NVFP4_AFFINE, biases passed as a
   of the context (flash-decoding); a second kernel merges the slices by their log-sum-exp (merging
   in the last program of each KV head instead, behind an atomic counter, measured 10.7 us against
   4.2 + 2.3 us on an H100: the merge then runs serially per head). The split count depends only on
-  the batch shape, so a captured CUDA graph stays valid for any context length.
+  the batch shape, so a captured CUDA graph stays valid for any context length. Given the step's
+  unrotated keys and values (``NewTokens``), it also does ``rope_and_write``'s work: every program rotates
+  its query heads, and the one whose slice holds the new token writes that token's key and value first
+  (one launch fewer a layer).
 * ``prefill``: new tokens of several sequences packed back to back, each attending causally over
   its cached context and itself (chunked prefill: context + new tokens), BLOCK_M queries a program.
 
@@ -30,6 +33,8 @@ tokens (``seq_len == 0``) gets a zero output.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -45,6 +50,46 @@ MAX_DECODE_SPLITS = 16  # 256 tokens a split at 4096 of context; fewer partials 
 
 
 @triton.jit
+def _rotated(rows, mask, cos_sin_ptr, pos, D: tl.constexpr):
+    """Rotate-half RoPE of ``[R, D]`` rows (``rows``: each row's first element) at position ``pos``, float32:
+    column i against its partner i +- D/2, ``x * cos - partner * sin`` in the first half and ``x * cos +
+    partner * sin`` in the second, the products the reference forms (callers compile without FMA
+    contraction)."""
+    HALF: tl.constexpr = D // 2
+    cols = tl.arange(0, D)
+    jj = cols % HALF
+    c = tl.load(cos_sin_ptr + pos * D + jj)[None, :]
+    s = tl.load(cos_sin_ptr + pos * D + HALF + jj)[None, :]
+    x = tl.load(rows + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+    partner = tl.load(rows + ((cols + HALF) % D)[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+    return tl.where(cols[None, :] < HALF, x * c - partner * s, x * c + partner * s)
+
+
+@triton.jit
+def _write_token(k_rows, v_rows, kmask, kv_heads, slot, pos, cos_sin_ptr, k_cache_ptr, v_cache_ptr, kv, k_scale,
+                 v_scale, num_kv_heads, dtype: tl.constexpr, BLOCK_KV: tl.constexpr, D: tl.constexpr,
+                 FMT: tl.constexpr, AFFINE: tl.constexpr):
+    """One token's rotated keys and its values (``[BLOCK_KV, D]`` rows of ``kv_heads``) into cache slot
+    ``slot``, quantized to the cache's format. ``kv``: the (k block scales, v block scales, k bias, v bias)
+    pointers of an NVFP4 cache."""
+    k_bs_ptr, v_bs_ptr, k_bias_ptr, v_bias_ptr = kv
+    cols = tl.arange(0, D)
+    # The reference rounds the rotated key to the model dtype before the cache quantizes it.
+    key = _rotated(k_rows, kmask, cos_sin_ptr, pos, D).to(dtype).to(tl.float32)
+    v = tl.load(v_rows + cols[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
+    if FMT == 3:
+        if AFFINE:
+            bias_at = kv_heads[:, None] * D + cols[None, :]
+            key = key - tl.load(k_bias_ptr + bias_at, mask=kmask[:, None], other=0.0)
+            v = v - tl.load(v_bias_ptr + bias_at, mask=kmask[:, None], other=0.0)
+        store_nvfp4(k_cache_ptr, k_bs_ptr, slot, num_kv_heads, kv_heads, kmask, key, k_scale, BLOCK_KV, D)
+        store_nvfp4(v_cache_ptr, v_bs_ptr, slot, num_kv_heads, kv_heads, kmask, v, v_scale, BLOCK_KV, D)
+    else:
+        store_elementwise(k_cache_ptr, slot, num_kv_heads, kv_heads, kmask, cols, key, k_scale, D, FMT)
+        store_elementwise(v_cache_ptr, slot, num_kv_heads, kv_heads, kmask, cols, v, v_scale, D, FMT)
+
+
+@triton.jit
 def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
                        k_bs_ptr, v_bs_ptr, k_bias_ptr, v_bias_ptr, k_scale, v_scale, stride_qt, stride_qh,
                        stride_kt, stride_kh, stride_vt, stride_vh, num_heads, num_kv_heads, HALF: tl.constexpr,
@@ -54,52 +99,19 @@ def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, slo
     t = tl.program_id(0).to(tl.int64)
     D: tl.constexpr = 2 * HALF
     pos = tl.load(pos_ptr + t).to(tl.int64)
-    j = tl.arange(0, HALF)
-    c = tl.load(cos_sin_ptr + pos * D + j)
-    s = tl.load(cos_sin_ptr + pos * D + HALF + j)
     heads = tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, D)
     dtype = q_out_ptr.dtype.element_ty
-
     qmask = heads < num_heads
-    q_rows = q_ptr + t * stride_qt + heads[:, None] * stride_qh
-    lo = tl.load(q_rows + j[None, :], mask=qmask[:, None], other=0.0).to(tl.float32)
-    hi = tl.load(q_rows + HALF + j[None, :], mask=qmask[:, None], other=0.0).to(tl.float32)
-    out = q_out_ptr + (t * num_heads + heads[:, None]) * D
-    tl.store(out + j[None, :], (lo * c[None, :] - hi * s[None, :]).to(dtype), mask=qmask[:, None])
-    tl.store(out + HALF + j[None, :], (hi * c[None, :] + lo * s[None, :]).to(dtype), mask=qmask[:, None])
-
+    q = _rotated(q_ptr + t * stride_qt + heads[:, None] * stride_qh, qmask, cos_sin_ptr, pos, D)
+    tl.store(q_out_ptr + (t * num_heads + heads[:, None]) * D + cols[None, :], q.to(dtype), mask=qmask[:, None])
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         kv_heads = tl.arange(0, BLOCK_KV)
-        kmask = kv_heads < num_kv_heads
-        k_rows = k_ptr + t * stride_kt + kv_heads[:, None] * stride_kh
-        cols = tl.arange(0, D)
-        v = tl.load(v_ptr + t * stride_vt + kv_heads[:, None] * stride_vh + cols[None, :], mask=kmask[:, None],
-                    other=0.0).to(tl.float32)
-        if FMT == 3:
-            # NVFP4 blocks of 16 may span both halves: rotate all D columns at once, column i against its
-            # partner i +- HALF, with the same products as the halves below.
-            jj = cols % HALF
-            cf = tl.load(cos_sin_ptr + pos * D + jj)[None, :]
-            sf = tl.load(cos_sin_ptr + pos * D + HALF + jj)[None, :]
-            kx = tl.load(k_rows + cols[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
-            kp = tl.load(k_rows + ((cols + HALF) % D)[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
-            key = tl.where(cols[None, :] < HALF, kx * cf - kp * sf, kx * cf + kp * sf).to(dtype).to(tl.float32)
-            if AFFINE:
-                bias_at = kv_heads[:, None] * D + cols[None, :]
-                key = key - tl.load(k_bias_ptr + bias_at, mask=kmask[:, None], other=0.0)
-                v = v - tl.load(v_bias_ptr + bias_at, mask=kmask[:, None], other=0.0)
-            store_nvfp4(k_cache_ptr, k_bs_ptr, slot, num_kv_heads, kv_heads, kmask, key, k_scale, BLOCK_KV, D)
-            store_nvfp4(v_cache_ptr, v_bs_ptr, slot, num_kv_heads, kv_heads, kmask, v, v_scale, BLOCK_KV, D)
-        else:
-            k1 = tl.load(k_rows + j[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
-            k2 = tl.load(k_rows + HALF + j[None, :], mask=kmask[:, None], other=0.0).to(tl.float32)
-            # The reference rounds the rotated key to the model dtype before the cache quantizes it.
-            k_lo = (k1 * c[None, :] - k2 * s[None, :]).to(dtype).to(tl.float32)
-            k_hi = (k2 * c[None, :] + k1 * s[None, :]).to(dtype).to(tl.float32)
-            store_elementwise(k_cache_ptr, slot, num_kv_heads, kv_heads, kmask, j, k_lo, k_scale, D, FMT)
-            store_elementwise(k_cache_ptr, slot, num_kv_heads, kv_heads, kmask, HALF + j, k_hi, k_scale, D, FMT)
-            store_elementwise(v_cache_ptr, slot, num_kv_heads, kv_heads, kmask, cols, v, v_scale, D, FMT)
+        _write_token(k_ptr + t * stride_kt + kv_heads[:, None] * stride_kh,
+                     v_ptr + t * stride_vt + kv_heads[:, None] * stride_vh, kv_heads < num_kv_heads, kv_heads, slot,
+                     pos, cos_sin_ptr, k_cache_ptr, v_cache_ptr, (k_bs_ptr, v_bs_ptr, k_bias_ptr, v_bias_ptr),
+                     k_scale, v_scale, num_kv_heads, dtype, BLOCK_KV, D, FMT, AFFINE)
 
 
 @triton.jit
@@ -154,11 +166,15 @@ def _attend_tile(q, k_cache_ptr, v_cache_ptr, kv, table, tok, tmask, keep, kv_he
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_bs_ptr, v_bs_ptr, k_bias_ptr, v_bias_ptr, bt_ptr, seq_lens_ptr,
-                   out_ptr, part_ptr, lse_ptr, out_scale_ptr, k_scale, v_scale, sm_scale, stride_qb, stride_qh,
+                   out_ptr, part_ptr, lse_ptr, out_scale_ptr, k_new_ptr, v_new_ptr, pos_ptr, cos_sin_ptr, slot_ptr,
+                   k_scale, v_scale, sm_scale, stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_bt, num_heads, num_kv_heads, window, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
                    D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    FMT: tl.constexpr, AFFINE: tl.constexpr, IEEE: tl.constexpr, FP8_OUT: tl.constexpr,
-                   PDL: tl.constexpr):
+                   ROPE: tl.constexpr, PDL: tl.constexpr):
+    """``ROPE``: ``q`` and the new token's ``k``, ``v`` arrive unrotated; each program rotates its query
+    heads, and the program whose slice holds the new token rotates its key and writes key and value into
+    the cache (as ``_rope_write_kernel``) before it reads them back."""
     pdl_prologue(PDL)
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -173,7 +189,20 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_bs_ptr, v_bs_ptr, k_bias_p
     hmask = rows < GROUP
     heads = kv_head * GROUP + rows
     cols = tl.arange(0, D)
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + cols[None, :], mask=hmask[:, None], other=0.0)
+    q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    if ROPE:
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+        q = _rotated(q_rows, hmask, cos_sin_ptr, pos, D).to(q_ptr.dtype.element_ty)
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+        if (slot >= 0) & (lo <= seq_len - 1) & (seq_len - 1 < hi):
+            one = kv_head + tl.arange(0, 1)
+            _write_token(k_new_ptr + b * stride_kt + one[:, None] * stride_kh,
+                         v_new_ptr + b * stride_vt + one[:, None] * stride_vh, one < num_kv_heads, one, slot, pos,
+                         cos_sin_ptr, k_cache_ptr, v_cache_ptr, (k_bs_ptr, v_bs_ptr, k_bias_ptr, v_bias_ptr),
+                         k_scale, v_scale, num_kv_heads, q_ptr.dtype.element_ty, 1, D, FMT, AFFINE)
+            tl.debug_barrier()  # the program's own writes, visible to all its threads before the loop reads them
+    else:
+        q = tl.load(q_rows + cols[None, :], mask=hmask[:, None], other=0.0)
     m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, D), tl.float32)
@@ -292,15 +321,30 @@ def _output(shape, dtype, out_scale, device) -> torch.Tensor:
     return torch.empty(shape, dtype=fp8.FP8_DTYPE if out_scale is not None else dtype, device=device)
 
 
+class NewTokens(NamedTuple):
+    """A decode step's new keys and values ``[B, Hkv, D]`` before RoPE (last dim contiguous), their positions
+    ``[B]``, the ``[P, D]`` float32 cos|sin table and their cache slots ``[B]`` (< 0: padding, not written)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
            seq_lens: torch.Tensor, scale: float, k_scale: float, v_scale: float, window: int = 0,
            num_splits: int | None = None, out_scale: torch.Tensor | None = None,
-           packed: PackedKV | None = None) -> torch.Tensor:
+           packed: PackedKV | None = None, new: NewTokens | None = None) -> torch.Tensor:
     """``q [B, H, D]`` (one new token per sequence, already in the cache) -> ``[B, H, D]``, or E4M3 codes
-    of it under ``out_scale`` (the next GEMM's static input scale)."""
+    of it under ``out_scale`` (the next GEMM's static input scale). With ``new``, ``q`` is unrotated and the
+    new tokens are not in the cache yet: the kernel does ``rope_and_write``'s work itself (same bits), one
+    launch instead of two. Compiled without FMA contraction, as the RoPE kernel is, so either way gives
+    the same bits."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
+    if new is not None and (head_dim % 2 or head_dim & (head_dim - 1)):
+        raise ValueError(f"decode: head_dim {head_dim} must be a power of two for RoPE")
     splits = num_splits or decode_splits(batch, num_kv_heads, q.device)
     out = _output((batch, num_heads, head_dim), q.dtype, out_scale, q.device)
     if not batch:
@@ -312,12 +356,17 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
         part = lse = out
     scale_arg = out_scale if out_scale is not None else q
     fmt, affine, ks, vs, *kv = kv_format_args(k_cache, k_scale, v_scale, packed)
+    if new is not None:
+        rope = (new.k, new.v, new.positions, new.cos_sin_cache, new.slot_mapping, new.k.stride(0), new.k.stride(1),
+                new.v.stride(0), new.v.stride(1))
+    else:
+        rope = (q, q, seq_lens, scale_arg, seq_lens, 0, 0, 0, 0)
     _decode_kernel[(batch, num_kv_heads, splits)](
-        q, k_cache, v_cache, *kv, block_tables, seq_lens, out, part, lse, scale_arg, ks, vs, scale, q.stride(0),
-        q.stride(1), block_tables.stride(0), num_heads, num_kv_heads, window, GROUP=group,
+        q, k_cache, v_cache, *kv, block_tables, seq_lens, out, part, lse, scale_arg, *rope[:5], ks, vs, scale,
+        q.stride(0), q.stride(1), *rope[5:], block_tables.stride(0), num_heads, num_kv_heads, window, GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)), D=head_dim, PAGE=page, BLOCK_N=max(16, min(64, 4 * page)),
         NUM_SPLITS=splits, FMT=fmt, AFFINE=affine, IEEE=q.dtype == torch.float32, FP8_OUT=out_scale is not None,
-        num_warps=4, num_stages=2, **launch_options(q.device))
+        ROPE=new is not None, num_warps=4, num_stages=2, enable_fp_fusion=False, **launch_options(q.device))
     if splits > 1:
         _decode_merge_kernel[(batch * num_heads,)](part, lse, out, scale_arg, NUM_SPLITS=splits, D=head_dim,
                                                    DTYPE=TL_DTYPES[q.dtype], FP8_OUT=out_scale is not None,

@@ -167,9 +167,7 @@ class Attention(nn.Module):
             q, k = self.rotary(positions, q, k)
             k, v = self.kv_emulation.round_kv(self, k, v)
             cos_sin = self.rotary.identity_cos_sin()
-        q = self.backend.rope_and_write(q[0], k[0], v[0], positions[0], cos_sin, self.k_cache, self.v_cache,
-                                        meta.slot_mapping, self.k_scale_float, self.v_scale_float,
-                                        packed=self.kv_packed)
-        out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, self.k_scale_float,
-                                  self.v_scale_float, self.sliding_window, fp8_scale, packed=self.kv_packed)
-        return out.reshape(1, q.shape[0], self.num_heads * self.head_dim)
+        out = self.backend.rope_write_attend(q[0], k[0], v[0], positions[0], cos_sin, self.k_cache, self.v_cache,
+                                             meta, self.scale, self.k_scale_float, self.v_scale_float,
+                                             self.sliding_window, fp8_scale, packed=self.kv_packed)
+        return out.reshape(1, out.shape[0], self.num_heads * self.head_dim)
