@@ -116,6 +116,53 @@ def test_fused_rope_decode_window_and_fp8_out_interpreted(algo):
     _case(triton_device(False), torch.float32, algo, [5, 40, 90], splits=2, window=24, fp8_out=True)
 
 
+@pytest.mark.parametrize("algo", ["model", "NVFP4"])
+@pytest.mark.parametrize("decode", [True, False])
+def test_backend_route_interpreted(monkeypatch, algo, decode):
+    """``TritonAttention.rope_write_attend``: one kernel at decode (the RoPE kernel is never called), the RoPE
+    kernel then prefill otherwise; either way the reference backend's cache bytes, and its output within
+    2e-5 (float32 sums in another order)."""
+    from mopt.kernels import attention
+    from mopt.layers.attention import AttentionMetadata
+
+    device = triton_device(False)
+    g = torch.Generator().manual_seed(5)
+    page, heads, kv_heads, head_dim = 16, 4, 2, 64
+    contexts, q_lens = [20, 40], ([1, 1] if decode else [3, 5])
+    seq_lens = [c + q for c, q in zip(contexts, q_lens)]
+    tables = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]], dtype=torch.int32)
+    slots = torch.tensor([int(tables[i, p // page]) * page + p % page for i, (c, q) in enumerate(zip(contexts, q_lens))
+                          for p in range(c, c + q)], dtype=torch.int32)
+    positions = torch.tensor([p for c, q in zip(contexts, q_lens) for p in range(c, c + q)], dtype=torch.int32)
+    n = len(slots)
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, generator=g) * 2
+    q, k, v = (t.reshape(n, -1, head_dim) for t in qkv.split([heads * head_dim, kv_heads * head_dim,
+                                                                kv_heads * head_dim], dim=-1))
+    inv = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.arange(64).float()[:, None] * inv[None, :]
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    meta = AttentionMetadata(slots.to(device), tables.to(device), lens, starts, max(q_lens))
+    caches = _caches(algo, 8, page, kv_heads, head_dim, torch.float32, device, g)
+    ks, vs = SCALES[algo]
+    args = (positions.to(device), cos_sin.to(device))
+    rope_calls = []
+    real = triton_attention.rope_and_write
+    monkeypatch.setattr(triton_attention, "rope_and_write", lambda *a, **kw: rope_calls.append(1) or real(*a, **kw))
+    outs = []
+    for backend in (attention.TritonAttention(), attention.ReferenceAttention()):
+        kc, vc, packed = _clone(*caches)
+        outs.append((backend.rope_write_attend(q.to(device), k.to(device), v.to(device), *args, kc, vc, meta,
+                                               head_dim ** -0.5, ks, vs, None, packed=packed), kc, vc, packed))
+    (got, kc1, vc1, p1), (want, kc2, vc2, p2) = outs
+    assert len(rope_calls) == (0 if decode else 1)
+    assert torch.equal(_bits(kc1), _bits(kc2)) and torch.equal(_bits(vc1), _bits(vc2))
+    if p1 is not None:
+        assert torch.equal(_bits(p1.k_block_scales), _bits(p2.k_block_scales))
+    assert ((got - want).norm() / want.norm()).item() < 2e-5
+
+
 def test_fused_rope_needs_power_of_two_head_dim():
     q = torch.zeros(1, 2, 48)
     cache = torch.zeros(1, 16, 1, 48)
