@@ -127,27 +127,26 @@ class _Fp8Base(_CudaKernel):
         return restore(self.run(layer, xq, x_scale, bias, x.dtype))
 
 
-def _fp8_silu_gated(layer, x: torch.Tensor, bias, fp8_scale) -> torch.Tensor | None:
-    """The decode GEMV's gate/up product fused with the SiLU (``apply_silu_gated``), within its rows."""
-    x2, restore = flatten_tokens(x)
-    if x2.shape[0] > fp8_gemv_rows(layer):
-        return None
-    if x2.dtype == FP8_DTYPE:  # already quantized under layer.input_scale
-        xq, x_scale, out_dtype = x2, layer.input_scale.reshape(1), layer.params_dtype
-    else:
-        (xq, x_scale), out_dtype = _quantize_fp8(layer, x2), x.dtype
-    return restore(triton_gemv.silu_gated_gemv(xq, layer.weight, x_scale, layer.weight_scale.reshape(-1), bias,
-                                               out_dtype, fp8_scale))
-
-
-class TritonFp8Kernel(_Fp8Base):
-    name, backend = "triton-fp8", "triton"
+class _Fp8SiluOnGemv:
+    """``apply_silu_gated`` for FP8 kernels whose decode GEMV runs ``layer`` up to ``fp8_gemv_rows`` tokens."""
 
     def silu_gated_rows(self, layer):
         return fp8_gemv_rows(layer)
 
     def apply_silu_gated(self, layer, x, bias, fp8_scale):
-        return _fp8_silu_gated(layer, x, bias, fp8_scale)
+        x2, restore = flatten_tokens(x)
+        if x2.shape[0] > fp8_gemv_rows(layer):
+            return None
+        if x2.dtype == FP8_DTYPE:  # already quantized under layer.input_scale
+            xq, x_scale, out_dtype = x2, layer.input_scale.reshape(1), layer.params_dtype
+        else:
+            (xq, x_scale), out_dtype = _quantize_fp8(layer, x2), x.dtype
+        return restore(triton_gemv.silu_gated_gemv(xq, layer.weight, x_scale, layer.weight_scale.reshape(-1), bias,
+                                                   out_dtype, fp8_scale))
+
+
+class TritonFp8Kernel(_Fp8SiluOnGemv, _Fp8Base):
+    name, backend = "triton-fp8", "triton"
 
     def run(self, layer, xq, x_scale, bias, out_dtype):
         if xq.shape[0] <= fp8_gemv_rows(layer):  # decode: no split-K, output written once
@@ -163,19 +162,13 @@ class CublasFp8Kernel(_Fp8Base):
         return y if bias is None else y + bias.to(y.dtype)
 
 
-class HopperFp8Kernel(_Fp8Base):
+class HopperFp8Kernel(_Fp8SiluOnGemv, _Fp8Base):
     """The decode GEMV up to ``fp8_gemv_rows(layer)`` tokens, cuBLASLt from there on."""
 
     name, backend = "hopper-fp8", "auto"
 
     def __init__(self) -> None:
         self.small, self.large = TritonFp8Kernel(), CublasFp8Kernel()
-
-    def silu_gated_rows(self, layer):
-        return fp8_gemv_rows(layer)
-
-    def apply_silu_gated(self, layer, x, bias, fp8_scale):
-        return _fp8_silu_gated(layer, x, bias, fp8_scale)
 
     def run(self, layer, xq, x_scale, bias, out_dtype):
         engine = self.small if xq.shape[0] <= fp8_gemv_rows(layer) else self.large
@@ -214,24 +207,33 @@ class TritonGemvKernel(_CudaKernel):
     capability, capability_for = (8, 0), "the BF16 decode GEMV"
     schemes = (LinearScheme.UNQUANTIZED,)
 
-    def apply(self, layer, x, bias):
+    @staticmethod
+    def _gemv_input(layer, x):
+        """``(rows, restore)`` for the decode GEMV: ``x``'s tokens as contiguous rows, or None where they
+        take cuBLAS (too many tokens, or dtypes other than one 16-bit dtype for both)."""
         x2, restore = flatten_tokens(x)
         w = layer.weight
-        if x2.shape[0] <= BF16_GEMV_MAX_M and x2.dtype == w.dtype and w.element_size() == 2:
-            return restore(triton_gemv.gemv(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, bias))
+        if x2.shape[0] > BF16_GEMV_MAX_M or x2.dtype != w.dtype or w.element_size() != 2:
+            return None
+        return (x2 if x2.stride(-1) == 1 else x2.contiguous()), restore
+
+    def apply(self, layer, x, bias):
+        on_gemv = self._gemv_input(layer, x)
+        if on_gemv is not None:
+            x2, restore = on_gemv
+            return restore(triton_gemv.gemv(x2, layer.weight, bias))
+        w = layer.weight
         return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def silu_gated_rows(self, layer):
         return BF16_GEMV_MAX_M if layer.weight.element_size() == 2 else 0
 
     def apply_silu_gated(self, layer, x, bias, fp8_scale):
-        x2, restore = flatten_tokens(x)
-        w = layer.weight
-        if x2.shape[0] > BF16_GEMV_MAX_M or x2.dtype != w.dtype or w.element_size() != 2:
+        on_gemv = self._gemv_input(layer, x)
+        if on_gemv is None:
             return None
-        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-        return restore(triton_gemv.silu_gated_gemv(x2, w, None, None, bias, x2.dtype, fp8_scale))
-
+        x2, restore = on_gemv
+        return restore(triton_gemv.silu_gated_gemv(x2, layer.weight, None, None, bias, x2.dtype, fp8_scale))
 
 for _kernel in (HopperFp8Kernel, TritonFp8BlockKernel, TritonNvfp4Kernel, TritonGemvKernel, CublasFp8Kernel,
                 TritonFp8Kernel):
