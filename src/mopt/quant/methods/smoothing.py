@@ -46,17 +46,17 @@ class PreQuantScaleMixin:
         # E4M3 codes written by the layer before could not be smoothed: take the unquantized input.
         return None if layer.pre_quant_scale is not None else super().fp8_input_scale(layer)
 
+    @staticmethod
+    def _smoothed(layer, x: torch.Tensor) -> torch.Tensor:
+        return x if layer.pre_quant_scale is None else x * layer.pre_quant_scale.to(x.dtype)
+
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if layer.pre_quant_scale is not None:
-            x = x * layer.pre_quant_scale.to(x.dtype)
-        return super().apply(layer, x, bias)
+        return super().apply(layer, self._smoothed(layer, x), bias)
 
     def apply_silu_gated(self, layer, x, bias, fp8_scale) -> torch.Tensor | None:
         if not self.fuses_silu(layer, x):
             return None  # no smoothing pass for nothing: apply smooths
-        if layer.pre_quant_scale is not None:
-            x = x * layer.pre_quant_scale.to(x.dtype)
-        return super().apply_silu_gated(layer, x, bias, fp8_scale)
+        return super().apply_silu_gated(layer, self._smoothed(layer, x), bias, fp8_scale)
 
 
 class SvdQuantLoraMixin:
