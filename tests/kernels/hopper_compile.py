@@ -18,6 +18,7 @@ from triton.compiler import ASTSource
 from mopt.kernels import triton_allreduce_norm as tan
 from mopt.kernels import triton_argmax as targ
 from mopt.kernels import triton_attention as ta
+from mopt.kernels import triton_gemm as tgm
 from mopt.kernels import triton_gemv as tg
 from mopt.kernels import triton_quant as tq
 from mopt.kernels import triton_quant_mx as tqm
@@ -26,7 +27,10 @@ from mopt.kernels import triton_weight_only as two
 
 P_BF16, P_F8, P_F32, P_I32, P_U8, P_I8 = "*bf16", "*fp8e4nv", "*fp32", "*i32", "*u8", "*i8"
 HOPPER_SHARED_BYTES = 227 * 1024
-UNGATED = dict(GATED=False, DTYPE=triton.language.bfloat16, FP8_OUT=False)  # a plain GEMV
+NO_PUSH = dict(PUSH=False, RANK=0, WORLD=1, ROW_ELEMS=8192)
+PUSH_2 = dict(PUSH=True, RANK=1, WORLD=2, ROW_ELEMS=8192)  # rank 1 of 2 sends its rows (triton_allreduce_norm)
+UNGATED = dict(GATED=False, DTYPE=triton.language.bfloat16, FP8_OUT=False, **NO_PUSH)  # a plain GEMV
+GATED = dict(GATED=True, DTYPE=triton.language.bfloat16, **NO_PUSH)
 
 def _kv_ptrs(cache: str) -> dict:
     """The KV-cache pointers of the attention kernels for a cache of element type ``cache`` (NVFP4's
@@ -53,7 +57,8 @@ def _decode(cache: str) -> dict:
 
 def _gemv(operands: str, out: str, bias: str) -> dict:
     return dict(a_ptr=operands, b_ptr=operands, c_ptr=out, a_scale_ptr=P_F32, b_scale_ptr=P_F32, bias_ptr=bias,
-                out_scale_ptr=P_F32, M="i32", N="i32", K="i32", stride_am="i32", stride_bn="i32", stride_cm="i32")
+                out_scale_ptr=P_F32, bases_ptr="*i64", slots_ptr=P_I32, M="i32", N="i32", K="i32", stride_am="i32",
+                stride_bn="i32", stride_cm="i32")
 
 
 def _prefill(cache: str) -> dict:
@@ -102,9 +107,10 @@ KERNELS = [
      [dict(BLOCK=4096, HAS_RESIDUAL=True, FP8_OUT=True), dict(BLOCK=16384, HAS_RESIDUAL=False, FP8_OUT=False)]),
     (tan._allreduce_rms_norm_kernel,
      dict(x_ptr=P_BF16, res_ptr=P_BF16, w_ptr=P_F32, out_ptr=P_F8, res_out_ptr=P_BF16, scale_ptr=P_F32,
-          bases_ptr="*i64", stride_x="i32", stride_r="i32", n="i32", eps="fp32"),
-     [dict(RANK=0, WORLD=2, ROW_ELEMS=8192, BLOCK=4096, FP8_OUT=True),
-      dict(RANK=5, WORLD=8, ROW_ELEMS=8192, BLOCK=8192, FP8_OUT=False)]),
+          bases_ptr="*i64", slots_ptr=P_I32, stride_x="i32", stride_r="i32", n="i32", eps="fp32"),
+     [dict(RANK=0, WORLD=2, ROW_ELEMS=8192, BLOCK=4096, FP8_OUT=True, PUSHED=False),
+      dict(RANK=1, WORLD=2, ROW_ELEMS=8192, BLOCK=4096, FP8_OUT=True, PUSHED=True),
+      dict(RANK=5, WORLD=8, ROW_ELEMS=8192, BLOCK=8192, FP8_OUT=False, PUSHED=False)]),
     (tgl._silu_mul_kernel, dict(x_ptr=P_BF16, out_ptr=P_F8, scale_ptr=P_F32, stride_x="i32", n="i32"),
      [dict(BLOCK=1024, FP8_OUT=True)]),
     (tg._gemv_kernel,
@@ -112,19 +118,30 @@ KERNELS = [
      [dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=2048, DOT=False, **UNGATED),
       dict(A_ROWWISE=True, B_ROWWISE=True, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, DOT=True, **UNGATED),
       dict(A_ROWWISE=False, B_ROWWISE=True, HAS_BIAS=False, BLOCK_M=32, BLOCK_N=16, BLOCK_K=256, DOT=True,
-           PDL=False, **UNGATED)]),
+           PDL=False, **UNGATED),
+      dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=2048, DOT=False,
+           GATED=False, DTYPE=triton.language.bfloat16, FP8_OUT=False, **PUSH_2),
+      dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, DOT=True,
+           GATED=False, DTYPE=triton.language.bfloat16, FP8_OUT=False, **PUSH_2)]),
     (tg._gemv_kernel,
      _gemv(P_F8, P_F8, P_F32),
      [dict(A_ROWWISE=False, B_ROWWISE=True, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=2048, DOT=False,
-           GATED=True, DTYPE=triton.language.bfloat16, FP8_OUT=True),
+           FP8_OUT=True, **GATED),
       dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, DOT=True,
-           GATED=True, DTYPE=triton.language.bfloat16, FP8_OUT=True)], "gated, E4M3 out"),
+           FP8_OUT=True, **GATED)], "gated, E4M3 out"),
     (tg._gemv_kernel,
      _gemv(P_BF16, P_BF16, P_BF16),
      [dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, DOT=False, **UNGATED),
       dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, DOT=True, **UNGATED),
       dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, DOT=True,
-           GATED=True, DTYPE=triton.language.bfloat16, FP8_OUT=False)]),
+           FP8_OUT=False, **GATED),
+      dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, DOT=False,
+           GATED=False, DTYPE=triton.language.bfloat16, FP8_OUT=False, **PUSH_2)]),
+    (tgm._nvfp4_gemv_kernel,
+     dict(a_ptr=P_BF16, b_ptr=P_U8, bs_ptr=P_F8, c_ptr=P_BF16, a_global_ptr=P_F32, b_global_ptr=P_F32, bias_ptr=P_BF16,
+          bases_ptr="*i64", slots_ptr=P_I32, M="i32", N="i32", K="i32", stride_am="i32", stride_cm="i32"),
+     [dict(HAS_BIAS=False, SPLIT_K=1, DOT_F32=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=4096, **NO_PUSH),
+      dict(HAS_BIAS=True, SPLIT_K=1, DOT_F32=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, **PUSH_2)], "NVFP4, one token"),
     (tq._int8_static_kernel, dict(x_ptr=P_BF16, out_ptr=P_BF16, scale_ptr=P_F32, n="i32"), [dict(BLOCK=1024)],
      "INT8 values"),
     (tq._int8_static_kernel, dict(x_ptr=P_F32, out_ptr=P_I8, scale_ptr=P_F32, n="i32"), [dict(BLOCK=1024)],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peer_buffers import DTYPE, Buffers  # float16: see peer_buffers
 from triton_device import triton_device
 
 from mopt.kernels.glue import all_reduce_rms_norm_reference
@@ -20,35 +21,6 @@ from mopt.quant.formats import fp8
 
 tan = pytest.importorskip("mopt.kernels.triton_allreduce_norm")
 triton_glue = pytest.importorskip("mopt.kernels.triton_glue")
-
-# Float16 through the interpreter, whose float32 -> bfloat16 conversion does not round to nearest (the
-# same kernel in BF16 runs on the GPU); sums of float16 values are rounded like BF16 ones.
-DTYPE = torch.float16
-
-
-class Buffers:
-    """``world`` ranks' buffers in this process, laid out and initialised as the kernel's module says."""
-
-    def __init__(self, world: int, device: str) -> None:
-        self.world = world
-        self.raw = [torch.empty(tan.buffer_bytes(world), dtype=torch.uint8, device=device) for _ in range(world)]
-        for b in self.raw:
-            tan.init_buffer(b, world)
-        self.bases = torch.tensor([b.data_ptr() for b in self.raw], dtype=torch.int64, device=device)
-
-    def row(self, rank: int, slot: int, source: int, row: int, n: int, dtype=DTYPE) -> torch.Tensor:
-        """Row ``row`` that ``source`` sent into ``rank``'s buffer, slot ``slot`` (a view)."""
-        rows = self.raw[rank][: tan.rows_bytes(self.world)].view(dtype)
-        rows = rows.view(tan.SLOTS, self.world, tan.MAX_ROWS, tan.ROW_BYTES // 2)
-        return rows[slot, source, row, :n]
-
-    def next_slot(self, rank: int, row: int) -> int:
-        return int(self.raw[rank][tan.rows_bytes(self.world):].view(torch.int32)[row])
-
-    def send(self, source: int, to: int, slot: int, partial: torch.Tensor) -> None:
-        """What ``source``'s kernel would have pushed into ``to``'s buffer (negative zeros made positive)."""
-        for r in range(partial.shape[0]):
-            self.row(to, slot, source, r, partial.shape[1]).copy_(torch.where(partial[r] == 0, 0.0, partial[r]))
 
 
 def _inputs(world: int, m: int, n: int, seed: int, dtype=DTYPE):
@@ -71,7 +43,7 @@ def test_sum_and_norm_interpreted(world, rank, m, n, fp8_out):
         if s != rank:
             buffers.send(s, rank, 0, partials[s])
     scale = torch.tensor(0.03) if fp8_out else None
-    out, res = tan.all_reduce_rms_norm(partials[rank], residual, weight, 1e-5, scale, buffers.bases, rank, world)
+    out, res = tan.all_reduce_rms_norm(partials[rank], residual, weight, 1e-5, scale, buffers.peers(rank))
     total = partials[0].float()
     for p in partials[1:]:
         total += p.float()
@@ -101,7 +73,7 @@ def test_unsupported_inputs_are_named():
     assert not tan.supports(torch.zeros(1, 64, dtype=DTYPE), tan.MAX_WORLD + 1)[0]
     assert tan.supports(torch.zeros(2, 3, 64, dtype=DTYPE), 2) == (True, "")
     with pytest.raises(ValueError, match="rows, the buffer holds"):
-        tan.all_reduce_rms_norm(x, x, torch.ones(64), 1e-5, None, torch.zeros(2, dtype=torch.int64), 0, 2)
+        tan.all_reduce_rms_norm(x, x, torch.ones(64), 1e-5, None, Buffers(2, "cpu").peers(0))
 
 
 def test_slots_rotate_and_are_freed_interpreted():
@@ -118,7 +90,7 @@ def test_slots_rotate_and_are_freed_interpreted():
         partials[0][0, :4] = -0.0
         partials[1][1, :4] = -0.0
         buffers.send(1, 0, slot, partials[1])
-        out, res = tan.all_reduce_rms_norm(partials[0], residual, weight, 1e-6, None, buffers.bases, 0, 2)
+        out, res = tan.all_reduce_rms_norm(partials[0], residual, weight, 1e-6, None, buffers.peers(0))
         _, want_res = all_reduce_rms_norm_reference(partials, residual, weight, 1e-6)
         assert torch.equal(res, want_res)
         for r in range(m):
@@ -139,7 +111,7 @@ def test_one_rank_on_a_gpu(m, n):
     x, residual, weight = partials[0].to(device), residual.to(device), weight.to(device)
     for scale in (None, torch.tensor(0.03, device=device)):
         for _ in range(3):
-            out, res = tan.all_reduce_rms_norm(x, residual, weight, 1e-5, scale, buffers.bases, 0, 1)
+            out, res = tan.all_reduce_rms_norm(x, residual, weight, 1e-5, scale, buffers.peers(0))
             want_out, want_res = triton_glue.rms_norm(x, weight, 1e-5, residual, scale)
             assert torch.equal(res, want_res) and torch.equal(out.view(torch.uint8), want_out.view(torch.uint8))
     assert buffers.next_slot(0, m - 1) == 6 % 3

@@ -6,7 +6,9 @@ compares its sums with NCCL's bit for bit, and tests/parallel/test_tp_gpu.py run
 * mopt's group as c10d knows it by name lives as long as mopt holds it (c10d keeps it weakly: losing
   it made torch's rendezvous fail on the GPUs with "has already been destroyed");
 * ``Group.all_reduce`` routes small sums there and everything else (MAX, large, other dtypes) to the backend;
-* ``Group.fused_rms_norm`` offers the fused all-reduce + RMSNorm only where it is set up and fits.
+* ``Group.fused_rms_norm`` offers the fused all-reduce + RMSNorm only where it is set up and fits;
+* a decode GEMV may push a row-parallel layer's partial sums itself exactly where that norm takes them,
+  the next norm call skips its own push, and a layer's output other than the kernel's is an error.
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ def test_group_routes_sums(shape, op, to_one_shot):
     assert (y is x) is not to_one_shot  # callers must use the result
 
 
-@pytest.mark.parametrize("variable,value", [("MOPT_TP_ONE_SHOT_BYTES", "lots"), ("MOPT_TP_FUSED_NORM", "on")])
+@pytest.mark.parametrize("variable,value", [("MOPT_TP_ONE_SHOT_BYTES", "lots"), ("MOPT_TP_FUSED_NORM", "on"),
+                                            ("MOPT_TP_GEMV_PUSH", "true")])
 def test_a_bad_setting_fails_before_any_process_starts(monkeypatch, variable, value):
     from mopt.engine import tp_runtime
     from mopt.engine.dummy import tiny_preset_config
@@ -160,3 +163,84 @@ def test_a_bad_fused_norm_switch_names_the_variable(monkeypatch):
     monkeypatch.setenv("MOPT_TP_FUSED_NORM", "yes")
     with pytest.raises(TensorParallelError, match="MOPT_TP_FUSED_NORM must be 0 or 1, got 'yes'"):
         one_shot.fused_norm_from_env()
+
+
+@pytest.mark.parametrize("value,expected", [(None, True), ("1", True), ("0", False)])
+def test_gemv_push_switch(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv("MOPT_TP_GEMV_PUSH", raising=False)
+    else:
+        monkeypatch.setenv("MOPT_TP_GEMV_PUSH", value)
+    assert one_shot.producer_push_from_env() is expected
+
+
+def _norm(producer_push: bool = True) -> one_shot.OneShotRMSNorm:
+    tan = pytest.importorskip("mopt.kernels.triton_allreduce_norm")
+    buffer = torch.empty(tan.buffer_bytes(2), dtype=torch.uint8)
+    handle = types.SimpleNamespace(buffer_ptrs=[buffer.data_ptr(), buffer.data_ptr() + (1 << 20)])
+    return one_shot.OneShotRMSNorm(buffer, handle, 1, 2, one_shot.DEFAULT_MAX_BYTES, producer_push)
+
+
+@pytest.mark.parametrize("rows,n,dtype,producer_push,offered", [
+    (1, 4096, torch.bfloat16, True, True),
+    (64, 4096, torch.float16, True, True),
+    (128, 4096, torch.bfloat16, True, True),
+    (129, 4096, torch.bfloat16, True, False),   # more rows than the buffer holds: the norm does not fuse
+    (1, 16384, torch.bfloat16, True, False),    # wider than its rows
+    (1, 4096, torch.float32, True, False),
+    (1, 4096, torch.bfloat16, False, False),    # MOPT_TP_GEMV_PUSH=0
+])
+def test_a_gemv_pushes_exactly_where_the_norm_fuses(rows, n, dtype, producer_push, offered):
+    norm = _norm(producer_push)
+    peers = norm.push_peers(rows, n, dtype)
+    assert (peers is norm.peers) is offered
+    if producer_push:  # the norm after it takes the same sums fused, so it is the one that skips its push
+        assert norm.fits_rows(rows, n, dtype) is offered
+    assert (norm.peers.rank, norm.peers.world, norm.peers.slots.dtype, norm.peers.slots.numel()) == \
+        (1, 2, torch.int32, 128)
+
+
+def test_the_next_norm_call_takes_the_pushed_rows(monkeypatch):
+    norm = _norm()
+    calls = []
+    monkeypatch.setattr(norm.kernel, "all_reduce_rms_norm", lambda *args: calls.append(args[-2:]) or (None, None))
+    y = torch.zeros(2, 64, dtype=torch.bfloat16)
+    norm.pushed(y)
+    assert norm.push_peers(2, 64, torch.bfloat16) is None  # one push at a time
+    norm(y.view(1, 2, 64), y, torch.ones(64), 1e-5)  # the layer's reshaped output: the same sums
+    norm(y, y, torch.ones(64), 1e-5)
+    assert calls == [(norm.peers, True), (norm.peers, False)]
+
+
+def test_other_sums_than_those_pushed_are_an_error_not_a_wrong_result(monkeypatch):
+    norm = _norm()
+    monkeypatch.setattr(norm.kernel, "all_reduce_rms_norm", lambda *args: pytest.fail("the kernel ran"))
+    y = torch.zeros(2, 64, dtype=torch.bfloat16)
+    norm.pushed(y)
+    with pytest.raises(RuntimeError, match="not the ones this norm was given"):
+        norm(y + 1, y, torch.ones(64), 1e-5)
+
+
+@pytest.mark.parametrize("reduce,returns_kernel_output,group_has_norm,named", [
+    (False, True, True, True),
+    (False, False, True, False),   # SVDQuant: the low-rank branch joins after the kernel
+    (False, True, False, False),   # a group without the fused norm (NCCL, CPUs, several nodes)
+])
+def test_a_row_parallel_layer_names_the_norm_to_its_kernel(reduce, returns_kernel_output, group_has_norm, named):
+    from mopt.layers.linear import RowParallelLinear
+
+    layer = RowParallelLinear(64, 32, tp_rank=0, tp_size=1)
+    norm, seen = object(), []
+
+    class Method:
+        def apply(self, layer, x, bias):
+            seen.append(layer.partials_to)
+            return x[..., :32]
+
+    method = Method()
+    method.returns_kernel_output = returns_kernel_output
+    layer.quant_method = method
+    layer.tp_group = types.SimpleNamespace(**({"partial_sums_norm": lambda: norm} if group_has_norm else {}))
+    layer(torch.ones(1, 64), reduce=reduce)
+    assert seen == [norm if named else None]
+    assert layer.partials_to is None  # only for the call

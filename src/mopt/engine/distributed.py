@@ -133,6 +133,11 @@ class Group:
         norm = self.one_shot.norm if self.one_shot is not None else None
         return norm if norm is not None and norm.fits(x) else None
 
+    def partial_sums_norm(self):
+        """The fused all-reduce + RMSNorm that the next norm uses where it fits (``OneShotRMSNorm``: a
+        kernel computing the partial sums may send them to the peers for it), or None."""
+        return self.one_shot.norm if self.one_shot is not None else None
+
     def broadcast(self, x: torch.Tensor, src: int = 0, async_op: bool = False):
         import torch.distributed as dist
 

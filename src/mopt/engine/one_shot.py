@@ -22,6 +22,8 @@ kernel (``mopt.kernels.triton_allreduce_norm``: each rank pushes its rows into i
 the data is its own signal, so there are no flags, fences or a separate norm launch; 4.1 us against
 10.4 us for the one-shot sum and the norm kernel at one 4096-wide row on 2 H100s).
 ``MOPT_TP_FUSED_NORM=0`` leaves those sums to the one-shot all-reduce and the norm kernel.
+Where a decode GEMV computes the partial sums it sends them to the peers from its own epilogue;
+``MOPT_TP_GEMV_PUSH=0`` leaves the sending to the fused kernel.
 """
 
 from __future__ import annotations
@@ -64,23 +66,61 @@ class OneShotAllReduce:
 
 class OneShotRMSNorm:
     """All-reduce, residual add and RMSNorm in one kernel over a peer-mapped ``buffer`` whose address on
-    every rank's GPU, as mapped on this one, is in ``bases`` (see ``kernels.triton_allreduce_norm``)."""
+    every rank's GPU, as mapped on this one, is in ``handle.buffer_ptrs`` (see ``kernels.triton_allreduce_norm``).
 
-    def __init__(self, buffer: torch.Tensor, handle, rank: int, world: int, max_bytes: int) -> None:
+    A decode GEMV that computes the partial sums may send them to the peers itself, from its epilogue
+    (``producer_push``): the layer names this norm as its output's destination, the kernel asks
+    :meth:`push_peers` where to send and reports :meth:`pushed`, and the next call, which must take that
+    output, skips its own push. Whether a kernel pushes depends on the shapes alone, so every rank agrees."""
+
+    def __init__(self, buffer: torch.Tensor, handle, rank: int, world: int, max_bytes: int,
+                 producer_push: bool = True) -> None:
         from mopt.kernels import triton_allreduce_norm  # Triton: imported where a GPU world exists
 
         self.kernel = triton_allreduce_norm
         self.buffer, self.handle = buffer, handle  # the mapping lives as long as both
-        self.bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=buffer.device)
+        bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=buffer.device)
+        self.peers = triton_allreduce_norm.PeerRows.of(buffer, bases, rank, world)
         self.rank, self.world, self.max_bytes = rank, world, max_bytes
+        self.producer_push = producer_push
+        self._pushed: tuple[int, int] | None = None  # (address, size) of partial sums already sent
+
+    def fits_rows(self, rows: int, n: int, dtype: torch.dtype) -> bool:
+        return rows * n * dtype.itemsize <= self.max_bytes and self.kernel.supports_rows(rows, n, dtype, self.world)[0]
 
     def fits(self, x: torch.Tensor) -> bool:
-        return x.is_cuda and x.numel() * x.element_size() <= self.max_bytes and self.kernel.supports(x, self.world)[0]
+        n = x.shape[-1]
+        return x.is_cuda and self.fits_rows(x.numel() // max(n, 1), n, x.dtype)
+
+    def push_peers(self, rows: int, n: int, dtype: torch.dtype):
+        """Where a kernel computing ``rows x n`` partial sums in ``dtype`` for this norm sends them
+        (``triton_allreduce_norm.PeerRows``), or None where the norm will send them itself."""
+        if not self.producer_push or self._pushed is not None or not self.fits_rows(rows, n, dtype):
+            return None
+        return self.peers
+
+    def pushed(self, y: torch.Tensor) -> None:
+        """A kernel sent ``y``'s rows through :meth:`push_peers`; the next call takes ``y``."""
+        self._pushed = (y.data_ptr(), y.numel())
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                  fp8_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(normed, sum of x over the ranks + residual)``, as ``rms_norm(all_reduce(x), ..., residual)``."""
-        return self.kernel.all_reduce_rms_norm(x, residual, weight, eps, fp8_scale, self.bases, self.rank, self.world)
+        pushed, self._pushed = self._pushed, None
+        if pushed is not None and pushed != (x.data_ptr(), x.numel()):
+            # The peers hold rows this call would not sum: continuing would corrupt every rank's result.
+            raise RuntimeError("fused all-reduce + RMSNorm: the partial sums a kernel already sent to the peers "
+                               "are not the ones this norm was given (a layer changed its kernel's output)")
+        return self.kernel.all_reduce_rms_norm(x, residual, weight, eps, fp8_scale, self.peers, pushed is not None)
+
+
+def producer_push_from_env() -> bool:
+    value = os.environ.get("MOPT_TP_GEMV_PUSH", "1")
+    if value not in ("0", "1"):
+        from mopt.engine.distributed import TensorParallelError
+
+        raise TensorParallelError(f"MOPT_TP_GEMV_PUSH must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def fused_norm_from_env() -> bool:
@@ -209,7 +249,8 @@ def _set_up_norm(world, agree, name: str, op: OneShotAllReduce) -> OneShotRMSNor
         problem = _describe(e)
     if agree(problem is None):
         try:
-            norm = OneShotRMSNorm(buffer, symm_mem.rendezvous(buffer, name), world.rank, world.size, op.max_bytes)
+            norm = OneShotRMSNorm(buffer, symm_mem.rendezvous(buffer, name), world.rank, world.size, op.max_bytes,
+                                  producer_push_from_env())
         except Exception as e:
             problem = _describe(e)
         if agree(problem is None):

@@ -16,6 +16,13 @@ program writes into the peers' slot ``e % 3``, reads its own slot ``e % 3`` and 
 into its slot ``(e - 1) % 3``, which no peer writes until its call e + 2 -- and a peer cannot get there
 before this rank has sent it row e + 1, after this call has ended.
 
+The push can come earlier, from the kernel that computes the partial sums (a decode GEMV calls
+:func:`push_rows` in its epilogue, with the row counters as they stand before this call; the call
+then runs with ``PUSHED``): the rows then travel while the GEMV's last programs still run instead of
+after the fused kernel has started and loaded them. The argument above holds unchanged, shifted by
+one kernel: a rank's GEMV for call e + 2 runs after its call e + 1, which needed the peer's row e + 1,
+which the peer pushes only after its call e (and its freeing of slot ``(e - 1) % 3``) has ended.
+
 Each rank's buffer (``buffer_bytes(world)``, the same layout on every rank; ``bases[r]`` is rank r's
 buffer as mapped on this GPU): ``rows[3][world][MAX_ROWS][ROW_BYTES]`` (slot, sending rank, row), then
 ``slot[MAX_ROWS]`` (int32, each row's next slot: 0, 1, 2, 0, ...). The waits have no time limit: a peer
@@ -27,6 +34,8 @@ Sign of zero: a partial sum of -0.0 is sent as +0.0, so where every rank's parti
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -61,6 +70,22 @@ def init_buffer(buffer: torch.Tensor, world: int) -> None:
     buffer[rows_bytes(world): buffer_bytes(world)].zero_()
 
 
+@dataclass(frozen=True)
+class PeerRows:
+    """Where the ranks' rows meet: ``bases`` (int64 ``[world]``, on the GPU) holds each rank's buffer at its
+    address on this GPU; ``slots`` (int32 ``[MAX_ROWS]``) is this rank's row counters, in its own buffer."""
+
+    bases: torch.Tensor
+    slots: torch.Tensor
+    rank: int
+    world: int
+
+    @classmethod
+    def of(cls, buffer: torch.Tensor, bases: torch.Tensor, rank: int, world: int) -> "PeerRows":
+        """``buffer``: this rank's own (``buffer_bytes(world)`` bytes)."""
+        return cls(bases, buffer[rows_bytes(world): buffer_bytes(world)].view(torch.int32), rank, world)
+
+
 @triton.jit
 def _row_bits(base_ptr, slot, source, row, WORLD: tl.constexpr, ROW_ELEMS: tl.constexpr):
     """Pointer (int16) to row ``row`` from rank ``source`` in slot ``slot`` of the buffer at ``base_ptr``."""
@@ -68,23 +93,50 @@ def _row_bits(base_ptr, slot, source, row, WORLD: tl.constexpr, ROW_ELEMS: tl.co
 
 
 @triton.jit
-def _allreduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale_ptr, bases_ptr, stride_x, stride_r,
-                               n, eps, RANK: tl.constexpr, WORLD: tl.constexpr, ROW_ELEMS: tl.constexpr,
-                               BLOCK: tl.constexpr, FP8_OUT: tl.constexpr, PDL: tl.constexpr):
+def wire_bits(values):
+    """``values`` (16-bit floats) as the int16 bits a rank sends: negative zeros made positive, so that
+    the sentinel never travels as data."""
+    bits = values.to(tl.int16, bitcast=True)
+    return tl.where(bits == _SENTINEL, 0, bits)
+
+
+@triton.jit
+def push_rows(values, rows, cols, mask, bases_ptr, slots_ptr, RANK: tl.constexpr, WORLD: tl.constexpr,
+              ROW_ELEMS: tl.constexpr):
+    """Send ``values [R, C]`` (rows ``rows [R]``, columns ``cols [C]`` of this rank's partial sums, where
+    ``mask``) into every peer's buffer, each row into the slot its counter in ``slots_ptr`` names: what
+    the fused kernel's push does, done by the kernel that computes the partial sums (``PUSHED``)."""
+    bits = wire_bits(values)
+    slot = tl.load(slots_ptr + rows, mask=rows < _MAX_ROWS, other=0)
+    for s in tl.static_range(WORLD):
+        if s != RANK:
+            dst = _row_bits(tl.load(bases_ptr + s), slot[:, None], RANK, rows[:, None], WORLD, ROW_ELEMS)
+            tl.store(dst + cols[None, :], bits, mask=mask)
+
+
+@triton.jit
+def _allreduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale_ptr, bases_ptr, slots_ptr,
+                               stride_x, stride_r, n, eps, RANK: tl.constexpr, WORLD: tl.constexpr,
+                               ROW_ELEMS: tl.constexpr, BLOCK: tl.constexpr, FP8_OUT: tl.constexpr,
+                               PUSHED: tl.constexpr, PDL: tl.constexpr):
+    """``PUSHED``: the kernel that computed ``x`` already sent this rank's rows (``push_rows``)."""
     pdl_prologue(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     dtype = x_ptr.dtype.element_ty
+    # Every load that does not wait on a peer is issued here, so that their latencies overlap each other
+    # and the wait for the peers' rows instead of following it.
+    slot = tl.load(slots_ptr + row)
     me = tl.load(bases_ptr + RANK)
-    slot_ptr = (me + _SLOTS * WORLD * _MAX_ROWS * ROW_ELEMS * 2).to(tl.pointer_type(tl.int32)) + row
-    slot = tl.load(slot_ptr)
-    bits = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0).to(tl.int16, bitcast=True)
-    bits = tl.where(bits == _SENTINEL, 0, bits)  # -0.0 -> +0.0: the sentinel never travels as data
-    for s in tl.static_range(WORLD):
-        if s != RANK:
-            dst = _row_bits(tl.load(bases_ptr + s), slot, RANK, row, WORLD, ROW_ELEMS)
-            tl.store(tl.multiple_of(dst, 16) + cols, bits, mask=mask)
+    bits = wire_bits(tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0))
+    r = tl.load(res_ptr + row.to(tl.int64) * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if not PUSHED:
+        for s in tl.static_range(WORLD):
+            if s != RANK:
+                dst = _row_bits(tl.load(bases_ptr + s), slot, RANK, row, WORLD, ROW_ELEMS)
+                tl.store(tl.multiple_of(dst, 16) + cols, bits, mask=mask)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(WORLD):
         if s == RANK:
@@ -100,39 +152,56 @@ def _allreduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scal
         if s != RANK:
             tl.store(tl.multiple_of(_row_bits(me, free, s, row, WORLD, ROW_ELEMS), 16) + cols,
                      tl.full((BLOCK,), _SENTINEL, tl.int16), mask=mask)
-    tl.store(slot_ptr, (slot + 1) % _SLOTS)
-    r = tl.load(res_ptr + row.to(tl.int64) * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(slots_ptr + row, (slot + 1) % _SLOTS)
     s_row = (acc.to(dtype).to(tl.float32) + r).to(dtype)
     tl.store(res_out_ptr + row.to(tl.int64) * n + cols, s_row, mask=mask)
     xs = s_row.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(xs * xs, axis=0) / n + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     _store_out(out_ptr + row.to(tl.int64) * n + cols, (w * (xs * rstd)).to(dtype), scale_ptr, mask, FP8_OUT)
 
 
-def supports(x: torch.Tensor, world: int) -> tuple[bool, str]:
-    """Whether the kernel takes ``x [..., n]`` (the partial sums) over ``world`` ranks, and why not."""
-    n = x.shape[-1]
-    rows = x.numel() // max(n, 1)
-    if x.dtype not in DTYPES:
-        return False, f"activations are {x.dtype}, the kernel takes {DTYPES}"
+def supports_rows(rows: int, n: int, dtype: torch.dtype, world: int) -> tuple[bool, str]:
+    """Whether the kernel takes ``rows`` rows of ``n`` partial sums in ``dtype`` over ``world`` ranks, and why not."""
+    if dtype not in DTYPES:
+        return False, f"activations are {dtype}, the kernel takes {DTYPES}"
     if not 1 <= rows <= MAX_ROWS:
         return False, f"{rows} rows, the buffer holds 1 to {MAX_ROWS}"
-    if n * x.element_size() > ROW_BYTES:
+    if n * dtype.itemsize > ROW_BYTES:
         return False, f"rows of {n} values exceed its {ROW_BYTES}-byte rows"
     if not 1 <= world <= MAX_WORLD:
         return False, f"{world} ranks, the layout has room for {MAX_WORLD}"
     return True, ""
 
 
+def supports(x: torch.Tensor, world: int) -> tuple[bool, str]:
+    """Whether the kernel takes ``x [..., n]`` (the partial sums) over ``world`` ranks, and why not."""
+    n = x.shape[-1]
+    return supports_rows(x.numel() // max(n, 1), n, x.dtype, world)
+
+
+def check_push(peers: PeerRows, rows: int, n: int, dtype: torch.dtype) -> None:
+    """Raise unless a producer may push ``rows x n`` partial sums in ``dtype`` (what the fused kernel takes)."""
+    ok, why = supports_rows(rows, n, dtype, peers.world)
+    if not ok:
+        raise ValueError(f"push to the fused all-reduce: {why}")
+
+
+def push_arguments(peers: PeerRows | None, placeholder: torch.Tensor) -> tuple[tuple, dict]:
+    """A producer kernel's ``(bases_ptr, slots_ptr)`` and its ``PUSH, RANK, WORLD, ROW_ELEMS`` constexprs;
+    ``placeholder`` (any tensor) stands for the pointers, never read, where there is no push."""
+    if peers is None:
+        return (placeholder, placeholder), dict(PUSH=False, RANK=0, WORLD=1, ROW_ELEMS=ROW_BYTES // 2)
+    return (peers.bases, peers.slots), dict(PUSH=True, RANK=peers.rank, WORLD=peers.world, ROW_ELEMS=ROW_BYTES // 2)
+
+
 def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                        fp8_scale: torch.Tensor | None, bases: torch.Tensor, rank: int,
-                        world: int) -> tuple[torch.Tensor, torch.Tensor]:
+                        fp8_scale: torch.Tensor | None, peers: PeerRows,
+                        pushed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(normed, s)`` with ``s = sum over ranks of x + residual`` (as ``triton_glue.rms_norm`` with
-    ``residual``) for this rank's partial sums ``x``. ``bases`` (int64 ``[world]``, on ``x``'s device): each
-    rank's buffer (``buffer_bytes(world)``, set up by :func:`init_buffer`) at its address on this GPU.
+    ``residual``) for this rank's partial sums ``x``, through ``peers`` (every rank's buffer, set up by
+    :func:`init_buffer`). ``pushed``: the kernel that wrote ``x`` already sent its rows (``push_rows``).
     Every rank must make the same calls in the same order with the same shapes."""
-    ok, why = supports(x, world)
+    ok, why = supports(x, peers.world)
     if not ok:
         raise ValueError(f"all_reduce_rms_norm: {why}")
     n = x.shape[-1]
@@ -145,7 +214,8 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     res_out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block = triton.next_power_of_2(n)
     _allreduce_rms_norm_kernel[(m,)](
-        x2, r2, weight, out, res_out, fp8_scale if fp8_scale is not None else weight, bases, x2.stride(0),
-        r2.stride(0), n, eps, RANK=rank, WORLD=world, ROW_ELEMS=ROW_BYTES // 2, BLOCK=block,
-        FP8_OUT=fp8_scale is not None, num_warps=_warps(block, fp8_scale), **launch_options(x.device))
+        x2, r2, weight, out, res_out, fp8_scale if fp8_scale is not None else weight, peers.bases, peers.slots,
+        x2.stride(0), r2.stride(0), n, eps, RANK=peers.rank, WORLD=peers.world, ROW_ELEMS=ROW_BYTES // 2,
+        BLOCK=block, FP8_OUT=fp8_scale is not None, PUSHED=pushed, num_warps=_warps(block, fp8_scale),
+        **launch_options(x.device))
     return out.view(x.shape), res_out.view(x.shape)

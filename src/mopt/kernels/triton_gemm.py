@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mopt.kernels import triton_allreduce_norm
+from mopt.kernels.triton_allreduce_norm import push_rows
 from mopt.kernels.triton_pdl import launch_options, pdl_prologue
 from mopt.kernels.triton_weight_decode import e2m1_pair as _e2m1_pair  # one E2M1 decode for every kernel
 
@@ -140,11 +142,14 @@ def _nvfp4_dequant_kernel(b_ptr, bs_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, B
 
 
 @triton.jit
-def _nvfp4_gemv_kernel(a_ptr, b_ptr, bs_ptr, c_ptr, a_global_ptr, b_global_ptr, bias_ptr, M, N, K,
-                       stride_am, stride_cm, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _nvfp4_gemv_kernel(a_ptr, b_ptr, bs_ptr, c_ptr, a_global_ptr, b_global_ptr, bias_ptr, bases_ptr, slots_ptr, M,
+                       N, K, stride_am, stride_cm, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                       DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PUSH: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, ROW_ELEMS: tl.constexpr,
+                       PDL: tl.constexpr):
     """Small M: streams the packed weights once. ``BLOCK_M == 1``: FMA reductions per 16-block, the
-    block scale applied to each block's partial sum; else BF16 MMAs over even and odd elements."""
+    block scale applied to each block's partial sum; else BF16 MMAs over even and odd elements.
+    ``PUSH`` (``SPLIT_K == 1``): the output tile also goes to the peers' fused all-reduce (``push_rows``)."""
     pdl_prologue(PDL)
     HALF_K: tl.constexpr = BLOCK_K // 2
     offs_m = tl.arange(0, BLOCK_M)
@@ -187,7 +192,15 @@ def _nvfp4_gemv_kernel(a_ptr, b_ptr, bs_ptr, c_ptr, a_global_ptr, b_global_ptr, 
         acc = (acc1 * scale)[None, :]
     else:
         acc = acc * scale[None, :]
-    _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS, SPLIT_K)
+    if PUSH:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        mask = m_ok[:, None] & n_ok[None, :]
+        values = acc.to(c_ptr.dtype.element_ty)
+        tl.store(c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :], values, mask=mask)
+        push_rows(values, offs_m, offs_n, mask, bases_ptr, slots_ptr, RANK, WORLD, ROW_ELEMS)
+    else:
+        _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS, SPLIT_K)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -290,10 +303,13 @@ def nvfp4_alpha(a_global: torch.Tensor, b_global: torch.Tensor) -> float | None:
 
 def nvfp4_gemm(a_values: torch.Tensor, b_packed: torch.Tensor, b_scale: torch.Tensor, a_global: torch.Tensor,
                b_global: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-               alpha: float | None = None, config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+               alpha: float | None = None, config: tuple[int, int, int, int, int] | None = None,
+               push: triton_allreduce_norm.PeerRows | None = None) -> torch.Tensor:
     """``a_values [M, Kp]`` BF16 block values, ``b_packed [N, Kp/2]``, ``b_scale [N, Kp/16]`` e4m3,
     ``a_global []``, ``b_global [N]``; ``alpha``: ``nvfp4_alpha(a_global, b_global)`` if known;
-    ``config``: the small-M kernel's ``(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)`` (sweeps).
+    ``config``: the small-M kernel's ``(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)`` (sweeps);
+    ``push``: also send the output rows to the peers' fused all-reduce (one token only: the one kernel
+    whose output is written once, see ``triton_allreduce_norm.push_rows``).
 
     M <= ``NVFP4_GEMV_MAX_M``: one Triton kernel streams the packed weights (0.5625 bytes per
     weight). Larger M: the weights are expanded once per call into exact BF16 block values and
@@ -303,6 +319,10 @@ def nvfp4_gemm(a_values: torch.Tensor, b_packed: torch.Tensor, b_scale: torch.Te
     """
     m, kp = a_values.shape
     n = b_packed.shape[0]
+    if push is not None:
+        if m != 1 or (config is not None and config[4] != 1):
+            raise ValueError(f"nvfp4_gemm: only one token's output, written once, can be pushed (M={m})")
+        triton_allreduce_norm.check_push(push, m, n, out_dtype)
     if m > NVFP4_GEMV_MAX_M:
         w = nvfp4_dequantize(b_packed, b_scale)
         if alpha is not None and a_values.is_cuda and out_dtype == torch.bfloat16:
@@ -323,9 +343,10 @@ def nvfp4_gemm(a_values: torch.Tensor, b_packed: torch.Tensor, b_scale: torch.Te
     elif bm > 1 and tiles < 2 * _num_sms(a_values.device):  # one token: never split (see nvfp4_gemv_tiles)
         split = max(1, min(k_tiles // 2, triton.cdiv(2 * _num_sms(a_values.device), tiles)))
     out = _output(m, n, out_dtype, split, a_values.device)
+    push_pointers, push_constants = triton_allreduce_norm.push_arguments(push, b_global)
     _nvfp4_gemv_kernel[(tiles, split)](
         a_values, b_packed, b_scale, out, a_global.float().reshape(1), b_global.float().contiguous(),
-        bias if bias is not None else b_global, m, n, kp, a_values.stride(0), out.stride(0),
+        bias if bias is not None else b_global, *push_pointers, m, n, kp, a_values.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, SPLIT_K=split, DOT_F32=INTERPRETED, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=warps, num_stages=stages, **launch_options(a_values.device))
+        **push_constants, num_warps=warps, num_stages=stages, **launch_options(a_values.device))
     return out.to(out_dtype) if out.dtype != out_dtype else out

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mopt.kernels import triton_allreduce_norm
+from mopt.kernels.triton_allreduce_norm import push_rows
 from mopt.kernels.triton_gemm import scale_tile
 from mopt.kernels.triton_glue import TL_DTYPES, _store_out
 from mopt.kernels.triton_pdl import launch_options, pdl_prologue
@@ -47,12 +49,15 @@ class GemvTiles:
 
 
 @triton.jit
-def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_scale_ptr, M, N, K, stride_am,
-                 stride_bn, stride_cm, A_ROWWISE: tl.constexpr, B_ROWWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
-                 GATED: tl.constexpr, DTYPE: tl.constexpr, FP8_OUT: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_scale_ptr, bases_ptr, slots_ptr, M,
+                 N, K, stride_am, stride_bn, stride_cm, A_ROWWISE: tl.constexpr, B_ROWWISE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT: tl.constexpr, GATED: tl.constexpr, DTYPE: tl.constexpr, FP8_OUT: tl.constexpr,
+                 PUSH: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, ROW_ELEMS: tl.constexpr,
+                 PDL: tl.constexpr):
     """``GATED``: ``b`` holds ``2N`` rows, gate then up; a program takes ``BLOCK_N`` of each and writes
-    ``silu(gate) * up`` as ``triton_glue.silu_mul`` computes it from the GEMV's ``DTYPE`` output."""
+    ``silu(gate) * up`` as ``triton_glue.silu_mul`` computes it from the GEMV's ``DTYPE`` output.
+    ``PUSH``: the output tile also goes to the peers' fused all-reduce buffers (``push_rows``)."""
     pdl_prologue(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -100,7 +105,10 @@ def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_sc
         silu = (gate / (1.0 + tl.exp(-gate))).to(DTYPE).to(tl.float32)
         _store_out(ptrs, (silu * up.to(DTYPE).to(tl.float32)).to(DTYPE), out_scale_ptr, mask, FP8_OUT)
     else:
-        tl.store(ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+        values = out.to(c_ptr.dtype.element_ty)
+        tl.store(ptrs, values, mask=mask)
+        if PUSH:
+            push_rows(values, offs_m, offs_n, mask, bases_ptr, slots_ptr, RANK, WORLD, ROW_ELEMS)
 
 
 @triton.jit
@@ -145,9 +153,14 @@ def gemv_tiles(m: int, n: int, k: int, itemsize: int = 1) -> GemvTiles:
 GATED_SHARED_BYTES = 200 * 1024  # of the H100's 227 KiB; stages change no sum, only how far loads run ahead
 
 
-def _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles, gated=False, fp8_scale=None) -> torch.Tensor:
+def _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles, gated=False, fp8_scale=None, push=None) -> torch.Tensor:
     m, k = a.shape
     n = b.shape[0] // 2 if gated else b.shape[0]
+    if push is not None:
+        if gated or fp8_scale is not None:
+            raise ValueError("gemv: only a plain output (not SiLU-gated, not E4M3 codes) can be pushed as partial sums")
+        triton_allreduce_norm.check_push(push, m, n, out_dtype)
+    push_pointers, push_constants = triton_allreduce_norm.push_arguments(push, b_scale)
     if m > max_rows(b.element_size()):
         raise ValueError(f"gemv: M={m} > {max_rows(b.element_size())} for {b.dtype} weights; use a GEMM")
     if gated and b.shape[0] % 2:
@@ -164,18 +177,20 @@ def _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles, gated=False, fp8_sca
     if m:
         _gemv_kernel[(triton.cdiv(n, t.block_n),)](
             a, b, out, a_scale, b_scale, bias if bias is not None else b_scale,
-            fp8_scale if fp8_scale is not None else b_scale, m, n, k, a.stride(0), b.stride(0), out.stride(0),
-            A_ROWWISE=a_scale.numel() > 1, B_ROWWISE=b_scale.numel() > 1, HAS_BIAS=bias is not None,
-            BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, DOT=t.dot, GATED=gated,
-            DTYPE=TL_DTYPES[out_dtype], FP8_OUT=fp8_scale is not None, num_warps=t.num_warps, num_stages=stages,
-            **launch_options(a.device))
+            fp8_scale if fp8_scale is not None else b_scale, *push_pointers, m, n, k, a.stride(0),
+            b.stride(0), out.stride(0), A_ROWWISE=a_scale.numel() > 1, B_ROWWISE=b_scale.numel() > 1,
+            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, DOT=t.dot,
+            GATED=gated, DTYPE=TL_DTYPES[out_dtype], FP8_OUT=fp8_scale is not None, **push_constants,
+            num_warps=t.num_warps, num_stages=stages, **launch_options(a.device))
     return out
 
 
 def fp8_gemv(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
-             bias: torch.Tensor | None, out_dtype: torch.dtype, tiles: GemvTiles | None = None) -> torch.Tensor:
-    """``a [M, K]`` E4M3 codes (M <= FP8_MAX_M, rows contiguous), ``b [N, K]`` E4M3 -> ``[M, N]`` in ``out_dtype``."""
-    return _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles)
+             bias: torch.Tensor | None, out_dtype: torch.dtype, tiles: GemvTiles | None = None,
+             push: triton_allreduce_norm.PeerRows | None = None) -> torch.Tensor:
+    """``a [M, K]`` E4M3 codes (M <= FP8_MAX_M, rows contiguous), ``b [N, K]`` E4M3 -> ``[M, N]`` in ``out_dtype``.
+    ``push``: also send the output rows to the peers' fused all-reduce (``triton_allreduce_norm.push_rows``)."""
+    return _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles, push=push)
 
 
 _ONES: dict[torch.device, torch.Tensor] = {}
@@ -189,9 +204,10 @@ def _ones(device: torch.device) -> torch.Tensor:
 
 
 def gemv(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
-         tiles: GemvTiles | None = None) -> torch.Tensor:
-    """``a [M, K] @ b[N, K]^T (+ bias)`` for 16-bit ``a`` and ``b`` of one dtype (M <= MAX_M), in ``a``'s dtype."""
-    return _launch(a, b, _ones(a.device), _ones(a.device), bias, a.dtype, tiles)
+         tiles: GemvTiles | None = None, push: triton_allreduce_norm.PeerRows | None = None) -> torch.Tensor:
+    """``a [M, K] @ b[N, K]^T (+ bias)`` for 16-bit ``a`` and ``b`` of one dtype (M <= MAX_M), in ``a``'s dtype.
+    ``push``: as for :func:`fp8_gemv`."""
+    return _launch(a, b, _ones(a.device), _ones(a.device), bias, a.dtype, tiles, push=push)
 
 
 def silu_gated_gemv(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor | None, b_scale: torch.Tensor | None,

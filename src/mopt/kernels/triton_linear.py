@@ -16,6 +16,10 @@ Selection (``mopt.kernels.linear.select_linear_kernel``), in order:
 Where a fused gate/up layer runs on the decode GEMV (``hopper-fp8``, ``triton-fp8``, ``triton-gemv``),
 ``apply_silu_gated`` also applies the SiLU-gated product in the same kernel (``triton_gemv.silu_gated_gemv``).
 
+A row-parallel layer whose partial sums go to the fused all-reduce + RMSNorm names it as ``layer.partials_to``
+for the call; the decode GEMVs (BF16/FP16, FP8, one-token NVFP4) then send their output rows to the peers
+from their epilogue (``triton_allreduce_norm.push_rows``) wherever that norm takes them.
+
 Activations are quantized by ``triton_quant`` (bit-exact with the reference formats). All need
 compute capability >= 8.9 (FP8 tensor cores); NVFP4 >= 8.0 (BF16 tensor cores).
 """
@@ -39,6 +43,20 @@ BF16_GEMV_MAX_M = 64
 FP8_GEMV_MAX_M = 16
 FP8_ROWWISE_GEMV_MAX_M = 32
 ROWWISE_SCALE_ROWS = 1024  # static activation scales expanded once for the rowwise GEMM, sliced per call
+
+
+def _push_target(layer, rows: int, n: int, dtype: torch.dtype):
+    """``(norm, peers)``: where the decode GEMV of a row-parallel ``layer`` sends its partial sums itself (the
+    fused all-reduce + norm its output goes to, ``layer.partials_to``), or ``(None, None)``."""
+    norm = getattr(layer, "partials_to", None)
+    peers = norm.push_peers(rows, n, dtype) if norm is not None else None
+    return (norm, peers) if peers is not None else (None, None)
+
+
+def _pushed(norm, y: torch.Tensor) -> torch.Tensor:
+    if norm is not None:
+        norm.pushed(y)
+    return y
 
 
 def fp8_gemv_rows(layer) -> int:
@@ -150,7 +168,9 @@ class TritonFp8Kernel(_Fp8SiluOnGemv, _Fp8Base):
 
     def run(self, layer, xq, x_scale, bias, out_dtype):
         if xq.shape[0] <= fp8_gemv_rows(layer):  # decode: no split-K, output written once
-            return triton_gemv.fp8_gemv(xq, layer.weight, x_scale, layer.weight_scale.reshape(-1), bias, out_dtype)
+            norm, peers = _push_target(layer, xq.shape[0], layer.weight.shape[0], out_dtype)
+            return _pushed(norm, triton_gemv.fp8_gemv(xq, layer.weight, x_scale, layer.weight_scale.reshape(-1),
+                                                      bias, out_dtype, push=peers))
         return triton_gemm.fp8_gemm(xq, layer.weight, x_scale, layer.weight_scale.reshape(-1), bias, out_dtype)
 
 
@@ -197,9 +217,12 @@ class TritonNvfp4Kernel(_CudaKernel):
     def apply(self, layer, x, bias):
         x2, restore = flatten_tokens(x)
         values = triton_quant.nvfp4_block_values(x2, layer.input_scale)
+        norm = peers = None
+        if x2.shape[0] == 1:  # the one-token kernel writes its output once: it can send it too
+            norm, peers = _push_target(layer, 1, layer.weight.shape[0], x.dtype)
         y = triton_gemm.nvfp4_gemm(values, layer.weight, layer.weight_scale, layer.input_scale,
-                                   layer.weight_scale_2, bias, x.dtype, layer.nvfp4_alpha)
-        return restore(y)
+                                   layer.weight_scale_2, bias, x.dtype, layer.nvfp4_alpha, push=peers)
+        return restore(_pushed(norm, y))
 
 
 class TritonGemvKernel(_CudaKernel):
@@ -221,7 +244,8 @@ class TritonGemvKernel(_CudaKernel):
         on_gemv = self._gemv_input(layer, x)
         if on_gemv is not None:
             x2, restore = on_gemv
-            return restore(triton_gemv.gemv(x2, layer.weight, bias))
+            norm, peers = _push_target(layer, x2.shape[0], layer.weight.shape[0], x2.dtype)
+            return restore(_pushed(norm, triton_gemv.gemv(x2, layer.weight, bias, push=peers)))
         w = layer.weight
         return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 

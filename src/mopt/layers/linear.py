@@ -259,6 +259,8 @@ class RowParallelLinear(LinearBase):
     ``reduce_token_amax`` (a MAX all-reduce) lets the kernels quantize exactly as one rank would.
     """
 
+    partials_to = None  # during forward(reduce=False): the fused all-reduce + norm its output goes to
+
     def __init__(self, input_size: int, output_size: int, bias: bool = False, quant_config=None,
                  prefix: str = "", params_dtype=None, tp_rank: int | None = None, tp_size: int | None = None,
                  reduce_results: bool = True) -> None:
@@ -278,11 +280,22 @@ class RowParallelLinear(LinearBase):
         return ShardSpec(split="input", slice_index=self.tp_rank, num_slices=self.tp_size)
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-        """``reduce=False``: this rank's partial sums, for a caller that reduces them itself (the next
-        RMSNorm, which can do the all-reduce in its own kernel)."""
+        """``reduce=False``: this rank's partial sums, for the next RMSNorm, which all-reduces them (in
+        its own kernel on one node's GPUs). That kernel may then receive the peers' rows straight from
+        their GEMVs: the layer names it to its kernel as ``partials_to`` for the call."""
         # The bias is added once, by rank 0, so that the all-reduce sums it once.
         bias = self.bias if self.tp_rank == 0 else None
-        y = self.quant_method.apply(self, x, bias)
+        norm = None
+        if not reduce and self.tp_group is not None and self.quant_method.returns_kernel_output:
+            norm = getattr(self.tp_group, "partial_sums_norm", lambda: None)()
+        if norm is None:
+            y = self.quant_method.apply(self, x, bias)
+        else:
+            self.partials_to = norm
+            try:
+                y = self.quant_method.apply(self, x, bias)
+            finally:
+                self.partials_to = None
         if reduce and self.reduce_results and self.tp_group is not None:
             y = all_reduce(y, self.tp_group)
         return y

@@ -27,6 +27,9 @@ class LinearMethodBase(QuantizeMethodBase):
     # ... and a column-parallel layer's per-rank output sizes (each fused shard's) a multiple of this.
     output_split_multiple: int = 1
     output_split_reason: str = ""
+    # Whether ``apply`` returns its kernel's output as is: then a row-parallel layer lets the kernel send
+    # its partial sums to the peers itself (``RowParallelLinear.forward``).
+    returns_kernel_output: bool = True
 
     def __init__(self) -> None:
         self.kernel: LinearKernel | None = None

@@ -60,6 +60,8 @@ class PreQuantScaleMixin:
 
 
 class SvdQuantLoraMixin:
+    returns_kernel_output = False  # the low-rank branch is added to the kernel's output
+
     def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
                        params_dtype, **extra_weight_attrs) -> None:
         super().create_weights(layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
