@@ -21,6 +21,7 @@ from mopt.kernels import triton_attention as ta
 from mopt.kernels import triton_gemm as tgm
 from mopt.kernels import triton_gemv as tg
 from mopt.kernels import triton_quant as tq
+from mopt.kernels import triton_route as troute
 from mopt.kernels import triton_quant_mx as tqm
 from mopt.kernels import triton_glue as tgl
 from mopt.kernels import triton_weight_only as two
@@ -142,6 +143,11 @@ KERNELS = [
           bases_ptr="*i64", slots_ptr=P_I32, M="i32", N="i32", K="i32", stride_am="i32", stride_cm="i32"),
      [dict(HAS_BIAS=False, SPLIT_K=1, DOT_F32=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=4096, **NO_PUSH),
       dict(HAS_BIAS=True, SPLIT_K=1, DOT_F32=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024, **PUSH_2)], "NVFP4, one token"),
+    (troute._softmax_topk_kernel,
+     dict(logits_ptr=P_BF16, w_ptr=P_F32, ids_ptr="*i64", E="i32", stride_t="i32", scale="fp32", local_start="i32",
+          local_count="i32"),
+     [dict(TOP_K=8, K_BLOCK=8, BLOCK_E=128, RENORM=True, LOCAL=True, num_warps=1),
+      dict(TOP_K=6, K_BLOCK=8, BLOCK_E=1024, RENORM=False, LOCAL=False, num_warps=4)]),
     (tq._int8_static_kernel, dict(x_ptr=P_BF16, out_ptr=P_BF16, scale_ptr=P_F32, n="i32"), [dict(BLOCK=1024)],
      "INT8 values"),
     (tq._int8_static_kernel, dict(x_ptr=P_F32, out_ptr=P_I8, scale_ptr=P_F32, n="i32"), [dict(BLOCK=1024)],

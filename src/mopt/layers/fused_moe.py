@@ -23,18 +23,9 @@ import torch
 from torch import nn
 
 from mopt.engine.distributed import all_reduce, current_parallel_state, divide, group_for
+from mopt.kernels.route import local_expert_ids, softmax_topk
 from mopt.layers.expert_parameter import ExpertParameter
 from mopt.layers.parameter import WeightLoadError
-
-
-def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over experts in float32, the ``top_k`` largest; renormalized to sum 1 if asked.
-    Returns ``(weights float32 [T, k], expert ids int64 [T, k])``."""
-    probs = logits.float().softmax(dim=-1)
-    weights, ids = probs.topk(top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
 
 
 def grouped_topk(logits: torch.Tensor, top_k: int, renormalize: bool, num_expert_group: int, topk_group: int,
@@ -128,12 +119,15 @@ class FusedMoE(nn.Module):
             param.load_expert(loaded, projection, expert)
 
     def select_experts(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights float32 [T, k], ids [T, k])``: each token's experts, as ids of this rank's experts
+        (other ranks' experts: ``num_experts``; see the module docstring)."""
+        local = (self.expert_start, self.num_experts) if self.expert_parallel else None
         if self.num_expert_group:
-            return grouped_topk(router_logits, self.top_k, self.renormalize, self.num_expert_group,
-                                self.topk_group, self.scoring, self.e_score_correction_bias,
-                                self.routed_scaling_factor)
-        weights, ids = softmax_topk(router_logits, self.top_k, self.renormalize)
-        return weights * self.routed_scaling_factor, ids
+            weights, ids = grouped_topk(router_logits, self.top_k, self.renormalize, self.num_expert_group,
+                                        self.topk_group, self.scoring, self.e_score_correction_bias,
+                                        self.routed_scaling_factor)
+            return weights, local_expert_ids(ids, local)
+        return softmax_topk(router_logits, self.top_k, self.renormalize, self.routed_scaling_factor, local)
 
     def process_weights_after_loading(self) -> None:
         self.quant_method.process_weights_after_loading(self)
@@ -141,8 +135,5 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """``reduce=False``: this rank's partial sums, for a caller that reduces them itself."""
         weights, ids = self.select_experts(router_logits)
-        if self.expert_parallel:
-            local = ids - self.expert_start
-            ids = local.masked_fill((local < 0) | (local >= self.num_experts), self.num_experts)
         y = self.quant_method.apply(self, x, weights, ids)
         return all_reduce(y, self.tp_group) if reduce and self.tp_group is not None else y
