@@ -150,28 +150,24 @@ def test_group_offers_the_fused_norm_where_it_fits(rows, has_norm, fused):
     assert (group.fused_rms_norm(torch.ones(rows, 8)) is norm) is fused
 
 
+SWITCHES = {"MOPT_TP_FUSED_NORM": one_shot.fused_norm_from_env, "MOPT_TP_GEMV_PUSH": one_shot.producer_push_from_env}
+
+
+@pytest.mark.parametrize("variable", list(SWITCHES))
 @pytest.mark.parametrize("value,expected", [(None, True), ("1", True), ("0", False)])
-def test_fused_norm_switch(monkeypatch, value, expected):
+def test_switches(monkeypatch, variable, value, expected):
     if value is None:
-        monkeypatch.delenv("MOPT_TP_FUSED_NORM", raising=False)
+        monkeypatch.delenv(variable, raising=False)
     else:
-        monkeypatch.setenv("MOPT_TP_FUSED_NORM", value)
-    assert one_shot.fused_norm_from_env() is expected
+        monkeypatch.setenv(variable, value)
+    assert SWITCHES[variable]() is expected
 
 
-def test_a_bad_fused_norm_switch_names_the_variable(monkeypatch):
-    monkeypatch.setenv("MOPT_TP_FUSED_NORM", "yes")
-    with pytest.raises(TensorParallelError, match="MOPT_TP_FUSED_NORM must be 0 or 1, got 'yes'"):
-        one_shot.fused_norm_from_env()
-
-
-@pytest.mark.parametrize("value,expected", [(None, True), ("1", True), ("0", False)])
-def test_gemv_push_switch(monkeypatch, value, expected):
-    if value is None:
-        monkeypatch.delenv("MOPT_TP_GEMV_PUSH", raising=False)
-    else:
-        monkeypatch.setenv("MOPT_TP_GEMV_PUSH", value)
-    assert one_shot.producer_push_from_env() is expected
+@pytest.mark.parametrize("variable", list(SWITCHES))
+def test_a_bad_switch_names_the_variable(monkeypatch, variable):
+    monkeypatch.setenv(variable, "yes")
+    with pytest.raises(TensorParallelError, match=f"{variable} must be 0 or 1, got 'yes'"):
+        SWITCHES[variable]()
 
 
 def _norm(producer_push: bool = True) -> one_shot.OneShotRMSNorm:

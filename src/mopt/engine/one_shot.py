@@ -114,22 +114,22 @@ class OneShotRMSNorm:
         return self.kernel.all_reduce_rms_norm(x, residual, weight, eps, fp8_scale, self.peers, pushed is not None)
 
 
-def producer_push_from_env() -> bool:
-    value = os.environ.get("MOPT_TP_GEMV_PUSH", "1")
+def _switch(name: str) -> bool:
+    """An on/off environment switch, on unless set to 0."""
+    value = os.environ.get(name, "1")
     if value not in ("0", "1"):
         from mopt.engine.distributed import TensorParallelError
 
-        raise TensorParallelError(f"MOPT_TP_GEMV_PUSH must be 0 or 1, got {value!r}")
+        raise TensorParallelError(f"{name} must be 0 or 1, got {value!r}")
     return value == "1"
+
+
+def producer_push_from_env() -> bool:
+    return _switch("MOPT_TP_GEMV_PUSH")
 
 
 def fused_norm_from_env() -> bool:
-    value = os.environ.get("MOPT_TP_FUSED_NORM", "1")
-    if value not in ("0", "1"):
-        from mopt.engine.distributed import TensorParallelError
-
-        raise TensorParallelError(f"MOPT_TP_FUSED_NORM must be 0 or 1, got {value!r}")
-    return value == "1"
+    return _switch("MOPT_TP_FUSED_NORM")
 
 
 def max_bytes_from_env() -> int:
