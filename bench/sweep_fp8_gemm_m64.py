@@ -32,7 +32,7 @@ for n, k in SHAPES:
                 us = 1e6 * _time(f, 20, 5)
                 got = triton_gemm.fp8_gemm(xq, ws[0][0], xs1, ws[0][1].reshape(1), None, torch.float32, config=cfg)
                 rel = ((got - ref).norm() / ref.norm()).item()
-            except Exception as e:
+            except Exception:  # out of resources for a config: skip it
                 continue
             row = dict(n=n, k=k, m=m, cfg=cfg, us=us, scaled_mm_us=sm, rel=rel)
             out.append(row)
