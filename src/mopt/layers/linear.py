@@ -286,7 +286,7 @@ class RowParallelLinear(LinearBase):
         # The bias is added once, by rank 0, so that the all-reduce sums it once.
         bias = self.bias if self.tp_rank == 0 else None
         norm = None
-        if not reduce and self.tp_group is not None and self.quant_method.returns_kernel_output:
+        if not reduce and self.tp_group is not None and getattr(self.quant_method, "returns_kernel_output", False):
             norm = getattr(self.tp_group, "partial_sums_norm", lambda: None)()
         if norm is None:
             y = self.quant_method.apply(self, x, bias)
