@@ -38,18 +38,41 @@ def test_cpu_launches_without_pdl():
     assert not triton_pdl.enabled(torch.device("cpu"))
 
 
-def _decode_chain(x, residual, norm_w, w_gate_up, w_down, lm_head, fp4):
-    """One MLP block (plain, with the SiLU fused into gate/up, and an NVFP4 layer) and the logits' argmax, as
-    decode runs them (norm -> GEMV -> SiLU -> GEMV -> argmax). The NVFP4 layer only for one token: for 2-16
-    its kernel splits K and adds the splits atomically, in no fixed order."""
-    from mopt.kernels import triton_argmax, triton_gemm, triton_gemv, triton_glue
+def _decode_chain(x, residual, norm_w, w_gate_up, w_down, lm_head, fp4, moe):
+    """One MLP block (plain, with the SiLU fused into gate/up, an NVFP4 layer after its activation
+    quantizer, and a mixture-of-experts block: routing, alignment, FP8 input quantizer, both expert GEMMs
+    and the pair sum) and the logits' argmax, as decode runs them (norm -> GEMV -> SiLU -> GEMV -> argmax).
+    The NVFP4 layer only for one token: for 2-16 its kernel splits K and adds the splits atomically, in no
+    fixed order."""
+    from mopt.kernels import route, triton_argmax, triton_gemm, triton_gemv, triton_glue, triton_moe, triton_quant
     h, s = triton_glue.rms_norm(x, norm_w, 1e-5, residual)
     y = triton_gemv.gemv(triton_glue.silu_mul(triton_gemv.gemv(h, w_gate_up)), w_down)
     y_fused = triton_gemv.gemv(triton_gemv.silu_gated_gemv(h, w_gate_up, None, None, None, h.dtype), w_down)
-    z = triton_gemm.nvfp4_gemm(h, *fp4, None, torch.bfloat16) if h.shape[0] == 1 else h
+    if h.shape[0] == 1:
+        z = triton_gemm.nvfp4_gemm(triton_quant.nvfp4_block_values(h, fp4[2]), *fp4, None, torch.bfloat16)
+    else:
+        z = h
+    router, w13, w2 = moe
+    weights, ids = route.softmax_topk(triton_gemv.gemv(h, router), 2, True)
+    e = triton_moe.fused_moe(h, weights, ids, w13, w2)
     logits = triton_gemv.gemv(triton_glue.rms_norm(y, norm_w, 1e-5), lm_head)
-    sums = torch.stack([y.float().sum(1), y_fused.float().sum(1), z.float().sum(1), s.float().sum(1)])
+    sums = torch.stack([y.float().sum(1), y_fused.float().sum(1), z.float().sum(1), s.float().sum(1), e.float().sum(1)])
     return sums, triton_argmax.argmax_rows(logits)
+
+
+def _moe_block(experts: int, hidden: int, inter: int, g: torch.Generator) -> tuple:
+    """A router and FP8 experts (per-tensor scales, one static input scale)."""
+    from mopt.kernels.triton_moe import ExpertWeights
+    from mopt.quant.formats import fp8
+
+    def stacked(rows: int, cols: int) -> ExpertWeights:
+        w = torch.randn(experts, rows, cols, device="cuda", generator=g) * 0.02
+        scale = w.abs().amax(dim=(1, 2)) / 448
+        return ExpertWeights((w / scale[:, None, None]).to(fp8.FP8_DTYPE), scale, None,
+                             torch.tensor(4.0 / 448, device="cuda"))
+
+    router = torch.randn(experts, hidden, device="cuda", generator=g, dtype=torch.bfloat16) * 0.1
+    return router, stacked(2 * inter, hidden), stacked(hidden, inter)
 
 
 def _fp4_layer(n: int, k: int, g: torch.Generator) -> tuple:
@@ -71,6 +94,7 @@ def test_pdl_graph_equals_plain_launches(monkeypatch, m):
             for shape, scale in (((m, 4096), 1), ((m, 4096), 1), ((4096,), 1), ((28672, 4096), 0.02),
                                  ((4096, 14336), 0.02), ((32000, 4096), 0.02))]
     args.append(_fp4_layer(6144, 4096, g))
+    args.append(_moe_block(16, 4096, 512, g))
     results = {}
     for on in (False, True):
         monkeypatch.setattr(triton_pdl, "_ENABLED", {torch.cuda.current_device(): on})

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from mopt.kernels.triton_gemm import _e2m1_pair, _load_fp4_tile, _num_sms, _scale_pairs
+from mopt.kernels.triton_pdl import launch_options, pdl_prologue
 from mopt.kernels.triton_quant import _to_fp8, fp8_static, nvfp4_block_value, nvfp4_block_values, \
     nvfp4_quantize_blocks
 
@@ -45,8 +46,9 @@ _ROUND = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32:
 
 @triton.jit
 def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, cursor_ptr, num_pairs, num_experts, num_blocks,
-                  BLOCK_M: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr, CHUNK_B: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr, CHUNK_B: tl.constexpr, PDL: tl.constexpr):
     """One program. ``BINS`` > ``num_experts`` (a power of two): the last bin takes masked lanes."""
+    pdl_prologue(PDL)
     bins = tl.arange(0, BINS)
     counts = tl.zeros((BINS,), dtype=tl.int32)
     for p0 in range(0, num_pairs, CHUNK):
@@ -89,7 +91,8 @@ def align_tokens(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[tor
     block_expert = torch.empty(blocks, dtype=torch.int32, device=ids.device)
     cursor = torch.empty(bins, dtype=torch.int32, device=ids.device)
     _align_kernel[(1,)](flat, sorted_pairs, block_expert, cursor, pairs, num_experts, blocks, BLOCK_M=block_m,
-                        BINS=bins, CHUNK=1024, CHUNK_B=max(1, 8192 // bins), num_warps=4)
+                        BINS=bins, CHUNK=1024, CHUNK_B=max(1, 8192 // bins), num_warps=4,
+                        **launch_options(ids.device))
     return sorted_pairs, block_expert
 
 
@@ -107,12 +110,13 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, c_scale_ptr,
                      block_expert_ptr, N, K, num_pairs, stride_am, stride_be, stride_bn, stride_cm, stride_cs,
                      A_ROW_DIV: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr, GATED: tl.constexpr,
                      C_FP8: tl.constexpr, MUL_WEIGHT: tl.constexpr, ROUND: tl.constexpr, SPLIT_K: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IMPRECISE: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IMPRECISE: tl.constexpr, PDL: tl.constexpr):
     """``C[pair, n] = A[pair // A_ROW_DIV] @ B[e, n]^T``; ``GATED``: ``B[e]`` holds ``2N`` rows (gate, then
     up) and ``C = silu(gate) * up``, FP8 codes under ``c_scale`` if ``C_FP8``. A float ``A`` is cast to
     ``B``'s dtype as it is loaded (float32 if either is). Program axis 2 is the K split.
     FP8 MMAs are promoted into the float32 accumulator every ``IMPRECISE`` (<= 128) products, as cuBLASLt
     does without fast accumulation."""
+    pdl_prologue(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -197,10 +201,11 @@ def _nvfp4_tile_dot(acc, b_rows, s_rows, t, n_ok, K, a_cols, valid, HALF_K: tl.c
 def _moe_nvfp4_kernel(a_ptr, b_ptr, bs_ptr, c_ptr, a_global_ptr, b_global_ptr, c_global_ptr, w_ptr, pairs_ptr,
                       block_expert_ptr, N, K, num_pairs, stride_am, stride_cm, stride_cs,
                       GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, ROUND: tl.constexpr, DOT_F32: tl.constexpr,
-                      SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """``a [pairs, K]`` BF16 block values (row = pair), ``b [E, R, K/2]`` packed, ``bs [E, R, K/16]`` e4m3,
     ``a_global [E]``, ``b_global [E, R]`` (``R = 2N`` gate then up rows if ``GATED``, else ``N``).
     ``GATED``: ``C = silu(gate) * up`` as NVFP4 block values under ``c_global[e]``."""
+    pdl_prologue(PDL)
     HALF_K: tl.constexpr = BLOCK_K // 2
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -245,8 +250,9 @@ def _moe_nvfp4_kernel(a_ptr, b_ptr, bs_ptr, c_ptr, a_global_ptr, b_global_ptr, c
 
 @triton.jit
 def _sum_pairs_kernel(down_ptr, out_ptr, H, stride_split, TOP_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr, PDL: tl.constexpr):
     """``out[t] = sum over K splits s, then routed pairs j of down[s, t * TOP_K + j]`` in float32, cast once."""
+    pdl_prologue(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < H
@@ -340,7 +346,8 @@ def _gemm(a: torch.Tensor, w: ExpertWeights, out: torch.Tensor, cfg: dict, sorte
         _moe_nvfp4_kernel[grid](
             a, w.weight, w.scale, out2, w.input_scale, w.global_scale, out_scale if out_scale is not None else dummy,
             router_weights if router_weights is not None else dummy, sorted_pairs, block_expert, n, k, num_pairs,
-            a.stride(0), out2.stride(0), stride_cs, GATED=gated, DOT_F32=INTERPRETED, **common)
+            a.stride(0), out2.stride(0), stride_cs, GATED=gated, DOT_F32=INTERPRETED, **common,
+            **launch_options(a.device))
     else:
         _moe_gemm_kernel[grid](
             a, w.weight, out2, w.input_scale if w.fp8 else dummy, w.scale if w.fp8 else dummy,
@@ -348,7 +355,7 @@ def _gemm(a: torch.Tensor, w: ExpertWeights, out: torch.Tensor, cfg: dict, sorte
             sorted_pairs, block_expert, n, k, num_pairs, a.stride(0), w.weight.stride(0), w.weight.stride(1),
             out2.stride(0), stride_cs, A_ROW_DIV=a_row_div, FP8=w.fp8,
             IEEE=torch.float32 in (a.dtype, w.weight.dtype) and not w.fp8, GATED=gated,
-            C_FP8=gated and w.fp8, IMPRECISE=min(128, cfg["BLOCK_K"]), **common)
+            C_FP8=gated and w.fp8, IMPRECISE=min(128, cfg["BLOCK_K"]), **common, **launch_options(a.device))
 
 
 def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: ExpertWeights,
@@ -384,5 +391,5 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: Ex
           router_weights=weights.reshape(-1).float().contiguous())
     out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
     _sum_pairs_kernel[(t, triton.cdiv(hidden, 1024))](down, out, hidden, down.stride(0), TOP_K=k, SPLIT_K=split,
-                                                       BLOCK=1024)
+                                                       BLOCK=1024, **launch_options(x.device))
     return out

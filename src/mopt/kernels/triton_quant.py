@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mopt.kernels.triton_pdl import launch_options, pdl_prologue
+
 from mopt.quant.formats import fp8
 from mopt.quant.formats import nvfp4 as nvfp4_format
 
@@ -47,7 +49,8 @@ def _to_fp8(x, scale):
 
 
 @triton.jit
-def _fp8_static_kernel(x_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+def _fp8_static_kernel(x_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -55,7 +58,8 @@ def _fp8_static_kernel(x_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _int8_static_kernel(x_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+def _int8_static_kernel(x_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -71,7 +75,8 @@ def _int8_static_kernel(x_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fp8_per_token_kernel(x_ptr, out_ptr, scale_ptr, k, stride_x, BLOCK_K: tl.constexpr):
+def _fp8_per_token_kernel(x_ptr, out_ptr, scale_ptr, k, stride_x, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     mask = cols < k
@@ -83,7 +88,8 @@ def _fp8_per_token_kernel(x_ptr, out_ptr, scale_ptr, k, stride_x, BLOCK_K: tl.co
 
 
 @triton.jit
-def _fp8_groups_kernel(x_ptr, out_ptr, scale_ptr, k, num_groups, stride_x, GROUP: tl.constexpr):
+def _fp8_groups_kernel(x_ptr, out_ptr, scale_ptr, k, num_groups, stride_x, GROUP: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     cols = g * GROUP + tl.arange(0, GROUP)
@@ -135,10 +141,11 @@ def nvfp4_block_value(code, negative, s):
 @triton.jit
 def _nvfp4_kernel(x_ptr, packed_ptr, scale_ptr, values_ptr, g_ptr, g_index_ptr, k, kp, stride_x,
                   BLOCKS: tl.constexpr, WRITE_VALUES: tl.constexpr, X_ROW_DIV: tl.constexpr = 1,
-                  G_PER_ROW: tl.constexpr = False, G_INDEX: tl.constexpr = False):
+                  G_PER_ROW: tl.constexpr = False, G_INDEX: tl.constexpr = False, PDL: tl.constexpr = False):
     """One program per (output row, BLOCKS x 16 columns). ``kp``: K padded to 16. Output row ``r``
     quantizes input row ``r // X_ROW_DIV`` under global scale ``g[index[r]]`` (``G_INDEX``),
     ``g[r]`` (``G_PER_ROW``) or ``g[0]``."""
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
     cols = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
@@ -174,7 +181,8 @@ def fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=fp8.FP8_DTYPE, device=x.device)
     n = x.numel()
     block = 1024
-    _fp8_static_kernel[(triton.cdiv(n, block),)](x, out, scale.float().reshape(1), n, BLOCK=block)
+    _fp8_static_kernel[(triton.cdiv(n, block),)](x, out, scale.float().reshape(1), n, BLOCK=block,
+                                                  **launch_options(x.device))
     return out
 
 
@@ -188,7 +196,8 @@ def int8_static(x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = t
     n = x.numel()
     block = 1024
     if n:
-        _int8_static_kernel[(triton.cdiv(n, block),)](x, out, scale.float().reshape(1), n, BLOCK=block)
+        _int8_static_kernel[(triton.cdiv(n, block),)](x, out, scale.float().reshape(1), n, BLOCK=block,
+                                                       **launch_options(x.device))
     return out
 
 
@@ -203,7 +212,8 @@ def fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # One program per row holds the whole row: enough warps that each thread keeps ~16 values
         # (a 14336-wide row on 4 warps spills and took 10 us alone at M=1).
         warps = min(32, max(4, block // 512))
-        _fp8_per_token_kernel[(m,)](x2, out, scale, k, x2.stride(0), BLOCK_K=block, num_warps=warps)
+        _fp8_per_token_kernel[(m,)](x2, out, scale, k, x2.stride(0), BLOCK_K=block, num_warps=warps,
+                                    **launch_options(x.device))
     return out, scale
 
 
@@ -215,7 +225,8 @@ def fp8_groups(x: torch.Tensor, group: int = fp8.GROUP_SIZE) -> tuple[torch.Tens
     out = torch.empty((m, k), dtype=fp8.FP8_DTYPE, device=x.device)
     scale = torch.empty((m, num_groups), dtype=torch.float32, device=x.device)
     if m:
-        _fp8_groups_kernel[(m, num_groups)](x2, out, scale, k, num_groups, x2.stride(0), GROUP=group)
+        _fp8_groups_kernel[(m, num_groups)](x2, out, scale, k, num_groups, x2.stride(0), GROUP=group,
+                                            **launch_options(x.device))
     return out, scale
 
 
@@ -232,7 +243,7 @@ def nvfp4_packed(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Ten
     if m:
         grid = (m, triton.cdiv(kp // 16, _NVFP4_BLOCKS))
         _nvfp4_kernel[grid](x2, packed, scale, packed, global_scale.float().reshape(1), packed, k, kp, x2.stride(0),
-                            BLOCKS=_NVFP4_BLOCKS, WRITE_VALUES=False)
+                            BLOCKS=_NVFP4_BLOCKS, WRITE_VALUES=False, **launch_options(x.device))
     return packed, scale
 
 
@@ -261,5 +272,5 @@ def nvfp4_block_values(x: torch.Tensor, global_scale: torch.Tensor, repeat: int 
         grid = (rows, triton.cdiv(kp // 16, _NVFP4_BLOCKS))
         _nvfp4_kernel[grid](x2, values, values, values, g, index.reshape(-1) if index is not None else g, k, kp,
                             x2.stride(0), BLOCKS=_NVFP4_BLOCKS, WRITE_VALUES=True, X_ROW_DIV=repeat,
-                            G_PER_ROW=per_row, G_INDEX=index is not None)
+                            G_PER_ROW=per_row, G_INDEX=index is not None, **launch_options(x.device))
     return values
