@@ -130,7 +130,7 @@ class Group:
         """The all-reduce fused with the residual add and RMSNorm (``mopt.engine.one_shot.OneShotRMSNorm``)
         that takes the partial sums ``x``, or None where they take :meth:`all_reduce` and a separate norm.
         It depends on ``x``'s shape and dtype alone, so every rank decides alike."""
-        norm = self.one_shot.norm if self.one_shot is not None else None
+        norm = self.partial_sums_norm()
         return norm if norm is not None and norm.fits(x) else None
 
     def partial_sums_norm(self):

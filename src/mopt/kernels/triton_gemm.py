@@ -48,15 +48,20 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 @triton.jit
 def _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Writes the tile (plus the bias), or adds it atomically into the float32 split-K buffer. Returns
+    ``(tile as written, mask)``."""
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if HAS_BIAS:
         if tl.program_id(1) == 0:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     if SPLIT_K == 1:
-        tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        written = acc.to(c_ptr.dtype.element_ty)
+        tl.store(ptrs, written, mask=mask)
     else:
+        written = acc
         tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+    return written, mask
 
 
 @triton.jit
@@ -192,15 +197,9 @@ def _nvfp4_gemv_kernel(a_ptr, b_ptr, bs_ptr, c_ptr, a_global_ptr, b_global_ptr, 
         acc = (acc1 * scale)[None, :]
     else:
         acc = acc * scale[None, :]
-    if PUSH:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        mask = m_ok[:, None] & n_ok[None, :]
-        values = acc.to(c_ptr.dtype.element_ty)
-        tl.store(c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :], values, mask=mask)
+    values, mask = _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS, SPLIT_K)
+    if PUSH:  # SPLIT_K == 1: the tile as written
         push_rows(values, offs_m, offs_n, mask, bases_ptr, slots_ptr, RANK, WORLD, ROW_ELEMS)
-    else:
-        _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS, SPLIT_K)
 
 
 def _num_sms(device: torch.device) -> int:

@@ -46,7 +46,8 @@ _ROUND = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32:
 
 @triton.jit
 def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, cursor_ptr, num_pairs, num_experts, num_blocks,
-                  BLOCK_M: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr, CHUNK_B: tl.constexpr, PDL: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr, CHUNK_B: tl.constexpr,
+                  PDL: tl.constexpr):
     """One program. ``BINS`` > ``num_experts`` (a power of two): the last bin takes masked lanes."""
     pdl_prologue(PDL)
     bins = tl.arange(0, BINS)
@@ -110,7 +111,8 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, c_scale_ptr,
                      block_expert_ptr, N, K, num_pairs, stride_am, stride_be, stride_bn, stride_cm, stride_cs,
                      A_ROW_DIV: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr, GATED: tl.constexpr,
                      C_FP8: tl.constexpr, MUL_WEIGHT: tl.constexpr, ROUND: tl.constexpr, SPLIT_K: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IMPRECISE: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IMPRECISE: tl.constexpr,
+                     PDL: tl.constexpr):
     """``C[pair, n] = A[pair // A_ROW_DIV] @ B[e, n]^T``; ``GATED``: ``B[e]`` holds ``2N`` rows (gate, then
     up) and ``C = silu(gate) * up``, FP8 codes under ``c_scale`` if ``C_FP8``. A float ``A`` is cast to
     ``B``'s dtype as it is loaded (float32 if either is). Program axis 2 is the K split.
@@ -201,7 +203,8 @@ def _nvfp4_tile_dot(acc, b_rows, s_rows, t, n_ok, K, a_cols, valid, HALF_K: tl.c
 def _moe_nvfp4_kernel(a_ptr, b_ptr, bs_ptr, c_ptr, a_global_ptr, b_global_ptr, c_global_ptr, w_ptr, pairs_ptr,
                       block_expert_ptr, N, K, num_pairs, stride_am, stride_cm, stride_cs,
                       GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, ROUND: tl.constexpr, DOT_F32: tl.constexpr,
-                      SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                      SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PDL: tl.constexpr):
     """``a [pairs, K]`` BF16 block values (row = pair), ``b [E, R, K/2]`` packed, ``bs [E, R, K/16]`` e4m3,
     ``a_global [E]``, ``b_global [E, R]`` (``R = 2N`` gate then up rows if ``GATED``, else ``N``).
     ``GATED``: ``C = silu(gate) * up`` as NVFP4 block values under ``c_global[e]``."""
