@@ -223,3 +223,22 @@ def test_async_scheduling_changes_no_logprobs_or_penalties(llm, penalised):
         for a, b in zip(g.logprobs or [], w.logprobs or []):
             assert a.chosen == b.chosen and a.top == b.top
     assert any(carried_steps) != penalised
+
+
+@pytest.mark.parametrize("vocab,ranks", [(320, 2), (321, 2), (10, 4), (5, 4)])
+def test_vocabulary_parallel_greedy_keys_name_the_whole_rows_argmax(vocab, ranks):
+    """Each rank's ``argmax_keys`` over its stretch of the vocabulary (as ``ParallelLMHead`` splits it:
+    ceil(vocab / ranks) ids a rank, the last one shorter or empty), the largest key per row decoded by
+    ``key_tokens``: ``argmax`` of the whole row, ties to the first id, whatever rank holds it."""
+    from mopt.engine.sampler import argmax_keys, key_tokens
+
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab))
+    logits[0, :] = -2.0  # one tie over every rank: id 0
+    logits[1, vocab - 1] = logits[1, vocab // 2] = 40.0  # a tie across ranks: the lower id
+    logits[2] = -torch.rand(vocab, generator=torch.Generator().manual_seed(1)) - 5  # negatives only
+    logits[3] = 0.0
+    logits[3, 0] = -0.0  # equal to +0.0: still the first id
+    logits[4, vocab - 1] = float("inf")
+    per_rank = -(-vocab // ranks)
+    keys = torch.stack([argmax_keys(logits[:, r * per_rank:(r + 1) * per_rank], r * per_rank) for r in range(ranks)])
+    assert torch.equal(key_tokens(keys.max(dim=0).values), logits.argmax(dim=-1))

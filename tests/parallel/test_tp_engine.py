@@ -66,6 +66,25 @@ def test_generation_equals_one_process(case, export_factory, tmp_path_factory):
         torch.testing.assert_close(llm.model(ids), one.model(ids), rtol=2e-6, atol=2e-5)
 
 
+@pytest.mark.slow
+def test_greedy_logprobs_gather_the_whole_vocabulary():
+    """Greedy decode steps keep each rank's logits columns and agree on the argmax by one all-reduce of
+    keys; a greedy step that asks for logprobs gathers the whole vocabulary (a vocabulary of 321 splits
+    unevenly): tokens and logprobs equal one process's, logprobs to float32 rounding (2e-6 relative or 1e-5:
+    the two logits are equal to rounding, and dummy weights put the top logprobs near -50)."""
+    engine = dict(device="cpu", block_size=4, kv_cache_memory=4 << 20, max_num_seqs=4, load_format="dummy",
+                  quantization="fp8")
+    params = SamplingParams(max_tokens=5, ignore_eos=True, logprobs=3)
+    want = LLM(_dummy_config(), **engine).generate(PROMPTS, params)
+    got = LLM(_dummy_config(), **engine, tensor_parallel_size=2).generate(PROMPTS, params)
+    for a, b in zip(got, want):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert [t.token_id for t in x.top] == [t.token_id for t in y.top]
+            assert x.chosen.logprob == pytest.approx(y.chosen.logprob, rel=2e-6, abs=1e-5)
+            assert [t.logprob for t in x.top] == pytest.approx([t.logprob for t in y.top], rel=2e-6, abs=1e-5)
+
+
 def _count_carried(llm) -> list[bool]:
     """Whether each step the engine launches carries input ids from the step before."""
     seen, launch = [], llm.runner.launch

@@ -17,7 +17,7 @@ for Python between steps.
 
 Under tensor parallelism rank 0's runner hands each step's packed int32 array to ``step_scope``
 (set by the engine), which broadcasts it so that every worker runs the same step on its shard
-(``prefill_from_array`` / ``DecodeGraphs.run_staged``) while rank 0 runs it here; rank 0 alone samples,
+(``prefill_from_array`` / ``run_decode``) while rank 0 runs it here; rank 0 alone samples,
 and ``share_tokens`` broadcasts the sampled ids on the model's process group (device to device), where
 the workers' next step finds the ids it carries.
 """
@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from mopt.engine.block_manager import blocks_needed
-from mopt.engine.cuda_graphs import DecodeGraphs, graph_blockers
-from mopt.engine.sampler import SamplerOutput, SamplingTensors, greedy_tokens, sample
+from mopt.engine.cuda_graphs import DecodeGraphs, StagedDecode, graph_blockers
+from mopt.engine.sampler import SamplerOutput, SamplingTensors, argmax_keys, greedy_tokens, key_tokens, sample
 from mopt.engine.sequence import Sequence
 from mopt.engine.staging import Staging
 from mopt.layers.attention import Attention, AttentionMetadata
@@ -108,9 +108,10 @@ class PendingStep:
 
 
 # How tensor-parallel workers learn a step's sampled ids (which a carried decode step reads): not at all
-# (a step of ``step_logits``), from rank 0's broadcast after sampling, or, when every row is greedy,
-# as the argmax of their own logits, which equal rank 0's bit for bit (the vocabulary-parallel
-# lm_head all-gathers them), so that the step needs no collective and no host work beyond rank 0's.
+# (a step of ``step_logits``), from rank 0's broadcast after sampling, or, when every row is greedy
+# (without penalties or logprobs), as the greedy ids every rank computes alike, so that the step needs
+# no collective and no host work beyond rank 0's. A decode step gathers the whole vocabulary's logits
+# (a collective every rank joins) unless it is ``SHARE_GREEDY``.
 SHARE_NONE, SHARE_BROADCAST, SHARE_GREEDY = 0, 1, 2
 
 
@@ -138,6 +139,9 @@ class ModelRunner:
         if blockers:
             logger.warning("decode steps run without CUDA graphs: %s%s", blockers[0],
                            f" (and {len(blockers) - 1} more layers)" if len(blockers) > 1 else "")
+        head = getattr(model, "lm_head", None)
+        # Vocabulary-parallel lm_head: decode steps keep each rank's logits columns (see _decode_forward).
+        self.split_head = head if getattr(head, "tp_group", None) is not None else None
         self.graphs = DecodeGraphs(self._decode_forward, self.device, max_num_seqs, blocks_needed(max_model_len, block_size),
                                    capture=capture and not blockers, pad=self.device.type == "cuda", progress=progress)
 
@@ -149,9 +153,28 @@ class ModelRunner:
 
     def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor,
                         meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and their argmax (inside the CUDA graph, so a greedy step launches nothing more)."""
-        logits = self._forward(ids, positions, meta)
-        return logits, greedy_tokens(logits)
+        """Logits and their argmax (inside the CUDA graph, so a greedy step launches nothing more).
+
+        Under tensor parallelism the logits are this rank's vocabulary columns alone, and the argmax is
+        one all-reduce (max) of a key per row (``sampler.argmax_keys``) instead of an all-gather of the
+        whole vocabulary (16 MB of float32 at batch 64 for Llama-3 on two ranks); a step that needs the
+        whole logits gathers them afterwards (:meth:`run_decode`)."""
+        if self.split_head is None:
+            logits = self._forward(ids, positions, meta)
+            return logits, greedy_tokens(logits)
+        hidden = self.model.compute_hidden(ids[None], positions[None], meta)[0]
+        shard = self.model.compute_logits(hidden, gather=False)
+        keys = argmax_keys(shard, self.split_head.shard_columns()[0])
+        return shard, key_tokens(self.split_head.tp_group.all_reduce(keys, "max"))
+
+    def run_decode(self, staged: StagedDecode, tokens: torch.Tensor | None,
+                   whole_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A staged decode step's ``(logits, greedy ids)``; ``whole_logits=False`` (every rank alike): a
+        vocabulary-parallel model's logits stay this rank's columns (only the greedy ids are used)."""
+        logits, greedy = self.graphs.run_staged(staged, tokens)
+        if whole_logits and self.split_head is not None:
+            logits = self.split_head.gather(logits)
+        return logits, greedy
 
     def prefill_from_array(self, array: np.ndarray, n: int, b: int, max_query_len: int) -> torch.Tensor:
         """Logits at each sequence's last token of the prefill ``prefill_array`` packed."""
@@ -179,7 +202,8 @@ class ModelRunner:
             rows = tuple(np.array(v, np.int32) for v in zip(*pairs)) if pairs else None
         staged = self.graphs.stage(decode_arrays(seqs, self.block_size), block_table_array(seqs), rows)
         tokens = carried.tokens if rows is not None else None
-        return "decode", (*staged.header, int(share)), staged.array, lambda: self.graphs.run_staged(staged, tokens)
+        return "decode", (*staged.header, int(share)), staged.array, \
+            lambda: self.run_decode(staged, tokens, share != SHARE_GREEDY)
 
     @torch.inference_mode()
     def step_logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
@@ -195,7 +219,8 @@ class ModelRunner:
         is a placeholder then)."""
         params = SamplingTensors.from_sequences(seqs, self.device)
         share = SHARE_NONE if self.share_tokens is None else \
-            SHARE_GREEDY if params.all_greedy and params.presence is None else SHARE_BROADCAST
+            SHARE_GREEDY if params.all_greedy and params.presence is None and params.num_logprobs is None \
+            else SHARE_BROADCAST
         kind, ints, array, run = self._stage(seqs, is_prefill, carried, share)
         with self._scope(kind, ints, array):
             logits, greedy = run()

@@ -204,6 +204,39 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+_LOW = (1 << 32) - 1
+
+
+def argmax_keys_reference(logits: torch.Tensor, first: int) -> torch.Tensor:
+    """int64 ``[B]``: each row's maximum and the index of its first occurrence (plus ``first``) as one
+    integer that orders like the pair ``(maximum, -index)``, so that the largest key over rows that hold
+    different stretches of one vocabulary names the whole row's argmax. High 32 bits: the float32
+    maximum's bits made to order as signed integers (negative floats' magnitude bits flipped; -0.0 taken
+    as +0.0, as comparisons do; NaN above +inf, as ``argmax`` takes it); low 32 bits: ``2^32 - 1 - index``."""
+    if logits.shape[-1] == 0:  # a rank holding only padding rows: never the maximum
+        return torch.full(logits.shape[:-1], torch.iinfo(torch.int64).min, dtype=torch.int64, device=logits.device)
+    values, index = logits.float().max(dim=-1)
+    bits = torch.where(values == 0, 0.0, values).view(torch.int32).long()
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return ordered * (1 << 32) + (_LOW - (index + first))
+
+
+def argmax_keys(logits: torch.Tensor, first: int) -> torch.Tensor:
+    """:func:`argmax_keys_reference`, by the two-stage Triton argmax on GPUs."""
+    if logits.is_cuda and logits.shape[-1] > 0 and logits.stride(-1) == 1:
+        try:
+            from mopt.kernels.triton_argmax import argmax_keys as triton_argmax_keys
+        except ImportError:
+            return argmax_keys_reference(logits, first)
+        return triton_argmax_keys(logits, first)
+    return argmax_keys_reference(logits, first)
+
+
+def key_tokens(keys: torch.Tensor) -> torch.Tensor:
+    """The token ids (int64) that :func:`argmax_keys` encoded."""
+    return _LOW - (keys & _LOW)
+
+
 def sample(logits: torch.Tensor, t: SamplingTensors, greedy: torch.Tensor | None = None) -> SamplerOutput:
     """One token id (int64) per row of ``logits [B, V]``, and logprobs when a row asked for them.
     ``greedy``: the argmax of the unpenalised logits if already known (the decode graph computes it)."""

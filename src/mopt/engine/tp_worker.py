@@ -176,8 +176,10 @@ def _run(world: World, shards: dict[int, ShardState], op: Op, model_id: int, int
             batch, bucket, width, carried, share = ints[:5]
             if carried and shard.tokens is None:
                 raise TensorParallelError("rank 0 sent a decode step that carries tokens this rank never received")
-            _, greedy = shard.runner.graphs.run_staged(StagedDecode(payload, batch, bucket, width, carried),
-                                                       shard.tokens)
+            from mopt.engine.runner import SHARE_GREEDY
+
+            _, greedy = shard.runner.run_decode(StagedDecode(payload, batch, bucket, width, carried), shard.tokens,
+                                                share != SHARE_GREEDY)
             _keep_tokens(world, shard, share, batch, lambda: greedy)
         else:
             raise TensorParallelError(f"unknown tensor-parallel command {op!r}")

@@ -31,17 +31,23 @@ def _chunk_max_kernel(x_ptr, val_ptr, idx_ptr, n, stride, CHUNKS: tl.constexpr, 
 
 
 @triton.jit
-def _pick_chunk_kernel(val_ptr, idx_ptr, out_ptr, CHUNKS: tl.constexpr, PDL: tl.constexpr):
+def _pick_chunk_kernel(val_ptr, idx_ptr, out_ptr, first, CHUNKS: tl.constexpr, KEY: tl.constexpr,
+                       PDL: tl.constexpr):
     pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunks = tl.arange(0, CHUNKS)
     values = tl.load(val_ptr + row * CHUNKS + chunks)
-    _, best = tl.max(values, axis=0, return_indices=True, return_indices_tie_break_left=True)
-    tl.store(out_ptr + row, tl.load(idx_ptr + row * CHUNKS + best).to(tl.int64))
+    value, best = tl.max(values, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    index = tl.load(idx_ptr + row * CHUNKS + best).to(tl.int64)
+    if KEY:  # as sampler.argmax_keys_reference, which states the encoding
+        bits = tl.where(value == 0.0, 0.0, value).to(tl.int32, bitcast=True)
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+        tl.store(out_ptr + row, ordered * 4294967296 + (4294967295 - (index + first)))
+    else:
+        tl.store(out_ptr + row, index)
 
 
-def argmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """int64 ``[B]``: the index of each row's maximum of ``x [B, V]`` (last dim contiguous)."""
+def _argmax(x: torch.Tensor, first: int, key: bool) -> torch.Tensor:
     b, n = x.shape
     chunks = triton.next_power_of_2(triton.cdiv(n, BLOCK))
     out = torch.empty(b, dtype=torch.int64, device=x.device)
@@ -50,5 +56,16 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
         index = torch.zeros((b, chunks), dtype=torch.int32, device=x.device)
         _chunk_max_kernel[(b, triton.cdiv(n, BLOCK))](x, values, index, n, x.stride(0), CHUNKS=chunks, BLOCK=BLOCK,
                                                       num_warps=8, **launch_options(x.device))
-        _pick_chunk_kernel[(b,)](values, index, out, CHUNKS=chunks, **launch_options(x.device))
+        _pick_chunk_kernel[(b,)](values, index, out, first, CHUNKS=chunks, KEY=key, **launch_options(x.device))
     return out
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """int64 ``[B]``: the index of each row's maximum of ``x [B, V]`` (last dim contiguous)."""
+    return _argmax(x, 0, False)
+
+
+def argmax_keys(x: torch.Tensor, first: int) -> torch.Tensor:
+    """int64 ``[B]``: each row's maximum and its first index plus ``first`` as one ordered key
+    (``mopt.engine.sampler.argmax_keys_reference``; ``x [B, V]``, ``V >= 1``, last dim contiguous)."""
+    return _argmax(x, first, True)

@@ -340,11 +340,27 @@ class ParallelLMHead(ColumnParallelLinear):
         else:
             self.weight.load(embedding.weight.data, ShardSpec())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """Logits over the whole vocabulary; ``gather=False``: this rank's :meth:`shard_columns` of them
+        alone (``gather`` makes them whole later)."""
         y = super().forward(x)
         if self.tp_group is None:
             return y
+        return self.gather(y) if gather else y[..., : self.shard_columns()[1]]
+
+    def shard_columns(self) -> tuple[int, int]:
+        """``(first, count)``: this rank's logits are those of the ids ``first .. first + count - 1`` (the
+        padding rows of an uneven split are not among them)."""
+        rows = self.output_size // self.tp_size
+        first = self.tp_rank * rows
+        return first, max(0, min(rows, self.vocab_size - first))
+
+    def gather(self, shard: torch.Tensor) -> torch.Tensor:
+        """The whole vocabulary's logits from every rank's ``forward(x, gather=False)`` (a collective)."""
         from mopt.engine.distributed import all_gather_last_dim
 
-        logits = all_gather_last_dim(y, self.tp_group, self.tp_size)
+        rows = self.output_size // self.tp_size
+        if shard.shape[-1] != rows:  # the last rank of an uneven split: its padding columns back, as zeros
+            shard = torch.nn.functional.pad(shard, (0, rows - shard.shape[-1]))
+        logits = all_gather_last_dim(shard, self.tp_group, self.tp_size)
         return logits if self.output_size == self.vocab_size else logits[..., : self.vocab_size].contiguous()

@@ -241,8 +241,10 @@ class LlamaForCausalLM(nn.Module):
                        meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """Float32 logits; ``gather=False`` under tensor parallelism: this rank's vocabulary columns only
+        (``ParallelLMHead.shard_columns``; ``lm_head.gather`` joins them)."""
+        return self.lm_head(hidden, gather).float()
 
 
 class MistralForCausalLM(LlamaForCausalLM):
