@@ -8,7 +8,10 @@ Selection (``mopt.kernels.linear.select_linear_kernel``), in order:
   Per-tensor layers also take activations the kernel before them already quantized (E4M3 codes
   under the layer's static input scale: ``fp8_input_scale``);
 * ``triton-fp8-block``: 128x128-block FP8 weights with 1x128 activation groups;
-* ``triton-nvfp4``: exact W4A4 (``triton_gemm.nvfp4_gemm``);
+* ``triton-nvfp4``: exact W4A4 on the activations' NVFP4 block values, by M bucket: the packed-weight
+  GEMV for one token and weights expanded for cuBLAS above ``NVFP4_MMA_MAX_M`` (``triton_gemm.nvfp4_gemm``),
+  the weight-decoding MMA kernel between (``triton_weight_prefill.wo_mma``, both global scales as one
+  row scale);
 * ``cublas-fp8`` / ``triton-fp8``: one engine for every M, for ``MOPT_BACKEND=cublas|triton``;
 * ``triton-gemv`` (backend ``auto``): unquantized BF16/FP16 layers (and the excluded ``lm_head``),
   the decode GEMV up to 64 tokens (cuBLAS's split-K GEMV adds a reduction launch), cuBLAS above.
@@ -29,6 +32,8 @@ from __future__ import annotations
 import torch
 
 from mopt.kernels import triton_gemm, triton_gemv, triton_quant
+from mopt.kernels.triton_weight_decode import NVFP4
+from mopt.kernels.triton_weight_prefill import wo_mma
 from mopt.kernels.linear import (LinearKernel, LinearScheme, LinearShape, cuda_capability, flatten_tokens,
                                  per_token_fp8, register_linear_kernel)
 from mopt.quant.formats.fp8 import FP8_DTYPE
@@ -43,6 +48,11 @@ BF16_GEMV_MAX_M = 64
 FP8_GEMV_MAX_M = 16
 FP8_ROWWISE_GEMV_MAX_M = 32
 ROWWISE_SCALE_ROWS = 1024  # static activation scales expanded once for the rowwise GEMM, sliced per call
+# NVFP4 from 2 tokens up to here on the weight-decoding MMA kernel: on an H200 (2026-11-26,
+# bench/results/sweep-nvfp4-mma-h200-2026-11-26.txt, Llama-3-8B shapes whole and per rank of two) 1.04-2.26x
+# nvfp4_gemm (its 16-row tiles up to 16 tokens, expansion for cuBLAS above) at 2-64 tokens, 0.90-1.28x at
+# 128, 0.59-0.82x at 256.
+NVFP4_MMA_MAX_M = 128
 
 
 def _push_target(layer, rows: int, n: int, dtype: torch.dtype):
@@ -213,10 +223,18 @@ class TritonNvfp4Kernel(_CudaKernel):
 
     def process_weights(self, layer):
         layer.nvfp4_alpha = triton_gemm.nvfp4_alpha(layer.input_scale, layer.weight_scale_2)
+        n = layer.weight.shape[0]
+        # a_global * b_global per output row, the product nvfp4_gemm scales its float32 accumulator by
+        alpha = layer.input_scale.float().reshape(()) * layer.weight_scale_2.float().reshape(-1)
+        layer.nvfp4_row_alpha = torch.broadcast_to(alpha, (n,)).contiguous()
 
     def apply(self, layer, x, bias):
         x2, restore = flatten_tokens(x)
         values = triton_quant.nvfp4_block_values(x2, layer.input_scale)
+        if 1 < x2.shape[0] <= NVFP4_MMA_MAX_M:
+            n = layer.weight.shape[0]
+            return restore(wo_mma(values, NVFP4, layer.weight, layer.weight_scale, layer.nvfp4_row_alpha, bias, n,
+                                  values.shape[1], 0, 16, None, x.dtype, triton_gemm.INTERPRETED))
         norm = peers = None
         if x2.shape[0] == 1:  # the one-token kernel writes its output once: it can send it too
             norm, peers = _push_target(layer, 1, layer.weight.shape[0], x.dtype)
