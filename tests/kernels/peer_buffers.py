@@ -31,8 +31,15 @@ class Buffers:
         rows = rows.view(tan.SLOTS, self.world, tan.MAX_ROWS, tan.ROW_BYTES // 2)
         return rows[slot, source, row, :n]
 
+    def counters(self, rank: int) -> torch.Tensor:
+        """``rank``'s row counters, ``[MAX_ROWS, SPLIT_MAX]`` (a view)."""
+        return self.raw[rank][tan.rows_bytes(self.world):].view(torch.int32).view(tan.MAX_ROWS, tan.SPLIT_MAX)
+
     def next_slot(self, rank: int, row: int) -> int:
-        return int(self.raw[rank][tan.rows_bytes(self.world):].view(torch.int32)[row])
+        """The slot ``row``'s next call uses; every copy of its counter must agree."""
+        copies = self.counters(rank)[row]
+        assert (copies == copies[0]).all(), f"row {row}'s counter copies disagree: {copies.tolist()}"
+        return int(copies[0])
 
     def send(self, source: int, to: int, slot: int, partial: torch.Tensor) -> None:
         """What ``source``'s kernel would have pushed into ``to``'s buffer (negative zeros made positive)."""

@@ -32,10 +32,11 @@ def _inputs(world: int, m: int, n: int, seed: int, dtype=DTYPE):
 
 
 @pytest.mark.parametrize("world,rank", [(1, 0), (2, 0), (2, 1), (4, 2), (8, 7)])
-@pytest.mark.parametrize("m,n", [(1, 64), (3, 200), (2, 1024)])
+@pytest.mark.parametrize("m,n", [(1, 64), (1, 300), (3, 200), (2, 1024)])
 @pytest.mark.parametrize("fp8_out", [False, True])
 def test_sum_and_norm_interpreted(world, rank, m, n, fp8_out):
-    """One call of ``rank``, its peers' rows put in place beforehand as their kernels would have."""
+    """One call of ``rank``, its peers' rows put in place beforehand as their kernels would have. One row
+    of 300 is split over four programs (the last one's columns all past the row), 64 is not."""
     device = triton_device(False)
     partials, residual, weight = _inputs(world, m, n, seed=world * 100 + m * n + rank)
     buffers = Buffers(world, device)
@@ -76,19 +77,21 @@ def test_unsupported_inputs_are_named():
         tan.all_reduce_rms_norm(x, x, torch.ones(64), 1e-5, None, Buffers(2, "cpu").peers(0))
 
 
-def test_slots_rotate_and_are_freed_interpreted():
+@pytest.mark.parametrize("m", [1, 2])
+def test_slots_rotate_and_are_freed_interpreted(m):
     """Rank 0 of two over five calls: each call reads the slot its row counter names, sends into the
-    peer's same slot, puts the sentinel back into the slot before it, and moves the counter on; negative
-    zeros travel as positive ones (the sentinel is -0.0). A wrong slot hangs here (its row never arrives)."""
+    peer's same slot, puts the sentinel back into the slot before it, and moves the counter on (every
+    copy of it: one row is split over four programs); negative zeros travel as positive ones (the
+    sentinel is -0.0). A wrong slot hangs here (its row never arrives)."""
     device = triton_device(False)
-    m, n = 2, 128
+    n = 128
     buffers = Buffers(2, device)
     sentinel = torch.full((n,), tan.SENTINEL_BITS, dtype=torch.int16)
     for call in range(5):
         slot = call % 3
         partials, residual, weight = _inputs(2, m, n, seed=call)
         partials[0][0, :4] = -0.0
-        partials[1][1, :4] = -0.0
+        partials[1][m - 1, 60:68] = -0.0
         buffers.send(1, 0, slot, partials[1])
         out, res = tan.all_reduce_rms_norm(partials[0], residual, weight, 1e-6, None, buffers.peers(0))
         _, want_res = all_reduce_rms_norm_reference(partials, residual, weight, 1e-6)

@@ -71,7 +71,7 @@ def test_gemv_sends_its_rows_where_the_counters_say(kernel, m):
     plain = impl.apply(layer, x, None)
     buffers = Buffers(2, device)
     counters = [(r * 2 + 1) % 3 for r in range(m)]  # rows at different slots
-    buffers.raw[1][tan.rows_bytes(2):].view(torch.int32)[:m] = torch.tensor(counters, dtype=torch.int32)
+    buffers.counters(1)[:m] = torch.tensor(counters, dtype=torch.int32)[:, None]
     layer.partials_to = norm = _Norm(buffers.peers(1))
     y = impl.apply(layer, x, None)
     assert torch.equal(y, plain)  # pushing changes nothing the layer returns

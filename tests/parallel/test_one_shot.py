@@ -193,7 +193,7 @@ def test_a_gemv_pushes_exactly_where_the_norm_fuses(rows, n, dtype, producer_pus
     if producer_push:  # the norm after it takes the same sums fused, so it is the one that skips its push
         assert norm.fits_rows(rows, n, dtype) is offered
     assert (norm.peers.rank, norm.peers.world, norm.peers.slots.dtype, norm.peers.slots.numel()) == \
-        (1, 2, torch.int32, 128)
+        (1, 2, torch.int32, 128 * 4)  # a counter per row and per program it may be split over
 
 
 def test_the_next_norm_call_takes_the_pushed_rows(monkeypatch):

@@ -25,9 +25,17 @@ which the peer pushes only after its call e (and its freeing of slot ``(e - 1) %
 
 Each rank's buffer (``buffer_bytes(world)``, the same layout on every rank; ``bases[r]`` is rank r's
 buffer as mapped on this GPU): ``rows[3][world][MAX_ROWS][ROW_BYTES]`` (slot, sending rank, row), then
-``slot[MAX_ROWS]`` (int32, each row's next slot: 0, 1, 2, 0, ...). The waits have no time limit: a peer
-that died leaves the GPU spinning, which the engine detects from the host
-(``TensorParallelModel.wait_step``).
+``slot[MAX_ROWS][SPLIT_MAX]`` (int32, each row's next slot: 0, 1, 2, 0, ...; one copy per program a row
+may be split over, all equal between calls). The waits have no time limit: a peer that died leaves the
+GPU spinning, which the engine detects from the host (``TensorParallelModel.wait_step``).
+
+One row (batch-1 decode) is split over ``ONE_ROW_SPLIT`` programs: each sends, frees and writes its
+quarter of the columns (and moves its own copy of the row's counter), but waits for the whole row and
+reduces all of it for the norm, with the same reduction tree as an unsplit program (the same warps), so
+the bits do not change. Spreading the epilogue (the E4M3 quantization's divisions above all) over four
+SMs took a 4096-wide FP8 call from 4.2 to 3.5 us on 2x H200 (``bench/results/tp-allreduce-variants-h200x2-
+2026-11-26.txt``); at 16 rows and more, splitting was slower. The argument above holds part by part: a part
+frees only its own columns of the slot every part of the row read in the call before.
 
 Sign of zero: a partial sum of -0.0 is sent as +0.0, so where every rank's partial is -0.0 the sum is
 +0.0 where NCCL's is -0.0 -- equal values, and every rank still agrees bit for bit.
@@ -49,11 +57,14 @@ MAX_ROWS = 128
 ROW_BYTES = 16384  # 8192 BF16 values: a hidden size up to 8192
 MAX_WORLD = 8
 SLOTS = 3
+SPLIT_MAX = 4  # copies of each row's slot counter: the most programs a row is split over
+ONE_ROW_SPLIT = 4
 SENTINEL_BITS = -32768  # 0x8000 as int16: -0.0 in BF16 and FP16
 DTYPES = (torch.bfloat16, torch.float16)
 _MAX_ROWS = tl.constexpr(MAX_ROWS)
 _SENTINEL = tl.constexpr(SENTINEL_BITS)
 _SLOTS = tl.constexpr(SLOTS)
+_SPLIT_MAX = tl.constexpr(SPLIT_MAX)
 
 
 def rows_bytes(world: int) -> int:
@@ -61,7 +72,7 @@ def rows_bytes(world: int) -> int:
 
 
 def buffer_bytes(world: int) -> int:
-    return rows_bytes(world) + 4 * MAX_ROWS
+    return rows_bytes(world) + 4 * MAX_ROWS * SPLIT_MAX
 
 
 def init_buffer(buffer: torch.Tensor, world: int) -> None:
@@ -73,7 +84,8 @@ def init_buffer(buffer: torch.Tensor, world: int) -> None:
 @dataclass(frozen=True)
 class PeerRows:
     """Where the ranks' rows meet: ``bases`` (int64 ``[world]``, on the GPU) holds each rank's buffer at its
-    address on this GPU; ``slots`` (int32 ``[MAX_ROWS]``) is this rank's row counters, in its own buffer."""
+    address on this GPU; ``slots`` (int32 ``[MAX_ROWS * SPLIT_MAX]``) is this rank's row counters, in its own
+    buffer."""
 
     bases: torch.Tensor
     slots: torch.Tensor
@@ -107,7 +119,7 @@ def push_rows(values, rows, cols, mask, bases_ptr, slots_ptr, RANK: tl.constexpr
     ``mask``) into every peer's buffer, each row into the slot its counter in ``slots_ptr`` names: what
     the fused kernel's push does, done by the kernel that computes the partial sums (``PUSHED``)."""
     bits = wire_bits(values)
-    slot = tl.load(slots_ptr + rows, mask=rows < _MAX_ROWS, other=0)
+    slot = tl.load(slots_ptr + rows * _SPLIT_MAX, mask=rows < _MAX_ROWS, other=0)
     for s in tl.static_range(WORLD):
         if s != RANK:
             dst = _row_bits(tl.load(bases_ptr + s), slot[:, None], RANK, rows[:, None], WORLD, ROW_ELEMS)
@@ -117,47 +129,70 @@ def push_rows(values, rows, cols, mask, bases_ptr, slots_ptr, RANK: tl.constexpr
 @triton.jit
 def _allreduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale_ptr, bases_ptr, slots_ptr,
                                stride_x, stride_r, n, eps, RANK: tl.constexpr, WORLD: tl.constexpr,
-                               ROW_ELEMS: tl.constexpr, BLOCK: tl.constexpr, FP8_OUT: tl.constexpr,
-                               PUSHED: tl.constexpr, PDL: tl.constexpr):
-    """``PUSHED``: the kernel that computed ``x`` already sent this rank's rows (``push_rows``)."""
+                               ROW_ELEMS: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
+                               FP8_OUT: tl.constexpr, PUSHED: tl.constexpr, PDL: tl.constexpr):
+    """Program ``row * SPLIT + part`` owns columns ``[part * BLOCK / SPLIT, (part + 1) * BLOCK / SPLIT)`` of
+    row ``row``. ``PUSHED``: the kernel that computed ``x`` already sent this rank's rows (``push_rows``)."""
     pdl_prologue(PDL)
-    row = tl.program_id(0)
+    row = tl.program_id(0) // SPLIT
+    part = tl.program_id(0) % SPLIT
+    CHUNK: tl.constexpr = BLOCK // SPLIT
     cols = tl.arange(0, BLOCK)
     mask = cols < n
+    mine = part * CHUNK + tl.arange(0, CHUNK)
+    mine_ok = mine < n
     dtype = x_ptr.dtype.element_ty
+    x_row = x_ptr + row.to(tl.int64) * stride_x
+    r_row = res_ptr + row.to(tl.int64) * stride_r
     # Every load that does not wait on a peer is issued here, so that their latencies overlap each other
     # and the wait for the peers' rows instead of following it.
-    slot = tl.load(slots_ptr + row)
+    slot = tl.load(slots_ptr + row * _SPLIT_MAX + part)
     me = tl.load(bases_ptr + RANK)
-    bits = wire_bits(tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0))
-    r = tl.load(res_ptr + row.to(tl.int64) * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    bits = wire_bits(tl.load(x_row + cols, mask=mask, other=0.0))
+    r = tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + mine, mask=mine_ok, other=0.0).to(tl.float32)
+    if SPLIT == 1:
+        sent = bits
+    else:
+        sent = wire_bits(tl.load(x_row + mine, mask=mine_ok, other=0.0))
     if not PUSHED:
         for s in tl.static_range(WORLD):
             if s != RANK:
                 dst = _row_bits(tl.load(bases_ptr + s), slot, RANK, row, WORLD, ROW_ELEMS)
-                tl.store(tl.multiple_of(dst, 16) + cols, bits, mask=mask)
+                tl.store(tl.multiple_of(dst, 16) + mine, sent, mask=mine_ok)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc_mine = tl.zeros((CHUNK,), dtype=tl.float32)
     for s in tl.static_range(WORLD):
         if s == RANK:
             acc += bits.to(dtype, bitcast=True).to(tl.float32)
+            acc_mine += sent.to(dtype, bitcast=True).to(tl.float32)
         else:
-            src = tl.multiple_of(_row_bits(me, slot, s, row, WORLD, ROW_ELEMS), 16) + cols
-            got = tl.load(src, mask=mask, other=0, volatile=True)
+            src = tl.multiple_of(_row_bits(me, slot, s, row, WORLD, ROW_ELEMS), 16)
+            got = tl.load(src + cols, mask=mask, other=0, volatile=True)
             while tl.sum((got == _SENTINEL).to(tl.int32), axis=0) > 0:
-                got = tl.load(src, mask=mask, other=0, volatile=True)
+                got = tl.load(src + cols, mask=mask, other=0, volatile=True)
             acc += got.to(dtype, bitcast=True).to(tl.float32)
+            if SPLIT > 1:  # this program's columns of what just arrived
+                acc_mine += tl.load(src + mine, mask=mine_ok, other=0, volatile=True).to(dtype, bitcast=True).to(
+                    tl.float32)
     free = (slot + _SLOTS - 1) % _SLOTS
     for s in tl.static_range(WORLD):
         if s != RANK:
-            tl.store(tl.multiple_of(_row_bits(me, free, s, row, WORLD, ROW_ELEMS), 16) + cols,
-                     tl.full((BLOCK,), _SENTINEL, tl.int16), mask=mask)
-    tl.store(slots_ptr + row, (slot + 1) % _SLOTS)
+            tl.store(tl.multiple_of(_row_bits(me, free, s, row, WORLD, ROW_ELEMS), 16) + mine,
+                     tl.full((CHUNK,), _SENTINEL, tl.int16), mask=mine_ok)
+    for j in tl.static_range(_SPLIT_MAX // SPLIT):  # this program's copies of the row's counter
+        tl.store(slots_ptr + row * _SPLIT_MAX + part + j * SPLIT, (slot + 1) % _SLOTS)
     s_row = (acc.to(dtype).to(tl.float32) + r).to(dtype)
-    tl.store(res_out_ptr + row.to(tl.int64) * n + cols, s_row, mask=mask)
     xs = s_row.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(xs * xs, axis=0) / n + eps)
-    _store_out(out_ptr + row.to(tl.int64) * n + cols, (w * (xs * rstd)).to(dtype), scale_ptr, mask, FP8_OUT)
+    if SPLIT == 1:
+        s_mine = s_row
+    else:  # the same elementwise steps on this program's columns: the same bits
+        r_mine = tl.load(r_row + mine, mask=mine_ok, other=0.0).to(tl.float32)
+        s_mine = (acc_mine.to(dtype).to(tl.float32) + r_mine).to(dtype)
+    tl.store(res_out_ptr + row.to(tl.int64) * n + mine, s_mine, mask=mine_ok)
+    _store_out(out_ptr + row.to(tl.int64) * n + mine, (w * (s_mine.to(tl.float32) * rstd)).to(dtype), scale_ptr,
+               mine_ok, FP8_OUT)
 
 
 def supports_rows(rows: int, n: int, dtype: torch.dtype, world: int) -> tuple[bool, str]:
@@ -213,9 +248,10 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     out = torch.empty((m, n), dtype=fp8.FP8_DTYPE if fp8_scale is not None else x.dtype, device=x.device)
     res_out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block = triton.next_power_of_2(n)
-    _allreduce_rms_norm_kernel[(m,)](
+    split = ONE_ROW_SPLIT if m == 1 and block >= 32 * ONE_ROW_SPLIT else 1
+    _allreduce_rms_norm_kernel[(m * split,)](
         x2, r2, weight, out, res_out, fp8_scale if fp8_scale is not None else weight, peers.bases, peers.slots,
         x2.stride(0), r2.stride(0), n, eps, RANK=peers.rank, WORLD=peers.world, ROW_ELEMS=ROW_BYTES // 2,
-        BLOCK=block, FP8_OUT=fp8_scale is not None, PUSHED=pushed, num_warps=_warps(block, fp8_scale),
+        BLOCK=block, SPLIT=split, FP8_OUT=fp8_scale is not None, PUSHED=pushed, num_warps=_warps(block, fp8_scale),
         **launch_options(x.device))
     return out.view(x.shape), res_out.view(x.shape)
