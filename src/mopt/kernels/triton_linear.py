@@ -14,7 +14,7 @@ Selection (``mopt.kernels.linear.select_linear_kernel``), in order:
   row scale);
 * ``cublas-fp8`` / ``triton-fp8``: one engine for every M, for ``MOPT_BACKEND=cublas|triton``;
 * ``triton-gemv`` (backend ``auto``): unquantized BF16/FP16 layers (and the excluded ``lm_head``),
-  the decode GEMV up to 64 tokens (cuBLAS's split-K GEMV adds a reduction launch), cuBLAS above.
+  the decode GEMV up to 32 tokens (cuBLAS's split-K GEMV adds a reduction launch), cuBLAS above.
 
 Where a fused gate/up layer runs on the decode GEMV (``hopper-fp8``, ``triton-fp8``, ``triton-gemv``),
 ``apply_silu_gated`` also applies the SiLU-gated product in the same kernel (``triton_gemv.silu_gated_gemv``).
@@ -38,13 +38,14 @@ from mopt.kernels.linear import (LinearKernel, LinearScheme, LinearShape, cuda_c
                                  per_token_fp8, register_linear_kernel)
 from mopt.quant.formats.fp8 import FP8_DTYPE
 
-# Rows (tokens) up to which the decode GEMV runs, cuBLAS above; from sweeps and end-to-end decode on an H100
-# (2026-11-26, bench/results/gemv-m64-h100-2026-11-26.txt, sweep-fp8-rowwise-h100-2026-11-26.txt): BF16 up
-# to 64 (Llama-3-8B batch 32/64 decode +3.9%/+2.2% over cuBLAS). FP8 up to 16 where the weight has one
+# Rows (tokens) up to which the decode GEMV runs, cuBLAS above; from sweeps and end-to-end decode (2026-11-26,
+# bench/results/gemv-m64-h100-2026-11-26.txt, sweep-fp8-rowwise-h100-2026-11-26.txt, gemv-bf16-m64-h200x2-2026-11-26.txt):
+# BF16 up to 32. At 64 the GEMV gave Llama-3-8B decode +2.2% over cuBLAS on one H100, but on 2x H200 (same run)
+# -0.4% at TP=1 and -6.7% at TP=2, whose per-rank matrices are half as large (at 32: +0.4% and +0.7%). FP8 up to 16 where the weight has one
 # scale (the exact GEMV is slower than _scaled_mm at 32 and 64 rows), up to 32 where it has one per output
 # row (fused shards keeping their own scales, per-channel checkpoints): cuBLASLt's rowwise GEMM costs more
 # (Llama-3-8B qkv per rank of two at M=32: 15.0 us, one-scale 7.7, the GEMV 12.3).
-BF16_GEMV_MAX_M = 64
+BF16_GEMV_MAX_M = 32
 FP8_GEMV_MAX_M = 16
 FP8_ROWWISE_GEMV_MAX_M = 32
 ROWWISE_SCALE_ROWS = 1024  # static activation scales expanded once for the rowwise GEMM, sliced per call
