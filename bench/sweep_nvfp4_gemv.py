@@ -1,9 +1,11 @@
-"""Sweep the NVFP4 small-M kernel's tiles and split-K on the GPU (Llama-3-8B layers, whole and per rank of two).
+"""Sweep the one-token NVFP4 kernel's tiles and split-K on the GPU (Llama-3-8B layers, whole and per rank of two).
 
 Times whole ``triton_gemm.nvfp4_gemm`` calls (with split-K: the zeroed float32 buffer, the kernel and the
 cast to BF16), like ``mopt bench kernels`` (a CUDA graph of calls cycling through weight copies beyond L2;
 median of replays). Prints each shape's best config next to the current one.
-Usage: PYTHONPATH=src python3 bench/sweep_nvfp4_gemv.py [--tokens 1] [--json OUT]
+Usage: PYTHONPATH=src python3 bench/sweep_nvfp4_gemv.py [--json OUT] [--wide]
+(Before 93c98eb the kernel also took up to 16 tokens, in 16-row tiles, and ``--tokens`` swept those; 2 to 128
+tokens now run on ``triton_weight_prefill.wo_mma``: see ``bench/sweep_nvfp4_mma.py``.)
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", default="1")
     parser.add_argument("--json")
     parser.add_argument("--wide", action="store_true",
                         help="one token, no split-K: wider rows (512-4096 elements, at most 16384 a program)")
@@ -40,7 +41,7 @@ def main() -> None:
             g = nvfp4.global_scale_from_amax(w.abs().amax())
             packed, scale = nvfp4.quantize(w, g)
             ws.append((packed, scale, g.reshape(1).expand(n).contiguous()))
-        for m in [int(t) for t in args.tokens.split(",")]:
+        for m in (1,):
             a = torch.randn(m, k, device=dev).to(torch.bfloat16)
             a_global = torch.tensor(0.02, device=dev)
             results = {}

@@ -1,8 +1,10 @@
 """NVFP4 (W4A4) GEMMs of a few tokens: the weight-decoding MMA kernel (``triton_weight_prefill.wo_mma`` on
 the activations' block values, both global scales as one row scale) against ``triton_gemm.nvfp4_gemm``
-(the packed-weight kernel up to ``NVFP4_GEMV_MAX_M`` tokens, weights expanded to BF16 for cuBLAS above),
 on Llama-3-8B layer shapes, whole and per rank of two. Microseconds per call in a CUDA graph, and the
-relative L2 difference of the two outputs.
+relative L2 difference of the two outputs. When this chose the MMA kernel (93c98eb, results in
+``bench/results/sweep-nvfp4-mma-h200-2026-11-26.txt``), ``nvfp4_gemm`` ran 16-row tiles of its
+packed-weight kernel up to 16 tokens and expanded the weights to BF16 for cuBLAS above; it now expands
+from 2 tokens.
 
 Usage: python3 bench/sweep_nvfp4_mma.py [--json out.json]
 """

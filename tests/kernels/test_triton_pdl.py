@@ -42,8 +42,8 @@ def _decode_chain(x, residual, norm_w, w_gate_up, w_down, lm_head, fp4, moe):
     """One MLP block (plain, with the SiLU fused into gate/up, an NVFP4 layer after its activation
     quantizer, and a mixture-of-experts block: routing, alignment, FP8 input quantizer, both expert GEMMs
     and the pair sum) and the logits' argmax, as decode runs them (norm -> GEMV -> SiLU -> GEMV -> argmax).
-    The NVFP4 layer only for one token: for 2-16 its kernel splits K and adds the splits atomically, in no
-    fixed order."""
+    The NVFP4 layer only for one token: from 2 tokens it runs on other kernels (the MMA kernel splits K and
+    adds the splits atomically, in no fixed order)."""
     from mopt.kernels import route, triton_argmax, triton_gemm, triton_gemv, triton_glue, triton_moe, triton_quant
     h, s = triton_glue.rms_norm(x, norm_w, 1e-5, residual)
     y = triton_gemv.gemv(triton_glue.silu_mul(triton_gemv.gemv(h, w_gate_up)), w_down)

@@ -146,10 +146,12 @@ class ModelRunner:
                                    capture=capture and not blockers, pad=self.device.type == "cuda", progress=progress)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                 last_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 logits at ``last_rows`` of the packed tokens (every row when None)."""
+                 last_rows: torch.Tensor | None = None, gather: bool = True) -> torch.Tensor:
+        """Float32 logits at ``last_rows`` of the packed tokens (every row when None); ``gather=False``: a
+        vocabulary-parallel model's logits stay this rank's columns."""
         hidden = self.model.compute_hidden(ids[None], positions[None], meta)[0]
-        return self.model.compute_logits(hidden if last_rows is None else hidden[last_rows])
+        hidden = hidden if last_rows is None else hidden[last_rows]
+        return self.model.compute_logits(hidden) if gather else self.model.compute_logits(hidden, gather=False)
 
     def _decode_forward(self, ids: torch.Tensor, positions: torch.Tensor,
                         meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,8 +164,7 @@ class ModelRunner:
         if self.split_head is None:
             logits = self._forward(ids, positions, meta)
             return logits, greedy_tokens(logits)
-        hidden = self.model.compute_hidden(ids[None], positions[None], meta)[0]
-        shard = self.model.compute_logits(hidden, gather=False)
+        shard = self._forward(ids, positions, meta, gather=False)
         keys = argmax_keys(shard, self.split_head.shard_columns()[0])
         return shard, key_tokens(self.split_head.tp_group.all_reduce(keys, "max"))
 

@@ -147,57 +147,36 @@ def _nvfp4_dequant_kernel(b_ptr, bs_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, B
 
 
 @triton.jit
-def _nvfp4_gemv_kernel(a_ptr, b_ptr, bs_ptr, c_ptr, a_global_ptr, b_global_ptr, bias_ptr, bases_ptr, slots_ptr, M,
-                       N, K, stride_am, stride_cm, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                       DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _nvfp4_gemv_kernel(a_ptr, b_ptr, bs_ptr, c_ptr, a_global_ptr, b_global_ptr, bias_ptr, bases_ptr, slots_ptr, N, K,
+                       HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        PUSH: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, ROW_ELEMS: tl.constexpr,
                        PDL: tl.constexpr):
-    """Small M: streams the packed weights once. ``BLOCK_M == 1``: FMA reductions per 16-block, the
-    block scale applied to each block's partial sum; else BF16 MMAs over even and odd elements.
-    ``PUSH`` (``SPLIT_K == 1``): the output tile also goes to the peers' fused all-reduce (``push_rows``)."""
+    """One token: streams the packed weights once, FMA reductions per 16-block, the block scale applied to
+    each block's partial sum. ``PUSH`` (``SPLIT_K == 1``): the output tile also goes to the peers' fused
+    all-reduce (``push_rows``)."""
     pdl_prologue(PDL)
     HALF_K: tl.constexpr = BLOCK_K // 2
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, 1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok, n_ok = offs_m < M, offs_n < N
+    n_ok = offs_n < N
     k_tiles = tl.cdiv(K, BLOCK_K)
     tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
     first = tl.program_id(1) * tiles_per_split
     last = tl.minimum(first + tiles_per_split, k_tiles)
     rows = offs_n[:, None].to(tl.int64)
     b_rows, s_rows = b_ptr + rows * (K // 2), bs_ptr + rows * (K // 16)
-    if BLOCK_M == 1:
-        acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for t in range(first, last):
         packed, scale, offs_b = _load_fp4_tile(b_rows, s_rows, t, n_ok, K, HALF_K)
         even, odd = _e2m1_pair(packed)
         k_ok = offs_b < K // 2
-        if BLOCK_M == 1:
-            xe = tl.load(a_ptr + 2 * offs_b, mask=k_ok, other=0.0).to(tl.float32)
-            xo = tl.load(a_ptr + 2 * offs_b + 1, mask=k_ok, other=0.0).to(tl.float32)
-            prod = even * xe[None, :] + odd * xo[None, :]
-            blocks = tl.sum(tl.reshape(prod, (BLOCK_N, HALF_K // 8, 8)), axis=2)
-            acc1 += tl.sum(blocks * scale, axis=1)
-        else:
-            a_rows = a_ptr + offs_m[:, None] * stride_am + 2 * offs_b[None, :]
-            a_mask = m_ok[:, None] & k_ok[None, :]
-            ae = tl.load(a_rows, mask=a_mask, other=0.0)
-            ao = tl.load(a_rows + 1, mask=a_mask, other=0.0)
-            we = _scale_pairs(even, scale, BLOCK_N, HALF_K)
-            wo = _scale_pairs(odd, scale, BLOCK_N, HALF_K)
-            if DOT_F32:  # Triton's interpreter multiplies BF16 wrongly; the values are exact in float32
-                acc += tl.dot(ae.to(tl.float32), tl.trans(we)) + tl.dot(ao.to(tl.float32), tl.trans(wo))
-            else:
-                acc = tl.dot(ae, tl.trans(we.to(tl.bfloat16)), acc)
-                acc = tl.dot(ao, tl.trans(wo.to(tl.bfloat16)), acc)
+        xe = tl.load(a_ptr + 2 * offs_b, mask=k_ok, other=0.0).to(tl.float32)
+        xo = tl.load(a_ptr + 2 * offs_b + 1, mask=k_ok, other=0.0).to(tl.float32)
+        prod = even * xe[None, :] + odd * xo[None, :]
+        blocks = tl.sum(tl.reshape(prod, (BLOCK_N, HALF_K // 8, 8)), axis=2)
+        acc += tl.sum(blocks * scale, axis=1)
     scale = tl.load(a_global_ptr) * tl.load(b_global_ptr + offs_n, mask=n_ok, other=0.0)
-    if BLOCK_M == 1:
-        acc = (acc1 * scale)[None, :]
-    else:
-        acc = acc * scale[None, :]
-    values, mask = _store(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, bias_ptr, HAS_BIAS, SPLIT_K)
+    values, mask = _store(c_ptr, (acc * scale)[None, :], offs_m, offs_n, 1, N, N, bias_ptr, HAS_BIAS, SPLIT_K)
     if PUSH:  # SPLIT_K == 1: the tile as written
         push_rows(values, offs_m, offs_n, mask, bases_ptr, slots_ptr, RANK, WORLD, ROW_ELEMS)
 
@@ -254,23 +233,17 @@ def fp8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: t
     return out.to(out_dtype) if out.dtype != out_dtype else out
 
 
-NVFP4_GEMV_MAX_M = 16  # 64-row tiles measured 6x slower than expanding for cuBLAS (H100, 2026-11-26)
-
-
-def nvfp4_gemv_tiles(block_m: int, n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of the small-M NVFP4 kernel, from sweeps on an H100 over
-    Llama-3-8B layer shapes. One token (``bench/sweep_nvfp4_gemv.py``, 2026-11-26, whole layers and per
-    rank of two): narrow tiles and no split-K, within 2% of each shape's best on average and 2-30% faster
-    than 32-row tiles split over K (4096x2048: 5.4 us against 7.7, counting the split's zeroed buffer
-    and cast; 4096x14336, the one shape where split-K won: 28.8 against 28.1). Rows of up to 4096 values
-    (``--wide``, same day) help only where a whole row of 4096 is one step and N is small: 3072x4096
-    7.6 us against 9.4, 6144x4096 13.5 against 14.3; they lose elsewhere (4096x2048: 9.3 against 5.5).
-    16 tokens: 2026-11-25."""
-    if block_m == 1:
-        if n <= 6144 and 2048 < k <= 4096:
-            return 4, 4096, 8, 4
-        return (16, 512, 4, 4) if n >= 14336 else (8, 1024, 8, 4)
-    return 128, 256, 4, 4
+def nvfp4_gemv_tiles(n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of the one-token NVFP4 kernel, from sweeps on an H100 over
+    Llama-3-8B layer shapes (``bench/sweep_nvfp4_gemv.py``, 2026-11-26, whole layers and per rank of two):
+    narrow tiles and no split-K, within 2% of each shape's best on average and 2-30% faster than 32-row
+    tiles split over K (4096x2048: 5.4 us against 7.7, counting the split's zeroed buffer and cast;
+    4096x14336, the one shape where split-K won: 28.8 against 28.1). Rows of up to 4096 values (``--wide``,
+    same day) help only where a whole row of 4096 is one step and N is small: 3072x4096 7.6 us against 9.4,
+    6144x4096 13.5 against 14.3; they lose elsewhere (4096x2048: 9.3 against 5.5)."""
+    if n <= 6144 and 2048 < k <= 4096:
+        return 4, 4096, 8, 4
+    return (16, 512, 4, 4) if n >= 14336 else (8, 1024, 8, 4)
 
 
 def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -306,15 +279,16 @@ def nvfp4_gemm(a_values: torch.Tensor, b_packed: torch.Tensor, b_scale: torch.Te
                push: triton_allreduce_norm.PeerRows | None = None) -> torch.Tensor:
     """``a_values [M, Kp]`` BF16 block values, ``b_packed [N, Kp/2]``, ``b_scale [N, Kp/16]`` e4m3,
     ``a_global []``, ``b_global [N]``; ``alpha``: ``nvfp4_alpha(a_global, b_global)`` if known;
-    ``config``: the small-M kernel's ``(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)`` (sweeps);
-    ``push``: also send the output rows to the peers' fused all-reduce (one token only: the one kernel
-    whose output is written once, see ``triton_allreduce_norm.push_rows``).
+    ``config``: the one-token kernel's ``(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K)`` (sweeps);
+    ``push``: also send the output row to the peers' fused all-reduce (one token, written once, see
+    ``triton_allreduce_norm.push_rows``).
 
-    M <= ``NVFP4_GEMV_MAX_M``: one Triton kernel streams the packed weights (0.5625 bytes per
-    weight). Larger M: the weights are expanded once per call into exact BF16 block values and
-    multiplied by cuBLAS's BF16 GEMM (float32 accumulation); the global scales are applied to the
-    float32 accumulator, in cuBLAS's epilogue when they are one ``alpha`` and BF16 is asked for,
-    else to a float32 output. The expansion costs one pass over N x K, small against the GEMM.
+    One token: a Triton kernel streams the packed weights (0.5625 bytes per weight). More: the weights
+    are expanded once per call into exact BF16 block values and multiplied by cuBLAS's BF16 GEMM (float32
+    accumulation); the global scales are applied to the float32 accumulator, in cuBLAS's epilogue when
+    they are one ``alpha`` and BF16 is asked for, else to a float32 output. The expansion costs one pass
+    over N x K, small against a GEMM of many tokens (``triton_linear`` runs 2 to ``NVFP4_MMA_MAX_M`` tokens
+    on the weight-decoding MMA kernel instead).
     """
     m, kp = a_values.shape
     n = b_packed.shape[0]
@@ -322,7 +296,7 @@ def nvfp4_gemm(a_values: torch.Tensor, b_packed: torch.Tensor, b_scale: torch.Te
         if m != 1 or (config is not None and config[4] != 1):
             raise ValueError(f"nvfp4_gemm: only one token's output, written once, can be pushed (M={m})")
         triton_allreduce_norm.check_push(push, m, n, out_dtype)
-    if m > NVFP4_GEMV_MAX_M:
+    if m > 1:
         w = nvfp4_dequantize(b_packed, b_scale)
         if alpha is not None and a_values.is_cuda and out_dtype == torch.bfloat16:
             # beta=1 with a bias vector keeps cuBLASLt's fused epilogue: alpha * acc + bias, rounded once
@@ -332,20 +306,13 @@ def nvfp4_gemm(a_values: torch.Tensor, b_packed: torch.Tensor, b_scale: torch.Te
         if bias is not None:
             y += bias.float()
         return y.to(out_dtype)
-    bm = 1 if m == 1 else 16
-    bn, bk, warps, stages = config[:4] if config else nvfp4_gemv_tiles(bm, n, kp)
-    tiles = triton.cdiv(n, bn)
-    k_tiles = triton.cdiv(kp, bk)
-    split = 1
-    if config:
-        split = config[4]
-    elif bm > 1 and tiles < 2 * _num_sms(a_values.device):  # one token: never split (see nvfp4_gemv_tiles)
-        split = max(1, min(k_tiles // 2, triton.cdiv(2 * _num_sms(a_values.device), tiles)))
+    bn, bk, warps, stages = config[:4] if config else nvfp4_gemv_tiles(n, kp)
+    split = config[4] if config else 1  # no split (see nvfp4_gemv_tiles)
     out = _output(m, n, out_dtype, split, a_values.device)
     push_pointers, push_constants = triton_allreduce_norm.push_arguments(push, b_global)
-    _nvfp4_gemv_kernel[(tiles, split)](
+    _nvfp4_gemv_kernel[(triton.cdiv(n, bn), split)](
         a_values, b_packed, b_scale, out, a_global.float().reshape(1), b_global.float().contiguous(),
-        bias if bias is not None else b_global, *push_pointers, m, n, kp, a_values.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, SPLIT_K=split, DOT_F32=INTERPRETED, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        **push_constants, num_warps=warps, num_stages=stages, **launch_options(a_values.device))
+        bias if bias is not None else b_global, *push_pointers, n, kp, HAS_BIAS=bias is not None, SPLIT_K=split,
+        BLOCK_N=bn, BLOCK_K=bk, **push_constants, num_warps=warps, num_stages=stages,
+        **launch_options(a_values.device))
     return out.to(out_dtype) if out.dtype != out_dtype else out
