@@ -67,5 +67,6 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
 
 def argmax_keys(x: torch.Tensor, first: int) -> torch.Tensor:
     """int64 ``[B]``: each row's maximum and its first index plus ``first`` as one ordered key
-    (``mopt.engine.sampler.argmax_keys_reference``; ``x [B, V]``, ``V >= 1``, last dim contiguous)."""
+    (``mopt.engine.sampler.argmax_keys_reference``; ``x [B, V]``, ``V >= 1``, last dim contiguous; rows
+    without NaN, as for :func:`argmax_rows`)."""
     return _argmax(x, first, True)
