@@ -236,7 +236,7 @@ def test_a_row_parallel_layer_names_the_norm_to_its_kernel(reduce, returns_kerne
     method = Method()
     method.returns_kernel_output = returns_kernel_output
     layer.quant_method = method
-    layer.tp_group = types.SimpleNamespace(**({"partial_sums_norm": lambda: norm} if group_has_norm else {}))
+    layer.tp_group = types.SimpleNamespace(partial_sums_norm=lambda: norm if group_has_norm else None)
     layer(torch.ones(1, 64), reduce=reduce)
     assert seen == [norm if named else None]
     assert layer.partials_to is None  # only for the call

@@ -136,6 +136,9 @@ class _Member:
     def fused_rms_norm(self, x: torch.Tensor):
         return None
 
+    def partial_sums_norm(self):
+        return None
+
     def all_reduce(self, x: torch.Tensor, op: str = "sum", async_op: bool = False):
         values = self._exchange(x)
         out = values[0].clone()

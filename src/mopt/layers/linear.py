@@ -287,7 +287,7 @@ class RowParallelLinear(LinearBase):
         bias = self.bias if self.tp_rank == 0 else None
         norm = None
         if not reduce and self.tp_group is not None and getattr(self.quant_method, "returns_kernel_output", False):
-            norm = getattr(self.tp_group, "partial_sums_norm", lambda: None)()
+            norm = self.tp_group.partial_sums_norm()
         if norm is None:
             y = self.quant_method.apply(self, x, bias)
         else:
@@ -351,15 +351,14 @@ class ParallelLMHead(ColumnParallelLinear):
     def shard_columns(self) -> tuple[int, int]:
         """``(first, count)``: this rank's logits are those of the ids ``first .. first + count - 1`` (the
         padding rows of an uneven split are not among them)."""
-        rows = self.output_size // self.tp_size
-        first = self.tp_rank * rows
-        return first, max(0, min(rows, self.vocab_size - first))
+        first = self.tp_rank * self.output_size_per_partition
+        return first, max(0, min(self.output_size_per_partition, self.vocab_size - first))
 
     def gather(self, shard: torch.Tensor) -> torch.Tensor:
         """The whole vocabulary's logits from every rank's ``forward(x, gather=False)`` (a collective)."""
         from mopt.engine.distributed import all_gather_last_dim
 
-        rows = self.output_size // self.tp_size
+        rows = self.output_size_per_partition
         if shard.shape[-1] != rows:  # the last rank of an uneven split: its padding columns back, as zeros
             shard = torch.nn.functional.pad(shard, (0, rows - shard.shape[-1]))
         logits = all_gather_last_dim(shard, self.tp_group, self.tp_size)
