@@ -26,7 +26,7 @@ import triton.language as tl
 
 from mopt.kernels import triton_allreduce_norm
 from mopt.kernels.triton_allreduce_norm import push_rows
-from mopt.kernels.triton_pdl import launch_options, pdl_prologue
+from mopt.kernels.triton_pdl import launch_options, pdl_launch_dependents, pdl_wait
 from mopt.kernels.triton_weight_decode import e2m1_pair as _e2m1_pair  # one E2M1 decode for every kernel
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -147,6 +147,18 @@ def _nvfp4_dequant_kernel(b_ptr, bs_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, B
 
 
 @triton.jit
+def _nvfp4_gemv_step(a_ptr, packed, scale, offs_b, acc, K, BLOCK_N: tl.constexpr, HALF_K: tl.constexpr):
+    """Adds one weight tile's products, each 16-block's partial sum times its block scale."""
+    even, odd = _e2m1_pair(packed)
+    k_ok = offs_b < K // 2
+    xe = tl.load(a_ptr + 2 * offs_b, mask=k_ok, other=0.0).to(tl.float32)
+    xo = tl.load(a_ptr + 2 * offs_b + 1, mask=k_ok, other=0.0).to(tl.float32)
+    prod = even * xe[None, :] + odd * xo[None, :]
+    blocks = tl.sum(tl.reshape(prod, (BLOCK_N, HALF_K // 8, 8)), axis=2)
+    return acc + tl.sum(blocks * scale, axis=1)
+
+
+@triton.jit
 def _nvfp4_gemv_kernel(a_ptr, b_ptr, bs_ptr, c_ptr, a_global_ptr, b_global_ptr, bias_ptr, bases_ptr, slots_ptr, N, K,
                        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        PUSH: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, ROW_ELEMS: tl.constexpr,
@@ -154,7 +166,7 @@ def _nvfp4_gemv_kernel(a_ptr, b_ptr, bs_ptr, c_ptr, a_global_ptr, b_global_ptr, 
     """One token: streams the packed weights once, FMA reductions per 16-block, the block scale applied to
     each block's partial sum. ``PUSH`` (``SPLIT_K == 1``): the output tile also goes to the peers' fused
     all-reduce (``push_rows``)."""
-    pdl_prologue(PDL)
+    pdl_launch_dependents(PDL)
     HALF_K: tl.constexpr = BLOCK_K // 2
     offs_m = tl.arange(0, 1)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -166,15 +178,16 @@ def _nvfp4_gemv_kernel(a_ptr, b_ptr, bs_ptr, c_ptr, a_global_ptr, b_global_ptr, 
     rows = offs_n[:, None].to(tl.int64)
     b_rows, s_rows = b_ptr + rows * (K // 2), bs_ptr + rows * (K // 16)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for t in range(first, last):
+    # the first weight tile is loaded before waiting for the activations (see triton_pdl); a split
+    # past the last tile loads nothing and adds nothing
+    first_ok = offs_n < tl.where(first < last, N, 0)
+    packed, scale, offs_b = _load_fp4_tile(b_rows, s_rows, first, first_ok, K, HALF_K)
+    pdl_wait(PDL)
+    if first < last:
+        acc = _nvfp4_gemv_step(a_ptr, packed, scale, offs_b, acc, K, BLOCK_N, HALF_K)
+    for t in range(first + 1, last):
         packed, scale, offs_b = _load_fp4_tile(b_rows, s_rows, t, n_ok, K, HALF_K)
-        even, odd = _e2m1_pair(packed)
-        k_ok = offs_b < K // 2
-        xe = tl.load(a_ptr + 2 * offs_b, mask=k_ok, other=0.0).to(tl.float32)
-        xo = tl.load(a_ptr + 2 * offs_b + 1, mask=k_ok, other=0.0).to(tl.float32)
-        prod = even * xe[None, :] + odd * xo[None, :]
-        blocks = tl.sum(tl.reshape(prod, (BLOCK_N, HALF_K // 8, 8)), axis=2)
-        acc += tl.sum(blocks * scale, axis=1)
+        acc = _nvfp4_gemv_step(a_ptr, packed, scale, offs_b, acc, K, BLOCK_N, HALF_K)
     scale = tl.load(a_global_ptr) * tl.load(b_global_ptr + offs_n, mask=n_ok, other=0.0)
     values, mask = _store(c_ptr, (acc * scale)[None, :], offs_m, offs_n, 1, N, N, bias_ptr, HAS_BIAS, SPLIT_K)
     if PUSH:  # SPLIT_K == 1: the tile as written

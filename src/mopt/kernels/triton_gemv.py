@@ -35,7 +35,7 @@ from mopt.kernels import triton_allreduce_norm
 from mopt.kernels.triton_allreduce_norm import push_rows
 from mopt.kernels.triton_gemm import scale_tile
 from mopt.kernels.triton_glue import TL_DTYPES, _store_out
-from mopt.kernels.triton_pdl import launch_options, pdl_prologue
+from mopt.kernels.triton_pdl import launch_options, pdl_launch_dependents, pdl_wait
 from mopt.quant.formats import fp8
 
 
@@ -58,7 +58,7 @@ def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_sc
     """``GATED``: ``b`` holds ``2N`` rows, gate then up; a program takes ``BLOCK_N`` of each and writes
     ``silu(gate) * up`` as ``triton_glue.silu_mul`` computes it from the GEMV's ``DTYPE`` output.
     ``PUSH``: the output tile also goes to the peers' fused all-reduce buffers (``push_rows``)."""
-    pdl_prologue(PDL)
+    pdl_launch_dependents(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
@@ -69,24 +69,19 @@ def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_sc
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc1_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        b_mask = n_ok[:, None] & k_ok[None, :]
-        b = tl.load(b_rows + offs_k[None, :], mask=b_mask, other=0.0)
-        if GATED:
-            b_up = tl.load(up_rows + offs_k[None, :], mask=b_mask, other=0.0)
-        if DOT:
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            acc = tl.dot(a, tl.trans(b), acc)
-            if GATED:
-                acc_up = tl.dot(a, tl.trans(b_up), acc_up)
-        else:
-            a = tl.load(a_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            acc1 += tl.sum(b.to(tl.float32) * a[None, :], axis=1)
-            if GATED:
-                acc1_up += tl.sum(b_up.to(tl.float32) * a[None, :], axis=1)
+    start = 0
+    if DOT:
+        pdl_wait(PDL)
+    else:  # one token: the first K tile of weights loads before the activations may be read (triton_pdl)
+        b, b_up = _weight_tile(b_rows, up_rows, 0, n_ok, K, BLOCK_K, GATED)
+        pdl_wait(PDL)
+        acc, acc_up, acc1, acc1_up = _gemv_step(a_ptr, b, b_up, 0, offs_m, m_ok, K, stride_am, acc, acc_up, acc1,
+                                                acc1_up, BLOCK_K, DOT, GATED)
+        start = BLOCK_K
+    for k0 in range(start, K, BLOCK_K):
+        b, b_up = _weight_tile(b_rows, up_rows, k0, n_ok, K, BLOCK_K, GATED)
+        acc, acc_up, acc1, acc1_up = _gemv_step(a_ptr, b, b_up, k0, offs_m, m_ok, K, stride_am, acc, acc_up, acc1,
+                                                acc1_up, BLOCK_K, DOT, GATED)
     if not DOT:
         acc = acc1[None, :]
         acc_up = acc1_up[None, :]
@@ -109,6 +104,38 @@ def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_sc
         tl.store(ptrs, values, mask=mask)
         if PUSH:
             push_rows(values, offs_m, offs_n, mask, bases_ptr, slots_ptr, RANK, WORLD, ROW_ELEMS)
+
+
+@triton.jit
+def _weight_tile(b_rows, up_rows, k0, n_ok, K, BLOCK_K: tl.constexpr, GATED: tl.constexpr):
+    """The ``[BLOCK_N, BLOCK_K]`` weight tile at ``k0`` (and the up rows' when ``GATED``, else ``b`` again)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    b_mask = n_ok[:, None] & (offs_k < K)[None, :]
+    b = tl.load(b_rows + offs_k[None, :], mask=b_mask, other=0.0)
+    b_up = b
+    if GATED:
+        b_up = tl.load(up_rows + offs_k[None, :], mask=b_mask, other=0.0)
+    return b, b_up
+
+
+@triton.jit
+def _gemv_step(a_ptr, b, b_up, k0, offs_m, m_ok, K, stride_am, acc, acc_up, acc1, acc1_up, BLOCK_K: tl.constexpr,
+               DOT: tl.constexpr, GATED: tl.constexpr):
+    """Adds one K tile's products: tensor-core dots into ``acc`` (``DOT``), else FMA sums into ``acc1``."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    if DOT:
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc)
+        if GATED:
+            acc_up = tl.dot(a, tl.trans(b_up), acc_up)
+    else:
+        a = tl.load(a_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        acc1 += tl.sum(b.to(tl.float32) * a[None, :], axis=1)
+        if GATED:
+            acc1_up += tl.sum(b_up.to(tl.float32) * a[None, :], axis=1)
+    return acc, acc_up, acc1, acc1_up
 
 
 @triton.jit

@@ -7,6 +7,10 @@ visible. So the launch latency and prologue of one kernel hide under the tail of
 kernel that takes part calls :func:`pdl_prologue` first, before it touches any global memory, so no
 read or write can race its predecessor; and it lets its own dependents launch from there on.
 
+The decode GEMVs split the prologue (:func:`pdl_launch_dependents`, then :func:`pdl_wait`) around
+their first weight tile: weights are written by no kernel of a decode step, so those loads may run
+while the predecessor finishes, and the first bytes of the GEMV's stream arrive before it may start.
+
 Kernels that are not launched with PDL (cuBLAS, torch) keep the stream's ordinary ordering on both
 sides. Captured CUDA graphs keep the dependencies as programmatic edges.
 
@@ -50,6 +54,21 @@ def launch_options(device: torch.device) -> dict:
     if enabled(device):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
+
+
+@triton.jit
+def pdl_launch_dependents(PDL: tl.constexpr):
+    """Let the next kernel launch (its programs then wait in their own :func:`pdl_wait`)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Wait until the previous kernel has finished and its writes are visible. Only loads of memory that
+    no kernel of the step writes (weights) may come before it."""
+    if PDL:
+        gdc_wait()
 
 
 @triton.jit
