@@ -32,6 +32,8 @@ NO_PUSH = dict(PUSH=False, RANK=0, WORLD=1, ROW_ELEMS=8192)
 PUSH_2 = dict(PUSH=True, RANK=1, WORLD=2, ROW_ELEMS=8192)  # rank 1 of 2 sends its rows (triton_allreduce_norm)
 UNGATED = dict(GATED=False, DTYPE=triton.language.bfloat16, FP8_OUT=False, **NO_PUSH)  # a plain GEMV
 GATED = dict(GATED=True, DTYPE=triton.language.bfloat16, **NO_PUSH)
+# one-token GEMVs load their first weight tiles before the PDL wait (triton_pdl): the PTX must keep them there
+WEIGHTS_BEFORE_WAIT = {"_gemv_kernel": lambda c: not c["DOT"], "_nvfp4_gemv_kernel": lambda c: True}
 
 def _kv_ptrs(cache: str) -> dict:
     """The KV-cache pointers of the attention kernels for a cache of element type ``cache`` (NVFP4's
@@ -106,16 +108,30 @@ KERNELS = [
     (tgl._rms_norm_kernel,
      dict(x_ptr=P_BF16, res_ptr=P_BF16, w_ptr=P_F32, out_ptr=P_F8, res_out_ptr=P_BF16, scale_ptr=P_F32,
           stride_x="i32", stride_r="i32", n="i32", eps="fp32"),
-     [dict(BLOCK=4096, HAS_RESIDUAL=True, FP8_OUT=True), dict(BLOCK=16384, HAS_RESIDUAL=False, FP8_OUT=False)]),
+     [dict(BLOCK=4096, HAS_RESIDUAL=True, FP8_OUT=True, NVFP4_OUT=False),
+      dict(BLOCK=16384, HAS_RESIDUAL=False, FP8_OUT=False, NVFP4_OUT=False)]),
+    (tgl._rms_norm_kernel,  # NVFP4 block values out (kernels.quantized_input)
+     dict(x_ptr=P_BF16, res_ptr=P_BF16, w_ptr=P_F32, out_ptr=P_BF16, res_out_ptr=P_BF16, scale_ptr=P_F32,
+          stride_x="i32", stride_r="i32", n="i32", eps="fp32"),
+     [dict(BLOCK=4096, HAS_RESIDUAL=True, FP8_OUT=False, NVFP4_OUT=True, num_warps=16)]),
     (tan._allreduce_rms_norm_kernel,
      dict(x_ptr=P_BF16, res_ptr=P_BF16, w_ptr=P_F32, out_ptr=P_F8, res_out_ptr=P_BF16, scale_ptr=P_F32,
           bases_ptr="*i64", slots_ptr=P_I32, stride_x="i32", stride_r="i32", n="i32", eps="fp32"),
-     [dict(RANK=0, WORLD=2, ROW_ELEMS=8192, BLOCK=4096, SPLIT=1, FP8_OUT=True, PUSHED=False),
-      dict(RANK=1, WORLD=2, ROW_ELEMS=8192, BLOCK=4096, SPLIT=4, FP8_OUT=True, PUSHED=True),
-      dict(RANK=0, WORLD=2, ROW_ELEMS=8192, BLOCK=4096, SPLIT=4, FP8_OUT=False, PUSHED=False),
-      dict(RANK=5, WORLD=8, ROW_ELEMS=8192, BLOCK=8192, SPLIT=1, FP8_OUT=False, PUSHED=False)]),
+     [dict(RANK=0, WORLD=2, ROW_ELEMS=8192, BLOCK=4096, SPLIT=1, FP8_OUT=True, NVFP4_OUT=False, PUSHED=False),
+      dict(RANK=1, WORLD=2, ROW_ELEMS=8192, BLOCK=4096, SPLIT=4, FP8_OUT=True, NVFP4_OUT=False, PUSHED=True),
+      dict(RANK=0, WORLD=2, ROW_ELEMS=8192, BLOCK=4096, SPLIT=4, FP8_OUT=False, NVFP4_OUT=False, PUSHED=False),
+      dict(RANK=5, WORLD=8, ROW_ELEMS=8192, BLOCK=8192, SPLIT=1, FP8_OUT=False, NVFP4_OUT=False, PUSHED=False)]),
+    (tan._allreduce_rms_norm_kernel,
+     dict(x_ptr=P_BF16, res_ptr=P_BF16, w_ptr=P_F32, out_ptr=P_BF16, res_out_ptr=P_BF16, scale_ptr=P_F32,
+          bases_ptr="*i64", slots_ptr=P_I32, stride_x="i32", stride_r="i32", n="i32", eps="fp32"),
+     [dict(RANK=1, WORLD=2, ROW_ELEMS=8192, BLOCK=4096, SPLIT=4, FP8_OUT=False, NVFP4_OUT=True, PUSHED=True,
+           num_warps=16),
+      dict(RANK=0, WORLD=2, ROW_ELEMS=8192, BLOCK=4096, SPLIT=1, FP8_OUT=False, NVFP4_OUT=True, PUSHED=False,
+           num_warps=16)]),
     (tgl._silu_mul_kernel, dict(x_ptr=P_BF16, out_ptr=P_F8, scale_ptr=P_F32, stride_x="i32", n="i32"),
-     [dict(BLOCK=1024, FP8_OUT=True)]),
+     [dict(BLOCK=1024, FP8_OUT=True, NVFP4_OUT=False)]),
+    (tgl._silu_mul_kernel, dict(x_ptr=P_BF16, out_ptr=P_BF16, scale_ptr=P_F32, stride_x="i32", n="i32"),
+     [dict(BLOCK=1024, FP8_OUT=False, NVFP4_OUT=True, num_warps=4)]),
     (tg._gemv_kernel,
      _gemv(P_F8, P_BF16, P_F32),
      [dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=2048, DOT=False, **UNGATED),
@@ -230,10 +246,16 @@ def main() -> int:
                                           options=options or None)
                 shared = compiled.metadata.shared
                 ok = shared <= HOPPER_SHARED_BYTES
-                waits = "griddepcontrol.wait" in compiled.asm["ptx"]
+                ptx = compiled.asm["ptx"]
+                waits = "griddepcontrol.wait" in ptx
                 ok = ok and waits == bool(constexprs.get("PDL"))
+                early = ""
+                if waits and WEIGHTS_BEFORE_WAIT.get(fn.fn.__name__, lambda c: False)(constexprs):
+                    loads = ptx[:ptx.index("griddepcontrol.wait")].count("ld.global")
+                    ok = ok and loads > 0
+                    early = f", {loads} weight loads before it"
                 print(f"{'ok' if ok else 'FAIL'} {name}: {shared} B shared, PDL wait {'in' if waits else 'not in'} "
-                      f"its PTX")
+                      f"its PTX{early}")
                 failures += not ok
             except Exception as e:  # report every kernel, then fail
                 root = e

@@ -27,9 +27,9 @@ class _FusingMember(_Member):
     calls: list
 
     def fused_rms_norm(self, x: torch.Tensor):
-        def run(x, residual, weight, eps, fp8_scale=None):
+        def run(x, residual, weight, eps, fp8_scale=None, nvfp4_scale=None):
             self.calls.append(tuple(x.shape))
-            return rms_norm_reference(self.all_reduce(x.clone()), weight, eps, residual, fp8_scale)
+            return rms_norm_reference(self.all_reduce(x.clone()), weight, eps, residual, fp8_scale, nvfp4_scale)
         return run
 
 

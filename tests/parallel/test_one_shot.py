@@ -199,7 +199,7 @@ def test_a_gemv_pushes_exactly_where_the_norm_fuses(rows, n, dtype, producer_pus
 def test_the_next_norm_call_takes_the_pushed_rows(monkeypatch):
     norm = _norm()
     calls = []
-    monkeypatch.setattr(norm.kernel, "all_reduce_rms_norm", lambda *args: calls.append(args[-2:]) or (None, None))
+    monkeypatch.setattr(norm.kernel, "all_reduce_rms_norm", lambda *args, **kwargs: calls.append(args[-2:]) or (None, None))
     y = torch.zeros(2, 64, dtype=torch.bfloat16)
     norm.pushed(y)
     assert norm.push_peers(2, 64, torch.bfloat16) is None  # one push at a time

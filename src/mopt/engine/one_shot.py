@@ -104,14 +104,16 @@ class OneShotRMSNorm:
         self._pushed = (y.data_ptr(), y.numel())
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                 fp8_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 fp8_scale: torch.Tensor | None = None,
+                 nvfp4_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(normed, sum of x over the ranks + residual)``, as ``rms_norm(all_reduce(x), ..., residual)``."""
         pushed, self._pushed = self._pushed, None
         if pushed is not None and pushed != (x.data_ptr(), x.numel()):
             # The peers hold rows this call would not sum: continuing would corrupt every rank's result.
             raise RuntimeError("fused all-reduce + RMSNorm: the partial sums a kernel already sent to the peers "
                                "are not the ones this norm was given (a layer changed its kernel's output)")
-        return self.kernel.all_reduce_rms_norm(x, residual, weight, eps, fp8_scale, self.peers, pushed is not None)
+        return self.kernel.all_reduce_rms_norm(x, residual, weight, eps, fp8_scale, self.peers, pushed is not None,
+                                               nvfp4_scale=nvfp4_scale)
 
 
 def _switch(name: str) -> bool:

@@ -4,6 +4,8 @@ The torch functions here are the references (CPU, and any device with ``MOPT_BAC
 on CUDA the same calls run the one-pass Triton kernels of ``kernels.triton_glue``. With
 ``fp8_scale`` (the next GEMM's static input scale, when its kernel takes E4M3 input) the output is
 ``e4m3(y / fp8_scale)`` of the output ``y`` in the activation dtype: what that GEMM would compute.
+With ``nvfp4_scale`` (the next GEMM's global input scale, when its kernel takes NVFP4 block values) it
+is ``y``'s block values under that scale, in BF16, marked (``kernels.quantized_input``).
 """
 
 from __future__ import annotations
@@ -14,15 +16,23 @@ import torch
 from torch import nn
 
 from mopt.kernels.linear import BACKEND_ENV
-from mopt.quant.formats import fp8
+from mopt.kernels.quantized_input import check_one_output_format, mark_nvfp4_block_values
+from mopt.quant.formats import fp8, nvfp4
 
 
-def _maybe_fp8(y: torch.Tensor, fp8_scale: torch.Tensor | None) -> torch.Tensor:
+def _quantized(y: torch.Tensor, fp8_scale: torch.Tensor | None, nvfp4_scale: torch.Tensor | None,
+               who: str) -> torch.Tensor:
+    check_one_output_format(fp8_scale, nvfp4_scale, who)
+    if nvfp4_scale is not None:
+        if y.shape[-1] % nvfp4.BLOCK_SIZE:
+            raise ValueError(f"{who}: NVFP4 block values need whole 16-element blocks, got rows of {y.shape[-1]}")
+        values = nvfp4.dequantize_to_block_values(*nvfp4.quantize(y, nvfp4_scale))
+        return mark_nvfp4_block_values(values.to(torch.bfloat16))
     return y if fp8_scale is None else fp8.quantize(y, fp8_scale)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-                       fp8_scale: torch.Tensor | None = None):
+                       fp8_scale: torch.Tensor | None = None, nvfp4_scale: torch.Tensor | None = None):
     """``weight * x / rms(x)`` in float32, rounded to ``x``'s dtype once; with ``residual``, normalizes
     ``s = x + residual`` (rounded to the dtype first) and returns ``(normed, s)``."""
     if residual is not None:
@@ -30,13 +40,15 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residu
         residual = x
     dtype = x.dtype
     xf = x.float()
-    y = _maybe_fp8((weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(dtype), fp8_scale)
+    y = (weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))).to(dtype)
+    y = _quantized(y, fp8_scale, nvfp4_scale, "rms_norm")
     return y if residual is None else (y, residual)
 
 
-def silu_mul_reference(x: torch.Tensor, fp8_scale: torch.Tensor | None = None) -> torch.Tensor:
+def silu_mul_reference(x: torch.Tensor, fp8_scale: torch.Tensor | None = None,
+                       nvfp4_scale: torch.Tensor | None = None) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
-    return _maybe_fp8(nn.functional.silu(gate) * up, fp8_scale)
+    return _quantized(nn.functional.silu(gate) * up, fp8_scale, nvfp4_scale, "silu_mul")
 
 
 def _triton_glue(x: torch.Tensor):
@@ -50,23 +62,27 @@ def _triton_glue(x: torch.Tensor):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             fp8_scale: torch.Tensor | None = None):
+             fp8_scale: torch.Tensor | None = None, nvfp4_scale: torch.Tensor | None = None):
     kernels = _triton_glue(x)
     if kernels is None:
-        return rms_norm_reference(x, weight, eps, residual, fp8_scale)
-    return kernels.rms_norm(x, weight, eps, residual, fp8_scale)
+        return rms_norm_reference(x, weight, eps, residual, fp8_scale, nvfp4_scale)
+    return kernels.rms_norm(x, weight, eps, residual, fp8_scale, nvfp4_scale)
 
 
-def silu_mul(x: torch.Tensor, fp8_scale: torch.Tensor | None = None) -> torch.Tensor:
+def silu_mul(x: torch.Tensor, fp8_scale: torch.Tensor | None = None,
+             nvfp4_scale: torch.Tensor | None = None) -> torch.Tensor:
     kernels = _triton_glue(x)
-    return silu_mul_reference(x, fp8_scale) if kernels is None else kernels.silu_mul(x, fp8_scale)
+    if kernels is None:
+        return silu_mul_reference(x, fp8_scale, nvfp4_scale)
+    return kernels.silu_mul(x, fp8_scale, nvfp4_scale)
 
 
 def all_reduce_rms_norm_reference(partials: list[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor,
-                                  eps: float, fp8_scale: torch.Tensor | None = None):
+                                  eps: float, fp8_scale: torch.Tensor | None = None,
+                                  nvfp4_scale: torch.Tensor | None = None):
     """The reference of ``triton_allreduce_norm``: the ranks' partial sums added in rank order in float32
     and rounded to their dtype once, then :func:`rms_norm_reference` with ``residual``."""
     total = partials[0].float()
     for p in partials[1:]:
         total = total + p.float()
-    return rms_norm_reference(total.to(partials[0].dtype), weight, eps, residual, fp8_scale)
+    return rms_norm_reference(total.to(partials[0].dtype), weight, eps, residual, fp8_scale, nvfp4_scale)

@@ -105,6 +105,11 @@ class LinearKernel:
         ``layer.params_dtype``), so the kernel before it can quantize; None: unquantized input only."""
         return None
 
+    def nvfp4_input_scale(self, layer: torch.nn.Module) -> torch.Tensor | None:
+        """The global scale under which ``apply`` also takes marked NVFP4 block values as ``x``
+        (``kernels.quantized_input``); None: it quantizes its input itself."""
+        return None
+
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:

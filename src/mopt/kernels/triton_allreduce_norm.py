@@ -49,9 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mopt.kernels.triton_glue import _store_out, _warps
+from mopt.kernels.triton_glue import _store_out, _warps, marked, output_format
 from mopt.kernels.triton_pdl import launch_options, pdl_prologue
-from mopt.quant.formats import fp8
 
 MAX_ROWS = 128
 ROW_BYTES = 16384  # 8192 BF16 values: a hidden size up to 8192
@@ -130,7 +129,8 @@ def push_rows(values, rows, cols, mask, bases_ptr, slots_ptr, RANK: tl.constexpr
 def _allreduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale_ptr, bases_ptr, slots_ptr,
                                stride_x, stride_r, n, eps, RANK: tl.constexpr, WORLD: tl.constexpr,
                                ROW_ELEMS: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
-                               FP8_OUT: tl.constexpr, PUSHED: tl.constexpr, PDL: tl.constexpr):
+                               FP8_OUT: tl.constexpr, NVFP4_OUT: tl.constexpr, PUSHED: tl.constexpr,
+                               PDL: tl.constexpr):
     """Program ``row * SPLIT + part`` owns columns ``[part * BLOCK / SPLIT, (part + 1) * BLOCK / SPLIT)`` of
     row ``row``. ``PUSHED``: the kernel that computed ``x`` already sent this rank's rows (``push_rows``)."""
     pdl_prologue(PDL)
@@ -192,7 +192,7 @@ def _allreduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scal
         s_mine = (acc_mine.to(dtype).to(tl.float32) + r_mine).to(dtype)
     tl.store(res_out_ptr + row.to(tl.int64) * n + mine, s_mine, mask=mine_ok)
     _store_out(out_ptr + row.to(tl.int64) * n + mine, (w * (s_mine.to(tl.float32) * rstd)).to(dtype), scale_ptr,
-               mine_ok, FP8_OUT)
+               mine_ok, FP8_OUT, NVFP4_OUT)
 
 
 def supports_rows(rows: int, n: int, dtype: torch.dtype, world: int) -> tuple[bool, str]:
@@ -230,28 +230,30 @@ def push_arguments(peers: PeerRows | None, placeholder: torch.Tensor) -> tuple[t
 
 
 def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                        fp8_scale: torch.Tensor | None, peers: PeerRows,
-                        pushed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        fp8_scale: torch.Tensor | None, peers: PeerRows, pushed: bool = False,
+                        nvfp4_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(normed, s)`` with ``s = sum over ranks of x + residual`` (as ``triton_glue.rms_norm`` with
-    ``residual``) for this rank's partial sums ``x``, through ``peers`` (every rank's buffer, set up by
-    :func:`init_buffer`). ``pushed``: the kernel that wrote ``x`` already sent its rows (``push_rows``).
-    Every rank must make the same calls in the same order with the same shapes."""
+    ``residual``, ``fp8_scale`` and ``nvfp4_scale`` as there) for this rank's partial sums ``x``, through
+    ``peers`` (every rank's buffer, set up by :func:`init_buffer`). ``pushed``: the kernel that wrote ``x``
+    already sent its rows (``push_rows``). Every rank must make the same calls in the same order with the
+    same shapes."""
     ok, why = supports(x, peers.world)
     if not ok:
         raise ValueError(f"all_reduce_rms_norm: {why}")
     n = x.shape[-1]
+    out_dtype, scale = output_format(n, x.dtype, fp8_scale, nvfp4_scale, "all_reduce_rms_norm")
     x2 = x.reshape(-1, n)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     r2 = residual.reshape(-1, n)
     r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
     m = x2.shape[0]
-    out = torch.empty((m, n), dtype=fp8.FP8_DTYPE if fp8_scale is not None else x.dtype, device=x.device)
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     res_out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block = triton.next_power_of_2(n)
     split = ONE_ROW_SPLIT if m == 1 and block >= 32 * ONE_ROW_SPLIT else 1
     _allreduce_rms_norm_kernel[(m * split,)](
-        x2, r2, weight, out, res_out, fp8_scale if fp8_scale is not None else weight, peers.bases, peers.slots,
+        x2, r2, weight, out, res_out, scale if scale is not None else weight, peers.bases, peers.slots,
         x2.stride(0), r2.stride(0), n, eps, RANK=peers.rank, WORLD=peers.world, ROW_ELEMS=ROW_BYTES // 2,
-        BLOCK=block, SPLIT=split, FP8_OUT=fp8_scale is not None, PUSHED=pushed, num_warps=_warps(block, fp8_scale),
-        **launch_options(x.device))
-    return out.view(x.shape), res_out.view(x.shape)
+        BLOCK=block, SPLIT=split, FP8_OUT=fp8_scale is not None, NVFP4_OUT=nvfp4_scale is not None, PUSHED=pushed,
+        num_warps=_warps(block, scale), **launch_options(x.device))
+    return marked(out.view(x.shape), nvfp4_scale), res_out.view(x.shape)

@@ -11,7 +11,8 @@ Selection (``mopt.kernels.linear.select_linear_kernel``), in order:
 * ``triton-nvfp4``: exact W4A4 on the activations' NVFP4 block values, by M bucket: the packed-weight
   GEMV for one token and weights expanded for cuBLAS above ``NVFP4_MMA_MAX_M`` (``triton_gemm.nvfp4_gemm``),
   the weight-decoding MMA kernel between (``triton_weight_prefill.wo_mma``, both global scales as one
-  row scale);
+  row scale). Also takes block values the kernel before it already wrote (``nvfp4_input_scale``,
+  ``kernels.quantized_input``);
 * ``cublas-fp8`` / ``triton-fp8``: one engine for every M, for ``MOPT_BACKEND=cublas|triton``;
 * ``triton-gemv`` (backend ``auto``): unquantized BF16/FP16 layers (and the excluded ``lm_head``),
   the decode GEMV up to 32 tokens (cuBLAS's split-K GEMV adds a reduction launch), cuBLAS above.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from mopt.kernels import triton_gemm, triton_gemv, triton_quant
+from mopt.kernels.quantized_input import nvfp4_block_values_of
 from mopt.kernels.triton_weight_decode import NVFP4
 from mopt.kernels.triton_weight_prefill import wo_mma
 from mopt.kernels.linear import (LinearKernel, LinearScheme, LinearShape, cuda_capability, flatten_tokens,
@@ -229,18 +231,26 @@ class TritonNvfp4Kernel(_CudaKernel):
         alpha = layer.input_scale.float().reshape(()) * layer.weight_scale_2.float().reshape(-1)
         layer.nvfp4_row_alpha = torch.broadcast_to(alpha, (n,)).contiguous()
 
+    def nvfp4_input_scale(self, layer):
+        return layer.input_scale
+
     def apply(self, layer, x, bias):
-        x2, restore = flatten_tokens(x)
-        values = triton_quant.nvfp4_block_values(x2, layer.input_scale)
-        if 1 < x2.shape[0] <= NVFP4_MMA_MAX_M:
+        prequantized = nvfp4_block_values_of(x)  # written by the kernel before, under layer.input_scale
+        if prequantized is not None:
+            values, restore = flatten_tokens(prequantized)
+            out_dtype = layer.params_dtype
+        else:
+            x2, restore = flatten_tokens(x)
+            values, out_dtype = triton_quant.nvfp4_block_values(x2, layer.input_scale), x.dtype
+        if 1 < values.shape[0] <= NVFP4_MMA_MAX_M:
             n = layer.weight.shape[0]
             return restore(wo_mma(values, NVFP4, layer.weight, layer.weight_scale, layer.nvfp4_row_alpha, bias, n,
-                                  values.shape[1], 0, 16, None, x.dtype, triton_gemm.INTERPRETED))
+                                  values.shape[1], 0, 16, None, out_dtype, triton_gemm.INTERPRETED))
         norm = peers = None
-        if x2.shape[0] == 1:  # the one-token kernel writes its output once: it can send it too
-            norm, peers = _push_target(layer, 1, layer.weight.shape[0], x.dtype)
+        if values.shape[0] == 1:  # the one-token kernel writes its output once: it can send it too
+            norm, peers = _push_target(layer, 1, layer.weight.shape[0], out_dtype)
         y = triton_gemm.nvfp4_gemm(values, layer.weight, layer.weight_scale, layer.input_scale,
-                                   layer.weight_scale_2, bias, x.dtype, layer.nvfp4_alpha, push=peers)
+                                   layer.weight_scale_2, bias, out_dtype, layer.nvfp4_alpha, push=peers)
         return restore(_pushed(norm, y))
 
 

@@ -19,7 +19,8 @@ class RMSNorm(nn.Module):
 
     ``forward(x, residual)`` first adds the residual stream (rounded to the activation dtype, as an
     unfused ``x + residual`` is) and returns ``(normed, new residual)``: one kernel on GPUs. With
-    ``fp8_scale`` (the next layer's ``fp8_input_scale``) ``normed`` is E4M3 codes under it. With
+    ``fp8_scale`` (the next layer's ``fp8_input_scale``) ``normed`` is E4M3 codes under it, with
+    ``nvfp4_scale`` (its ``nvfp4_input_scale``) NVFP4 block values (``kernels.quantized_input``). With
     ``reduce_group``, ``x`` is this rank's partial sums of a row-parallel layer: they are all-reduced
     first, in the norm's own kernel where the group has one for them (one node's GPUs).
     """
@@ -32,13 +33,13 @@ class RMSNorm(nn.Module):
         self.weight._weight_loader = lambda param, t, shard_id=None: param.load(t, ShardSpec())
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8_scale: torch.Tensor | None = None,
-                reduce_group=None):
+                reduce_group=None, nvfp4_scale: torch.Tensor | None = None):
         if reduce_group is not None:
             fused = reduce_group.fused_rms_norm(x) if residual is not None else None
             if fused is not None:
-                return fused(x, residual, self.weight, self.eps, fp8_scale)
+                return fused(x, residual, self.weight, self.eps, fp8_scale, nvfp4_scale)
             x = all_reduce(x, reduce_group)
-        return rms_norm(x, self.weight, self.eps, residual, fp8_scale)
+        return rms_norm(x, self.weight, self.eps, residual, fp8_scale, nvfp4_scale)
 
 
 def rope_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:

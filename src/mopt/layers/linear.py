@@ -120,6 +120,12 @@ class LinearBase(nn.Module):
         under (the kernel before it can then write codes instead of its output); else None."""
         return self.quant_method.fp8_input_scale(self)
 
+    @property
+    def nvfp4_input_scale(self) -> torch.Tensor | None:
+        """When this layer's kernel also takes NVFP4 block values, the global scale they must be quantized
+        under (the kernel before it then writes them, ``kernels.quantized_input``); else None."""
+        return self.quant_method.nvfp4_input_scale(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
 

@@ -110,13 +110,19 @@ class LlamaMLP(nn.Module):
     def fp8_input_scale(self) -> torch.Tensor | None:
         return self.gate_up_proj.fp8_input_scale
 
+    @property
+    def nvfp4_input_scale(self) -> torch.Tensor | None:
+        return self.gate_up_proj.nvfp4_input_scale
+
     partial_output = True  # forward(x, reduce=False) returns the down projection's partial sums
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         if self.act_fn is nn.functional.silu:  # writing the down projection's FP8 codes if it takes them
             scale = self.down_proj.fp8_input_scale
             act = self.gate_up_proj.silu_gated(x, scale)  # decode: one kernel for both
-            return self.down_proj(silu_mul(self.gate_up_proj(x), scale) if act is None else act, reduce)
+            if act is None:  # or its NVFP4 block values
+                act = silu_mul(self.gate_up_proj(x), scale, self.down_proj.nvfp4_input_scale)
+            return self.down_proj(act, reduce)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up, reduce)
 
@@ -149,15 +155,17 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata | None) -> tuple[torch.Tensor, torch.Tensor]:
-        # Norms write E4M3 codes when the GEMM after them takes those (static-scale FP8 kernels on GPUs).
-        qkv_scale = self.self_attn.qkv_proj.fp8_input_scale
+        # Norms write E4M3 codes or NVFP4 block values when the GEMM after them takes those (static-scale
+        # FP8 and W4A4 NVFP4 kernels on GPUs).
+        qkv = self.self_attn.qkv_proj
+        qkv_scale, qkv_nvfp4 = qkv.fp8_input_scale, qkv.nvfp4_input_scale
         if residual is None:
-            x, residual = self.input_layernorm(x, fp8_scale=qkv_scale), x
+            x, residual = self.input_layernorm(x, fp8_scale=qkv_scale, nvfp4_scale=qkv_nvfp4), x
         else:
-            x, residual = self.input_layernorm(x, residual, qkv_scale, self.input_group)
+            x, residual = self.input_layernorm(x, residual, qkv_scale, self.input_group, qkv_nvfp4)
         x = self.self_attn(positions, x, meta, reduce=self.tp_group is None)
         x, residual = self.post_attention_layernorm(x, residual, getattr(self.mlp, "fp8_input_scale", None),
-                                                    self.tp_group)
+                                                    self.tp_group, getattr(self.mlp, "nvfp4_input_scale", None))
         if self.output_group is not None:
             return self.mlp(x, reduce=False), residual
         return self.mlp(x), residual

@@ -53,10 +53,18 @@ class LinearMethodBase(QuantizeMethodBase):
         self.kernel = select_linear_kernel(layer.linear_shape, layer.weight.device, override)
         self.kernel.process_weights(layer)
 
+    def takes_quantized_input(self, layer: torch.nn.Module) -> bool:
+        """Whether ``apply`` may be given its kernel's input already quantized (False where it must see
+        the unquantized input, e.g. to smooth it first)."""
+        return self.kernel is not None
+
     def fp8_input_scale(self, layer: torch.nn.Module) -> torch.Tensor | None:
-        """The static scale under which ``apply`` also takes E4M3 codes (its kernel's; None when ``apply``
-        must see the unquantized input, e.g. to smooth it first)."""
-        return self.kernel.fp8_input_scale(layer) if self.kernel is not None else None
+        """The static scale under which ``apply`` also takes E4M3 codes (its kernel's), or None."""
+        return self.kernel.fp8_input_scale(layer) if self.takes_quantized_input(layer) else None
+
+    def nvfp4_input_scale(self, layer: torch.nn.Module) -> torch.Tensor | None:
+        """The global scale under which ``apply`` also takes marked NVFP4 block values (its kernel's), or None."""
+        return self.kernel.nvfp4_input_scale(layer) if self.takes_quantized_input(layer) else None
 
     def apply(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None

@@ -6,8 +6,9 @@ wrap ``apply``; the kernel underneath never sees them.
 
 * :class:`PreQuantScaleMixin`: an optional ``pre_quant_scale`` ``[K]`` per shard (ModelOpt exports it
   only where it could not fold it into the preceding layer); ``x' = x * pre_quant_scale`` in ``x``'s
-  dtype, as ModelOpt's input quantizer computes it. Such a layer never takes E4M3 codes from the kernel
-  before it (``fp8_input_scale`` is None): W4A8_AWQ's smoothed o_proj/down_proj run FP8 kernels that could.
+  dtype, as ModelOpt's input quantizer computes it. Such a layer never takes input quantized by the
+  kernel before it (``takes_quantized_input`` is False): W4A8_AWQ's smoothed o_proj/down_proj run FP8
+  kernels that could.
 * :class:`SvdQuantLoraMixin`: ``lora_a`` ``[r, K]`` (one for all fused shards) and ``lora_b`` ``[N, r]``
   (rows per shard); ``y += (x' @ lora_a^T) @ lora_b^T`` in ``x``'s dtype, on the smoothed input.
 """
@@ -42,9 +43,9 @@ class PreQuantScaleMixin:
         _settle(layer, "pre_quant_scale", scale)
         super().process_weights_after_loading(layer)
 
-    def fp8_input_scale(self, layer) -> torch.Tensor | None:
-        # E4M3 codes written by the layer before could not be smoothed: take the unquantized input.
-        return None if layer.pre_quant_scale is not None else super().fp8_input_scale(layer)
+    def takes_quantized_input(self, layer) -> bool:
+        # input quantized by the layer before could not be smoothed: take the unquantized input
+        return layer.pre_quant_scale is None and super().takes_quantized_input(layer)
 
     @staticmethod
     def _smoothed(layer, x: torch.Tensor) -> torch.Tensor:
@@ -87,8 +88,8 @@ class SvdQuantLoraMixin:
         _settle(layer, "svdquant_lora_b", torch.cat(b_parts, dim=0))
         super().process_weights_after_loading(layer)
 
-    def fp8_input_scale(self, layer) -> torch.Tensor | None:
-        return None  # the low-rank branch multiplies the unquantized input
+    def takes_quantized_input(self, layer) -> bool:
+        return False  # the low-rank branch multiplies the unquantized input
 
     def apply_silu_gated(self, layer, x, bias, fp8_scale) -> None:
         return None  # the low-rank branch joins before the SiLU
