@@ -1,11 +1,16 @@
 """Producers that write NVFP4 block values for the W4A4 GEMM after them (``kernels.quantized_input``).
 
 Each producer (RMSNorm with and without the residual, the SiLU-gated product, the fused all-reduce +
-RMSNorm) given ``nvfp4_scale`` must write, bit for bit, the block values ``triton_quant.nvfp4_block_values``
-computes from its unquantized output under that scale, marked; and ``triton-nvfp4`` given them must
-return the bits it returns for the unquantized input. Exactness is the point (the quantization is
-moved, not changed), so every comparison is ``torch.equal``; through the interpreter here, on the GPU
-in ``test_quantized_input_gpu``. The torch references quantize with ``nvfp4.quantize``: equal too.
+RMSNorm, decode attention with and without its split merge) given ``nvfp4_scale`` must write, bit for
+bit, the block values ``triton_quant.nvfp4_block_values`` computes from its unquantized output under that
+scale, marked; and ``triton-nvfp4`` given them must return what it returns for the unquantized input.
+Exactness is the point (the quantization is moved, not changed), so comparisons are ``torch.equal``,
+through the interpreter and on the GPU, with two exceptions on the GPU, where kernels compiled apart
+may differ: decode attention's variant that writes block values may sum in another order (as its E4M3
+variant, ``test_triton_attention``), so a value may sit across a rounding boundary and land in another
+E2M1 step, rarely (under 1% of elements); and the NVFP4 MMA kernel splits K over programs that add
+float32 partial sums atomically, in no fixed order (relative 1e-5). The torch references quantize with
+``nvfp4.quantize``: equal too.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import torch
 
 from canonical import canonical_layer
 from peer_buffers import Buffers
-from triton_device import triton_device
+from test_triton_attention import _cache
+from triton_device import INTERPRETED, triton_device
 
 from mopt.kernels.glue import rms_norm_reference, silu_mul_reference
 from mopt.kernels.linear import LinearScheme as S
@@ -24,6 +30,7 @@ from mopt.kernels.quantized_input import Nvfp4BlockValues, mark_nvfp4_block_valu
 triton_glue = pytest.importorskip("mopt.kernels.triton_glue")
 triton_quant = pytest.importorskip("mopt.kernels.triton_quant")
 tan = pytest.importorskip("mopt.kernels.triton_allreduce_norm")
+triton_attention = pytest.importorskip("mopt.kernels.triton_attention")
 
 SCALE = 0.004  # a global input scale: block scales land in E4M3's normal range for outputs of a few units
 
@@ -47,8 +54,24 @@ def _all_reduce_norm(device, x, residual, weight, nvfp4_scale):
     return tan.all_reduce_rms_norm(x, residual, weight, 1e-5, None, buffers.peers(1), nvfp4_scale=nvfp4_scale)[0]
 
 
+def _decode(splits):
+    """Decode attention of 4 sequences (one empty) over 8 query heads of 64 (``x`` only sets the device and
+    dtype): ``[4, 8 * 64]`` as the model hands it to ``o_proj``."""
+    def produce(device, x, residual, weight, nvfp4_scale):
+        seq_lens = [5, 33, 0, 90]
+        k_cache, v_cache, tables, ks, vs = _cache(seq_lens, 16, 2, 64, x.dtype, x.dtype, device, 5)
+        q = (torch.randn(4, 8, 64, generator=torch.Generator().manual_seed(9)) * 3).to(device, x.dtype)
+        lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+        out = triton_attention.decode(q, k_cache, v_cache, tables, lens, 0.125, ks, vs, num_splits=splits,
+                                      nvfp4_scale=nvfp4_scale)
+        values = nvfp4_block_values_of(out)
+        flat = (out if values is None else values).reshape(4, 8 * 64)
+        return flat if values is None else mark_nvfp4_block_values(flat)
+    return produce
+
+
 PRODUCERS = {"rms_norm": _norm, "rms_norm+residual": _norm_residual, "silu_mul": _silu,
-             "all_reduce_rms_norm": _all_reduce_norm}
+             "all_reduce_rms_norm": _all_reduce_norm, "decode": _decode(1), "decode+merge": _decode(4)}
 
 
 def _case(device, dtype, m, n):
@@ -64,15 +87,24 @@ def _check_producer(name, device, dtype, m, n):
     x, residual, weight = _case(device, dtype, m, n)
     scale = torch.tensor(SCALE, device=device)
     got = produce(device, x, residual, weight, scale)
-    assert isinstance(got, Nvfp4BlockValues) and got.dtype == torch.bfloat16 and got.shape == (m, n)
-    want = triton_quant.nvfp4_block_values(produce(device, x, residual, weight, None), scale)
-    assert torch.equal(nvfp4_block_values_of(got), want)
+    assert isinstance(got, Nvfp4BlockValues) and got.dtype == torch.bfloat16
+    plain = produce(device, x, residual, weight, None)
+    assert got.shape == plain.shape
+    want = triton_quant.nvfp4_block_values(plain, scale)
+    got = nvfp4_block_values_of(got)
+    if name.startswith("decode") and not INTERPRETED:
+        assert (got != want).float().mean() < 0.01
+    else:
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("name", list(PRODUCERS))
 @pytest.mark.parametrize("m,n", [(1, 64), (3, 256), (2, 1024)])
 def test_producers_write_the_block_values_interpreted(name, m, n):
-    """One row of 1024 is split over four programs in the fused all-reduce norm: blocks stay whole."""
+    """One row of 1024 is split over four programs in the fused all-reduce norm: blocks stay whole.
+    (Decode attention has shapes of its own.)"""
+    if name.startswith("decode") and (m, n) != (1, 64):
+        pytest.skip("decode attention has shapes of its own")
     dtype = torch.float16 if name == "all_reduce_rms_norm" else torch.float32  # the peer buffers' dtype
     _check_producer(name, triton_device(False), dtype, m, n)
 
@@ -119,7 +151,11 @@ def _check_consumer(device, m, k, n):
     assert kernel.nvfp4_input_scale(layer) is layer.input_scale
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3).to(device)
     values = mark_nvfp4_block_values(triton_quant.nvfp4_block_values(x, layer.input_scale))
-    assert torch.equal(kernel.apply(layer, values, None), kernel.apply(layer, x, None))
+    got, want = kernel.apply(layer, values, None), kernel.apply(layer, x, None)
+    if m == 1 or INTERPRETED:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("m", [1, 3])  # the one-token kernel and the weight-decoding MMA kernel
@@ -156,9 +192,11 @@ def test_only_kernels_that_take_block_values_ask_for_them():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["rms_norm", "rms_norm+residual", "silu_mul"])
+@pytest.mark.parametrize("name", ["rms_norm", "rms_norm+residual", "silu_mul", "decode", "decode+merge"])
 @pytest.mark.parametrize("m,n", [(1, 4096), (64, 4096), (1, 14336), (200, 7168)])
 def test_quantized_input_gpu(name, m, n):
+    if name.startswith("decode") and (m, n) != (1, 4096):
+        pytest.skip("decode attention has shapes of its own")
     _check_producer(name, triton_device(True), torch.bfloat16, m, n)
 
 

@@ -59,9 +59,12 @@ class AttentionBackend:
     def rope_write_attend(self, q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta, scale: float,
                           k_scale: float, v_scale: float, sliding_window: int | None,
                           fp8_scale: torch.Tensor | None = None,
-                          packed: reference.PackedKV | None = None) -> torch.Tensor:
+                          packed: reference.PackedKV | None = None,
+                          nvfp4_scale: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`rope_and_write` then :meth:`attend` (``q [N, H, D]``, ``k, v [N, Hkv, D]``, ``positions [N]``,
-        slots from ``meta``), in one kernel where a backend has one."""
+        slots from ``meta``), in one kernel where a backend has one. ``nvfp4_scale`` (an NVFP4 ``o_proj``'s
+        ``nvfp4_input_scale``): a backend may return marked block values under it (``kernels.quantized_input``)
+        instead of the output; the Triton decode kernel does."""
         q = self.rope_and_write(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta.slot_mapping, k_scale,
                                 v_scale, packed=packed)
         return self.attend(q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding_window, fp8_scale,
@@ -130,7 +133,7 @@ class TritonAttention(AttentionBackend):
                                         out_scale=fp8_scale, packed=packed)
 
     def rope_write_attend(self, q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta, scale, k_scale, v_scale,
-                          sliding_window, fp8_scale=None, packed=None):
+                          sliding_window, fp8_scale=None, packed=None, nvfp4_scale=None):
         if meta.max_query_len != 1:
             return super().rope_write_attend(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta, scale,
                                              k_scale, v_scale, sliding_window, fp8_scale, packed)
@@ -138,7 +141,8 @@ class TritonAttention(AttentionBackend):
 
         new = triton_attention.NewTokens(k, v, positions, cos_sin_cache, meta.slot_mapping)
         return triton_attention.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, k_scale,
-                                       v_scale, sliding_window or 0, out_scale=fp8_scale, packed=packed, new=new)
+                                       v_scale, sliding_window or 0, out_scale=fp8_scale, packed=packed, new=new,
+                                       nvfp4_scale=nvfp4_scale)
 
 
 ATTENTION_BACKENDS: dict[str, list[type[AttentionBackend]]] = {

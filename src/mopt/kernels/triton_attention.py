@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from mopt.kernels.paged_attention import PackedKV
-from mopt.kernels.triton_glue import TL_DTYPES, _store_out
+from mopt.kernels.triton_glue import TL_DTYPES, _store_out, marked, output_format
 from mopt.kernels.triton_pdl import launch_options, pdl_prologue
 from mopt.kernels.triton_kv import FMT_NONE, kv_format_args, load_values, store_elementwise, store_nvfp4
 from mopt.quant.formats import fp8
@@ -171,7 +171,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_bs_ptr, v_bs_ptr, k_bias_p
                    stride_bt, num_heads, num_kv_heads, window, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
                    D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    FMT: tl.constexpr, AFFINE: tl.constexpr, IEEE: tl.constexpr, FP8_OUT: tl.constexpr,
-                   ROPE: tl.constexpr, PDL: tl.constexpr):
+                   NVFP4_OUT: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr):
     """``ROPE``: ``q`` and the new token's ``k``, ``v`` arrive unrotated; each program rotates its query
     heads, and the program whose slice holds the new token rotates its key and writes key and value into
     the cache (as ``_rope_write_kernel``) before it reads them back."""
@@ -217,7 +217,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_bs_ptr, v_bs_ptr, k_bias_p
     o = acc / tl.where(has, l, 1.0)[:, None]
     if NUM_SPLITS == 1:
         _store_out(out_ptr + (b * num_heads + heads[:, None]) * D + cols[None, :], o.to(q.dtype), out_scale_ptr,
-                   hmask[:, None], FP8_OUT)
+                   hmask[:, None], FP8_OUT, NVFP4_OUT)
     else:
         idx = (b * num_heads + heads) * NUM_SPLITS + split
         tl.store(part_ptr + idx[:, None] * D + cols[None, :], o, mask=hmask[:, None])
@@ -226,7 +226,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_bs_ptr, v_bs_ptr, k_bias_p
 
 @triton.jit
 def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, out_scale_ptr, NUM_SPLITS: tl.constexpr, D: tl.constexpr,
-                         DTYPE: tl.constexpr, FP8_OUT: tl.constexpr, PDL: tl.constexpr):
+                         DTYPE: tl.constexpr, FP8_OUT: tl.constexpr, NVFP4_OUT: tl.constexpr, PDL: tl.constexpr):
     pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)  # b * num_heads + h
     splits = tl.arange(0, NUM_SPLITS)
@@ -237,7 +237,7 @@ def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, out_scale_ptr, NUM_SPLITS: 
     cols = tl.arange(0, D)
     parts = tl.load(part_ptr + (row * NUM_SPLITS + splits)[:, None] * D + cols[None, :])
     merged = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    _store_out(out_ptr + row * D + cols, merged.to(DTYPE), out_scale_ptr, cols < D, FP8_OUT)
+    _store_out(out_ptr + row * D + cols, merged.to(DTYPE), out_scale_ptr, cols < D, FP8_OUT, NVFP4_OUT)
 
 
 @triton.jit
@@ -334,9 +334,12 @@ class NewTokens(NamedTuple):
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
            seq_lens: torch.Tensor, scale: float, k_scale: float, v_scale: float, window: int = 0,
            num_splits: int | None = None, out_scale: torch.Tensor | None = None,
-           packed: PackedKV | None = None, new: NewTokens | None = None) -> torch.Tensor:
+           packed: PackedKV | None = None, new: NewTokens | None = None,
+           nvfp4_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``q [B, H, D]`` (one new token per sequence, already in the cache) -> ``[B, H, D]``, or E4M3 codes
-    of it under ``out_scale`` (the next GEMM's static input scale). With ``new``, ``q`` is unrotated and the
+    of it under ``out_scale`` (the next GEMM's static input scale), or its marked NVFP4 block values under
+    ``nvfp4_scale`` (the next GEMM's global input scale, ``kernels.quantized_input``; blocks of 16 along
+    ``D``). With ``new``, ``q`` is unrotated and the
     new tokens are not in the cache yet: the kernel does ``rope_and_write``'s work itself (same bits), one
     launch instead of two. Compiled without FMA contraction, as the RoPE kernel is, so either way gives
     the same bits."""
@@ -346,15 +349,16 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
     if new is not None and (head_dim % 2 or head_dim & (head_dim - 1)):
         raise ValueError(f"decode: head_dim {head_dim} must be a power of two for RoPE")
     splits = num_splits or decode_splits(batch, num_kv_heads, q.device)
-    out = _output((batch, num_heads, head_dim), q.dtype, out_scale, q.device)
+    out_dtype, quant_scale = output_format(head_dim, q.dtype, out_scale, nvfp4_scale, "attention decode")
+    out = torch.empty((batch, num_heads, head_dim), dtype=out_dtype, device=q.device)
     if not batch:
-        return out
+        return marked(out, nvfp4_scale)
     if splits > 1:
         part = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
     else:
         part = lse = out
-    scale_arg = out_scale if out_scale is not None else q
+    scale_arg = quant_scale if quant_scale is not None else q
     fmt, affine, ks, vs, *kv = kv_format_args(k_cache, k_scale, v_scale, packed)
     if new is not None:
         rope = (new.k, new.v, new.positions, new.cos_sin_cache, new.slot_mapping, new.k.stride(0), new.k.stride(1),
@@ -366,12 +370,13 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
         q.stride(0), q.stride(1), *rope[5:], block_tables.stride(0), num_heads, num_kv_heads, window, GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)), D=head_dim, PAGE=page, BLOCK_N=max(16, min(64, 4 * page)),
         NUM_SPLITS=splits, FMT=fmt, AFFINE=affine, IEEE=q.dtype == torch.float32, FP8_OUT=out_scale is not None,
-        ROPE=new is not None, num_warps=4, num_stages=2, enable_fp_fusion=False, **launch_options(q.device))
+        NVFP4_OUT=nvfp4_scale is not None, ROPE=new is not None, num_warps=4, num_stages=2, enable_fp_fusion=False,
+        **launch_options(q.device))
     if splits > 1:
         _decode_merge_kernel[(batch * num_heads,)](part, lse, out, scale_arg, NUM_SPLITS=splits, D=head_dim,
                                                    DTYPE=TL_DTYPES[q.dtype], FP8_OUT=out_scale is not None,
-                                                   **launch_options(q.device))
-    return out
+                                                   NVFP4_OUT=nvfp4_scale is not None, **launch_options(q.device))
+    return marked(out, nvfp4_scale)
 
 
 def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -28,14 +28,14 @@ TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float
 @triton.jit
 def _store_out(ptr, y, scale_ptr, mask, FP8_OUT: tl.constexpr, NVFP4_OUT: tl.constexpr = False):
     """Store ``y``, or its E4M3 codes under the scale at ``scale_ptr`` (``FP8_OUT``), or its NVFP4 block
-    values in BF16 under the global scale there (``NVFP4_OUT``: ``y`` 1-D, whole 16-element blocks from a
-    multiple of 16; masked elements are zeros, which change no block's maximum)."""
+    values in BF16 under the global scale there (``NVFP4_OUT``: the tile's last axis holds whole 16-element
+    blocks from a multiple of 16; masked elements are zeros, which change no block's maximum)."""
     if FP8_OUT:
         tl.store(ptr, _to_fp8(y.to(tl.float32), tl.load(scale_ptr)), mask=mask)
     elif NVFP4_OUT:
-        blocks = tl.reshape(tl.where(mask, y.to(tl.float32), 0.0), (y.shape[0] // 16, 16))
+        blocks = tl.reshape(tl.where(mask, y.to(tl.float32), 0.0), (y.numel // 16, 16))
         code, negative, s = nvfp4_quantize_blocks(blocks, tl.load(scale_ptr))
-        values = tl.reshape(nvfp4_block_value(code, negative, s), (y.shape[0],))
+        values = tl.reshape(nvfp4_block_value(code, negative, s), y.shape)
         tl.store(ptr, values.to(tl.bfloat16), mask=mask)
     else:
         tl.store(ptr, y, mask=mask)

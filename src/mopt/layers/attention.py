@@ -25,6 +25,7 @@ from torch import nn
 
 from mopt.kernels.attention import AttentionBackend, AttentionSpec, select_attention_backend
 from mopt.kernels.paged_attention import PackedKV, cache_format
+from mopt.kernels.quantized_input import mark_nvfp4_block_values, nvfp4_block_values_of
 from mopt.quant.formats import fp8
 from mopt.quant.formats import kv_cache as kv_format
 
@@ -131,14 +132,17 @@ class Attention(nn.Module):
         self.backend = select_attention_backend(spec, k_cache.device, backend)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                metadata: AttentionMetadata | None = None, fp8_scale: torch.Tensor | None = None) -> torch.Tensor:
+                metadata: AttentionMetadata | None = None, fp8_scale: torch.Tensor | None = None,
+                nvfp4_scale: torch.Tensor | None = None) -> torch.Tensor:
         """``positions [B, T]``, ``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]`` (before RoPE) -> ``[B, T, H*D]``.
 
         With ``metadata``, ``B == 1`` and the ``T`` tokens are the packed new tokens of a batch; then
-        ``fp8_scale`` (the output projection's ``fp8_input_scale``) makes the output E4M3 codes under it.
+        ``fp8_scale`` (the output projection's ``fp8_input_scale``) makes the output E4M3 codes under it,
+        and ``nvfp4_scale`` (its ``nvfp4_input_scale``) may make it marked NVFP4 block values
+        (``kernels.quantized_input``; decode steps on GPUs).
         """
         if metadata is not None:
-            return self._forward_paged(positions, q, k, v, metadata, fp8_scale)
+            return self._forward_paged(positions, q, k, v, metadata, fp8_scale, nvfp4_scale)
         q, k = self.rotary(positions, q, k)
         if self.kv_emulation is not None:
             k, v = self.kv_emulation.round_kv(self, k, v)
@@ -157,7 +161,7 @@ class Attention(nn.Module):
         )
         return out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
 
-    def _forward_paged(self, positions, q, k, v, meta: AttentionMetadata, fp8_scale) -> torch.Tensor:
+    def _forward_paged(self, positions, q, k, v, meta: AttentionMetadata, fp8_scale, nvfp4_scale) -> torch.Tensor:
         if self.backend is None:
             raise RuntimeError(f"{self.prefix}: attention metadata given but no KV cache attached")
         cos_sin = self.rotary.cos_sin_cache
@@ -169,5 +173,8 @@ class Attention(nn.Module):
             cos_sin = self.rotary.identity_cos_sin()
         out = self.backend.rope_write_attend(q[0], k[0], v[0], positions[0], cos_sin, self.k_cache, self.v_cache,
                                              meta, self.scale, self.k_scale_float, self.v_scale_float,
-                                             self.sliding_window, fp8_scale, packed=self.kv_packed)
-        return out.reshape(1, out.shape[0], self.num_heads * self.head_dim)
+                                             self.sliding_window, fp8_scale, packed=self.kv_packed,
+                                             nvfp4_scale=nvfp4_scale)
+        values = nvfp4_block_values_of(out)
+        out = (out if values is None else values).reshape(1, out.shape[0], self.num_heads * self.head_dim)
+        return out if values is None else mark_nvfp4_block_values(out)

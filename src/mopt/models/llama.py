@@ -86,7 +86,8 @@ class LlamaAttentionBlock(nn.Module):
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.o_proj(self.attn(positions, q, k, v, meta, self.o_proj.fp8_input_scale), reduce)
+        out = self.attn(positions, q, k, v, meta, self.o_proj.fp8_input_scale, self.o_proj.nvfp4_input_scale)
+        return self.o_proj(out, reduce)
 
 
 class LlamaMLP(nn.Module):
