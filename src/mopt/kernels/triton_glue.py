@@ -6,9 +6,9 @@ under the next GEMM's static input scale, or NVFP4 block values under its global
 Rounding follows the references step by step: the residual sum is rounded to the activation dtype
 before it is normalized, the normalized value times the weight is rounded once, the SiLU is rounded
 to the dtype before it multiplies ``up``; E4M3 codes quantize the rounded output exactly as
-``triton_quant.fp8_static`` does, NVFP4 block values as ``triton_quant.nvfp4_block_values`` does. Reductions (the mean square) sum in another order than
-torch, and ``exp``/``rsqrt`` are the GPU's approximations, so results may differ from the reference
-by a last-place rounding of the output dtype.
+``triton_quant.fp8_static`` does, NVFP4 block values as ``triton_quant.nvfp4_block_values`` does.
+Reductions (the mean square) sum in another order than torch, and ``exp``/``rsqrt`` are the GPU's
+approximations, so results may differ from the reference by a last-place rounding of the output dtype.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def output_format(n: int, dtype: torch.dtype, fp8_scale: torch.Tensor | None, nv
 
 
 def marked(out: torch.Tensor, nvfp4_scale: torch.Tensor | None) -> torch.Tensor:
+    """A producer's output, marked as block values when it wrote them (``nvfp4_scale`` given)."""
     return mark_nvfp4_block_values(out) if nvfp4_scale is not None else out
 
 
