@@ -56,7 +56,7 @@ def _all_reduce_norm(device, x, residual, weight, nvfp4_scale):
 
 def _decode(splits):
     """Decode attention of 4 sequences (one empty) over 8 query heads of 64 (``x`` only sets the device and
-    dtype): ``[4, 8 * 64]`` as the model hands it to ``o_proj``."""
+    dtype): ``[4, 8 * 64]`` as the model hands it to ``o_proj``, whatever the case's shape."""
     def produce(device, x, residual, weight, nvfp4_scale):
         seq_lens = [5, 33, 0, 90]
         k_cache, v_cache, tables, ks, vs = _cache(seq_lens, 16, 2, 64, x.dtype, x.dtype, device, 5)
@@ -70,8 +70,15 @@ def _decode(splits):
     return produce
 
 
-PRODUCERS = {"rms_norm": _norm, "rms_norm+residual": _norm_residual, "silu_mul": _silu,
-             "all_reduce_rms_norm": _all_reduce_norm, "decode": _decode(1), "decode+merge": _decode(4)}
+ROW_PRODUCERS = {"rms_norm": _norm, "rms_norm+residual": _norm_residual, "silu_mul": _silu,
+                 "all_reduce_rms_norm": _all_reduce_norm}  # rows of the case's shape
+DECODE_PRODUCERS = {"decode": _decode(1), "decode+merge": _decode(4)}  # one shape of their own
+PRODUCERS = {**ROW_PRODUCERS, **DECODE_PRODUCERS}
+
+
+def _cases(names, shapes):
+    return [(name, m, n) for name in names if name in ROW_PRODUCERS for m, n in shapes] + \
+        [(name, 4, 512) for name in names if name in DECODE_PRODUCERS]
 
 
 def _case(device, dtype, m, n):
@@ -92,19 +99,15 @@ def _check_producer(name, device, dtype, m, n):
     assert got.shape == plain.shape
     want = triton_quant.nvfp4_block_values(plain, scale)
     got = nvfp4_block_values_of(got)
-    if name.startswith("decode") and not INTERPRETED:
+    if name in DECODE_PRODUCERS and not INTERPRETED:
         assert (got != want).float().mean() < 0.01
     else:
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("name", list(PRODUCERS))
-@pytest.mark.parametrize("m,n", [(1, 64), (3, 256), (2, 1024)])
+@pytest.mark.parametrize("name,m,n", _cases(list(PRODUCERS), [(1, 64), (3, 256), (2, 1024)]))
 def test_producers_write_the_block_values_interpreted(name, m, n):
-    """One row of 1024 is split over four programs in the fused all-reduce norm: blocks stay whole.
-    (Decode attention has shapes of its own.)"""
-    if name.startswith("decode") and (m, n) != (1, 64):
-        pytest.skip("decode attention has shapes of its own")
+    """One row of 1024 is split over four programs in the fused all-reduce norm: blocks stay whole."""
     dtype = torch.float16 if name == "all_reduce_rms_norm" else torch.float32  # the peer buffers' dtype
     _check_producer(name, triton_device(False), dtype, m, n)
 
@@ -192,11 +195,9 @@ def test_only_kernels_that_take_block_values_ask_for_them():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["rms_norm", "rms_norm+residual", "silu_mul", "decode", "decode+merge"])
-@pytest.mark.parametrize("m,n", [(1, 4096), (64, 4096), (1, 14336), (200, 7168)])
+@pytest.mark.parametrize("name,m,n", _cases(["rms_norm", "rms_norm+residual", "silu_mul", "decode", "decode+merge"],
+                                             [(1, 4096), (64, 4096), (1, 14336), (200, 7168)]))
 def test_quantized_input_gpu(name, m, n):
-    if name.startswith("decode") and (m, n) != (1, 4096):
-        pytest.skip("decode attention has shapes of its own")
     _check_producer(name, triton_device(True), torch.bfloat16, m, n)
 
 

@@ -16,16 +16,14 @@ import torch
 from torch import nn
 
 from mopt.kernels.linear import BACKEND_ENV
-from mopt.kernels.quantized_input import check_one_output_format, mark_nvfp4_block_values
+from mopt.kernels.quantized_input import check_output_format, mark_nvfp4_block_values
 from mopt.quant.formats import fp8, nvfp4
 
 
 def _quantized(y: torch.Tensor, fp8_scale: torch.Tensor | None, nvfp4_scale: torch.Tensor | None,
                who: str) -> torch.Tensor:
-    check_one_output_format(fp8_scale, nvfp4_scale, who)
+    check_output_format(y.shape[-1], fp8_scale, nvfp4_scale, who)
     if nvfp4_scale is not None:
-        if y.shape[-1] % nvfp4.BLOCK_SIZE:
-            raise ValueError(f"{who}: NVFP4 block values need whole 16-element blocks, got rows of {y.shape[-1]}")
         values = nvfp4.dequantize_to_block_values(*nvfp4.quantize(y, nvfp4_scale))
         return mark_nvfp4_block_values(values.to(torch.bfloat16))
     return y if fp8_scale is None else fp8.quantize(y, fp8_scale)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mopt.kernels.quantized_input import check_one_output_format, mark_nvfp4_block_values
+from mopt.kernels.quantized_input import check_output_format, mark_nvfp4_block_values
 from mopt.kernels.triton_pdl import launch_options, pdl_prologue
 from mopt.kernels.triton_quant import _to_fp8, nvfp4_block_value, nvfp4_quantize_blocks
 from mopt.quant.formats import fp8
@@ -90,10 +90,8 @@ def output_format(n: int, dtype: torch.dtype, fp8_scale: torch.Tensor | None, nv
                   who: str) -> tuple[torch.dtype, torch.Tensor | None]:
     """``(output dtype, the scale the kernel reads)`` of a producer of ``n`` columns in ``dtype``: E4M3 codes
     under ``fp8_scale``, BF16 NVFP4 block values under ``nvfp4_scale`` (``n`` a multiple of 16), or ``dtype``."""
-    check_one_output_format(fp8_scale, nvfp4_scale, who)
+    check_output_format(n, fp8_scale, nvfp4_scale, who)
     if nvfp4_scale is not None:
-        if n % 16:
-            raise ValueError(f"{who}: NVFP4 block values need whole 16-element blocks, got rows of {n}")
         return torch.bfloat16, nvfp4_scale
     return (fp8.FP8_DTYPE, fp8_scale) if fp8_scale is not None else (dtype, None)
 
