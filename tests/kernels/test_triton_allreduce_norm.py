@@ -34,11 +34,14 @@ def _inputs(world: int, m: int, n: int, seed: int, dtype=DTYPE):
 @pytest.mark.parametrize("world,rank", [(1, 0), (2, 0), (2, 1), (4, 2), (8, 7)])
 @pytest.mark.parametrize("m,n", [(1, 64), (1, 300), (3, 200), (2, 1024)])
 @pytest.mark.parametrize("fp8_out", [False, True])
-def test_sum_and_norm_interpreted(world, rank, m, n, fp8_out):
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_sum_and_norm_interpreted(world, rank, m, n, fp8_out, with_residual):
     """One call of ``rank``, its peers' rows put in place beforehand as their kernels would have. One row
-    of 300 is split over four programs (the last one's columns all past the row), 64 is not."""
+    of 300 is split over four programs (the last one's columns all past the row), 64 is not. Without a
+    residual (the first layer's norm of the embedding's rows) the rounded sum is normalized and returned."""
     device = triton_device(False)
     partials, residual, weight = _inputs(world, m, n, seed=world * 100 + m * n + rank)
+    residual = residual if with_residual else None
     buffers = Buffers(world, device)
     for s in range(world):
         if s != rank:
@@ -48,7 +51,10 @@ def test_sum_and_norm_interpreted(world, rank, m, n, fp8_out):
     total = partials[0].float()
     for p in partials[1:]:
         total += p.float()
-    want_out, want_res = triton_glue.rms_norm(total.to(DTYPE), weight, 1e-5, residual, scale)
+    if with_residual:
+        want_out, want_res = triton_glue.rms_norm(total.to(DTYPE), weight, 1e-5, residual, scale)
+    else:
+        want_out, want_res = triton_glue.rms_norm(total.to(DTYPE), weight, 1e-5, None, scale), total.to(DTYPE)
     assert torch.equal(res, want_res)
     assert torch.equal(out.view(torch.uint8), want_out.view(torch.uint8))
     ref_out, ref_res = all_reduce_rms_norm_reference(partials, residual, weight, 1e-5, scale)

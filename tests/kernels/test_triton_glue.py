@@ -1,6 +1,8 @@
-"""Triton glue kernels (RMSNorm with residual add, SiLU-gated product) against their torch references.
+"""Triton glue kernels (RMSNorm with residual add, SiLU-gated product, one rank's embedding rows) against
+their torch references.
 
-Float32 through the interpreter: the mean square sums in another order than torch, so outputs
+The embedding rows are copies: equal bit for bit everywhere. Float32 through the interpreter: the mean
+square sums in another order than torch, so outputs
 agree to 1e-6 relative, and the residual sum (a plain add) exactly. On the GPU in BF16 the residual
 sum is exact and the outputs agree with the reference to within one BF16 rounding (2^-8 relative
 per element: the GPU's rsqrt/exp approximations and the summation order can move a value across a
@@ -15,7 +17,7 @@ import torch
 
 from triton_device import INTERPRETED, triton_device
 
-from mopt.kernels.glue import rms_norm_reference, silu_mul_reference
+from mopt.kernels.glue import rms_norm_reference, silu_mul_reference, vocab_rows_reference
 from mopt.quant.formats import fp8
 
 triton_glue = pytest.importorskip("mopt.kernels.triton_glue")
@@ -74,3 +76,35 @@ def test_glue_interpreted(m, n, strided):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_glue_gpu(m, n, dtype):
     _check(triton_device(True), dtype, m, n, strided=True)
+
+
+def _vocab_rows_case(device, dtype, shape, rows, n, start, id_dtype):
+    """Ids below, inside and past a rank's ``[start, start + count)`` (the last rank's share ends at the
+    vocabulary, before its padding rows); every element of the output equals the reference's bits."""
+    g = torch.Generator().manual_seed(rows * n + start)
+    weight = torch.randn(rows, n, generator=g).to(device, dtype)
+    count = rows - 3
+    ids = torch.randint(max(0, start - rows), start + rows + 5, shape, generator=g)
+    ids.view(-1)[0], ids.view(-1)[-1] = start + count - 1, start + count  # the last row inside, the first past
+    ids = ids.to(device, id_dtype)
+    got = triton_glue.vocab_rows(ids, weight, start, count)
+    want = vocab_rows_reference(ids.long(), weight, start, count)
+    assert got.shape == (*shape, n) and got.dtype == dtype
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    inside = ((ids.long() - start >= 0) & (ids.long() - start < count)).cpu()
+    assert inside.any() and (~inside).any()  # the case covers both kinds of ids
+
+
+VOCAB_CASES = [((2,), 40, 64, 0), ((3, 5), 50, 300, 40), ((7,), 33, 2048, 99)]
+
+
+@pytest.mark.parametrize("shape,rows,n,start", VOCAB_CASES)
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+def test_vocab_rows_interpreted(shape, rows, n, start, id_dtype):
+    _vocab_rows_case(triton_device(False), torch.float32, shape, rows, n, start, id_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,rows,n,start", VOCAB_CASES + [((64,), 1000, 4096, 64128)])
+def test_vocab_rows_gpu(shape, rows, n, start):
+    _vocab_rows_case(triton_device(True), torch.bfloat16, shape, rows, n, start, torch.int64)

@@ -2,8 +2,9 @@
 
 The ranks are threads of this process (``tp_helpers.ThreadGroup``) whose group offers a "fused"
 all-reduce + RMSNorm (here the all-reduce followed by the reference norm, counted): a TP=2 model must
-take it after every o_proj and every MLP -- 2 per decoder layer, counting the final norm -- except
-after a mixture-of-experts block with a shared expert (Qwen2-MoE), which reduces its own output; its
+take it for the vocabulary-parallel embedding's rows (the first layer's norm) and after every o_proj and
+every MLP -- 2 per decoder layer, counting the final norm -- except after a mixture-of-experts block with
+a shared expert (Qwen2-MoE), which reduces its own output; its
 logits equal one process's to float32 rounding. On GPUs the real kernel runs in ``tests/parallel/test_tp_gpu.py``.
 """
 
@@ -29,7 +30,10 @@ class _FusingMember(_Member):
     def fused_rms_norm(self, x: torch.Tensor):
         def run(x, residual, weight, eps, fp8_scale=None, nvfp4_scale=None):
             self.calls.append(tuple(x.shape))
-            return rms_norm_reference(self.all_reduce(x.clone()), weight, eps, residual, fp8_scale, nvfp4_scale)
+            total = self.all_reduce(x.clone())
+            if residual is None:  # the first layer's norm, given the embedding's rows
+                return rms_norm_reference(total, weight, eps, None, fp8_scale, nvfp4_scale), total
+            return rms_norm_reference(total, weight, eps, residual, fp8_scale, nvfp4_scale)
         return run
 
 
@@ -61,7 +65,7 @@ def _qwen2_moe(layers: int):
     return Qwen2MoeForCausalLM(config)
 
 
-@pytest.mark.parametrize("family,layers,fused_per_rank", [(_llama, 3, 6), (_mixtral, 2, 4), (_qwen2_moe, 2, 2)],
+@pytest.mark.parametrize("family,layers,fused_per_rank", [(_llama, 3, 7), (_mixtral, 2, 5), (_qwen2_moe, 2, 3)],
                          ids=["dense", "moe", "moe-shared-expert"])
 def test_partial_sums_go_to_the_next_norm(tmp_path, monkeypatch, family, layers, fused_per_rank):
     monkeypatch.setenv("MOPT_BACKEND", "reference")

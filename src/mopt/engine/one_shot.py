@@ -103,10 +103,11 @@ class OneShotRMSNorm:
         """A kernel sent ``y``'s rows through :meth:`push_peers`; the next call takes ``y``."""
         self._pushed = (y.data_ptr(), y.numel())
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                  fp8_scale: torch.Tensor | None = None,
                  nvfp4_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(normed, sum of x over the ranks + residual)``, as ``rms_norm(all_reduce(x), ..., residual)``."""
+        """``(normed, sum of x over the ranks + residual)``, as ``rms_norm(all_reduce(x), ..., residual)``
+        (without ``residual``: ``(rms_norm(s), s)`` for ``s = all_reduce(x)``)."""
         pushed, self._pushed = self._pushed, None
         if pushed is not None and pushed != (x.data_ptr(), x.numel()):
             # The peers hold rows this call would not sum: continuing would corrupt every rank's result.

@@ -1,4 +1,5 @@
-"""Glue between the GEMMs: RMSNorm (optionally with the residual add) and the SiLU-gated product.
+"""Glue between the GEMMs: RMSNorm (optionally with the residual add), the SiLU-gated product, and the
+vocabulary-parallel embedding's lookup of one rank's rows.
 
 The torch functions here are the references (CPU, and any device with ``MOPT_BACKEND=reference``);
 on CUDA the same calls run the one-pass Triton kernels of ``kernels.triton_glue``. With
@@ -75,12 +76,31 @@ def silu_mul(x: torch.Tensor, fp8_scale: torch.Tensor | None = None,
     return kernels.silu_mul(x, fp8_scale, nvfp4_scale)
 
 
-def all_reduce_rms_norm_reference(partials: list[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor,
+def vocab_rows_reference(ids: torch.Tensor, weight: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """``[..., hidden]``: row ``ids - start`` of ``weight`` for ids in ``[start, start + count)``, zeros (+0.0)
+    for the others (one rank's share of a vocabulary-parallel embedding)."""
+    local = ids - start
+    outside = (local < 0) | (local >= count)
+    return nn.functional.embedding(local.masked_fill(outside, 0), weight).masked_fill(outside[..., None], 0)
+
+
+def vocab_rows(ids: torch.Tensor, weight: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    kernels = _triton_glue(weight)
+    if kernels is None:
+        return vocab_rows_reference(ids, weight, start, count)
+    return kernels.vocab_rows(ids, weight, start, count)
+
+
+def all_reduce_rms_norm_reference(partials: list[torch.Tensor], residual: torch.Tensor | None, weight: torch.Tensor,
                                   eps: float, fp8_scale: torch.Tensor | None = None,
                                   nvfp4_scale: torch.Tensor | None = None):
     """The reference of ``triton_allreduce_norm``: the ranks' partial sums added in rank order in float32
-    and rounded to their dtype once, then :func:`rms_norm_reference` with ``residual``."""
+    and rounded to their dtype once, then :func:`rms_norm_reference` with ``residual``: ``(normed, s)``,
+    ``s`` the rounded sum itself where there is no residual."""
     total = partials[0].float()
     for p in partials[1:]:
         total = total + p.float()
-    return rms_norm_reference(total.to(partials[0].dtype), weight, eps, residual, fp8_scale, nvfp4_scale)
+    total = total.to(partials[0].dtype)
+    if residual is None:
+        return rms_norm_reference(total, weight, eps, None, fp8_scale, nvfp4_scale), total
+    return rms_norm_reference(total, weight, eps, residual, fp8_scale, nvfp4_scale)

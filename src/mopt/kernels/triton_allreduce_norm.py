@@ -6,7 +6,8 @@ pushes the rank's partial sums into every peer's buffer, waits for the peers' ro
 own, adds every rank's row in rank order (float32, rounded to the activation dtype once, so every rank
 gets the same bits, and two ranks get exactly the rounded sum NCCL gives), then adds the residual and
 normalizes as ``triton_glue._rms_norm_kernel`` does (same rounding steps, same reduction tree),
-optionally writing the next GEMM's E4M3 codes.
+optionally writing the next GEMM's E4M3 codes. Without a residual (the first layer's norm, given the
+vocabulary-parallel embedding's rows: one rank's row and zeros) the sum itself is normalized.
 
 No flags and no memory fences: the data is its own signal (the "Lamport" one-shot all-reduce of
 TensorRT-LLM). Every free slot holds negative zero (``SENTINEL``, 0x8000 in BF16 and FP16); a rank
@@ -129,10 +130,11 @@ def push_rows(values, rows, cols, mask, bases_ptr, slots_ptr, RANK: tl.constexpr
 def _allreduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale_ptr, bases_ptr, slots_ptr,
                                stride_x, stride_r, n, eps, RANK: tl.constexpr, WORLD: tl.constexpr,
                                ROW_ELEMS: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
-                               FP8_OUT: tl.constexpr, NVFP4_OUT: tl.constexpr, PUSHED: tl.constexpr,
-                               PDL: tl.constexpr):
+                               HAS_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr, NVFP4_OUT: tl.constexpr,
+                               PUSHED: tl.constexpr, PDL: tl.constexpr):
     """Program ``row * SPLIT + part`` owns columns ``[part * BLOCK / SPLIT, (part + 1) * BLOCK / SPLIT)`` of
-    row ``row``. ``PUSHED``: the kernel that computed ``x`` already sent this rank's rows (``push_rows``)."""
+    row ``row``. ``PUSHED``: the kernel that computed ``x`` already sent this rank's rows (``push_rows``).
+    Without ``HAS_RESIDUAL`` the rounded sum itself is normalized (and written as the new residual)."""
     pdl_prologue(PDL)
     row = tl.program_id(0) // SPLIT
     part = tl.program_id(0) % SPLIT
@@ -149,7 +151,8 @@ def _allreduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scal
     slot = tl.load(slots_ptr + row * _SPLIT_MAX + part)
     me = tl.load(bases_ptr + RANK)
     bits = wire_bits(tl.load(x_row + cols, mask=mask, other=0.0))
-    r = tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_row + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + mine, mask=mine_ok, other=0.0).to(tl.float32)
     if SPLIT == 1:
         sent = bits
@@ -182,14 +185,19 @@ def _allreduce_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scal
                      tl.full((CHUNK,), _SENTINEL, tl.int16), mask=mine_ok)
     for j in tl.static_range(_SPLIT_MAX // SPLIT):  # this program's copies of the row's counter
         tl.store(slots_ptr + row * _SPLIT_MAX + part + j * SPLIT, (slot + 1) % _SLOTS)
-    s_row = (acc.to(dtype).to(tl.float32) + r).to(dtype)
+    if HAS_RESIDUAL:
+        s_row = (acc.to(dtype).to(tl.float32) + r).to(dtype)
+    else:
+        s_row = acc.to(dtype)
     xs = s_row.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(xs * xs, axis=0) / n + eps)
     if SPLIT == 1:
         s_mine = s_row
-    else:  # the same elementwise steps on this program's columns: the same bits
+    elif HAS_RESIDUAL:  # the same elementwise steps on this program's columns: the same bits
         r_mine = tl.load(r_row + mine, mask=mine_ok, other=0.0).to(tl.float32)
         s_mine = (acc_mine.to(dtype).to(tl.float32) + r_mine).to(dtype)
+    else:
+        s_mine = acc_mine.to(dtype)
     tl.store(res_out_ptr + row.to(tl.int64) * n + mine, s_mine, mask=mine_ok)
     _store_out(out_ptr + row.to(tl.int64) * n + mine, (w * (s_mine.to(tl.float32) * rstd)).to(dtype), scale_ptr,
                mine_ok, FP8_OUT, NVFP4_OUT)
@@ -229,11 +237,12 @@ def push_arguments(peers: PeerRows | None, placeholder: torch.Tensor) -> tuple[t
     return (peers.bases, peers.slots), dict(PUSH=True, RANK=peers.rank, WORLD=peers.world, ROW_ELEMS=ROW_BYTES // 2)
 
 
-def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                         fp8_scale: torch.Tensor | None, peers: PeerRows, pushed: bool = False,
                         nvfp4_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(normed, s)`` with ``s = sum over ranks of x + residual`` (as ``triton_glue.rms_norm`` with
-    ``residual``, ``fp8_scale`` and ``nvfp4_scale`` as there) for this rank's partial sums ``x``, through
+    ``residual``, ``fp8_scale`` and ``nvfp4_scale`` as there; without ``residual``, ``s`` is the sum
+    rounded to ``x``'s dtype, as ``triton_glue.rms_norm(s)`` normalizes it) for this rank's partial sums ``x``, through
     ``peers`` (every rank's buffer, set up by :func:`init_buffer`). ``pushed``: the kernel that wrote ``x``
     already sent its rows (``push_rows``). Every rank must make the same calls in the same order with the
     same shapes."""
@@ -244,8 +253,11 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     out_dtype, scale = output_format(n, x.dtype, fp8_scale, nvfp4_scale, "all_reduce_rms_norm")
     x2 = x.reshape(-1, n)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    r2 = residual.reshape(-1, n)
-    r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
+    if residual is None:
+        r2 = x2  # never read
+    else:
+        r2 = residual.reshape(-1, n)
+        r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
     m = x2.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     res_out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -254,6 +266,7 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     _allreduce_rms_norm_kernel[(m * split,)](
         x2, r2, weight, out, res_out, scale if scale is not None else weight, peers.bases, peers.slots,
         x2.stride(0), r2.stride(0), n, eps, RANK=peers.rank, WORLD=peers.world, ROW_ELEMS=ROW_BYTES // 2,
-        BLOCK=block, SPLIT=split, FP8_OUT=fp8_scale is not None, NVFP4_OUT=nvfp4_scale is not None, PUSHED=pushed,
+        BLOCK=block, SPLIT=split, HAS_RESIDUAL=residual is not None, FP8_OUT=fp8_scale is not None,
+        NVFP4_OUT=nvfp4_scale is not None, PUSHED=pushed,
         num_warps=_warps(block, scale), **launch_options(x.device))
     return marked(out.view(x.shape), nvfp4_scale), res_out.view(x.shape)

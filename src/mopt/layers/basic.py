@@ -7,7 +7,7 @@ from torch import nn
 
 from mopt.engine.distributed import all_reduce, current_parallel_state, group_for
 from mopt.errors import ModelConfigError
-from mopt.kernels.glue import rms_norm
+from mopt.kernels.glue import rms_norm, vocab_rows
 from mopt.kernels.paged_attention import apply_rope
 from mopt.layers.parameter import ModelWeightParameter, ShardSpec, WeightLoadError
 
@@ -21,8 +21,9 @@ class RMSNorm(nn.Module):
     unfused ``x + residual`` is) and returns ``(normed, new residual)``: one kernel on GPUs. With
     ``fp8_scale`` (the next layer's ``fp8_input_scale``) ``normed`` is E4M3 codes under it, with
     ``nvfp4_scale`` (its ``nvfp4_input_scale``) NVFP4 block values (``kernels.quantized_input``). With
-    ``reduce_group``, ``x`` is this rank's partial sums of a row-parallel layer: they are all-reduced
-    first, in the norm's own kernel where the group has one for them (one node's GPUs).
+    ``reduce_group``, ``x`` is this rank's partial sums of a row-parallel layer (or of the
+    vocabulary-parallel embedding): they are all-reduced first, in the norm's own kernel where the group
+    has one for them (one node's GPUs), and without a residual the result is ``(normed, the sum)``.
     """
 
     def __init__(self, size: int, eps: float = 1e-6, prefix: str = "") -> None:
@@ -35,10 +36,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8_scale: torch.Tensor | None = None,
                 reduce_group=None, nvfp4_scale: torch.Tensor | None = None):
         if reduce_group is not None:
-            fused = reduce_group.fused_rms_norm(x) if residual is not None else None
+            fused = reduce_group.fused_rms_norm(x)
             if fused is not None:
                 return fused(x, residual, self.weight, self.eps, fp8_scale, nvfp4_scale)
             x = all_reduce(x, reduce_group)
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps, None, fp8_scale, nvfp4_scale), x
         return rms_norm(x, self.weight, self.eps, residual, fp8_scale, nvfp4_scale)
 
 
@@ -119,7 +122,8 @@ class VocabEmbedding(nn.Module):
     """Token embeddings, vocabulary-parallel under tensor parallelism: each rank holds the rows
     ``[rank * R, (rank + 1) * R)`` with ``R = ceil(vocab / tp)`` (past the vocabulary: zeros), looks up
     the ids in its range, writes zeros for the others, and the ranks' lookups are summed (an
-    all-reduce: exact, since exactly one rank contributes each row)."""
+    all-reduce: exact, since exactly one rank contributes each row). ``forward(ids, reduce=False)``
+    leaves the sum to the caller: the first layer's norm takes it (``RMSNorm(..., reduce_group=...)``)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, params_dtype: torch.dtype, prefix: str = "") -> None:
         super().__init__()
@@ -137,10 +141,8 @@ class VocabEmbedding(nn.Module):
             self.weight._weight_loader = lambda param, t, shard_id=None: load_vocab_rows(param, t, vocab_size,
                                                                                          self.tp_rank)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         if self.tp_size == 1:
             return nn.functional.embedding(ids, self.weight)
-        local = ids - self.vocab_start
-        outside = (local < 0) | (local >= self.vocab_end - self.vocab_start)
-        out = nn.functional.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0)
-        return all_reduce(out, self.tp_group) if self.tp_group is not None else out
+        out = vocab_rows(ids, self.weight, self.vocab_start, self.vocab_end - self.vocab_start)
+        return all_reduce(out, self.tp_group) if reduce and self.tp_group is not None else out

@@ -135,7 +135,8 @@ class LlamaDecoderLayer(nn.Module):
 
     Under tensor parallelism the row-parallel o_proj and down_proj hand their partial sums to the norm
     after them, which all-reduces them (in its own kernel on one node's GPUs): ``input_group`` is set
-    (by :class:`LlamaModel`) when ``x`` arrives as partial sums of the layer before, and
+    (by :class:`LlamaModel`) when ``x`` arrives as partial sums of the layer before (the first layer's:
+    the vocabulary-parallel embedding's rows, and no residual yet), and
     ``output_group`` when this layer returns them (an MLP whose ``partial_output`` is true: dense ones,
     and mixture-of-experts blocks without a shared expert)."""
 
@@ -160,9 +161,9 @@ class LlamaDecoderLayer(nn.Module):
         # FP8 and W4A4 NVFP4 kernels on GPUs).
         qkv = self.self_attn.qkv_proj
         qkv_scale, qkv_nvfp4 = qkv.fp8_input_scale, qkv.nvfp4_input_scale
-        if residual is None:
+        if residual is None and self.input_group is None:
             x, residual = self.input_layernorm(x, fp8_scale=qkv_scale, nvfp4_scale=qkv_nvfp4), x
-        else:
+        else:  # the residual stream so far, or (first layer) the embedding's partial rows to sum
             x, residual = self.input_layernorm(x, residual, qkv_scale, self.input_group, qkv_nvfp4)
         x = self.self_attn(positions, x, meta, reduce=self.tp_group is None)
         x, residual = self.post_attention_layernorm(x, residual, getattr(self.mlp, "fp8_input_scale", None),
@@ -187,13 +188,16 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "model.norm")
         for before, layer in zip(self.layers, self.layers[1:]):
             layer.input_group = before.output_group
+        if len(self.layers):  # the first norm sums the vocabulary-parallel embedding's rows
+            self.layers[0].input_group = self.embed_tokens.tp_group
         self.norm_group = self.layers[-1].output_group if len(self.layers) else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 meta: AttentionMetadata | None = None) -> torch.Tensor:
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-        x, residual = self.embed_tokens(input_ids), None
+        first = self.layers[0].input_group if len(self.layers) else None
+        x, residual = self.embed_tokens(input_ids, reduce=first is None), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
         return self.norm(x, residual, reduce_group=self.norm_group)[0]
