@@ -1,5 +1,6 @@
 """Triton glue kernels beside their torch references in ``kernels.glue``: RMSNorm with the residual
-add, and the SiLU-gated product. One pass over the activations each; either can write E4M3 codes
+add, the SiLU-gated product, and one rank's rows of a vocabulary-parallel embedding (a copy, bit for
+bit the reference's). One pass over the activations each; the first two can write E4M3 codes
 under the next GEMM's static input scale, or NVFP4 block values under its global input scale
 (``kernels.quantized_input``), instead of its output, so that GEMM needs no quantization pass.
 
@@ -164,6 +165,6 @@ def vocab_rows(ids: torch.Tensor, weight: torch.Tensor, start: int, count: int) 
     if flat.numel():
         block = min(1024, triton.next_power_of_2(n))
         _vocab_rows_kernel[(flat.numel(), triton.cdiv(n, block))](
-            flat, weight if weight.stride(-1) == 1 and weight.is_contiguous() else weight.contiguous(), out, start,
-            count, n, BLOCK=block, num_warps=4, **launch_options(weight.device))
+            flat, weight.contiguous(), out, start, count, n, BLOCK=block, num_warps=4,
+            **launch_options(weight.device))
     return out.view(*ids.shape, n)
