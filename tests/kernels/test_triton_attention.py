@@ -113,6 +113,22 @@ def test_decode_interpreted(page, heads, kv_heads, cache):
     _decode_case(device, torch.float32, CACHES[cache] or torch.float32, page, heads, kv_heads, [1, 37, 0, 70])
 
 
+@pytest.mark.parametrize("cache", ["fp8", "model"])
+def test_decode_tile_widths_interpreted(cache):
+    """Two slices per sequence of 20, 150 and 600 tokens (page 16: tiles of 32 and 64 tokens): 20 fits
+    one narrow slice; 150 takes a slice of two middle tiles and a narrow remainder of 22; 600 two slices
+    of middle tiles (320 and 280)."""
+    device = triton_device(False)
+    assert triton_attention.decode_splits(3, 2, torch.device(device)) == 2
+    assert triton_attention.decode_tiles(16) == (32, 64)
+    _decode_case(device, torch.float32, CACHES[cache] or torch.float32, 16, 4, 2, [20, 150, 600], head_dim=32)
+
+
+@pytest.mark.parametrize("page,tiles", [(1, (16, 16)), (4, (16, 16)), (8, (16, 32)), (16, (32, 64)), (32, (32, 64))])
+def test_decode_tiles(page, tiles):
+    assert triton_attention.decode_tiles(page) == tiles
+
+
 @pytest.mark.parametrize("splits", [1, 2, 8])
 def test_decode_splits_and_window_interpreted(splits):
     device = triton_device(False)

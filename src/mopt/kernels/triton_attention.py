@@ -17,7 +17,8 @@ head_dim / 2``) with E4M3 block scales and, for NVFP4_AFFINE, biases passed as a
   of the context (flash-decoding); a second kernel merges the slices by their log-sum-exp (merging
   in the last program of each KV head instead, behind an atomic counter, measured 10.7 us against
   4.2 + 2.3 us on an H100: the merge then runs serially per head). The split count depends only on
-  the batch shape, so a captured CUDA graph stays valid for any context length. Given the step's
+  the batch shape, so a captured CUDA graph stays valid for any context length; each program picks
+  its tile width (``decode_tiles``) from its slice's length at run time. Given the step's
   unrotated keys and values (``NewTokens``), it also does ``rope_and_write``'s work: every program rotates
   its query heads, and the one whose slice holds the new token writes that token's key and value first
   (one launch fewer a layer).
@@ -165,13 +166,26 @@ def _attend_tile(q, k_cache_ptr, v_cache_ptr, kv, table, tok, tmask, keep, kv_he
 
 
 @triton.jit
+def _attend_range(q, k_cache_ptr, v_cache_ptr, kv, table, lo, hi, kv_head, num_kv_heads, cols, k_scale, v_scale,
+                  sm_scale, m, l, acc, TILE: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, FMT: tl.constexpr,
+                  AFFINE: tl.constexpr, IEEE: tl.constexpr):
+    """Tokens ``lo .. hi - 1`` in tiles of ``TILE`` into the running max, sum and output."""
+    for start in range(lo, hi, TILE):
+        tok = start + tl.arange(0, TILE)
+        tmask = tok < hi
+        m, l, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, kv, table, tok, tmask, tmask[None, :], kv_head,
+                                 num_kv_heads, cols, k_scale, v_scale, sm_scale, m, l, acc, PAGE, D, FMT, AFFINE, IEEE)
+    return m, l, acc
+
+
+@triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_bs_ptr, v_bs_ptr, k_bias_ptr, v_bias_ptr, bt_ptr, seq_lens_ptr,
                    out_ptr, part_ptr, lse_ptr, out_scale_ptr, k_new_ptr, v_new_ptr, pos_ptr, cos_sin_ptr, slot_ptr,
                    k_scale, v_scale, sm_scale, stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_bt, num_heads, num_kv_heads, window, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
-                   D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   FMT: tl.constexpr, AFFINE: tl.constexpr, IEEE: tl.constexpr, FP8_OUT: tl.constexpr,
-                   NVFP4_OUT: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr):
+                   D: tl.constexpr, PAGE: tl.constexpr, TILE_S: tl.constexpr, TILE_M: tl.constexpr,
+                   NUM_SPLITS: tl.constexpr, FMT: tl.constexpr, AFFINE: tl.constexpr, IEEE: tl.constexpr,
+                   FP8_OUT: tl.constexpr, NVFP4_OUT: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr):
     """``ROPE``: ``q`` and the new token's ``k``, ``v`` arrive unrotated; each program rotates its query
     heads, and the program whose slice holds the new token rotates its key and writes key and value into
     the cache (as ``_rope_write_kernel``) before it reads them back."""
@@ -181,18 +195,22 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_bs_ptr, v_bs_ptr, k_bias_p
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     first = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
-    per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    # Slices of at most TILE_S tokens when that covers the context (short contexts over many slices);
+    # otherwise whole TILE_M tiles, as many as the slices need.
+    even = tl.cdiv(seq_len - first, NUM_SPLITS)
+    per_split = tl.where(even <= TILE_S, TILE_S, tl.cdiv(even, TILE_M) * TILE_M)
     lo = first + split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
 
     rows = tl.arange(0, BLOCK_H)
     hmask = rows < GROUP
+    qmask = rows < tl.where(lo < hi, GROUP, 0)  # an empty slice reads nothing; it leaves only a -inf LSE
     heads = kv_head * GROUP + rows
     cols = tl.arange(0, D)
     q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
     if ROPE:
         pos = tl.load(pos_ptr + b).to(tl.int64)
-        q = _rotated(q_rows, hmask, cos_sin_ptr, pos, D).to(q_ptr.dtype.element_ty)
+        q = _rotated(q_rows, qmask, cos_sin_ptr, pos, D).to(q_ptr.dtype.element_ty)
         slot = tl.load(slot_ptr + b).to(tl.int64)
         if (slot >= 0) & (lo <= seq_len - 1) & (seq_len - 1 < hi):
             one = kv_head + tl.arange(0, 1)
@@ -202,17 +220,20 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_bs_ptr, v_bs_ptr, k_bias_p
                          k_scale, v_scale, num_kv_heads, q_ptr.dtype.element_ty, 1, D, FMT, AFFINE)
             tl.debug_barrier()  # the program's own writes, visible to all its threads before the loop reads them
     else:
-        q = tl.load(q_rows + cols[None, :], mask=hmask[:, None], other=0.0)
+        q = tl.load(q_rows + cols[None, :], mask=qmask[:, None], other=0.0)
     m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, D), tl.float32)
     table = bt_ptr + b * stride_bt
-    for start in range(lo, hi, BLOCK_N):
-        tok = start + tl.arange(0, BLOCK_N)
-        tmask = tok < hi
-        m, l, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, (k_bs_ptr, v_bs_ptr, k_bias_ptr, v_bias_ptr), table,
-                                 tok, tmask, tmask[None, :], kv_head, num_kv_heads, cols, k_scale, v_scale, sm_scale,
-                                 m, l, acc, PAGE, D, FMT, AFFINE, IEEE)
+    kv = (k_bs_ptr, v_bs_ptr, k_bias_ptr, v_bias_ptr)
+    # A slice of at most TILE_S tokens takes one narrow tile, which wastes less of it; longer slices take
+    # TILE_M-token tiles. Decided per program at run time, so one captured graph serves every context.
+    if hi - lo <= TILE_S:
+        m, l, acc = _attend_range(q, k_cache_ptr, v_cache_ptr, kv, table, lo, hi, kv_head, num_kv_heads, cols,
+                                  k_scale, v_scale, sm_scale, m, l, acc, TILE_S, PAGE, D, FMT, AFFINE, IEEE)
+    else:
+        m, l, acc = _attend_range(q, k_cache_ptr, v_cache_ptr, kv, table, lo, hi, kv_head, num_kv_heads, cols,
+                                  k_scale, v_scale, sm_scale, m, l, acc, TILE_M, PAGE, D, FMT, AFFINE, IEEE)
     has = l > 0
     o = acc / tl.where(has, l, 1.0)[:, None]
     if NUM_SPLITS == 1:
@@ -220,7 +241,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_bs_ptr, v_bs_ptr, k_bias_p
                    hmask[:, None], FP8_OUT, NVFP4_OUT)
     else:
         idx = (b * num_heads + heads) * NUM_SPLITS + split
-        tl.store(part_ptr + idx[:, None] * D + cols[None, :], o, mask=hmask[:, None])
+        tl.store(part_ptr + idx[:, None] * D + cols[None, :], o, mask=qmask[:, None])
         tl.store(lse_ptr + idx, tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf")), mask=hmask)
 
 
@@ -235,7 +256,8 @@ def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, out_scale_ptr, NUM_SPLITS: 
     w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(top > float("-inf"), top, 0.0)), 0.0)
     total = tl.sum(w, axis=0)
     cols = tl.arange(0, D)
-    parts = tl.load(part_ptr + (row * NUM_SPLITS + splits)[:, None] * D + cols[None, :])
+    parts = tl.load(part_ptr + (row * NUM_SPLITS + splits)[:, None] * D + cols[None, :],
+                    mask=(lse > float("-inf"))[:, None], other=0.0)  # empty slices store no partial
     merged = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     _store_out(out_ptr + row * D + cols, merged.to(DTYPE), out_scale_ptr, cols < D, FP8_OUT, NVFP4_OUT)
 
@@ -317,6 +339,16 @@ def decode_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
     return min(MAX_DECODE_SPLITS, triton.next_power_of_2(want))
 
 
+def decode_tiles(page: int) -> tuple[int, int]:
+    """``decode``'s (narrow, middle) tile widths over a context slice. A context whose slices fit one
+    narrow tile each (batch 1: up to 16 x 32 tokens) takes those; other contexts take slices of whole
+    middle tiles, as before the narrow tier. A third tier, 128 tokens for long slices, measured up to
+    1.7x faster alone (an H200, ``bench/sweep_decode_tiles.py``) but 2-4% slower inside a decode step,
+    at 128 and at 4000 tokens of context, so there is none."""
+    middle = max(16, min(64, 4 * page))
+    return max(16, middle // 2), middle
+
+
 def _output(shape, dtype, out_scale, device) -> torch.Tensor:
     return torch.empty(shape, dtype=fp8.FP8_DTYPE if out_scale is not None else dtype, device=device)
 
@@ -360,6 +392,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
         part = lse = out
     scale_arg = quant_scale if quant_scale is not None else q
     fmt, affine, ks, vs, *kv = kv_format_args(k_cache, k_scale, v_scale, packed)
+    narrow, middle = decode_tiles(page)
     if new is not None:
         rope = (new.k, new.v, new.positions, new.cos_sin_cache, new.slot_mapping, new.k.stride(0), new.k.stride(1),
                 new.v.stride(0), new.v.stride(1))
@@ -368,10 +401,10 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
     _decode_kernel[(batch, num_kv_heads, splits)](
         q, k_cache, v_cache, *kv, block_tables, seq_lens, out, part, lse, scale_arg, *rope[:5], ks, vs, scale,
         q.stride(0), q.stride(1), *rope[5:], block_tables.stride(0), num_heads, num_kv_heads, window, GROUP=group,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), D=head_dim, PAGE=page, BLOCK_N=max(16, min(64, 4 * page)),
-        NUM_SPLITS=splits, FMT=fmt, AFFINE=affine, IEEE=q.dtype == torch.float32, FP8_OUT=out_scale is not None,
-        NVFP4_OUT=nvfp4_scale is not None, ROPE=new is not None, num_warps=4, num_stages=2, enable_fp_fusion=False,
-        **launch_options(q.device))
+        BLOCK_H=max(16, triton.next_power_of_2(group)), D=head_dim, PAGE=page, TILE_S=narrow, TILE_M=middle,
+        NUM_SPLITS=splits, FMT=fmt, AFFINE=affine, IEEE=q.dtype == torch.float32,
+        FP8_OUT=out_scale is not None, NVFP4_OUT=nvfp4_scale is not None, ROPE=new is not None, num_warps=4,
+        num_stages=2, enable_fp_fusion=False, **launch_options(q.device))
     if splits > 1:
         _decode_merge_kernel[(batch * num_heads,)](part, lse, out, scale_arg, NUM_SPLITS=splits, D=head_dim,
                                                    DTYPE=TL_DTYPES[q.dtype], FP8_OUT=out_scale is not None,
