@@ -45,7 +45,6 @@ from mopt.kernels.paged_attention import PackedKV
 from mopt.kernels.triton_glue import TL_DTYPES, _store_out, marked, output_format
 from mopt.kernels.triton_pdl import launch_options, pdl_prologue
 from mopt.kernels.triton_kv import FMT_NONE, kv_format_args, load_values, store_elementwise, store_nvfp4
-from mopt.quant.formats import fp8
 
 MAX_DECODE_SPLITS = 16  # 256 tokens a split at 4096 of context; fewer partials for the merge to read
 
@@ -253,11 +252,12 @@ def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, out_scale_ptr, NUM_SPLITS: 
     splits = tl.arange(0, NUM_SPLITS)
     lse = tl.load(lse_ptr + row * NUM_SPLITS + splits)
     top = tl.max(lse, axis=0)
-    w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(top > float("-inf"), top, 0.0)), 0.0)
+    filled = lse > float("-inf")  # empty slices store no partial
+    w = tl.where(filled, tl.exp(lse - tl.where(top > float("-inf"), top, 0.0)), 0.0)
     total = tl.sum(w, axis=0)
     cols = tl.arange(0, D)
-    parts = tl.load(part_ptr + (row * NUM_SPLITS + splits)[:, None] * D + cols[None, :],
-                    mask=(lse > float("-inf"))[:, None], other=0.0)  # empty slices store no partial
+    parts = tl.load(part_ptr + (row * NUM_SPLITS + splits)[:, None] * D + cols[None, :], mask=filled[:, None],
+                    other=0.0)
     merged = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     _store_out(out_ptr + row * D + cols, merged.to(DTYPE), out_scale_ptr, cols < D, FP8_OUT, NVFP4_OUT)
 
@@ -349,10 +349,6 @@ def decode_tiles(page: int) -> tuple[int, int]:
     return max(16, middle // 2), middle
 
 
-def _output(shape, dtype, out_scale, device) -> torch.Tensor:
-    return torch.empty(shape, dtype=fp8.FP8_DTYPE if out_scale is not None else dtype, device=device)
-
-
 class NewTokens(NamedTuple):
     """A decode step's new keys and values ``[B, Hkv, D]`` before RoPE (last dim contiguous), their positions
     ``[B]``, the ``[P, D]`` float32 cos|sin table and their cache slots ``[B]`` (< 0: padding, not written)."""
@@ -421,7 +417,8 @@ def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
     n, num_heads, head_dim = q.shape
     batch = seq_lens.shape[0]
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
-    out = _output((n, num_heads, head_dim), q.dtype, out_scale, q.device)
+    out_dtype, _ = output_format(head_dim, q.dtype, out_scale, None, "attention prefill")
+    out = torch.empty((n, num_heads, head_dim), dtype=out_dtype, device=q.device)
     if not n:
         return out
     ieee = q.dtype == torch.float32
