@@ -8,7 +8,8 @@ the model's dtype, FP8 E4M3 or INT8 codes (``width = head_dim``), or NVFP4 packe
 Step inputs are built with numpy into one int32 array (token ids, positions, slots, query starts,
 sequence lengths, block tables) and cross to the device in one copy. Decode steps run through
 :class:`~mopt.engine.cuda_graphs.DecodeGraphs` (captured CUDA graphs on GPUs, the same padded
-static buffers run eagerly elsewhere); prefill steps run eagerly. Sampling happens on the device;
+static buffers run eagerly elsewhere); so do short prefills of dense models (up to 256 tokens of up to
+8 prompts, :class:`~mopt.engine.prefill_graphs.PrefillGraphs`), and longer ones run eagerly. Sampling happens on the device;
 the sampled ids (with their logprobs, when asked for) come back in one copy per step.
 :meth:`ModelRunner.launch` queues a step and returns at once (a :class:`PendingStep`); a decode step
 may take the input ids of its sequences straight from the device-side output of the step before it,
@@ -34,6 +35,7 @@ import torch
 
 from mopt.engine.block_manager import blocks_needed
 from mopt.engine.cuda_graphs import DecodeGraphs, StagedDecode, graph_blockers
+from mopt.engine.prefill_graphs import PrefillGraphs, prefill_graph_blockers
 from mopt.engine.sampler import SamplerOutput, SamplingTensors, argmax_keys, greedy_tokens, key_tokens, sample
 from mopt.engine.sequence import Sequence
 from mopt.engine.staging import Staging
@@ -144,6 +146,13 @@ class ModelRunner:
         self.split_head = head if getattr(head, "tp_group", None) is not None else None
         self.graphs = DecodeGraphs(self._decode_forward, self.device, max_num_seqs, blocks_needed(max_model_len, block_size),
                                    capture=capture and not blockers, pad=self.device.type == "cuda", progress=progress)
+        self.prefill_graphs = None
+        if capture and not blockers and not prefill_graph_blockers(model):
+            try:
+                self.prefill_graphs = PrefillGraphs(self._forward, self.device, max_num_seqs, max_model_len,
+                                                    blocks_needed(max_model_len, block_size), progress=progress)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # a kernel of the prefill path that syncs
+                logger.warning("short prefills run eagerly: capturing them as CUDA graphs failed: %s", e)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                  last_rows: torch.Tensor | None = None, gather: bool = True) -> torch.Tensor:
@@ -180,6 +189,10 @@ class ModelRunner:
     def prefill_from_array(self, array: np.ndarray, n: int, b: int, max_query_len: int) -> torch.Tensor:
         """Logits at each sequence's last token of the prefill ``prefill_array`` packed."""
         packed = self.staging.to_device(array)
+        if self.prefill_graphs is not None:
+            logits = self.prefill_graphs.run(packed, n, b)
+            if logits is not None:
+                return logits
         meta = AttentionMetadata(slot_mapping=packed[2 * n:3 * n], block_tables=packed[3 * n + 2 * b + 1:].view(b, -1),
                                  seq_lens=packed[3 * n + b + 1:3 * n + 2 * b + 1],
                                  query_start_loc=packed[3 * n:3 * n + b + 1], max_query_len=max_query_len)

@@ -116,8 +116,15 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     (``query_start_loc [B + 1]``); sequence ``b`` has ``seq_lens[b]`` tokens in the cache, the last
     ``q_len`` of which are its new ones. With ``sliding_window``, a query at position ``i`` sees
     only keys at ``i - sliding_window < j <= i``; ``packed``: an NVFP4 cache's block scales and biases.
+    Rows after ``query_start_loc[B]`` belong to no sequence (a padded CUDA-graph step's) and get zeros.
     Returns ``[N, H, D]``.
     """
+    rows = query.shape[0]
+    used = int(query_start_loc[-1])
+    if used < rows:
+        out = paged_attention(query[:used], k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len,
+                              scale, k_scale, v_scale, sliding_window=sliding_window, packed=packed)
+        return torch.cat([out, out.new_zeros(rows - used, *out.shape[1:])])
     n, num_heads, head_dim = query.shape
     batch = seq_lens.shape[0]
     block_tables, seq_lens, query_start_loc = block_tables.long(), seq_lens.long(), query_start_loc.long()

@@ -1,0 +1,122 @@
+"""Short prefill steps over static input buffers, replayed as one CUDA graph per token-count bucket.
+
+A prefill of a few prompts is host-bound when it runs eagerly: on a 2x H200 host a Llama-3-8B prefill of
+16 to 1024 tokens took 24-37 ms at TP=1 (28-64 at TP=2, whose ranks meet at every all-reduce) for 7-10
+ms of kernels, the rest being Python, Triton launches and cuBLAS calls
+(``bench/results/prefill-latency-h200x2-2026-11-27-*``). A graph replays the kernels with no host work:
+one FP8 prompt of 16 or 128 tokens then takes 4.1 or 4.5 ms on an H200 (34 and 41 ms eagerly, same host;
+``bench/results/prefill-graphs-h200x2-2026-11-27-*``).
+
+A prefill of ``n`` tokens of ``b`` sequences (``n <= 256``, ``b <= MAX_SEQS``) is padded to the smallest
+token bucket ``T >= n`` (16, 32, 64, 128, 256) and to ``MAX_SEQS`` sequences. Padding tokens belong to no
+sequence and have slot -1 (nothing is written to the cache); padding sequences have no tokens and length
+0, so attention skips them; every later operation works row by row, so padding rows never reach a real
+row, and their logits are not taken. Attention's grid covers ``T`` queries for each of ``MAX_SEQS``
+sequences, the most a bucket can hold. The step's metadata, block tables and last-token rows are device
+buffers, so one graph serves any mix of prompt lengths in its bucket. Longer or wider prefills run eagerly.
+
+Only dense models are captured: a mixture-of-experts layer routes each token, and padding tokens would
+take part in the routing kernels' work.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Callable
+
+import torch
+
+from mopt.layers.attention import AttentionMetadata
+
+TOKEN_BUCKETS = (16, 32, 64, 128, 256)
+MAX_SEQS = 8
+_IDS, _POSITIONS, _SLOTS = range(3)
+
+
+def prefill_graph_blockers(model: torch.nn.Module) -> list[str]:
+    """Why short prefills of ``model`` are not captured (see the module docstring); empty: capture."""
+    from mopt.layers.fused_moe import FusedMoE
+
+    return [f"{name}: mixture-of-experts layer" for name, m in model.named_modules() if isinstance(m, FusedMoE)]
+
+
+class PrefillGraphs:
+    """``run(packed, n, b) -> logits [b, vocab]`` for a prefill whose packed int32 inputs are ``packed`` (on
+    the device, as ``runner.prefill_array`` lays them out), or None where no graph takes it.
+
+    ``forward(ids [N], positions [N], meta, last_rows [B]) -> float32 logits [B, vocab]`` is the model step."""
+
+    def __init__(self, forward: Callable, device: torch.device, max_num_seqs: int, max_model_len: int,
+                 max_blocks_per_seq: int, capture: bool = True, progress: bool = False) -> None:
+        self.forward, self.device, self.max_model_len = forward, device, max_model_len
+        self.seqs = min(MAX_SEQS, max_num_seqs)
+        self.sizes = list(TOKEN_BUCKETS)
+        top = self.sizes[-1]
+        self.tokens = torch.zeros((3, top), dtype=torch.int32, device=device)
+        self.query_start_loc = torch.zeros(self.seqs + 1, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(self.seqs, dtype=torch.int32, device=device)
+        self.last_rows = torch.zeros(self.seqs, dtype=torch.int64, device=device)
+        self.tables = torch.zeros((self.seqs, max_blocks_per_seq), dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        if capture:  # else (tests on CPUs) the same padded buffers run eagerly
+            self._capture_all(progress)
+
+    def bucket(self, n: int, b: int) -> int | None:
+        """The token bucket of a prefill of ``n`` tokens of ``b`` sequences, or None (it runs eagerly)."""
+        i = bisect.bisect_left(self.sizes, n)
+        return self.sizes[i] if i < len(self.sizes) and 1 <= b <= self.seqs else None
+
+    def _run_eager(self, t: int) -> torch.Tensor:
+        meta = AttentionMetadata(slot_mapping=self.tokens[_SLOTS, :t], block_tables=self.tables,
+                                 seq_lens=self.seq_lens, query_start_loc=self.query_start_loc, max_query_len=t)
+        return self.forward(self.tokens[_IDS, :t], self.tokens[_POSITIONS, :t], meta, self.last_rows)
+
+    def _capture_all(self, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        pool = None
+        with torch.inference_mode():
+            for t in tqdm(sorted(self.sizes, reverse=True), desc="capturing prefill graphs", unit="graph",
+                          disable=not progress):
+                # One sequence (at most max_model_len tokens, what its block table spans) that writes
+                # nothing (slots -1) and reads block 0's pages; the other tokens pad.
+                length = min(t, self.max_model_len)
+                self.tokens.zero_()
+                self.tokens[_SLOTS].fill_(-1)
+                self.query_start_loc.fill_(length)
+                self.query_start_loc[0] = 0
+                self.seq_lens.zero_()
+                self.seq_lens[0] = length
+                self.last_rows.zero_()
+                self.last_rows[0] = length - 1
+                self._run_eager(t)
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[t] = self._run_eager(t)
+                pool = graph.pool()
+                self.graphs[t] = graph
+        torch.cuda.synchronize(self.device)
+
+    def run(self, packed: torch.Tensor, n: int, b: int) -> torch.Tensor | None:
+        t = self.bucket(n, b)
+        if t is None:
+            return None
+        width = (packed.numel() - 3 * n - 2 * b - 1) // b
+        self.tokens[:, :n].copy_(packed[: 3 * n].view(3, n))
+        self.tokens[_SLOTS, n:t].fill_(-1)
+        starts = packed[3 * n: 3 * n + b + 1]
+        self.query_start_loc[: b + 1].copy_(starts)
+        self.query_start_loc[b + 1:].fill_(n)
+        self.seq_lens[:b].copy_(packed[3 * n + b + 1: 3 * n + 2 * b + 1])
+        self.seq_lens[b:].zero_()
+        self.last_rows[:b].copy_(starts[1:])
+        self.last_rows[:b] -= 1
+        self.tables[:b, :width].copy_(packed[3 * n + 2 * b + 1:].view(b, width))
+        if t in self.graphs:
+            self.graphs[t].replay()
+            logits = self.outputs[t]
+        else:
+            logits = self._run_eager(t)
+        return logits[:b].clone()  # the graph's output is rewritten by its next replay

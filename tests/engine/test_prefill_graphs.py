@@ -1,0 +1,154 @@
+"""Short prefills over static, padded buffers (what prefill CUDA graphs replay), run eagerly on the CPU.
+
+Padding tokens (slot -1, in no sequence) and padding sequences (no tokens, length 0) must neither write
+the cache nor change real rows: padded prefills give the unpadded logits (float32: the same kernels on
+more rows, 1e-5 relative for matmuls blocked differently by row count), greedy generation is token for
+token the same, and the cache ends up holding the same values. On the GPU, ``test_cuda_graphs.py``'s
+graphs-on/off tests cover the captured prefill graphs too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mopt import LLM, SamplingParams
+from mopt.engine.block_manager import blocks_needed
+from mopt.engine.prefill_graphs import MAX_SEQS, TOKEN_BUCKETS, PrefillGraphs, prefill_graph_blockers
+
+PROMPTS = [[5, 17, 33], list(range(40, 70)), [7] * 9, list(range(100, 117)), [3, 1, 4, 1, 5]]
+
+
+def _graphs(forward=lambda *a: None, max_num_seqs=20, max_model_len=64, blocks=16) -> PrefillGraphs:
+    return PrefillGraphs(forward, torch.device("cpu"), max_num_seqs, max_model_len, blocks, capture=False)
+
+
+@pytest.mark.parametrize("n,b,max_num_seqs,bucket", [
+    (1, 1, 20, 16), (16, 1, 20, 16), (17, 3, 20, 32), (100, 8, 20, 128), (256, MAX_SEQS, 20, 256),
+    (257, 1, 20, None), (40, MAX_SEQS + 1, 20, None), (10, 4, 3, None), (10, 3, 3, 16),
+])
+def test_bucket_choice(n, b, max_num_seqs, bucket):
+    assert TOKEN_BUCKETS[-1] == 256
+    assert _graphs(max_num_seqs=max_num_seqs).bucket(n, b) == bucket
+
+
+def _packed(ids, positions, slots, lens, tables) -> torch.Tensor:
+    starts = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    return torch.from_numpy(np.concatenate([ids, positions, slots, starts, lens, np.asarray(tables).reshape(-1)])
+                            .astype(np.int32))
+
+
+def test_static_buffers_of_a_padded_prefill():
+    seen = {}
+
+    def forward(ids, positions, meta, last_rows):
+        seen.update(ids=ids.clone(), positions=positions.clone(), slots=meta.slot_mapping.clone(),
+                    lens=meta.seq_lens.clone(), qsl=meta.query_start_loc.clone(), tables=meta.block_tables.clone(),
+                    last=last_rows.clone(), max_query_len=meta.max_query_len)
+        return torch.arange(len(last_rows) * 3, dtype=torch.float32).view(len(last_rows), 3)
+
+    graphs = _graphs(forward, blocks=4)
+    packed = _packed(np.arange(11, 18), [0, 1, 2, 0, 1, 2, 3], [20, 21, 22, 8, 9, 10, 11], np.array([3, 4], np.int32),
+                     [[5, 0], [2, 7]])
+    logits = graphs.run(packed, 7, 2)
+    assert logits.tolist() == [[0, 1, 2], [3, 4, 5]]  # the real sequences' rows, a copy
+    assert seen["max_query_len"] == 16 and seen["ids"][:7].tolist() == list(range(11, 18))
+    assert seen["slots"].tolist() == [20, 21, 22, 8, 9, 10, 11] + [-1] * 9
+    assert seen["qsl"].tolist() == [0, 3, 7] + [7] * (MAX_SEQS - 2)
+    assert seen["lens"].tolist() == [3, 4] + [0] * (MAX_SEQS - 2)
+    assert seen["last"][:2].tolist() == [2, 6] and seen["tables"][:2, :2].tolist() == [[5, 0], [2, 7]]
+    # A smaller prefill after it: stale rows of the first are padding again.
+    graphs.run(_packed([9], [0], [4], np.array([1], np.int32), [[1]]), 1, 1)
+    assert seen["slots"].tolist() == [4] + [-1] * 15 and seen["qsl"].tolist() == [0] + [1] * MAX_SEQS
+    assert seen["lens"].tolist() == [1] + [0] * (MAX_SEQS - 1) and seen["last"][0] == 0
+    assert graphs.run(packed, 300, 1) is None  # no bucket: the caller runs it eagerly
+
+
+@pytest.fixture(scope="module")
+def plain_path(tmp_path_factory):
+    from conftest import tiny_llama
+
+    path = tmp_path_factory.mktemp("plain-llama-prefill-graphs")
+    tiny_llama(256).save_pretrained(path)
+    return path
+
+
+def _llm(path, padded: bool) -> LLM:
+    llm = LLM(path, device="cpu", block_size=4, kv_cache_memory=4 << 20, max_num_seqs=8)
+    if padded:
+        runner = llm.runner
+        runner.prefill_graphs = PrefillGraphs(runner._forward, runner.device, 8, llm.max_model_len,
+                                              blocks_needed(llm.max_model_len, runner.block_size), capture=False)
+    return llm
+
+
+@pytest.mark.parametrize("checkpoint", ["plain", "fp8-kv"])
+def test_padded_prefill_equals_unpadded(checkpoint, plain_path, export_factory):
+    path = plain_path if checkpoint == "plain" else export_factory("fp8-kv", 256).path
+    plain, padded = _llm(path, False), _llm(path, True)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    assert [o.token_ids for o in padded.generate(PROMPTS, params)] == \
+        [o.token_ids for o in plain.generate(PROMPTS, params)]
+    # The logits and the cache of one prefill step of three prompts, side by side.
+    runners = []
+    for llm in (plain, padded):
+        seqs = [llm._make_sequence(p, params) for p in PROMPTS[:3]]
+        for s in seqs:
+            llm.scheduler.add(s)
+        scheduled, is_prefill = llm.scheduler.schedule()
+        assert is_prefill and len(scheduled) == 3
+        runners.append((llm.runner.step_logits(scheduled, True), llm.runner))
+    (want, one), (got, two) = runners
+    assert got.shape == want.shape
+    assert ((got - want).norm() / want.norm()).item() <= 1e-5
+    for a, b in zip(one.model.modules(), two.model.modules()):
+        if getattr(a, "k_cache", None) is not None:
+            assert torch.allclose(b.k_cache.float(), a.k_cache.float(), rtol=1e-5, atol=1e-6)
+            assert torch.allclose(b.v_cache.float(), a.v_cache.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_reference_attention_gives_padding_rows_zeros():
+    from mopt.kernels.paged_attention import paged_attention
+
+    cache = torch.randn(4, 4, 2, 8)
+    q = torch.randn(5, 2, 8)
+    table, lens, starts = torch.tensor([[0, 1]]), torch.tensor([3]), torch.tensor([0, 3])
+    out = paged_attention(q, cache, cache, table, lens, starts, 16, 0.3)
+    assert torch.equal(out[:3], paged_attention(q[:3], cache, cache, table, lens, starts, 3, 0.3))
+    assert torch.count_nonzero(out[3:]) == 0
+
+
+def test_mixture_of_experts_models_are_not_captured():
+    from mopt.layers.fused_moe import FusedMoE
+
+    model = torch.nn.Module()
+    model.moe = FusedMoE.__new__(FusedMoE)
+    torch.nn.Module.__init__(model.moe)
+    assert prefill_graph_blockers(model) == ["moe: mixture-of-experts layer"]
+    assert prefill_graph_blockers(torch.nn.Linear(2, 2)) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["bf16", "fp8-kv", "nvfp4"])
+def test_prefill_graphs_on_and_off_identical_gpu(fmt):
+    """Captured prefill graphs (up to MAX_SEQS prompts, 256 tokens) against eager steps: the same greedy tokens,
+    for prefills in one bucket, several buckets, and one too wide for a graph."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from mopt.engine.dummy import tiny_preset_config
+
+    config = tiny_preset_config()
+    kw = dict(load_format="dummy", quantization=fmt, device="cuda", max_model_len=320, max_num_seqs=16,
+              kv_cache_memory=64 << 20)
+    graphs = LLM(config, **kw)
+    eager = LLM(config, enforce_eager=True, **kw)
+    assert sorted(graphs.runner.prefill_graphs.graphs) == list(TOKEN_BUCKETS)
+    assert eager.runner.prefill_graphs is None
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    for prompts in ([[(7 * j + 3) % 300 for j in range(5)]],
+                    [[(7 * i + 3 * j) % 300 for j in range(5 + 9 * i)] for i in range(MAX_SEQS)],
+                    [[(5 * i + j) % 300 for j in range(3 + i)] for i in range(MAX_SEQS + 3)],
+                    [list(range(1, 290))]):
+        assert [o.token_ids for o in graphs.generate(prompts, params)] == \
+            [o.token_ids for o in eager.generate(prompts, params)]
