@@ -25,7 +25,7 @@ ONE_TOKEN = SamplingParams(max_tokens=1, ignore_eos=True)
 
 def _sync() -> None:
     if torch.cuda.is_available():
-        _sync()
+        torch.cuda.synchronize()
 
 
 def _prefill_seconds(llm: LLM, batch: int, tokens: int) -> float:
