@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from mopt.engine.staging import Staging
 from mopt.layers.attention import AttentionMetadata
 
 _IDS, _POSITIONS, _SLOTS, _SEQ_LENS = range(4)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,17 @@ def graph_blockers(model: torch.nn.Module) -> list[str]:
         if not ok:
             blockers.append(f"{name}: {kernel.name} kernel {why}")
     return blockers
+
+
+def capture_graph(run: Callable[[], T], device: torch.device, pool=None) -> tuple[torch.cuda.CUDAGraph, T]:
+    """``run()`` once eagerly (Triton compiles its kernels outside the capture), then captured as a graph
+    into ``pool`` (shared by a family of graphs, captured largest first); its output is the graph's."""
+    run()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = run()
+    return graph, out
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -110,13 +122,8 @@ class DecodeGraphs:
         pool = None
         for bs in tqdm(sorted(self.sizes, reverse=True), desc="capturing CUDA graphs", unit="graph",
                        disable=not progress):
-            self._run_eager(bs)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self._run_eager(bs)
-            pool = graph.pool()
-            self.graphs[bs] = graph
+            self.graphs[bs], self.outputs[bs] = capture_graph(lambda: self._run_eager(bs), self.device, pool)
+            pool = self.graphs[bs].pool()
 
     def run(self, arrays: dict[str, np.ndarray], tables: np.ndarray,
             carry: tuple[torch.Tensor, np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from mopt.engine.cuda_graphs import capture_graph
 from mopt.layers.attention import AttentionMetadata
 
 TOKEN_BUCKETS = (16, 32, 64, 128, 256)
@@ -90,13 +91,8 @@ class PrefillGraphs:
                 self.seq_lens[0] = length
                 self.last_rows.zero_()
                 self.last_rows[0] = length - 1
-                self._run_eager(t)
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[t] = self._run_eager(t)
-                pool = graph.pool()
-                self.graphs[t] = graph
+                self.graphs[t], self.outputs[t] = capture_graph(lambda: self._run_eager(t), self.device, pool)
+                pool = self.graphs[t].pool()
         torch.cuda.synchronize(self.device)
 
     def run(self, packed: torch.Tensor, n: int, b: int) -> torch.Tensor | None:
