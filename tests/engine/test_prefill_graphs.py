@@ -16,6 +16,7 @@ import torch
 from mopt import LLM, SamplingParams
 from mopt.engine.block_manager import blocks_needed
 from mopt.engine.prefill_graphs import MAX_SEQS, TOKEN_BUCKETS, PrefillGraphs, prefill_graph_blockers
+from mopt.layers.attention import AttentionMetadata
 
 PROMPTS = [[5, 17, 33], list(range(40, 70)), [7] * 9, list(range(100, 117)), [3, 1, 4, 1, 5]]
 
@@ -33,10 +34,14 @@ def test_bucket_choice(n, b, max_num_seqs, bucket):
     assert _graphs(max_num_seqs=max_num_seqs).bucket(n, b) == bucket
 
 
-def _packed(ids, positions, slots, lens, tables) -> torch.Tensor:
-    starts = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-    return torch.from_numpy(np.concatenate([ids, positions, slots, starts, lens, np.asarray(tables).reshape(-1)])
-                            .astype(np.int32))
+def _step(ids, positions, slots, lens, tables) -> tuple[torch.Tensor, AttentionMetadata]:
+    """A prefill's ``(tokens [3, n], meta)`` as the runner hands them to ``PrefillGraphs.run``."""
+    tokens = torch.tensor(np.stack([ids, positions, slots]), dtype=torch.int32)
+    starts = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
+    meta = AttentionMetadata(slot_mapping=tokens[2], block_tables=torch.tensor(tables, dtype=torch.int32),
+                             seq_lens=torch.tensor(lens, dtype=torch.int32), query_start_loc=starts,
+                             max_query_len=max(lens))
+    return tokens, meta
 
 
 def test_static_buffers_of_a_padded_prefill():
@@ -49,9 +54,8 @@ def test_static_buffers_of_a_padded_prefill():
         return torch.arange(len(last_rows) * 3, dtype=torch.float32).view(len(last_rows), 3)
 
     graphs = _graphs(forward, blocks=4)
-    packed = _packed(np.arange(11, 18), [0, 1, 2, 0, 1, 2, 3], [20, 21, 22, 8, 9, 10, 11], np.array([3, 4], np.int32),
-                     [[5, 0], [2, 7]])
-    logits = graphs.run(packed, 7, 2)
+    logits = graphs.run(*_step(np.arange(11, 18), [0, 1, 2, 0, 1, 2, 3], [20, 21, 22, 8, 9, 10, 11], [3, 4],
+                               [[5, 0], [2, 7]]))
     assert logits.tolist() == [[0, 1, 2], [3, 4, 5]]  # the real sequences' rows, a copy
     assert seen["max_query_len"] == 16 and seen["ids"][:7].tolist() == list(range(11, 18))
     assert seen["slots"].tolist() == [20, 21, 22, 8, 9, 10, 11] + [-1] * 9
@@ -59,10 +63,10 @@ def test_static_buffers_of_a_padded_prefill():
     assert seen["lens"].tolist() == [3, 4] + [0] * (MAX_SEQS - 2)
     assert seen["last"][:2].tolist() == [2, 6] and seen["tables"][:2, :2].tolist() == [[5, 0], [2, 7]]
     # A smaller prefill after it: stale rows of the first are padding again.
-    graphs.run(_packed([9], [0], [4], np.array([1], np.int32), [[1]]), 1, 1)
+    graphs.run(*_step([9], [0], [4], [1], [[1]]))
     assert seen["slots"].tolist() == [4] + [-1] * 15 and seen["qsl"].tolist() == [0] + [1] * MAX_SEQS
     assert seen["lens"].tolist() == [1] + [0] * (MAX_SEQS - 1) and seen["last"][0] == 0
-    assert graphs.run(packed, 300, 1) is None  # no bucket: the caller runs it eagerly
+    assert graphs.run(*_step(np.arange(300), np.arange(300), np.arange(300), [300], [[1]])) is None  # eager
 
 
 @pytest.fixture(scope="module")
@@ -134,15 +138,9 @@ def test_mixture_of_experts_models_are_not_captured():
 def test_prefill_graphs_on_and_off_identical_gpu(fmt):
     """Captured prefill graphs (up to MAX_SEQS prompts, 256 tokens) against eager steps: the same greedy tokens,
     for prefills in one bucket, several buckets, and one too wide for a graph."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a GPU")
-    from mopt.engine.dummy import tiny_preset_config
+    from conftest import graphs_and_eager_gpu
 
-    config = tiny_preset_config()
-    kw = dict(load_format="dummy", quantization=fmt, device="cuda", max_model_len=320, max_num_seqs=16,
-              kv_cache_memory=64 << 20)
-    graphs = LLM(config, **kw)
-    eager = LLM(config, enforce_eager=True, **kw)
+    graphs, eager = graphs_and_eager_gpu(fmt, max_model_len=320)
     assert sorted(graphs.runner.prefill_graphs.graphs) == list(TOKEN_BUCKETS)
     assert eager.runner.prefill_graphs is None
     params = SamplingParams(max_tokens=12, ignore_eos=True)

@@ -42,8 +42,8 @@ def prefill_graph_blockers(model: torch.nn.Module) -> list[str]:
 
 
 class PrefillGraphs:
-    """``run(packed, n, b) -> logits [b, vocab]`` for a prefill whose packed int32 inputs are ``packed`` (on
-    the device, as ``runner.prefill_array`` lays them out), or None where no graph takes it.
+    """``run(tokens, meta) -> logits [b, vocab]`` for a prefill of ``b`` sequences, or None where no graph
+    takes it.
 
     ``forward(ids [N], positions [N], meta, last_rows [B]) -> float32 logits [B, vocab]`` is the model step."""
 
@@ -95,21 +95,22 @@ class PrefillGraphs:
                 pool = self.graphs[t].pool()
         torch.cuda.synchronize(self.device)
 
-    def run(self, packed: torch.Tensor, n: int, b: int) -> torch.Tensor | None:
+    def run(self, tokens: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
+        """``tokens [3, n]``: the prefill's ids, positions and slots; ``meta``: its sequences' metadata (as an
+        eager step takes it). Logits at each sequence's last token, or None where no graph takes the step."""
+        n, b = tokens.shape[1], meta.seq_lens.shape[0]
         t = self.bucket(n, b)
         if t is None:
             return None
-        width = (packed.numel() - 3 * n - 2 * b - 1) // b
-        self.tokens[:, :n].copy_(packed[: 3 * n].view(3, n))
+        self.tokens[:, :n].copy_(tokens)
         self.tokens[_SLOTS, n:t].fill_(-1)
-        starts = packed[3 * n: 3 * n + b + 1]
-        self.query_start_loc[: b + 1].copy_(starts)
+        self.query_start_loc[: b + 1].copy_(meta.query_start_loc)
         self.query_start_loc[b + 1:].fill_(n)
-        self.seq_lens[:b].copy_(packed[3 * n + b + 1: 3 * n + 2 * b + 1])
+        self.seq_lens[:b].copy_(meta.seq_lens)
         self.seq_lens[b:].zero_()
-        self.last_rows[:b].copy_(starts[1:])
+        self.last_rows[:b].copy_(meta.query_start_loc[1:])
         self.last_rows[:b] -= 1
-        self.tables[:b, :width].copy_(packed[3 * n + 2 * b + 1:].view(b, width))
+        self.tables[:b, : meta.block_tables.shape[1]].copy_(meta.block_tables)
         if t in self.graphs:
             self.graphs[t].replay()
             logits = self.outputs[t]

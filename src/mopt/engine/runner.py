@@ -189,13 +189,13 @@ class ModelRunner:
     def prefill_from_array(self, array: np.ndarray, n: int, b: int, max_query_len: int) -> torch.Tensor:
         """Logits at each sequence's last token of the prefill ``prefill_array`` packed."""
         packed = self.staging.to_device(array)
-        if self.prefill_graphs is not None:
-            logits = self.prefill_graphs.run(packed, n, b)
-            if logits is not None:
-                return logits
         meta = AttentionMetadata(slot_mapping=packed[2 * n:3 * n], block_tables=packed[3 * n + 2 * b + 1:].view(b, -1),
                                  seq_lens=packed[3 * n + b + 1:3 * n + 2 * b + 1],
                                  query_start_loc=packed[3 * n:3 * n + b + 1], max_query_len=max_query_len)
+        if self.prefill_graphs is not None:  # ids, positions and slots lie back to back
+            logits = self.prefill_graphs.run(packed[:3 * n].view(3, n), meta)
+            if logits is not None:
+                return logits
         return self._forward(packed[:n], packed[n:2 * n], meta, meta.query_start_loc[1:].long() - 1)
 
     def _scope(self, kind: str, ints: tuple, array: np.ndarray) -> ContextManager:
