@@ -88,6 +88,20 @@ _CACHE: dict[tuple, Export] = {}
 FAST_CALIBRATION = {fmt: {"method": "awq_lite", "alpha_step": 0.5} for fmt in ("int4-awq", "w4a8-awq", "nvfp4-awq")}
 
 
+def graphs_and_eager_gpu(fmt: str, max_model_len: int):
+    """Two engines of the tiny dummy preset in ``fmt`` on the GPU, with CUDA graphs and eager (skips
+    without a GPU): what the graphs-on/off tests compare."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from mopt import LLM
+    from mopt.engine.dummy import tiny_preset_config
+
+    config = tiny_preset_config()
+    kw = dict(load_format="dummy", quantization=fmt, device="cuda", max_model_len=max_model_len, max_num_seqs=16,
+              kv_cache_memory=64 << 20)
+    return LLM(config, **kw), LLM(config, enforce_eager=True, **kw)
+
+
 def make_export(tmp_root: Path, fmt: str, hidden: int, arch: str = "llama") -> Export:
     from mopt.quantize import export_checkpoint, quantize_model
 

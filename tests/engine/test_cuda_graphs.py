@@ -101,15 +101,9 @@ def test_padding_rows_write_nothing_and_attend_to_nothing():
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["bf16", "fp8-kv", "nvfp4"])
 def test_graphs_on_and_off_identical_gpu(fmt):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a GPU")
-    from mopt.engine.dummy import tiny_preset_config
+    from conftest import graphs_and_eager_gpu
 
-    config = tiny_preset_config()
-    kw = dict(load_format="dummy", quantization=fmt, device="cuda", max_model_len=256, max_num_seqs=16,
-              kv_cache_memory=64 << 20)
-    graphs = LLM(config, **kw)
-    eager = LLM(config, enforce_eager=True, **kw)
+    graphs, eager = graphs_and_eager_gpu(fmt, max_model_len=256)
     assert graphs.runner.graphs.graphs and not eager.runner.graphs.graphs
     prompts = [[(7 * i + 3 * j) % 300 for j in range(5 + 3 * i)] for i in range(11)]
     params = SamplingParams(max_tokens=24, ignore_eos=True)
