@@ -54,18 +54,24 @@ def test_static_buffers_of_a_padded_prefill():
         return torch.arange(len(last_rows) * 3, dtype=torch.float32).view(len(last_rows), 3)
 
     graphs = _graphs(forward, blocks=4)
-    logits = graphs.run(*_step(np.arange(11, 18), [0, 1, 2, 0, 1, 2, 3], [20, 21, 22, 8, 9, 10, 11], [3, 4],
-                               [[5, 0], [2, 7]]))
+    positions = [0, 1, 2] + list(range(17))
+    slots = [20, 21, 22] + list(range(8, 25))
+    logits = graphs.run(*_step(np.arange(11, 31), positions, slots, [3, 17], [[5, 0], [2, 7]]))
     assert logits.tolist() == [[0, 1, 2], [3, 4, 5]]  # the real sequences' rows, a copy
-    assert seen["max_query_len"] == 16 and seen["ids"][:7].tolist() == list(range(11, 18))
-    assert seen["slots"].tolist() == [20, 21, 22, 8, 9, 10, 11] + [-1] * 9
-    assert seen["qsl"].tolist() == [0, 3, 7] + [7] * (MAX_SEQS - 2)
-    assert seen["lens"].tolist() == [3, 4] + [0] * (MAX_SEQS - 2)
-    assert seen["last"][:2].tolist() == [2, 6] and seen["tables"][:2, :2].tolist() == [[5, 0], [2, 7]]
-    # A smaller prefill after it: stale rows of the first are padding again.
+    assert seen["max_query_len"] == 32 and seen["ids"][:20].tolist() == list(range(11, 31))
+    assert seen["positions"][:20].tolist() == positions
+    assert seen["slots"].tolist() == slots + [-1] * 12
+    assert seen["qsl"].tolist() == [0, 3, 20] + [20] * (MAX_SEQS - 2)
+    assert seen["lens"].tolist() == [3, 17] + [0] * (MAX_SEQS - 2)
+    assert seen["last"].tolist() == [2, 19] + [0] * (MAX_SEQS - 2)
+    assert seen["tables"][:2, :2].tolist() == [[5, 0], [2, 7]]
+    # A smaller prefill after it: stale rows of the first are padding again, and no row it gathers lies
+    # past its 16-token bucket (the larger step's last row, 19, would; on a GPU an out-of-range gather
+    # is a device-side assert that ends the process).
     graphs.run(*_step([9], [0], [4], [1], [[1]]))
     assert seen["slots"].tolist() == [4] + [-1] * 15 and seen["qsl"].tolist() == [0] + [1] * MAX_SEQS
-    assert seen["lens"].tolist() == [1] + [0] * (MAX_SEQS - 1) and seen["last"][0] == 0
+    assert seen["lens"].tolist() == [1] + [0] * (MAX_SEQS - 1)
+    assert seen["last"].tolist() == [0] * MAX_SEQS
     assert graphs.run(*_step(np.arange(300), np.arange(300), np.arange(300), [300], [[1]])) is None  # eager
 
 

@@ -110,6 +110,7 @@ class PrefillGraphs:
         self.seq_lens[b:].zero_()
         self.last_rows[:b].copy_(meta.query_start_loc[1:])
         self.last_rows[:b] -= 1
+        self.last_rows[b:].zero_()  # a larger step's rows would index past this bucket's hidden rows
         self.tables[:b, : meta.block_tables.shape[1]].copy_(meta.block_tables)
         if t in self.graphs:
             self.graphs[t].replay()
