@@ -2,8 +2,8 @@
 
 For each ``BxT`` case, times one engine step that prefills ``B`` new prompts of ``T`` tokens (median, min and
 max of ``--repeats`` after two warm-ups), then profiles one 1x``--profile-tokens`` prefill on rank 0 with
-torch.profiler: wall time against the GPU kernels' time, and tables by GPU time and by CPU time. Short
-prefills run eagerly (decode steps run in CUDA graphs), so these times show the host's share.
+torch.profiler (``--profile-tokens 0``: none): wall time against the GPU kernels' time, and tables by GPU
+time and by CPU time. Prints the engine's start time first (loading, cache, CUDA graph captures).
 Usage: PYTHONPATH=src python3 bench/prefill_latency.py --format fp8-kv -tp 2 [--preset llama3-8b]
        [--cases 1x128,1x512,8x128] [--repeats 10] [--profile-tokens 512]
 """
@@ -53,16 +53,23 @@ def main() -> None:
     args = parser.parse_args()
     cases = [tuple(int(v) for v in case.split("x")) for case in args.cases.split(",")]
     most = max([b * t for b, t in cases] + [args.profile_tokens])
+    start = time.perf_counter()
     llm = LLM(args.preset, load_format="dummy", quantization=args.format, max_model_len=max(t for _, t in cases) + 16,
               max_num_seqs=max(b for b, _ in cases), max_num_batched_tokens=most,
               tensor_parallel_size=args.tensor_parallel_size)
     name = f"tp{args.tensor_parallel_size} {args.preset} {args.format}"
+    captures = getattr(llm.runner.prefill_graphs, "capture_seconds", float("nan"))
+    reserved = torch.cuda.memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
+    print(f"{name} engine ready in {time.perf_counter() - start:.1f} s, of which prefill graph captures "
+          f"{captures:.1f} s; rank 0 holds {reserved:.2f} GiB", flush=True)
     for batch, tokens in cases:
         _prefill_seconds(llm, batch, tokens)
         _prefill_seconds(llm, batch, tokens)
         times = [1e3 * _prefill_seconds(llm, batch, tokens) for _ in range(args.repeats)]
         print(f"{name} prefill {batch}x{tokens}: median {statistics.median(times):.2f} ms, min {min(times):.2f}, "
               f"max {max(times):.2f}", flush=True)
+    if not args.profile_tokens:
+        return
     start = time.perf_counter()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:

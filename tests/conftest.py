@@ -88,7 +88,7 @@ _CACHE: dict[tuple, Export] = {}
 FAST_CALIBRATION = {fmt: {"method": "awq_lite", "alpha_step": 0.5} for fmt in ("int4-awq", "w4a8-awq", "nvfp4-awq")}
 
 
-def graphs_and_eager_gpu(fmt: str, max_model_len: int):
+def graphs_and_eager_gpu(fmt: str, max_model_len: int, max_num_seqs: int = 16, **engine_args):
     """Two engines of the tiny dummy preset in ``fmt`` on the GPU, with CUDA graphs and eager (skips
     without a GPU): what the graphs-on/off tests compare."""
     if not torch.cuda.is_available():
@@ -97,8 +97,8 @@ def graphs_and_eager_gpu(fmt: str, max_model_len: int):
     from mopt.engine.dummy import tiny_preset_config
 
     config = tiny_preset_config()
-    kw = dict(load_format="dummy", quantization=fmt, device="cuda", max_model_len=max_model_len, max_num_seqs=16,
-              kv_cache_memory=64 << 20)
+    kw = dict(load_format="dummy", quantization=fmt, device="cuda", max_model_len=max_model_len,
+              max_num_seqs=max_num_seqs, kv_cache_memory=64 << 20, **engine_args)
     return LLM(config, **kw), LLM(config, enforce_eager=True, **kw)
 
 

@@ -25,13 +25,23 @@ def _graphs(forward=lambda *a: None, max_num_seqs=20, max_model_len=64, blocks=1
     return PrefillGraphs(forward, torch.device("cpu"), max_num_seqs, max_model_len, blocks, capture=False)
 
 
-@pytest.mark.parametrize("n,b,max_num_seqs,bucket", [
-    (1, 1, 20, 16), (16, 1, 20, 16), (17, 3, 20, 32), (100, 8, 20, 128), (256, MAX_SEQS, 20, 256),
-    (257, 1, 20, None), (40, MAX_SEQS + 1, 20, None), (10, 4, 3, None), (10, 3, 3, 16),
+@pytest.mark.parametrize("n,b,max_num_seqs,max_model_len,bucket", [
+    (1, 1, 20, 64, 16), (16, 1, 20, 64, 16), (17, 3, 20, 64, 32), (100, 8, 20, 64, 128),
+    (257, MAX_SEQS, 20, 64, 512), (2048, 1, 20, 2048, 2048), (2049, 1, 20, 4096, None),
+    (40, MAX_SEQS + 1, 20, 64, None), (10, 4, 3, 64, None), (10, 3, 3, 64, 16),
+    # 3 sequences of at most 64 tokens bring at most 192: no bucket above 256 is made.
+    (200, 3, 3, 64, 256), (300, 3, 3, 64, None),
 ])
-def test_bucket_choice(n, b, max_num_seqs, bucket):
-    assert TOKEN_BUCKETS[-1] == 256
-    assert _graphs(max_num_seqs=max_num_seqs).bucket(n, b) == bucket
+def test_bucket_choice(n, b, max_num_seqs, max_model_len, bucket):
+    assert TOKEN_BUCKETS == (16, 32, 64, 128, 256, 512, 1024, 2048)
+    assert _graphs(max_num_seqs=max_num_seqs, max_model_len=max_model_len).bucket(n, b) == bucket
+
+
+def test_buckets_end_at_the_most_tokens_a_step_can_bring():
+    assert _graphs(max_num_seqs=3, max_model_len=64).sizes == [16, 32, 64, 128, 256]
+    assert _graphs(max_num_seqs=1, max_model_len=16).sizes == [16]
+    assert _graphs(max_num_seqs=1, max_model_len=17).sizes == [16, 32]
+    assert _graphs(max_num_seqs=64, max_model_len=4096).sizes == list(TOKEN_BUCKETS)
 
 
 def _step(ids, positions, slots, lens, tables) -> tuple[torch.Tensor, AttentionMetadata]:
@@ -72,7 +82,8 @@ def test_static_buffers_of_a_padded_prefill():
     assert seen["slots"].tolist() == [4] + [-1] * 15 and seen["qsl"].tolist() == [0] + [1] * MAX_SEQS
     assert seen["lens"].tolist() == [1] + [0] * (MAX_SEQS - 1)
     assert seen["last"].tolist() == [0] * MAX_SEQS
-    assert graphs.run(*_step(np.arange(300), np.arange(300), np.arange(300), [300], [[1]])) is None  # eager
+    # Longer than the largest bucket (16 sequences of 64 tokens: 1024): eager.
+    assert graphs.run(*_step(np.arange(1025), np.arange(1025), np.arange(1025), [1025], [[1]])) is None
 
 
 @pytest.fixture(scope="module")
@@ -142,17 +153,19 @@ def test_mixture_of_experts_models_are_not_captured():
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["bf16", "fp8-kv", "nvfp4"])
 def test_prefill_graphs_on_and_off_identical_gpu(fmt):
-    """Captured prefill graphs (up to MAX_SEQS prompts, 256 tokens) against eager steps: the same greedy tokens,
-    for prefills in one bucket, several buckets, and one too wide for a graph."""
+    """Captured prefill graphs (up to MAX_SEQS prompts, 2048 tokens) against eager steps: the same greedy tokens,
+    for prefills in one bucket, several buckets, and ones too wide or too long for a graph."""
     from conftest import graphs_and_eager_gpu
 
-    graphs, eager = graphs_and_eager_gpu(fmt, max_model_len=320)
+    graphs, eager = graphs_and_eager_gpu(fmt, max_model_len=320, max_num_seqs=MAX_SEQS + 8,
+                                         max_num_batched_tokens=4096)
     assert sorted(graphs.runner.prefill_graphs.graphs) == list(TOKEN_BUCKETS)
     assert eager.runner.prefill_graphs is None
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     for prompts in ([[(7 * j + 3) % 300 for j in range(5)]],
                     [[(7 * i + 3 * j) % 300 for j in range(5 + 9 * i)] for i in range(MAX_SEQS)],
                     [[(5 * i + j) % 300 for j in range(3 + i)] for i in range(MAX_SEQS + 3)],
-                    [list(range(1, 290))]):
+                    [list(range(1, 290))],
+                    [[(3 * i + j) % 300 + 1 for j in range(300)] for i in range(8)]):  # 2400 tokens
         assert [o.token_ids for o in graphs.generate(prompts, params)] == \
             [o.token_ids for o in eager.generate(prompts, params)]

@@ -7,8 +7,8 @@ ms of kernels, the rest being Python, Triton launches and cuBLAS calls
 one FP8 prompt of 16 or 128 tokens then takes 4.1 or 4.5 ms on an H200 (34 and 41 ms eagerly, same host;
 ``bench/results/prefill-graphs-h200x2-2026-11-27-*``).
 
-A prefill of ``n`` tokens of ``b`` sequences (``n <= 256``, ``b <= MAX_SEQS``) is padded to the smallest
-token bucket ``T >= n`` (16, 32, 64, 128, 256) and to ``MAX_SEQS`` sequences. Padding tokens belong to no
+A prefill of ``n`` tokens of ``b`` sequences (``n <= 2048``, ``b <= MAX_SEQS``) is padded to the smallest
+token bucket ``T >= n`` (16, 32, ..., 2048) and to ``MAX_SEQS`` sequences. Padding tokens belong to no
 sequence and have slot -1 (nothing is written to the cache); padding sequences have no tokens and length
 0, so attention skips them; every later operation works row by row, so padding rows never reach a real
 row, and their logits are not taken. Attention's grid covers ``T`` queries for each of ``MAX_SEQS``
@@ -22,6 +22,8 @@ take part in the routing kernels' work.
 from __future__ import annotations
 
 import bisect
+import logging
+import time
 from typing import Callable
 
 import torch
@@ -29,9 +31,13 @@ import torch
 from mopt.engine.cuda_graphs import capture_graph
 from mopt.layers.attention import AttentionMetadata
 
-TOKEN_BUCKETS = (16, 32, 64, 128, 256)
-MAX_SEQS = 8
+# Up to 2048 tokens, the scheduler's default step budget: an eager prefill of 8 x 128 or 1 x 512 tokens
+# spent 24 ms at TP=1 and 55-62 ms at TP=2 on the host, for a few ms of kernels.
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+MAX_SEQS = 16
 _IDS, _POSITIONS, _SLOTS = range(3)
+
+logger = logging.getLogger(__name__)
 
 
 def prefill_graph_blockers(model: torch.nn.Module) -> list[str]:
@@ -51,7 +57,9 @@ class PrefillGraphs:
                  max_blocks_per_seq: int, capture: bool = True, progress: bool = False) -> None:
         self.forward, self.device, self.max_model_len = forward, device, max_model_len
         self.seqs = min(MAX_SEQS, max_num_seqs)
-        self.sizes = list(TOKEN_BUCKETS)
+        # No larger bucket than the most tokens ``seqs`` sequences of ``max_model_len`` can bring.
+        most = self.seqs * max_model_len
+        self.sizes = [t for i, t in enumerate(TOKEN_BUCKETS) if i == 0 or TOKEN_BUCKETS[i - 1] < most]
         top = self.sizes[-1]
         self.tokens = torch.zeros((3, top), dtype=torch.int32, device=device)
         self.query_start_loc = torch.zeros(self.seqs + 1, dtype=torch.int32, device=device)
@@ -60,6 +68,7 @@ class PrefillGraphs:
         self.tables = torch.zeros((self.seqs, max_blocks_per_seq), dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.capture_seconds = 0.0
         if capture:  # else (tests on CPUs) the same padded buffers run eagerly
             self._capture_all(progress)
 
@@ -76,7 +85,7 @@ class PrefillGraphs:
     def _capture_all(self, progress: bool) -> None:
         from tqdm.auto import tqdm
 
-        pool = None
+        pool, start = None, time.perf_counter()
         with torch.inference_mode():
             for t in tqdm(sorted(self.sizes, reverse=True), desc="capturing prefill graphs", unit="graph",
                           disable=not progress):
@@ -94,6 +103,9 @@ class PrefillGraphs:
                 self.graphs[t], self.outputs[t] = capture_graph(lambda: self._run_eager(t), self.device, pool)
                 pool = self.graphs[t].pool()
         torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - start
+        logger.info("captured %d prefill graphs (%d to %d tokens, up to %d prompts) in %.1f s", len(self.graphs),
+                    self.sizes[0], self.sizes[-1], self.seqs, self.capture_seconds)
 
     def run(self, tokens: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
         """``tokens [3, n]``: the prefill's ids, positions and slots; ``meta``: its sequences' metadata (as an

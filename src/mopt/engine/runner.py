@@ -8,8 +8,8 @@ the model's dtype, FP8 E4M3 or INT8 codes (``width = head_dim``), or NVFP4 packe
 Step inputs are built with numpy into one int32 array (token ids, positions, slots, query starts,
 sequence lengths, block tables) and cross to the device in one copy. Decode steps run through
 :class:`~mopt.engine.cuda_graphs.DecodeGraphs` (captured CUDA graphs on GPUs, the same padded
-static buffers run eagerly elsewhere); so do short prefills of dense models (up to 256 tokens of up to
-8 prompts, :class:`~mopt.engine.prefill_graphs.PrefillGraphs`), and longer ones run eagerly. Sampling happens on the device;
+static buffers run eagerly elsewhere); so do prefills of dense models (up to 2048 tokens of up to
+16 prompts, :class:`~mopt.engine.prefill_graphs.PrefillGraphs`), and longer ones run eagerly. Sampling happens on the device;
 the sampled ids (with their logprobs, when asked for) come back in one copy per step.
 :meth:`ModelRunner.launch` queues a step and returns at once (a :class:`PendingStep`); a decode step
 may take the input ids of its sequences straight from the device-side output of the step before it,
