@@ -30,11 +30,16 @@ pytestmark = pytest.mark.slow
 # (a) vs the independent simulation: float32 accumulation order only; measured <= 2.6e-7 for every
 #     format (2026-11-26, CPU, float32).
 # (b) vs ModelOpt's fake-quant modules (measured maxima over the shapes in brackets):
-#   the same function up to float32 rounding [<= 3.7e-7]: fp8-kv, nvfp4 and every NVFP4 variant,
+#   the same function up to float32 rounding [<= 3.7e-7]: fp8-kv, nvfp4 and every other NVFP4 variant,
 #     mxfp8, int4-awq, mixed;
 #   ModelOpt multiplies by maxbound/amax where the checkpoint stores amax/maxbound, so a few weights
 #     (or activations) round to the neighbouring code: fp8-pcpt [2.5e-4], fp8-pb-wo / fp8-pb-real
-#     [5.1e-4], int8-wo [3.4e-5], int8-sq [1.4e-4], w4a8-awq (its INT4 weights re-quantized to FP8) [7.4e-4];
+#     [5.1e-4], int8-wo [3.4e-5], int8-sq [1.4e-4], w4a8-awq (its INT4 weights re-quantized to FP8) [7.4e-4],
+#     w4a8-nvfp4-fp8 [3.7e-5: on an AVX-512 CPU (2026-11-27) one of 122880 down_proj inputs lay at
+#     x / scale = -2.62500024, 2e-7 past an E4M3 tie: mopt divides and rounds to -2.75, ModelOpt's
+#     reciprocal product lands on the tie and rounds to even, -2.5; other CPUs' fixtures had no such
+#     input, 3.7e-7]. Every format with static activation scales can meet such an input; only those
+#     seen to are loosened;
 #   mxfp4: ModelOpt's export rounds weights with its MXFP4QTensor (ties toward zero, float log2 for
 #     the exponent), its fake quantization as its GPU kernel does (ties to even, exact exponent): an
 #     occasional weight differs between the two [4.1e-4; one of 110592 weights of a v_proj];
@@ -51,7 +56,7 @@ TOLERANCE = {
     "nvfp4-awq": EXACT,
     "nvfp4-svdquant": EXACT,
     "w4a16-nvfp4": EXACT,
-    "w4a8-nvfp4-fp8": EXACT,
+    "w4a8-nvfp4-fp8": (1e-6, 1e-4),
     "int4-awq": EXACT,
     "w4a8-awq": (1e-6, 1e-3),
     "int8-wo": (1e-6, 2e-4),
