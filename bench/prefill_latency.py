@@ -4,7 +4,7 @@ For each ``BxT`` case, times one engine step that prefills ``B`` new prompts of 
 max of ``--repeats`` after two warm-ups), then profiles one 1x``--profile-tokens`` prefill on rank 0 with
 torch.profiler (``--profile-tokens 0``: none): wall time against the GPU kernels' time, and tables by GPU
 time and by CPU time. Prints the engine's start time first (loading, cache, CUDA graph captures).
-Usage: PYTHONPATH=src python3 bench/prefill_latency.py --format fp8-kv -tp 2 [--preset llama3-8b]
+Usage: PYTHONPATH=src python3 bench/prefill_latency.py --format fp8-kv -tp 2 [--enable-expert-parallel] [--preset llama3-8b]
        [--cases 1x128,1x512,8x128] [--repeats 10] [--profile-tokens 512]
 """
 
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--preset", default="llama3-8b")
     parser.add_argument("--format", default="fp8-kv")
     parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--enable-expert-parallel", action="store_true")
     parser.add_argument("--cases", default="1x128,1x256,1x512,8x128")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--profile-tokens", type=int, default=512)
@@ -56,8 +57,8 @@ def main() -> None:
     start = time.perf_counter()
     llm = LLM(args.preset, load_format="dummy", quantization=args.format, max_model_len=max(t for _, t in cases) + 16,
               max_num_seqs=max(b for b, _ in cases), max_num_batched_tokens=most,
-              tensor_parallel_size=args.tensor_parallel_size)
-    name = f"tp{args.tensor_parallel_size} {args.preset} {args.format}"
+              tensor_parallel_size=args.tensor_parallel_size, enable_expert_parallel=args.enable_expert_parallel)
+    name = f"tp{args.tensor_parallel_size}{' ep' if args.enable_expert_parallel else ''} {args.preset} {args.format}"
     captures = getattr(llm.runner.prefill_graphs, "capture_seconds", float("nan"))
     reserved = torch.cuda.memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
     print(f"{name} engine ready in {time.perf_counter() - start:.1f} s, of which prefill graph captures "

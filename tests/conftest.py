@@ -88,15 +88,15 @@ _CACHE: dict[tuple, Export] = {}
 FAST_CALIBRATION = {fmt: {"method": "awq_lite", "alpha_step": 0.5} for fmt in ("int4-awq", "w4a8-awq", "nvfp4-awq")}
 
 
-def graphs_and_eager_gpu(fmt: str, max_model_len: int, max_num_seqs: int = 16, **engine_args):
-    """Two engines of the tiny dummy preset in ``fmt`` on the GPU, with CUDA graphs and eager (skips
-    without a GPU): what the graphs-on/off tests compare."""
+def graphs_and_eager_gpu(fmt: str, max_model_len: int, max_num_seqs: int = 16, moe: bool = False, **engine_args):
+    """Two engines of the tiny dummy preset (``moe``: its Qwen3-MoE twin) in ``fmt`` on the GPU, with CUDA
+    graphs and eager (skips without a GPU): what the graphs-on/off tests compare."""
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     from mopt import LLM
-    from mopt.engine.dummy import tiny_preset_config
+    from mopt.engine.dummy import tiny_moe_preset_config, tiny_preset_config
 
-    config = tiny_preset_config()
+    config = tiny_moe_preset_config() if moe else tiny_preset_config()
     kw = dict(load_format="dummy", quantization=fmt, device="cuda", max_model_len=max_model_len,
               max_num_seqs=max_num_seqs, kv_cache_memory=64 << 20, **engine_args)
     return LLM(config, **kw), LLM(config, enforce_eager=True, **kw)

@@ -15,7 +15,7 @@ import torch
 
 from mopt import LLM, SamplingParams
 from mopt.engine.block_manager import blocks_needed
-from mopt.engine.prefill_graphs import MAX_SEQS, TOKEN_BUCKETS, PrefillGraphs, prefill_graph_blockers
+from mopt.engine.prefill_graphs import MAX_SEQS, TOKEN_BUCKETS, PrefillGraphs
 from mopt.layers.attention import AttentionMetadata
 
 PROMPTS = [[5, 17, 33], list(range(40, 70)), [7] * 9, list(range(100, 117)), [3, 1, 4, 1, 5]]
@@ -95,8 +95,8 @@ def plain_path(tmp_path_factory):
     return path
 
 
-def _llm(path, padded: bool) -> LLM:
-    llm = LLM(path, device="cpu", block_size=4, kv_cache_memory=4 << 20, max_num_seqs=8)
+def _llm(source, padded: bool, **kw) -> LLM:
+    llm = LLM(source, device="cpu", block_size=4, kv_cache_memory=4 << 20, max_num_seqs=8, **kw)
     if padded:
         runner = llm.runner
         runner.prefill_graphs = PrefillGraphs(runner._forward, runner.device, 8, llm.max_model_len,
@@ -104,10 +104,18 @@ def _llm(path, padded: bool) -> LLM:
     return llm
 
 
-@pytest.mark.parametrize("checkpoint", ["plain", "fp8-kv"])
+@pytest.mark.parametrize("checkpoint", ["plain", "fp8-kv", "moe-fp8-dummy"])
 def test_padded_prefill_equals_unpadded(checkpoint, plain_path, export_factory):
-    path = plain_path if checkpoint == "plain" else export_factory("fp8-kv", 256).path
-    plain, padded = _llm(path, False), _llm(path, True)
+    """Mixture-of-experts layers route the padding tokens too (``moe-fp8-dummy``: a tiny Qwen3-MoE with
+    random FP8 experts); their pairs must not change the real tokens' rows."""
+    kw = {}
+    if checkpoint == "moe-fp8-dummy":
+        from mopt.engine.dummy import tiny_moe_preset_config
+
+        path, kw = tiny_moe_preset_config(), dict(load_format="dummy", quantization="fp8", dtype=torch.float32)
+    else:
+        path = plain_path if checkpoint == "plain" else export_factory("fp8-kv", 256).path
+    plain, padded = _llm(path, False, **kw), _llm(path, True, **kw)
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     assert [o.token_ids for o in padded.generate(PROMPTS, params)] == \
         [o.token_ids for o in plain.generate(PROMPTS, params)]
@@ -140,24 +148,15 @@ def test_reference_attention_gives_padding_rows_zeros():
     assert torch.count_nonzero(out[3:]) == 0
 
 
-def test_mixture_of_experts_models_are_not_captured():
-    from mopt.layers.fused_moe import FusedMoE
-
-    model = torch.nn.Module()
-    model.moe = FusedMoE.__new__(FusedMoE)
-    torch.nn.Module.__init__(model.moe)
-    assert prefill_graph_blockers(model) == ["moe: mixture-of-experts layer"]
-    assert prefill_graph_blockers(torch.nn.Linear(2, 2)) == []
-
-
 @pytest.mark.gpu
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 @pytest.mark.parametrize("fmt", ["bf16", "fp8-kv", "nvfp4"])
-def test_prefill_graphs_on_and_off_identical_gpu(fmt):
+def test_prefill_graphs_on_and_off_identical_gpu(fmt, moe):
     """Captured prefill graphs (up to MAX_SEQS prompts, 2048 tokens) against eager steps: the same greedy tokens,
     for prefills in one bucket, several buckets, and ones too wide or too long for a graph."""
     from conftest import graphs_and_eager_gpu
 
-    graphs, eager = graphs_and_eager_gpu(fmt, max_model_len=320, max_num_seqs=MAX_SEQS + 8,
+    graphs, eager = graphs_and_eager_gpu(fmt, max_model_len=320, max_num_seqs=MAX_SEQS + 8, moe=moe,
                                          max_num_batched_tokens=4096)
     assert sorted(graphs.runner.prefill_graphs.graphs) == list(TOKEN_BUCKETS)
     assert eager.runner.prefill_graphs is None

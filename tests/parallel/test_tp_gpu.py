@@ -51,12 +51,9 @@ def _dense():
 
 
 def _moe():
-    from transformers import Qwen3MoeConfig
+    from mopt.engine.dummy import tiny_moe_preset_config
 
-    return Qwen3MoeConfig(vocab_size=320, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-                          num_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=64, norm_topk_prob=True, max_position_embeddings=512,
-                          architectures=["Qwen3MoeForCausalLM"], eos_token_id=None, bos_token_id=None)
+    return tiny_moe_preset_config()
 
 
 def _tokens(llm: LLM) -> list[list[int]]:

@@ -189,3 +189,13 @@ def tiny_preset_config():
     return LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                        architectures=["LlamaForCausalLM"], eos_token_id=None, bos_token_id=None)
+
+
+def tiny_moe_preset_config():
+    """A small Qwen3-MoE config (2 layers, hidden 256, 8 experts of 128, 2 per token, vocab 320) for tests."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(vocab_size=320, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                          num_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=64, norm_topk_prob=True, max_position_embeddings=512,
+                          architectures=["Qwen3MoeForCausalLM"], eos_token_id=None, bos_token_id=None)

@@ -15,8 +15,10 @@ row, and their logits are not taken. Attention's grid covers ``T`` queries for e
 sequences, the most a bucket can hold. The step's metadata, block tables and last-token rows are device
 buffers, so one graph serves any mix of prompt lengths in its bucket. Longer or wider prefills run eagerly.
 
-Only dense models are captured: a mixture-of-experts layer routes each token, and padding tokens would
-take part in the routing kernels' work.
+Mixture-of-experts layers route padding tokens like any other (token 0 at position 0): their (token,
+expert) pairs share GEMM tiles with real ones, whose rows they do not touch, and their outputs are dropped.
+The routing kernels are sized for the most pairs a bucket can hold, as at decode. The cost is the padding
+rows' expert work, which all lands on the same few experts.
 """
 
 from __future__ import annotations
@@ -38,13 +40,6 @@ MAX_SEQS = 16
 _IDS, _POSITIONS, _SLOTS = range(3)
 
 logger = logging.getLogger(__name__)
-
-
-def prefill_graph_blockers(model: torch.nn.Module) -> list[str]:
-    """Why short prefills of ``model`` are not captured (see the module docstring); empty: capture."""
-    from mopt.layers.fused_moe import FusedMoE
-
-    return [f"{name}: mixture-of-experts layer" for name, m in model.named_modules() if isinstance(m, FusedMoE)]
 
 
 class PrefillGraphs:

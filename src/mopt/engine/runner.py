@@ -8,7 +8,7 @@ the model's dtype, FP8 E4M3 or INT8 codes (``width = head_dim``), or NVFP4 packe
 Step inputs are built with numpy into one int32 array (token ids, positions, slots, query starts,
 sequence lengths, block tables) and cross to the device in one copy. Decode steps run through
 :class:`~mopt.engine.cuda_graphs.DecodeGraphs` (captured CUDA graphs on GPUs, the same padded
-static buffers run eagerly elsewhere); so do prefills of dense models (up to 2048 tokens of up to
+static buffers run eagerly elsewhere); so do prefills (up to 2048 tokens of up to
 16 prompts, :class:`~mopt.engine.prefill_graphs.PrefillGraphs`), and longer ones run eagerly. Sampling happens on the device;
 the sampled ids (with their logprobs, when asked for) come back in one copy per step.
 :meth:`ModelRunner.launch` queues a step and returns at once (a :class:`PendingStep`); a decode step
@@ -35,7 +35,7 @@ import torch
 
 from mopt.engine.block_manager import blocks_needed
 from mopt.engine.cuda_graphs import DecodeGraphs, StagedDecode, graph_blockers
-from mopt.engine.prefill_graphs import PrefillGraphs, prefill_graph_blockers
+from mopt.engine.prefill_graphs import PrefillGraphs
 from mopt.engine.sampler import SamplerOutput, SamplingTensors, argmax_keys, greedy_tokens, key_tokens, sample
 from mopt.engine.sequence import Sequence
 from mopt.engine.staging import Staging
@@ -147,7 +147,7 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self._decode_forward, self.device, max_num_seqs, blocks_needed(max_model_len, block_size),
                                    capture=capture and not blockers, pad=self.device.type == "cuda", progress=progress)
         self.prefill_graphs = None
-        if capture and not blockers and not prefill_graph_blockers(model):
+        if capture and not blockers:
             try:
                 self.prefill_graphs = PrefillGraphs(self._forward, self.device, max_num_seqs, max_model_len,
                                                     blocks_needed(max_model_len, block_size), progress=progress)
