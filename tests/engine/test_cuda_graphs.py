@@ -128,6 +128,6 @@ def test_graphs_on_and_off_identical_real_exports_gpu(name):
     prompts = [[(5 * i + 7 * j) % 300 for j in range(3 + 4 * i)] for i in range(6)]
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     graphs, eager = LLM(path, **kw), LLM(path, enforce_eager=True, **kw)
-    assert graphs.runner.graphs.graphs
+    assert graphs.runner.graphs.graphs and graphs.runner.prefill_graphs is not None
     assert [o.token_ids for o in graphs.generate(prompts, params)] == \
         [o.token_ids for o in eager.generate(prompts, params)]

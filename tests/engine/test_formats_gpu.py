@@ -16,7 +16,7 @@ Float32 logits of the GPU model (through the kernels the selector picks there: `
   wrong layout, scale or rounding rule gives about the whole effect or more.
 
 Then paged greedy generation equals cache-free greedy decoding of the same GPU model, up to the first
-near-tie (see ``NEAR_TIE``): decode steps replay
+near-tie (see ``NEAR_TIE``): decode steps and prefills replay
 CUDA graphs (batches up to 4) for the dense formats, and run eagerly for the MoE formats whose experts have
 no fused kernel yet (their reference expert loop reads the routing on the host: ``graph_blockers``).
 """
@@ -77,6 +77,8 @@ def test_format_generates_on_gpu_like_cpu(name):
     diff = _rel(gpu, cpu)
     assert diff <= bound, f"{name}: {diff:.2e} against the CPU (bound {bound:.2e}, quantization effect {effect:.2e})"
     assert bool(llm.runner.graphs.graphs) == (arch == "llama"), f"{name}: CUDA graphs {llm.runner.graphs.graphs}"
+    # Prefills replay graphs wherever decode steps do (a capture failure would fall back to eager quietly).
+    assert (llm.runner.prefill_graphs is not None) == (arch == "llama"), f"{name}: prefill graphs"
     prompts = [[5, 17, 33], list(range(40, 60)), [7] * 9]
     outs = llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
