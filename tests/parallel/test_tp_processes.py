@@ -1,5 +1,6 @@
 """Worlds of processes in children: a rank that dies mid-run, a rank 0 that goes away, a rendezvous
-that times out, and two torchrun "nodes" on loopback. Each ends with every process gone."""
+that times out, two torchrun "nodes" on loopback, and Ctrl-C on ``mopt serve`` / ``mopt generate``. Each
+ends with every process gone."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from mopt.engine.loader import load_model
-from tp_child import IDS
+from tp_child import IDS, tiny_config
 from tp_helpers import free_port, pid_alive, rel, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -108,3 +109,51 @@ def test_two_torchrun_nodes_on_loopback_give_the_same_logits(export_factory, tmp
     with torch.no_grad():
         want = load_model(path)(IDS)
     assert rel(torch.load(out), want) <= 2e-6  # the tolerance of test_tp_logits.py, for the same reason
+
+
+def _group_pids(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid`` (rank 0 and the workers it spawned)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.parametrize("command,code,says", [
+    (["serve", "--port", "0"], 0, ""),
+    (["generate", "--prompt", "hi", "--max-tokens", "8000", "--ignore-eos"], 130, "mopt: interrupted"),
+], ids=["serve", "generate"])
+def test_ctrl_c_ends_every_rank_quietly(command, code, says, tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: rank 0 stops its command (a server shuts down
+    gracefully, a generation reports the interruption) and stops the workers, which must neither print a
+    traceback of their own nor outlive it."""
+    from tiny_tokenizer import save_byte_tokenizer
+    from transformers import LlamaForCausalLM
+
+    config = tiny_config(2)
+    config.max_position_embeddings = 8192  # room for a generation that outlasts the test's wait
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    save_byte_tokenizer(tmp_path)
+    child = subprocess.Popen([sys.executable, "-m", "mopt.cli", *command, str(tmp_path), "--device", "cpu", "-tp", "2"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_group_pids(child.pid)) < 2 and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.2)
+        time.sleep(4)  # serving, or well into generating
+        assert child.poll() is None, child.communicate()[1][-3000:]
+        os.killpg(child.pid, signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == code, err[-3000:]
+    assert says in err and "Traceback" not in err, err[-3000:]
+    assert _gone(_group_pids(child.pid), 10), "a worker outlived rank 0"

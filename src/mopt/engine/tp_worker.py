@@ -3,7 +3,8 @@
 A spawned worker (one node) starts in :func:`spawned_worker_main`; under torchrun the user's program
 reaches :func:`serve` through ``mopt.LLM`` / ``mopt.load_model`` on every rank other than 0, and the
 process exits when rank 0 stops the world. A worker that fails writes its error to the store
-(``failed/<rank>``) for rank 0 to report, and exits; one whose rank 0 is gone exits too.
+(``failed/<rank>``) for rank 0 to report, and exits; one whose rank 0 is gone exits too. Spawned workers
+ignore SIGINT: rank 0 answers Ctrl-C for the world.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -41,6 +43,10 @@ def _quiet() -> None:
 def spawned_worker_main(rank: int, size: int, port: int, device_type: str, parent_pid: int,
                         timeouts: Timeouts) -> None:
     """Entry point of a worker process spawned by rank 0 on this node."""
+    # Ctrl-C reaches the terminal's whole process group. Rank 0 decides what it means (a server shuts down,
+    # a command reports the interruption) and stops the world; a worker that took it too would die with a
+    # traceback in whatever collective it was waiting in.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch.distributed as dist
 
     from mopt.engine.tp_launch import _tcp_store, device_for, prepare_process_env
