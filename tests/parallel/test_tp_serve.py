@@ -4,7 +4,7 @@ and a gloo worker process holds the other shard of the weights and of the KV cac
 Through the official ``openai`` client, on a real server on a loopback port, every kind of request gives
 on 2 ranks what the same server gives on one process: completions and chats, streamed and not, several
 streams at once, seeded sampling (rank 0 alone samples; the worker receives the ids by broadcast) and
-logprobs (the whole vocabulary's logits gathered). Tokens are compared exactly, as the other
+logprobs (the whole vocabulary's logits gathered), and a refused request leaves the engine serving. Tokens are compared exactly, as the other
 tensor-parallel engine tests do (the 2-rank logits equal one process's to float32 rounding); logprobs to
 1e-4 relative, float32 logits summed in another order and normalized over 320 entries.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 
+import openai
 import pytest
 
 from tp_helpers import load_test_module, tp_world_per_module  # noqa: F401 (a fixture)
@@ -49,6 +50,11 @@ def _answers(server) -> dict:
 
     with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
         out["concurrent"] = list(pool.map(one_stream, PROMPTS))
+    # A refused request leaves the engine (and the workers' step stream) as it was.
+    with pytest.raises(openai.BadRequestError, match="max_model_len|context"):
+        client.completions.create(model=model, prompt="x" * 200, max_tokens=10)
+    out["after_refusal"] = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=10,
+                                                     temperature=0).choices[0].text
     server.wait_idle()
     return out
 
