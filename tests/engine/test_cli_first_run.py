@@ -52,6 +52,20 @@ def test_bad_options_fail_fast_without_loading(args, option, tmp_path):
     assert elapsed < 2.0, f"{args}: {elapsed:.2f} s"
 
 
+@pytest.mark.parametrize("args", [["chat"], ["generate", "--chat", "--prompt", "hi"]], ids=["chat", "generate"])
+def test_a_missing_chat_template_fails_before_the_model_loads(args, tmp_path, monkeypatch, capsys):
+    from conftest import tiny_llama
+    from tiny_tokenizer import save_byte_tokenizer
+
+    from mopt.engine.llm import LLM
+
+    tiny_llama(256, layers=1).save_pretrained(tmp_path)
+    save_byte_tokenizer(tmp_path)  # a tokenizer without a chat template
+    monkeypatch.setattr(LLM, "__init__", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert cli.main([*args, str(tmp_path), "--device", "cpu", "-tp", "2"]) == 1
+    assert f"mopt: error: {tmp_path}: --chat needs a tokenizer with a chat template" in capsys.readouterr().err
+
+
 def test_quiet_libraries_silences_prints_warnings_and_library_logs(capfd):
     def chatter():
         print("Inserted 756 quantizers")
