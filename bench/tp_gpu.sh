@@ -6,9 +6,11 @@
 #   8b     mopt bench generate --dummy llama3-8b, BF16, FP8+FP8 KV and NVFP4, batch 1 and 64, -tp 1 then -tp 2
 #   moe    the same for qwen3-30b-a3b in FP8: -tp 1, then -tp 2 --enable-expert-parallel
 #   70b    llama3-70b in FP8 (70 GB of weights, more than one H100 holds) at -tp 2, batch 1 and 64
+#   prefill  prefill latency (time to first token) of the dense model in FP8 + FP8 KV at -tp 1 and -tp 2
+#          (bench/prefill_latency.py, median of 5; not in the default STAGES)
 # Writes under $OUT (default ./out): summary.txt (GPUs, versions, stage results, the speed-up table),
-# speedups.json, tests.txt, allreduce.json, tp1.json, tp2.json, moe-tp1.json, moe-tp2.json, 70b-tp2.json
-# (9 files: the device tool brings back 8, so leave one stage out there).
+# speedups.json, tests.txt, allreduce.json, tp1.json, tp2.json, moe-tp1.json, moe-tp2.json, 70b-tp2.json,
+# prefill.txt (the device tool brings back 8 files, so leave stages out there).
 # Usage: OUT=out bash bench/tp_gpu.sh            (mopt from this tree: PYTHONPATH=src)
 # DENSE, MOE, BIG (presets or config.json paths) and BENCH_ARGS override what is measured.
 set -uo pipefail
@@ -70,6 +72,14 @@ if wants moe; then
 fi
 if wants 70b; then
   stage "$BIG fp8 -tp 2" 100 160 "${BENCH[@]}" --dummy "$BIG" --format fp8 -tp 2 --json "$OUT/70b-tp2.json"
+fi
+
+if wants prefill; then
+  for tp in 1 2; do
+    stage "$DENSE prefill -tp $tp" 60 100 python3 bench/prefill_latency.py --preset "$DENSE" --format fp8-kv \
+      --cases 1x128,1x512,1x2048,8x128,16x128 --repeats 5 --profile-tokens 0 -tp $tp
+    grep -E "ready|prefill " "$LOG" >> "$OUT/prefill.txt"
+  done
 fi
 
 note "== speed-ups (TP=2 over TP=1, same host and run)"
