@@ -140,9 +140,11 @@ def test_ctrl_c_ends_every_rank_quietly(command, code, says, tmp_path):
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     save_byte_tokenizer(tmp_path)
+    # A terminal's default disposition: a shell that starts pytest in the background has it ignore SIGINT,
+    # and so would the child.
     child = subprocess.Popen([sys.executable, "-m", "mopt.cli", *command, str(tmp_path), "--device", "cpu", "-tp", "2"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while len(_group_pids(child.pid)) < 2 and time.monotonic() < deadline and child.poll() is None:

@@ -27,13 +27,16 @@ unless set).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -143,6 +146,20 @@ def device_for(device_type: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while a child starts (a disposition the spawned interpreter keeps), where this thread
+    may set signal handlers (the main thread); elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def spawn_world(size: int, device_type: str, timeouts: Timeouts | None = None) -> World:
     """Rank 0 of a world of ``size`` processes on this node (ranks 1.. are spawned here)."""
     import torch.distributed as dist
@@ -162,7 +179,8 @@ def spawn_world(size: int, device_type: str, timeouts: Timeouts | None = None) -
         for rank in range(1, size):
             process = context.Process(target=spawned_worker_main, daemon=True, name=f"mopt-tp-rank{rank}",
                                       args=(rank, size, port, device_type, os.getpid(), timeouts))
-            process.start()
+            with _sigint_ignored():  # inherited: a worker ignores Ctrl-C from birth (see tp_worker)
+                process.start()
             world.processes[rank] = process
         rendezvous(world, device_type)
     except BaseException:
@@ -200,8 +218,6 @@ def _exit_description(world: World, rank: int) -> str:
     code = process.exitcode if process is not None else None
     message = failure_message(world.store, rank)
     if code is not None and code < 0:
-        import signal
-
         try:
             what = f"was killed by signal {signal.Signals(-code).name}"
         except ValueError:
