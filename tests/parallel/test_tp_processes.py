@@ -124,14 +124,31 @@ def _group_pids(pgid: int) -> list[int]:
     return pids
 
 
+def _stream_until_closed(url: str, model: str, done: list) -> None:
+    """A long streamed completion from ``url``, read until the server ends it; ``done`` gets its bytes."""
+    import httpx
+
+    body = dict(model=model, prompt="Hello", max_tokens=4000, temperature=0, stream=True, ignore_eos=True)
+    received = 0
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            for chunk in response.iter_bytes():
+                received += len(chunk)
+    except httpx.HTTPError:
+        pass  # the server went away mid-stream: what this test does to it
+    done.append(received)
+
+
 @pytest.mark.parametrize("command,code,says", [
     (["serve", "--port", "0"], 0, ""),
     (["generate", "--prompt", "hi", "--max-tokens", "8000", "--ignore-eos"], 130, "mopt: interrupted"),
-], ids=["serve", "generate"])
+], ids=["serve-mid-stream", "generate"])
 def test_ctrl_c_ends_every_rank_quietly(command, code, says, tmp_path):
     """Ctrl-C reaches the terminal's whole process group: rank 0 stops its command (a server shuts down
-    gracefully, a generation reports the interruption) and stops the workers, which must neither print a
-    traceback of their own nor outlive it."""
+    gracefully, here while a streamed completion is being generated; a generation reports the
+    interruption) and stops the workers, which must neither print a traceback of their own nor outlive it."""
+    import threading
+
     from tiny_tokenizer import save_byte_tokenizer
     from transformers import LlamaForCausalLM
 
@@ -145,11 +162,22 @@ def test_ctrl_c_ends_every_rank_quietly(command, code, says, tmp_path):
     child = subprocess.Popen([sys.executable, "-m", "mopt.cli", *command, str(tmp_path), "--device", "cpu", "-tp", "2"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
                              start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    streamed, stream = [], None
     try:
-        deadline = time.monotonic() + 60
-        while len(_group_pids(child.pid)) < 2 and time.monotonic() < deadline and child.poll() is None:
-            time.sleep(0.2)
-        time.sleep(4)  # serving, or well into generating
+        if command[0] == "serve":
+            lines = []
+            while not lines or "listening on" not in lines[-1]:
+                lines.append(child.stderr.readline())
+                assert lines[-1], f"the server did not start: {''.join(lines)[-3000:]}"
+            url = lines[-1].split("listening on ")[1].strip()
+            stream = threading.Thread(target=_stream_until_closed, args=(url, str(tmp_path), streamed), daemon=True)
+            stream.start()
+            time.sleep(3)  # well into streaming
+        else:
+            deadline = time.monotonic() + 60
+            while len(_group_pids(child.pid)) < 2 and time.monotonic() < deadline and child.poll() is None:
+                time.sleep(0.2)
+            time.sleep(4)  # well into generating
         assert child.poll() is None, child.communicate()[1][-3000:]
         os.killpg(child.pid, signal.SIGINT)
         _, err = child.communicate(timeout=60)
@@ -159,3 +187,6 @@ def test_ctrl_c_ends_every_rank_quietly(command, code, says, tmp_path):
     assert child.returncode == code, err[-3000:]
     assert says in err and "Traceback" not in err, err[-3000:]
     assert _gone(_group_pids(child.pid), 10), "a worker outlived rank 0"
+    if stream is not None:
+        stream.join(10)
+        assert streamed and streamed[0] > 0, "the stream never started or never ended"
