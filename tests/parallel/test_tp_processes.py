@@ -186,6 +186,9 @@ def test_ctrl_c_ends_every_rank_quietly(command, code, says, tmp_path):
             os.killpg(child.pid, signal.SIGKILL)
     assert child.returncode == code, err[-3000:]
     assert says in err and "Traceback" not in err, err[-3000:]
+    # Nor a worker's account of the collective rank 0 left, nor the resource tracker's leak warning (tqdm's
+    # semaphore in a worker that rank 0 terminated).
+    assert "tensor-parallel rank" not in err and "leaked" not in err, err[-3000:]
     assert _gone(_group_pids(child.pid), 10), "a worker outlived rank 0"
     if stream is not None:
         stream.join(10)

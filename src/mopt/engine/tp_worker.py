@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 import warnings
 
@@ -35,9 +36,16 @@ class RankZeroGone(Exception):
 
 def _quiet() -> None:
     """Rank 0 shows the warnings and progress of loading; the same ones from every worker are noise."""
+    import threading
+
+    from tqdm import tqdm
+
     warnings.filterwarnings("ignore")
     logging.getLogger("mopt").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # tqdm's default lock is a multiprocessing semaphore, made even for a disabled bar; a worker that rank 0
+    # terminates would leave it to the resource tracker, which warns of a leak when rank 0 exits.
+    tqdm.set_lock(threading.RLock())
 
 
 def spawned_worker_main(rank: int, size: int, port: int, device_type: str, parent_pid: int,
@@ -120,7 +128,9 @@ def _serve_commands(world: World, check_rank0) -> int:
         print(f"mopt tensor-parallel rank {world.rank}: {e}; exiting", file=sys.stderr, flush=True)
         return 1
     except Exception as e:
-        if _rank0_gone(world, check_rank0):
+        # A collective that failed because rank 0 is exiting (Ctrl-C, an error there) breaks here a moment
+        # before rank 0's process is gone: give it that moment before reporting an error of this rank.
+        if _rank0_gone(world, check_rank0, wait=2.0):
             print(f"mopt tensor-parallel rank {world.rank}: rank 0 went away; exiting", file=sys.stderr, flush=True)
             return 1
         logger.debug("%s", traceback.format_exc())
@@ -128,12 +138,17 @@ def _serve_commands(world: World, check_rank0) -> int:
         return 1
 
 
-def _rank0_gone(world: World, check) -> bool:
-    try:
-        check()
-    except RankZeroGone:
-        return True
-    return False
+def _rank0_gone(world: World, check, wait: float = 0.0) -> bool:
+    """Whether rank 0 is gone, asking again for up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            check()
+        except RankZeroGone:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _run(world: World, shards: dict[int, ShardState], op: Op, model_id: int, ints: list[int], payload,
