@@ -4,7 +4,8 @@ and a gloo worker process holds the other shard of the weights and of the KV cac
 Through the official ``openai`` client, on a real server on a loopback port, every kind of request gives
 on 2 ranks what the same server gives on one process: completions and chats, streamed and not, several
 streams at once, seeded sampling (rank 0 alone samples; the worker receives the ids by broadcast) and
-logprobs (the whole vocabulary's logits gathered), and a refused request leaves the engine serving. Tokens are compared exactly, as the other
+logprobs (the whole vocabulary's logits gathered); a client that walks away mid-stream and a refused
+request leave the engine serving, with every KV-cache block free. Tokens are compared exactly, as the other
 tensor-parallel engine tests do (the 2-rank logits equal one process's to float32 rounding); logprobs to
 1e-4 relative, float32 logits summed in another order and normalized over 320 entries.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 
+import httpx
 import openai
 import pytest
 
@@ -50,6 +52,11 @@ def _answers(server) -> dict:
 
     with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
         out["concurrent"] = list(pool.map(one_stream, PROMPTS))
+    # A client that walks away mid-stream: its sequence is aborted and its blocks freed (wait_idle below).
+    body = dict(model=model, prompt=PROMPTS[1], max_tokens=60, temperature=0, stream=True, ignore_eos=True)
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=serving.DEADLINE) as response:
+        assert response.status_code == 200
+        next(response.iter_bytes())
     # A refused request leaves the engine (and the workers' step stream) as it was.
     with pytest.raises(openai.BadRequestError, match="max_model_len|context"):
         client.completions.create(model=model, prompt="x" * 200, max_tokens=10)
