@@ -140,6 +140,14 @@ CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% 
 
 
 @pytest.fixture(scope="session")
+def plain_path(tmp_path_factory):
+    """The unquantized tiny Llama (hidden 256, float32 weights, no tokenizer), saved once per session."""
+    path = tmp_path_factory.mktemp("plain-llama")
+    tiny_llama(256).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def chat_model_dir(tmp_path_factory):
     """A tiny random Llama (vocab 320) with a byte-level tokenizer (ids 0..256) and a simple chat
     template, saved once per session (the server tests)."""

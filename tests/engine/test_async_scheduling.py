@@ -17,15 +17,6 @@ from mopt.errors import EngineArgumentError
 PROMPTS = [[5, 17, 33], list(range(40, 70)), [7] * 9, list(range(100, 117)), [3, 1, 4, 1, 5, 9, 2, 6]]
 
 
-@pytest.fixture(scope="module")
-def plain_path(tmp_path_factory):
-    from conftest import tiny_llama
-
-    path = tmp_path_factory.mktemp("async-llama")
-    tiny_llama(256).save_pretrained(path)
-    return path
-
-
 def make_llm(path, async_scheduling: bool, kv_cache_memory: int = 4 << 20) -> LLM:
     return LLM(path, device="cpu", block_size=4, kv_cache_memory=kv_cache_memory,
                async_scheduling=async_scheduling)

@@ -33,15 +33,6 @@ def test_bucket_choice_and_overflow():
     assert DecodeGraphs(lambda *a: None, torch.device("cpu"), 20, 4, capture=False).bucket(3) == 3
 
 
-@pytest.fixture(scope="module")
-def plain_path(tmp_path_factory):
-    from conftest import tiny_llama
-
-    path = tmp_path_factory.mktemp("plain-llama-graphs")
-    tiny_llama(256).save_pretrained(path)
-    return path
-
-
 def _llm(path, padded: bool, **kw) -> LLM:
     llm = LLM(path, device="cpu", block_size=4, kv_cache_memory=4 << 20, max_num_seqs=8, **kw)
     if padded:

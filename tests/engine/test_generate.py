@@ -20,15 +20,6 @@ from mopt.engine.sampler import filter_logits
 PROMPTS = [[5, 17, 33], list(range(40, 70)), [7] * 9, list(range(100, 117))]
 
 
-@pytest.fixture(scope="module")
-def plain_path(tmp_path_factory):
-    from conftest import tiny_llama
-
-    path = tmp_path_factory.mktemp("plain-llama")
-    tiny_llama(256).save_pretrained(path)
-    return path
-
-
 @pytest.fixture(params=["plain", "fp8-kv", "nvfp4-qwen3"])
 def checkpoint(request, plain_path, export_factory):
     if request.param == "plain":

@@ -86,15 +86,6 @@ def test_static_buffers_of_a_padded_prefill():
     assert graphs.run(*_step(np.arange(1025), np.arange(1025), np.arange(1025), [1025], [[1]])) is None
 
 
-@pytest.fixture(scope="module")
-def plain_path(tmp_path_factory):
-    from conftest import tiny_llama
-
-    path = tmp_path_factory.mktemp("plain-llama-prefill-graphs")
-    tiny_llama(256).save_pretrained(path)
-    return path
-
-
 def _llm(source, padded: bool, **kw) -> LLM:
     llm = LLM(source, device="cpu", block_size=4, kv_cache_memory=4 << 20, max_num_seqs=8, **kw)
     if padded:
