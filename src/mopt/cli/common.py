@@ -71,12 +71,13 @@ def _torch_dtype(name: str | None):
             "float16": torch.float16}[name]
 
 
-def _make_llm(args):
+def _make_llm(args, path: Path | None = None):
+    """The engine of ``args`` on ``path`` (default: ``args.model`` resolved by ``_model_path``)."""
     from mopt.console import quiet_libraries
 
     if args.backend:
         os.environ["MOPT_BACKEND"] = args.backend
-    path = _model_path(args.model, args.format, args.verbose)
+    path = path or _model_path(args.model, args.format, args.verbose)
     with quiet_libraries(args.verbose):
         from mopt.engine.llm import LLM
 

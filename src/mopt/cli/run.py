@@ -21,12 +21,13 @@ def _use_chat_template(llm, args) -> bool:
     return has_template
 
 
-def _require_chat_template_first(args) -> None:
+def _require_chat_template_first(args) -> Path:
     """Chatting needs the tokenizer's chat template: look for it before the model loads (which, with
-    ``-tp N``, starts N - 1 processes too). Folders without tokenizer files are left to the engine."""
+    ``-tp N``, starts N - 1 processes too), and return the model's folder for that load. Folders without
+    tokenizer files are left to the engine."""
     path = _model_path(args.model, args.format, args.verbose)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return
+        return path
     from mopt.console import quiet_libraries
     from mopt.engine.tokenizer import load_tokenizer
 
@@ -34,15 +35,14 @@ def _require_chat_template_first(args) -> None:
         tokenizer = load_tokenizer(path)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{path}: --chat needs a tokenizer with a chat template")
+    return path
 
 
 def cmd_generate(args) -> int:
     from mopt.console import quiet_libraries
 
     params = _sampling(args)  # a bad option fails here, before any model loads
-    if args.chat:
-        _require_chat_template_first(args)
-    llm = _make_llm(args)
+    llm = _make_llm(args, _require_chat_template_first(args) if args.chat else None)
     chat = _use_chat_template(llm, args)
     prompts = [llm.chat_prompt([{"role": "user", "content": p}]) if chat else p for p in args.prompt]
     start = time.perf_counter()
@@ -61,8 +61,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     params = _sampling(args)
-    _require_chat_template_first(args)
-    llm = _make_llm(args)
+    llm = _make_llm(args, _require_chat_template_first(args))
     _use_chat_template(llm, argparse.Namespace(raw=False, chat=True))
     history = [{"role": "system", "content": args.system}] if args.system else []
     print("chatting with", llm.path.name, "- /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)
