@@ -9,13 +9,17 @@
   within a per-format margin of the token TP=2 chose); a wrong shard or a missing all-reduce moves
   the logits by their own size (relative error ~1). TP=2 with graphs equals TP=2 eager exactly (two
   ranks sum in one addition, whatever NCCL's algorithm);
-* a worker killed mid-run (NCCL collectives in flight) ends every process with an error naming it.
+* a worker killed mid-run (NCCL collectives in flight) ends every process with an error naming it;
+* a prefill graph that fails to capture on one rank only is left out on both, whose prefills of that
+  bucket then run eagerly, in step: the tokens equal an eager TP=2 engine's; a failed eager warm-up
+  before a capture on one rank (the other waits in its collectives) ends both with an error naming it.
 
 Measured values are printed; ``bench/tp_gpu.sh`` runs this file with ``-rP`` to keep them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -135,3 +139,58 @@ def test_a_killed_worker_ends_the_run_with_an_error_naming_it():
     assert child.returncode == 1, err[-3000:]
     assert "tensor-parallel rank 1 was killed by signal SIGKILL" in err, err[-3000:]
     assert not pid_alive(worker)
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Live processes whose environment holds ``marker`` (a child and everything it started)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+def _capture_fault_child(fault: str) -> tuple[subprocess.CompletedProcess, list[int]]:
+    from mopt.engine.prefill_graphs import FAULT_ENV
+
+    marker = f"MOPT_TEST_MARK={os.getpid()}-{time.monotonic_ns()}"
+    env = {**subprocess_env(), "PYTHONFAULTHANDLER": "1", FAULT_ENV: fault, "MOPT_TEST_MARK": marker.split("=")[1]}
+    child = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "tp_child.py"), "capture-fault"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = child.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        child.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+        out, err = child.communicate(timeout=30)
+        pytest.fail(f"the child did not finish within 240 s:\n{err[-6000:]}")
+    finally:
+        child.kill()
+    time.sleep(1)
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err), _processes_with(marker)
+
+
+def test_a_prefill_graph_failed_on_one_rank_is_left_out_on_every_rank():
+    child, left = _capture_fault_child("1:128")
+    assert child.returncode == 0, child.stderr[-4000:]
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    print(f"rank 0 captured {result['graphs']}, left out {result['failed']}")
+    assert result["failed"] == {"128": "another rank failed it"}
+    assert 32 in result["graphs"] and 64 in result["graphs"] and 128 not in result["graphs"]
+    assert result["tokens"] == result["eager_tokens"]
+    assert "128-token buckets run eagerly" in child.stderr, child.stderr[-4000:]
+    assert not left
+
+
+def test_a_warm_up_failed_on_one_rank_stops_every_rank_with_an_error_naming_it():
+    """The other rank waits inside the warm-up's collectives on its GPU: no agreement can follow, so the
+    failing rank stops the world, and rank 0's polled wait raises its error."""
+    start = time.monotonic()
+    child, left = _capture_fault_child("1:128:warm-up")
+    print(f"exit {child.returncode} after {time.monotonic() - start:.0f} s: {child.stderr.strip().splitlines()[-1]}")
+    assert child.returncode == 1, child.stderr[-4000:]
+    assert "rank 1" in child.stderr and "the eager run before capturing the 128-token prefill graph failed" in \
+        child.stderr, child.stderr[-4000:]
+    assert not left, f"processes left running: {left}"

@@ -3,6 +3,10 @@
 * ``generate TP [DEVICE]``: a TP-rank engine (on the CPU unless DEVICE is given), prints the workers' pids as JSON, then generates until
   something fails, and exits like ``mopt`` does (``mopt: error: ...``, status 1);
 * ``idle``: a 2-rank engine that prints its workers' pids and sleeps;
+* ``capture-fault``: a 2-rank FP8 engine on 2 GPUs (``MOPT_TEST_FAIL_PREFILL_GRAPH`` fails some prefill
+  graph captures on purpose), then the same eagerly; prints rank 0's captured and failed buckets and
+  both engines' greedy tokens for prompts that take a captured and a failed bucket, as JSON (or exits
+  like ``mopt`` when the engine fails to start);
 * ``logits CHECKPOINT OUT``: full-sequence logits of ``load_model(CHECKPOINT, tensor_parallel_size=
   WORLD_SIZE)``, written by rank 0 to ``OUT`` (run under torchrun, or alone to test the rendezvous).
 """
@@ -52,6 +56,25 @@ def main(mode: str, *args: str) -> int:
     if mode == "idle":
         _engine(2)
         time.sleep(600)
+        return 0
+    if mode == "capture-fault":
+        from mopt import LLM
+
+        prompts = [list(range(1, 21)), list(range(3, 103)), [7] * 50]  # the 32-, 128- and 64-token buckets
+        params = SamplingParams(max_tokens=8, ignore_eos=True)
+        kw = dict(device="cuda", load_format="dummy", quantization="fp8", kv_cache_memory=16 << 20, tensor_parallel_size=2)
+        try:
+            llm = LLM(tiny_config(2), **kw)
+        except (MoptError, RuntimeError) as e:
+            print(f"mopt: error: {e}", file=sys.stderr, flush=True)
+            return 1
+        graphs = llm.runner.prefill_graphs
+        result = {"graphs": sorted(graphs.graphs), "failed": graphs.failed,
+                  "tokens": [o.token_ids for o in llm.generate(prompts, params)]}
+        del llm, graphs
+        eager = LLM(tiny_config(2), **kw, enforce_eager=True)
+        result["eager_tokens"] = [o.token_ids for o in eager.generate(prompts, params)]
+        print(json.dumps(result), flush=True)
         return 0
     if mode == "logits":
         from mopt import load_model

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -55,10 +55,40 @@ def graph_blockers(model: torch.nn.Module) -> list[str]:
     return blockers
 
 
-def capture_graph(run: Callable[[], T], device: torch.device, pool=None) -> tuple[torch.cuda.CUDAGraph, T]:
-    """``run()`` once eagerly (Triton compiles its kernels outside the capture), then captured as a graph
-    into ``pool`` (shared by a family of graphs, captured largest first); its output is the graph's."""
-    run()
+class CaptureSync(Protocol):
+    """How one rank of a tensor-parallel world captures its graphs in step with the others.
+
+    Every rank captures the same graphs in the same order, and the eager warm-up before each capture runs
+    the model's collectives. ``wait(event)`` waits for a warm-up by polling, so a rank whose peer failed
+    raises the peer's error instead of blocking on a collective that never completes; ``agree(ok)`` tells
+    whether every rank captured a graph (an all-ranks AND), so that all keep it or all drop it."""
+
+    rank: int
+
+    def wait(self, event: torch.cuda.Event) -> None: ...
+
+    def agree(self, ok: bool) -> bool: ...
+
+
+class WarmUpFailed(RuntimeError):
+    """The eager run before a capture failed. Under tensor parallelism the other ranks ran (or wait in)
+    that run's collectives, which this rank left midway: the ranks are out of step for good."""
+
+
+def capture_graph(run: Callable[[], T], device: torch.device, pool=None,
+                  wait: Callable[[torch.cuda.Event], None] | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
+    """``run()`` once eagerly (Triton compiles its kernels outside the capture; a failure there raises
+    ``WarmUpFailed``), then captured as a graph into ``pool`` (shared by a family of graphs, captured
+    largest first); its output is the graph's. ``wait(event)`` waits for the warm-up
+    (``CaptureSync.wait``) instead of a blocking synchronize."""
+    try:
+        run()
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+        raise WarmUpFailed(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+    if wait is not None:
+        event = torch.cuda.Event()
+        event.record()
+        wait(event)
     torch.cuda.synchronize(device)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
@@ -78,8 +108,9 @@ class DecodeGraphs:
     """
 
     def __init__(self, forward: Callable, device: torch.device, max_num_seqs: int, max_blocks_per_seq: int,
-                 capture: bool, pad: bool | None = None, progress: bool = False) -> None:
-        self.forward, self.device = forward, device
+                 capture: bool, pad: bool | None = None, progress: bool = False,
+                 wait: Callable[[torch.cuda.Event], None] | None = None) -> None:
+        self.forward, self.device, self.wait = forward, device, wait
         self.sizes = graph_batch_sizes(max_num_seqs)
         self.pad = capture if pad is None else pad
         self.vectors = torch.zeros((4, max_num_seqs), dtype=torch.int32, device=device)
@@ -122,7 +153,8 @@ class DecodeGraphs:
         pool = None
         for bs in tqdm(sorted(self.sizes, reverse=True), desc="capturing CUDA graphs", unit="graph",
                        disable=not progress):
-            self.graphs[bs], self.outputs[bs] = capture_graph(lambda: self._run_eager(bs), self.device, pool)
+            self.graphs[bs], self.outputs[bs] = capture_graph(lambda: self._run_eager(bs), self.device, pool,
+                                                              self.wait)
             pool = self.graphs[bs].pool()
 
     def run(self, arrays: dict[str, np.ndarray], tables: np.ndarray,

@@ -144,7 +144,8 @@ class LLM:
         if tensor_parallel_size > 1:
             self.model.start_runner(num_blocks, block_size, max_num_seqs, self.max_model_len, enforce_eager)
         self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, max_num_seqs, self.max_model_len,
-                                  enforce_eager=enforce_eager, progress=progress)
+                                  enforce_eager=enforce_eager, progress=progress,
+                                  sync=self.model.capture_sync() if tensor_parallel_size > 1 else None)
         if tensor_parallel_size > 1:
             self.runner.step_scope, self.runner.share_tokens = self.model.step_scope, self.model.share_tokens
             self.runner.wait_step = self.model.wait_step

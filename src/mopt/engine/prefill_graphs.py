@@ -19,18 +19,27 @@ Mixture-of-experts layers route padding tokens like any other (token 0 at positi
 expert) pairs share GEMM tiles with real ones, whose rows they do not touch, and their outputs are dropped.
 The routing kernels are sized for the most pairs a bucket can hold, as at decode. The cost is the padding
 rows' expert work, which all lands on the same few experts.
+
+A bucket whose capture fails (out of memory, a kernel that cannot be captured) is left out, and the
+prefills it would take run eagerly; the other buckets keep their graphs. Under tensor parallelism every
+rank must replay the same graphs, so the ranks agree after each bucket (``CaptureSync``) and all leave
+out a bucket that failed on any of them. That holds for the capture itself, which runs no collective;
+a rank whose eager warm-up before it fails has left the others inside that run's collectives, so it
+raises ``TensorParallelError`` at once, which ends the world with an error naming the rank.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import os
 import time
 from typing import Callable
 
 import torch
 
-from mopt.engine.cuda_graphs import capture_graph
+from mopt.engine.cuda_graphs import CaptureSync, WarmUpFailed, capture_graph
+from mopt.engine.distributed import TensorParallelError
 from mopt.layers.attention import AttentionMetadata
 
 # Up to 2048 tokens, the scheduler's default step budget: an eager prefill of 8 x 128 or 1 x 512 tokens
@@ -38,6 +47,9 @@ from mopt.layers.attention import AttentionMetadata
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 MAX_SEQS = 16
 _IDS, _POSITIONS, _SLOTS = range(3)
+# Tests: ``RANK:TOKENS[:warm-up]`` (comma-separated): the capture of that bucket on that rank, or with
+# ``:warm-up`` the eager run before it, fails on purpose, as an out-of-memory would.
+FAULT_ENV = "MOPT_TEST_FAIL_PREFILL_GRAPH"
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +61,8 @@ class PrefillGraphs:
     ``forward(ids [N], positions [N], meta, last_rows [B]) -> float32 logits [B, vocab]`` is the model step."""
 
     def __init__(self, forward: Callable, device: torch.device, max_num_seqs: int, max_model_len: int,
-                 max_blocks_per_seq: int, capture: bool = True, progress: bool = False) -> None:
+                 max_blocks_per_seq: int, capture: bool = True, progress: bool = False,
+                 sync: CaptureSync | None = None) -> None:
         self.forward, self.device, self.max_model_len = forward, device, max_model_len
         self.seqs = min(MAX_SEQS, max_num_seqs)
         # No larger bucket than the most tokens ``seqs`` sequences of ``max_model_len`` can bring.
@@ -64,43 +77,82 @@ class PrefillGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
-        if capture:  # else (tests on CPUs) the same padded buffers run eagerly
-            self._capture_all(progress)
+        self.captured = capture  # else (tests on CPUs) the same padded buffers run eagerly
+        self.failed: dict[int, str] = {}  # bucket -> why it has no graph
+        if capture:
+            self._capture_all(progress, sync)
 
     def bucket(self, n: int, b: int) -> int | None:
         """The token bucket of a prefill of ``n`` tokens of ``b`` sequences, or None (it runs eagerly)."""
         i = bisect.bisect_left(self.sizes, n)
-        return self.sizes[i] if i < len(self.sizes) and 1 <= b <= self.seqs else None
+        if i == len(self.sizes) or not 1 <= b <= self.seqs or self.sizes[i] in self.failed:
+            return None
+        return self.sizes[i]
 
     def _run_eager(self, t: int) -> torch.Tensor:
         meta = AttentionMetadata(slot_mapping=self.tokens[_SLOTS, :t], block_tables=self.tables,
                                  seq_lens=self.seq_lens, query_start_loc=self.query_start_loc, max_query_len=t)
         return self.forward(self.tokens[_IDS, :t], self.tokens[_POSITIONS, :t], meta, self.last_rows)
 
-    def _capture_all(self, progress: bool) -> None:
+    def _capture_all(self, progress: bool, sync: CaptureSync | None) -> None:
         from tqdm.auto import tqdm
 
+        faults = injected_faults(sync.rank if sync is not None else 0)
         pool, start = None, time.perf_counter()
         with torch.inference_mode():
             for t in tqdm(sorted(self.sizes, reverse=True), desc="capturing prefill graphs", unit="graph",
                           disable=not progress):
-                # One sequence (at most max_model_len tokens, what its block table spans) that writes
-                # nothing (slots -1) and reads block 0's pages; the other tokens pad.
-                length = min(t, self.max_model_len)
-                self.tokens.zero_()
-                self.tokens[_SLOTS].fill_(-1)
-                self.query_start_loc.fill_(length)
-                self.query_start_loc[0] = 0
-                self.seq_lens.zero_()
-                self.seq_lens[0] = length
-                self.last_rows.zero_()
-                self.last_rows[0] = length - 1
-                self.graphs[t], self.outputs[t] = capture_graph(lambda: self._run_eager(t), self.device, pool)
-                pool = self.graphs[t].pool()
+                graph = error = None
+                try:
+                    graph, out = self._capture(t, pool, sync, faults.get(t))
+                except TensorParallelError:  # a rank failed: the world is over, not this bucket
+                    raise
+                except WarmUpFailed as e:
+                    if sync is not None:
+                        raise TensorParallelError(f"rank {sync.rank}: the eager run before capturing the {t}-token "
+                                                  f"prefill graph failed ({e}); the other ranks wait inside its "
+                                                  "collectives, so every rank stops") from e
+                    error = f"this rank's eager run: {e}"
+                except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # out of memory, a kernel that syncs
+                    error = f"this rank: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                if sync is not None and not sync.agree(error is None) and error is None:
+                    error = "another rank failed it"
+                if error is not None:
+                    self.failed[t] = error
+                    continue
+                self.graphs[t], self.outputs[t] = graph, out
+                pool = graph.pool()
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - start
+        if self.failed:
+            logger.warning("prefills of the %s-token buckets run eagerly: capturing their CUDA graphs failed (%s)",
+                           ", ".join(map(str, sorted(self.failed))),
+                           "; ".join(f"{t}: {why}" for t, why in sorted(self.failed.items())))
         logger.info("captured %d prefill graphs (%d to %d tokens, up to %d prompts) in %.1f s", len(self.graphs),
                     self.sizes[0], self.sizes[-1], self.seqs, self.capture_seconds)
+
+    def _capture(self, t: int, pool, sync: CaptureSync | None,
+                 fault: str | None = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # One sequence (at most max_model_len tokens, what its block table spans) that writes nothing
+        # (slots -1) and reads block 0's pages; the other tokens pad.
+        length = min(t, self.max_model_len)
+        self.tokens.zero_()
+        self.tokens[_SLOTS].fill_(-1)
+        self.query_start_loc.fill_(length)
+        self.query_start_loc[0] = 0
+        self.seq_lens.zero_()
+        self.seq_lens[0] = length
+        self.last_rows.zero_()
+        self.last_rows[0] = length - 1
+        runs = []
+
+        def run() -> torch.Tensor:
+            runs.append(None)
+            if fault == ("warm-up" if len(runs) == 1 else "capture"):
+                raise RuntimeError(f"{FAULT_ENV} failed the {fault} on purpose")
+            return self._run_eager(t)
+
+        return capture_graph(run, self.device, pool, sync.wait if sync is not None else None)
 
     def run(self, tokens: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
         """``tokens [3, n]``: the prefill's ids, positions and slots; ``meta``: its sequences' metadata (as an
@@ -125,3 +177,16 @@ class PrefillGraphs:
         else:
             logits = self._run_eager(t)
         return logits[:b].clone()  # the graph's output is rewritten by its next replay
+
+
+def injected_faults(rank: int) -> dict[int, str]:
+    """``{tokens: "capture" or "warm-up"}``: what ``FAULT_ENV`` fails on purpose on ``rank`` (tests)."""
+    value, faults = os.environ.get(FAULT_ENV, ""), {}
+    for item in filter(None, value.split(",")):
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or not all(p.isdigit() for p in parts[:2]) or parts[2:] not in ([], ["warm-up"]):
+            raise ValueError(f"{FAULT_ENV} must be RANK:TOKENS or RANK:TOKENS:warm-up items separated by commas, "
+                             f"got {value!r}")
+        if int(parts[0]) == rank:
+            faults[int(parts[1])] = parts[2] if len(parts) == 3 else "capture"
+    return faults

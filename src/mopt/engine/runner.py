@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from mopt.engine.block_manager import blocks_needed
-from mopt.engine.cuda_graphs import DecodeGraphs, StagedDecode, graph_blockers
+from mopt.engine.cuda_graphs import CaptureSync, DecodeGraphs, StagedDecode, graph_blockers
 from mopt.engine.prefill_graphs import PrefillGraphs
 from mopt.engine.sampler import SamplerOutput, SamplingTensors, argmax_keys, greedy_tokens, key_tokens, sample
 from mopt.engine.sequence import Sequence
@@ -127,7 +127,8 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
                  max_num_seqs: int = 64, max_model_len: int | None = None, enforce_eager: bool = False,
-                 progress: bool = False) -> None:
+                 progress: bool = False, sync: CaptureSync | None = None) -> None:
+        """``sync``: how this rank of a tensor-parallel world captures its graphs in step with the others."""
         self.model, self.block_size = model, block_size
         self.device = next(model.parameters()).device
         for layer in attention_layers(model):
@@ -145,14 +146,13 @@ class ModelRunner:
         # Vocabulary-parallel lm_head: decode steps keep each rank's logits columns (see _decode_forward).
         self.split_head = head if getattr(head, "tp_group", None) is not None else None
         self.graphs = DecodeGraphs(self._decode_forward, self.device, max_num_seqs, blocks_needed(max_model_len, block_size),
-                                   capture=capture and not blockers, pad=self.device.type == "cuda", progress=progress)
+                                   capture=capture and not blockers, pad=self.device.type == "cuda", progress=progress,
+                                   wait=sync.wait if sync is not None else None)
         self.prefill_graphs = None
-        if capture and not blockers:
-            try:
-                self.prefill_graphs = PrefillGraphs(self._forward, self.device, max_num_seqs, max_model_len,
-                                                    blocks_needed(max_model_len, block_size), progress=progress)
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # a kernel of the prefill path that syncs
-                logger.warning("short prefills run eagerly: capturing them as CUDA graphs failed: %s", e)
+        if capture and not blockers:  # a bucket that fails to capture runs eagerly (see PrefillGraphs)
+            self.prefill_graphs = PrefillGraphs(self._forward, self.device, max_num_seqs, max_model_len,
+                                                blocks_needed(max_model_len, block_size), progress=progress,
+                                                sync=sync)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                  last_rows: torch.Tensor | None = None, gather: bool = True) -> torch.Tensor:

@@ -13,6 +13,7 @@ worker keeps a :class:`ShardState` per id until rank 0 frees it.
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,11 +85,35 @@ def local_kv_blocks(shard: ShardState, device: torch.device, block_size: int, kv
     return kv_cache_memory // (kv_bytes_per_token(shard.model, shard.dtype) * block_size)
 
 
-def min_over_ranks(world: World, value: int, check=lambda: None) -> int:
+def min_over_ranks(world: World, value: int, check=lambda: None, what: str = "agreeing on the KV-cache size") -> int:
     t = torch.tensor([value], dtype=torch.int64)
     work = world.ctrl.all_reduce(t, op="min", async_op=True)
-    wait_polled(work, check, "agreeing on the KV-cache size", world.timeouts.collective)
+    wait_polled(work, check, what, world.timeouts.collective)
     return int(t.item())
+
+
+class RankCaptureSync:
+    """``cuda_graphs.CaptureSync`` of one rank: warm-ups waited for by polling with ``check`` (which raises
+    when another rank failed or rank 0 is gone), agreement over the control group. A rank whose warm-up
+    failed between two of the model's collectives leaves the others waiting inside the next one on their
+    GPUs; its agreement then gives up after ``MOPT_TP_TIMEOUT`` with an error, and the others' polled
+    waits raise that error in turn."""
+
+    CHECK_S = 0.1
+
+    def __init__(self, world: World, check) -> None:
+        self.world, self.check, self.rank = world, check, world.rank
+
+    def wait(self, event: torch.cuda.Event) -> None:
+        last = time.monotonic()
+        while not event.query():
+            if time.monotonic() - last > self.CHECK_S:
+                self.check()
+                last = time.monotonic()
+            time.sleep(0.0005)
+
+    def agree(self, ok: bool) -> bool:
+        return min_over_ranks(self.world, int(ok), self.check, "agreeing on a captured CUDA graph") == 1
 
 
 def send_command(world: World, op: Op, model_id: int = 0, ints: tuple = (), payload: np.ndarray | None = None,

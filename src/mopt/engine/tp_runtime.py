@@ -30,8 +30,8 @@ import torch
 from mopt.engine import one_shot
 from mopt.engine.distributed import TensorParallelError
 from mopt.engine.tp_launch import World, destroy_groups, spawn_world, stop_processes, torchrun_env, torchrun_world
-from mopt.engine.tp_protocol import (LoadSpec, Op, broadcast_object, exchange_errors, load_shard, min_over_ranks,
-                                     send_command)
+from mopt.engine.tp_protocol import (LoadSpec, Op, RankCaptureSync, broadcast_object, exchange_errors, load_shard,
+                                     min_over_ranks, send_command)
 from mopt.engine.tp_watch import Monitor
 from mopt.errors import EngineArgumentError
 
@@ -250,6 +250,10 @@ class TensorParallelModel(torch.nn.Module):
         """Workers build their ``ModelRunner`` (KV cache, CUDA graphs) as rank 0 builds its own next."""
         self.runtime.send(Op.RUNNER, self.model_id, (num_blocks, block_size, max_num_seqs, max_model_len,
                                                      int(enforce_eager)))
+
+    def capture_sync(self) -> RankCaptureSync:
+        """Rank 0's ``CaptureSync`` for its ``ModelRunner``, while the workers build theirs."""
+        return RankCaptureSync(self.runtime.world, self.runtime.check)
 
     def share_tokens(self, tokens: torch.Tensor) -> None:
         """The runner's ``share_tokens``: a step's sampled ids to the workers (inside the step's scope)."""

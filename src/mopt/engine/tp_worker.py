@@ -23,8 +23,8 @@ import torch
 from mopt.engine.distributed import TensorParallelError
 from mopt.engine.sampler import greedy_tokens
 from mopt.engine.tp_launch import Timeouts, World, rendezvous, store_client
-from mopt.engine.tp_protocol import (LoadSpec, Op, ShardState, broadcast_object, exchange_errors, load_shard,
-                                     local_kv_blocks, min_over_ranks, receive_command, receive_tokens)
+from mopt.engine.tp_protocol import (LoadSpec, Op, RankCaptureSync, ShardState, broadcast_object, exchange_errors,
+                                     load_shard, local_kv_blocks, min_over_ranks, receive_command, receive_tokens)
 from mopt.engine.tp_watch import Heartbeat, PeerWatch
 
 logger = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def _run(world: World, shards: dict[int, ShardState], op: Op, model_id: int, int
 
             num_blocks, block_size, max_num_seqs, max_model_len, eager = ints[:5]
             shard.runner = ModelRunner(shard.model, num_blocks, block_size, shard.dtype, max_num_seqs, max_model_len,
-                                       enforce_eager=bool(eager))
+                                       enforce_eager=bool(eager), sync=RankCaptureSync(world, check))
         elif op is Op.PREFILL:
             n, b, max_query_len, share = ints[:4]
             logits = shard.runner.prefill_from_array(payload, n, b, max_query_len)
