@@ -215,6 +215,28 @@ def test_cancelled_submission_leaves_nothing_behind(model_dir):
     run(main())
 
 
+def test_release_lets_go_of_the_model_only_once_the_engine_thread_stopped(model_dir, caplog):
+    """``mopt serve`` releases the model after its server stops (a web framework may keep the engine alive
+    until exit: see test_tp_processes.py); a running engine keeps it."""
+    import gc
+    import weakref
+
+    async def main():
+        llm = small_llm(model_dir)
+        model = weakref.ref(llm)
+        engine = await started(llm)
+        del llm
+        with caplog.at_level("WARNING", logger="mopt.engine.async_engine"):
+            engine.release()
+        assert engine.llm is model() is not None and "still running" in caplog.text
+        await engine.stop()
+        engine.release()
+        gc.collect()
+        assert engine.llm is None and model() is None
+
+    run(main())
+
+
 def test_max_queue_is_checked():
     with pytest.raises(EngineArgumentError, match="max_queue must be an integer >= 1"):
         AsyncEngine(object(), max_queue=0)

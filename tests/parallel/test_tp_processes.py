@@ -193,3 +193,36 @@ def test_ctrl_c_ends_every_rank_quietly(command, code, says, tmp_path):
     if stream is not None:
         stream.join(10)
         assert streamed and streamed[0] > 0, "the stream never started or never ended"
+
+
+def test_a_stopped_server_frees_its_model_before_the_world_shuts_down(tmp_path):
+    """FastAPI caches the routes' endpoint functions (closures over the engine) for the process's life;
+    unless ``mopt serve`` lets go of the model, its CUDA graphs, which hold NCCL collectives, outlive the
+    server, and on 2 GPUs every exit then waited out NCCL's 30 s shutdown bound (2x H200). The GPU's wait
+    cannot happen here; the model still alive at the world's teardown can."""
+    import httpx
+
+    from mopt.engine.dummy import tiny_preset_config
+
+    tiny_preset_config().save_pretrained(tmp_path)
+    config = str(tmp_path / "config.json")
+    child = subprocess.Popen([sys.executable, CHILD, "serve-teardown", "--dummy", config, "--device", "cpu", "-tp", "2",
+                              "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=subprocess_env(), start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        lines = []
+        while not lines or "listening on" not in lines[-1]:
+            lines.append(child.stderr.readline())
+            assert lines[-1], f"the server did not start: {''.join(lines)[-3000:]}"
+        url = lines[-1].split("listening on ")[1].strip()
+        reply = httpx.post(f"{url}/v1/completions", json=dict(model=config, prompt=[1, 2, 3], max_tokens=4), timeout=60)
+        assert reply.status_code == 200, reply.text
+        os.killpg(child.pid, signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 0, err[-3000:]
+    assert "models alive at the world's teardown: 0 []" in err, err[-3000:]
+    assert _gone(_group_pids(child.pid), 10), "a worker outlived rank 0"

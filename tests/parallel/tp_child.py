@@ -7,6 +7,8 @@
   graph captures on purpose), then the same eagerly; prints rank 0's captured and failed buckets and
   both engines' greedy tokens for prompts that take a captured and a failed bucket, as JSON (or exits
   like ``mopt`` when the engine fails to start);
+* ``serve-teardown ARG...``: ``mopt serve ARG...``, reporting on stderr how many models (``LLM``,
+  ``ModelRunner``) are still alive when the tensor-parallel world's groups shut down at exit;
 * ``logits CHECKPOINT OUT``: full-sequence logits of ``load_model(CHECKPOINT, tensor_parallel_size=
   WORLD_SIZE)``, written by rank 0 to ``OUT`` (run under torchrun, or alone to test the rendezvous).
 """
@@ -76,6 +78,22 @@ def main(mode: str, *args: str) -> int:
         result["eager_tokens"] = [o.token_ids for o in eager.generate(prompts, params)]
         print(json.dumps(result), flush=True)
         return 0
+    if mode == "serve-teardown":
+        import gc
+
+        from mopt.cli import main as mopt_main
+        from mopt.engine import tp_runtime
+
+        destroy_groups = tp_runtime.destroy_groups
+
+        def reporting(world):
+            gc.collect()
+            alive = [type(o).__name__ for o in gc.get_objects() if type(o).__name__ in ("LLM", "ModelRunner")]
+            print(f"models alive at the world's teardown: {len(alive)} {alive}", file=sys.stderr, flush=True)
+            destroy_groups(world)
+
+        tp_runtime.destroy_groups = reporting
+        return mopt_main(["serve", *args])
     if mode == "logits":
         from mopt import load_model
 

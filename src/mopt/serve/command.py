@@ -130,9 +130,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mopt.serve.server import bind_socket, serve
 
     sock = bind_socket(args.host, args.port)
+    engine = None
     try:
         engine = AsyncEngine(make_llm(args), args.max_queue)
         serve(engine, sock, served_model_name(args), key, args.log_level)
     finally:
         sock.close()
+        if engine is not None:
+            engine.release()
     return 0
