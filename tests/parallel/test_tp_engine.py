@@ -85,6 +85,30 @@ def test_greedy_logprobs_gather_the_whole_vocabulary():
             assert [t.logprob for t in x.top] == pytest.approx([t.logprob for t in y.top], rel=2e-6, abs=1e-5)
 
 
+def test_a_runner_that_fails_on_rank_0_stops_the_world_and_the_next_model_starts_a_new_one(monkeypatch):
+    """On GPUs the ranks capture CUDA graphs in step, running the model's collectives in each warm-up, so
+    a rank 0 whose ``ModelRunner`` fails midway may leave the workers waiting inside one: the failure
+    stops the world at once (workers gone), and the next model gets a new world that works."""
+    from mopt.engine import llm as llm_module
+
+    engine = dict(device="cpu", block_size=4, kv_cache_memory=4 << 20, max_num_seqs=4, load_format="dummy",
+                  quantization="fp8")
+    runner = llm_module.ModelRunner
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory while capturing (a stand-in)")
+
+    monkeypatch.setattr(llm_module, "ModelRunner", failing)
+    with pytest.raises(RuntimeError, match="CUDA out of memory while capturing"):
+        LLM(_dummy_config(), **engine, tensor_parallel_size=2)
+    broken = tp_runtime._RUNTIME
+    assert broken.failed and not any(p.is_alive() for p in broken.world.processes.values())
+    monkeypatch.setattr(llm_module, "ModelRunner", runner)
+    got = _tokens(LLM(_dummy_config(), **engine, tensor_parallel_size=2))
+    assert tp_runtime._RUNTIME is not broken
+    assert got == _tokens(LLM(_dummy_config(), **engine))
+
+
 def _count_carried(llm) -> list[bool]:
     """Whether each step the engine launches carries input ids from the step before."""
     seen, launch = [], llm.runner.launch

@@ -141,11 +141,16 @@ class LLM:
         num_blocks = min(num_blocks, max_num_seqs * blocks_needed(self.max_model_len, block_size))
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs,
                                    max_num_batched_tokens or max(self.max_model_len, 2048))
+
+        def build(sync=None) -> ModelRunner:
+            return ModelRunner(self.model, num_blocks, block_size, self.dtype, max_num_seqs, self.max_model_len,
+                               enforce_eager=enforce_eager, progress=progress, sync=sync)
+
         if tensor_parallel_size > 1:
-            self.model.start_runner(num_blocks, block_size, max_num_seqs, self.max_model_len, enforce_eager)
-        self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, max_num_seqs, self.max_model_len,
-                                  enforce_eager=enforce_eager, progress=progress,
-                                  sync=self.model.capture_sync() if tensor_parallel_size > 1 else None)
+            self.runner = self.model.start_runner(num_blocks, block_size, max_num_seqs, self.max_model_len,
+                                                  enforce_eager, build)
+        else:
+            self.runner = build()
         if tensor_parallel_size > 1:
             self.runner.step_scope, self.runner.share_tokens = self.model.step_scope, self.model.share_tokens
             self.runner.wait_step = self.model.wait_step

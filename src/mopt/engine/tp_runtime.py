@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from mopt.engine.tp_watch import Monitor
 from mopt.errors import EngineArgumentError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class TensorParallelRuntime:
@@ -246,14 +247,15 @@ class TensorParallelModel(torch.nn.Module):
             return min_over_ranks(self.runtime.world, local_blocks, self.runtime.check)
 
     def start_runner(self, num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int,
-                     enforce_eager: bool) -> None:
-        """Workers build their ``ModelRunner`` (KV cache, CUDA graphs) as rank 0 builds its own next."""
-        self.runtime.send(Op.RUNNER, self.model_id, (num_blocks, block_size, max_num_seqs, max_model_len,
-                                                     int(enforce_eager)))
-
-    def capture_sync(self) -> RankCaptureSync:
-        """Rank 0's ``CaptureSync`` for its ``ModelRunner``, while the workers build theirs."""
-        return RankCaptureSync(self.runtime.world, self.runtime.check)
+                     enforce_eager: bool, build: Callable[[RankCaptureSync], T]) -> T:
+        """Workers build their ``ModelRunner`` (KV cache, CUDA graphs) as rank 0 builds its own with
+        ``build(sync)``. The ranks capture their graphs in step, with the model's collectives in each
+        warm-up, so a rank 0 that fails midway may leave the workers waiting inside one: its failure stops
+        the world (``guard``), and the next model starts a new one."""
+        with self.runtime.guard():
+            self.runtime.send(Op.RUNNER, self.model_id, (num_blocks, block_size, max_num_seqs, max_model_len,
+                                                         int(enforce_eager)))
+            return build(RankCaptureSync(self.runtime.world, self.runtime.check))
 
     def share_tokens(self, tokens: torch.Tensor) -> None:
         """The runner's ``share_tokens``: a step's sampled ids to the workers (inside the step's scope)."""
