@@ -17,6 +17,7 @@ from typing import Callable, Protocol, TypeVar
 import numpy as np
 import torch
 
+from mopt.engine.distributed import TensorParallelError
 from mopt.engine.staging import Staging
 from mopt.layers.attention import AttentionMetadata
 
@@ -83,6 +84,8 @@ def capture_graph(run: Callable[[], T], device: torch.device, pool=None,
     (``CaptureSync.wait``) instead of a blocking synchronize."""
     try:
         run()
+    except TensorParallelError:  # another rank failed: not this run's own failure
+        raise
     except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
         raise WarmUpFailed(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
     if wait is not None:
