@@ -71,6 +71,10 @@ class CaptureSync(Protocol):
     def agree(self, ok: bool) -> bool: ...
 
 
+class GraphCaptureError(RuntimeError):
+    """A decode step's CUDA graph could not be captured (out of memory, a kernel that cannot be captured)."""
+
+
 class WarmUpFailed(RuntimeError):
     """The eager run before a capture failed. Under tensor parallelism the other ranks ran (or wait in)
     that run's collectives, which this rank left midway: the ranks are out of step for good."""
@@ -156,8 +160,16 @@ class DecodeGraphs:
         pool = None
         for bs in tqdm(sorted(self.sizes, reverse=True), desc="capturing CUDA graphs", unit="graph",
                        disable=not progress):
-            self.graphs[bs], self.outputs[bs] = capture_graph(lambda: self._run_eager(bs), self.device, pool,
-                                                              self.wait)
+            try:
+                self.graphs[bs], self.outputs[bs] = capture_graph(lambda: self._run_eager(bs), self.device, pool,
+                                                                  self.wait)
+            except TensorParallelError:  # another rank failed: its error, not this capture's
+                raise
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise GraphCaptureError(f"capturing the decode CUDA graph of {bs} sequences failed ({why}); start "
+                                        "with --enforce-eager (enforce_eager=True) to decode without CUDA graphs, or "
+                                        "with a smaller --max-num-seqs") from e
             pool = self.graphs[bs].pool()
 
     def run(self, arrays: dict[str, np.ndarray], tables: np.ndarray,

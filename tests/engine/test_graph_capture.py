@@ -1,11 +1,12 @@
-"""How prefill graphs are captured, bucket by bucket, alone and as one rank of a tensor-parallel world.
+"""How CUDA graphs are captured, alone and as one rank of a tensor-parallel world.
 
-The capture itself needs a GPU; here ``capture_graph`` is replaced by a recorder that fails where a test
-asks it to, so the loop around it runs on the CPU: a bucket whose capture fails is left out and only its
-prefills run eagerly, a bucket another rank failed is left out too (every rank must replay the same
-graphs), each bucket is agreed on once and in the same order on every rank, and a failure of the world
-itself (``TensorParallelError``) is not taken for a failed bucket. On two GPUs,
-``tests/parallel/test_tp_gpu.py`` fails a bucket on one rank for real.
+The capture itself needs a GPU; here the real capture loops and ``capture_graph`` run over stand-ins for
+CUDA's graph, event and synchronize, and the model step fails where a test asks it to. Prefill graphs: a
+bucket whose capture fails is left out and only its prefills run eagerly, a bucket another rank failed is
+left out too (every rank must replay the same graphs), each bucket is agreed on once and in the same
+order on every rank, and a failure of the world itself (``TensorParallelError``) is not taken for a failed
+bucket. Decode graphs: a failed capture is an error that names the batch and what to do. On two GPUs,
+``tests/parallel/test_tp_gpu.py`` fails a prefill bucket on one rank for real.
 """
 
 from __future__ import annotations
@@ -171,3 +172,33 @@ def test_the_fault_hook_names_itself_when_malformed(recorder, monkeypatch, value
     monkeypatch.setenv(FAULT_ENV, value)
     with pytest.raises(ValueError, match=f"{FAULT_ENV} must be RANK:TOKENS or RANK:TOKENS:warm-up items"):
         _capture(recorder)
+
+
+@pytest.mark.parametrize("phase", ["warm-up", "capture"])
+def test_a_failed_decode_capture_names_the_batch_and_the_way_out(recorder, phase):
+    from mopt.engine.cuda_graphs import DecodeGraphs, GraphCaptureError
+
+    runs = {}
+
+    def forward(ids, positions, meta):
+        bs = ids.shape[0]
+        runs[bs] = runs.get(bs, 0) + 1
+        if bs == 32 and runs[bs] == (1 if phase == "warm-up" else 2):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return torch.zeros(bs, 4), torch.zeros(bs, dtype=torch.long)
+
+    with pytest.raises(GraphCaptureError, match=r"capturing the decode CUDA graph of 32 sequences failed \(CUDA out "
+                                                 r"of memory\. Tried to allocate 2\.00 GiB\); start with "
+                                                 r"--enforce-eager \(enforce_eager=True\)"):
+        DecodeGraphs(forward, torch.device("cpu"), 64, 8, capture=True)
+    assert sorted(runs) == [32, 48, 64]  # largest first, stopped at the failure
+
+
+def test_a_failed_world_during_a_decode_capture_is_reported_as_it_is(recorder):
+    from mopt.engine.cuda_graphs import DecodeGraphs
+
+    def forward(ids, positions, meta):
+        raise TensorParallelError("tensor-parallel rank 1 failed: CUDA error")
+
+    with pytest.raises(TensorParallelError, match="^tensor-parallel rank 1 failed: CUDA error$"):
+        DecodeGraphs(forward, torch.device("cpu"), 16, 8, capture=True)
