@@ -111,6 +111,49 @@ def test_two_torchrun_nodes_on_loopback_give_the_same_logits(export_factory, tmp
     assert rel(torch.load(out), want) <= 2e-6  # the tolerance of test_tp_logits.py, for the same reason
 
 
+def test_two_torchrun_nodes_serve_as_one_process(tmp_path):
+    """``mopt serve`` under torchrun on two "nodes" on loopback: rank 0 serves over HTTP and the other
+    node's rank follows it; greedy tokens equal one process's, and stopping rank 0's node stops both."""
+    import httpx
+
+    from mopt import LLM, SamplingParams
+    from mopt.engine.dummy import tiny_preset_config
+
+    tiny_preset_config().save_pretrained(tmp_path)
+    config, port = str(tmp_path / "config.json"), free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               "-m", "mopt.cli", "serve", "--dummy", config, "--device", "cpu", "-tp", "2", "--port",
+                               "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+                              start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+             for rank in (0, 1)]
+    prompt = [5, 17, 33, 2, 9]
+    try:
+        lines = []
+        while not lines or "listening on" not in lines[-1]:
+            lines.append(nodes[0].stderr.readline())
+            assert lines[-1], f"the server did not start: {''.join(lines)[-3000:]}"
+        url = lines[-1].split("listening on ")[1].strip()
+        body = dict(model=config, prompt=prompt, max_tokens=8, temperature=0, ignore_eos=True, return_token_ids=True)
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        got = reply.json()["choices"][0]["token_ids"]
+        os.killpg(nodes[0].pid, signal.SIGINT)
+        results = [node.communicate(timeout=60) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    # torchrun's agents log their own tracebacks (node 0's was interrupted; node 1's exit barrier lost
+    # node 0's store); no mopt code may appear in one, and node 1's rank must leave cleanly.
+    assert nodes[1].returncode == 0, results[1][1][-3000:]
+    for _, err in results:
+        assert "/mopt/" not in err, err[-3000:]
+    assert _gone(_group_pids(nodes[0].pid) + _group_pids(nodes[1].pid), 10), "a rank outlived its node"
+    one = LLM(config, device="cpu", load_format="dummy", kv_cache_memory=4 << 20)
+    assert got == one.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+
+
 def _group_pids(pgid: int) -> list[int]:
     """The live processes of process group ``pgid`` (rank 0 and the workers it spawned)."""
     pids = []
