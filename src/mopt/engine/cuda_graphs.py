@@ -80,6 +80,11 @@ class WarmUpFailed(RuntimeError):
     that run's collectives, which this rank left midway: the ranks are out of step for good."""
 
 
+def first_line(e: BaseException) -> str:
+    """An error's first line (CUDA's out-of-memory messages run on), or its type where it has no text."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def capture_graph(run: Callable[[], T], device: torch.device, pool=None,
                   wait: Callable[[torch.cuda.Event], None] | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
     """``run()`` once eagerly (Triton compiles its kernels outside the capture; a failure there raises
@@ -91,7 +96,7 @@ def capture_graph(run: Callable[[], T], device: torch.device, pool=None,
     except TensorParallelError:  # another rank failed: not this run's own failure
         raise
     except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-        raise WarmUpFailed(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+        raise WarmUpFailed(first_line(e)) from e
     if wait is not None:
         event = torch.cuda.Event()
         event.record()
@@ -166,10 +171,9 @@ class DecodeGraphs:
             except TensorParallelError:  # another rank failed: its error, not this capture's
                 raise
             except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-                why = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise GraphCaptureError(f"capturing the decode CUDA graph of {bs} sequences failed ({why}); start "
-                                        "with --enforce-eager (enforce_eager=True) to decode without CUDA graphs, or "
-                                        "with a smaller --max-num-seqs") from e
+                raise GraphCaptureError(f"capturing the decode CUDA graph of {bs} sequences failed ({first_line(e)}); "
+                                        "start with --enforce-eager (enforce_eager=True) to decode without CUDA "
+                                        "graphs, or with a smaller --max-num-seqs") from e
             pool = self.graphs[bs].pool()
 
     def run(self, arrays: dict[str, np.ndarray], tables: np.ndarray,

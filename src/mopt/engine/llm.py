@@ -149,11 +149,10 @@ class LLM:
         if tensor_parallel_size > 1:
             self.runner = self.model.start_runner(num_blocks, block_size, max_num_seqs, self.max_model_len,
                                                   enforce_eager, build)
-        else:
-            self.runner = build()
-        if tensor_parallel_size > 1:
             self.runner.step_scope, self.runner.share_tokens = self.model.step_scope, self.model.share_tokens
             self.runner.wait_step = self.model.wait_step
+        else:
+            self.runner = build()
         logger.info("KV cache: %d blocks x %d tokens (%d bytes/token)", num_blocks, block_size, per_token)
 
     def _default_cache_bytes(self) -> int:

@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from mopt.engine.cuda_graphs import CaptureSync, WarmUpFailed, capture_graph
+from mopt.engine.cuda_graphs import CaptureSync, WarmUpFailed, capture_graph, first_line
 from mopt.engine.distributed import TensorParallelError
 from mopt.layers.attention import AttentionMetadata
 
@@ -114,7 +114,7 @@ class PrefillGraphs:
                                                   "collectives, so every rank stops") from e
                     error = f"this rank's eager run: {e}"
                 except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # out of memory, a kernel that syncs
-                    error = f"this rank: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                    error = f"this rank: {first_line(e)}"
                 if sync is not None and not sync.agree(error is None) and error is None:
                     error = "another rank failed it"
                 if error is not None:

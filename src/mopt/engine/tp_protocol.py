@@ -94,10 +94,9 @@ def min_over_ranks(world: World, value: int, check=lambda: None, what: str = "ag
 
 class RankCaptureSync:
     """``cuda_graphs.CaptureSync`` of one rank: warm-ups waited for by polling with ``check`` (which raises
-    when another rank failed or rank 0 is gone), agreement over the control group. A rank whose warm-up
-    failed between two of the model's collectives leaves the others waiting inside the next one on their
-    GPUs; its agreement then gives up after ``MOPT_TP_TIMEOUT`` with an error, and the others' polled
-    waits raise that error in turn."""
+    when another rank failed or rank 0 is gone), agreement over the control group (bounded by
+    ``MOPT_TP_TIMEOUT``). A rank whose warm-up fails leaves the others waiting inside its collectives on
+    their GPUs, so it does not vote but raises, and the others' polled waits raise its error in turn."""
 
     CHECK_S = 0.1
 
