@@ -174,6 +174,16 @@ def test_the_fault_hook_names_itself_when_malformed(recorder, monkeypatch, value
         _capture(recorder)
 
 
+def test_a_malformed_fault_hook_fails_before_the_model_loads(monkeypatch):
+    from mopt import LLM
+    from mopt.engine import llm as llm_module
+
+    monkeypatch.setenv(FAULT_ENV, "1:x")
+    monkeypatch.setattr(llm_module, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(ValueError, match=f"{FAULT_ENV} must be RANK:TOKENS"):
+        LLM("no-such-checkpoint", device="cpu")
+
+
 @pytest.mark.parametrize("phase", ["warm-up", "capture"])
 def test_a_failed_decode_capture_names_the_batch_and_the_way_out(recorder, phase):
     from mopt.engine.cuda_graphs import DecodeGraphs, GraphCaptureError

@@ -13,6 +13,7 @@ from mopt.engine.args import check_engine_args
 from mopt.engine.block_manager import BlockManager, blocks_needed
 from mopt.engine.checkpoint import CheckpointError
 from mopt.engine.loader import load_model
+from mopt.engine.prefill_graphs import injected_faults
 from mopt.engine.request import check_messages, is_int, prompt_batch, prompt_token_ids
 from mopt.engine.runner import ModelRunner, PendingStep, kv_bytes_per_token
 from mopt.engine.scheduler import Scheduler
@@ -95,6 +96,7 @@ class LLM:
                           load_format=load_format, quantization=quantization, enforce_eager=enforce_eager,
                           async_scheduling=async_scheduling, tensor_parallel_size=tensor_parallel_size,
                           enable_expert_parallel=enable_expert_parallel, tokenizer=tokenizer)
+        injected_faults(0)  # a malformed MOPT_TEST_FAIL_PREFILL_GRAPH fails here, not after loading
         self.device = torch.device(device) if device is not None else default_device()
         self.async_scheduling = self.device.type == "cuda" if async_scheduling is None else async_scheduling
         self._pending: PendingStep | None = None  # a queued step whose tokens the host has not read
