@@ -46,6 +46,17 @@ from mopt.kernels.triton_glue import TL_DTYPES, _store_out, marked, output_forma
 from mopt.kernels.triton_pdl import launch_options, pdl_prologue
 from mopt.kernels.triton_kv import FMT_NONE, kv_format_args, load_values, store_elementwise, store_nvfp4
 
+def _jit_step_metadata(pointers: tuple[str, ...], ints: tuple[str, ...] = ()):
+    """``triton.jit`` that does not specialize on the step's metadata: the alignment of ``pointers`` (slices of
+    the one packed int32 array a step's inputs cross in, 16-byte aligned or not by the token count) and the
+    divisibility of ``ints``. Else an eager prefill compiles a new variant for each such pattern, inside
+    a served request (1.6 s at TP=2 on 2x H200, ``bench/results/serve-prefill-runs-h200x2-2026-11-27.txt``)."""
+    try:
+        return triton.jit(do_not_specialize=ints, do_not_specialize_on_alignment=pointers)
+    except TypeError:  # a Triton without the alignment switch: not specializing covers alignment there
+        return triton.jit(do_not_specialize=ints + pointers)
+
+
 MAX_DECODE_SPLITS = 16  # 256 tokens a split at 4096 of context; fewer partials for the merge to read
 
 
@@ -89,7 +100,7 @@ def _write_token(k_rows, v_rows, kmask, kv_heads, slot, pos, cos_sin_ptr, k_cach
         store_elementwise(v_cache_ptr, slot, num_kv_heads, kv_heads, kmask, cols, v, v_scale, D, FMT)
 
 
-@triton.jit
+@_jit_step_metadata(("pos_ptr", "slot_ptr"))
 def _rope_write_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
                        k_bs_ptr, v_bs_ptr, k_bias_ptr, v_bias_ptr, k_scale, v_scale, stride_qt, stride_qh,
                        stride_kt, stride_kh, stride_vt, stride_vh, num_heads, num_kv_heads, HALF: tl.constexpr,
@@ -262,7 +273,7 @@ def _decode_merge_kernel(part_ptr, lse_ptr, out_ptr, out_scale_ptr, NUM_SPLITS: 
     _store_out(out_ptr + row * D + cols, merged.to(DTYPE), out_scale_ptr, cols < D, FP8_OUT, NVFP4_OUT)
 
 
-@triton.jit
+@_jit_step_metadata(("bt_ptr", "seq_lens_ptr", "qsl_ptr"), ("stride_bt",))
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_bs_ptr, v_bs_ptr, k_bias_ptr, v_bias_ptr, out_ptr, bt_ptr,
                     seq_lens_ptr, qsl_ptr, out_scale_ptr, k_scale, v_scale, sm_scale, stride_qt, stride_qh, stride_bt,
                     num_heads, num_kv_heads, window, GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
