@@ -44,6 +44,32 @@ def test_buckets_end_at_the_most_tokens_a_step_can_bring():
     assert _graphs(max_num_seqs=64, max_model_len=4096).sizes == list(TOKEN_BUCKETS)
 
 
+@pytest.mark.parametrize("lengths,max_num_seqs,max_model_len,runs", [
+    ([128] * 32, 64, 4096, [(0, 16), (16, 32)]),  # two full graphs
+    ([128] * 33, 64, 4096, None),  # past two largest buckets: eager
+    ([16] * 64, 64, 4096, [(0, 16), (16, 32), (32, 48), (48, 64)]),
+    ([1] * 17, 64, 4096, [(0, 16), (16, 17)]),  # one token past a graph's width
+    ([1000, 1000, 1000, 48], 64, 4096, [(0, 2), (2, 4)]),  # by tokens: 2000 then 1048
+    ([2048, 5], 64, 4096, [(0, 1), (1, 2)]),
+    ([2049], 64, 4096, None),  # a prompt no graph takes: eager
+    ([1100] * 3, 64, 4096, None),  # a run each, padded to 3 x 2048
+    # 20 sequences of at most 64 tokens: buckets up to 1024; 16 x 60 fits one, 16 x 64 does not.
+    ([60] * 20, 20, 64, [(0, 16), (16, 20)]),
+    ([64] * 20, 20, 64, [(0, 16), (16, 20)]),
+])
+def test_plan_cuts_a_prefill_into_runs_that_fit_graphs(lengths, max_num_seqs, max_model_len, runs):
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    assert _graphs(max_num_seqs=max_num_seqs, max_model_len=max_model_len).plan(starts) == runs
+
+
+def test_plan_leaves_a_step_with_a_failed_bucket_to_eager():
+    graphs = _graphs(max_num_seqs=64, max_model_len=4096)
+    starts = np.concatenate([[0], np.cumsum([128] * 20)])
+    assert graphs.plan(starts) == [(0, 16), (16, 20)]
+    graphs.failed[512] = "out of memory"
+    assert graphs.plan(starts) is None
+
+
 def _step(ids, positions, slots, lens, tables) -> tuple[torch.Tensor, AttentionMetadata]:
     """A prefill's ``(tokens [3, n], meta)`` as the runner hands them to ``PrefillGraphs.run``."""
     tokens = torch.tensor(np.stack([ids, positions, slots]), dtype=torch.int32)
@@ -140,6 +166,69 @@ def test_a_run_of_prefills_of_every_size_equals_unpadded(plain_path):
         prompts = [rng.integers(0, 320, rng.integers(1, longest + 1)).tolist() for _ in range(count)]
         assert [o.token_ids for o in padded.generate(prompts, params)] == \
             [o.token_ids for o in plain.generate(prompts, params)], (count, longest)
+
+
+def test_prefills_too_wide_or_too_long_for_one_graph_run_in_parts(plain_path, monkeypatch):
+    """More prompts than a graph holds (``MAX_SEQS``), and more tokens than the largest bucket: the
+    step runs as several padded runs (``PrefillGraphs.run_in_parts``), with the unpadded engine's tokens
+    and logits."""
+    def llm(padded):
+        out = LLM(plain_path, device="cpu", block_size=4, kv_cache_memory=16 << 20, max_num_seqs=MAX_SEQS + 6,
+                  max_num_batched_tokens=4096)
+        if padded:
+            runner = out.runner
+            runner.prefill_graphs = PrefillGraphs(runner._forward, runner.device, MAX_SEQS + 6, out.max_model_len,
+                                                  blocks_needed(out.max_model_len, runner.block_size), capture=False)
+        return out
+
+    plain, padded = llm(False), llm(True)
+    assert padded.runner.prefill_graphs.sizes[-1] == 2048
+    parts = []
+    real = PrefillGraphs.run_in_parts
+
+    def spy(self, tokens, meta, starts):
+        out = real(self, tokens, meta, starts)
+        parts.append(None if out is None else len(self.plan(starts)))
+        return out
+
+    monkeypatch.setattr(PrefillGraphs, "run_in_parts", spy)
+    rng = np.random.default_rng(7)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    for prompts in ([rng.integers(0, 320, rng.integers(1, 40)).tolist() for _ in range(MAX_SEQS + 5)],
+                    [rng.integers(0, 320, 230).tolist() for _ in range(10)]):  # 2300 tokens
+        assert [o.token_ids for o in padded.generate(prompts, params)] == \
+            [o.token_ids for o in plain.generate(prompts, params)]
+    assert parts == [2, 2]
+    # One such step's logits side by side.
+    logits, prompts = [], [rng.integers(0, 320, 9).tolist() for _ in range(MAX_SEQS + 2)]
+    for engine in (plain, padded):
+        for s in [engine._make_sequence(p, params) for p in prompts]:
+            engine.scheduler.add(s)
+        scheduled, is_prefill = engine.scheduler.schedule()
+        assert is_prefill and len(scheduled) == MAX_SEQS + 2
+        logits.append(engine.runner.step_logits(scheduled, True))
+    want, got = logits
+    assert got.shape == want.shape and ((got - want).norm() / want.norm()).item() <= 1e-5
+
+
+def test_the_start_up_eager_run_takes_the_widest_and_longest_steps_and_writes_nothing(plain_path):
+    engine = LLM(plain_path, device="cpu", block_size=4, kv_cache_memory=16 << 20, max_num_seqs=5)
+    runner, seen = engine.runner, []
+
+    def forward(ids, positions, meta, last_rows):
+        seen.append((meta.seq_lens.tolist(), meta.slot_mapping.unique().tolist(), last_rows.tolist()))
+        return runner._forward(ids, positions, meta, last_rows)
+
+    graphs = PrefillGraphs(forward, runner.device, 5, engine.max_model_len,
+                           blocks_needed(engine.max_model_len, runner.block_size), capture=False)
+    top = graphs.sizes[-1]
+    caches = [(m.k_cache.clone(), m.v_cache.clone()) for m in runner.model.modules() if getattr(m, "k_cache", None) is not None]
+    graphs.warm_eager(5)
+    wide = min(engine.max_model_len, -(-(2 * top + 1) // 5))
+    longest = min(engine.max_model_len, top + 1)
+    assert seen == [([wide] * 5, [-1], [wide * (i + 1) - 1 for i in range(5)]), ([longest], [-1], [longest - 1])]
+    after = [(m.k_cache, m.v_cache) for m in runner.model.modules() if getattr(m, "k_cache", None) is not None]
+    assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(caches, after))
 
 
 def test_reference_attention_gives_padding_rows_zeros():

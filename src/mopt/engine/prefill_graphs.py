@@ -13,7 +13,17 @@ sequence and have slot -1 (nothing is written to the cache); padding sequences h
 0, so attention skips them; every later operation works row by row, so padding rows never reach a real
 row, and their logits are not taken. Attention's grid covers ``T`` queries for each of ``MAX_SEQS``
 sequences, the most a bucket can hold. The step's metadata, block tables and last-token rows are device
-buffers, so one graph serves any mix of prompt lengths in its bucket. Longer or wider prefills run eagerly.
+buffers, so one graph serves any mix of prompt lengths in its bucket.
+
+A wider or longer prefill whose prompts each fit the largest bucket is cut into runs of consecutive prompts
+that each fit one graph (``plan``), replayed one after another: a prompt's tokens attend only to its own, so
+the logits are those of the whole step run at once. Only up to two largest buckets of padded tokens (4096):
+past that, an eager step's host work hides behind its kernels and eager pads nothing. FP8 Llama-3-8B at TP=2
+on 2x H200, one prefill step (``bench/prefill_latency.py``; ``bench/results/serve-prefill-runs-h200x2-2026-11-27.txt``):
+17 x 128 tokens 40.2 ms eagerly, 26.5 in runs; 64 x 16: 49.3 and 26.2; 35 x 128: 52.5 and 51.8; 64 x 128: 75.8
+and 85.6 (so eager). What no graph takes (a prompt longer than 2048 tokens, a wide step past 4096 tokens, a
+failed bucket) runs eagerly; start-up runs the eager path once (:meth:`PrefillGraphs.warm_eager`), so that
+Triton compiles its kernels before the first request rather than inside it.
 
 Mixture-of-experts layers route padding tokens like any other (token 0 at position 0): their (token,
 expert) pairs share GEMM tiles with real ones, whose rows they do not touch, and their outputs are dropped.
@@ -36,6 +46,7 @@ import os
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 
 from mopt.engine.cuda_graphs import CaptureSync, WarmUpFailed, capture_graph, first_line
@@ -88,6 +99,84 @@ class PrefillGraphs:
         if i == len(self.sizes) or not 1 <= b <= self.seqs or self.sizes[i] in self.failed:
             return None
         return self.sizes[i]
+
+    def plan(self, starts: np.ndarray) -> list[tuple[int, int]] | None:
+        """For a prefill no single graph takes, given its sequences' query starts ``starts [b + 1]`` (on the
+        host): ``[(first, end), ...]``, runs of consecutive sequences that each fit a graph, filled in order
+        up to ``MAX_SEQS`` sequences and the largest bucket's tokens; None where a sequence alone fits no
+        graph, a run's bucket failed to capture, or the runs pad to more than two largest buckets (see the
+        module's text)."""
+        lengths = np.diff(np.asarray(starts, dtype=np.int64))
+        top, runs, first, tokens = self.sizes[-1], [], 0, 0
+        for i, q in enumerate(lengths.tolist()):
+            if q > top:
+                return None
+            if i > first and (i - first == self.seqs or tokens + q > top):
+                runs.append((first, i))
+                first, tokens = i, 0
+            tokens += q
+        runs.append((first, len(lengths)))
+        padded = 0
+        for first, end in runs:
+            t = self.bucket(int(lengths[first:end].sum()), end - first)
+            if t is None:
+                return None
+            padded += t
+        return runs if padded <= 2 * top else None
+
+    def run_in_parts(self, tokens: torch.Tensor, meta: AttentionMetadata, starts: np.ndarray) -> torch.Tensor | None:
+        """``run`` for a prefill too wide or too long for one graph: its :meth:`plan`'s runs one after another
+        (``starts``: ``meta.query_start_loc`` on the host). Logits at each sequence's last token, or None
+        where the plan is None."""
+        runs = self.plan(starts)
+        if runs is None:
+            return None
+        parts = []
+        for first, end in runs:
+            t0, t1 = int(starts[first]), int(starts[end])
+            part = AttentionMetadata(slot_mapping=meta.slot_mapping[t0:t1], block_tables=meta.block_tables[first:end],
+                                     seq_lens=meta.seq_lens[first:end],
+                                     query_start_loc=meta.query_start_loc[first:end + 1] - t0,
+                                     max_query_len=int(np.diff(starts[first:end + 1]).max()))
+            parts.append(self.run(tokens[:, t0:t1], part))
+        return torch.cat(parts)
+
+    def warm_eager(self, max_num_seqs: int, sync: CaptureSync | None = None) -> None:
+        """Run the eager path as the widest step (``max_num_seqs`` prompts past two largest buckets of tokens)
+        and the longest one (a prompt past the largest bucket) would, writing nothing (slots -1), logits and
+        greedy ids included: Triton compiles those kernels now, not in the first such request. A failure
+        under tensor parallelism ends the world (the others wait in its collectives); alone it is a warning."""
+        from mopt.engine.sampler import greedy_tokens
+
+        top = self.sizes[-1]
+        shapes = [(max_num_seqs, -(-(2 * top + 1) // max_num_seqs)), (1, top + 1)]
+        try:
+            with torch.inference_mode():
+                for b, length in shapes:
+                    length = min(length, self.max_model_len)
+                    n = b * length
+                    positions = torch.arange(length, dtype=torch.int32, device=self.device).repeat(b)
+                    starts = torch.arange(0, n + 1, length, dtype=torch.int32, device=self.device)
+                    tables = torch.zeros((b, self.tables.shape[1]), dtype=torch.int32, device=self.device)
+                    meta = AttentionMetadata(slot_mapping=torch.full((n,), -1, dtype=torch.int32, device=self.device),
+                                             block_tables=tables,
+                                             seq_lens=torch.full((b,), length, dtype=torch.int32, device=self.device),
+                                             query_start_loc=starts, max_query_len=length)
+                    greedy_tokens(self.forward(torch.zeros_like(positions), positions, meta, starts[1:].long() - 1))
+                if self.device.type == "cuda":
+                    if sync is not None:
+                        event = torch.cuda.Event()
+                        event.record()
+                        sync.wait(event)
+                    torch.cuda.synchronize(self.device)
+        except TensorParallelError:
+            raise
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+            if sync is not None:
+                raise TensorParallelError(f"rank {sync.rank}: the eager prefill run at start-up failed ({first_line(e)}); "
+                                          "the other ranks wait inside its collectives, so every rank stops") from e
+            logger.warning("the eager prefill run at start-up failed (%s); wide or long prefills may compile "
+                           "kernels on first use, or fail the same way", first_line(e))
 
     def _run_eager(self, t: int) -> torch.Tensor:
         meta = AttentionMetadata(slot_mapping=self.tokens[_SLOTS, :t], block_tables=self.tables,

@@ -8,8 +8,9 @@ the model's dtype, FP8 E4M3 or INT8 codes (``width = head_dim``), or NVFP4 packe
 Step inputs are built with numpy into one int32 array (token ids, positions, slots, query starts,
 sequence lengths, block tables) and cross to the device in one copy. Decode steps run through
 :class:`~mopt.engine.cuda_graphs.DecodeGraphs` (captured CUDA graphs on GPUs, the same padded
-static buffers run eagerly elsewhere); so do prefills (up to 2048 tokens of up to
-16 prompts, :class:`~mopt.engine.prefill_graphs.PrefillGraphs`), and longer ones run eagerly. Sampling happens on the device;
+static buffers run eagerly elsewhere); so do prefills (up to 2048 tokens of up to 16 prompts a graph,
+wider or longer ones in runs of prompts that each fit one, :class:`~mopt.engine.prefill_graphs.PrefillGraphs`),
+and what no graph takes runs eagerly. Sampling happens on the device;
 the sampled ids (with their logprobs, when asked for) come back in one copy per step.
 :meth:`ModelRunner.launch` queues a step and returns at once (a :class:`PendingStep`); a decode step
 may take the input ids of its sequences straight from the device-side output of the step before it,
@@ -153,6 +154,7 @@ class ModelRunner:
             self.prefill_graphs = PrefillGraphs(self._forward, self.device, max_num_seqs, max_model_len,
                                                 blocks_needed(max_model_len, block_size), progress=progress,
                                                 sync=sync)
+            self.prefill_graphs.warm_eager(max_num_seqs, sync)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                  last_rows: torch.Tensor | None = None, gather: bool = True) -> torch.Tensor:
@@ -193,7 +195,10 @@ class ModelRunner:
                                  seq_lens=packed[3 * n + b + 1:3 * n + 2 * b + 1],
                                  query_start_loc=packed[3 * n:3 * n + b + 1], max_query_len=max_query_len)
         if self.prefill_graphs is not None:  # ids, positions and slots lie back to back
-            logits = self.prefill_graphs.run(packed[:3 * n].view(3, n), meta)
+            tokens = packed[:3 * n].view(3, n)
+            logits = self.prefill_graphs.run(tokens, meta)
+            if logits is None:
+                logits = self.prefill_graphs.run_in_parts(tokens, meta, array[3 * n:3 * n + b + 1])
             if logits is not None:
                 return logits
         return self._forward(packed[:n], packed[n:2 * n], meta, meta.query_start_loc[1:].long() - 1)
