@@ -212,23 +212,50 @@ def test_prefills_too_wide_or_too_long_for_one_graph_run_in_parts(plain_path, mo
 
 
 def test_the_start_up_eager_run_takes_the_widest_and_longest_steps_and_writes_nothing(plain_path):
-    engine = LLM(plain_path, device="cpu", block_size=4, kv_cache_memory=16 << 20, max_num_seqs=5)
+    seqs = MAX_SEQS + 3
+    engine = LLM(plain_path, device="cpu", block_size=4, kv_cache_memory=16 << 20, max_num_seqs=seqs)
     runner, seen = engine.runner, []
 
     def forward(ids, positions, meta, last_rows):
         seen.append((meta.seq_lens.tolist(), meta.slot_mapping.unique().tolist(), last_rows.tolist()))
         return runner._forward(ids, positions, meta, last_rows)
 
-    graphs = PrefillGraphs(forward, runner.device, 5, engine.max_model_len,
+    graphs = PrefillGraphs(forward, runner.device, seqs, engine.max_model_len,
                            blocks_needed(engine.max_model_len, runner.block_size), capture=False)
-    top = graphs.sizes[-1]
+    top, most = graphs.sizes[-1], engine.max_model_len
     caches = [(m.k_cache.clone(), m.v_cache.clone()) for m in runner.model.modules() if getattr(m, "k_cache", None) is not None]
-    graphs.warm_eager(5)
-    wide = min(engine.max_model_len, -(-(2 * top + 1) // 5))
-    longest = min(engine.max_model_len, top + 1)
-    assert seen == [([wide] * 5, [-1], [wide * (i + 1) - 1 for i in range(5)]), ([longest], [-1], [longest - 1])]
+    graphs.warm_eager(seqs)
+    want = []
+    for b, length in [(seqs, -(-(2 * top + 1) // seqs)), (MAX_SEQS + 1, -(-(2 * top + 1) // (MAX_SEQS + 1))),
+                      (1, top + 1)]:
+        length = min(length, most)
+        want.append(([length] * b, [-1], [length * (i + 1) - 1 for i in range(b)]))
+    assert seen == want
     after = [(m.k_cache, m.v_cache) for m in runner.model.modules() if getattr(m, "k_cache", None) is not None]
     assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(caches, after))
+
+
+class _FailingSync:
+    rank = 1
+
+    def wait(self, event):
+        raise AssertionError("not reached: the run failed before its wait")
+
+
+@pytest.mark.parametrize("sync", [None, _FailingSync()], ids=["alone", "tensor-parallel"])
+def test_a_failed_start_up_eager_run_warns_alone_and_stops_a_tensor_parallel_world(sync, caplog):
+    from mopt.engine.distributed import TensorParallelError
+
+    def forward(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    graphs = _graphs(forward, max_num_seqs=20, max_model_len=64)
+    if sync is None:
+        graphs.warm_eager(20)
+        assert "the eager prefill run at start-up failed (CUDA out of memory" in caplog.text
+    else:
+        with pytest.raises(TensorParallelError, match=r"rank 1: the eager prefill run at start-up failed \(CUDA out"):
+            graphs.warm_eager(20, sync)
 
 
 def test_reference_attention_gives_padding_rows_zeros():

@@ -142,14 +142,18 @@ class PrefillGraphs:
         return torch.cat(parts)
 
     def warm_eager(self, max_num_seqs: int, sync: CaptureSync | None = None) -> None:
-        """Run the eager path as the widest step (``max_num_seqs`` prompts past two largest buckets of tokens)
-        and the longest one (a prompt past the largest bucket) would, writing nothing (slots -1), logits and
-        greedy ids included: Triton compiles those kernels now, not in the first such request. A failure
+        """Run the eager path as the widest step (``max_num_seqs`` prompts past two largest buckets of tokens),
+        one just wider than a graph (``MAX_SEQS + 1`` prompts) and the longest one (a prompt past the largest
+        bucket) would, writing nothing (slots -1), logits and greedy ids included: Triton compiles those kernels
+        now, not in the first such request. The logits GEMV's variant depends on its row count (its tile: 16, 32
+        or 64 rows; and whether the count is 1, a multiple of 16 or neither): decode graphs run 1, 2, 4, 8 and
+        multiples of 16 rows, so 17 to 31 rows would be new, hence the middle width. A failure
         under tensor parallelism ends the world (the others wait in its collectives); alone it is a warning."""
         from mopt.engine.sampler import greedy_tokens
 
         top = self.sizes[-1]
-        shapes = [(max_num_seqs, -(-(2 * top + 1) // max_num_seqs)), (1, top + 1)]
+        widths = sorted({max_num_seqs, min(max_num_seqs, MAX_SEQS + 1)}, reverse=True)
+        shapes = [(b, -(-(2 * top + 1) // b)) for b in widths] + [(1, top + 1)]
         try:
             with torch.inference_mode():
                 for b, length in shapes:
