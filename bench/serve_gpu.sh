@@ -9,6 +9,7 @@
 # serve-disconnect.{json,txt}.
 #
 # Usage (from the repository root): OUT=out bash bench/serve_gpu.sh [WHEEL_DIR] [tests|bench|all]
+# (PRESET, FORMAT, CLIENTS, REQUESTS and TP, the tensor-parallel size, from the environment.)
 #
 # The server needs fastapi, uvicorn, pydantic>=2.12 and prometheus-client, the load generator httpx.
 # Without network access they come from WHEEL_DIR (default .sweep/wheels; skipped when they import).
@@ -21,12 +22,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=src:tests PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast stays off (TP > 1)
 WHEELS=${1:-.sweep/wheels}
 what=${2:-all}
 PRESET=${PRESET:-llama3-8b}
 FORMAT=${FORMAT:-fp8-kv}
 CLIENTS=${CLIENTS:-64}
 REQUESTS=${REQUESTS:-512}
+TP=${TP:-1}  # tensor-parallel size (TP=2 on a 2-GPU host; the GPU tests above run on one GPU either way)
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, \
@@ -55,11 +58,11 @@ if [[ $what == tests || $what == all ]]; then
 fi
 if [[ $what == bench || $what == all ]]; then
   # Two model loads (server, then LLM.generate after the server exits) plus CUDA graph captures: ~1 min each.
-  timeout ${BENCH_TIMEOUT:-240} python3 -m mopt.cli bench serve --dummy "$PRESET" --format "$FORMAT" \
+  timeout ${BENCH_TIMEOUT:-240} python3 -m mopt.cli bench serve --dummy "$PRESET" --format "$FORMAT" -tp "$TP" \
     --concurrency "$CLIENTS" --max-num-seqs "$CLIENTS" --num-requests "$REQUESTS" --prompt-len 128 --output-len 128 \
     --offline-baseline --json "$OUT/serve.json" 2>&1 | grep -v "it/s\]\|graph/s\]\|tensor/s\]" | tail -40 \
     | tee "$OUT/serve.txt"
-  timeout ${DISCONNECT_TIMEOUT:-150} python3 -m mopt.cli bench serve --dummy "$PRESET" --format "$FORMAT" \
+  timeout ${DISCONNECT_TIMEOUT:-150} python3 -m mopt.cli bench serve --dummy "$PRESET" --format "$FORMAT" -tp "$TP" \
     --concurrency "$CLIENTS" --max-num-seqs "$CLIENTS" --num-requests 200 --prompt-len 128 --output-len 128 \
     --disconnect-fraction 0.5 --json "$OUT/serve-disconnect.json" 2>&1 | grep -v "it/s\]\|graph/s\]\|tensor/s\]" \
     | tail -40 | tee "$OUT/serve-disconnect.txt"
