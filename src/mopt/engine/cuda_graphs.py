@@ -85,6 +85,16 @@ def first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
+def wait_for_device(device: torch.device, wait: Callable[[torch.cuda.Event], None] | None = None) -> None:
+    """Wait until the work queued on ``device`` so far is done: through ``wait(event)`` first where given
+    (``CaptureSync.wait``, which polls, so that a peer's failure reaches this rank), then synchronize."""
+    if wait is not None:
+        event = torch.cuda.Event()
+        event.record()
+        wait(event)
+    torch.cuda.synchronize(device)
+
+
 def capture_graph(run: Callable[[], T], device: torch.device, pool=None,
                   wait: Callable[[torch.cuda.Event], None] | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
     """``run()`` once eagerly (Triton compiles its kernels outside the capture; a failure there raises
@@ -97,11 +107,7 @@ def capture_graph(run: Callable[[], T], device: torch.device, pool=None,
         raise
     except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
         raise WarmUpFailed(first_line(e)) from e
-    if wait is not None:
-        event = torch.cuda.Event()
-        event.record()
-        wait(event)
-    torch.cuda.synchronize(device)
+    wait_for_device(device, wait)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
         out = run()

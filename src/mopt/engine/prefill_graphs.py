@@ -49,7 +49,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mopt.engine.cuda_graphs import CaptureSync, WarmUpFailed, capture_graph, first_line
+from mopt.engine.cuda_graphs import CaptureSync, WarmUpFailed, capture_graph, first_line, wait_for_device
 from mopt.engine.distributed import TensorParallelError
 from mopt.layers.attention import AttentionMetadata
 
@@ -168,11 +168,7 @@ class PrefillGraphs:
                                              query_start_loc=starts, max_query_len=length)
                     greedy_tokens(self.forward(torch.zeros_like(positions), positions, meta, starts[1:].long() - 1))
                 if self.device.type == "cuda":
-                    if sync is not None:
-                        event = torch.cuda.Event()
-                        event.record()
-                        sync.wait(event)
-                    torch.cuda.synchronize(self.device)
+                    wait_for_device(self.device, sync.wait if sync is not None else None)
         except TensorParallelError:
             raise
         except (RuntimeError, torch.cuda.OutOfMemoryError) as e:

@@ -46,6 +46,7 @@ from mopt.kernels.triton_glue import TL_DTYPES, _store_out, marked, output_forma
 from mopt.kernels.triton_pdl import launch_options, pdl_prologue
 from mopt.kernels.triton_kv import FMT_NONE, kv_format_args, load_values, store_elementwise, store_nvfp4
 
+
 def _jit_step_metadata(pointers: tuple[str, ...], ints: tuple[str, ...] = ()):
     """``triton.jit`` that does not specialize on the step's metadata: the alignment of ``pointers`` (slices of
     the one packed int32 array a step's inputs cross in, 16-byte aligned or not by the token count) and the
