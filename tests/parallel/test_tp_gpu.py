@@ -12,7 +12,9 @@
 * a worker killed mid-run (NCCL collectives in flight) ends every process with an error naming it;
 * a prefill graph that fails to capture on one rank only is left out on both, whose prefills of that
   bucket then run eagerly, in step: the tokens equal an eager TP=2 engine's; a failed eager warm-up
-  before a capture on one rank (the other waits in its collectives) ends both with an error naming it.
+  before a capture on one rank (the other waits in its collectives) ends both with an error naming it;
+* prefills wider or longer than one graph run as consecutive replays on both ranks, in step: the tokens
+  equal an eager TP=2 engine's.
 
 Measured values are printed; ``bench/tp_gpu.sh`` runs this file with ``-rP`` to keep them.
 """
@@ -117,6 +119,23 @@ def test_bf16_tp2_with_graphs_agrees_with_tp1(config, fmt, expert_parallel):
     eager = LLM(config(), **ENGINE, quantization=fmt, tensor_parallel_size=2, enable_expert_parallel=expert_parallel,
                 enforce_eager=True)
     assert _tokens(eager) == got
+
+
+def test_tp2_prefills_wider_and_longer_than_a_graph_equal_eager():
+    """Prefills cut into runs of graph replays (more than ``MAX_SEQS`` prompts; more than 2048 tokens of
+    prompts that each fit a graph) at TP=2, with the start-up eager run of ``MAX_SEQS + 1`` prompts behind
+    them: the same greedy tokens as an eager TP=2 engine (two ranks sum in one addition, so bit for bit)."""
+    from mopt.engine.prefill_graphs import MAX_SEQS, TOKEN_BUCKETS
+
+    kw = dict(ENGINE, quantization="fp8-kv", max_model_len=320, max_num_seqs=MAX_SEQS + 8,
+              max_num_batched_tokens=4096, tensor_parallel_size=2)
+    graphs, eager = LLM(_dense(), **kw), LLM(_dense(), **kw, enforce_eager=True)
+    assert sorted(graphs.runner.prefill_graphs.graphs) == list(TOKEN_BUCKETS)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    for prompts in ([[(5 * i + j) % 300 for j in range(3 + i)] for i in range(MAX_SEQS + 3)],
+                    [[(3 * i + j) % 300 + 1 for j in range(300)] for i in range(8)]):  # 2400 tokens
+        assert [o.token_ids for o in graphs.generate(prompts, params)] == \
+            [o.token_ids for o in eager.generate(prompts, params)]
 
 
 def test_a_killed_worker_ends_the_run_with_an_error_naming_it():
