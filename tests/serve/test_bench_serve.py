@@ -4,11 +4,13 @@ its request mix."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 
 import pytest
 
 from mopt import cli
-from mopt.bench.serve import RequestResult, make_requests, summarize
+from mopt.bench.serve import RequestResult, deal, default_processes, make_requests, run_load_processes, summarize
 
 
 def test_request_mix_is_seeded_and_exact():
@@ -32,6 +34,53 @@ def test_summary_counts_only_completed_requests():
     assert report.output_tokens_per_s == 10.0 and report.requests_per_s == 1.0
     assert report.ttft_s["p50"] == 0.1 and report.ttft_s["p99"] == 0.3
     assert report.tpot_s["mean"] == pytest.approx((0.9 / 9 + 2.5 / 9) / 2)  # (latency - TTFT) / (tokens - 1)
+
+
+@pytest.mark.parametrize("num_requests,concurrency,processes,shares", [
+    (8, 4, 1, [([0, 1, 2, 3, 4, 5, 6, 7], 4)]),
+    (8, 4, 2, [([0, 2, 4, 6], 2), ([1, 3, 5, 7], 2)]),
+    (7, 5, 2, [([0, 2, 4, 6], 3), ([1, 3, 5], 2)]),
+    (10, 3, 8, [([0, 3, 6, 9], 1), ([1, 4, 7], 1), ([2, 5, 8], 1)]),  # no process without a client
+    (2, 64, 4, [([0], 32), ([1], 32)]),  # nor without a request (clients beyond the requests idle)
+])
+def test_requests_and_clients_are_dealt_over_processes(num_requests, concurrency, processes, shares):
+    dealt = deal(num_requests, concurrency, processes)
+    assert dealt == shares
+    assert sorted(i for indices, _ in dealt for i in indices) == list(range(num_requests))
+
+
+@pytest.mark.parametrize("concurrency,cpus,processes", [(64, 32, 4), (64, 2, 1), (8, 32, 1), (17, 32, 2), (256, 16, 4)])
+def test_default_processes(concurrency, cpus, processes):
+    assert default_processes(concurrency, cpus) == processes
+
+
+def test_clients_in_two_processes_against_a_server(chat_model_dir, tmp_path):
+    """The load spread over two processes: every request answered and in request order, the wall time from
+    the first start to the last end."""
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "serve", str(chat_model_dir), "--device", "cpu", "--concurrency", "4", "--num-requests",
+                     "10", "--prompt-len", "8", "--output-len", "6", "--client-processes", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert (report["completed"], report["errors"], report["output_tokens"], report["client_processes"]) == (10, 0, 60, 2)
+    assert report["server_errors"] == 0 and report["leaked_blocks"] == 0
+
+
+class _ExitsOnArrival:
+    """Unpickled in a load-generator process, it ends that process at once: a process that dies."""
+
+    def __reduce__(self):
+        return os._exit, (3,)
+
+
+def test_a_dead_load_process_is_an_error_naming_it():
+    """No hang: the parent notices the process that died without reporting (the other still waits to start)
+    and raises, and no process is left."""
+    requests: list = make_requests(4, 4, 2, vocab_size=10)
+    requests[1] = _ExitsOnArrival()  # process 1's share: requests 1 and 3
+    children = set(multiprocessing.active_children())
+    with pytest.raises(RuntimeError, match="load-generator process 1 exited with code 3 before reporting"):
+        run_load_processes("http://127.0.0.1:1", "m", requests, concurrency=2, processes=2, timeout=5.0)
+    assert set(multiprocessing.active_children()) == children
 
 
 def test_dummy_weights_with_offline_baseline(chat_model_dir, tmp_path, capsys):
@@ -62,6 +111,7 @@ def test_clients_that_walk_away_leak_nothing(chat_model_dir, tmp_path):
     (["--prompt-len", "x"], 2, "argument --prompt-len: expected an integer >= 1, got 'x'"),
     (["--disconnect-fraction", "1.5"], 2, "argument --disconnect-fraction: expected a number in [0, 1], got 1.5"),
     (["--range-ratio", "1"], 2, "argument --range-ratio: expected a number in [0, 1), got 1"),
+    (["--client-processes", "0"], 2, "argument --client-processes: expected an integer >= 1, got 0"),
     (["--max-num-seqs", "0"], 2, "argument --max-num-seqs: expected an integer >= 1, got 0"),
     (["--url", "http://127.0.0.1:1", "--offline-baseline"], 1, "--offline-baseline needs the engine options"),
     (["--offline-baseline", "--disconnect-fraction", "0.5"], 1, "--offline-baseline compares full answers"),

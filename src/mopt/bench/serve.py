@@ -6,7 +6,10 @@ Requests are streaming completions of random token-id prompts (seeded) with ``ig
 prompt and output lengths are exact; ``range_ratio`` > 0 draws each length uniformly from
 ``[L * (1 - r), L * (1 + r)]``. Per request: TTFT (send to the first token), TPOT ((latency - TTFT)
 / (tokens - 1)), latency. Output tokens/s counts the tokens of completed requests over the wall time
-of the whole run (warm-up excluded). A share of the clients can close their stream halfway
+of the whole run (warm-up excluded). The clients run in ``processes`` load-generator processes (one asyncio
+loop each, the requests dealt round-robin): one loop of httpx clients is itself a bottleneck near
+13k streamed tokens/s (79% of a core at 12k on a 2x H200 host), which would be measured as the
+server's. A share of the clients can close their stream halfway
 (``disconnect_fraction``); afterwards the server's /metrics tell how many KV-cache blocks are still
 held once it is idle (none should be) and how many requests failed on its side.
 
@@ -18,6 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import os
+import queue
 import random
 import statistics
 import threading
@@ -115,6 +121,13 @@ async def send(http: httpx.AsyncClient, model: str, request: BenchRequest) -> Re
 async def run_load(url: str, model: str, requests: list[BenchRequest], concurrency: int,
                    api_key: str | None = None, timeout: float = 600.0) -> tuple[list[RequestResult], float]:
     """``(results in request order, wall seconds)`` of ``concurrency`` closed-loop clients."""
+    results, start, end = await _run_load_timed(url, model, requests, concurrency, api_key, timeout)
+    return results, end - start
+
+
+async def _run_load_timed(url: str, model: str, requests: list[BenchRequest], concurrency: int,
+                          api_key: str | None, timeout: float) -> tuple[list[RequestResult], float, float]:
+    """:func:`run_load`'s results with its start and end (``time.monotonic()``, comparable between processes)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     results: list[RequestResult | None] = [None] * len(requests)
@@ -126,9 +139,77 @@ async def run_load(url: str, model: str, requests: list[BenchRequest], concurren
 
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits,
                                  timeout=httpx.Timeout(timeout, connect=30.0)) as http:
-        start = time.perf_counter()
+        start = time.monotonic()
         await asyncio.gather(*(client(http) for _ in range(min(concurrency, len(requests)))))
-        return results, time.perf_counter() - start
+        return results, start, time.monotonic()
+
+
+CLIENTS_PER_PROCESS = 16
+
+
+def default_processes(concurrency: int, cpus: int | None = None) -> int:
+    """Load-generator processes when none are asked for: one per 16 clients, at most a quarter of the CPUs
+    (the rest stay with the server and its tensor-parallel ranks on the same machine)."""
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    return max(1, min(-(-concurrency // CLIENTS_PER_PROCESS), cpus // 4))
+
+
+def deal(num_requests: int, concurrency: int, processes: int) -> list[tuple[list[int], int]]:
+    """Each process's ``(request indices, clients)``: requests round-robin, clients as evenly as they go."""
+    processes = max(1, min(processes, concurrency, num_requests))
+    return [(list(range(p, num_requests, processes)), concurrency // processes + (p < concurrency % processes))
+            for p in range(processes)]
+
+
+def _load_process(index: int, url: str, model: str, requests: list[BenchRequest], concurrency: int,
+                  api_key: str | None, timeout: float, start_together, results) -> None:
+    try:
+        start_together.wait(timeout=300)
+        results.put((index, *asyncio.run(_run_load_timed(url, model, requests, concurrency, api_key, timeout)), None))
+    except BaseException as e:  # noqa: BLE001 -- reported to the parent, which raises it
+        results.put((index, None, 0.0, 0.0, f"{type(e).__name__}: {e}"))
+
+
+def run_load_processes(url: str, model: str, requests: list[BenchRequest], concurrency: int, processes: int,
+                       api_key: str | None = None, timeout: float = 600.0) -> tuple[list[RequestResult], float]:
+    """:func:`run_load` with the clients spread over ``processes`` processes that start together; the wall
+    time runs from the first start to the last end. A process that fails or dies is an error naming it."""
+    shares = deal(len(requests), concurrency, processes)
+    if len(shares) == 1:
+        return asyncio.run(run_load(url, model, requests, concurrency, api_key, timeout))
+    ctx = multiprocessing.get_context("spawn")  # nothing of the parent's state (a model, CUDA) is inherited
+    start_together, inbox = ctx.Barrier(len(shares)), ctx.Queue()
+    workers = [ctx.Process(target=_load_process, daemon=True, name=f"mopt-bench-load-{p}",
+                           args=(p, url, model, [requests[i] for i in indices], clients, api_key, timeout,
+                                 start_together, inbox))
+               for p, (indices, clients) in enumerate(shares)]
+    for w in workers:
+        w.start()
+    got: dict[int, tuple] = {}
+    try:
+        while len(got) < len(workers):
+            try:
+                index, results, start, end, error = inbox.get(timeout=1.0)
+            except queue.Empty:
+                dead = [(p, w.exitcode) for p, w in enumerate(workers) if p not in got and w.exitcode is not None]
+                if dead:
+                    raise RuntimeError(f"load-generator process {dead[0][0]} exited with code {dead[0][1]} "
+                                       "before reporting") from None
+                continue
+            if error is not None:
+                raise RuntimeError(f"load-generator process {index} failed: {error}")
+            got[index] = (results, start, end)
+    finally:  # after a failure the others may wait to start, or run on: they are stopped, not waited for
+        for w in workers:
+            w.join(timeout=5 if len(got) == len(workers) else 0)
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
+    merged: list[RequestResult | None] = [None] * len(requests)
+    for p, (indices, _) in enumerate(shares):
+        for i, result in zip(indices, got[p][0]):
+            merged[i] = result
+    return merged, max(end for _, _, end in got.values()) - min(start for _, start, _ in got.values())
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
@@ -159,6 +240,7 @@ class ServeReport:
     server_errors: float | None = None  # mopt_requests_total{outcome="error"} added during the run
     leaked_blocks: float | None = None  # KV-cache blocks still held once the server is idle
     offline: dict | None = None
+    client_processes: int = 1  # load-generator processes the clients ran in
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -209,17 +291,19 @@ def model_card(url: str, api_key: str | None = None) -> dict:
 
 
 def bench_server(url: str, requests: list[BenchRequest], concurrency: int, api_key: str | None = None,
-                 warmup: int = 0, timeout: float = 600.0) -> ServeReport:
-    """Run ``requests`` against the server at ``url`` (after ``warmup`` short requests) and report,
-    including the server's errors and the KV-cache blocks it still holds once idle."""
+                 warmup: int = 0, timeout: float = 600.0, processes: int = 1) -> ServeReport:
+    """Run ``requests`` against the server at ``url`` (after ``warmup`` short requests) from ``processes``
+    load-generator processes and report, including the server's errors and the KV-cache blocks it still
+    holds once idle."""
     card = model_card(url, api_key)
     model = card["id"]
     if warmup:
         warm = [BenchRequest(r.prompt, WARMUP_OUTPUT_LEN) for r in requests[:warmup]]
         asyncio.run(run_load(url, model, warm, concurrency, api_key, timeout))
     before = wait_idle(url)
-    results, duration = asyncio.run(run_load(url, model, requests, concurrency, api_key, timeout))
+    results, duration = run_load_processes(url, model, requests, concurrency, processes, api_key, timeout)
     report = summarize(results, duration, concurrency)
+    report.client_processes = len(deal(len(requests), concurrency, processes))
     after = wait_idle(url)
     error_series = 'mopt_requests_total{outcome="error"}'
     report.server_errors = after.get(error_series, 0.0) - before.get(error_series, 0.0)
@@ -262,7 +346,8 @@ def format_report(report: ServeReport, title: str) -> str:
 
     rows = [("requests (completed / disconnected / errors)",
              f"{report.completed} / {report.disconnected} / {report.errors} of {report.num_requests}"),
-            ("concurrency", str(report.concurrency)), ("duration", f"{report.duration_s:.2f} s"),
+            ("concurrency (load-generator processes)", f"{report.concurrency} ({report.client_processes})"),
+            ("duration", f"{report.duration_s:.2f} s"),
             ("output tokens", str(report.output_tokens)),
             ("output tok/s", f"{report.output_tokens_per_s:.1f}"), ("requests/s", f"{report.requests_per_s:.3f}")]
     for name, stats in (("TTFT", report.ttft_s), ("TPOT", report.tpot_s)):
