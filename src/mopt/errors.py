@@ -31,3 +31,6 @@ class RequestError(MoptError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+    def __reduce__(self):  # pickled with its field (an engine in another process raises it to the server)
+        return type(self), (str(self), self.field)

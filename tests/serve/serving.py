@@ -1,30 +1,45 @@
 """Helpers for the server tests: an engine on the tiny chat model (``chat_model_dir`` in conftest.py),
-and a real server on a free loopback port in a background thread, stopped by the test itself."""
+in a thread or in a process of its own, a real server on a free loopback port in a background thread,
+stopped by the test itself, and a table of requests of every kind to compare servers by."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+import openai
+import pytest
+
 from mopt import LLM
-from mopt.engine.async_engine import AsyncEngine
+from mopt.engine.async_engine import AsyncEngine, ServingEngine
+from mopt.engine.process_client import EngineProcessClient
 
 MODEL_NAME = "tiny"
 DEADLINE = 30.0  # seconds for a server to start, stop or go idle: far above what it takes
+PROMPTS = ["Hello", "The capital of", "1, 2, 3,", "abc"]
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+TINY_LLM_ARGS = {"device": "cpu", "block_size": 4, "kv_cache_memory": 4 << 20, "max_model_len": 128}
 
 
 def tiny_llm(path: Path, **kw) -> LLM:
-    kw = {"device": "cpu", "block_size": 4, "kv_cache_memory": 4 << 20, "max_model_len": 128, **kw}
-    return LLM(path, **kw)
+    return LLM(path, **{**TINY_LLM_ARGS, **kw})
+
+
+def tiny_engine_process(path: Path, max_queue: int = 64, **kw) -> EngineProcessClient:
+    """An engine process serving ``tiny_llm(path, **kw)`` (the factory pickles: ``LLM`` and plain values)."""
+    return EngineProcessClient(functools.partial(LLM, str(path), **{**TINY_LLM_ARGS, **kw}), max_queue)
 
 
 @dataclass
 class RunningServer:
     url: str
-    engine: AsyncEngine
+    engine: ServingEngine
 
     @property
     def llm(self) -> LLM:
@@ -36,23 +51,26 @@ class RunningServer:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=DEADLINE)
 
     def wait_idle(self) -> None:
-        """Until nothing is scheduled and every KV-cache block is free (or fail after DEADLINE)."""
-        scheduler = self.llm.scheduler
+        """Until nothing is scheduled and every KV-cache block is free (or fail after DEADLINE); an engine
+        process is seen through the stats it sends after each step."""
+        scheduler = self.llm.scheduler if isinstance(self.engine, AsyncEngine) else None
         end = time.monotonic() + DEADLINE
         while time.monotonic() < end:
             stats = self.engine.stats
-            if not scheduler.waiting and not scheduler.running and stats.free_blocks == stats.total_blocks \
-                    and scheduler.blocks.num_free == scheduler.blocks.num_blocks:
+            if not stats.running and not stats.waiting and stats.free_blocks == stats.total_blocks and (
+                    scheduler is None or (not scheduler.waiting and not scheduler.running
+                                          and scheduler.blocks.num_free == scheduler.blocks.num_blocks)):
                 return
             time.sleep(0.01)
         raise AssertionError(f"engine not idle after {DEADLINE} s: {self.engine.stats}")
 
 
 @contextlib.contextmanager
-def running_server(llm: LLM, api_key: str | None = None, max_queue: int = 64):
+def running_server(llm: LLM | ServingEngine, api_key: str | None = None, max_queue: int = 64):
+    """A server on ``llm`` (in an :class:`AsyncEngine`), or on an engine already made."""
     from mopt.serve.server import bind_socket, make_server
 
-    engine = AsyncEngine(llm, max_queue)
+    engine = AsyncEngine(llm, max_queue) if isinstance(llm, LLM) else llm
     sock = bind_socket("127.0.0.1", 0)
     server = make_server(engine, sock, MODEL_NAME, api_key)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -68,3 +86,44 @@ def running_server(llm: LLM, api_key: str | None = None, max_queue: int = 64):
         thread.join(DEADLINE)
         sock.close()
         assert not thread.is_alive(), "server did not stop"
+        if not isinstance(engine, AsyncEngine):
+            engine.release()  # an engine process ends here (an AsyncEngine's model stays for the test to look at)
+
+
+def answers(server: RunningServer) -> dict:
+    """Every request kind against ``server``; its answers as plain values."""
+    client = server.openai()
+    model = MODEL_NAME
+    out = {}
+    out["completion"] = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=10,
+                                                  temperature=0).choices[0].text
+    out["chat"] = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=10,
+                                                 temperature=0).choices[0].message.content
+    stream = client.completions.create(model=model, prompt=PROMPTS[1], max_tokens=10, temperature=0, stream=True)
+    out["streamed"] = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+    out["sampled"] = [c.text for c in client.completions.create(model=model, prompt=PROMPTS[2], max_tokens=12,
+                                                                 temperature=0.8, top_p=0.9, seed=7, n=2).choices]
+    logprobs = client.completions.create(model=model, prompt=PROMPTS[3], max_tokens=4, temperature=0,
+                                         logprobs=3).choices[0].logprobs
+    out["logprob_tokens"] = logprobs.tokens
+    out["logprobs"] = logprobs.token_logprobs
+
+    def one_stream(prompt: str) -> str:
+        chunks = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=8, temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        out["concurrent"] = list(pool.map(one_stream, PROMPTS))
+    # A client that walks away mid-stream: its sequence is aborted and its blocks freed (wait_idle below).
+    body = dict(model=model, prompt=PROMPTS[1], max_tokens=60, temperature=0, stream=True, ignore_eos=True)
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=DEADLINE) as response:
+        assert response.status_code == 200
+        next(response.iter_bytes())
+    # A refused request leaves the engine (and the workers' step stream) as it was.
+    with pytest.raises(openai.BadRequestError, match="max_model_len|context"):
+        client.completions.create(model=model, prompt="x" * 200, max_tokens=10)
+    out["after_refusal"] = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=10,
+                                                     temperature=0).choices[0].text
+    server.wait_idle()
+    return out

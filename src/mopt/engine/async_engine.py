@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from mopt.engine.llm import LLM, Messages, Prompt
 from mopt.engine.sequence import SamplingParams, Sequence
@@ -63,6 +63,30 @@ class EngineStats:
     @property
     def kv_cache_usage(self) -> float:
         return 1 - self.free_blocks / self.total_blocks if self.total_blocks else 0.0
+
+
+class ServingEngine(Protocol):
+    """What a server needs of an engine: :class:`AsyncEngine` (in a thread of the server's process) or
+    :class:`~mopt.engine.process_client.EngineProcessClient` (in a process of its own)."""
+
+    stats: EngineStats
+    max_model_len: int
+    vocab_size: int
+
+    @property
+    def is_running(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    async def add(self, prompts: list[Prompt | Chat], params: list[SamplingParams]) -> list[RequestStream]: ...
+
+    def abort(self, request_id: int) -> None: ...
+
+    def begin_shutdown(self) -> None: ...
+
+    async def stop(self, timeout: float = 10.0) -> None: ...
+
+    def release(self) -> None: ...
 
 
 @dataclass
@@ -141,17 +165,21 @@ class AsyncEngine:
             raise ValueError(f"{len(prompts)} prompts and {len(params)} SamplingParams: give one of each, at least one")
         loop = asyncio.get_running_loop()
         submission = _Submission(list(prompts), list(params), loop, loop.create_future(), time.monotonic())
+        self._enqueue(submission)
+        return await submission.future  # if cancelled, _answer aborts the requests once they exist
+
+    def _enqueue(self, submission: _Submission) -> None:
+        """Into the inbox, or :class:`EngineStoppedError` / :class:`QueueFullError` at once."""
         with self._lock:
             if self._inbox.stopping or self._thread is None or not self._thread.is_alive():
                 raise EngineStoppedError("the engine is not running (shutting down, stopped or not started)")
             queued = self._inbox.num_sequences + len(self.llm.scheduler.waiting)
-            if queued + len(prompts) > self.max_queue:
+            if queued + len(submission.prompts) > self.max_queue:
                 raise QueueFullError(f"the queue holds {queued} waiting requests and takes at most {self.max_queue}; "
                                      "retry later")
             self._inbox.submissions.append(submission)
-            self._inbox.num_sequences += len(prompts)
+            self._inbox.num_sequences += len(submission.prompts)
         self._wake.set()
-        return await submission.future  # if cancelled, _answer aborts the requests once they exist
 
     def abort(self, request_id: int) -> None:
         """End a request and free its KV-cache blocks before the next step (no-op once finished)."""
@@ -168,13 +196,24 @@ class AsyncEngine:
     async def stop(self, timeout: float = 10.0) -> None:
         """Shut down and wait (up to ``timeout`` seconds, without blocking the event loop) for the
         engine thread to finish its current step and exit."""
-        with self._lock:
-            self._inbox.stopping = self._inbox.exit = True
-        self._wake.set()
+        self._signal_exit()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
             if self._thread.is_alive():
                 logger.error("the engine thread did not stop within %.0f s", timeout)
+
+    def _signal_exit(self) -> None:
+        with self._lock:
+            self._inbox.stopping = self._inbox.exit = True
+        self._wake.set()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.llm.vocab_size
 
     def release(self) -> None:
         """Let go of ``llm`` once the engine thread has stopped. A web framework may keep the engine alive

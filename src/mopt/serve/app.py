@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from mopt.engine.async_engine import AsyncEngine, RequestDelta
+from mopt.engine.async_engine import RequestDelta, ServingEngine
 from mopt.serve import protocol as api
 from mopt.serve.errors import ApiError, api_error, error_response, outcome_of
 from mopt.serve.metrics import ServerMetrics
@@ -45,7 +45,7 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(engine: ServingEngine, model_name: str, api_key: str | None = None) -> FastAPI:
     """The server's ASGI app; the engine starts and stops with it."""
     metrics = ServerMetrics(engine)
     started = api.now()
@@ -103,8 +103,8 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
 
     @app.get("/v1/models")
     async def models() -> Response:
-        card = api.ModelCard(id=model_name, created=started, max_model_len=engine.llm.max_model_len,
-                             vocab_size=engine.llm.vocab_size)
+        card = api.ModelCard(id=model_name, created=started, max_model_len=engine.max_model_len,
+                             vocab_size=engine.vocab_size)
         return json_response(api.ModelList(data=[card]))
 
     @app.post("/v1/completions")
@@ -130,7 +130,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None)
     @app.post("/v1/chat/completions")
     async def chat_completions(body: api.ChatCompletionRequest, request: Request) -> Response:
         check_model_counted(body.model)
-        gen = await submit(lambda: chat_request(body, engine.llm.max_model_len), "chatcmpl", "messages")
+        gen = await submit(lambda: chat_request(body, engine.max_model_len), "chatcmpl", "messages")
         ids = bool(body.return_token_ids)
         if body.stream:
             return EventStreamResponse(chat_events(gen, body, ids), gen)

@@ -7,6 +7,7 @@ first). Imports of the ``serve`` extra happen only when a server is started.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from pathlib import Path
 
@@ -26,6 +27,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=_positive_int, help="context length (default: the model's, capped by the cache)")
     p.add_argument("--max-num-seqs", type=_positive_int, help="most sequences in a batch (default: 64)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine in a process of its own, so the HTTP front never holds the GIL the engine "
+                        "needs to start each step (default: on; --no-engine-process: a thread of the server's process)")
     for action in p._actions:
         if action.dest == "format":
             action.choices = None
@@ -92,6 +96,8 @@ def engine_flags(args: argparse.Namespace) -> list[str]:
     for option in ("enforce_eager", "enable_expert_parallel"):
         if getattr(args, option, False):
             flags.append(f"--{option.replace('_', '-')}")
+    if not getattr(args, "engine_process", True):
+        flags.append("--no-engine-process")
     return flags
 
 
@@ -127,12 +133,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_engine_options(args)
     key = api_key(args)
     from mopt.engine.async_engine import AsyncEngine
+    from mopt.engine.process_client import EngineProcessClient
     from mopt.serve.server import bind_socket, serve
 
     sock = bind_socket(args.host, args.port)
     engine = None
     try:
-        engine = AsyncEngine(make_llm(args), args.max_queue)
+        if args.engine_process:
+            engine = EngineProcessClient(functools.partial(make_llm, args), args.max_queue)
+        else:
+            engine = AsyncEngine(make_llm(args), args.max_queue)
         serve(engine, sock, served_model_name(args), key, args.log_level)
     finally:
         sock.close()

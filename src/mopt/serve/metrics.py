@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from mopt.engine.async_engine import AsyncEngine, RequestStream
+from mopt.engine.async_engine import RequestStream, ServingEngine
 
 # Outcomes of a generation request (one HTTP request, whatever its n):
 OUTCOMES = ("success", "abort", "error", "invalid", "queue_full", "unavailable", "unauthorized")
@@ -21,7 +21,7 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 
 
 
 class _EngineCollector:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: ServingEngine) -> None:
         self.engine = engine
 
     def collect(self):
@@ -37,7 +37,7 @@ class _EngineCollector:
 
 
 class ServerMetrics:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: ServingEngine) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("mopt_requests", "Generation requests by outcome.", ["outcome"],
                                 registry=self.registry)

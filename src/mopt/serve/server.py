@@ -18,7 +18,7 @@ import threading
 
 import uvicorn
 
-from mopt.engine.async_engine import AsyncEngine
+from mopt.engine.async_engine import ServingEngine
 from mopt.serve.app import create_app
 
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -40,7 +40,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, announce: str) -> None:
+    def __init__(self, config: uvicorn.Config, engine: ServingEngine, announce: str) -> None:
         super().__init__(config)
         self.engine, self.announce = engine, announce
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -71,7 +71,7 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def make_server(engine: AsyncEngine, sock: socket.socket, model_name: str, api_key: str | None = None,
+def make_server(engine: ServingEngine, sock: socket.socket, model_name: str, api_key: str | None = None,
                 log_level: str = "warning") -> _Server:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -80,7 +80,7 @@ def make_server(engine: AsyncEngine, sock: socket.socket, model_name: str, api_k
     return _Server(config, engine, f"mopt serve: {model_name} listening on http://{shown}:{port}")
 
 
-def serve(engine: AsyncEngine, sock: socket.socket, model_name: str, api_key: str | None = None,
+def serve(engine: ServingEngine, sock: socket.socket, model_name: str, api_key: str | None = None,
           log_level: str = "warning") -> None:
     """Serve until SIGINT/SIGTERM (blocking; the engine starts and stops with the app)."""
     # The engine thread gives up the GIL while the device works and needs it back at once to start

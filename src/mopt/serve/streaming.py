@@ -12,7 +12,8 @@ import anyio
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from mopt.engine.async_engine import AsyncEngine, EngineStepError, EngineStoppedError, RequestDelta, RequestStream
+from mopt.engine.async_engine import EngineStepError, EngineStoppedError, RequestDelta, RequestStream, \
+    ServingEngine
 from mopt.serve import protocol as api
 from mopt.serve.errors import api_error, outcome_of
 from mopt.serve.metrics import ServerMetrics
@@ -106,7 +107,7 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
 class Generation:
     """One generation request in flight: its choices' streams, and its end (abort and metrics, once)."""
 
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, streams: list[RequestStream], n: int,
+    def __init__(self, engine: ServingEngine, metrics: ServerMetrics, streams: list[RequestStream], n: int,
                  prefix: str, model: str) -> None:
         self.engine, self.metrics, self.streams, self.n = engine, metrics, streams, n
         self.id, self.created, self.model = api.new_id(prefix), api.now(), model

@@ -1,0 +1,174 @@
+"""``mopt serve``'s engine in a process of its own (``EngineProcessClient``, the default of ``mopt serve``).
+
+Every kind of request gives what the engine in a thread gives (tokens exactly; logprobs to 1e-5 relative:
+the engine process may run torch with another thread count, which sums float32 logits in another order);
+errors cross the process as the in-thread engine raises them (a bad request is a 400 naming its field, a full
+queue a 429); an engine process that dies fails the streams and callers it had and turns ``/health`` to 503
+instead of leaving them waiting; a model that fails to load raises its own error where the server starts;
+and a server killed outright takes its engine process with it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from serving import DEADLINE, MODEL_NAME, answers, running_server, tiny_engine_process, tiny_llm
+from test_serve_load import metric
+
+from mopt import LLM
+from mopt.engine.process_client import EngineProcessClient
+
+LONG = 200
+
+
+def test_an_engine_process_answers_as_an_engine_thread(chat_model_dir):
+    with running_server(tiny_llm(chat_model_dir)) as server:
+        want = answers(server)
+    with running_server(tiny_engine_process(chat_model_dir)) as server:
+        assert server.engine.max_model_len == 128 and server.engine.vocab_size == 320
+        got = answers(server)
+    logprobs = got.pop("logprobs"), want.pop("logprobs")
+    assert got == want
+    assert logprobs[0] == pytest.approx(logprobs[1], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("body, status, text", [
+    ({"prompt": "Hello", "max_tokens": 2, "n": 2}, 429, "queue"),  # two sequences, a queue of one
+    ({"prompt": [1, 2, 99999], "max_tokens": 2}, 400, "prompt"),  # refused by the engine: not in the vocabulary
+], ids=["queue-full", "bad-token-id"])
+def test_errors_cross_the_process(chat_model_dir, body, status, text):
+    with running_server(tiny_engine_process(chat_model_dir, max_queue=1)) as server:
+        response = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL_NAME, **body}, timeout=DEADLINE)
+        assert response.status_code == status, response.text
+        assert text in response.text
+        if status == 429:
+            assert "retry-after" in response.headers
+        else:
+            assert response.json()["error"]["param"] == "prompt"
+        ok = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 3},
+                        timeout=DEADLINE)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+        server.wait_idle()
+
+
+def test_a_dead_engine_process_fails_its_requests(chat_model_dir):
+    engine = tiny_engine_process(chat_model_dir)
+    with running_server(engine) as server:
+        body = {"model": MODEL_NAME, "prompt": [1, 2, 3], "max_tokens": LONG, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=DEADLINE) as stream:
+            lines = stream.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            engine._process.kill()
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and '"code":"unavailable"' in rest[-2]
+        assert "exited unexpectedly (killed by signal 9)" in rest[-2]
+        assert httpx.get(f"{server.url}/health", timeout=DEADLINE).status_code == 503
+        refused = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, timeout=DEADLINE)
+        assert refused.status_code == 503
+
+
+def gated_tiny_llm(path: str, files: str) -> LLM:
+    """(In the engine process.) The tiny LLM, whose requests wait at validation until the file
+    ``files/gate`` exists, after creating ``files/reached``; an aborted sequence creates ``files/aborted``."""
+    llm = tiny_llm(Path(path), max_model_len=256)
+    make_sequence, abort, files = llm._make_sequence, llm.scheduler.abort, Path(files)
+
+    def gated(*args):
+        (files / "reached").touch()
+        end = time.monotonic() + DEADLINE
+        while not (files / "gate").exists() and time.monotonic() < end:
+            time.sleep(0.005)
+        return make_sequence(*args)
+
+    def recorded_abort(seq):
+        (files / "aborted").touch()
+        return abort(seq)
+
+    llm._make_sequence, llm.scheduler.abort = gated, recorded_abort
+    return llm
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_client_gone_before_the_engine_process_answers(chat_model_dir, tmp_path, stream):
+    """The client leaves while the engine process still validates its request: once admitted it is aborted."""
+    reached, gate = tmp_path / "reached", tmp_path / "gate"
+    engine = EngineProcessClient(functools.partial(gated_tiny_llm, str(chat_model_dir), str(tmp_path)))
+    with running_server(engine) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        body = (f'{{"model": "{MODEL_NAME}", "prompt": [1, 2, 3], "max_tokens": {LONG}, "ignore_eos": true, '
+                f'"stream": {str(stream).lower()}}}').encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as conn:
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            end = time.monotonic() + DEADLINE
+            while not reached.exists():
+                assert time.monotonic() < end
+                time.sleep(0.005)
+        time.sleep(0.1)  # the server sees the connection close
+        gate.touch()
+        end = time.monotonic() + DEADLINE
+        while metric(server.url, 'mopt_requests_total{outcome="abort"}') != 1:
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        server.wait_idle()
+        assert (tmp_path / "aborted").exists()  # the engine aborted it (did not run it to its end)
+        assert metric(server.url, "mopt_generation_tokens_total") < LONG
+
+
+def test_a_failed_load_raises_its_error(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="no-such-model"):
+        EngineProcessClient(functools.partial(LLM, str(tmp_path / "no-such-model"), device="cpu"))
+    assert time.monotonic() - start < DEADLINE
+
+
+def _children(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in children.read_text().split()] if children.exists() else []
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie counts: nobody may reap an orphan inside a container)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads child pids from /proc (Linux)")
+def test_a_killed_server_takes_its_engine_process_with_it(chat_model_dir):
+    proc = subprocess.Popen([sys.executable, "-m", "mopt.cli", "serve", str(chat_model_dir), "--device", "cpu",
+                             "--port", "0", "--served-model-name", MODEL_NAME], stderr=subprocess.PIPE, text=True)
+    stderr: list[str] = []
+    announced = threading.Event()
+
+    def read_stderr():
+        for line in proc.stderr:
+            stderr.append(line)
+            announced.set() if "listening on http://" in line else None
+
+    threading.Thread(target=read_stderr, daemon=True).start()
+    try:
+        assert announced.wait(120), "".join(stderr)
+        children = _children(proc.pid)  # the engine process (and multiprocessing's resource tracker)
+        assert children
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(DEADLINE)
+        end = time.monotonic() + DEADLINE
+        while not all(_gone(pid) for pid in children):
+            assert time.monotonic() < end, f"of the server's children {children}, some still run"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
