@@ -8,7 +8,8 @@
   both engines' greedy tokens for prompts that take a captured and a failed bucket, as JSON (or exits
   like ``mopt`` when the engine fails to start);
 * ``serve-teardown ARG...``: ``mopt serve ARG...``, reporting on stderr how many models (``LLM``,
-  ``ModelRunner``) are still alive when the tensor-parallel world's groups shut down at exit;
+  ``ModelRunner``) are still alive when the tensor-parallel world's groups shut down, in whichever process
+  holds the world (the server's, or its engine process);
 * ``logits CHECKPOINT OUT``: full-sequence logits of ``load_model(CHECKPOINT, tensor_parallel_size=
   WORLD_SIZE)``, written by rank 0 to ``OUT`` (run under torchrun, or alone to test the rendezvous).
 """
@@ -31,6 +32,31 @@ def tiny_config(heads: int):
     return LlamaConfig(vocab_size=320, hidden_size=32 * heads, intermediate_size=64 * heads, num_hidden_layers=2,
                        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
                        architectures=["LlamaForCausalLM"])
+
+
+REPORT_TEARDOWN = "MOPT_TEST_REPORT_TEARDOWN"
+
+
+def _report_teardown() -> None:
+    """Report on stderr the models (``LLM``, ``ModelRunner``) alive when this process's tensor-parallel world's
+    groups shut down."""
+    import gc
+
+    from mopt.engine import tp_runtime
+
+    destroy_groups = tp_runtime.destroy_groups
+
+    def reporting(world):
+        gc.collect()
+        alive = [type(o).__name__ for o in gc.get_objects() if type(o).__name__ in ("LLM", "ModelRunner")]
+        print(f"models alive at the world's teardown: {len(alive)} {alive}", file=sys.stderr, flush=True)
+        destroy_groups(world)
+
+    tp_runtime.destroy_groups = reporting
+
+
+if __name__ == "__mp_main__" and os.environ.get(REPORT_TEARDOWN):  # spawned by a process this file runs in
+    _report_teardown()
 
 
 def _engine(tp: int, device: str = "cpu"):
@@ -79,20 +105,10 @@ def main(mode: str, *args: str) -> int:
         print(json.dumps(result), flush=True)
         return 0
     if mode == "serve-teardown":
-        import gc
-
         from mopt.cli import main as mopt_main
-        from mopt.engine import tp_runtime
 
-        destroy_groups = tp_runtime.destroy_groups
-
-        def reporting(world):
-            gc.collect()
-            alive = [type(o).__name__ for o in gc.get_objects() if type(o).__name__ in ("LLM", "ModelRunner")]
-            print(f"models alive at the world's teardown: {len(alive)} {alive}", file=sys.stderr, flush=True)
-            destroy_groups(world)
-
-        tp_runtime.destroy_groups = reporting
+        os.environ[REPORT_TEARDOWN] = "1"  # the engine process imports this module too, and reports there
+        _report_teardown()
         return mopt_main(["serve", *args])
     if mode == "logits":
         from mopt import load_model

@@ -28,6 +28,7 @@ end of the pipe closes, stopping its tensor-parallel workers.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import pickle
 import signal
@@ -173,6 +174,7 @@ def _close(engine: PipedEngine | None) -> None:
         if not engine.stop_now():
             logger.error("the engine thread did not stop within %.0f s", STOP_TIMEOUT_S)
         engine.release()
+        gc.collect()  # the model's reference cycles too
     tp_runtime.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -126,6 +126,15 @@ def api_key(args: argparse.Namespace) -> str | None:
     return key
 
 
+def torchrun_follower() -> bool:
+    """Whether this process is a torchrun rank other than 0: it serves rank 0's commands inside
+    ``make_llm`` until rank 0 ends (a ``SystemExit``), so it needs no engine process."""
+    from mopt.engine.tp_launch import torchrun_env
+
+    env = torchrun_env()
+    return env is not None and int(env["WORLD_SIZE"]) > 1 and int(env["RANK"]) != 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from mopt.serve import require_serve_extra
 
@@ -139,7 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sock = bind_socket(args.host, args.port)
     engine = None
     try:
-        if args.engine_process:
+        if args.engine_process and not torchrun_follower():
             engine = EngineProcessClient(functools.partial(make_llm, args), args.max_queue)
         else:
             engine = AsyncEngine(make_llm(args), args.max_queue)
