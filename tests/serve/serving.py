@@ -7,6 +7,9 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -127,3 +130,46 @@ def answers(server: RunningServer) -> dict:
                                                      temperature=0).choices[0].text
     server.wait_idle()
     return out
+
+
+def leave_during_validation(server: RunningServer, stream: bool, max_tokens: int, validating) -> None:
+    """Send a completion request over a raw connection and close it once ``validating()`` is true (the engine
+    holds the request in validation)."""
+    port = int(server.url.rsplit(":", 1)[1])
+    body = (f'{{"model": "{MODEL_NAME}", "prompt": [1, 2, 3], "max_tokens": {max_tokens}, "ignore_eos": true, '
+            f'"stream": {str(stream).lower()}}}').encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        end = time.monotonic() + DEADLINE
+        while not validating():
+            assert time.monotonic() < end, "the request never reached validation"
+            time.sleep(0.005)
+    time.sleep(0.1)  # the server sees the connection close
+
+
+@contextlib.contextmanager
+def serve_process(model_dir: Path):
+    """``mopt serve`` on ``model_dir`` as a process of its own, on CPU and a free port: ``(process, url,
+    stderr lines so far)`` once it listens; killed at the end if still running."""
+    proc = subprocess.Popen([sys.executable, "-m", "mopt.cli", "serve", str(model_dir), "--device", "cpu",
+                             "--port", "0", "--served-model-name", MODEL_NAME], stderr=subprocess.PIPE, text=True)
+    stderr: list[str] = []
+    announced = threading.Event()
+
+    def read_stderr():
+        for line in proc.stderr:
+            stderr.append(line)
+            if "listening on http://" in line:
+                announced.set()
+
+    threading.Thread(target=read_stderr, daemon=True).start()
+    try:
+        assert announced.wait(120), "".join(stderr)
+        url = next(line for line in stderr if "listening on" in line).split("listening on ")[1].strip()
+        yield proc, url, stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+

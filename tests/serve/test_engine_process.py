@@ -13,16 +13,13 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from serving import DEADLINE, MODEL_NAME, answers, running_server, tiny_engine_process, tiny_llm
+from serving import (DEADLINE, MODEL_NAME, answers, leave_during_validation, running_server, serve_process,
+                     tiny_engine_process, tiny_llm)
 from test_serve_load import metric
 
 from mopt import LLM
@@ -104,17 +101,7 @@ def test_client_gone_before_the_engine_process_answers(chat_model_dir, tmp_path,
     reached, gate = tmp_path / "reached", tmp_path / "gate"
     engine = EngineProcessClient(functools.partial(gated_tiny_llm, str(chat_model_dir), str(tmp_path)))
     with running_server(engine) as server:
-        port = int(server.url.rsplit(":", 1)[1])
-        body = (f'{{"model": "{MODEL_NAME}", "prompt": [1, 2, 3], "max_tokens": {LONG}, "ignore_eos": true, '
-                f'"stream": {str(stream).lower()}}}').encode()
-        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as conn:
-            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            end = time.monotonic() + DEADLINE
-            while not reached.exists():
-                assert time.monotonic() < end
-                time.sleep(0.005)
-        time.sleep(0.1)  # the server sees the connection close
+        leave_during_validation(server, stream, LONG, reached.exists)
         gate.touch()
         end = time.monotonic() + DEADLINE
         while metric(server.url, 'mopt_requests_total{outcome="abort"}') != 1:
@@ -147,19 +134,7 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads child pids from /proc (Linux)")
 def test_a_killed_server_takes_its_engine_process_with_it(chat_model_dir):
-    proc = subprocess.Popen([sys.executable, "-m", "mopt.cli", "serve", str(chat_model_dir), "--device", "cpu",
-                             "--port", "0", "--served-model-name", MODEL_NAME], stderr=subprocess.PIPE, text=True)
-    stderr: list[str] = []
-    announced = threading.Event()
-
-    def read_stderr():
-        for line in proc.stderr:
-            stderr.append(line)
-            announced.set() if "listening on http://" in line else None
-
-    threading.Thread(target=read_stderr, daemon=True).start()
-    try:
-        assert announced.wait(120), "".join(stderr)
+    with serve_process(chat_model_dir) as (proc, _, _):
         children = _children(proc.pid)  # the engine process (and multiprocessing's resource tracker)
         assert children
         os.kill(proc.pid, signal.SIGKILL)
@@ -168,7 +143,3 @@ def test_a_killed_server_takes_its_engine_process_with_it(chat_model_dir):
         while not all(_gone(pid) for pid in children):
             assert time.monotonic() < end, f"of the server's children {children}, some still run"
             time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

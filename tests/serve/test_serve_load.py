@@ -9,15 +9,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from serving import DEADLINE, MODEL_NAME, running_server, tiny_llm
+from serving import DEADLINE, MODEL_NAME, leave_during_validation, running_server, serve_process, tiny_llm
 
 LONG = 200  # tokens: far more than a closing client reads
 
@@ -85,21 +83,7 @@ def test_closed_connection_aborts_a_non_streaming_request(chat_model_dir):
 def test_sigterm_stops_the_server_with_requests_in_flight(chat_model_dir):
     """``mopt serve`` as a process: SIGTERM with a stream and a plain request in flight ends both
     quickly and the process exits 0. (SIGINT takes the same handler; one child process is enough CI time.)"""
-    proc = subprocess.Popen([sys.executable, "-m", "mopt.cli", "serve", str(chat_model_dir), "--device", "cpu",
-                             "--port", "0", "--served-model-name", MODEL_NAME], stderr=subprocess.PIPE, text=True)
-    stderr: list[str] = []
-    announced = threading.Event()
-
-    def read_stderr():
-        for line in proc.stderr:
-            stderr.append(line)
-            if "listening on http://" in line:
-                announced.set()
-
-    threading.Thread(target=read_stderr, daemon=True).start()
-    try:
-        assert announced.wait(120), "".join(stderr)
-        url = next(line for line in stderr if "listening on" in line).split("listening on ")[1].strip()
+    with serve_process(chat_model_dir) as (proc, url, stderr):
         body = {"model": MODEL_NAME, "prompt": [1, 2, 3], "max_tokens": LONG, "ignore_eos": True}
         plain = {}
         thread = threading.Thread(target=lambda: plain.update(r=httpx.post(f"{url}/v1/completions", json=body,
@@ -117,10 +101,6 @@ def test_sigterm_stops_the_server_with_requests_in_flight(chat_model_dir):
         assert rest[-1] == "data: [DONE]" and '"code":"unavailable"' in rest[-2]
         thread.join(DEADLINE)
         assert plain["r"].status_code == 503
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
@@ -130,17 +110,8 @@ def test_client_gone_before_the_answer_starts(chat_model_dir, stream):
     gate, make_sequence = threading.Event(), llm._make_sequence
     llm._make_sequence = lambda *args: (gate.wait(DEADLINE), make_sequence(*args))[1]
     with running_server(llm) as server:
-        port = int(server.url.rsplit(":", 1)[1])
-        body = (f'{{"model": "{MODEL_NAME}", "prompt": [1, 2, 3], "max_tokens": {LONG}, "ignore_eos": true, '
-                f'"stream": {str(stream).lower()}}}').encode()
-        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as conn:
-            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            end = time.monotonic() + DEADLINE
-            while not server.engine._inbox.submissions and server.engine._inbox.num_sequences == 0:
-                assert time.monotonic() < end
-                time.sleep(0.005)
-        time.sleep(0.1)  # the server sees the connection close
+        leave_during_validation(server, stream, LONG,
+                                lambda: server.engine._inbox.submissions or server.engine._inbox.num_sequences)
         gate.set()
         server.wait_idle()
         assert metric(server.url, 'mopt_requests_total{outcome="abort"}') == 1
