@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
 from mopt import LLM
@@ -95,6 +94,8 @@ def running_server(llm: LLM | ServingEngine, api_key: str | None = None, max_que
 
 def answers(server: RunningServer) -> dict:
     """Every request kind against ``server``; its answers as plain values."""
+    import openai
+
     client = server.openai()
     model = MODEL_NAME
     out = {}

@@ -143,3 +143,19 @@ def test_a_killed_server_takes_its_engine_process_with_it(chat_model_dir):
         while not all(_gone(pid) for pid in children):
             assert time.monotonic() < end, f"of the server's children {children}, some still run"
             time.sleep(0.05)
+
+
+@pytest.mark.gpu
+def test_an_engine_process_on_a_gpu_answers_as_an_engine_thread(chat_model_dir):
+    """CUDA in a spawned engine process, with CUDA already in use by the server's process (the in-thread engine
+    before it): the same answers (logprobs to 1e-3 relative: bfloat16 logits on another process's kernels)."""
+    import torch
+
+    with running_server(tiny_llm(chat_model_dir, device="cuda", dtype=torch.bfloat16, block_size=16)) as server:
+        want = answers(server)
+    engine = tiny_engine_process(chat_model_dir, device="cuda", dtype=torch.bfloat16, block_size=16)
+    with running_server(engine) as server:
+        got = answers(server)
+    logprobs = got.pop("logprobs"), want.pop("logprobs")
+    assert got == want
+    assert logprobs[0] == pytest.approx(logprobs[1], rel=1e-3, abs=1e-4)
