@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from test_serve_load import metric
 
 from mopt import LLM
 from mopt.engine.process_client import EngineProcessClient
+from mopt.errors import EngineArgumentError
 
 LONG = 200
 
@@ -119,6 +122,11 @@ def test_a_failed_load_raises_its_error(tmp_path):
     assert time.monotonic() - start < DEADLINE
 
 
+def test_a_factory_that_cannot_be_pickled_is_refused_by_name():
+    with pytest.raises(EngineArgumentError, match="cannot be sent to the engine process.*picklable"):
+        EngineProcessClient(lambda: None)
+
+
 def _children(pid: int) -> list[int]:
     children = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in children.read_text().split()] if children.exists() else []
@@ -159,3 +167,30 @@ def test_an_engine_process_on_a_gpu_answers_as_an_engine_thread(chat_model_dir):
     logprobs = got.pop("logprobs"), want.pop("logprobs")
     assert got == want
     assert logprobs[0] == pytest.approx(logprobs[1], rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads child pids from /proc (Linux)")
+def test_an_engine_process_still_loading_ends_with_its_server():
+    """A server killed while its model loads: the engine process stops loading and exits (it would otherwise
+    load for minutes, and only then find nobody to serve)."""
+    code = ("import functools, time\n"
+            "from mopt.engine.process_client import EngineProcessClient\n"
+            "EngineProcessClient(functools.partial(time.sleep, 600))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        end = time.monotonic() + DEADLINE
+        while len(children := _children(proc.pid)) < 2:  # the engine process and the resource tracker
+            assert proc.poll() is None and time.monotonic() < end, children
+            time.sleep(0.05)
+        time.sleep(1.0)  # well into its "load"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(DEADLINE)
+        end = time.monotonic() + DEADLINE
+        while not all(_gone(pid) for pid in children):
+            assert time.monotonic() < end, f"of the server's children {children}, some still run"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+

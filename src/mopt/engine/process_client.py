@@ -16,6 +16,7 @@ import atexit
 import itertools
 import logging
 import multiprocessing
+import pickle
 import threading
 import time
 import weakref
@@ -47,7 +48,14 @@ class EngineProcessClient:
         self._process = context.Process(
             target=process_engine.run, name="mopt-engine", daemon=False,  # a daemon may not start TP workers
             args=(factory, max_queue, engine_commands, engine_outputs, logging.getLogger().getEffectiveLevel()))
-        self._process.start()
+        try:
+            self._process.start()
+        except (pickle.PicklingError, TypeError, AttributeError) as e:  # what pickling a bad factory raises
+            for end in (engine_commands, engine_outputs, self._commands, self._outputs):
+                end.close()
+            raise EngineArgumentError(f"the engine factory {factory!r} cannot be sent to the engine process, which is "
+                                      f"spawned: give a picklable callable such as functools.partial(mopt.LLM, "
+                                      f"path, ...) ({type(e).__name__}: {e})") from None
         engine_commands.close()
         engine_outputs.close()  # so that the engine's death closes the pipe on our side
         # At exit, before multiprocessing joins its children: an engine still serving would never end.

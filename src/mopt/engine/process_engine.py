@@ -22,7 +22,7 @@ Messages are tuples, pickled by ``multiprocessing.connection``:
 Errors cross as themselves when they pickle (``RequestError`` keeps its field), else as a
 ``RuntimeError`` with their type and message. The engine process ignores SIGINT (the server stops it
 with ``exit``; Ctrl-C reaches the whole process group) and ends cleanly on SIGTERM or when the server's
-end of the pipe closes, stopping its tensor-parallel workers.
+end of the pipe closes (also while the model loads), stopping its tensor-parallel workers.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import os
 import pickle
 import signal
 import sys
@@ -126,6 +127,9 @@ def run(factory: Callable[[], LLM], max_queue: int, commands: Connection, output
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(level=log_level, format="%(levelname)s %(message)s")
+    loaded = threading.Event()
+    threading.Thread(target=_stop_if_orphaned_while_loading, args=(commands, loaded), daemon=True,
+                     name="mopt-engine-orphan-watch").start()
     engine: PipedEngine | None = None
     try:
         try:
@@ -134,8 +138,13 @@ def run(factory: Callable[[], LLM], max_queue: int, commands: Connection, output
             logger.debug("loading failed", exc_info=True)
             if not isinstance(e, Exception):
                 e = RuntimeError(f"the engine process was stopped while loading the model ({type(e).__name__})")
-            outputs.send(("failed", portable(e)))
+            try:
+                outputs.send(("failed", portable(e)))
+            except OSError:  # the server is gone
+                pass
             return
+        finally:
+            loaded.set()
         engine = PipedEngine(llm, max_queue, outputs)
         del llm
         engine.send(("ready", {"max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
@@ -150,6 +159,20 @@ def run(factory: Callable[[], LLM], max_queue: int, commands: Connection, output
             outputs.close()
         except OSError:
             pass
+
+
+def _stop_if_orphaned_while_loading(commands: Connection, loaded: threading.Event) -> None:
+    """The server sends nothing before "ready", so a readable command pipe during loading means it closed:
+    the server is gone (killed, say), and a load of minutes should not go on for nobody. SIGTERM ends the
+    load as a server's SIGTERM would (``SystemExit`` in the main thread, then the usual clean-up)."""
+    while not loaded.is_set():
+        try:
+            closed = commands.poll(0.5)
+        except (OSError, ValueError):
+            closed = True
+        if closed and not loaded.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
 
 
 def _serve(engine: PipedEngine, commands: Connection) -> None:
