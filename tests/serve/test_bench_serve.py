@@ -136,6 +136,7 @@ def run_cli(argv: list[str]) -> int:
     ["some/checkpoint", "--device", "cpu", "--dtype", "float32", "--max-num-seqs", "8", "--max-model-len", "512"],
     ["--dummy", "llama3-8b", "--format", "fp8-kv", "--enforce-eager", "--backend", "reference", "--tokenizer", "t"],
     ["--dummy", "qwen3-30b-a3b", "--format", "fp8", "-tp", "2", "--enable-expert-parallel"],
+    ["--dummy", "llama3-8b", "--no-engine-process"],
 ])
 def test_the_started_server_gets_the_same_engine_options(argv):
     """``mopt bench serve`` starts ``mopt serve`` with the flags of ``engine_flags``: they parse back to
@@ -146,5 +147,6 @@ def test_the_started_server_gets_the_same_engine_options(argv):
     bench = parser.parse_args(["bench", "serve", *argv])
     serve = parser.parse_args(["serve", *engine_flags(bench)])
     options = ("model", "format", "device", "dtype", "kv_cache_dtype", "backend", "dummy", "tokenizer",
-               "max_model_len", "max_num_seqs", "enforce_eager", "tensor_parallel_size", "enable_expert_parallel")
+               "max_model_len", "max_num_seqs", "enforce_eager", "tensor_parallel_size", "enable_expert_parallel",
+               "engine_process")
     assert {o: getattr(serve, o) for o in options} == {o: getattr(bench, o) for o in options}
