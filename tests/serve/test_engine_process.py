@@ -170,27 +170,29 @@ def test_an_engine_process_on_a_gpu_answers_as_an_engine_thread(chat_model_dir):
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads child pids from /proc (Linux)")
-def test_an_engine_process_still_loading_ends_with_its_server():
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["server-killed", "ctrl-c"])
+def test_an_engine_process_still_loading_ends_with_its_server(sig):
     """A server killed while its model loads: the engine process stops loading and exits (it would otherwise
-    load for minutes, and only then find nobody to serve)."""
+    load for minutes, and only then find nobody to serve). Ctrl-C while loading: the server stops it at once
+    (not after the 10 s it grants an engine to finish its step)."""
     code = ("import functools, time\n"
             "from mopt.engine.process_client import EngineProcessClient\n"
             "EngineProcessClient(functools.partial(time.sleep, 600))\n")
-    proc = subprocess.Popen([sys.executable, "-c", code])
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
     try:
         end = time.monotonic() + DEADLINE
         while len(children := _children(proc.pid)) < 2:  # the engine process and the resource tracker
             assert proc.poll() is None and time.monotonic() < end, children
             time.sleep(0.05)
         time.sleep(1.0)  # well into its "load"
-        os.kill(proc.pid, signal.SIGKILL)
+        sent = time.monotonic()
+        os.kill(proc.pid, sig)
         proc.wait(DEADLINE)
-        end = time.monotonic() + DEADLINE
         while not all(_gone(pid) for pid in children):
-            assert time.monotonic() < end, f"of the server's children {children}, some still run"
+            assert time.monotonic() < sent + DEADLINE, f"of the server's children {children}, some still run"
             time.sleep(0.05)
+        assert time.monotonic() - sent < 8.0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-

@@ -69,8 +69,8 @@ class EngineProcessClient:
         self._death = ""
         try:
             info = self._wait_until_loaded()
-        except BaseException:
-            self._end_process()
+        except BaseException:  # a failed load, or Ctrl-C while loading: stop the engine now, not in 10 s
+            self._end_process(0.0)
             raise
         self.max_model_len: int = info["max_model_len"]
         self.vocab_size: int = info["vocab_size"]
