@@ -48,6 +48,15 @@ class EngineProcessClient:
         self._process = context.Process(
             target=process_engine.run, name="mopt-engine", daemon=False,  # a daemon may not start TP workers
             args=(factory, max_queue, engine_commands, engine_outputs, logging.getLogger().getEffectiveLevel()))
+        self._lock = threading.Lock()  # _pending, _dead, and sends from several threads
+        self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._streams: dict[int, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}  # reader thread only
+        self._ids = itertools.count()
+        self._started = self._stopping = self._dead = False
+        self._death = ""
+        # At exit, before multiprocessing joins its children: an engine still serving (or loading) would never end.
+        self._closer = weakref.finalize(self, _close_pipe, self._commands)
+        atexit.register(self._closer)
         try:
             self._process.start()
         except (pickle.PicklingError, TypeError, AttributeError) as e:  # what pickling a bad factory raises
@@ -56,18 +65,9 @@ class EngineProcessClient:
             raise EngineArgumentError(f"the engine factory {factory!r} cannot be sent to the engine process, which is "
                                       f"spawned: give a picklable callable such as functools.partial(mopt.LLM, "
                                       f"path, ...) ({type(e).__name__}: {e})") from None
-        engine_commands.close()
-        engine_outputs.close()  # so that the engine's death closes the pipe on our side
-        # At exit, before multiprocessing joins its children: an engine still serving would never end.
-        self._closer = weakref.finalize(self, _close_pipe, self._commands)
-        atexit.register(self._closer)
-        self._lock = threading.Lock()  # _pending, _dead, and sends from several threads
-        self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._streams: dict[int, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}  # reader thread only
-        self._ids = itertools.count()
-        self._started = self._stopping = self._dead = False
-        self._death = ""
         try:
+            engine_commands.close()
+            engine_outputs.close()  # so that the engine's death closes the pipe on our side
             info = self._wait_until_loaded()
         except BaseException:  # a failed load, or Ctrl-C while loading: stop the engine now, not in 10 s
             self._end_process(0.0)
@@ -169,7 +169,7 @@ class EngineProcessClient:
             process.join(KILL_AFTER_S)
         if process.is_alive():
             process.kill()
-            process.join()
+            process.join(KILL_AFTER_S)
         with self._lock:
             _close_pipe(self._commands)
         reader = getattr(self, "_reader", None)
