@@ -1,4 +1,6 @@
-"""``mopt serve``: an OpenAI-compatible HTTP server over :class:`mopt.engine.async_engine.AsyncEngine`.
+"""``mopt serve``: an OpenAI-compatible HTTP server over :class:`mopt.engine.async_engine.AsyncEngine`, which
+runs in a process of its own behind :class:`mopt.engine.process_client.EngineProcessClient` (or, with
+``--no-engine-process``, in a thread of the server's process).
 
 Needs the ``serve`` extra (``pip install 'mopt[serve]'``: fastapi, uvicorn, pydantic,
 prometheus-client); ``import mopt`` and every other command work without it.
