@@ -58,6 +58,64 @@ def test_a_worker_killed_mid_run_ends_every_process_with_an_error_naming_it():
     assert _gone(pids.values(), 10), "a worker outlived rank 0"
 
 
+def _tp_worker(group: int) -> int:
+    """The one spawned rank of process group ``group``: a multiprocessing child with no child of its own (the
+    engine process, when there is one, has the worker)."""
+    def cmdline(pid: int) -> str:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+
+    def has_children(pid: int) -> bool:
+        return bool(Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+
+    workers = [pid for pid in _group_pids(group) if "spawn_main" in cmdline(pid) and not has_children(pid)]
+    assert len(workers) == 1, workers
+    return workers[0]
+
+
+@pytest.mark.parametrize("engine,streaming", [("--engine-process", True), ("--no-engine-process", True),
+                                              ("--engine-process", False)], ids=["process", "thread", "process-idle"])
+def test_a_worker_killed_while_serving_stops_the_server_with_an_error_naming_it(tmp_path, engine, streaming):
+    """A world that lost a rank can never step again: the stream in flight ends with an error event, and the
+    server shuts itself down and exits 1 naming the rank, leaving no process (rather than answering /health and
+    failing every request from then on). An idle server notices within a second or so, with no request."""
+    import httpx
+
+    from mopt.engine.dummy import tiny_preset_config
+
+    tiny_preset_config().save_pretrained(tmp_path)
+    config = str(tmp_path / "config.json")
+    child = subprocess.Popen([sys.executable, "-m", "mopt.cli", "serve", "--dummy", config, "--device", "cpu", "-tp",
+                              "2", "--port", "0", engine], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=subprocess_env(), start_new_session=True)
+    try:
+        lines = []
+        while not lines or "listening on" not in lines[-1]:
+            lines.append(child.stderr.readline())
+            assert lines[-1], f"the server did not start: {''.join(lines)[-3000:]}"
+        url = lines[-1].split("listening on ")[1].strip()
+        worker = _tp_worker(child.pid)
+        body = dict(model=config, prompt=[5, 17, 33], max_tokens=500, temperature=0, ignore_eos=True, stream=True,
+                    return_token_ids=True)  # a chunk per token (the dummy model has no tokenizer, so no text)
+        rest = []
+        if streaming:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+                events = response.iter_lines()
+                next(line for line in events if line.startswith("data: {"))
+                os.kill(worker, signal.SIGKILL)
+                rest = [line for line in events if line]
+        else:
+            os.kill(worker, signal.SIGKILL)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    if streaming:
+        assert len(rest) >= 2 and rest[-1] == "data: [DONE]" and '"error"' in rest[-2], (rest[-3:], err[-3000:])
+    assert child.returncode == 1, err[-3000:]
+    assert "tensor-parallel rank 1 was killed by signal SIGKILL" in err.splitlines()[-1], err[-3000:]
+    assert _gone(_group_pids(child.pid), 10), "a process outlived the server"
+
+
 def test_workers_leave_when_rank_0_goes_away():
     child = _start("idle")
     try:

@@ -42,6 +42,8 @@ def tiny_engine_process(path: Path, max_queue: int = 64, **kw) -> EngineProcessC
 class RunningServer:
     url: str
     engine: ServingEngine
+    server: object  # the uvicorn server (``failure``: why it shut itself down)
+    thread: threading.Thread  # runs it
 
     @property
     def llm(self) -> LLM:
@@ -82,7 +84,7 @@ def running_server(llm: LLM | ServingEngine, api_key: str | None = None, max_que
         while not server.started:
             assert thread.is_alive() and time.monotonic() < end, "server did not start"
             time.sleep(0.01)
-        yield RunningServer(f"http://127.0.0.1:{sock.getsockname()[1]}", engine)
+        yield RunningServer(f"http://127.0.0.1:{sock.getsockname()[1]}", engine, server, thread)
     finally:
         server.should_exit = True
         thread.join(DEADLINE)

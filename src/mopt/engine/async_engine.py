@@ -33,6 +33,8 @@ from mopt.errors import EngineArgumentError
 
 logger = logging.getLogger(__name__)
 
+IDLE_CHECK_S = 1.0  # how often an idle engine looks for a dead tensor-parallel rank
+
 
 class QueueFullError(RuntimeError):
     """The waiting queue is full: retry later (a server answers 429 with Retry-After)."""
@@ -72,6 +74,7 @@ class ServingEngine(Protocol):
     stats: EngineStats
     max_model_len: int
     vocab_size: int
+    failure: str | None  # set when the engine stopped for good (a server then shuts down)
 
     @property
     def is_running(self) -> bool: ...
@@ -146,6 +149,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         blocks = llm.scheduler.blocks
         self.stats = EngineStats(free_blocks=blocks.num_free, total_blocks=blocks.num_blocks)
+        self.failure: str | None = None  # why the engine stopped for good (its tensor-parallel world failed)
 
     # -- any thread ---------------------------------------------------------------------------------
 
@@ -224,6 +228,8 @@ class AsyncEngine:
         if self._thread is not None and self._thread.is_alive():
             logger.warning("the engine thread is still running; its model stays loaded")
             return
+        if self.failure is not None:  # a failed world: freeing CUDA graphs may wait on a dead rank (exit handles it)
+            return
         self.llm = None
 
     # -- engine thread --------------------------------------------------------------------------
@@ -258,14 +264,17 @@ class AsyncEngine:
             if inbox.exit:
                 return
             if not self.llm.scheduler.has_unfinished():
-                self._wake.wait()
+                self._wake.wait(IDLE_CHECK_S)
                 self._wake.clear()
+                if self.failure is None and self.llm.fatal_error is not None:  # a rank died while idle
+                    self._stop_for_good(self.llm.fatal_error)
 
     def _iteration(self, inbox: _Inbox) -> None:
         if inbox.stopping:
-            self._fail(list(self._tracked.values()), EngineStoppedError("the engine is shutting down"))
+            reason = self.failure or "the engine is shutting down"
+            self._fail(list(self._tracked.values()), EngineStoppedError(reason))
             for sub in inbox.submissions:
-                self._answer(sub, EngineStoppedError("the engine is shutting down"))
+                self._answer(sub, EngineStoppedError(reason))
         else:
             for request_id in inbox.aborts:
                 self._abort(request_id)
@@ -313,8 +322,18 @@ class AsyncEngine:
         except Exception as e:
             logger.exception("model step failed (%d sequences running)", len(llm.scheduler.running))
             self._step_failed(EngineStepError(f"the model step failed ({type(e).__name__}); see the server log"))
+            if llm.fatal_error is not None:
+                self._stop_for_good(llm.fatal_error)
             return
         self._deliver([(tracked, tracked.delta()) for tracked in self._finished_or_stepped(stepped)], time.monotonic())
+
+    def _stop_for_good(self, error: BaseException) -> None:
+        """The model can never step again: end every request with ``error`` named, refuse new ones, stop."""
+        self.failure = f"the engine stopped: {error}"
+        logger.error("%s", self.failure)
+        with self._lock:
+            self._inbox.stopping = self._inbox.exit = True
+        self._fail(list(self._tracked.values()), EngineStoppedError(self.failure))
 
     def _finished_or_stepped(self, seqs: list[Sequence]) -> list[_Tracked]:
         """The tracked requests of ``seqs``; finished ones stop being tracked."""

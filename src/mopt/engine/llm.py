@@ -163,6 +163,15 @@ class LLM:
             return int(free * GPU_MEMORY_UTILIZATION)
         return CPU_KV_CACHE_BYTES
 
+    @property
+    def fatal_error(self) -> BaseException | None:
+        """Why this LLM can never run another step (its tensor-parallel world failed: a rank died, or a step
+        broke the world), else None."""
+        runtime = getattr(self.model, "runtime", None)
+        if runtime is None or not runtime.failed:
+            return None
+        return runtime.broken or runtime.monitor.failure
+
     @staticmethod
     def _load_tokenizer(path: Path):
         if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):

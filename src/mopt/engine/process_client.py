@@ -54,6 +54,7 @@ class EngineProcessClient:
         self._ids = itertools.count()
         self._started = self._stopping = self._dead = False
         self._death = ""
+        self._fatal: str | None = None  # the engine's own account of why it stopped for good
         # At exit, before multiprocessing joins its children: an engine still serving (or loading) would never end.
         self._closer = weakref.finalize(self, _close_pipe, self._commands)
         atexit.register(self._closer)
@@ -106,7 +107,16 @@ class EngineProcessClient:
 
     @property
     def is_running(self) -> bool:
-        return self._started and not self._stopping and not self._dead and self._process.is_alive()
+        return (self._started and not self._stopping and not self._dead and self._fatal is None
+                and self._process.is_alive())
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine stopped for good: its model failed, or its process died; None while it serves
+        or after a requested stop."""
+        if self._fatal is not None:
+            return self._fatal
+        return self._death if self._dead and not self._stopping else None
 
     async def add(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[RequestStream]:
         """As :meth:`AsyncEngine.add <mopt.engine.async_engine.AsyncEngine.add>`."""
@@ -179,7 +189,8 @@ class EngineProcessClient:
     # -- the reader thread ------------------------------------------------------------------------
 
     def _read(self) -> None:
-        handlers = {"out": self._on_outputs, "answer": self._on_answer, "stats": self._on_stats}
+        handlers = {"out": self._on_outputs, "answer": self._on_answer, "stats": self._on_stats,
+                    "fatal": self._on_fatal}
         try:
             while True:
                 message = self._outputs.recv()
@@ -192,6 +203,9 @@ class EngineProcessClient:
             logger.exception("reading the engine's outputs failed")
         finally:
             self._on_exit()
+
+    def _on_fatal(self, reason: str) -> None:
+        self._fatal = reason
 
     def _on_stats(self, stats: tuple) -> None:
         self.stats = EngineStats(*stats)
@@ -238,7 +252,9 @@ class EngineProcessClient:
         """The engine process ended (or its pipe broke): fail whoever still waits."""
         self._process.join(1.0)
         code = self._process.exitcode
-        if self._stopping:
+        if self._fatal is not None:
+            message = self._fatal
+        elif self._stopping:
             message = "the engine is shutting down"
         else:
             message = f"the engine process exited unexpectedly ({_describe(code)}); see the server log"

@@ -17,7 +17,8 @@ Messages are tuples, pickled by ``multiprocessing.connection``:
 * engine -> server: ``("ready", info)`` or ``("failed", error)`` once the model is loaded or not;
   ``("answer", submission id, [(request id, prompt token ids, arrival time), ...] or error)``,
   ``("out", [(request id, delta tuple or error), ...], time)`` once per step, ``("stats", EngineStats
-  fields)`` when they change, and ``("stopped",)`` last.
+  fields)`` when they change, ``("fatal", reason)`` when the model can never step again (its tensor-parallel
+  world failed: the engine ends its requests and its process), and ``("stopped",)`` last.
 
 Errors cross as themselves when they pickle (``RequestError`` keeps its field), else as a
 ``RuntimeError`` with their type and message. The engine process ignores SIGINT (the server stops it
@@ -108,6 +109,11 @@ class PipedEngine(AsyncEngine):
             self._sent_stats = stats
             self.send(("stats", stats))
 
+    def _stop_for_good(self, error: BaseException) -> None:
+        super()._stop_for_good(error)
+        self.send(("fatal", self.failure))
+        os.kill(os.getpid(), signal.SIGTERM)  # the main thread leaves its wait for commands and cleans up
+
     def stop_now(self, timeout: float = STOP_TIMEOUT_S) -> bool:
         """End what is in flight and the engine thread; whether the thread ended within ``timeout``."""
         self._signal_exit()
@@ -193,11 +199,13 @@ def _close(engine: PipedEngine | None) -> None:
     graphs that hold NCCL collectives must go before the world's groups do)."""
     from mopt.engine import tp_runtime
 
+    wedged = tp_runtime._RUNTIME is not None and tp_runtime._RUNTIME.wedged
     if engine is not None:
         if not engine.stop_now():
             logger.error("the engine thread did not stop within %.0f s", STOP_TIMEOUT_S)
-        engine.release()
-        gc.collect()  # the model's reference cycles too
+        if not wedged:  # freeing CUDA graphs would wait on GPUs that wait on a dead rank; the exit skips it
+            engine.release()
+            gc.collect()  # the model's reference cycles too
     tp_runtime.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -44,6 +44,17 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self.engine, self.announce = engine, announce
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.failure: str | None = None  # the engine's, when it stopped for good and took the server down
+
+    async def on_tick(self, counter: int) -> bool:
+        """(Ten times a second.) An engine that stopped for good (its process died, its tensor-parallel world
+        failed) would fail every request from now on: shut down instead, so that whatever runs the server
+        sees it exit with the reason."""
+        if self.failure is None and self.engine.failure is not None:
+            self.failure = self.engine.failure
+            print(f"mopt serve: {self.failure}; shutting down", file=sys.stderr, flush=True)
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -82,9 +93,13 @@ def make_server(engine: ServingEngine, sock: socket.socket, model_name: str, api
 
 def serve(engine: ServingEngine, sock: socket.socket, model_name: str, api_key: str | None = None,
           log_level: str = "warning") -> None:
-    """Serve until SIGINT/SIGTERM (blocking; the engine starts and stops with the app)."""
+    """Serve until SIGINT/SIGTERM (blocking; the engine starts and stops with the app), or until the engine
+    stops for good: then the server shuts down and this raises ``RuntimeError`` with the engine's reason."""
     # The engine thread gives up the GIL while the device works and needs it back at once to start
     # the next step; with Python's default 5 ms switch interval a busy event loop (formatting
     # events for many streams) could hold it for up to a decode step's length.
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
-    make_server(engine, sock, model_name, api_key, log_level).run(sockets=[sock])
+    server = make_server(engine, sock, model_name, api_key, log_level)
+    server.run(sockets=[sock])
+    if server.failure is not None:
+        raise RuntimeError(server.failure)
