@@ -58,6 +58,15 @@ def test_a_worker_killed_mid_run_ends_every_process_with_an_error_naming_it():
     assert _gone(pids.values(), 10), "a worker outlived rank 0"
 
 
+def _url_once_listening(server: subprocess.Popen) -> str:
+    """The URL ``mopt serve`` announces on stderr once it listens (fails with its output if it exits first)."""
+    lines = []
+    while not lines or "listening on" not in lines[-1]:
+        lines.append(server.stderr.readline())
+        assert lines[-1], f"the server did not start: {''.join(lines)[-3000:]}"
+    return lines[-1].split("listening on ")[1].strip()
+
+
 def _tp_worker(group: int) -> int:
     """The one spawned rank of process group ``group``: a multiprocessing child with no child of its own (the
     engine process, when there is one, has the worker)."""
@@ -88,11 +97,7 @@ def test_a_worker_killed_while_serving_stops_the_server_with_an_error_naming_it(
                               "2", "--port", "0", engine], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=subprocess_env(), start_new_session=True)
     try:
-        lines = []
-        while not lines or "listening on" not in lines[-1]:
-            lines.append(child.stderr.readline())
-            assert lines[-1], f"the server did not start: {''.join(lines)[-3000:]}"
-        url = lines[-1].split("listening on ")[1].strip()
+        url = _url_once_listening(child)
         worker = _tp_worker(child.pid)
         body = dict(model=config, prompt=[5, 17, 33], max_tokens=500, temperature=0, ignore_eos=True, stream=True,
                     return_token_ids=True)  # a chunk per token (the dummy model has no tokenizer, so no text)
@@ -187,11 +192,7 @@ def test_two_torchrun_nodes_serve_as_one_process(tmp_path):
              for rank in (0, 1)]
     prompt = [5, 17, 33, 2, 9]
     try:
-        lines = []
-        while not lines or "listening on" not in lines[-1]:
-            lines.append(nodes[0].stderr.readline())
-            assert lines[-1], f"the server did not start: {''.join(lines)[-3000:]}"
-        url = lines[-1].split("listening on ")[1].strip()
+        url = _url_once_listening(nodes[0])
         body = dict(model=config, prompt=prompt, max_tokens=8, temperature=0, ignore_eos=True, return_token_ids=True)
         reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert reply.status_code == 200, reply.text
@@ -266,11 +267,7 @@ def test_ctrl_c_ends_every_rank_quietly(command, code, says, tmp_path):
     streamed, stream = [], None
     try:
         if command[0] == "serve":
-            lines = []
-            while not lines or "listening on" not in lines[-1]:
-                lines.append(child.stderr.readline())
-                assert lines[-1], f"the server did not start: {''.join(lines)[-3000:]}"
-            url = lines[-1].split("listening on ")[1].strip()
+            url = _url_once_listening(child)
             stream = threading.Thread(target=_stream_until_closed, args=(url, str(tmp_path), streamed), daemon=True)
             stream.start()
             time.sleep(3)  # well into streaming
@@ -314,11 +311,7 @@ def test_a_stopped_server_frees_its_model_before_the_world_shuts_down(tmp_path, 
                              env=subprocess_env(), start_new_session=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        lines = []
-        while not lines or "listening on" not in lines[-1]:
-            lines.append(child.stderr.readline())
-            assert lines[-1], f"the server did not start: {''.join(lines)[-3000:]}"
-        url = lines[-1].split("listening on ")[1].strip()
+        url = _url_once_listening(child)
         reply = httpx.post(f"{url}/v1/completions", json=dict(model=config, prompt=[1, 2, 3], max_tokens=4), timeout=60)
         assert reply.status_code == 200, reply.text
         os.killpg(child.pid, signal.SIGINT)
