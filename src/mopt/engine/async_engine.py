@@ -266,8 +266,9 @@ class AsyncEngine:
             if not self.llm.scheduler.has_unfinished():
                 self._wake.wait(IDLE_CHECK_S)
                 self._wake.clear()
-                if self.failure is None and self.llm.fatal_error is not None:  # a rank died while idle
-                    self._stop_for_good(self.llm.fatal_error)
+                fatal = self.llm.fatal_error  # a rank that died while the engine was idle
+                if fatal is not None and self.failure is None:
+                    self._stop_for_good(fatal)
 
     def _iteration(self, inbox: _Inbox) -> None:
         if inbox.stopping:
@@ -322,8 +323,9 @@ class AsyncEngine:
         except Exception as e:
             logger.exception("model step failed (%d sequences running)", len(llm.scheduler.running))
             self._step_failed(EngineStepError(f"the model step failed ({type(e).__name__}); see the server log"))
-            if llm.fatal_error is not None:
-                self._stop_for_good(llm.fatal_error)
+            fatal = llm.fatal_error
+            if fatal is not None:
+                self._stop_for_good(fatal)
             return
         self._deliver([(tracked, tracked.delta()) for tracked in self._finished_or_stepped(stepped)], time.monotonic())
 

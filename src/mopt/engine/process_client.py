@@ -53,8 +53,9 @@ class EngineProcessClient:
         self._streams: dict[int, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}  # reader thread only
         self._ids = itertools.count()
         self._started = self._stopping = self._dead = False
-        self._death = ""
-        self._fatal: str | None = None  # the engine's own account of why it stopped for good
+        # Why the engine stopped for good (its model failed, or its process died); None while it serves or
+        # after a requested stop. Set by the reader thread; a server shuts down on it.
+        self.failure: str | None = None
         # At exit, before multiprocessing joins its children: an engine still serving (or loading) would never end.
         self._closer = weakref.finalize(self, _close_pipe, self._commands)
         atexit.register(self._closer)
@@ -85,20 +86,19 @@ class EngineProcessClient:
             if self._outputs.poll(0.1):
                 try:
                     message = self._outputs.recv()
-                except EOFError:
-                    message = ("died",)
+                except EOFError:  # it died without a word
+                    break
                 if message[0] == "ready":
                     return message[1]
                 if message[0] == "failed":
                     self._process.join(KILL_AFTER_S)
                     raise message[1]
-                if message[0] != "died":
-                    raise RuntimeError(f"the engine process sent {message[0]!r} before it was ready")
-            elif self._process.is_alive():
-                continue
-            self._process.join(KILL_AFTER_S)
-            raise RuntimeError(f"the engine process exited with code {self._process.exitcode} while loading the "
-                               "model; see its output above")
+                raise RuntimeError(f"the engine process sent {message[0]!r} before it was ready")
+            if not self._process.is_alive():
+                break
+        self._process.join(KILL_AFTER_S)
+        raise RuntimeError(f"the engine process exited with code {self._process.exitcode} while loading the "
+                           "model; see its output above")
 
     # -- the event loop's side --------------------------------------------------------------------
 
@@ -107,16 +107,8 @@ class EngineProcessClient:
 
     @property
     def is_running(self) -> bool:
-        return (self._started and not self._stopping and not self._dead and self._fatal is None
+        return (self._started and not self._stopping and not self._dead and self.failure is None
                 and self._process.is_alive())
-
-    @property
-    def failure(self) -> str | None:
-        """Why the engine stopped for good: its model failed, or its process died; None while it serves
-        or after a requested stop."""
-        if self._fatal is not None:
-            return self._fatal
-        return self._death if self._dead and not self._stopping else None
 
     async def add(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[RequestStream]:
         """As :meth:`AsyncEngine.add <mopt.engine.async_engine.AsyncEngine.add>`."""
@@ -128,7 +120,7 @@ class EngineProcessClient:
         future = loop.create_future()
         with self._lock:
             if self._dead:
-                raise EngineStoppedError(self._death)
+                raise EngineStoppedError(self.failure or "the engine is shutting down")
             submission_id = next(self._ids)
             self._pending[submission_id] = (loop, future)
             sent = self._send(("add", submission_id, list(prompts), list(params), time.monotonic()))
@@ -190,7 +182,7 @@ class EngineProcessClient:
 
     def _read(self) -> None:
         handlers = {"out": self._on_outputs, "answer": self._on_answer, "stats": self._on_stats,
-                    "fatal": self._on_fatal}
+                    "fatal": self._on_failure}
         try:
             while True:
                 message = self._outputs.recv()
@@ -204,8 +196,8 @@ class EngineProcessClient:
         finally:
             self._on_exit()
 
-    def _on_fatal(self, reason: str) -> None:
-        self._fatal = reason
+    def _on_failure(self, reason: str) -> None:
+        self.failure = reason
 
     def _on_stats(self, stats: tuple) -> None:
         self.stats = EngineStats(*stats)
@@ -251,16 +243,13 @@ class EngineProcessClient:
     def _on_exit(self) -> None:
         """The engine process ended (or its pipe broke): fail whoever still waits."""
         self._process.join(1.0)
-        code = self._process.exitcode
-        if self._fatal is not None:
-            message = self._fatal
-        elif self._stopping:
-            message = "the engine is shutting down"
-        else:
-            message = f"the engine process exited unexpectedly ({_describe(code)}); see the server log"
-            logger.error("%s", message)
+        if self.failure is None and not self._stopping:
+            self.failure = (f"the engine process exited unexpectedly ({_describe(self._process.exitcode)}); "
+                            "see the server log")
+            logger.error("%s", self.failure)
+        message = self.failure or "the engine is shutting down"
         with self._lock:
-            self._dead, self._death = True, message
+            self._dead = True
             pending, self._pending = self._pending, {}
         for loop, future in pending.values():
             _call_soon(loop, lambda future=future: future.done() or future.set_exception(EngineStoppedError(message)))
