@@ -261,6 +261,39 @@ def test_a_dying_engine_thread_fails_everything_instead_of_hanging(model_dir, ca
     assert "the engine thread stopped" in caplog.text
 
 
+def test_a_step_hung_on_a_failed_model_still_stops_the_engine(model_dir, monkeypatch, caplog):
+    """A GPU that waits on a dead tensor-parallel rank can hold the engine thread inside the driver for good
+    (seen on 2x H200: loading a Triton kernel mid-prefill, after a worker was killed). The watch thread then
+    ends the requests with the model's error and stops the engine without the engine thread."""
+    from mopt.engine import async_engine
+    from mopt.engine.distributed import TensorParallelError
+
+    monkeypatch.setattr(async_engine, "HUNG_STEP_S", 0.5)
+
+    async def main():
+        llm = small_llm(model_dir)
+        hang, failed = threading.Event(), []
+        original = llm.runner.launch
+        llm.runner.launch = lambda *a, **kw: (failed and hang.wait(TIMEOUT), original(*a, **kw))[1]
+        monkeypatch.setattr(LLM, "fatal_error", property(lambda self: failed[0] if failed else None))
+        engine = await started(llm)
+        (stream,) = await engine.add([PROMPTS[0]], [SamplingParams(max_tokens=60, ignore_eos=True)])
+        await anext(stream)
+        failed.append(TensorParallelError("tensor-parallel rank 1 was killed by signal SIGKILL"))
+        with pytest.raises(EngineStoppedError, match="rank 1 was killed by signal SIGKILL"):
+            await collect(stream)
+        assert engine.failure == "the engine stopped: tensor-parallel rank 1 was killed by signal SIGKILL"
+        assert engine._thread.is_alive() and not hang.is_set()  # stopped without the engine thread
+        with pytest.raises(EngineStoppedError):
+            await engine.add([PROMPTS[0]], [SamplingParams()])
+        hang.set()
+        await engine.stop()
+        assert not engine._thread.is_alive()
+
+    run(main())
+    assert "stuck in a step" in caplog.text
+
+
 @pytest.mark.gpu
 def test_streams_equal_generate_on_gpu(model_dir):
     """On CUDA with async scheduling (decode steps queued before the last tokens are read): streams equal

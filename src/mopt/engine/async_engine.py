@@ -12,7 +12,9 @@ scheduling (on GPUs) the next step is already queued on the device when ``_step`
 event loop formats and sends while the device computes.
 
 Failures stay with the requests they touch: a step that raises fails the sequences it ran with
-:class:`EngineStepError` (details in the log) and the loop goes on serving the rest. The waiting
+:class:`EngineStepError` (details in the log) and the loop goes on serving the rest. A model that can
+never step again (its tensor-parallel world lost a rank) stops the engine for good; a watch thread
+makes sure of it when the step in flight never returns. The waiting
 queue is bounded: a submission that would take it past ``max_queue`` sequences raises
 :class:`QueueFullError` at once.
 """
@@ -34,6 +36,9 @@ from mopt.errors import EngineArgumentError
 logger = logging.getLogger(__name__)
 
 IDLE_CHECK_S = 1.0  # how often an idle engine looks for a dead tensor-parallel rank
+# How long after its model failed a step may go on before the watch thread declares it hung: a GPU that waits
+# on a dead rank blocks the engine thread inside the driver (loading a kernel, say), where it never looks up.
+HUNG_STEP_S = 3.0
 
 
 class QueueFullError(RuntimeError):
@@ -150,6 +155,8 @@ class AsyncEngine:
         blocks = llm.scheduler.blocks
         self.stats = EngineStats(free_blocks=blocks.num_free, total_blocks=blocks.num_blocks)
         self.failure: str | None = None  # why the engine stopped for good (its tensor-parallel world failed)
+        self._failure_lock = threading.Lock()
+        self._watch_stop = threading.Event()
 
     # -- any thread ---------------------------------------------------------------------------------
 
@@ -157,6 +164,7 @@ class AsyncEngine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="mopt-engine", daemon=True)
             self._thread.start()
+            threading.Thread(target=self._watch, name="mopt-engine-watch", daemon=True).start()
 
     @property
     def is_running(self) -> bool:
@@ -210,6 +218,23 @@ class AsyncEngine:
         with self._lock:
             self._inbox.stopping = self._inbox.exit = True
         self._wake.set()
+        self._watch_stop.set()
+
+    def _watch(self) -> None:
+        """The watch thread: stops the engine for good when its model failed and the engine thread has
+        not done so itself within ``HUNG_STEP_S`` (it does at its next step, or within IDLE_CHECK_S when
+        idle, unless the step in flight hangs)."""
+        failed_at = None
+        while not self._watch_stop.wait(IDLE_CHECK_S) and self.failure is None:
+            llm = self.llm
+            fatal = llm.fatal_error if llm is not None else None
+            if fatal is None:
+                continue
+            failed_at = failed_at or time.monotonic()
+            if time.monotonic() - failed_at >= HUNG_STEP_S:
+                logger.error("the engine thread is stuck in a step of a failed model")
+                self._stop_for_good(fatal, hung=True)
+                return
 
     @property
     def max_model_len(self) -> int:
@@ -329,13 +354,26 @@ class AsyncEngine:
             return
         self._deliver([(tracked, tracked.delta()) for tracked in self._finished_or_stepped(stepped)], time.monotonic())
 
-    def _stop_for_good(self, error: BaseException) -> None:
-        """The model can never step again: end every request with ``error`` named, refuse new ones, stop."""
-        self.failure = f"the engine stopped: {error}"
+    def _stop_for_good(self, error: BaseException, hung: bool = False) -> bool:
+        """The model can never step again: end every request with ``error`` named, refuse new ones, stop.
+        ``hung``: called by the watch thread while the engine thread hangs in a step, so the scheduler (the
+        engine thread's) is left alone and the requests' streams only get the error. Whether this call
+        stopped the engine (False: it had stopped already)."""
+        with self._failure_lock:
+            if self.failure is not None:
+                return False
+            self.failure = f"the engine stopped: {error}"
         logger.error("%s", self.failure)
         with self._lock:
             self._inbox.stopping = self._inbox.exit = True
-        self._fail(list(self._tracked.values()), EngineStoppedError(self.failure))
+        self._wake.set()
+        self._watch_stop.set()
+        stopped = EngineStoppedError(self.failure)
+        if hung:
+            self._deliver([(tracked, stopped) for tracked in list(self._tracked.values())], time.monotonic())
+        else:
+            self._fail(list(self._tracked.values()), stopped)
+        return True
 
     def _finished_or_stepped(self, seqs: list[Sequence]) -> list[_Tracked]:
         """The tracked requests of ``seqs``; finished ones stop being tracked."""

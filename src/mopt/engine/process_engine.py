@@ -47,6 +47,7 @@ from mopt.engine.stream import RequestDelta
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0  # for the engine thread to finish its step once told to exit
+WEDGED_STOP_TIMEOUT_S = 1.0  # the same when a rank failed under this GPU's collectives
 
 
 def portable(error: BaseException) -> BaseException:
@@ -109,10 +110,12 @@ class PipedEngine(AsyncEngine):
             self._sent_stats = stats
             self.send(("stats", stats))
 
-    def _stop_for_good(self, error: BaseException) -> None:
-        super()._stop_for_good(error)
+    def _stop_for_good(self, error: BaseException, hung: bool = False) -> bool:
+        if not super()._stop_for_good(error, hung):
+            return False
         self.send(("fatal", self.failure))
         os.kill(os.getpid(), signal.SIGTERM)  # the main thread leaves its wait for commands and cleans up
+        return True
 
     def stop_now(self, timeout: float = STOP_TIMEOUT_S) -> bool:
         """End what is in flight and the engine thread; whether the thread ended within ``timeout``."""
@@ -201,8 +204,9 @@ def _close(engine: PipedEngine | None) -> None:
 
     wedged = tp_runtime._RUNTIME is not None and tp_runtime._RUNTIME.wedged
     if engine is not None:
-        if not engine.stop_now():
-            logger.error("the engine thread did not stop within %.0f s", STOP_TIMEOUT_S)
+        timeout = WEDGED_STOP_TIMEOUT_S if wedged else STOP_TIMEOUT_S  # a step on a wedged GPU never returns
+        if not engine.stop_now(timeout):
+            logger.error("the engine thread did not stop within %.0f s", timeout)
         if not wedged:  # freeing CUDA graphs would wait on GPUs that wait on a dead rank; the exit skips it
             engine.release()
             gc.collect()  # the model's reference cycles too

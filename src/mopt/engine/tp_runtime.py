@@ -38,6 +38,8 @@ from mopt.errors import EngineArgumentError
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+WEDGED_LOCK_S = 1.0  # how long shutdown waits for a step of a wedged world to let go of the runtime
+
 
 class TensorParallelRuntime:
     def __init__(self, world: World) -> None:
@@ -139,7 +141,9 @@ class TensorParallelRuntime:
 
     def shutdown(self) -> None:
         global _RUNTIME
-        with self.lock:
+        # A step on a wedged GPU holds the lock for good (it hangs in the driver): stop the workers without it.
+        locked = self.lock.acquire(timeout=WEDGED_LOCK_S if self.wedged else -1)
+        try:
             if self.closed:
                 return
             self.closed = True
@@ -154,6 +158,9 @@ class TensorParallelRuntime:
                 destroy_groups(self.world)
             if _RUNTIME is self:
                 _RUNTIME = None
+        finally:
+            if locked:
+                self.lock.release()
 
 
 _RUNTIME: TensorParallelRuntime | None = None
