@@ -154,7 +154,9 @@ class TensorParallelRuntime:
                 except Exception as e:  # the workers are stopped below anyway
                     logger.debug("stopping the workers: %s", e)
             stop_processes(self.world)
-            if not self.wedged:
+            if self.wedged:
+                _WEDGED[0] = True  # for _at_exit, after _RUNTIME is gone
+            else:
                 destroy_groups(self.world)
             if _RUNTIME is self:
                 _RUNTIME = None
@@ -164,6 +166,7 @@ class TensorParallelRuntime:
 
 
 _RUNTIME: TensorParallelRuntime | None = None
+_WEDGED = [False]  # a world of this process was shut down wedged (see TensorParallelRuntime.wedged)
 _START_LOCK = threading.Lock()
 
 
@@ -207,7 +210,7 @@ def shutdown() -> None:
 
 
 def _at_exit() -> None:
-    wedged = _RUNTIME is not None and _RUNTIME.wedged
+    wedged = _WEDGED[0] or (_RUNTIME is not None and _RUNTIME.wedged)
     shutdown()
     if wedged:
         # Freeing NCCL's communicators (which interpreter teardown does) would wait forever on the GPU
