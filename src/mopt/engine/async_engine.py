@@ -346,11 +346,13 @@ class AsyncEngine:
         try:
             stepped = llm._step()
         except Exception as e:
+            fatal = llm.fatal_error
+            if fatal is not None:  # the model can never step again: every request is told why
+                logger.debug("model step failed", exc_info=True)
+                self._stop_for_good(fatal)
+                return
             logger.exception("model step failed (%d sequences running)", len(llm.scheduler.running))
             self._step_failed(EngineStepError(f"the model step failed ({type(e).__name__}); see the server log"))
-            fatal = llm.fatal_error
-            if fatal is not None:
-                self._stop_for_good(fatal)
             return
         self._deliver([(tracked, tracked.delta()) for tracked in self._finished_or_stepped(stepped)], time.monotonic())
 
