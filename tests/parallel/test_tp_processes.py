@@ -58,6 +58,22 @@ def test_a_worker_killed_mid_run_ends_every_process_with_an_error_naming_it():
     assert _gone(pids.values(), 10), "a worker outlived rank 0"
 
 
+def test_a_rank_0_stuck_in_a_step_after_a_worker_died_leaves_with_the_error():
+    """On GPUs rank 0's step may never return once a worker died: its GPU waits on the dead rank in the one-shot
+    all-reduce, and the host can block behind it inside the driver (seen on 2x H200). Rather than hang, the
+    process leaves with the error naming the rank (simulated here: see ``tp_child.py stuck``)."""
+    child = _start("stuck", "2")
+    try:
+        pids = _worker_pids(child)
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 1, err[-3000:]
+    assert ("mopt: error: tensor-parallel rank 1 was killed by signal SIGKILL (rank 0 is stuck in a step on its GPU: "
+            "exiting)") in err, err[-3000:]
+    assert _gone(pids.values(), 10), "a worker outlived rank 0"
+
+
 def _url_once_listening(server: subprocess.Popen) -> str:
     """The URL ``mopt serve`` announces on stderr once it listens (fails with its output if it exits first)."""
     lines = []

@@ -3,6 +3,9 @@
 * ``generate TP [DEVICE]``: a TP-rank engine (on the CPU unless DEVICE is given), prints the workers' pids as JSON, then generates until
   something fails, and exits like ``mopt`` does (``mopt: error: ...``, status 1);
 * ``idle``: a 2-rank engine that prints its workers' pids and sleeps;
+* ``stuck SECONDS``: a 2-rank engine (pids printed) whose world counts as a GPU's (wedged once a rank failed) and
+  whose decode step, after a first generation, kills the worker and then never returns, as rank 0's host does
+  when it blocks in the driver behind a GPU that waits on the dead rank; ``STUCK_STEP_EXIT_S`` = SECONDS;
 * ``capture-fault``: a 2-rank FP8 engine on 2 GPUs (``MOPT_TEST_FAIL_PREFILL_GRAPH`` fails some prefill
   graph captures on purpose), then the same eagerly; prints rank 0's captured and failed buckets and
   both engines' greedy tokens for prompts that take a captured and a failed bucket, as JSON (or exits
@@ -81,6 +84,25 @@ def main(mode: str, *args: str) -> int:
         except (MoptError, RuntimeError) as e:
             print(f"mopt: error: {e}", file=sys.stderr, flush=True)
             return 1
+    if mode == "stuck":
+        import signal
+        import threading
+
+        from mopt.engine import tp_runtime
+
+        tp_runtime.STUCK_STEP_EXIT_S = float(args[0])
+        tp_runtime.TensorParallelRuntime.wedged = property(lambda self: self.failed)
+        llm = _engine(2)
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True))
+        worker = tp_runtime._RUNTIME.world.processes[1].pid
+
+        def stuck(*args, **kw):
+            os.kill(worker, signal.SIGKILL)
+            threading.Event().wait()
+
+        llm.runner.run_decode = stuck
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True))
+        return 0
     if mode == "idle":
         _engine(2)
         time.sleep(600)

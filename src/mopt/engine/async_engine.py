@@ -26,12 +26,17 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from mopt.engine.llm import LLM, Messages, Prompt
+from mopt.engine.llm import LLM, Prompt
 from mopt.engine.sequence import SamplingParams, Sequence
+from mopt.engine.serving_engine import (Chat, EngineStats, EngineStepError, EngineStoppedError, QueueFullError,
+                                        ServingEngine)
 from mopt.engine.stream import RequestDelta, RequestStream
 from mopt.errors import EngineArgumentError
+
+__all__ = ["AsyncEngine", "Chat", "EngineStats", "EngineStepError", "EngineStoppedError", "QueueFullError",
+           "RequestDelta", "RequestStream", "ServingEngine"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,62 +44,6 @@ IDLE_CHECK_S = 1.0  # how often an idle engine looks for a dead tensor-parallel 
 # How long after its model failed a step may go on before the watch thread declares it hung: a GPU that waits
 # on a dead rank blocks the engine thread inside the driver (loading a kernel, say), where it never looks up.
 HUNG_STEP_S = 3.0
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is full: retry later (a server answers 429 with Retry-After)."""
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine is shutting down or stopped: it takes no requests and ended those in flight."""
-
-
-class EngineStepError(RuntimeError):
-    """A model step failed for this request; the cause is in the engine's log."""
-
-
-@dataclass
-class Chat:
-    """A prompt given as a conversation, turned into token ids through the chat template."""
-
-    messages: Messages
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    running: int = 0
-    waiting: int = 0  # sequences accepted and not running: queued, or preempted
-    free_blocks: int = 0
-    total_blocks: int = 0
-
-    @property
-    def kv_cache_usage(self) -> float:
-        return 1 - self.free_blocks / self.total_blocks if self.total_blocks else 0.0
-
-
-class ServingEngine(Protocol):
-    """What a server needs of an engine: :class:`AsyncEngine` (in a thread of the server's process) or
-    :class:`~mopt.engine.process_client.EngineProcessClient` (in a process of its own)."""
-
-    stats: EngineStats
-    max_model_len: int
-    vocab_size: int
-    failure: str | None  # set when the engine stopped for good (a server then shuts down)
-
-    @property
-    def is_running(self) -> bool: ...
-
-    def start(self) -> None: ...
-
-    async def add(self, prompts: list[Prompt | Chat], params: list[SamplingParams]) -> list[RequestStream]: ...
-
-    def abort(self, request_id: int) -> None: ...
-
-    def begin_shutdown(self) -> None: ...
-
-    async def stop(self, timeout: float = 10.0) -> None: ...
-
-    def release(self) -> None: ...
 
 
 @dataclass

@@ -23,7 +23,8 @@ import weakref
 from typing import Any, Callable
 
 from mopt.engine import process_engine
-from mopt.engine.async_engine import EngineStats, EngineStoppedError, _call_soon
+from mopt.engine.async_engine import _call_soon
+from mopt.engine.serving_engine import EngineStats, EngineStoppedError
 from mopt.engine.llm import LLM, Prompt
 from mopt.engine.sequence import SamplingParams
 from mopt.engine.stream import RequestDelta, RequestStream

@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 WEDGED_LOCK_S = 1.0  # how long shutdown waits for a step of a wedged world to let go of the runtime
+# How long a step may go on holding a wedged world after a rank failed before this process leaves with the error:
+# such a step never returns (the host blocks in the driver behind the GPU's wait on the dead rank). Longer than
+# a server's own stop (AsyncEngine.HUNG_STEP_S, then its shutdown), which says more.
+STUCK_STEP_EXIT_S = 30.0
 
 
 class TensorParallelRuntime:
@@ -46,6 +50,7 @@ class TensorParallelRuntime:
         self.world = world
         self.lock = threading.RLock()
         self.monitor = Monitor(world)
+        self.monitor.on_failure = self._on_failure
         self.monitor.start()
         self.next_id = 1
         self.pending_free: list[int] = []
@@ -77,6 +82,22 @@ class TensorParallelRuntime:
         while self.monitor.failure is None and time.monotonic() < deadline and isinstance(error, RuntimeError):
             time.sleep(0.05)
         return self.monitor.failure
+
+    def _on_failure(self) -> None:
+        """The monitor's call once it found a failure."""
+        if self.wedged:
+            threading.Thread(target=self._exit_if_stuck, daemon=True, name="mopt-tp-stuck-watch").start()
+
+    def _exit_if_stuck(self) -> None:
+        """Leave the process with the failure if a step still holds the world ``STUCK_STEP_EXIT_S`` after it:
+        rank 0's program would wait for good, its workers gone (a program that got the error is left alone)."""
+        if self.lock.acquire(timeout=STUCK_STEP_EXIT_S):
+            self.lock.release()
+            return
+        print(f"mopt: error: {self.monitor.failure} (rank 0 is stuck in a step on its GPU: exiting)", file=sys.stderr,
+              flush=True)
+        stop_processes(self.world, grace=0.0)
+        os._exit(1)
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
@@ -140,7 +161,7 @@ class TensorParallelRuntime:
         return self.failed and self.world.device.type == "cuda"
 
     def shutdown(self) -> None:
-        global _RUNTIME
+        global _RUNTIME, _SHUT_DOWN_WEDGED
         # A step on a wedged GPU holds the lock for good (it hangs in the driver): stop the workers without it.
         locked = self.lock.acquire(timeout=WEDGED_LOCK_S if self.wedged else -1)
         try:
@@ -155,7 +176,7 @@ class TensorParallelRuntime:
                     logger.debug("stopping the workers: %s", e)
             stop_processes(self.world)
             if self.wedged:
-                _WEDGED[0] = True  # for _at_exit, after _RUNTIME is gone
+                _SHUT_DOWN_WEDGED = True  # for _at_exit, after _RUNTIME is gone
             else:
                 destroy_groups(self.world)
             if _RUNTIME is self:
@@ -166,7 +187,7 @@ class TensorParallelRuntime:
 
 
 _RUNTIME: TensorParallelRuntime | None = None
-_WEDGED = [False]  # a world of this process was shut down wedged (see TensorParallelRuntime.wedged)
+_SHUT_DOWN_WEDGED = False  # a world of this process was shut down wedged (see TensorParallelRuntime.wedged)
 _START_LOCK = threading.Lock()
 
 
@@ -210,7 +231,7 @@ def shutdown() -> None:
 
 
 def _at_exit() -> None:
-    wedged = _WEDGED[0] or (_RUNTIME is not None and _RUNTIME.wedged)
+    wedged = _SHUT_DOWN_WEDGED or (_RUNTIME is not None and _RUNTIME.wedged)
     shutdown()
     if wedged:
         # Freeing NCCL's communicators (which interpreter teardown does) would wait forever on the GPU

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 from mopt.engine.distributed import TensorParallelError
 from mopt.engine.tp_launch import (_SECONDARY, HEARTBEAT_S, World, _exit_description, abort_groups, failure_message,
@@ -58,6 +59,7 @@ class Monitor(threading.Thread):
         super().__init__(daemon=True, name="mopt-tp-monitor")
         self.world, self.stopped = world, threading.Event()
         self.failure: TensorParallelError | None = None
+        self.on_failure: Callable[[], None] | None = None  # called once, from this thread, after ``failure`` is set
         self.store = store_client(world)
         self.peers = [PeerWatch(self.store, r, world.timeouts.peer) for r in range(1, world.size)]
 
@@ -75,6 +77,8 @@ class Monitor(threading.Thread):
         self.failure = TensorParallelError(f"tensor-parallel {text}")
         logger.error("%s", self.failure)
         abort_groups(self.world)
+        if self.on_failure is not None:
+            self.on_failure()
 
     def scan(self, exited: set[int]) -> dict[int, str]:
         """Problems now: exited processes, failure messages, silent heartbeats."""

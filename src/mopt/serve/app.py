@@ -16,7 +16,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from mopt.engine.async_engine import RequestDelta, ServingEngine
+from mopt.engine.serving_engine import ServingEngine
+from mopt.engine.stream import RequestDelta
 from mopt.serve import protocol as api
 from mopt.serve.errors import ApiError, api_error, error_response, outcome_of
 from mopt.serve.metrics import ServerMetrics

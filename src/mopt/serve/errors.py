@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from mopt.engine.async_engine import EngineStepError, EngineStoppedError, QueueFullError
+from mopt.engine.serving_engine import EngineStepError, EngineStoppedError, QueueFullError
 from mopt.errors import RequestError
 from mopt.serve import protocol as api
 

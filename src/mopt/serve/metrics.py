@@ -10,7 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from mopt.engine.async_engine import RequestStream, ServingEngine
+from mopt.engine.serving_engine import ServingEngine
+from mopt.engine.stream import RequestStream
 
 # Outcomes of a generation request (one HTTP request, whatever its n):
 OUTCOMES = ("success", "abort", "error", "invalid", "queue_full", "unavailable", "unauthorized")

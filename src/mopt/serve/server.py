@@ -18,7 +18,7 @@ import threading
 
 import uvicorn
 
-from mopt.engine.async_engine import ServingEngine
+from mopt.engine.serving_engine import ServingEngine
 from mopt.serve.app import create_app
 
 SHUTDOWN_GRACE_SECONDS = 5.0

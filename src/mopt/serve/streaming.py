@@ -12,8 +12,8 @@ import anyio
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from mopt.engine.async_engine import EngineStepError, EngineStoppedError, RequestDelta, RequestStream, \
-    ServingEngine
+from mopt.engine.serving_engine import EngineStepError, EngineStoppedError, ServingEngine
+from mopt.engine.stream import RequestDelta, RequestStream
 from mopt.serve import protocol as api
 from mopt.serve.errors import api_error, outcome_of
 from mopt.serve.metrics import ServerMetrics

@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from mopt.engine.async_engine import Chat, RequestDelta
+from mopt.engine.serving_engine import Chat
+from mopt.engine.stream import RequestDelta
 from mopt.engine.request import is_int
 from mopt.engine.sequence import Logprob, SamplingParams, TokenLogprobs, choice_params
 from mopt.errors import RequestError
