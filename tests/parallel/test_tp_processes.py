@@ -74,6 +74,22 @@ def test_a_rank_0_stuck_in_a_step_after_a_worker_died_leaves_with_the_error():
     assert _gone(pids.values(), 10), "a worker outlived rank 0"
 
 
+def test_a_gpu_worker_stuck_in_a_step_leaves_when_rank_0_goes_away():
+    """A GPU worker's host can block in the driver behind a GPU that waits on rank 0, where its main thread never
+    notices rank 0 is gone; it leaves by itself all the same (simulated here: see ``tp_child.py worker-stuck``)."""
+    child = _start("worker-stuck")
+    try:
+        pids = _worker_pids(child)
+        time.sleep(2)  # rank 0 waits in the decode step's collective, the worker in its stuck step
+        os.kill(child.pid, signal.SIGKILL)
+        _, err = child.communicate(timeout=60)  # the worker shares rank 0's stderr: EOF once it is gone
+    finally:
+        child.kill()
+    assert _gone(pids.values(), 10), "the worker outlived rank 0"
+    assert "mopt tensor-parallel rank 1: rank 0's process exited, and this rank is stuck in a step on its GPU; " \
+           "exiting" in err, err[-3000:]
+
+
 def _url_once_listening(server: subprocess.Popen) -> str:
     """The URL ``mopt serve`` announces on stderr once it listens (fails with its output if it exits first)."""
     lines = []

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -22,7 +23,7 @@ import torch
 
 from mopt.engine.distributed import TensorParallelError
 from mopt.engine.sampler import greedy_tokens
-from mopt.engine.tp_launch import Timeouts, World, rendezvous, store_client
+from mopt.engine.tp_launch import HEARTBEAT_S, Timeouts, World, rendezvous, store_client
 from mopt.engine.tp_protocol import (LoadSpec, Op, RankCaptureSync, ShardState, broadcast_object, exchange_errors,
                                      load_shard, local_kv_blocks, min_over_ranks, receive_command, receive_tokens)
 from mopt.engine.tp_watch import Heartbeat, PeerWatch
@@ -30,14 +31,52 @@ from mopt.engine.tp_watch import Heartbeat, PeerWatch
 logger = logging.getLogger(__name__)
 
 
+# How long a GPU worker whose rank 0 is gone may stay before it leaves regardless: its main thread notices
+# within a second or two, unless it blocks in the driver behind a GPU that waits on rank 0 in a collective.
+ORPHAN_EXIT_S = 10.0
+
+
 class RankZeroGone(Exception):
     """Rank 0 went away: the worker leaves quietly."""
 
 
+def _rank0_check(world: World):
+    """A callable that raises :class:`RankZeroGone` once rank 0 is gone (its own store connection)."""
+    rank0 = PeerWatch(store_client(world), 0, world.timeouts.peer)
+
+    def check_rank0() -> None:
+        if world.parent_pid is not None and os.getppid() != world.parent_pid:
+            raise RankZeroGone("rank 0's process exited")
+        try:
+            silent = rank0.silent_for()
+        except Exception as e:
+            raise RankZeroGone(f"rank 0's store is gone ({str(e).splitlines()[0]})") from None
+        if silent > world.timeouts.peer:
+            raise RankZeroGone(f"rank 0 sent no heartbeat for {silent:.0f} s")
+
+    return check_rank0
+
+
+def _needs_orphan_exit(world: World) -> bool:
+    return world.device.type == "cuda"
+
+
+def _exit_when_orphaned(world: World, stopped: threading.Event) -> None:
+    """A GPU worker's watch thread: leave ``ORPHAN_EXIT_S`` after rank 0 went away if the process is still here."""
+    check = _rank0_check(world)
+    while not stopped.wait(HEARTBEAT_S):
+        try:
+            check()
+        except RankZeroGone as e:
+            if stopped.wait(ORPHAN_EXIT_S):
+                return
+            print(f"mopt tensor-parallel rank {world.rank}: {e}, and this rank is stuck in a step on its GPU; "
+                  "exiting", file=sys.stderr, flush=True)
+            os._exit(1)
+
+
 def _quiet() -> None:
     """Rank 0 shows the warnings and progress of loading; the same ones from every worker are noise."""
-    import threading
-
     from tqdm import tqdm
 
     warnings.filterwarnings("ignore")
@@ -89,20 +128,11 @@ def serve(world: World) -> int:
     """Run commands until rank 0 stops the world; returns the process's exit code."""
     heartbeat = Heartbeat(world)
     heartbeat.start()
-    rank0 = PeerWatch(store_client(world), 0, world.timeouts.peer)
-
-    def check_rank0() -> None:
-        if world.parent_pid is not None and os.getppid() != world.parent_pid:
-            raise RankZeroGone("rank 0's process exited")
-        try:
-            silent = rank0.silent_for()
-        except Exception as e:
-            raise RankZeroGone(f"rank 0's store is gone ({str(e).splitlines()[0]})") from None
-        if silent > world.timeouts.peer:
-            raise RankZeroGone(f"rank 0 sent no heartbeat for {silent:.0f} s")
-
+    if _needs_orphan_exit(world):
+        threading.Thread(target=_exit_when_orphaned, args=(world, heartbeat.stopped), daemon=True,
+                         name=f"mopt-tp-orphan-watch{world.rank}").start()
     try:
-        code = _serve_commands(world, check_rank0)
+        code = _serve_commands(world, _rank0_check(world))
     finally:
         heartbeat.stopped.set()
     if code != 0 and world.device.type == "cuda":
