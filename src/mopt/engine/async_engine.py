@@ -40,7 +40,7 @@ __all__ = ["AsyncEngine", "Chat", "EngineStats", "EngineStepError", "EngineStopp
 
 logger = logging.getLogger(__name__)
 
-IDLE_CHECK_S = 1.0  # how often an idle engine looks for a dead tensor-parallel rank
+WATCH_S = 1.0  # how often the watch thread looks for a failed model (a dead tensor-parallel rank)
 # How long after its model failed a step may go on before the watch thread declares it hung: a GPU that waits
 # on a dead rank blocks the engine thread inside the driver (loading a kernel, say), where it never looks up.
 HUNG_STEP_S = 3.0
@@ -170,17 +170,19 @@ class AsyncEngine:
         self._watch_stop.set()
 
     def _watch(self) -> None:
-        """The watch thread: stops the engine for good when its model failed and the engine thread has
-        not done so itself within ``HUNG_STEP_S`` (it does at its next step, or within IDLE_CHECK_S when
-        idle, unless the step in flight hangs)."""
+        """The watch thread: once the model failed, wakes the engine thread, which stops the engine for good
+        (idle, or at its next step); does so itself if the engine thread has not within ``HUNG_STEP_S``
+        (the step in flight hangs)."""
         failed_at = None
-        while not self._watch_stop.wait(IDLE_CHECK_S) and self.failure is None:
+        while not self._watch_stop.wait(WATCH_S) and self.failure is None:
             llm = self.llm
             fatal = llm.fatal_error if llm is not None else None
             if fatal is None:
                 continue
-            failed_at = failed_at or time.monotonic()
-            if time.monotonic() - failed_at >= HUNG_STEP_S:
+            if failed_at is None:
+                failed_at = time.monotonic()
+                self._wake.set()
+            elif time.monotonic() - failed_at >= HUNG_STEP_S:
                 logger.error("the engine thread is stuck in a step of a failed model")
                 self._stop_for_good(fatal, hung=True)
                 return
@@ -238,9 +240,9 @@ class AsyncEngine:
             if inbox.exit:
                 return
             if not self.llm.scheduler.has_unfinished():
-                self._wake.wait(IDLE_CHECK_S)
+                self._wake.wait()
                 self._wake.clear()
-                fatal = self.llm.fatal_error  # a rank that died while the engine was idle
+                fatal = self.llm.fatal_error  # a rank that died while the engine was idle (the watch wakes us)
                 if fatal is not None and self.failure is None:
                     self._stop_for_good(fatal)
 
