@@ -240,3 +240,18 @@ def test_a_row_parallel_layer_names_the_norm_to_its_kernel(reduce, returns_kerne
     layer(torch.ones(1, 64), reduce=reduce)
     assert seen == [norm if named else None]
     assert layer.partials_to is None  # only for the call
+
+
+@pytest.mark.parametrize("op,reason,want", [
+    (None, None, "NCCL all-reduces"),
+    (None, "the ranks run on 2 hosts", "NCCL all-reduces (the ranks run on 2 hosts)"),
+    (types.SimpleNamespace(max_bytes=1 << 20, norm=None), "no fused all-reduce + RMSNorm: x",
+     "one-shot all-reduces over peer memory up to 1024 KiB, NCCL above (no fused all-reduce + RMSNorm: x)"),
+    (types.SimpleNamespace(max_bytes=1 << 20, norm=types.SimpleNamespace(producer_push=True)), None,
+     "all-reduce fused with RMSNorm over peer memory up to 1024 KiB, sent from the GEMVs, NCCL above"),
+    (types.SimpleNamespace(max_bytes=1 << 20, norm=types.SimpleNamespace(producer_push=False)), None,
+     "all-reduce fused with RMSNorm over peer memory up to 1024 KiB, NCCL above"),
+])
+def test_the_benchmark_title_names_the_path_the_sums_take(monkeypatch, op, reason, want):
+    monkeypatch.setattr(one_shot, "unavailable_reason", reason)
+    assert one_shot.describe(types.SimpleNamespace(one_shot=op)) == want

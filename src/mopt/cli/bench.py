@@ -32,6 +32,7 @@ def cmd_bench_generate(args) -> int:
 
     from mopt.bench import generate as bench
     from mopt.console import quiet_libraries, status
+    from mopt.engine import tp_runtime
 
     if args.dummy:
         from mopt.engine.dummy import load_config
@@ -86,9 +87,11 @@ def cmd_bench_generate(args) -> int:
         with status("benchmarking transformers generate"), quiet_libraries(args.verbose):
             rows.extend(bench.bench_hf_generate(config, batches, args.prompt_len, args.tokens, device))
     where = torch_device_name(device)
+    collectives = tp_runtime.describe_collectives()
     title = (f"mopt bench generate on {where}, torch {torch.__version__}, {torch_threads()} CPU threads, "
              f"python {platform.python_version()}"
-             + (f", copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""))
+             + (f", copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else "")
+             + (f"; tensor parallel: {collectives}" if collectives else ""))
     print(bench.format_rows(rows, title))
     for p in prefills:
         if "gemm_share" not in p:
@@ -101,7 +104,8 @@ def cmd_bench_generate(args) -> int:
         Path(args.profile).write_text("".join(f"=== {name}\n{table}\n" for name, table in profiles.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=where, torch=torch.__version__, copy_bandwidth=bandwidth,
-                                                   rows=bench.rows_to_dicts(rows), prefill=prefills), indent=2))
+                                                   tensor_parallel=collectives, rows=bench.rows_to_dicts(rows),
+                                                   prefill=prefills), indent=2))
     return 0
 
 

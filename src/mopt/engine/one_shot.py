@@ -179,6 +179,8 @@ def set_up(world, agree) -> OneShotAllReduce | None:
     Collective: every rank calls it after the groups exist. ``agree(ok) -> bool`` is True when every
     rank passes ``ok`` True (a MIN over the control group), so that either all ranks use the path or
     none does, and no rank enters the buffer's rendezvous alone."""
+    global unavailable_reason
+    unavailable_reason = None
     max_bytes = max_bytes_from_env()
     if world.device.type != "cuda" or world.size < 2 or max_bytes == 0:
         return None
@@ -291,6 +293,18 @@ def _describe(error: Exception) -> str:
 
 
 unavailable_reason: str | None = None  # why the last set-up fell back to NCCL (for benchmarks and logs)
+
+
+def describe(group) -> str:
+    """How ``group`` (a ``distributed.ProcessGroup``) sums a decode step's partial sums, for benchmark titles."""
+    op = getattr(group, "one_shot", None)
+    if op is None:
+        return f"NCCL all-reduces ({unavailable_reason})" if unavailable_reason else "NCCL all-reduces"
+    if op.norm is None:
+        return (f"one-shot all-reduces over peer memory up to {op.max_bytes >> 10} KiB, NCCL above"
+                + (f" ({unavailable_reason})" if unavailable_reason else ""))
+    return (f"all-reduce fused with RMSNorm over peer memory up to {op.max_bytes >> 10} KiB"
+            + (", sent from the GEMVs" if op.norm.producer_push else "") + ", NCCL above")
 
 
 def _unavailable(name: str | None, reason: str) -> None:

@@ -224,6 +224,16 @@ def runtime(size: int, device_type: str) -> TensorParallelRuntime:
         return _RUNTIME
 
 
+def describe_collectives() -> str | None:
+    """How this process's tensor-parallel world sums partial sums (``one_shot.describe``), or None without one."""
+    if _RUNTIME is None:
+        return None
+    world = _RUNTIME.world
+    if world.device.type != "cuda":
+        return f"{world.size} ranks, gloo collectives"
+    return f"{world.size} ranks, " + one_shot.describe(world.group)
+
+
 def shutdown() -> None:
     """Stop this process's tensor-parallel world, if it has one (also runs at exit)."""
     if _RUNTIME is not None:
