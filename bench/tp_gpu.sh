@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Tensor parallelism on a host with 2 GPUs (NCCL). Stages, in this order, each skipped when less time
-# is left than it needs (BUDGET_S, default 570 s, bounds the whole run; STAGES picks a subset):
+# Tensor parallelism on a host with 2 or more GPUs (NCCL). TPS (default 2) lists the tensor-parallel sizes
+# measured against TP=1, e.g. TPS=2,4 on 4 GPUs; the tests run at the largest. Stages, in this order, each
+# skipped when less time is left than it needs (BUDGET_S, default 570 s, bounds the whole run; STAGES picks a subset):
 #   tests  the GPU tensor-parallel tests (tests/parallel/test_tp_gpu.py, measured errors kept by -rP)
 #   allreduce  NCCL against the one-shot all-reduce, eager and in CUDA graphs (bench/tp_allreduce.py)
-#   8b     mopt bench generate --dummy llama3-8b, BF16, FP8+FP8 KV and NVFP4, batch 1 and 64, -tp 1 then -tp 2
-#   moe    the same for qwen3-30b-a3b in FP8: -tp 1, then -tp 2 --enable-expert-parallel
-#   70b    llama3-70b in FP8 (70 GB of weights, more than one H100 holds) at -tp 2, batch 1 and 64
-#   prefill  prefill latency (time to first token) of the dense model in FP8 + FP8 KV at -tp 1 and -tp 2
+#   8b     mopt bench generate --dummy llama3-8b, BF16, FP8+FP8 KV and NVFP4, batch 1 and 64, -tp 1 then each of TPS
+#   moe    the same for qwen3-30b-a3b in FP8: -tp 1, then each of TPS with --enable-expert-parallel
+#   70b    llama3-70b in FP8 (70 GB of weights, more than one H100 holds) at each of TPS, batch 1 and 64
+#   prefill  prefill latency (time to first token) of the dense model in FP8 + FP8 KV at -tp 1 and each of TPS
 #          (bench/prefill_latency.py, median of 5; not in the default STAGES)
 # Writes under $OUT (default ./out): summary.txt (GPUs, versions, stage results, the speed-up table),
-# speedups.json, tests.txt, allreduce.json, tp1.json, tp2.json, moe-tp1.json, moe-tp2.json, 70b-tp2.json,
+# speedups-tpN.json, tests.txt, allreduce.json, tp1.json, tp2.json (tpN.json for each N of TPS), moe-tp1.json,
+# moe-tp2.json, 70b-tp2.json,
 # prefill.txt (the device tool brings back 8 files, so leave stages out there).
 # Usage: OUT=out bash bench/tp_gpu.sh            (mopt from this tree: PYTHONPATH=src)
 # DENSE, MOE, BIG (presets or config.json paths) and BENCH_ARGS override what is measured.
@@ -21,6 +23,8 @@ export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 BUDGET_S=${BUDGET_S:-570}
 STAGES=${STAGES:-tests,allreduce,8b,moe,70b}
+IFS=, read -r -a TPS <<< "${TPS:-2}"
+TP_MAX=$(printf '%s\n' "${TPS[@]}" | sort -n | tail -1)
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 LOG=$(mktemp); trap 'rm -f "$LOG"' EXIT
@@ -50,7 +54,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 git log -1 --format='mopt %h %s' 2>/dev/null | tee -a "$SUMMARY"
 
 if wants tests; then
-  stage tests 60 300 python3 -m pytest -q -rP -m gpu -p no:cacheprovider -o faulthandler_timeout=240 tests/parallel/test_tp_gpu.py
+  export MOPT_TEST_TP=$TP_MAX
+  stage "tests at TP=$TP_MAX" 60 300 python3 -m pytest -q -rP -m gpu -p no:cacheprovider -o faulthandler_timeout=240 tests/parallel/test_tp_gpu.py
   grep -v "it/s\]" "$LOG" | tail -120 > "$OUT/tests.txt"
 fi
 
@@ -62,27 +67,38 @@ DENSE=${DENSE:-llama3-8b} MOE=${MOE:-qwen3-30b-a3b} BIG=${BIG:-llama3-70b}
 read -r -a BENCH_ARGS <<< "${BENCH_ARGS:---batch 1,64 --prompt-len 128 --tokens 128}"
 BENCH=(python3 -m mopt.cli bench generate "${BENCH_ARGS[@]}")
 if wants 8b; then
-  stage "$DENSE -tp 1" 150 130 "${BENCH[@]}" --dummy "$DENSE" --format bf16,fp8-kv,nvfp4 -tp 1 --json "$OUT/tp1.json" &&
-  stage "$DENSE -tp 2" 110 150 "${BENCH[@]}" --dummy "$DENSE" --format bf16,fp8-kv,nvfp4 -tp 2 --json "$OUT/tp2.json"
+  if stage "$DENSE -tp 1" 150 130 "${BENCH[@]}" --dummy "$DENSE" --format bf16,fp8-kv,nvfp4 -tp 1 --json "$OUT/tp1.json"; then
+    for tp in "${TPS[@]}"; do
+      stage "$DENSE -tp $tp" 110 150 "${BENCH[@]}" --dummy "$DENSE" --format bf16,fp8-kv,nvfp4 -tp "$tp" \
+        --json "$OUT/tp$tp.json"
+    done
+  fi
 fi
 if wants moe; then
-  stage "$MOE -tp 1" 150 110 "${BENCH[@]}" --dummy "$MOE" --format fp8 -tp 1 --json "$OUT/moe-tp1.json" &&
-  stage "$MOE -tp 2 expert parallel" 90 130 "${BENCH[@]}" --dummy "$MOE" --format fp8 -tp 2 --enable-expert-parallel \
-    --json "$OUT/moe-tp2.json"
+  if stage "$MOE -tp 1" 150 110 "${BENCH[@]}" --dummy "$MOE" --format fp8 -tp 1 --json "$OUT/moe-tp1.json"; then
+    for tp in "${TPS[@]}"; do
+      stage "$MOE -tp $tp expert parallel" 90 130 "${BENCH[@]}" --dummy "$MOE" --format fp8 -tp "$tp" \
+        --enable-expert-parallel --json "$OUT/moe-tp$tp.json"
+    done
+  fi
 fi
 if wants 70b; then
-  stage "$BIG fp8 -tp 2" 100 160 "${BENCH[@]}" --dummy "$BIG" --format fp8 -tp 2 --json "$OUT/70b-tp2.json"
+  for tp in "${TPS[@]}"; do
+    stage "$BIG fp8 -tp $tp" 100 160 "${BENCH[@]}" --dummy "$BIG" --format fp8 -tp "$tp" --json "$OUT/70b-tp$tp.json"
+  done
 fi
 
 if wants prefill; then
-  for tp in 1 2; do
+  for tp in 1 "${TPS[@]}"; do
     stage "$DENSE prefill -tp $tp" 60 100 python3 bench/prefill_latency.py --preset "$DENSE" --format fp8-kv \
       --cases 1x128,1x512,1x2048,8x128,16x128 --repeats 5 --profile-tokens 0 -tp $tp
     grep -E "ready|prefill " "$LOG" >> "$OUT/prefill.txt"
   done
 fi
 
-note "== speed-ups (TP=2 over TP=1, same host and run)"
-python3 bench/tp_speedup.py "$OUT/speedups.json" "$DENSE=$OUT/tp1.json:$OUT/tp2.json" \
-  "$MOE=$OUT/moe-tp1.json:$OUT/moe-tp2.json" 2>&1 | tee -a "$SUMMARY"
+for tp in "${TPS[@]}"; do
+  note "== speed-ups (TP=$tp over TP=1, same host and run)"
+  python3 bench/tp_speedup.py --tp "$tp" "$OUT/speedups-tp$tp.json" "$DENSE=$OUT/tp1.json:$OUT/tp$tp.json" \
+    "$MOE=$OUT/moe-tp1.json:$OUT/moe-tp$tp.json" 2>&1 | tee -a "$SUMMARY"
+done
 note "total $(( $(date +%s) - START )) s"

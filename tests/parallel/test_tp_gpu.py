@@ -1,4 +1,5 @@
-"""Tensor parallelism on 2 GPUs (NCCL; run with ``pytest -m gpu tests/parallel``, skipped with fewer).
+"""Tensor parallelism on 2 GPUs (NCCL; run with ``pytest -m gpu tests/parallel``, skipped with fewer), or on
+``MOPT_TEST_TP`` GPUs (``MOPT_TEST_TP=4``: every test below at TP=4; "TP=2" reads TP=N).
 
 * float32, unquantized (dense, and MoE with expert parallelism): TP=2 logits equal TP=1 to float32
   rounding (relative L2 <= 1e-4; measured on CPUs: <= 4e-7) and greedy tokens are identical;
@@ -37,6 +38,7 @@ from tp_helpers import pid_alive, subprocess_env, tp_world_per_module  # noqa: F
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("tp_world_per_module")]
 
+TP = int(os.environ.get("MOPT_TEST_TP", "2"))
 PROMPTS = [[(7 * i + 3 * j) % 300 for j in range(5 + 3 * i)] for i in range(6)]
 PARAMS = SamplingParams(max_tokens=16, ignore_eos=True)
 ENGINE = dict(device="cuda", max_model_len=256, max_num_seqs=8, kv_cache_memory=64 << 20, load_format="dummy")
@@ -45,9 +47,9 @@ BF16_TOLERANCE = {"bf16": (0.03, 0.1), "fp8-kv": (0.1, 0.3), "fp8": (0.1, 0.3), 
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _two_gpus():
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
+def _enough_gpus():
+    if not torch.cuda.is_available() or torch.cuda.device_count() < TP:
+        pytest.skip(f"needs {TP} GPUs (MOPT_TEST_TP)")
 
 
 def _dense():
@@ -83,7 +85,7 @@ def test_float32_tp2_equals_tp1(config, expert_parallel):
     test_tp_logits.py), which greedy tokens need not survive."""
     kw = dict(ENGINE, quantization="bf16", dtype=torch.float32)
     one = LLM(config(), **kw)
-    two = LLM(config(), **kw, tensor_parallel_size=2, enable_expert_parallel=expert_parallel)
+    two = LLM(config(), **kw, tensor_parallel_size=TP, enable_expert_parallel=expert_parallel)
     error = _prefill_error(one, two)
     print(f"float32 {config.__name__} ep={expert_parallel}: prefill logits relative L2 error {error:.2e}")
     assert error <= 1e-4
@@ -107,7 +109,7 @@ def _first_divergence(one: LLM, a: list[int], b: list[int], prompt: list[int]) -
 def test_bf16_tp2_with_graphs_agrees_with_tp1(config, fmt, expert_parallel):
     rel_tolerance, margin = BF16_TOLERANCE[fmt]
     one = LLM(config(), **ENGINE, quantization=fmt)
-    two = LLM(config(), **ENGINE, quantization=fmt, tensor_parallel_size=2, enable_expert_parallel=expert_parallel)
+    two = LLM(config(), **ENGINE, quantization=fmt, tensor_parallel_size=TP, enable_expert_parallel=expert_parallel)
     assert two.runner.graphs.graphs, "decode CUDA graphs were not captured"
     error = _prefill_error(one, two)
     want, got = _tokens(one), _tokens(two)
@@ -116,7 +118,7 @@ def test_bf16_tp2_with_graphs_agrees_with_tp1(config, fmt, expert_parallel):
           f"logit gap) per prompt: {gaps}")
     assert error <= rel_tolerance
     assert all(g is None or g[1] <= margin for g in gaps), gaps
-    eager = LLM(config(), **ENGINE, quantization=fmt, tensor_parallel_size=2, enable_expert_parallel=expert_parallel,
+    eager = LLM(config(), **ENGINE, quantization=fmt, tensor_parallel_size=TP, enable_expert_parallel=expert_parallel,
                 enforce_eager=True)
     assert _tokens(eager) == got
 
@@ -124,23 +126,33 @@ def test_bf16_tp2_with_graphs_agrees_with_tp1(config, fmt, expert_parallel):
 def test_tp2_prefills_wider_and_longer_than_a_graph_equal_eager():
     """Prefills cut into runs of graph replays (more than ``MAX_SEQS`` prompts; more than 2048 tokens of
     prompts that each fit a graph) at TP=2, with the start-up eager run of ``MAX_SEQS + 1`` prompts behind
-    them: the same greedy tokens as an eager TP=2 engine (two ranks sum in one addition, so bit for bit)."""
+    them: the same greedy tokens as an eager TP=2 engine (two ranks sum in one addition, so bit for bit).
+    Over more ranks NCCL's order of addition depends on the sum's size (its chunks), and a graph's padded
+    bucket is larger than the eager run's tokens, so the KV cache may differ in last bits (seen at TP=4 on
+    4 H200s): there the tokens must agree up to a near tie of the eager engine's own logits, while a
+    replay of the wrong rows would move the logits by their own size."""
     from mopt.engine.prefill_graphs import MAX_SEQS, TOKEN_BUCKETS
 
     kw = dict(ENGINE, quantization="fp8-kv", max_model_len=320, max_num_seqs=MAX_SEQS + 8,
-              max_num_batched_tokens=4096, tensor_parallel_size=2)
+              max_num_batched_tokens=4096, tensor_parallel_size=TP)
     graphs, eager = LLM(_dense(), **kw), LLM(_dense(), **kw, enforce_eager=True)
     assert sorted(graphs.runner.prefill_graphs.graphs) == list(TOKEN_BUCKETS)
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     for prompts in ([[(5 * i + j) % 300 for j in range(3 + i)] for i in range(MAX_SEQS + 3)],
                     [[(3 * i + j) % 300 + 1 for j in range(300)] for i in range(8)]):  # 2400 tokens
-        assert [o.token_ids for o in graphs.generate(prompts, params)] == \
-            [o.token_ids for o in eager.generate(prompts, params)]
+        got = [o.token_ids for o in graphs.generate(prompts, params)]
+        want = [o.token_ids for o in eager.generate(prompts, params)]
+        if TP == 2:
+            assert got == want
+            continue
+        gaps = [_first_divergence(eager, a, b, p) for p, a, b in zip(prompts, want, got)]
+        print(f"{len(prompts)} prompts at TP={TP}: first divergence (step, eager logit gap): {gaps}")
+        assert all(g is None or g[1] <= BF16_TOLERANCE["fp8-kv"][1] for g in gaps), gaps
 
 
 def test_a_killed_worker_ends_the_run_with_an_error_naming_it():
     env = {**subprocess_env(), "PYTHONFAULTHANDLER": "1"}  # a hang is shown with every thread's stack
-    child = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "tp_child.py"), "generate", "2",
+    child = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "tp_child.py"), "generate", str(TP),
                               "cuda"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = child.stdout.readline()
@@ -176,7 +188,8 @@ def _capture_fault_child(fault: str) -> tuple[subprocess.CompletedProcess, list[
     from mopt.engine.prefill_graphs import FAULT_ENV
 
     marker = f"MOPT_TEST_MARK={os.getpid()}-{time.monotonic_ns()}"
-    env = {**subprocess_env(), "PYTHONFAULTHANDLER": "1", FAULT_ENV: fault, "MOPT_TEST_MARK": marker.split("=")[1]}
+    env = {**subprocess_env(), "PYTHONFAULTHANDLER": "1", FAULT_ENV: fault, "MOPT_TEST_MARK": marker.split("=")[1],
+           "MOPT_TEST_TP": str(TP)}
     child = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "tp_child.py"), "capture-fault"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -9,7 +9,7 @@
 * ``stuck SECONDS``: a 2-rank engine (pids printed) whose world counts as a GPU's (wedged once a rank failed) and
   whose decode step, after a first generation, kills the worker and then never returns, as rank 0's host does
   when it blocks in the driver behind a GPU that waits on the dead rank; ``STUCK_STEP_EXIT_S`` = SECONDS;
-* ``capture-fault``: a 2-rank FP8 engine on 2 GPUs (``MOPT_TEST_FAIL_PREFILL_GRAPH`` fails some prefill
+* ``capture-fault``: a ``MOPT_TEST_TP``-rank (default 2) FP8 engine on as many GPUs (``MOPT_TEST_FAIL_PREFILL_GRAPH`` fails some prefill
   graph captures on purpose), then the same eagerly; prints rank 0's captured and failed buckets and
   both engines' greedy tokens for prompts that take a captured and a failed bucket, as JSON (or exits
   like ``mopt`` when the engine fails to start);
@@ -134,9 +134,10 @@ def main(mode: str, *args: str) -> int:
 
         prompts = [list(range(1, 21)), list(range(3, 103)), [7] * 50]  # the 32-, 128- and 64-token buckets
         params = SamplingParams(max_tokens=8, ignore_eos=True)
-        kw = dict(device="cuda", load_format="dummy", quantization="fp8", kv_cache_memory=16 << 20, tensor_parallel_size=2)
+        tp = int(os.environ.get("MOPT_TEST_TP", "2"))
+        kw = dict(device="cuda", load_format="dummy", quantization="fp8", kv_cache_memory=16 << 20, tensor_parallel_size=tp)
         try:
-            llm = LLM(tiny_config(2), **kw)
+            llm = LLM(tiny_config(tp), **kw)
         except (MoptError, RuntimeError) as e:
             print(f"mopt: error: {e}", file=sys.stderr, flush=True)
             return 1
@@ -144,7 +145,7 @@ def main(mode: str, *args: str) -> int:
         result = {"graphs": sorted(graphs.graphs), "failed": graphs.failed,
                   "tokens": [o.token_ids for o in llm.generate(prompts, params)]}
         del llm, graphs
-        eager = LLM(tiny_config(2), **kw, enforce_eager=True)
+        eager = LLM(tiny_config(tp), **kw, enforce_eager=True)
         result["eager_tokens"] = [o.token_ids for o in eager.generate(prompts, params)]
         print(json.dumps(result), flush=True)
         return 0
