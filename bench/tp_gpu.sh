@@ -3,7 +3,7 @@
 # measured against TP=1, e.g. TPS=2,4 on 4 GPUs; the tests run at the largest. Stages, in this order, each
 # skipped when less time is left than it needs (BUDGET_S, default 570 s, bounds the whole run; STAGES picks a subset):
 #   tests  the GPU tensor-parallel tests (tests/parallel/test_tp_gpu.py, measured errors kept by -rP)
-#   allreduce  NCCL against the one-shot all-reduce, eager and in CUDA graphs (bench/tp_allreduce.py)
+#   allreduce  NCCL against the one-shot all-reduce, eager and in CUDA graphs (bench/tp_allreduce.py, over the largest of TPS)
 #   8b     mopt bench generate --dummy llama3-8b, BF16, FP8+FP8 KV and NVFP4, batch 1 and 64, -tp 1 then each of TPS
 #   moe    the same for qwen3-30b-a3b in FP8: -tp 1, then each of TPS with --enable-expert-parallel
 #   70b    llama3-70b in FP8 (70 GB of weights, more than one H100 holds) at each of TPS, batch 1 and 64
@@ -60,7 +60,7 @@ if wants tests; then
 fi
 
 if wants allreduce; then
-  stage allreduce 60 90 python3 bench/tp_allreduce.py --json "$OUT/allreduce.json"
+  stage allreduce 60 90 python3 bench/tp_allreduce.py --ranks "$TP_MAX" --json "$OUT/allreduce.json"
 fi
 
 DENSE=${DENSE:-llama3-8b} MOE=${MOE:-qwen3-30b-a3b} BIG=${BIG:-llama3-70b}

@@ -1,8 +1,12 @@
 """Rank 0's commands to the workers, and what both sides run for them.
 
-A command is a broadcast on the control group (gloo, host memory) of one small header, ``int64
-[8]`` = ``(op, model id, payload length or -1, up to five ints)``, then, when there is one, the int32
-payload (a step's packed input array, or a forward's token ids). Loading sends a :class:`LoadSpec`
+A command is one broadcast on the control group (gloo, host memory) of a frame of ``FRAME_INTS`` int32s: a
+header, ``int64 [8]`` = ``(op, model id, payload length or -1, up to five ints)``, then the int32 payload (a
+step's packed input array, or a forward's token ids) as far as it fits; a longer payload's rest follows in a
+second broadcast. One message rather than a header and then a payload: each gloo broadcast costs the sender a
+hand-off to gloo's thread and back, and the receiver a turn of its loop (a third of rank 0's time in a small
+model's decode step went to two of them, on 4x H200). A step's command is not waited for before rank 0 runs
+its own part of the step (:class:`SentCommand`), only after. Loading sends a :class:`LoadSpec`
 pickled (``broadcast_object``: its length, then its bytes). Every rank then does the same work on its own shard, and the model's
 own collectives (on the model's group) keep them in step.
 
@@ -22,7 +26,9 @@ import torch
 from mopt.engine.distributed import ParallelState, parallel_state
 from mopt.engine.tp_launch import World, wait_polled
 
-HEADER_INTS = 8
+HEADER_INTS = 8  # int64s
+_HEADER_WORDS = 2 * HEADER_INTS  # the header's int32 words at the start of a frame
+FRAME_INTS = 4096  # int32s of one command's frame (16 KiB): a decode step of 64 sequences of 3000 tokens fits
 
 
 class Op(enum.IntEnum):
@@ -115,31 +121,57 @@ class RankCaptureSync:
         return min_over_ranks(self.world, int(ok), self.check, "agreeing on a captured CUDA graph") == 1
 
 
+class SentCommand:
+    """A command's broadcasts in flight; :meth:`wait` until the workers have them (``check`` raises while
+    waiting if a worker is gone). The frames stay referenced until then."""
+
+    def __init__(self, world: World, what: str, check, works: list, tensors: list) -> None:
+        self.world, self.what, self.check, self.works, self.tensors = world, what, check, works, tensors
+
+    def wait(self) -> None:
+        while self.works:
+            wait_polled(self.works[0], self.check, self.what, self.world.timeouts.collective)
+            self.works.pop(0)
+        self.tensors = []
+
+
 def send_command(world: World, op: Op, model_id: int = 0, ints: tuple = (), payload: np.ndarray | None = None,
-                 check=lambda: None) -> None:
-    """Rank 0: broadcast a command (``check`` raises while waiting if a worker is gone)."""
-    header = torch.zeros(HEADER_INTS, dtype=torch.int64)
-    header[0], header[1] = int(op), model_id
-    header[2] = -1 if payload is None else payload.size
-    header[3:3 + len(ints)] = torch.tensor([int(v) for v in ints], dtype=torch.int64)
-    what = f"tensor-parallel command {op.name}"
-    wait_polled(world.ctrl.broadcast(header, async_op=True), check, what, world.timeouts.collective)
-    if payload is not None and payload.size:
-        data = torch.from_numpy(np.ascontiguousarray(payload, dtype=np.int32))
-        wait_polled(world.ctrl.broadcast(data, async_op=True), check, what, world.timeouts.collective)
+                 check=lambda: None, wait: bool = True) -> SentCommand:
+    """Rank 0: broadcast a command; with ``wait``, return once the workers have it."""
+    if len(ints) > HEADER_INTS - 3:
+        raise ValueError(f"a command carries at most {HEADER_INTS - 3} ints, not {len(ints)}")
+    frame = torch.zeros(FRAME_INTS, dtype=torch.int32)
+    header = frame[:_HEADER_WORDS].view(torch.int64)
+    length = -1 if payload is None else int(payload.size)
+    header[:3 + len(ints)] = torch.tensor([int(op), model_id, length, *(int(v) for v in ints)], dtype=torch.int64)
+    tensors, rest = [frame], None
+    if length > 0:
+        data = np.ascontiguousarray(payload, dtype=np.int32).reshape(-1)
+        head = min(length, FRAME_INTS - _HEADER_WORDS)
+        frame.numpy()[_HEADER_WORDS:_HEADER_WORDS + head] = data[:head]
+        if head < length:
+            rest = torch.from_numpy(data[head:].copy())  # a copy: the caller may reuse its array before the send ends
+            tensors.append(rest)
+    works = [world.ctrl.broadcast(t, async_op=True) for t in tensors]
+    sent = SentCommand(world, f"tensor-parallel command {op.name}", check, works, tensors)
+    if wait:
+        sent.wait()
+    return sent
 
 
 def receive_command(world: World, check) -> tuple[Op, int, list[int], np.ndarray | None]:
     """Worker: wait for rank 0's next command (``check`` raises if rank 0 is gone)."""
-    header = torch.zeros(HEADER_INTS, dtype=torch.int64)
-    wait_polled(world.ctrl.broadcast(header, async_op=True), check, "waiting for rank 0")
-    op, model_id, length, *ints = header.tolist()
+    frame = torch.zeros(FRAME_INTS, dtype=torch.int32)
+    wait_polled(world.ctrl.broadcast(frame, async_op=True), check, "waiting for rank 0")
+    op, model_id, length, *ints = frame[:_HEADER_WORDS].view(torch.int64).tolist()
     payload = None
     if length >= 0:
-        payload = np.zeros(length, np.int32)
-        if length:
-            data = torch.from_numpy(payload)
-            wait_polled(world.ctrl.broadcast(data, async_op=True), check, "waiting for rank 0")
+        head = min(length, FRAME_INTS - _HEADER_WORDS)
+        payload = frame.numpy()[_HEADER_WORDS:_HEADER_WORDS + head]
+        if head < length:
+            payload = np.concatenate([payload, np.zeros(length - head, np.int32)])
+            rest = torch.from_numpy(payload[head:])
+            wait_polled(world.ctrl.broadcast(rest, async_op=True), check, "waiting for rank 0")
     return Op(op), model_id, ints, payload
 
 

@@ -30,8 +30,8 @@ import torch
 from mopt.engine import one_shot
 from mopt.engine.distributed import TensorParallelError
 from mopt.engine.tp_launch import World, destroy_groups, spawn_world, stop_processes, torchrun_env, torchrun_world
-from mopt.engine.tp_protocol import (LoadSpec, Op, RankCaptureSync, broadcast_object, exchange_errors, load_shard,
-                                     min_over_ranks, send_command)
+from mopt.engine.tp_protocol import (LoadSpec, Op, RankCaptureSync, SentCommand, broadcast_object, exchange_errors,
+                                     load_shard, min_over_ranks, send_command)
 from mopt.engine.tp_watch import Monitor
 from mopt.errors import EngineArgumentError
 
@@ -113,10 +113,12 @@ class TensorParallelRuntime:
                     raise failure from e
                 raise
 
-    def send(self, op: Op, model_id: int = 0, ints: tuple = (), payload: np.ndarray | None = None) -> None:
+    def send(self, op: Op, model_id: int = 0, ints: tuple = (), payload: np.ndarray | None = None,
+             wait: bool = True) -> SentCommand:
+        """Broadcast a command; without ``wait``, the caller waits on what this returns (``SentCommand.wait``)."""
         with self.lock:
             self._flush_frees()
-            send_command(self.world, op, model_id, ints, payload, self.check)
+            return send_command(self.world, op, model_id, ints, payload, self.check, wait=wait)
 
     def _flush_frees(self) -> None:
         while self.pending_free:
@@ -315,8 +317,11 @@ class TensorParallelModel(torch.nn.Module):
     def step_scope(self, kind: str, ints: tuple, array: np.ndarray) -> Iterator[None]:
         """The runner's ``step_scope``: announce a prefill or decode step, then run rank 0's part of it."""
         with self.runtime.guard():
-            self.runtime.send(Op.PREFILL if kind == "prefill" else Op.DECODE, self.model_id, ints, array)
+            # Rank 0 runs its part while the workers take the command; their receipt is checked after.
+            sent = self.runtime.send(Op.PREFILL if kind == "prefill" else Op.DECODE, self.model_id, ints, array,
+                                     wait=False)
             yield
+            sent.wait()
 
 
 def _finalize(model: TensorParallelModel, runtime: TensorParallelRuntime, model_id: int):
