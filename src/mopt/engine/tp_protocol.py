@@ -28,7 +28,9 @@ from mopt.engine.tp_launch import World, wait_polled
 
 HEADER_INTS = 8  # int64s
 _HEADER_WORDS = 2 * HEADER_INTS  # the header's int32 words at the start of a frame
-FRAME_INTS = 4096  # int32s of one command's frame (16 KiB): a decode step of 64 sequences of 3000 tokens fits
+# int32s of one command's frame (16 KiB): a decode step of 64 sequences of up to 57 KV blocks (912 tokens of
+# 16-token blocks) fits; longer steps send the rest of their block tables in a second message
+FRAME_INTS = 4096
 
 
 class Op(enum.IntEnum):
@@ -144,14 +146,13 @@ def send_command(world: World, op: Op, model_id: int = 0, ints: tuple = (), payl
     header = frame[:_HEADER_WORDS].view(torch.int64)
     length = -1 if payload is None else int(payload.size)
     header[:3 + len(ints)] = torch.tensor([int(op), model_id, length, *(int(v) for v in ints)], dtype=torch.int64)
-    tensors, rest = [frame], None
+    tensors = [frame]
     if length > 0:
         data = np.ascontiguousarray(payload, dtype=np.int32).reshape(-1)
         head = min(length, FRAME_INTS - _HEADER_WORDS)
         frame.numpy()[_HEADER_WORDS:_HEADER_WORDS + head] = data[:head]
         if head < length:
-            rest = torch.from_numpy(data[head:].copy())  # a copy: the caller may reuse its array before the send ends
-            tensors.append(rest)
+            tensors.append(torch.from_numpy(data[head:].copy()))  # the caller may reuse its array before the send ends
     works = [world.ctrl.broadcast(t, async_op=True) for t in tensors]
     sent = SentCommand(world, f"tensor-parallel command {op.name}", check, works, tensors)
     if wait:
