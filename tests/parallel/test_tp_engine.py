@@ -183,3 +183,19 @@ def test_inspect_shows_rank_bytes_and_unsplittable_layers(export_factory, capsys
     out = capsys.readouterr().out
     assert ("model.layers.*.self_attn.qkv_proj: number of attention heads (4) is not divisible by the "
             "tensor-parallel size 3 (2 layers)") in out
+
+
+def test_bench_generate_names_the_world_it_measured(tmp_path, capsys):
+    """A TP benchmark's title and JSON say how many ranks ran and how they summed (here gloo on CPUs; on GPUs
+    the peer-memory path or NCCL and why, see test_one_shot.py)."""
+    import json
+
+    from mopt.cli import main
+
+    config = tmp_path / "config.json"
+    config.write_text(_dummy_config().to_json_string())
+    out = tmp_path / "bench.json"
+    assert main(["bench", "generate", "--dummy", str(config), "--format", "bf16", "--device", "cpu", "-tp", "2",
+                 "--batch", "1", "--prompt-len", "4", "--tokens", "3", "--json", str(out)]) == 0
+    assert "; tensor parallel: 2 ranks, gloo collectives" in capsys.readouterr().out
+    assert json.loads(out.read_text())["tensor_parallel"] == "2 ranks, gloo collectives"
