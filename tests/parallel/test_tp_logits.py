@@ -1,5 +1,5 @@
-"""Tensor parallelism (2 gloo processes) against one process, on real tiny ModelOpt exports and
-unquantized (float32) checkpoints.
+"""Tensor parallelism (2 gloo processes; ``MOPT_TEST_TP=4``: 4) against one process, on real tiny ModelOpt
+exports and unquantized (float32) checkpoints.
 
 Every format and family the engine runs, sharded as it would be on GPUs: attention heads and MLPs
 column/row-parallel, vocabulary-parallel embedding and lm_head, MoE experts split along their
@@ -21,6 +21,8 @@ missing all-reduce) moves every token's logits by the order of their own size.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -29,6 +31,7 @@ from tp_helpers import moe_export, tp_world_per_module  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("tp_world_per_module")]
 
+TP = int(os.environ.get("MOPT_TEST_TP", "2"))
 ROUNDING = 2e-6
 CODE_FLIPS = 5e-2
 DENSE = [(fmt, arch) for arch in ("llama", "qwen3") for fmt in ("fp8", "fp8-kv", "fp8-pcpt", "fp8-pb-wo", "nvfp4")]
@@ -44,11 +47,21 @@ MOE += [("fp8-pcpt", "qwen3_moe", False), ("int8-sq", "qwen3_moe", False), ("w4a
 IDS = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(3))
 
 
-def _token_errors(path, expert_parallel: bool = False) -> torch.Tensor:
-    """Each token's relative L2 logit error, TP=2 against one process."""
+def _token_errors(path, expert_parallel: bool = False, tp: int = TP) -> torch.Tensor:
+    """Each token's relative L2 logit error, ``tp`` ranks against one process. Past 2 ranks some tiny
+    exports cannot split (blocks or groups wider than a rank's slice): skipped, naming why (that error
+    itself is tested in test_tp_engine.py)."""
+    from mopt.engine.distributed import TensorParallelSplitError
+
     with torch.no_grad():
         want = load_model(path)(IDS).double()
-        got = load_model(path, tensor_parallel_size=2, enable_expert_parallel=expert_parallel)(IDS).double()
+        try:
+            model = load_model(path, tensor_parallel_size=tp, enable_expert_parallel=expert_parallel)
+        except TensorParallelSplitError as e:
+            if tp == 2:
+                raise
+            pytest.skip(str(e))
+        got = model(IDS).double()
     assert got.shape == want.shape
     return ((got - want).norm(dim=-1) / want.norm(dim=-1)).flatten()
 

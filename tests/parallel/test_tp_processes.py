@@ -74,13 +74,18 @@ def test_a_rank_0_stuck_in_a_step_after_a_worker_died_leaves_with_the_error():
     assert _gone(pids.values(), 10), "a worker outlived rank 0"
 
 
-def test_a_gpu_worker_stuck_in_a_step_leaves_when_rank_0_goes_away():
+def test_a_gpu_worker_stuck_in_a_step_leaves_when_rank_0_goes_away(tmp_path):
     """A GPU worker's host can block in the driver behind a GPU that waits on rank 0, where its main thread never
     notices rank 0 is gone; it leaves by itself all the same (simulated here: see ``tp_child.py worker-stuck``)."""
-    child = _start("worker-stuck")
+    stuck = tmp_path / "stuck"
+    child = _start("worker-stuck", str(stuck))
     try:
         pids = _worker_pids(child)
-        time.sleep(2)  # rank 0 waits in the decode step's collective, the worker in its stuck step
+        deadline = time.monotonic() + 60  # rank 0 waits in the decode step's collective, the worker in its stuck step
+        while not stuck.exists():
+            assert time.monotonic() < deadline and child.poll() is None, "the worker never reached its decode step"
+            time.sleep(0.1)
+        time.sleep(0.5)  # rank 0 into the step's collective too
         os.kill(child.pid, signal.SIGKILL)
         _, err = child.communicate(timeout=60)  # the worker shares rank 0's stderr: EOF once it is gone
     finally:

@@ -3,8 +3,8 @@
 * ``generate TP [DEVICE]``: a TP-rank engine (on the CPU unless DEVICE is given), prints the workers' pids as JSON, then generates until
   something fails, and exits like ``mopt`` does (``mopt: error: ...``, status 1);
 * ``idle``: a 2-rank engine that prints its workers' pids and sleeps;
-* ``worker-stuck``: a 2-rank engine (pids printed) whose worker counts as a GPU's (it leaves on its own when
-  orphaned, after 1 s here) and never returns from its first decode step, as a GPU worker's host can block in
+* ``worker-stuck FILE``: a 2-rank engine (pids printed) whose worker counts as a GPU's (it leaves on its own when
+  orphaned, after 1 s here) and never returns from its first decode step (creating FILE when it gets there), as a GPU worker's host can block in
   the driver behind a GPU that waits on rank 0; rank 0 then waits in the step's collective until killed;
 * ``stuck SECONDS``: a 2-rank engine (pids printed) whose world counts as a GPU's (wedged once a rank failed) and
   whose decode step, after a first generation, kills the worker and then never returns, as rank 0's host does
@@ -75,8 +75,15 @@ if __name__ == "__mp_main__" and os.environ.get(WORKER_STUCK):
     tp_worker._needs_orphan_exit = lambda world: True
     tp_worker.ORPHAN_EXIT_S = 1.0
     _run = tp_worker._run
-    tp_worker._run = lambda world, shards, op, *args: threading.Event().wait() if op is Op.DECODE else \
-        _run(world, shards, op, *args)
+
+    def _stuck_in_decode(world, shards, op, *args):
+        if op is not Op.DECODE:
+            return _run(world, shards, op, *args)
+        with open(os.environ[WORKER_STUCK], "w"):  # tells the test this rank is stuck now
+            pass
+        threading.Event().wait()
+
+    tp_worker._run = _stuck_in_decode
 
 
 def _engine(tp: int, device: str = "cpu"):
@@ -121,7 +128,7 @@ def main(mode: str, *args: str) -> int:
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True))
         return 0
     if mode == "worker-stuck":
-        os.environ[WORKER_STUCK] = "1"
+        os.environ[WORKER_STUCK] = args[0]  # a file the worker creates once it is stuck
         llm = _engine(2)
         llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True))
         return 0
