@@ -9,6 +9,8 @@
 #   70b    llama3-70b in FP8 (70 GB of weights, more than one H100 holds) at each of TPS, batch 1 and 64
 #   prefill  prefill latency (time to first token) of the dense model in FP8 + FP8 KV at -tp 1 and each of TPS
 #          (bench/prefill_latency.py, median of 5; not in the default STAGES)
+#   floor  the host's floor of a decode step: the dense model's config with 2 layers (almost no GPU work), BF16 and
+#          FP8 + FP8 KV, batch 1 and 64, at -tp 1 and each of TPS (floor-tpN.json; not in the default STAGES)
 # Writes under $OUT (default ./out): summary.txt (GPUs, versions, stage results, the speed-up table),
 # speedups-tpN.json, tests.txt, allreduce.json, tp1.json, tp2.json (tpN.json for each N of TPS), moe-tp1.json,
 # moe-tp2.json, 70b-tp2.json,
@@ -88,6 +90,16 @@ if wants 70b; then
   done
 fi
 
+if wants floor; then
+  FLOOR_CONFIG="$OUT/floor-config.json"
+  python3 -c "import sys; from mopt.engine.dummy import load_config; c = load_config(sys.argv[1]); \
+c.num_hidden_layers = 2; open(sys.argv[2], 'w').write(c.to_json_string())" "$DENSE" "$FLOOR_CONFIG"
+  for tp in 1 "${TPS[@]}"; do
+    stage "$DENSE with 2 layers -tp $tp (host floor)" 60 100 "${BENCH[@]}" --dummy "$FLOOR_CONFIG" --format bf16,fp8-kv \
+      -tp "$tp" --json "$OUT/floor-tp$tp.json"
+  done
+fi
+
 if wants prefill; then
   for tp in 1 "${TPS[@]}"; do
     stage "$DENSE prefill -tp $tp" 60 100 python3 bench/prefill_latency.py --preset "$DENSE" --format fp8-kv \
@@ -99,6 +111,7 @@ fi
 for tp in "${TPS[@]}"; do
   note "== speed-ups (TP=$tp over TP=1, same host and run)"
   python3 bench/tp_speedup.py --tp "$tp" "$OUT/speedups-tp$tp.json" "$DENSE=$OUT/tp1.json:$OUT/tp$tp.json" \
-    "$MOE=$OUT/moe-tp1.json:$OUT/moe-tp$tp.json" 2>&1 | tee -a "$SUMMARY"
+    "$MOE=$OUT/moe-tp1.json:$OUT/moe-tp$tp.json" \
+    $(wants floor && echo "$DENSE-2-layers=$OUT/floor-tp1.json:$OUT/floor-tp$tp.json") 2>&1 | tee -a "$SUMMARY"
 done
 note "total $(( $(date +%s) - START )) s"
