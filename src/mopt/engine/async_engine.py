@@ -317,10 +317,7 @@ class AsyncEngine:
                 return False
             self.failure = f"the engine stopped: {error}"
         logger.error("%s", self.failure)
-        with self._lock:
-            self._inbox.stopping = self._inbox.exit = True
-        self._wake.set()
-        self._watch_stop.set()
+        self._signal_exit()
         stopped = EngineStoppedError(self.failure)
         if hung:
             self._deliver([(tracked, stopped) for tracked in list(self._tracked.values())], time.monotonic())

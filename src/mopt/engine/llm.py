@@ -168,9 +168,7 @@ class LLM:
         """Why this LLM can never run another step (its tensor-parallel world failed: a rank died, or a step
         broke the world), else None."""
         runtime = getattr(self.model, "runtime", None)
-        if runtime is None or not runtime.failed:
-            return None
-        return runtime.broken or runtime.monitor.failure
+        return None if runtime is None else runtime.failure
 
     @staticmethod
     def _load_tokenizer(path: Path):

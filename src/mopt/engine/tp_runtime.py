@@ -152,9 +152,13 @@ class TensorParallelRuntime:
         self.pending_free.append(model_id)
 
     @property
+    def failure(self) -> BaseException | None:
+        """Why the world cannot run steps: a step broke it, or a rank failed (the monitor saw it); else None."""
+        return self.broken or self.monitor.failure
+
+    @property
     def failed(self) -> bool:
-        """A rank failed (the monitor saw it) or a step broke the world."""
-        return self.broken is not None or self.monitor.failure is not None
+        return self.failure is not None
 
     @property
     def wedged(self) -> bool:
@@ -203,7 +207,7 @@ def runtime(size: int, device_type: str) -> TensorParallelRuntime:
     with _START_LOCK:
         if _RUNTIME is not None and _RUNTIME.wedged:
             raise TensorParallelError("this process's GPUs still wait on a tensor-parallel rank that failed "
-                                      f"({_RUNTIME.broken or _RUNTIME.monitor.failure}); a new model needs a new process")
+                                      f"({_RUNTIME.failure}); a new model needs a new process")
         if _RUNTIME is not None and _RUNTIME.failed:
             _RUNTIME.shutdown()
         if _RUNTIME is not None:
