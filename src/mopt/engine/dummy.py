@@ -94,6 +94,7 @@ _EXPORTERS: dict[str, Callable[[torch.Tensor], dict[str, torch.Tensor]]] = {
     "fp8_tensor": _fp8_tensor,
     "fp8_channel_token": _fp8_channel,
     "fp8_block": _fp8_block,
+    "fp8_block_weight_only": _fp8_block,  # FP8_PB_WO: the same stored tensors, activations left unquantized
     "nvfp4": _nvfp4,
 }
 
