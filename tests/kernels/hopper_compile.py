@@ -224,10 +224,12 @@ def _weight_only_entries() -> list:
         g = scale_group(fmt, group, fp4_group)
         t = twp.mma_tiles(fmt, m, group, getattr(torch, TORCH_DTYPES[act]))
         entries.append((twp._wo_mma_kernel,
-                        dict(pointers, c_ptr=P_F32 if split > 1 else f"*{act}", M="i32", N="i32", K="i32",
-                             stride_am="i32", stride_b="i32", stride_cm="i32", num_groups="i32"),
+                        dict(pointers, c_ptr=f"*{act}", ws_ptr=P_F32, locks_ptr=P_I32, bases_ptr="*i64",
+                             slots_ptr=P_I32, M="i32", N="i32", K="i32", stride_am="i32", stride_b="i32",
+                             stride_cm="i32", num_groups="i32"),
                         [dict(flags, FORMAT=fmt, GROUP=g, SPLIT_K=split, DOT_F32=act == "fp32", BLOCK_M=t.block_m,
-                              BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=8, num_warps=t.num_warps)], f"{name} M={m}"))
+                              BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=8, num_warps=t.num_warps,
+                              **(PUSH_2 if fmt == two.NVFP4 and act == "bf16" else NO_PUSH))], f"{name} M={m}"))
         gt = twg.gemv_tiles(fmt, 4096)
         groups = max(1, gt.row_bytes // group_bytes(fmt, g))
         entries.append((twg._wo_gemv_kernel,

@@ -1,7 +1,7 @@
 """Decode GEMVs that send a row-parallel layer's partial sums to the fused all-reduce's peers themselves.
 
 A row-parallel layer names the fused all-reduce + RMSNorm its output goes to (``layer.partials_to``);
-its decode GEMV (BF16/FP16, FP8, one-token NVFP4) then writes each output row, as stored, into every
+its decode GEMV (BF16/FP16, FP8, NVFP4's GEMV and MMA kernel) then writes each output row, as stored, into every
 peer's buffer at the slot the row's counter names, with negative zeros made positive
 (``triton_allreduce_norm.push_rows``), and the fused kernel that follows skips its own push
 (``PUSHED``). Through the interpreter the ranks' buffers are CPU tensors of this process and the
@@ -56,15 +56,17 @@ def _wire(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x == 0, 0.0, x).to(x.dtype)  # what travels: -0.0 as +0.0
 
 
-# (kernel, tokens): every GEMV that pushes; the FP8 and BF16 kernels' both inner loops (one token: FMA,
-# more: tensor cores)
-CASES = [("gemv", 1), ("gemv", 3), ("fp8", 1), ("fp8", 5), ("nvfp4", 1)]
+# (kernel, tokens, K): every kernel that pushes; the FP8 and BF16 kernels' both inner loops (one token: FMA,
+# more: tensor cores); NVFP4's one-token GEMV and its MMA kernel, whole and with K split 4 ways (the last
+# program of each tile pushes it)
+CASES = [("gemv", 1, 256), ("gemv", 3, 256), ("fp8", 1, 256), ("fp8", 5, 256), ("nvfp4", 1, 256), ("nvfp4", 5, 256),
+         ("nvfp4", 5, 1024)]
 
 
-@pytest.mark.parametrize("kernel,m", CASES)
-def test_gemv_sends_its_rows_where_the_counters_say(kernel, m):
+@pytest.mark.parametrize("kernel,m,k", CASES)
+def test_gemv_sends_its_rows_where_the_counters_say(kernel, m, k):
     device = triton_device(False)
-    n, k = 48, 256
+    n = 48
     layer, impl = _layer(kernel, n, k)
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2).to(DTYPE)
     x[0, :3] = 0  # outputs of exactly zero are unlikely; -0.0 handling is covered by the norm's tests
@@ -89,7 +91,7 @@ def test_gemv_sends_its_rows_where_the_counters_say(kernel, m):
     assert buffers.next_slot(1, 0) == counters[0]  # the counters are the fused kernel's to move
 
 
-@pytest.mark.parametrize("kernel,m", [("gemv", 2), ("fp8", 1), ("nvfp4", 1)])
+@pytest.mark.parametrize("kernel,m", [("gemv", 2), ("fp8", 1), ("nvfp4", 1), ("nvfp4", 3)])
 @pytest.mark.parametrize("fp8_out", [False, True])
 def test_pushed_rows_reduce_as_the_fused_kernel_pushing_them(kernel, m, fp8_out):
     """Two ranks: each GEMV pushes, then each fused kernel runs with ``PUSHED``; against the same

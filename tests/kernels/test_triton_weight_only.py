@@ -19,6 +19,7 @@ from mopt.kernels.reference import ReferenceLinearKernel
 from mopt.quant.formats import fp8, int4, int8, mx, nvfp4
 
 triton_weight_only = pytest.importorskip("mopt.kernels.triton_weight_only")
+import triton  # noqa: E402  (after the skip: the package imports without Triton)
 
 SCHEMES = [S.FP8_BLOCK_WO, S.INT4_WO, S.INT8_WO, S.NVFP4_WO, S.MXFP4_WO,  # weight-only
            S.INT8_SQ, S.W4A8_NVFP4, S.W4A8_MXFP4, S.MXFP8, S.MXFP4]  # activations quantized first
@@ -73,10 +74,12 @@ def _run(scheme, n, k, m, device, dtype=torch.float32, bias=True):
     return kernel.apply(layer, x, b), expected
 
 
-# (n, k, m): each path of weight_only_gemm: one token (GEMV), MMAs with and without split K, and above
-# MMA_MAX_M the expansion for a GEMM and its epilogue (group-scaled formats: MMAs); odd N; K=320 gives
-# FP8 a partial 128-wide block (INT4 needs K % 128 == 0).
-SHAPES = [(64, 256, 1), (96, 384, 5), (131, 256, 20), (48, 320, 3), (40, 320, 1), (37, 320, 17), (37, 320, 300)]
+# (n, k, m): each path of weight_only_gemm: one token (GEMV), MMAs with and without split K (the
+# interpreter counts 4 SMs: K split 4 ways at 40x1024 M=5, 2 ways at 131x640 M=20), and above MMA_MAX_M
+# the expansion for a GEMM and its epilogue (group-scaled formats: MMAs); odd N; K=320 gives FP8 a
+# partial 128-wide block (INT4 needs K % 128 == 0).
+SHAPES = [(64, 256, 1), (96, 384, 5), (131, 256, 20), (48, 320, 3), (40, 320, 1), (37, 320, 17), (37, 320, 300),
+          (40, 1024, 5), (131, 640, 20)]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -88,6 +91,27 @@ def test_weight_only_kernel_interpreted(scheme, n, k, m):
         pytest.skip("INT4 groups of 128")
     got, expected = _run(scheme, n, k, m, "cpu")
     assert _rel(got, expected) <= 1e-5, f"{scheme.value} {n}x{k} M={m}: {_rel(got, expected):.2e}"
+
+
+@pytest.mark.parametrize("n,k,m,split", [(40, 1024, 5, 4), (131, 640, 20, 2)])
+def test_split_k_finishes_each_tile_once_and_frees_its_locks_interpreted(n, k, m, split):
+    """The shapes above that split K do split (4 SMs under the interpreter), give the same bits on every call,
+    and leave every arrival counter at 0 for the next call."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("interpreter run (TRITON_INTERPRET=1)")
+    from mopt.kernels import triton_weight_prefill as twp
+
+    t = twp.mma_tiles(triton_weight_only.NVFP4, m, 0, torch.float32)
+    programs = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
+    assert twp.split_k(programs, triton.cdiv(k, t.block_k), torch.device("cpu"), t.block_m) == split
+    layer = canonical_layer(S.NVFP4_WO, n, k)
+    x, bias = torch.randn(m, k) * 2, torch.randn(n)
+    expected = ReferenceLinearKernel().apply(layer, x, bias)
+    kernel = triton_weight_only.TritonWeightOnlyKernel()
+    kernel.process_weights(layer)
+    first = kernel.apply(layer, x, bias)
+    assert torch.equal(kernel.apply(layer, x, bias), first) and _rel(first, expected) <= 1e-5
+    assert not twp.split_k_locks(torch.device("cpu")).any()
 
 
 def test_int4_decode_places_bits_exactly():
@@ -142,3 +166,25 @@ def test_gpu_selector_picks_the_weight_only_kernel():
         pytest.skip("needs a GPU")
     for scheme in SCHEMES:
         assert select_linear_kernel(LinearShape(scheme, 4096, 4096), torch.device("cuda")).name == "triton-weight-only"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,m", [(4096, 4096, 64), (3072, 4096, 16), (4096, 7168, 64)])
+def test_split_k_gives_the_same_bits_on_every_call_gpu(n, k, m):
+    """Per-rank Llama-3-8B shapes that split K on an H100/H200: however the programs of a tile arrive, the
+    last one adds the partials in split order, so 20 calls agree bit for bit, and every lock is back at 0."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from mopt.kernels import triton_weight_prefill as twp
+
+    layer = canonical_layer(S.NVFP4_WO, n, k, "cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    kernel = triton_weight_only.TritonWeightOnlyKernel()
+    kernel.process_weights(layer)
+    t = twp.mma_tiles(triton_weight_only.NVFP4, m, 0, x.dtype)
+    programs = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
+    assert twp.split_k(programs, triton.cdiv(k, t.block_k), x.device, t.block_m) > 1
+    first = kernel.apply(layer, x, None)
+    for _ in range(20):
+        assert torch.equal(kernel.apply(layer, x, None), first)
+    assert not twp.split_k_locks(x.device).any()

@@ -21,7 +21,7 @@ Where a fused gate/up layer runs on the decode GEMV (``hopper-fp8``, ``triton-fp
 ``apply_silu_gated`` also applies the SiLU-gated product in the same kernel (``triton_gemv.silu_gated_gemv``).
 
 A row-parallel layer whose partial sums go to the fused all-reduce + RMSNorm names it as ``layer.partials_to``
-for the call; the decode GEMVs (BF16/FP16, FP8, one-token NVFP4) then send their output rows to the peers
+for the call; the decode GEMVs (BF16/FP16, FP8, NVFP4 up to ``NVFP4_MMA_MAX_M`` tokens) then send their output rows to the peers
 from their epilogue (``triton_allreduce_norm.push_rows``) wherever that norm takes them.
 
 Activations are quantized by ``triton_quant`` (bit-exact with the reference formats). All need
@@ -242,15 +242,16 @@ class TritonNvfp4Kernel(_CudaKernel):
         else:
             x2, restore = flatten_tokens(x)
             values, out_dtype = triton_quant.nvfp4_block_values(x2, layer.input_scale), x.dtype
-        if 1 < values.shape[0] <= NVFP4_MMA_MAX_M:
-            n = layer.weight.shape[0]
-            return restore(wo_mma(values, NVFP4, layer.weight, layer.weight_scale, layer.nvfp4_row_alpha, bias, n,
-                                  values.shape[1], 0, 16, None, out_dtype, triton_gemm.INTERPRETED))
+        m, n = values.shape[0], layer.weight.shape[0]
         norm = peers = None
-        if values.shape[0] == 1:  # the one-token kernel writes its output once: it can send it too
-            norm, peers = _push_target(layer, 1, layer.weight.shape[0], out_dtype)
-        y = triton_gemm.nvfp4_gemm(values, layer.weight, layer.weight_scale, layer.input_scale,
-                                   layer.weight_scale_2, bias, out_dtype, layer.nvfp4_alpha, push=peers)
+        if m <= NVFP4_MMA_MAX_M:  # these kernels write each output tile once: they can send it too
+            norm, peers = _push_target(layer, m, n, out_dtype)
+        if 1 < m <= NVFP4_MMA_MAX_M:
+            y = wo_mma(values, NVFP4, layer.weight, layer.weight_scale, layer.nvfp4_row_alpha, bias, n,
+                       values.shape[1], 0, 16, None, out_dtype, triton_gemm.INTERPRETED, push=peers)
+        else:
+            y = triton_gemm.nvfp4_gemm(values, layer.weight, layer.weight_scale, layer.input_scale,
+                                       layer.weight_scale_2, bias, out_dtype, layer.nvfp4_alpha, push=peers)
         return restore(_pushed(norm, y))
 
 

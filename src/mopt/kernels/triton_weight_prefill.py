@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mopt.kernels.triton_gemm import _mm_float32, _num_sms, _output
+from mopt.kernels.triton_allreduce_norm import PeerRows, check_push, push_arguments, push_rows
+from mopt.kernels.triton_gemm import _mm_float32, _num_sms
 from mopt.kernels.triton_weight_decode import (
     GROUP_SCALED, _FP8_BLOCK, _INT4, _INT8, _MXFP4, _NVFP4, e2m1_pair, group_bytes, group_scales, int4_pair,
     scale_columns, scale_group,
@@ -116,14 +117,22 @@ def expanded_gemm(x: torch.Tensor, fmt: int, weight: torch.Tensor, scale: torch.
 
 
 @triton.jit
-def _wo_mma_kernel(a_ptr, b_ptr, s_ptr, r_ptr, x_scale_ptr, c_ptr, bias_ptr, M, N, K, stride_am, stride_b, stride_cm,
-                   num_groups, FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-                   HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _wo_mma_kernel(a_ptr, b_ptr, s_ptr, r_ptr, x_scale_ptr, c_ptr, bias_ptr, ws_ptr, locks_ptr, bases_ptr, slots_ptr,
+                   M, N, K, stride_am, stride_b, stride_cm, num_groups, FORMAT: tl.constexpr, GROUP: tl.constexpr,
+                   HAS_ROW_SCALE: tl.constexpr, HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PUSH: tl.constexpr, RANK: tl.constexpr,
+                   WORLD: tl.constexpr, ROW_ELEMS: tl.constexpr):
     """``c[M, N]`` for any weight format. Group-scaled formats (FP8_BLOCK, INT4) take one scale group per K
     tile (``BLOCK_K == GROUP``) and scale its partial product; the others fold their exact group scale
-    into the decoded values and chain the MMAs. ``SPLIT_K > 1`` adds float32 partial sums atomically.
-    Programs walk M within bands of ``GROUP_M`` tiles so that neighbours share weight tiles in L2."""
+    into the decoded values and chain the MMAs. Programs walk M within bands of ``GROUP_M`` tiles so that
+    neighbours share weight tiles in L2.
+
+    ``SPLIT_K > 1``: program ``(tile, s)`` stores its float32 partial sums in ``ws[s]`` (``[SPLIT_K, M, N]``)
+    and counts itself in ``locks[tile]``; the last of a tile's programs to arrive adds the partials in
+    split order (the same bits whichever arrives last), finishes the tile (scales, bias, output dtype) and
+    sets its lock back to 0 for the next call. No zero-filled buffer, no atomics on the data, no cast after.
+    ``PUSH``: each finished tile also goes to the peers' fused all-reduce buffers (``push_rows``)."""
     FOUR: tl.constexpr = FORMAT == _INT4 or FORMAT == _NVFP4 or FORMAT == _MXFP4
     SCALED_PARTS: tl.constexpr = FORMAT == _FP8_BLOCK or FORMAT == _INT4
     pid = tl.program_id(0)
@@ -177,19 +186,42 @@ def _wo_mma_kernel(a_ptr, b_ptr, s_ptr, r_ptr, x_scale_ptr, c_ptr, bias_ptr, M, 
             acc = tl.dot(w, x_t.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(w.to(tl.bfloat16), x_t.to(tl.bfloat16), acc)
+    mask = n_ok[:, None] & m_ok[None, :]
+    if SPLIT_K == 1:
+        _wo_mma_finish(acc, r_ptr, x_scale_ptr, bias_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, mask, stride_cm,
+                       bases_ptr, slots_ptr, HAS_ROW_SCALE, HAS_X_SCALE, HAS_BIAS, PUSH, RANK, WORLD, ROW_ELEMS)
+    else:
+        part_at = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        tl.store(ws_ptr + tl.program_id(1).to(tl.int64) * M * N + part_at, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partials stored before the count releases them
+        arrived = tl.atomic_add(locks_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            tl.debug_barrier()
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in range(SPLIT_K):  # split order, not arrival order
+                total += tl.load(ws_ptr + s * M.to(tl.int64) * N + part_at, mask=mask, other=0.0, cache_modifier=".cg")
+            _wo_mma_finish(total, r_ptr, x_scale_ptr, bias_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, mask, stride_cm,
+                           bases_ptr, slots_ptr, HAS_ROW_SCALE, HAS_X_SCALE, HAS_BIAS, PUSH, RANK, WORLD, ROW_ELEMS)
+            tl.store(locks_ptr + pid, 0)
+
+
+@triton.jit
+def _wo_mma_finish(acc, r_ptr, x_scale_ptr, bias_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, mask, stride_cm, bases_ptr,
+                   slots_ptr, HAS_ROW_SCALE: tl.constexpr, HAS_X_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   PUSH: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, ROW_ELEMS: tl.constexpr):
+    """The epilogue of a ``[BLOCK_N, BLOCK_M]`` tile of sums: row scale, activation scale, bias, output dtype;
+    with ``PUSH`` the tile as written also goes to the peers."""
     if HAS_ROW_SCALE:
         acc = acc * tl.load(r_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
     if HAS_X_SCALE:
         acc = acc * tl.load(x_scale_ptr + offs_m, mask=m_ok, other=0.0)[None, :]
     if HAS_BIAS:
-        if tl.program_id(1) == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     ptrs = c_ptr + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
-    mask = n_ok[:, None] & m_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+    values = acc.to(c_ptr.dtype.element_ty)
+    tl.store(ptrs, values, mask=mask)
+    if PUSH:
+        push_rows(tl.trans(values), offs_m, offs_n, tl.trans(mask), bases_ptr, slots_ptr, RANK, WORLD, ROW_ELEMS)
 
 
 MMA_SMALL_M = 256
@@ -220,27 +252,74 @@ def mma_tiles(fmt: int, m: int, group: int, dtype: torch.dtype) -> MmaTiles:
 def wo_mma(x: torch.Tensor, fmt: int, weight: torch.Tensor, scale: torch.Tensor | None,
            row_scale: torch.Tensor | None, bias: torch.Tensor | None, n: int, k: int, group: int, fp4_group: int,
            x_scale: torch.Tensor | None, out_dtype: torch.dtype, interpreted: bool,
-           tiles: MmaTiles | None = None) -> torch.Tensor:
+           tiles: MmaTiles | None = None, push: PeerRows | None = None) -> torch.Tensor:
     """``x [M, K]`` times any stored weight on the tensor cores; K is split across programs when too few
-    output tiles would stream the weights."""
+    output tiles would stream the weights. ``push``: also send the output rows to the peers' fused all-reduce
+    (``triton_allreduce_norm.push_rows``) as each tile is finished."""
     m = x.shape[0]
     t = tiles or mma_tiles(fmt, m, group, x.dtype)
     g = scale_group(fmt, group, fp4_group)
     if fmt in GROUP_SCALED and t.block_k != g:
         raise ValueError(f"group-scaled weights need BLOCK_K == their group ({g}), got {t.block_k}")
     programs = triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n)
-    k_tiles = triton.cdiv(k, t.block_k)
-    split = 1
-    if programs < 2 * _num_sms(x.device):
-        split = max(1, min(k_tiles // 2, triton.cdiv(2 * _num_sms(x.device), programs)))
-    out = _output(m, n, out_dtype, split, x.device)
+    split = split_k(programs, triton.cdiv(k, t.block_k), x.device, t.block_m)
+    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     dummy = weight
+    if split > 1:
+        workspace, locks = torch.empty((split, m, n), dtype=torch.float32, device=x.device), split_k_locks(x.device)
+    else:
+        workspace = locks = dummy
     num_groups = scale_columns(fmt, scale)
+    if push is not None:
+        check_push(push, m, n, out_dtype)
+    push_pointers, push_constants = push_arguments(push, dummy)
     _wo_mma_kernel[(programs, split)](
         x, weight, scale if scale is not None else dummy, row_scale if row_scale is not None else dummy,
-        x_scale if x_scale is not None else dummy, out, bias if bias is not None else dummy, m, n, k, x.stride(0),
-        weight.stride(0), out.stride(0), num_groups, FORMAT=fmt, GROUP=g, HAS_ROW_SCALE=row_scale is not None,
-        HAS_X_SCALE=x_scale is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
-        DOT_F32=interpreted or x.dtype == torch.float32, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-        GROUP_M=8, num_warps=t.num_warps, num_stages=t.num_stages)
-    return out.to(out_dtype) if out.dtype != out_dtype else out
+        x_scale if x_scale is not None else dummy, out, bias if bias is not None else dummy, workspace, locks,
+        *push_pointers, m, n, k, x.stride(0), weight.stride(0), out.stride(0), num_groups, FORMAT=fmt, GROUP=g,
+        HAS_ROW_SCALE=row_scale is not None, HAS_X_SCALE=x_scale is not None, HAS_BIAS=bias is not None,
+        SPLIT_K=split, DOT_F32=interpreted or x.dtype == torch.float32, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        BLOCK_K=t.block_k, GROUP_M=8, **push_constants, num_warps=t.num_warps, num_stages=t.num_stages)
+    return out
+
+
+# Split-K model, fitted on an H200 (bench/sweep_wo_split.py, NVFP4 on Llama-3-8B shapes whole and per rank of
+# two, weights cold; bench/results/sweep-wo-split-h200-2026-11-27.txt): a program of BLOCK_M tokens shares its
+# SM with about 64 / BLOCK_M others (1 at 64 tokens, 4 at 16), so a split costs
+# waves * K tiles per program, plus 2% per extra partial to add. Powers of two only: K tiles of Llama-like
+# shapes divide evenly (a 5- or 6-way split of 32 tiles leaves one program short and the rest waiting).
+# Against the earlier rule (2 x SMs programs, any split): 7% less time summed over the 8 shapes at 16 and at 64
+# tokens, and within 11% of each shape's best split.
+MAX_SPLIT_K = 8
+LOCKS = 1 << 16  # output tiles a split call may have (N / 64 x M / BLOCK_M); more run unsplit
+SPLIT_K_COST = 0.02
+
+
+def split_k(programs: int, k_tiles: int, device: torch.device, block_m: int) -> int:
+    """How many programs share each output tile's K (``programs`` output tiles of ``block_m`` tokens, ``k_tiles``
+    K tiles each), at least two K tiles each: the split with the fewest waves times K tiles a program."""
+    slots = _num_sms(device) * max(1, 64 // block_m)
+    best, best_cost, split = 1, float("inf"), 1
+    while programs <= LOCKS and split <= min(MAX_SPLIT_K, max(1, k_tiles // 2)):
+        cost = triton.cdiv(programs * split, slots) * triton.cdiv(k_tiles, split) * (1 + SPLIT_K_COST * split)
+        if cost < best_cost:
+            best, best_cost = split, cost
+        split *= 2
+    return best
+
+
+_LOCKS: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def split_k_locks(device: torch.device) -> torch.Tensor:
+    """The device's split-K arrival counters (int32, one per output tile), zero between calls: each call's
+    last program of a tile sets its counter back. Made once per device, before any CUDA graph is captured
+    (the eager warm-up's calls make it); the split calls on one device share it, so they must not run
+    concurrently on two streams (an engine runs one step at a time)."""
+    device = torch.device(device)
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    key = (device.type, index)
+    locks = _LOCKS.get(key)
+    if locks is None:
+        locks = _LOCKS[key] = torch.zeros(LOCKS, dtype=torch.int32, device=device)
+    return locks
