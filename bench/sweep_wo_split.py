@@ -72,7 +72,6 @@ def main() -> None:
             rows.append(dict(n=n, k=k, m=m, programs=programs, default=default, us=times, best=best))
             print(f"{n:>6}x{k:<6} M={m:<3} tiles {programs:<4} best {best} ({times[best]:.1f} us, "
                   f"{times[default] / times[best]:.2f}x faster than {default}) | {' '.join(line)}", flush=True)
-        del weights
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(device), "rows": rows}, f, indent=1)
