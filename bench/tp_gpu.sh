@@ -11,6 +11,8 @@
 #          (bench/prefill_latency.py, median of 5; not in the default STAGES)
 #   floor  the host's floor of a decode step: the dense model's config with 2 layers (almost no GPU work), BF16 and
 #          FP8 + FP8 KV, batch 1 and 64, at -tp 1 and each of TPS (floor-tpN.json; not in the default STAGES)
+#   twoshot  the dense model again at each of TPS with MOPT_TP_TWO_SHOT_ROWS=${TWO_SHOT_ROWS:-16} (two-shot fused
+#          all-reduce from that many rows; tpN-two-shot.json, against tpN.json of the 8b stage; not in the default)
 # Writes under $OUT (default ./out): summary.txt (GPUs, versions, stage results, the speed-up table),
 # speedups-tpN.json, tests.txt, allreduce.json, tp1.json, tp2.json (tpN.json for each N of TPS), moe-tp1.json,
 # moe-tp2.json, 70b-tp2.json,
@@ -100,6 +102,13 @@ c.num_hidden_layers = 2; open(sys.argv[2], 'w').write(c.to_json_string())" "$DEN
   done
 fi
 
+if wants twoshot; then
+  for tp in "${TPS[@]}"; do
+    MOPT_TP_TWO_SHOT_ROWS=${TWO_SHOT_ROWS:-16} stage "$DENSE -tp $tp two-shot from ${TWO_SHOT_ROWS:-16} rows" 110 150 \
+      "${BENCH[@]}" --dummy "$DENSE" --format bf16,fp8-kv,nvfp4 -tp "$tp" --json "$OUT/tp$tp-two-shot.json"
+  done
+fi
+
 if wants prefill; then
   for tp in 1 "${TPS[@]}"; do
     stage "$DENSE prefill -tp $tp" 60 100 python3 bench/prefill_latency.py --preset "$DENSE" --format fp8-kv \
@@ -112,6 +121,7 @@ for tp in "${TPS[@]}"; do
   note "== speed-ups (TP=$tp over TP=1, same host and run)"
   python3 bench/tp_speedup.py --tp "$tp" "$OUT/speedups-tp$tp.json" "$DENSE=$OUT/tp1.json:$OUT/tp$tp.json" \
     "$MOE=$OUT/moe-tp1.json:$OUT/moe-tp$tp.json" \
-    $(wants floor && echo "$DENSE-2-layers=$OUT/floor-tp1.json:$OUT/floor-tp$tp.json") 2>&1 | tee -a "$SUMMARY"
+    $(wants floor && echo "$DENSE-2-layers=$OUT/floor-tp1.json:$OUT/floor-tp$tp.json") \
+    $(wants twoshot && echo "$DENSE-two-shot=$OUT/tp1.json:$OUT/tp$tp-two-shot.json") 2>&1 | tee -a "$SUMMARY"
 done
 note "total $(( $(date +%s) - START )) s"

@@ -24,6 +24,7 @@ from mopt.kernels import triton_quant as tq
 from mopt.kernels import triton_route as troute
 from mopt.kernels import triton_quant_mx as tqm
 from mopt.kernels import triton_glue as tgl
+from mopt.kernels import triton_two_shot_norm as tts
 from mopt.kernels import triton_weight_only as two
 
 P_BF16, P_F8, P_F32, P_I32, P_U8, P_I8 = "*bf16", "*fp8e4nv", "*fp32", "*i32", "*u8", "*i8"
@@ -142,6 +143,20 @@ KERNELS = [
            PUSHED=True, num_warps=16),
       dict(RANK=0, WORLD=2, ROW_ELEMS=8192, BLOCK=4096, SPLIT=1, HAS_RESIDUAL=True, FP8_OUT=False, NVFP4_OUT=True,
            PUSHED=False, num_warps=16)]),
+    (tts._two_shot_rms_norm_kernel,
+     dict(x_ptr=P_BF16, res_ptr=P_BF16, w_ptr=P_F32, out_ptr=P_F8, res_out_ptr=P_BF16, scale_ptr=P_F32,
+          bases_ptr="*i64", slots_ptr=P_I32, stride_x="i32", stride_r="i32", n="i32", eps="fp32"),
+     [dict(RANK=1, WORLD=4, ROW_ELEMS=8192, GATHER_AT=tan.gather_offset(4), BLOCK=4096, HAS_RESIDUAL=True,
+           FP8_OUT=True, NVFP4_OUT=False, num_warps=16),
+      dict(RANK=7, WORLD=8, ROW_ELEMS=8192, GATHER_AT=tan.gather_offset(8), BLOCK=8192, HAS_RESIDUAL=False,
+           FP8_OUT=True, NVFP4_OUT=False, num_warps=32)]),
+    (tts._two_shot_rms_norm_kernel,
+     dict(x_ptr=P_BF16, res_ptr=P_BF16, w_ptr=P_F32, out_ptr=P_BF16, res_out_ptr=P_BF16, scale_ptr=P_F32,
+          bases_ptr="*i64", slots_ptr=P_I32, stride_x="i32", stride_r="i32", n="i32", eps="fp32"),
+     [dict(RANK=0, WORLD=4, ROW_ELEMS=8192, GATHER_AT=tan.gather_offset(4), BLOCK=4096, HAS_RESIDUAL=True,
+           FP8_OUT=False, NVFP4_OUT=True, num_warps=16),
+      dict(RANK=2, WORLD=4, ROW_ELEMS=8192, GATHER_AT=tan.gather_offset(4), BLOCK=4096, HAS_RESIDUAL=True,
+           FP8_OUT=False, NVFP4_OUT=False, num_warps=8)]),
     (tgl._vocab_rows_kernel, dict(ids_ptr="*i64", w_ptr=P_BF16, out_ptr=P_BF16, start="i32", count="i32", n="i32"),
      [dict(BLOCK=1024)]),
     (tgl._silu_mul_kernel, dict(x_ptr=P_BF16, out_ptr=P_F8, scale_ptr=P_F32, stride_x="i32", n="i32"),

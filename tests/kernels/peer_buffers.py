@@ -33,7 +33,14 @@ class Buffers:
 
     def counters(self, rank: int) -> torch.Tensor:
         """``rank``'s row counters, ``[MAX_ROWS, SPLIT_MAX]`` (a view)."""
-        return self.raw[rank][tan.rows_bytes(self.world):].view(torch.int32).view(tan.MAX_ROWS, tan.SPLIT_MAX)
+        return self.raw[rank][tan.rows_bytes(self.world): tan.gather_offset(self.world)].view(torch.int32).view(
+            tan.MAX_ROWS, tan.SPLIT_MAX)
+
+    def gathered(self, rank: int, slot: int, row: int) -> torch.Tensor:
+        """``rank``'s two-shot ``gathered`` slot of ``row``, int16 words: the owner's sum from 0, its
+        normalized row from ``ROW_BYTES // 2`` (a view)."""
+        words = self.raw[rank][tan.gather_offset(self.world): tan.buffer_bytes(self.world)].view(torch.int16)
+        return words.view(tan.SLOTS, tan.MAX_ROWS, tan.GATHER_ROW_BYTES // 2)[slot, row]
 
     def next_slot(self, rank: int, row: int) -> int:
         """The slot ``row``'s next call uses; every copy of its counter must agree."""

@@ -170,11 +170,44 @@ def test_a_bad_switch_names_the_variable(monkeypatch, variable):
         SWITCHES[variable]()
 
 
-def _norm(producer_push: bool = True) -> one_shot.OneShotRMSNorm:
+def _norm(producer_push: bool = True, two_shot_rows: int = 0) -> one_shot.OneShotRMSNorm:
     tan = pytest.importorskip("mopt.kernels.triton_allreduce_norm")
     buffer = torch.empty(tan.buffer_bytes(2), dtype=torch.uint8)
     handle = types.SimpleNamespace(buffer_ptrs=[buffer.data_ptr(), buffer.data_ptr() + (1 << 20)])
-    return one_shot.OneShotRMSNorm(buffer, handle, 1, 2, one_shot.DEFAULT_MAX_BYTES, producer_push)
+    return one_shot.OneShotRMSNorm(buffer, handle, 1, 2, one_shot.DEFAULT_MAX_BYTES, producer_push, two_shot_rows)
+
+
+@pytest.mark.parametrize("value,expected", [(None, 0), ("0", 0), ("16", 16)])
+def test_two_shot_rows_setting(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv("MOPT_TP_TWO_SHOT_ROWS", raising=False)
+    else:
+        monkeypatch.setenv("MOPT_TP_TWO_SHOT_ROWS", value)
+    assert one_shot.two_shot_rows_from_env() == expected
+
+
+def test_a_bad_two_shot_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MOPT_TP_TWO_SHOT_ROWS", "many")
+    with pytest.raises(TensorParallelError, match="MOPT_TP_TWO_SHOT_ROWS must be a whole number of rows"):
+        one_shot.two_shot_rows_from_env()
+
+
+def test_calls_of_enough_rows_sum_in_two_shots_and_get_no_push(monkeypatch):
+    """From ``two_shot_rows`` rows the norm runs the two-shot kernel, and no GEMV pushes to it (the two-shot
+    kernel sends each row to its owner only); below, and for rows a GEMV already pushed, the one-shot kernel."""
+    norm = _norm(two_shot_rows=16)
+    calls = []
+    monkeypatch.setattr(norm.kernel, "all_reduce_rms_norm", lambda *a, **k: calls.append("one") or (None, None))
+    monkeypatch.setattr(norm.two_shot_kernel, "two_shot_rms_norm", lambda *a, **k: calls.append("two") or (None, None))
+    assert norm.push_peers(16, 64, torch.bfloat16) is None
+    assert norm.push_peers(8, 64, torch.bfloat16) is norm.peers
+    big, small = torch.zeros(16, 64, dtype=torch.bfloat16), torch.zeros(8, 64, dtype=torch.bfloat16)
+    norm(big.view(2, 8, 64), big, torch.ones(64), 1e-5)
+    norm(small, small, torch.ones(64), 1e-5)
+    norm.pushed(small)
+    norm(small, small, torch.ones(64), 1e-5)
+    assert calls == ["two", "one", "one"]
+    assert not _norm().two_shot(128)  # off unless set
 
 
 @pytest.mark.parametrize("rows,n,dtype,producer_push,offered", [
@@ -247,10 +280,13 @@ def test_a_row_parallel_layer_names_the_norm_to_its_kernel(reduce, returns_kerne
     (None, "the ranks run on 2 hosts", "NCCL all-reduces (the ranks run on 2 hosts)"),
     (types.SimpleNamespace(max_bytes=1 << 20, norm=None), "no fused all-reduce + RMSNorm: x",
      "one-shot all-reduces over peer memory up to 1024 KiB, NCCL above (no fused all-reduce + RMSNorm: x)"),
-    (types.SimpleNamespace(max_bytes=1 << 20, norm=types.SimpleNamespace(producer_push=True)), None,
+    (types.SimpleNamespace(max_bytes=1 << 20, norm=types.SimpleNamespace(producer_push=True, two_shot_rows=0)), None,
      "all-reduce fused with RMSNorm over peer memory up to 1024 KiB, sent from the GEMVs, NCCL above"),
-    (types.SimpleNamespace(max_bytes=1 << 20, norm=types.SimpleNamespace(producer_push=False)), None,
+    (types.SimpleNamespace(max_bytes=1 << 20, norm=types.SimpleNamespace(producer_push=False, two_shot_rows=0)), None,
      "all-reduce fused with RMSNorm over peer memory up to 1024 KiB, NCCL above"),
+    (types.SimpleNamespace(max_bytes=1 << 20, norm=types.SimpleNamespace(producer_push=True, two_shot_rows=16)), None,
+     "all-reduce fused with RMSNorm over peer memory up to 1024 KiB, sent from the GEMVs, in two shots from 16 rows, "
+     "NCCL above"),
 ])
 def test_the_benchmark_title_names_the_path_the_sums_take(monkeypatch, op, reason, want):
     monkeypatch.setattr(one_shot, "unavailable_reason", reason)

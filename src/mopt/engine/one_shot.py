@@ -23,7 +23,9 @@ the data is its own signal, so there are no flags, fences or a separate norm lau
 10.4 us for the one-shot sum and the norm kernel at one 4096-wide row on 2 H100s).
 ``MOPT_TP_FUSED_NORM=0`` leaves those sums to the one-shot all-reduce and the norm kernel.
 Where a decode GEMV computes the partial sums it sends them to the peers from its own epilogue;
-``MOPT_TP_GEMV_PUSH=0`` leaves the sending to the fused kernel.
+``MOPT_TP_GEMV_PUSH=0`` leaves the sending to the fused kernel. ``MOPT_TP_TWO_SHOT_ROWS=N`` (off unless set)
+sums calls of N rows or more in two shots instead (``kernels.triton_two_shot_norm``: each row reduced by one
+owner and its result gathered, so the bytes per rank stop growing with the ranks; not measured on GPUs yet).
 """
 
 from __future__ import annotations
@@ -74,10 +76,11 @@ class OneShotRMSNorm:
     output, skips its own push. Whether a kernel pushes depends on the shapes alone, so every rank agrees."""
 
     def __init__(self, buffer: torch.Tensor, handle, rank: int, world: int, max_bytes: int,
-                 producer_push: bool = True) -> None:
-        from mopt.kernels import triton_allreduce_norm  # Triton: imported where a GPU world exists
+                 producer_push: bool = True, two_shot_rows: int = 0) -> None:
+        from mopt.kernels import triton_allreduce_norm, triton_two_shot_norm  # Triton: where a GPU world exists
 
-        self.kernel = triton_allreduce_norm
+        self.kernel, self.two_shot_kernel = triton_allreduce_norm, triton_two_shot_norm
+        self.two_shot_rows = two_shot_rows  # 0: never
         self.buffer, self.handle = buffer, handle  # the mapping lives as long as both
         bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=buffer.device)
         self.peers = triton_allreduce_norm.PeerRows.of(buffer, bases, rank, world)
@@ -95,9 +98,14 @@ class OneShotRMSNorm:
     def push_peers(self, rows: int, n: int, dtype: torch.dtype):
         """Where a kernel computing ``rows x n`` partial sums in ``dtype`` for this norm sends them
         (``triton_allreduce_norm.PeerRows``), or None where the norm will send them itself."""
-        if not self.producer_push or self._pushed is not None or not self.fits_rows(rows, n, dtype):
+        if (not self.producer_push or self._pushed is not None or not self.fits_rows(rows, n, dtype)
+                or self.two_shot(rows)):
             return None
         return self.peers
+
+    def two_shot(self, rows: int) -> bool:
+        """Whether a call of ``rows`` rows sums in two shots (shapes alone decide, so every rank agrees)."""
+        return 0 < self.two_shot_rows <= rows and self.world > 1
 
     def pushed(self, y: torch.Tensor) -> None:
         """A kernel sent ``y``'s rows through :meth:`push_peers`; the next call takes ``y``."""
@@ -113,6 +121,9 @@ class OneShotRMSNorm:
             # The peers hold rows this call would not sum: continuing would corrupt every rank's result.
             raise RuntimeError("fused all-reduce + RMSNorm: the partial sums a kernel already sent to the peers "
                                "are not the ones this norm was given (a layer changed its kernel's output)")
+        if pushed is None and self.two_shot(x.numel() // max(x.shape[-1], 1)):
+            return self.two_shot_kernel.two_shot_rms_norm(x, residual, weight, eps, fp8_scale, self.peers,
+                                                          nvfp4_scale=nvfp4_scale)
         return self.kernel.all_reduce_rms_norm(x, residual, weight, eps, fp8_scale, self.peers, pushed is not None,
                                                nvfp4_scale=nvfp4_scale)
 
@@ -133,6 +144,16 @@ def producer_push_from_env() -> bool:
 
 def fused_norm_from_env() -> bool:
     return _switch("MOPT_TP_FUSED_NORM")
+
+
+def two_shot_rows_from_env() -> int:
+    """``MOPT_TP_TWO_SHOT_ROWS``: the fewest rows a fused all-reduce + RMSNorm sums in two shots (0 or unset: never)."""
+    value = os.environ.get("MOPT_TP_TWO_SHOT_ROWS", "0")
+    if not value.isdigit():
+        from mopt.engine.distributed import TensorParallelError
+
+        raise TensorParallelError(f"MOPT_TP_TWO_SHOT_ROWS must be a whole number of rows (0: never), got {value!r}")
+    return int(value)
 
 
 def max_bytes_from_env() -> int:
@@ -255,7 +276,7 @@ def _set_up_norm(world, agree, name: str, op: OneShotAllReduce) -> OneShotRMSNor
     if agree(problem is None):
         try:
             norm = OneShotRMSNorm(buffer, symm_mem.rendezvous(buffer, name), world.rank, world.size, op.max_bytes,
-                                  producer_push_from_env())
+                                  producer_push_from_env(), two_shot_rows_from_env())
         except Exception as e:
             problem = _describe(e)
         if agree(problem is None):
@@ -285,6 +306,10 @@ def _probe_norm(norm: OneShotRMSNorm, op: OneShotAllReduce, world) -> str | None
         want = rms_norm(op(x), weight, 1e-5, residual, scale)
         if not all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(got, want)):
             return "its probe differed from the one-shot sum and the norm kernel"
+        if norm.two_shot_rows:  # these seeded sums hold no negative zero, which the two-shot gather makes positive
+            got = norm.two_shot_kernel.two_shot_rms_norm(x, residual, weight, 1e-5, scale, norm.peers)
+            if not all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(got, want)):
+                return "its two-shot probe differed from the one-shot sum and the norm kernel"
     return None
 
 
@@ -304,7 +329,8 @@ def describe(group) -> str:
         return (f"one-shot all-reduces over peer memory up to {op.max_bytes >> 10} KiB, NCCL above"
                 + (f" ({unavailable_reason})" if unavailable_reason else ""))
     return (f"all-reduce fused with RMSNorm over peer memory up to {op.max_bytes >> 10} KiB"
-            + (", sent from the GEMVs" if op.norm.producer_push else "") + ", NCCL above")
+            + (", sent from the GEMVs" if op.norm.producer_push else "")
+            + (f", in two shots from {op.norm.two_shot_rows} rows" if op.norm.two_shot_rows else "") + ", NCCL above")
 
 
 def _unavailable(name: str | None, reason: str) -> None:

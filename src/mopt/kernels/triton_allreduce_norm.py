@@ -27,7 +27,8 @@ which the peer pushes only after its call e (and its freeing of slot ``(e - 1) %
 Each rank's buffer (``buffer_bytes(world)``, the same layout on every rank; ``bases[r]`` is rank r's
 buffer as mapped on this GPU): ``rows[3][world][MAX_ROWS][ROW_BYTES]`` (slot, sending rank, row), then
 ``slot[MAX_ROWS][SPLIT_MAX]`` (int32, each row's next slot: 0, 1, 2, 0, ...; one copy per program a row
-may be split over, all equal between calls). The waits have no time limit: a peer that died leaves the
+may be split over, all equal between calls), then the two-shot kernel's ``gathered[3][MAX_ROWS][GATHER_ROW_BYTES]``
+(``triton_two_shot_norm``; it shares the rows and the counters with this kernel, call by call). The waits have no time limit: a peer that died leaves the
 GPU spinning, which the engine detects from the host (``TensorParallelModel.wait_step``).
 
 One row (batch-1 decode) is split over ``ONE_ROW_SPLIT`` programs: each sends, frees and writes its
@@ -67,18 +68,27 @@ _SLOTS = tl.constexpr(SLOTS)
 _SPLIT_MAX = tl.constexpr(SPLIT_MAX)
 
 
+GATHER_ROW_BYTES = 2 * ROW_BYTES  # the two-shot kernel's rows as their owner sends them (triton_two_shot_norm)
+
+
 def rows_bytes(world: int) -> int:
     return SLOTS * world * MAX_ROWS * ROW_BYTES
 
 
-def buffer_bytes(world: int) -> int:
+def gather_offset(world: int) -> int:
+    """Where the two-shot kernel's ``gathered[SLOTS][MAX_ROWS][GATHER_ROW_BYTES]`` begins, after the counters."""
     return rows_bytes(world) + 4 * MAX_ROWS * SPLIT_MAX
+
+
+def buffer_bytes(world: int) -> int:
+    return gather_offset(world) + SLOTS * MAX_ROWS * GATHER_ROW_BYTES
 
 
 def init_buffer(buffer: torch.Tensor, world: int) -> None:
     """Every slot free (the sentinel), every row's next slot 0."""
     buffer[: rows_bytes(world)].view(torch.int16).fill_(SENTINEL_BITS)
-    buffer[rows_bytes(world): buffer_bytes(world)].zero_()
+    buffer[rows_bytes(world): gather_offset(world)].zero_()
+    buffer[gather_offset(world): buffer_bytes(world)].view(torch.int16).fill_(SENTINEL_BITS)
 
 
 @dataclass(frozen=True)
@@ -95,7 +105,7 @@ class PeerRows:
     @classmethod
     def of(cls, buffer: torch.Tensor, bases: torch.Tensor, rank: int, world: int) -> "PeerRows":
         """``buffer``: this rank's own (``buffer_bytes(world)`` bytes)."""
-        return cls(bases, buffer[rows_bytes(world): buffer_bytes(world)].view(torch.int32), rank, world)
+        return cls(bases, buffer[rows_bytes(world): gather_offset(world)].view(torch.int32), rank, world)
 
 
 @triton.jit

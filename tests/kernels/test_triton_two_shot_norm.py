@@ -1,0 +1,109 @@
+"""The two-shot all-reduce + residual add + RMSNorm (``triton_two_shot_norm``) against the one-shot kernel.
+
+Through the interpreter one rank runs at a time, so what its peers would have sent is put in place
+first: for the rows it owns (``row % world``), the other ranks' partial sums in its ``rows`` slot; for
+the others, the owner's results in its ``gathered`` slot, as the owner's kernel sends them. The rank must
+return the one-shot kernel's bits (rows it owns exactly; others as sent, negative zeros made positive),
+send each partial row to its owner only and each owned row's results to every peer, free the slots the
+protocol says and move every row's counter. Two GPUs or more run it through the models with
+``MOPT_TP_TWO_SHOT_ROWS`` (``tests/parallel/test_tp_gpu.py``) and in the set-up's probe.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peer_buffers import DTYPE, Buffers  # float16: see peer_buffers
+from triton_device import triton_device
+
+tan = pytest.importorskip("mopt.kernels.triton_allreduce_norm")
+two = pytest.importorskip("mopt.kernels.triton_two_shot_norm")
+
+SENTINEL = tan.SENTINEL_BITS
+HALF = tan.ROW_BYTES // 2
+
+
+def _wire(words: torch.Tensor) -> torch.Tensor:
+    return torch.where(words == SENTINEL, torch.zeros_like(words), words)
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8).view(torch.int16)
+
+
+def _one_shot(partials, residual, weight, scale, nvfp4, world, device):
+    """Every row's (normed, sum) as the one-shot kernel returns them (the same on every rank)."""
+    buffers = Buffers(world, device)
+    for s in range(1, world):
+        buffers.send(s, 0, 0, partials[s])
+    kw = dict(nvfp4_scale=scale) if nvfp4 else {}
+    return tan.all_reduce_rms_norm(partials[0], residual, weight, 1e-5, None if nvfp4 else scale, buffers.peers(0),
+                                   **kw)
+
+
+@pytest.mark.parametrize("world,rank", [(2, 1), (3, 0), (4, 2), (8, 5)])
+@pytest.mark.parametrize("m,n", [(1, 64), (5, 96), (9, 256)])
+@pytest.mark.parametrize("out", ["dtype", "fp8", "nvfp4"])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_two_shot_equals_one_shot_interpreted(world, rank, m, n, out, with_residual):
+    device = triton_device(False)
+    g = torch.Generator().manual_seed(world * 1000 + rank * 100 + m * n)
+    partials = [(torch.randn(m, n, generator=g) * 2).to(DTYPE) for _ in range(world)]
+    residual = torch.randn(m, n, generator=g).to(DTYPE) if with_residual else None
+    weight = 1 + torch.randn(n, generator=g) * 0.1
+    scale = {"dtype": None, "fp8": torch.tensor(0.03), "nvfp4": torch.tensor(0.02)}[out]
+    want_out, want_res = _one_shot(partials, residual, weight, scale, out == "nvfp4", world, device)
+
+    buffers = Buffers(world, device)
+    for r in range(m):
+        # junk in slot 2 (= (0 - 1) % 3): a previous call's rows, which this call must free
+        for s in range(world):
+            if s != rank:
+                buffers.row(rank, 2, s, r, n).fill_(1.0)
+        owner = r % world
+        if owner == rank:
+            for s in range(world):
+                if s != rank:
+                    buffers.row(rank, 0, s, r, n).copy_(torch.where(partials[s][r] == 0, 0.0, partials[s][r]))
+        else:
+            slot = buffers.gathered(rank, 0, r)
+            slot[:n] = _wire(_words(want_res[r]))
+            out_words = _wire(_words(want_out[r]))
+            slot[HALF: HALF + out_words.numel()] = out_words
+    kw = {"nvfp4_scale": scale} if out == "nvfp4" else {}
+    got_out, got_res = two.two_shot_rms_norm(partials[rank], residual, weight, 1e-5,
+                                             scale if out == "fp8" else None, buffers.peers(rank), **kw)
+    assert got_out.dtype == want_out.dtype
+    for r in range(m):
+        owner = r % world
+        exact = (lambda t: _words(t)) if owner == rank else (lambda t: _wire(_words(t)))
+        assert torch.equal(_words(got_res[r]), exact(want_res[r])), r
+        assert torch.equal(_words(got_out[r]), exact(want_out[r])), r
+        for s in range(world):
+            if s != rank:
+                assert (buffers.row(rank, 2, s, r, n).view(torch.int16) == SENTINEL).all()  # freed
+        if owner == rank:  # its results went to every peer
+            for p in range(world):
+                if p != rank:
+                    sent = buffers.gathered(p, 0, r)
+                    assert torch.equal(sent[:n], _wire(_words(want_res[r])))
+                    words = _wire(_words(want_out[r]))
+                    assert torch.equal(sent[HALF: HALF + words.numel()], words)
+        else:  # its partial row went to the owner only, and its gathered slot is free again
+            assert torch.equal(buffers.row(owner, 0, rank, r, n).view(torch.int16),
+                               _wire(_words(partials[rank][r])))
+            for p in range(world):
+                if p not in (rank, owner):
+                    assert (buffers.row(p, 0, rank, r, n).view(torch.int16) == SENTINEL).all()
+            assert (buffers.gathered(rank, 0, r) == SENTINEL).all()
+    assert [buffers.next_slot(rank, r) for r in range(m + 1)] == [1] * m + [0]
+
+
+def test_unsupported_inputs_are_named():
+    x = torch.zeros(2, 64, dtype=DTYPE)
+    assert two.supports(x, 1) == (False, "one rank: nothing to reduce")
+    assert two.supports(torch.zeros(tan.MAX_ROWS + 1, 64, dtype=DTYPE), 4)[1].endswith(
+        f"the buffer holds 1 to {tan.MAX_ROWS}")
+    with pytest.raises(ValueError, match="two_shot_rms_norm: one rank"):
+        two.two_shot_rms_norm(x, x, torch.ones(64), 1e-5, None, Buffers(1, "cpu").peers(0))
