@@ -27,9 +27,10 @@ which the peer pushes only after its call e (and its freeing of slot ``(e - 1) %
 Each rank's buffer (``buffer_bytes(world)``, the same layout on every rank; ``bases[r]`` is rank r's
 buffer as mapped on this GPU): ``rows[3][world][MAX_ROWS][ROW_BYTES]`` (slot, sending rank, row), then
 ``slot[MAX_ROWS][SPLIT_MAX]`` (int32, each row's next slot: 0, 1, 2, 0, ...; one copy per program a row
-may be split over, all equal between calls), then the two-shot kernel's ``gathered[3][MAX_ROWS][GATHER_ROW_BYTES]``
-(``triton_two_shot_norm``; it shares the rows and the counters with this kernel, call by call). The waits have no time limit: a peer that died leaves the
-GPU spinning, which the engine detects from the host (``TensorParallelModel.wait_step``).
+may be split over, all equal between calls), then the two-shot kernel's
+``gathered[3][MAX_ROWS][GATHER_ROW_BYTES]`` (``triton_two_shot_norm``, which shares the rows and the counters
+with this kernel, call by call). The waits have no time limit: a peer that died leaves the GPU spinning,
+which the engine detects from the host (``TensorParallelModel.wait_step``).
 
 One row (batch-1 decode) is split over ``ONE_ROW_SPLIT`` programs: each sends, frees and writes its
 quarter of the columns (and moves its own copy of the row's counter), but waits for the whole row and
