@@ -69,7 +69,7 @@ _SLOTS = tl.constexpr(SLOTS)
 _SPLIT_MAX = tl.constexpr(SPLIT_MAX)
 
 
-GATHER_ROW_BYTES = 2 * ROW_BYTES  # the two-shot kernel's rows as their owner sends them (triton_two_shot_norm)
+GATHER_ROW_BYTES = ROW_BYTES  # the two-shot kernel's sums as their owner sends them (triton_two_shot_norm)
 
 
 def rows_bytes(world: int) -> int:

@@ -5,23 +5,23 @@ The one-shot kernel (``triton_allreduce_norm``) sends every row to every peer: e
 layer against 5.7 at 2). Here each row has an owner, rank ``row % world``, and moves twice:
 
 1. reduce: every other rank sends the owner its partial sums of the row (into the owner's ``rows`` slot,
-   as the one-shot kernel would); the owner adds every rank's row in rank order in float32, rounds once,
-   adds the residual and normalizes, exactly as the one-shot kernel does, so the bits are the same;
-2. gather: the owner sends the sum (the new residual) and the normalized row, as written (BF16, E4M3
-   codes or NVFP4 block values), into every peer's ``gathered`` slot, and each peer copies them out.
+   as the one-shot kernel would); the owner adds every rank's row in rank order in float32, rounds once
+   and adds the residual, exactly as the one-shot kernel does;
+2. gather: the owner sends that sum (the new residual) into every peer's ``gathered`` slot, and every rank
+   normalizes the sum itself with the same code, so every rank gets the one-shot kernel's bits (the sum is
+   never -0.0, a float32 sum from +0.0 is not, so the sentinel's sign change never touches it).
 
-Each rank then sends ``(world - 1) / world`` of its rows once and receives its own rows' results, so
-the bytes on the wire stop growing with the ranks. The price is a second wait: a non-owner waits for
-the owner, who waits for everyone.
+Each rank then sends ``(world - 1) / world`` of its rows once and its own rows' sums to every peer:
+``2 (world - 1) / world x rows`` rows in all, against ``(world - 1) x rows`` for the one-shot kernel, so from
+4 ranks on it moves half the bytes or less (at 2 ranks the same, in two waits instead of one). The price
+is the second wait: a non-owner waits for the owner, who waits for everyone.
 
 The slots are the one-shot kernel's (same buffer, same row counters, module docstring there): in its
 e-th call (per row) a program uses slot ``e % 3``. Every program frees ``rows`` slot ``(e - 1) % 3`` of every
 source, as the one-shot kernel does (either kernel may have filled it in call e - 1), and a non-owner frees
 its ``gathered`` slot right after copying it (only call e + 3 writes it again, which the owner reaches only
 after this rank's call e + 3 sent its partial sums). The argument for ``rows`` is the one-shot kernel's:
-an owner's call e + 2 cannot have sent a row before every rank's call e + 1 ended. Sign of zero: values
-travel with negative zeros made positive (the sentinel), as there; in an E4M3 output that is a -0.0 code
-after a 0x00 code.
+an owner's call e + 2 cannot have sent a row before every rank's call e + 1 ended.
 
 The kernel takes rows whose partial sums are in ``x`` (no producer push). ``MOPT_TP_TWO_SHOT_ROWS``
 (``engine.one_shot``) sets from how many rows it replaces the one-shot kernel; off unless set.
@@ -42,9 +42,9 @@ from mopt.kernels.triton_pdl import launch_options, pdl_prologue
 
 
 @triton.jit
-def _gathered_bits(base_ptr, slot, row, GATHER_AT: tl.constexpr, GATHER_ELEMS: tl.constexpr):
+def _gathered_bits(base_ptr, slot, row, GATHER_AT: tl.constexpr, ROW_ELEMS: tl.constexpr):
     """Pointer (int16) to row ``row``'s ``gathered`` slot ``slot`` in the buffer at ``base_ptr``."""
-    return (base_ptr + GATHER_AT).to(tl.pointer_type(tl.int16)) + (slot * _MAX_ROWS + row) * GATHER_ELEMS
+    return (base_ptr + GATHER_AT).to(tl.pointer_type(tl.int16)) + (slot * _MAX_ROWS + row) * ROW_ELEMS
 
 
 @triton.jit
@@ -62,65 +62,54 @@ def _two_shot_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale
                               ROW_ELEMS: tl.constexpr, GATHER_AT: tl.constexpr, BLOCK: tl.constexpr,
                               HAS_RESIDUAL: tl.constexpr, FP8_OUT: tl.constexpr, NVFP4_OUT: tl.constexpr,
                               PDL: tl.constexpr):
-    """Program ``row`` on every rank; rank ``row % WORLD`` reduces and normalizes it, the others send and copy."""
+    """Program ``row`` on every rank; rank ``row % WORLD`` sums it and sends the sum, the others send their
+    partial sums to it and take the sum back; every rank normalizes the sum itself (the same code, the same
+    bits)."""
     pdl_prologue(PDL)
-    GATHER_ELEMS: tl.constexpr = 2 * ROW_ELEMS
-    OUT_BYTES: tl.constexpr = 1 if FP8_OUT else 2
     row = tl.program_id(0)
     owner = row % WORLD
     cols = tl.arange(0, BLOCK)
     mask = cols < n
-    out_words = n * OUT_BYTES // 2
-    out_mask = cols < out_words
     dtype = x_ptr.dtype.element_ty
     slot = tl.load(slots_ptr + row * _SPLIT_MAX)
     me = tl.load(bases_ptr + RANK)
     bits = wire_bits(tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0))
-    out_row = out_ptr + row.to(tl.int64) * n
-    res_row = res_out_ptr + row.to(tl.int64) * n
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if owner == RANK:
         if HAS_RESIDUAL:
             r = tl.load(res_ptr + row.to(tl.int64) * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for s in tl.static_range(WORLD):
             if s == RANK:
                 acc += bits.to(dtype, bitcast=True).to(tl.float32)
             else:
-                got = _wait_bits(_row_bits(me, slot, s, row, WORLD, ROW_ELEMS), cols, mask)
-                acc += got.to(dtype, bitcast=True).to(tl.float32)
+                src = tl.multiple_of(_row_bits(me, slot, s, row, WORLD, ROW_ELEMS), 16)
+                acc += _wait_bits(src, cols, mask).to(dtype, bitcast=True).to(tl.float32)
         if HAS_RESIDUAL:
             s_row = (acc.to(dtype).to(tl.float32) + r).to(dtype)
         else:
             s_row = acc.to(dtype)
-        xs = s_row.to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(xs * xs, axis=0) / n + eps)
-        tl.store(res_row + cols, s_row, mask=mask)
-        _store_out(out_row + cols, (w * (xs * rstd)).to(dtype), scale_ptr, mask, FP8_OUT, NVFP4_OUT)
-        tl.debug_barrier()  # the row as stored, read back as words to send
-        out_bits = tl.load(out_row.to(tl.pointer_type(tl.int16)) + cols, mask=out_mask, other=0)
-        sum_bits = wire_bits(s_row)
-        out_bits = tl.where(out_bits == _SENTINEL, 0, out_bits)
+        sent = wire_bits(s_row)  # the sum is never -0.0 (a float32 sum from +0.0 is not), so this changes nothing
         for p in tl.static_range(WORLD):
             if p != RANK:
-                dst = _gathered_bits(tl.load(bases_ptr + p), slot, row, GATHER_AT, GATHER_ELEMS)
-                tl.store(dst + cols, sum_bits, mask=mask)
-                tl.store(dst + ROW_ELEMS + cols, out_bits, mask=out_mask)
+                dst = tl.multiple_of(_gathered_bits(tl.load(bases_ptr + p), slot, row, GATHER_AT, ROW_ELEMS), 16)
+                tl.store(dst + cols, sent, mask=mask)
     else:
-        dst = _row_bits(tl.load(bases_ptr + owner), slot, RANK, row, WORLD, ROW_ELEMS)
+        dst = tl.multiple_of(_row_bits(tl.load(bases_ptr + owner), slot, RANK, row, WORLD, ROW_ELEMS), 16)
         tl.store(dst + cols, bits, mask=mask)
-        mine = _gathered_bits(me, slot, row, GATHER_AT, GATHER_ELEMS)
-        sum_bits = _wait_bits(mine, cols, mask)
-        out_bits = _wait_bits(mine + ROW_ELEMS, cols, out_mask)
-        tl.store(res_row + cols, sum_bits.to(dtype, bitcast=True), mask=mask)
-        tl.store(out_row.to(tl.pointer_type(tl.int16)) + cols, out_bits, mask=out_mask)
+        mine = tl.multiple_of(_gathered_bits(me, slot, row, GATHER_AT, ROW_ELEMS), 16)
+        s_row = _wait_bits(mine, cols, mask).to(dtype, bitcast=True)
         tl.store(mine + cols, tl.full((BLOCK,), _SENTINEL, tl.int16), mask=mask)
-        tl.store(mine + ROW_ELEMS + cols, tl.full((BLOCK,), _SENTINEL, tl.int16), mask=out_mask)
+    xs = s_row.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(xs * xs, axis=0) / n + eps)
+    tl.store(res_out_ptr + row.to(tl.int64) * n + cols, s_row, mask=mask)
+    _store_out(out_ptr + row.to(tl.int64) * n + cols, (w * (xs * rstd)).to(dtype), scale_ptr, mask, FP8_OUT,
+               NVFP4_OUT)
     free = (slot + _SLOTS - 1) % _SLOTS
     for s in tl.static_range(WORLD):
         if s != RANK:
-            tl.store(_row_bits(me, free, s, row, WORLD, ROW_ELEMS) + cols, tl.full((BLOCK,), _SENTINEL, tl.int16),
-                     mask=mask)
+            dst = tl.multiple_of(_row_bits(me, free, s, row, WORLD, ROW_ELEMS), 16)
+            tl.store(dst + cols, tl.full((BLOCK,), _SENTINEL, tl.int16), mask=mask)
     for j in tl.static_range(_SPLIT_MAX):  # every copy of the row's counter (the one-shot kernel's layout)
         tl.store(slots_ptr + row * _SPLIT_MAX + j, (slot + 1) % _SLOTS)
 
