@@ -47,6 +47,7 @@ Sign of zero: a partial sum of -0.0 is sent as +0.0, so where every rank's parti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -248,6 +249,39 @@ def push_arguments(peers: PeerRows | None, placeholder: torch.Tensor) -> tuple[t
     return (peers.bases, peers.slots), dict(PUSH=True, RANK=peers.rank, WORLD=peers.world, ROW_ELEMS=ROW_BYTES // 2)
 
 
+class NormCall(NamedTuple):
+    """A fused all-reduce + norm call's host side: the rows of ``x`` and ``residual`` (``r2``, ``x2`` where there is
+    none, never read), the outputs to fill, the scale the kernel reads, and the row width and its block."""
+
+    x2: torch.Tensor
+    r2: torch.Tensor
+    out: torch.Tensor
+    res_out: torch.Tensor
+    scale: torch.Tensor | None
+    n: int
+    block: int
+
+
+def norm_call(x: torch.Tensor, residual: torch.Tensor | None, fp8_scale: torch.Tensor | None,
+              nvfp4_scale: torch.Tensor | None, world: int, who: str) -> NormCall:
+    """Check ``x`` (``supports``) and lay out the call; ``who`` names the function in errors."""
+    ok, why = supports(x, world)
+    if not ok:
+        raise ValueError(f"{who}: {why}")
+    n = x.shape[-1]
+    out_dtype, scale = output_format(n, x.dtype, fp8_scale, nvfp4_scale, who)
+    x2 = x.reshape(-1, n)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    if residual is None:
+        r2 = x2
+    else:
+        r2 = residual.reshape(-1, n)
+        r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
+    m = x2.shape[0]
+    return NormCall(x2, r2, torch.empty((m, n), dtype=out_dtype, device=x.device),
+                    torch.empty((m, n), dtype=x.dtype, device=x.device), scale, n, triton.next_power_of_2(n))
+
+
 def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                         fp8_scale: torch.Tensor | None, peers: PeerRows, pushed: bool = False,
                         nvfp4_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,27 +291,13 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: 
     ``peers`` (every rank's buffer, set up by :func:`init_buffer`). ``pushed``: the kernel that wrote ``x``
     already sent its rows (``push_rows``). Every rank must make the same calls in the same order with the
     same shapes."""
-    ok, why = supports(x, peers.world)
-    if not ok:
-        raise ValueError(f"all_reduce_rms_norm: {why}")
-    n = x.shape[-1]
-    out_dtype, scale = output_format(n, x.dtype, fp8_scale, nvfp4_scale, "all_reduce_rms_norm")
-    x2 = x.reshape(-1, n)
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    if residual is None:
-        r2 = x2  # never read
-    else:
-        r2 = residual.reshape(-1, n)
-        r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
-    m = x2.shape[0]
-    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    res_out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block = triton.next_power_of_2(n)
-    split = ONE_ROW_SPLIT if m == 1 and block >= 32 * ONE_ROW_SPLIT else 1
+    c = norm_call(x, residual, fp8_scale, nvfp4_scale, peers.world, "all_reduce_rms_norm")
+    m = c.x2.shape[0]
+    split = ONE_ROW_SPLIT if m == 1 and c.block >= 32 * ONE_ROW_SPLIT else 1
     _allreduce_rms_norm_kernel[(m * split,)](
-        x2, r2, weight, out, res_out, scale if scale is not None else weight, peers.bases, peers.slots,
-        x2.stride(0), r2.stride(0), n, eps, RANK=peers.rank, WORLD=peers.world, ROW_ELEMS=ROW_BYTES // 2,
-        BLOCK=block, SPLIT=split, HAS_RESIDUAL=residual is not None, FP8_OUT=fp8_scale is not None,
+        c.x2, c.r2, weight, c.out, c.res_out, c.scale if c.scale is not None else weight, peers.bases, peers.slots,
+        c.x2.stride(0), c.r2.stride(0), c.n, eps, RANK=peers.rank, WORLD=peers.world, ROW_ELEMS=ROW_BYTES // 2,
+        BLOCK=c.block, SPLIT=split, HAS_RESIDUAL=residual is not None, FP8_OUT=fp8_scale is not None,
         NVFP4_OUT=nvfp4_scale is not None, PUSHED=pushed,
-        num_warps=_warps(block, scale), **launch_options(x.device))
-    return marked(out.view(x.shape), nvfp4_scale), res_out.view(x.shape)
+        num_warps=_warps(c.block, c.scale), **launch_options(x.device))
+    return marked(c.out.view(x.shape), nvfp4_scale), c.res_out.view(x.shape)

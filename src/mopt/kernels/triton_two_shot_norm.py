@@ -34,10 +34,10 @@ import triton
 import triton.language as tl
 
 from mopt.kernels.triton_allreduce_norm import (
-    _MAX_ROWS, _SENTINEL, _SLOTS, _SPLIT_MAX, MAX_ROWS, ROW_BYTES, PeerRows, _row_bits, gather_offset, supports_rows,
+    _MAX_ROWS, _SENTINEL, _SLOTS, _SPLIT_MAX, MAX_ROWS, ROW_BYTES, PeerRows, _row_bits, gather_offset, norm_call,
     wire_bits,
 )
-from mopt.kernels.triton_glue import _store_out, _warps, marked, output_format
+from mopt.kernels.triton_glue import _store_out, _warps, marked
 from mopt.kernels.triton_pdl import launch_options, pdl_prologue
 
 
@@ -114,44 +114,22 @@ def _two_shot_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, scale
         tl.store(slots_ptr + row * _SPLIT_MAX + j, (slot + 1) % _SLOTS)
 
 
-def supports(x: torch.Tensor, world: int) -> tuple[bool, str]:
-    """Whether the kernel takes ``x [..., n]`` (the partial sums) over ``world`` ranks, and why not."""
-    n = x.shape[-1]
-    ok, why = supports_rows(x.numel() // max(n, 1), n, x.dtype, world)
-    if ok and world < 2:
-        return False, "one rank: nothing to reduce"
-    return ok, why
-
-
 def two_shot_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                       fp8_scale: torch.Tensor | None, peers: PeerRows,
                       nvfp4_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """What ``triton_allreduce_norm.all_reduce_rms_norm`` returns for the same arguments (without a producer
-    push), the same bits but the sign of a zero, summed in two shots. Every rank must make the same calls in
-    the same order with the same shapes."""
-    ok, why = supports(x, peers.world)
-    if not ok:
-        raise ValueError(f"two_shot_rms_norm: {why}")
-    n = x.shape[-1]
-    out_dtype, scale = output_format(n, x.dtype, fp8_scale, nvfp4_scale, "two_shot_rms_norm")
-    x2 = x.reshape(-1, n)
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    if residual is None:
-        r2 = x2  # never read
-    else:
-        r2 = residual.reshape(-1, n)
-        r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
-    m = x2.shape[0]
-    out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    res_out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block = triton.next_power_of_2(n)
-    _two_shot_rms_norm_kernel[(m,)](
-        x2, r2, weight, out, res_out, scale if scale is not None else weight, peers.bases, peers.slots,
-        x2.stride(0), r2.stride(0), n, eps, RANK=peers.rank, WORLD=peers.world, ROW_ELEMS=ROW_BYTES // 2,
-        GATHER_AT=gather_offset(peers.world), BLOCK=block, HAS_RESIDUAL=residual is not None,
-        FP8_OUT=fp8_scale is not None, NVFP4_OUT=nvfp4_scale is not None, num_warps=_warps(block, scale),
+    push), bit for bit, summed in two shots. Every rank must make the same calls in the same order with the
+    same shapes."""
+    if peers.world < 2:
+        raise ValueError("two_shot_rms_norm: one rank: nothing to reduce")
+    c = norm_call(x, residual, fp8_scale, nvfp4_scale, peers.world, "two_shot_rms_norm")
+    _two_shot_rms_norm_kernel[(c.x2.shape[0],)](
+        c.x2, c.r2, weight, c.out, c.res_out, c.scale if c.scale is not None else weight, peers.bases, peers.slots,
+        c.x2.stride(0), c.r2.stride(0), c.n, eps, RANK=peers.rank, WORLD=peers.world, ROW_ELEMS=ROW_BYTES // 2,
+        GATHER_AT=gather_offset(peers.world), BLOCK=c.block, HAS_RESIDUAL=residual is not None,
+        FP8_OUT=fp8_scale is not None, NVFP4_OUT=nvfp4_scale is not None, num_warps=_warps(c.block, c.scale),
         **launch_options(x.device))
-    return marked(out.view(x.shape), nvfp4_scale), res_out.view(x.shape)
+    return marked(c.out.view(x.shape), nvfp4_scale), c.res_out.view(x.shape)
 
 
-__all__ = ["MAX_ROWS", "supports", "two_shot_rms_norm"]
+__all__ = ["MAX_ROWS", "two_shot_rms_norm"]
