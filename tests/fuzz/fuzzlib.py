@@ -3,17 +3,16 @@ inputs (configs, headers, requests), and "a mopt error with a message, or a corr
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
-import signal
 from typing import Any, Callable, Iterator
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from mopt.errors import MoptError
+from time_limit import time_limit
 
 
 def fuzz_settings(max_examples: int) -> settings:
@@ -90,25 +89,10 @@ def dumps(value: Any) -> str:
     return text.replace(json.dumps(HUGE_INT), "1" * 5000)
 
 
-@contextlib.contextmanager
-def time_limit(seconds: int) -> Iterator[None]:
-    """Fail an example that runs longer than ``seconds`` (a hang is a failure too)."""
-    def expire(signum, frame):
-        raise TimeoutError(f"fuzz example ran longer than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def outcome(call: Callable[[], Any], seconds: int = 30) -> Any:
     """The oracle: ``call()``'s result, or the ``MoptError`` it raised (which must say something).
     Any other exception propagates and fails the example."""
-    with time_limit(seconds):
+    with time_limit(seconds, "fuzz example still running"):
         try:
             return call()
         except MoptError as e:

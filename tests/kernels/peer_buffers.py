@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
-
 import pytest
 import torch
 
@@ -57,22 +53,3 @@ class Buffers:
         for r in range(partial.shape[0]):
             self.row(to, slot, source, r, partial.shape[1]).copy_(torch.where(partial[r] == 0, 0.0, partial[r]))
 
-
-@contextlib.contextmanager
-def deadline(seconds: float):
-    """Fail instead of hanging where a kernel under the interpreter would wait forever for a peer's row (a
-    slot or mask bug): the interpreter's wait loop is Python, so the alarm's exception ends it."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
-        return
-
-    def expired(signum, frame):
-        raise TimeoutError(f"still waiting for a peer's row after {seconds} s: a slot the test never filled")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)

@@ -105,7 +105,7 @@ class OneShotRMSNorm:
 
     def two_shot(self, rows: int) -> bool:
         """Whether a call of ``rows`` rows sums in two shots (shapes alone decide, so every rank agrees)."""
-        return 0 < self.two_shot_rows <= rows and self.world > 1
+        return 0 < self.two_shot_rows <= rows
 
     def pushed(self, y: torch.Tensor) -> None:
         """A kernel sent ``y``'s rows through :meth:`push_peers`; the next call takes ``y``."""
