@@ -124,7 +124,7 @@ def test_group_routes_sums(shape, op, to_one_shot):
 
 
 @pytest.mark.parametrize("variable,value", [("MOPT_TP_ONE_SHOT_BYTES", "lots"), ("MOPT_TP_FUSED_NORM", "on"),
-                                            ("MOPT_TP_GEMV_PUSH", "true")])
+                                            ("MOPT_TP_GEMV_PUSH", "true"), ("MOPT_TP_TWO_SHOT_ROWS", "-4")])
 def test_a_bad_setting_fails_before_any_process_starts(monkeypatch, variable, value):
     from mopt.engine import tp_runtime
     from mopt.engine.dummy import tiny_preset_config
