@@ -169,6 +169,8 @@ KERNELS = [
       dict(A_ROWWISE=True, B_ROWWISE=True, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, DOT=True, **UNGATED),
       dict(A_ROWWISE=False, B_ROWWISE=True, HAS_BIAS=False, BLOCK_M=32, BLOCK_N=16, BLOCK_K=256, DOT=True,
            PDL=False, **UNGATED),
+      dict(A_ROWWISE=False, B_ROWWISE=True, HAS_BIAS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, DOT=True,
+           **UNGATED),
       dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=2048, DOT=False,
            GATED=False, DTYPE=triton.language.bfloat16, FP8_OUT=False, **PUSH_2),
       dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, DOT=True,
@@ -178,6 +180,8 @@ KERNELS = [
      [dict(A_ROWWISE=False, B_ROWWISE=True, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=2048, DOT=False,
            FP8_OUT=True, **GATED),
       dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, DOT=True,
+           FP8_OUT=True, **GATED),
+      dict(A_ROWWISE=False, B_ROWWISE=True, HAS_BIAS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, DOT=True,
            FP8_OUT=True, **GATED)], "gated, E4M3 out"),
     (tg._gemv_kernel,
      _gemv(P_BF16, P_BF16, P_BF16),
@@ -269,6 +273,8 @@ def main() -> int:
         for variant in variants:
             constexprs = {k: v for k, v in variant.items() if k != "num_warps"}
             options = {"num_warps": variant["num_warps"]} if "num_warps" in variant else {}
+            if "IMPRECISE" in fn.arg_names and "BLOCK_K" in constexprs:  # as the GEMVs launch it
+                constexprs.setdefault("IMPRECISE", min(128, constexprs["BLOCK_K"]))
             if "PDL" in fn.arg_names:  # decode-path kernels: compiled as the GPU launches them, with PDL
                 constexprs.setdefault("PDL", True)
                 options["launch_pdl"] = constexprs["PDL"]

@@ -9,13 +9,15 @@ before it, or by ``triton_quant``); unquantized layers take the activations as t
 
 Two inner loops, picked by the tile config:
 
-* ``DOT``: M rows, padded to 16 and a power of two (``BLOCK_M``, up to 64; 32 for E4M3 weights, see
-  ``FP8_MAX_M``), against ``BLOCK_N`` weight rows on the tensor cores;
+* ``DOT``: M rows, padded to 16 and a power of two (``BLOCK_M``, up to 64), against ``BLOCK_N`` weight rows
+  on the tensor cores;
 * FMA (``M == 1``): products summed in float32 on the CUDA cores, ``BLOCK_N x BLOCK_K`` per step.
 
 Both sum exact products in float32 (E4M3 x E4M3 and BF16 x BF16 fit in float32), in another order
-than the reference's GEMM. Scales: ``a_scale`` scalar or per row ``[M]``; ``w_scale`` scalar or
-per output row ``[N]``.
+than the reference's GEMM, except 64-row E4M3 tiles (WGMMA, E4M3 weights at 17-64 tokens): they sum up to
+``PROMOTE_EVERY`` products in Hopper's narrower FP8 accumulator before each promotion into float32, as
+cuBLASLt's FP8 GEMM does. Scales: ``a_scale`` scalar or per row ``[M]``; ``w_scale`` scalar or per output
+row ``[N]``.
 
 ``silu_gated_gemv`` runs a fused gate/up projection and the SiLU-gated product after it in one kernel:
 each program takes matching gate and up rows, rounds both outputs to the activation dtype and
@@ -46,6 +48,7 @@ class GemvTiles:
     num_warps: int
     num_stages: int
     dot: bool
+    block_m: int = 0  # 0: the rows padded to 16 and a power of two
 
 
 @triton.jit
@@ -54,7 +57,7 @@ def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_sc
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  DOT: tl.constexpr, GATED: tl.constexpr, DTYPE: tl.constexpr, FP8_OUT: tl.constexpr,
                  PUSH: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, ROW_ELEMS: tl.constexpr,
-                 PDL: tl.constexpr):
+                 IMPRECISE: tl.constexpr, PDL: tl.constexpr):
     """``GATED``: ``b`` holds ``2N`` rows, gate then up; a program takes ``BLOCK_N`` of each and writes
     ``silu(gate) * up`` as ``triton_glue.silu_mul`` computes it from the GEMV's ``DTYPE`` output.
     ``PUSH``: the output tile also goes to the peers' fused all-reduce buffers (``push_rows``)."""
@@ -76,12 +79,12 @@ def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_sc
         b, b_up = _weight_tile(b_rows, up_rows, 0, n_ok, K, BLOCK_K, GATED)
         pdl_wait(PDL)
         acc, acc_up, acc1, acc1_up = _gemv_step(a_ptr, b, b_up, 0, offs_m, m_ok, K, stride_am, acc, acc_up, acc1,
-                                                acc1_up, BLOCK_K, DOT, GATED)
+                                                acc1_up, BLOCK_K, DOT, GATED, IMPRECISE)
         start = BLOCK_K
     for k0 in range(start, K, BLOCK_K):
         b, b_up = _weight_tile(b_rows, up_rows, k0, n_ok, K, BLOCK_K, GATED)
         acc, acc_up, acc1, acc1_up = _gemv_step(a_ptr, b, b_up, k0, offs_m, m_ok, K, stride_am, acc, acc_up, acc1,
-                                                acc1_up, BLOCK_K, DOT, GATED)
+                                                acc1_up, BLOCK_K, DOT, GATED, IMPRECISE)
     if not DOT:
         acc = acc1[None, :]
         acc_up = acc1_up[None, :]
@@ -120,16 +123,17 @@ def _weight_tile(b_rows, up_rows, k0, n_ok, K, BLOCK_K: tl.constexpr, GATED: tl.
 
 @triton.jit
 def _gemv_step(a_ptr, b, b_up, k0, offs_m, m_ok, K, stride_am, acc, acc_up, acc1, acc1_up, BLOCK_K: tl.constexpr,
-               DOT: tl.constexpr, GATED: tl.constexpr):
-    """Adds one K tile's products: tensor-core dots into ``acc`` (``DOT``), else FMA sums into ``acc1``."""
+               DOT: tl.constexpr, GATED: tl.constexpr, IMPRECISE: tl.constexpr):
+    """Adds one K tile's products: tensor-core dots into ``acc`` (``DOT``; E4M3 dots promoted into it every
+    ``IMPRECISE`` products), else FMA sums into ``acc1``."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     k_ok = offs_k < K
     if DOT:
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                     other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc)
+        acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=IMPRECISE)
         if GATED:
-            acc_up = tl.dot(a, tl.trans(b_up), acc_up)
+            acc_up = tl.dot(a, tl.trans(b_up), acc_up, max_num_imprecise_acc=IMPRECISE)
     else:
         a = tl.load(a_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         acc1 += tl.sum(b.to(tl.float32) * a[None, :], axis=1)
@@ -148,13 +152,13 @@ def _finish(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, m_ok, n_ok,
     return out
 
 
-MAX_M = 64  # 16-bit weights
-FP8_MAX_M = 32  # E4M3 dots of 64 rows compile to Hopper's WGMMA, whose FP8 sums are not float32 (~3e-3 off)
-
-
-def max_rows(itemsize: int) -> int:
-    """The most rows (tokens) the kernel takes for weights of ``itemsize`` bytes."""
-    return FP8_MAX_M if itemsize == 1 else MAX_M
+MAX_M = 64
+# Hopper's WGMMA (64-row E4M3 dots) sums FP8 products in a narrower accumulator than float32: ~3e-3 relative
+# over K = 4096 when left alone; promoted into the float32 one every 128 products, as cuBLASLt's FP8 GEMM
+# does, 1.3e-4 relative to float32 sums at any K, as cuBLASLt's (bench/results/sweep-fp8-gemv-rows-h200-2026-11-27.txt).
+# mma.sync (up to 32 rows) keeps float32 and ignores it.
+PROMOTE_EVERY = 128
+FP8_WGMMA_PROGRAMS = 192  # the fewest programs an E4M3 64-row launch takes larger tiles for (gemv_tiles)
 
 
 def gemv_tiles(m: int, n: int, k: int, itemsize: int = 1) -> GemvTiles:
@@ -164,17 +168,27 @@ def gemv_tiles(m: int, n: int, k: int, itemsize: int = 1) -> GemvTiles:
     earlier 1 KiB rows it took the per-rank layers of two 3.2 us (FP8) and 5.7 us (BF16) less per
     Llama-3-8B layer (4096x7168 FP8: 13.3 -> 12.1 us; 6144x4096 FP8, the one shape it loses: 10.3 ->
     11.0). Loading each next tile before summing the current one was slower everywhere. M=16
-    (2026-11-26): one config within 3.4% of each shape's best. M=32 and 64 (2026-11-26, H100): within
-    3-5% of each shape's best; BF16 at M=64 equal to cuBLAS or up to 9% faster (4096x7168: 25.2 us, cuBLAS 27.6 with its
-    split-K reduction), FP8 at M=32 slower than cuBLAS (4096x4096: 12.6 us, ``_scaled_mm`` 9.1). 16-bit
-    weights take tiles of the same bytes (half the K), except at M <= 32 where twice the rows were best."""
+    (2026-11-26): one config within 3.4% of each shape's best. 16-bit weights at M=32 and 64 (2026-11-26,
+    H100): within 3-5% of each shape's best; BF16 at M=64 equal to cuBLAS or up to 9% faster (4096x7168:
+    25.2 us, cuBLAS 27.6 with its split-K reduction). 16-bit weights take tiles of the same bytes (half
+    the K), except at M <= 32 where twice the rows were best.
+
+    E4M3 weights at 17-64 rows run 64-row WGMMA tiles (an H200 sweep, 2026-11-27,
+    ``bench/sweep_fp8_gemv_rows.py``): the best tiles stream ``n`` in about 192-224 programs, 32 rows of
+    256 K for the narrow layers, 64 or 128 rows of 128 K for gate/up (28672x4096: 32.7 us against 48.2 for
+    64x256 tiles; 4096x4096: 10.8 against 12.7). ``n`` is the output columns a launch spreads over its
+    programs (a SiLU-gated launch's half)."""
     if m == 1:
         return GemvTiles(block_n=8, block_k=2048 // itemsize, num_warps=8, num_stages=5, dot=False)
     if m <= 16:
         return GemvTiles(block_n=32, block_k=512 // itemsize, num_warps=4, num_stages=5, dot=True)
-    if m <= 32:
-        return GemvTiles(block_n=16 * itemsize, block_k=256, num_warps=4, num_stages=5, dot=True)
-    return GemvTiles(block_n=64, block_k=256 // itemsize, num_warps=4, num_stages=5, dot=True)
+    if itemsize == 1:
+        block_n = next((rows for rows in (128, 64) if n // rows >= FP8_WGMMA_PROGRAMS), 32)
+        return GemvTiles(block_n=block_n, block_k=128 if block_n > 32 else 256, num_warps=4,
+                         num_stages=3 if block_n == 128 else 5, dot=True, block_m=64)
+    if m <= 32:  # 16-bit weights from here on
+        return GemvTiles(block_n=32, block_k=256, num_warps=4, num_stages=5, dot=True)
+    return GemvTiles(block_n=64, block_k=128, num_warps=4, num_stages=5, dot=True)
 
 
 GATED_SHARED_BYTES = 200 * 1024  # of the H100's 227 KiB; stages change no sum, only how far loads run ahead
@@ -188,15 +202,17 @@ def _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles, gated=False, fp8_sca
             raise ValueError("gemv: only a plain output (not SiLU-gated, not E4M3 codes) can be pushed as partial sums")
         triton_allreduce_norm.check_push(push, m, n, out_dtype)
     push_pointers, push_constants = triton_allreduce_norm.push_arguments(push, b_scale)
-    if m > max_rows(b.element_size()):
-        raise ValueError(f"gemv: M={m} > {max_rows(b.element_size())} for {b.dtype} weights; use a GEMM")
+    if m > MAX_M:
+        raise ValueError(f"gemv: M={m} > {MAX_M}; use a GEMM")
     if gated and b.shape[0] % 2:
         raise ValueError(f"gated gemv: the weight's {b.shape[0]} rows are not gate and up halves")
-    t = tiles or gemv_tiles(m, b.shape[0], k, b.element_size())  # the ungated GEMV's tiles: the same sums
+    t = tiles or gemv_tiles(m, n, k, b.element_size())
     if m > 1 and not t.dot:
         raise ValueError(f"gemv: the FMA loop takes one row, got M={m}")
     out = torch.empty((m, n), dtype=fp8.FP8_DTYPE if fp8_scale is not None else out_dtype, device=a.device)
-    block_m = max(16, triton.next_power_of_2(m)) if t.dot else 1
+    block_m = (t.block_m or max(16, triton.next_power_of_2(m))) if t.dot else 1
+    if block_m < m:
+        raise ValueError(f"gemv: tiles of {block_m} rows for M={m}")
     stages = t.num_stages
     if gated and t.dot:  # two weight tiles a stage: fewer stages where the plain GEMV's would overflow
         stage_bytes = (block_m + 2 * t.block_n) * t.block_k * b.element_size()
@@ -208,14 +224,14 @@ def _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles, gated=False, fp8_sca
             b.stride(0), out.stride(0), A_ROWWISE=a_scale.numel() > 1, B_ROWWISE=b_scale.numel() > 1,
             HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, DOT=t.dot,
             GATED=gated, DTYPE=TL_DTYPES[out_dtype], FP8_OUT=fp8_scale is not None, **push_constants,
-            num_warps=t.num_warps, num_stages=stages, **launch_options(a.device))
+            IMPRECISE=min(PROMOTE_EVERY, t.block_k), num_warps=t.num_warps, num_stages=stages, **launch_options(a.device))
     return out
 
 
 def fp8_gemv(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
              bias: torch.Tensor | None, out_dtype: torch.dtype, tiles: GemvTiles | None = None,
              push: triton_allreduce_norm.PeerRows | None = None) -> torch.Tensor:
-    """``a [M, K]`` E4M3 codes (M <= FP8_MAX_M, rows contiguous), ``b [N, K]`` E4M3 -> ``[M, N]`` in ``out_dtype``.
+    """``a [M, K]`` E4M3 codes (M <= MAX_M, rows contiguous), ``b [N, K]`` E4M3 -> ``[M, N]`` in ``out_dtype``.
     ``push``: also send the output rows to the peers' fused all-reduce (``triton_allreduce_norm.push_rows``)."""
     return _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles, push=push)
 
