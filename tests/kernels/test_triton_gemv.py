@@ -160,13 +160,13 @@ def test_silu_gated_gemv_gpu(n, k, weights, m, rowwise, fp8_out):
     assert torch.equal(fused.view(torch.uint8) if fp8_out else fused, unfused.view(torch.uint8) if fp8_out else unfused)
 
 
-@pytest.mark.parametrize("per_row,m,fused", [(True, 1, True), (True, 32, True), (True, 33, False),
+@pytest.mark.parametrize("per_row,m,fused", [(True, 1, True), (True, 16, True), (True, 17, False),
                                              (False, 16, True), (False, 17, False)])
 @pytest.mark.parametrize("codes_in,fp8_out", [(False, False), (True, True)])
 def test_fp8_kernels_fuse_the_silu_within_the_gemv_rows(per_row, m, fused, codes_in, fp8_out):
     """hopper-fp8's ``apply_silu_gated`` (gate/up + SiLU in one kernel) gives the bits of ``apply`` followed
-    by the SiLU kernel, for activations or E4M3 codes in, activations or E4M3 codes out; beyond the
-    GEMV's rows it declines (None) and the model runs the two."""
+    by the SiLU kernel, for activations or E4M3 codes in, activations or E4M3 codes out; beyond
+    ``FP8_SILU_GATED_MAX_M`` tokens it declines (None) and the model runs the two."""
     from mopt.kernels import triton_glue
 
     device = triton_device(False)
@@ -202,10 +202,10 @@ def test_16bit_gemv_kernel_fuses_the_silu(m, fused):
     assert torch.equal(got, triton_glue.silu_mul(kernel.apply(layer, x, None)))
 
 
-@pytest.mark.parametrize("per_row,m,engine", [(True, 32, "gemv"), (True, 33, "cublas"), (False, 16, "gemv"),
-                                              (False, 17, "cublas")])
+@pytest.mark.parametrize("per_row,m,engine", [(True, 33, "gemv"), (True, 64, "gemv"), (True, 65, "cublas"),
+                                              (False, 16, "gemv"), (False, 17, "cublas")])
 def test_hopper_fp8_rows_by_weight_scale(monkeypatch, per_row, m, engine):
-    """hopper-fp8 keeps FP8 layers on the GEMV up to 16 tokens, or 32 where the weight scale is per row
+    """hopper-fp8 keeps FP8 layers on the GEMV up to 16 tokens, or 64 where the weight scale is per row
     (cuBLASLt's rowwise GEMM being the slower one); cuBLASLt above. The GEMV's result is the reference's."""
     device = triton_device(False)
     layer = canonical_layer(S.FP8_TENSOR, 64, 256)

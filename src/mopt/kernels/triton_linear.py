@@ -43,13 +43,20 @@ from mopt.quant.formats.fp8 import FP8_DTYPE
 # Rows (tokens) up to which the decode GEMV runs, cuBLAS above; from sweeps and end-to-end decode (2026-11-26,
 # bench/results/gemv-m64-h100-2026-11-26.txt, sweep-fp8-rowwise-h100-2026-11-26.txt, gemv-bf16-m64-h200x2-2026-11-26.txt):
 # BF16 up to 32. At 64 the GEMV gave Llama-3-8B decode +2.2% over cuBLAS on one H100, but on 2x H200 (same run)
-# -0.4% at TP=1 and -6.7% at TP=2, whose per-rank matrices are half as large (at 32: +0.4% and +0.7%). FP8 up to 16 where the weight has one
-# scale (the exact GEMV is slower than _scaled_mm at 32 and 64 rows), up to 32 where it has one per output
-# row (fused shards keeping their own scales, per-channel checkpoints): cuBLASLt's rowwise GEMM costs more
-# (Llama-3-8B qkv per rank of two at M=32: 15.0 us, one-scale 7.7, the GEMV 12.3).
+# -0.4% at TP=1 and -6.7% at TP=2, whose per-rank matrices are half as large (at 32: +0.4% and +0.7%). FP8 up to
+# 16 where the weight has one scale: above, cuBLASLt's one-scale GEMM streams faster than the GEMV (H200,
+# 2026-11-27, bench/results/sweep-fp8-gemv-rows-h200-2026-11-27.txt: 4096x14336 at 64 rows 18.3 us, the GEMV's
+# best 30.1). Up to 64 where it has one per output row (fused shards keeping their own scales, per-channel
+# checkpoints): cuBLASLt's rowwise GEMM costs 1.3-2.3x its one-scale GEMM, and the GEMV's 64-row tiles take
+# 0.65-0.85x its time (3072x4096: 10.7 us against 15.1; 28672x4096: 32.7 against 44.1).
 BF16_GEMV_MAX_M = 32
 FP8_GEMV_MAX_M = 16
-FP8_ROWWISE_GEMV_MAX_M = 32
+FP8_ROWWISE_GEMV_MAX_M = 64
+# The SiLU-gated FP8 GEMV up to 16 tokens only: on its 64-row tiles (17-64 tokens) it took Llama-3-8B decode at
+# TP=2 from 10851 / 20431 tok/s (gate/up on the plain GEMV, then the SiLU kernel) to 9703 / 19048 at batch
+# 32 / 64 (2x H100, bench/results/fp8-gemv-rows-h100x2-2026-11-27-gated.txt): with two weight tiles a stage
+# one program fills an SM's shared memory, where the plain GEMV's two share it.
+FP8_SILU_GATED_MAX_M = 16
 ROWWISE_SCALE_ROWS = 1024  # static activation scales expanded once for the rowwise GEMM, sliced per call
 # NVFP4 from 2 tokens up to here on the weight-decoding MMA kernel: on an H200 (2026-11-26,
 # bench/results/sweep-nvfp4-mma-h200-2026-11-26.txt, Llama-3-8B shapes whole and per rank of two) 1.04-2.26x
@@ -159,14 +166,14 @@ class _Fp8Base(_CudaKernel):
 
 
 class _Fp8SiluOnGemv:
-    """``apply_silu_gated`` for FP8 kernels whose decode GEMV runs ``layer`` up to ``fp8_gemv_rows`` tokens."""
+    """``apply_silu_gated`` for FP8 kernels whose decode GEMV runs ``layer``, up to ``FP8_SILU_GATED_MAX_M`` tokens."""
 
     def silu_gated_rows(self, layer):
-        return fp8_gemv_rows(layer)
+        return min(FP8_SILU_GATED_MAX_M, fp8_gemv_rows(layer))
 
     def apply_silu_gated(self, layer, x, bias, fp8_scale):
         x2, restore = flatten_tokens(x)
-        if x2.shape[0] > fp8_gemv_rows(layer):
+        if x2.shape[0] > self.silu_gated_rows(layer):
             return None
         if x2.dtype == FP8_DTYPE:  # already quantized under layer.input_scale
             xq, x_scale, out_dtype = x2, layer.input_scale.reshape(1), layer.params_dtype
