@@ -1,8 +1,8 @@
 """FP8 layers at 17-64 tokens (batch-32/64 decode): the decode GEMV, whose 64-row E4M3 dots now promote their
 sums into float32 every 128 products, against cuBLASLt's ``_scaled_mm`` as ``triton_linear`` calls it (one
 scale: per-tensor; rowwise: fused shards keeping their own weight scales, the per-row GEMM that costs more).
-Llama-3-8B's layers whole and as one rank of two holds them; gate/up also as the SiLU-gated GEMV against
-``_scaled_mm`` + ``silu_mul``. Each timed like ``mopt bench kernels`` (CUDA graph, weight copies larger than
+Llama-3-8B's layers whole and as one rank of two holds them; gate/up also as the SiLU-gated GEMV (over the
+same tile grid at 64 rows) against ``_scaled_mm`` + ``silu_mul``; every config's time goes to the JSON. Each timed like ``mopt bench kernels`` (CUDA graph, weight copies larger than
 L2); the error is against float64 sums of the same codes.
 Usage: PYTHONPATH=src python3 bench/sweep_fp8_gemv_rows.py [OUT.json]"""
 import itertools
@@ -20,7 +20,7 @@ from mopt.quant.formats import fp8
 SHAPES = [(6144, 4096, "qkv"), (4096, 4096, "o"), (28672, 4096, "gate_up"), (4096, 14336, "down"),
           (3072, 4096, "qkv"), (4096, 2048, "o"), (14336, 4096, "gate_up"), (4096, 7168, "down")]
 TILES = [triton_gemv.GemvTiles(bn, bk, w, st, dot=True)
-         for bn, bk, w, st in itertools.product((32, 64, 128), (128, 256), (4,), (3, 4, 5))]
+         for bn, bk, w, st in itertools.product((16, 32, 64, 128), (128, 256), (4,), (3, 4, 5))]
 dev = torch.device("cuda")
 rows = []
 
@@ -57,6 +57,7 @@ for n, k, role in SHAPES:
             default = triton_gemv.gemv_tiles(m, n, k, 1)
             grid = TILES if (m == 64 and rowwise) else [default]
             best = None
+            row["configs"] = []
             for t in grid:
                 try:
                     us = 1e6 * _time([lambda c=c: triton_gemv.fp8_gemv(xq, c[0], xs, pick(c), None, torch.bfloat16, t)
@@ -64,6 +65,7 @@ for n, k, role in SHAPES:
                 except Exception as e:  # out of shared memory for a config
                     print(f"  skip {t}: {type(e).__name__}", file=sys.stderr)
                     continue
+                row["configs"].append(dict(t.__dict__, us=us))
                 if t == default:
                     row["gemv_us"] = us
                 if best is None or us < best[0]:
@@ -80,7 +82,20 @@ for n, k, role in SHAPES:
                                    for c in ws], 20, 5)
                 gated = 1e6 * _time([lambda c=c: triton_gemv.silu_gated_gemv(xq, c[0], xs, pick(c), None,
                                                                             torch.bfloat16) for c in ws], 20, 5)
-                row.update(cublas_silu_us=two, gated_gemv_us=gated)
+                row.update(cublas_silu_us=two, gated_gemv_us=gated, gated_configs=[])
+                for t in grid if len(grid) > 1 else []:
+                    try:
+                        us = 1e6 * _time([lambda c=c: triton_gemv.silu_gated_gemv(xq, c[0], xs, pick(c), None,
+                                                                                 torch.bfloat16, tiles=t)
+                                          for c in ws], 20, 5)
+                    except Exception:  # out of shared memory: two weight tiles a stage
+                        continue
+                    row["gated_configs"].append(dict(t.__dict__, us=us))
+                if row["gated_configs"]:
+                    g_best = min(row["gated_configs"], key=lambda c: c["us"])
+                    row["gated_best_us"] = g_best["us"]
+                    print(f"  gated best {g_best['us']:.1f} us {g_best['block_n']}x{g_best['block_k']} "
+                          f"s{g_best['num_stages']}; plain GEMV best + SiLU kernel ~{best[0] + two - row['cublas_us']:.1f}")
             rows.append(row)
             print(f"{n}x{k} {role:7s} M={m} {'rowwise' if rowwise else 'one-scale'}: cuBLAS {cublas:6.1f} us"
                   f" ({n * k / cublas / 1e6:.2f} TB/s) | GEMV {row.get('gemv_us', float('nan')):6.1f}"
