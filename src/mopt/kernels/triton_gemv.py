@@ -156,7 +156,7 @@ MAX_M = 64
 # Hopper's WGMMA (64-row E4M3 dots) sums FP8 products in a narrower accumulator than float32: ~3e-3 relative
 # over K = 4096 when left alone; promoted into the float32 one every 128 products, as cuBLASLt's FP8 GEMM
 # does, 1.3e-4 relative to float32 sums at any K, as cuBLASLt's (bench/results/sweep-fp8-gemv-rows-h200-2026-11-27.txt).
-# mma.sync (up to 32 rows) keeps float32 and ignores it.
+# mma.sync (tiles of up to 32 rows) keeps float32 and ignores it.
 PROMOTE_EVERY = 128
 FP8_WGMMA_PROGRAMS = 192  # the fewest programs an E4M3 64-row launch takes larger tiles for (gemv_tiles)
 

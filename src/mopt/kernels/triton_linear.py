@@ -47,15 +47,15 @@ from mopt.quant.formats.fp8 import FP8_DTYPE
 # 16 where the weight has one scale: above, cuBLASLt's one-scale GEMM streams faster than the GEMV (H200,
 # 2026-11-27, bench/results/sweep-fp8-gemv-rows-h200-2026-11-27.txt: 4096x14336 at 64 rows 18.3 us, the GEMV's
 # best 30.1). Up to 64 where it has one per output row (fused shards keeping their own scales, per-channel
-# checkpoints): cuBLASLt's rowwise GEMM costs 1.3-2.3x its one-scale GEMM, and the GEMV's 64-row tiles take
-# 0.65-0.85x its time (3072x4096: 10.7 us against 15.1; 28672x4096: 32.7 against 44.1).
+# checkpoints): cuBLASLt's rowwise GEMM costs 1.3-2.1x its one-scale GEMM, and the GEMV's 64-row tiles take
+# 0.6-0.8x its time (3072x4096: 10.7 us against 15.1; 28672x4096: 32.7 against 44.1).
 BF16_GEMV_MAX_M = 32
 FP8_GEMV_MAX_M = 16
 FP8_ROWWISE_GEMV_MAX_M = 64
 # The SiLU-gated FP8 GEMV up to 16 tokens only: on its 64-row tiles (17-64 tokens) it took Llama-3-8B decode at
 # TP=2 from 10851 / 20431 tok/s (gate/up on the plain GEMV, then the SiLU kernel) to 9703 / 19048 at batch
-# 32 / 64 (2x H100, bench/results/fp8-gemv-rows-h100x2-2026-11-27-gated.txt): with two weight tiles a stage
-# one program fills an SM's shared memory, where the plain GEMV's two share it.
+# 32 / 64 (2x H100, bench/results/fp8-gemv-rows-h100x2-2026-11-27-gated.txt). A likely cause, not profiled further:
+# with two weight tiles a stage one gated program fills an SM's shared memory, where two plain ones fit.
 FP8_SILU_GATED_MAX_M = 16
 ROWWISE_SCALE_ROWS = 1024  # static activation scales expanded once for the rowwise GEMM, sliced per call
 # NVFP4 from 2 tokens up to here on the weight-decoding MMA kernel: on an H200 (2026-11-26,
