@@ -18,6 +18,7 @@ from triton.compiler import ASTSource
 from mopt.kernels import triton_allreduce_norm as tan
 from mopt.kernels import triton_argmax as targ
 from mopt.kernels import triton_attention as ta
+from mopt.kernels import triton_prefill_attention as tpa
 from mopt.kernels import triton_gemm as tgm
 from mopt.kernels import triton_gemv as tg
 from mopt.kernels import triton_quant as tq
@@ -100,12 +101,12 @@ KERNELS = [
     (ta._decode_merge_kernel, dict(part_ptr=P_F32, lse_ptr=P_F32, out_ptr=P_BF16, out_scale_ptr=P_F32),
      [dict(NUM_SPLITS=32, D=128, DTYPE=triton.language.bfloat16, FP8_OUT=False, NVFP4_OUT=True)],
      "NVFP4 block values out"),
-    (ta._prefill_kernel, _prefill(P_F8),
+    (tpa._prefill_kernel, _prefill(P_F8),
      [dict(GROUP=4, D=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, FMT=1, AFFINE=False, IEEE=False, FP8_OUT=False)]),
-    (ta._prefill_kernel, _prefill(P_I8),
+    (tpa._prefill_kernel, _prefill(P_I8),
      [dict(GROUP=4, D=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, FMT=2, AFFINE=False, IEEE=False, FP8_OUT=False)],
      "INT8 KV"),
-    (ta._prefill_kernel, _prefill(P_U8),
+    (tpa._prefill_kernel, _prefill(P_U8),
      [dict(GROUP=4, D=128, PAGE=16, BLOCK_M=64, BLOCK_N=64, FMT=3, AFFINE=True, IEEE=False, FP8_OUT=False)],
      "NVFP4 KV"),
     (targ._chunk_max_kernel, dict(x_ptr=P_F32, val_ptr=P_F32, idx_ptr=P_I32, n="i32", stride="i32"),

@@ -25,6 +25,7 @@ from mopt.kernels import paged_attention as ref
 from mopt.quant.formats import fp8
 
 triton_attention = pytest.importorskip("mopt.kernels.triton_attention")
+triton_prefill_attention = pytest.importorskip("mopt.kernels.triton_prefill_attention")
 
 
 
@@ -92,7 +93,7 @@ def _prefill_case(device, dtype, cache_dtype, page, heads, kv_heads, q_lens, con
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
     scale = head_dim ** -0.5
-    got = triton_attention.prefill(q, k_cache, v_cache, tables, lens, qsl, max(q_lens), scale, ks, vs, window or 0)
+    got = triton_prefill_attention.prefill(q, k_cache, v_cache, tables, lens, qsl, max(q_lens), scale, ks, vs, window or 0)
     fp8_cache = cache_dtype == fp8.FP8_DTYPE
     want = ref.paged_attention(q.float(), k_cache if fp8_cache else k_cache.float(),
                                v_cache if fp8_cache else v_cache.float(), tables, lens, qsl, max(q_lens), scale, ks,
@@ -163,8 +164,8 @@ def _fp8_output_case(device, dtype, splits):
     assert codes.dtype == fp8.FP8_DTYPE
     _codes_match(codes, fp8.quantize(plain, scale), exact=INTERPRETED)
     qsl = torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32, device=device)
-    plain = triton_attention.prefill(q, k_cache, v_cache, tables, lens, qsl, 1, 0.125, ks, vs)
-    codes = triton_attention.prefill(q, k_cache, v_cache, tables, lens, qsl, 1, 0.125, ks, vs, out_scale=scale)
+    plain = triton_prefill_attention.prefill(q, k_cache, v_cache, tables, lens, qsl, 1, 0.125, ks, vs)
+    codes = triton_prefill_attention.prefill(q, k_cache, v_cache, tables, lens, qsl, 1, 0.125, ks, vs, out_scale=scale)
     _codes_match(codes, fp8.quantize(plain, scale), exact=INTERPRETED)
 
 

@@ -25,6 +25,7 @@ from mopt.quant.formats import fp8
 from mopt.quant.formats import kv_cache as kv_format
 
 triton_attention = pytest.importorskip("mopt.kernels.triton_attention")
+triton_prefill_attention = pytest.importorskip("mopt.kernels.triton_prefill_attention")
 
 FORMATS = ["FP8", "INT8", "NVFP4", "NVFP4_AFFINE"]
 AMAX = {"k": 6.0, "v": 3.0}  # keys ~N(0, 2), values ~N(0, 1): a few values saturate, as calibrated scales allow
@@ -113,7 +114,7 @@ def _prefill_case(device, dtype, algo, page, heads, kv_heads, q_lens, contexts, 
     qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
     scale = head_dim ** -0.5
     args = (tables, lens, qsl, max(q_lens), scale, ks, vs)
-    got = triton_attention.prefill(q, k_cache, v_cache, *args, packed=packed)
+    got = triton_prefill_attention.prefill(q, k_cache, v_cache, *args, packed=packed)
     want = ref.paged_attention(q.float(), k_cache, v_cache, *args, packed=packed)
     lowp = None if dtype == torch.float32 else ref.paged_attention(q, k_cache, v_cache, *args, packed=packed)
     _check(got, want, dtype, lowp)

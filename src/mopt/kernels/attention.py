@@ -7,7 +7,7 @@ cache (``attend``; decode steps and prefill/extend steps). Layouts are those of
 :class:`AttentionSpec`; the selector walks an ordered list and raises one error listing every reason
 when nothing fits.
 
-* ``triton`` (CUDA): ``kernels.triton_attention``;
+* ``triton`` (CUDA): ``kernels.triton_attention`` (decode) and ``kernels.triton_prefill_attention``;
 * ``reference`` (any device): ``kernels.paged_attention`` in torch.
 
 ``MOPT_BACKEND=reference`` or ``triton`` (the linear layers' override) also picks the attention
@@ -122,15 +122,15 @@ class TritonAttention(AttentionBackend):
 
     def attend(self, q, k_cache, v_cache, meta, scale, k_scale, v_scale, sliding_window, fp8_scale=None,
                packed=None):
-        from mopt.kernels import triton_attention
+        from mopt.kernels import triton_attention, triton_prefill_attention
 
         window = sliding_window or 0
         if meta.max_query_len == 1:
             return triton_attention.decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
                                            k_scale, v_scale, window, out_scale=fp8_scale, packed=packed)
-        return triton_attention.prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                        meta.query_start_loc, meta.max_query_len, scale, k_scale, v_scale, window,
-                                        out_scale=fp8_scale, packed=packed)
+        return triton_prefill_attention.prefill(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                                meta.query_start_loc, meta.max_query_len, scale, k_scale, v_scale,
+                                                window, out_scale=fp8_scale, packed=packed)
 
     def rope_write_attend(self, q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta, scale, k_scale, v_scale,
                           sliding_window, fp8_scale=None, packed=None, nvfp4_scale=None):
