@@ -1,9 +1,10 @@
 """FP8 layers at 17-64 tokens (batch-32/64 decode): the decode GEMV, whose 64-row E4M3 dots now promote their
 sums into float32 every 128 products, against cuBLASLt's ``_scaled_mm`` as ``triton_linear`` calls it (one
 scale: per-tensor; rowwise: fused shards keeping their own weight scales, the per-row GEMM that costs more).
-Llama-3-8B's layers whole and as one rank of two holds them; gate/up also as the SiLU-gated GEMV (over the
-same tile grid at 64 rows) against ``_scaled_mm`` + ``silu_mul``; every config's time goes to the JSON. Each timed like ``mopt bench kernels`` (CUDA graph, weight copies larger than
-L2); the error is against float64 sums of the same codes.
+Llama-3-8B's layers whole and as one rank of two holds them. At 64 rows a tile grid, K split over programs
+(``GemvTiles.split_k``) included; gate/up also as the SiLU-gated GEMV over the unsplit grid, against
+``_scaled_mm`` + ``silu_mul``; every config's time goes to the JSON. Each timed like ``mopt bench kernels``
+(CUDA graph, weight copies larger than L2); the error is against float64 sums of the same codes.
 Usage: PYTHONPATH=src python3 bench/sweep_fp8_gemv_rows.py [OUT.json]"""
 import itertools
 import json
@@ -19,8 +20,10 @@ from mopt.quant.formats import fp8
 # (n, k, role): whole layers, then one rank of two
 SHAPES = [(6144, 4096, "qkv"), (4096, 4096, "o"), (28672, 4096, "gate_up"), (4096, 14336, "down"),
           (3072, 4096, "qkv"), (4096, 2048, "o"), (14336, 4096, "gate_up"), (4096, 7168, "down")]
-TILES = [triton_gemv.GemvTiles(bn, bk, w, st, dot=True)
+TILES = [triton_gemv.GemvTiles(bn, bk, w, st, dot=True, block_m=64)
          for bn, bk, w, st in itertools.product((16, 32, 64, 128), (128, 256), (4,), (3, 4, 5))]
+TILES += [triton_gemv.GemvTiles(bn, bk, 4, 5, dot=True, block_m=64, split_k=sk)  # K split over programs
+          for bn, bk, sk in itertools.product((32, 64), (128, 256), (2, 4))]
 dev = torch.device("cuda")
 rows = []
 
@@ -55,7 +58,7 @@ for n, k, role in SHAPES:
             cublas = 1e6 * _time([lambda c=c: scaled_mm(xq, xs, c[0], pick(c), rowwise) for c in ws], 20, 5)
             row = dict(n=n, k=k, role=role, m=m, rowwise=rowwise, cublas_us=cublas)
             default = triton_gemv.gemv_tiles(m, n, k, 1)
-            grid = TILES if (m == 64 and rowwise) else [default]
+            grid = TILES if (m == 64 and rowwise) else [default]  # (64-row tiles: any M of 17-64 costs the same)
             best = None
             row["configs"] = []
             for t in grid:
@@ -83,7 +86,7 @@ for n, k, role in SHAPES:
                 gated = 1e6 * _time([lambda c=c: triton_gemv.silu_gated_gemv(xq, c[0], xs, pick(c), None,
                                                                             torch.bfloat16) for c in ws], 20, 5)
                 row.update(cublas_silu_us=two, gated_gemv_us=gated, gated_configs=[])
-                for t in grid if len(grid) > 1 else []:
+                for t in (t for t in grid if t.split_k == 1) if len(grid) > 1 else []:
                     try:
                         us = 1e6 * _time([lambda c=c: triton_gemv.silu_gated_gemv(xq, c[0], xs, pick(c), None,
                                                                                  torch.bfloat16, tiles=t)
@@ -99,7 +102,7 @@ for n, k, role in SHAPES:
             rows.append(row)
             print(f"{n}x{k} {role:7s} M={m} {'rowwise' if rowwise else 'one-scale'}: cuBLAS {cublas:6.1f} us"
                   f" ({n * k / cublas / 1e6:.2f} TB/s) | GEMV {row.get('gemv_us', float('nan')):6.1f}"
-                  f" best {best[0]:6.1f} {best[1].block_n}x{best[1].block_k} s{best[1].num_stages}"
+                  f" best {best[0]:6.1f} {best[1].block_n}x{best[1].block_k} s{best[1].num_stages} split{best[1].split_k}"
                   + (f" | rel gemv {row['gemv_rel']:.1e} cublas {row['cublas_rel']:.1e}" if rowwise else "")
                   + (f" | +silu: cuBLAS {row['cublas_silu_us']:.1f} gated GEMV {row['gated_gemv_us']:.1f}"
                      if role == "gate_up" else ""), flush=True)

@@ -62,7 +62,8 @@ def _decode(cache: str) -> dict:
 
 def _gemv(operands: str, out: str, bias: str) -> dict:
     return dict(a_ptr=operands, b_ptr=operands, c_ptr=out, a_scale_ptr=P_F32, b_scale_ptr=P_F32, bias_ptr=bias,
-                out_scale_ptr=P_F32, bases_ptr="*i64", slots_ptr=P_I32, M="i32", N="i32", K="i32", stride_am="i32",
+                out_scale_ptr=P_F32, bases_ptr="*i64", slots_ptr=P_I32, ws_ptr=P_F32, locks_ptr=P_I32, M="i32",
+                N="i32", K="i32", stride_am="i32",
                 stride_bn="i32", stride_cm="i32")
 
 
@@ -172,6 +173,10 @@ KERNELS = [
            PDL=False, **UNGATED),
       dict(A_ROWWISE=False, B_ROWWISE=True, HAS_BIAS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=256, DOT=True,
            **UNGATED),
+      dict(A_ROWWISE=False, B_ROWWISE=True, HAS_BIAS=True, BLOCK_M=64, BLOCK_N=32, BLOCK_K=256, DOT=True,
+           SPLIT_K=4, **UNGATED),
+      dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=64, BLOCK_N=32, BLOCK_K=256, DOT=True,
+           GATED=False, DTYPE=triton.language.bfloat16, FP8_OUT=False, SPLIT_K=2, **PUSH_2),
       dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=8, BLOCK_K=2048, DOT=False,
            GATED=False, DTYPE=triton.language.bfloat16, FP8_OUT=False, **PUSH_2),
       dict(A_ROWWISE=False, B_ROWWISE=False, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=512, DOT=True,
@@ -276,6 +281,8 @@ def main() -> int:
             options = {"num_warps": variant["num_warps"]} if "num_warps" in variant else {}
             if "IMPRECISE" in fn.arg_names and "BLOCK_K" in constexprs:  # as the GEMVs launch it
                 constexprs.setdefault("IMPRECISE", min(128, constexprs["BLOCK_K"]))
+            if fn is tg._gemv_kernel:
+                constexprs.setdefault("SPLIT_K", 1)
             if "PDL" in fn.arg_names:  # decode-path kernels: compiled as the GPU launches them, with PDL
                 constexprs.setdefault("PDL", True)
                 options["launch_pdl"] = constexprs["PDL"]

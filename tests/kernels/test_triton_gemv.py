@@ -56,14 +56,18 @@ def _check_gemv(device, n, k, m, tiles, out_dtype, rowwise):
 
 TILES = {"fma": triton_gemv.GemvTiles(16, 128, 4, 2, dot=False), "dot": triton_gemv.GemvTiles(16, 64, 4, 2, dot=True),
          "fma_steps": triton_gemv.GemvTiles(16, 32, 4, 2, dot=False),  # 3-8 steps of K at these sizes
-         "auto": None}  # gemv_tiles: 64-row tiles for E4M3 weights from 17 rows
+         "auto": None,  # gemv_tiles: 64-row tiles for E4M3 weights from 17 rows
+         "split": triton_gemv.GemvTiles(16, 64, 4, 2, dot=True, split_k=3),  # K tiles in shares of 3, 3, 2 (K=512)
+         "split_empty": triton_gemv.GemvTiles(16, 128, 4, 2, dot=True, split_k=4)}  # K=384: the 4th share empty
 
 
 @pytest.mark.parametrize("n,k,m,variant", [(48, 256, 1, "fma"), (50, 200, 1, "fma"), (48, 256, 1, "dot"),
                                            (48, 256, 1, "fma_steps"), (50, 200, 1, "fma_steps"),
                                            (70, 96, 5, "dot"), (32, 512, 16, "dot"),
                                            (40, 128, 17, "dot"), (32, 64, 32, "dot"), (40, 256, 48, "dot"),
-                                           (32, 320, 64, "dot"), (40, 640, 20, "auto"), (96, 256, 64, "auto")])
+                                           (32, 320, 64, "dot"), (40, 640, 20, "auto"), (96, 256, 64, "auto"),
+                                           (48, 512, 5, "split"), (50, 384, 20, "split_empty"),
+                                           (40, 512, 64, "split")])
 @pytest.mark.parametrize("rowwise", [False, True])
 def test_fp8_gemv_interpreted(n, k, m, variant, rowwise):
     _check_gemv(triton_device(False), n, k, m, TILES[variant], torch.float32, rowwise)
@@ -71,7 +75,8 @@ def test_fp8_gemv_interpreted(n, k, m, variant, rowwise):
 
 @pytest.mark.parametrize("m,dtype,variant", [(1, torch.bfloat16, "fma"), (1, torch.bfloat16, "fma_steps"),
                                              (1, torch.float16, "dot"),
-                                             (7, torch.float16, "dot"), (50, torch.float16, "dot")])
+                                             (7, torch.float16, "dot"), (50, torch.float16, "dot"),
+                                             (9, torch.float16, "split")])
 def test_gemv_16bit_interpreted(m, dtype, variant):
     """Unquantized 16-bit weights (scales 1): float32 sums of exact products, rounded once to the dtype."""
     g = torch.Generator().manual_seed(m)
@@ -80,6 +85,34 @@ def test_gemv_16bit_interpreted(m, dtype, variant):
     got = triton_gemv.gemv(a.to(triton_device(False)), b, bias, TILES[variant])
     want = a.float() @ b.float().t() + bias.float()
     assert got.dtype == dtype and _rel(got, want) <= 4e-3
+
+
+def test_split_k_repeats_its_bits_and_frees_its_counters():
+    """The last program of a tile adds the shares in split order whichever arrives last, and sets the tile's
+    counter back to 0, so a second call (a CUDA graph replay) finds them free and gives the same bits."""
+    from mopt.kernels.triton_weight_prefill import split_k_locks
+
+    device = triton_device(False)
+    g = torch.Generator().manual_seed(11)
+    wq, ws = fp8.quantize_per_channel(torch.randn(96, 512, generator=g))
+    xq, xs = fp8.quantize_per_token(torch.randn(7, 512, generator=g))
+    args = [t.to(device) for t in (xq, wq, xs.reshape(-1), ws.reshape(-1))]
+    first = triton_gemv.fp8_gemv(*args, None, torch.float32, TILES["split"])
+    assert not split_k_locks(device)[:8].any()
+    assert torch.equal(triton_gemv.fp8_gemv(*args, None, torch.float32, TILES["split"]), first)
+
+
+@pytest.mark.parametrize("call", ["gated", "fma", "fp8_out"])
+def test_split_k_is_refused_where_it_does_not_run(call):
+    a, w = torch.zeros(2 if call != "fma" else 1, 256, dtype=fp8.FP8_DTYPE), torch.zeros(64, 256, dtype=fp8.FP8_DTYPE)
+    one = torch.ones(1)
+    with pytest.raises(ValueError, match="split K runs the plain tensor-core GEMV only"):
+        if call == "fma":
+            triton_gemv.fp8_gemv(a, w, one, one, None, torch.float32,
+                                 triton_gemv.GemvTiles(8, 128, 4, 2, dot=False, split_k=2))
+        else:
+            triton_gemv.silu_gated_gemv(a, w, one, one, None, torch.float32, one if call == "fp8_out" else None,
+                                        TILES["split"])
 
 
 def test_fp8_gemv_rejects_large_m():
@@ -243,3 +276,19 @@ def test_fp8_gemv_gpu(n, k, m, rowwise):
     device = triton_device(True)
     _check_gemv(device, n, k, m, None, torch.float32, rowwise)
     _check_gemv(device, n, k, m, None, torch.bfloat16, rowwise)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(4096, 14336), (4096, 7168), (4096, 2048)])
+@pytest.mark.parametrize("m,split", [(17, 2), (64, 4)])
+def test_split_k_gemv_gpu(n, k, m, split):
+    """K split over programs on 64-row E4M3 tiles: as accurate as the unsplit tiles, the same bits every call."""
+    device = triton_device(True)
+    tiles = triton_gemv.GemvTiles(32, 256, 4, 5, dot=True, block_m=64, split_k=split)
+    _check_gemv(device, n, k, m, tiles, torch.float32, True)
+    g = torch.Generator().manual_seed(n + m)
+    wq, ws = fp8.quantize_per_channel(torch.randn(n, k, generator=g))
+    xq, xs = fp8.quantize_per_tensor(torch.randn(m, k, generator=g))
+    args = [t.to(device) for t in (xq, wq, xs.reshape(1), ws.reshape(-1))]
+    first = triton_gemv.fp8_gemv(*args, None, torch.bfloat16, tiles)
+    assert all(torch.equal(triton_gemv.fp8_gemv(*args, None, torch.bfloat16, tiles), first) for _ in range(10))

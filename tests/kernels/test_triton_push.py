@@ -78,6 +78,11 @@ def test_gemv_sends_its_rows_where_the_counters_say(kernel, m, k):
     y = impl.apply(layer, x, None)
     assert torch.equal(y, plain)  # pushing changes nothing the layer returns
     assert len(norm.sent) == 1 and norm.sent[0].data_ptr() == y.data_ptr()
+    _check_sent(buffers, counters, y, m, n)
+
+
+def _check_sent(buffers: Buffers, counters: list[int], y: torch.Tensor, m: int, n: int) -> None:
+    """Rank 1's rows of ``y`` sit in rank 0's buffer at the slots ``counters`` name, and nowhere else."""
     sentinel = torch.full((n,), tan.SENTINEL_BITS, dtype=torch.int16)
     for r in range(m):
         for slot in range(3):
@@ -89,6 +94,27 @@ def test_gemv_sends_its_rows_where_the_counters_say(kernel, m, k):
         for slot in range(3):  # nothing into the rank's own buffer
             assert torch.equal(buffers.row(1, slot, 0, r, n).view(torch.int16), sentinel)
     assert buffers.next_slot(1, 0) == counters[0]  # the counters are the fused kernel's to move
+
+
+@pytest.mark.parametrize("m,k,split", [(5, 512, 4), (20, 384, 4)])  # K tiles 8 over 4 programs; 3 over 4 (one empty)
+def test_a_split_k_gemv_pushes_each_row_from_the_last_program_of_its_tile(m, k, split):
+    """With K split across programs (``GemvTiles.split_k``) the program that finishes a tile pushes it, once."""
+    from mopt.quant.formats import fp8
+
+    device = triton_device(False)
+    n = 48
+    g = torch.Generator().manual_seed(m + k)
+    wq, ws = fp8.quantize_per_tensor(torch.randn(n, k, generator=g))
+    xq, xs = fp8.quantize_per_tensor(torch.randn(m, k, generator=g))
+    args = (xq.to(device), wq.to(device), xs.reshape(1), ws.reshape(1), None, DTYPE,
+            triton_gemv.GemvTiles(16, 128, 4, 2, dot=True, split_k=split))
+    plain = triton_gemv.fp8_gemv(*args)
+    buffers = Buffers(2, device)
+    counters = [(r * 2 + 1) % 3 for r in range(m)]
+    buffers.counters(1)[:m] = torch.tensor(counters, dtype=torch.int32)[:, None]
+    y = triton_gemv.fp8_gemv(*args, push=buffers.peers(1))
+    assert torch.equal(y, plain)
+    _check_sent(buffers, counters, y, m, n)
 
 
 @pytest.mark.parametrize("kernel,m", [("gemv", 2), ("fp8", 1), ("nvfp4", 1), ("nvfp4", 3)])

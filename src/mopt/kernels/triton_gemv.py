@@ -19,6 +19,10 @@ than the reference's GEMM, except 64-row E4M3 tiles (WGMMA, E4M3 weights at 17-6
 cuBLASLt's FP8 GEMM does. Scales: ``a_scale`` scalar or per row ``[M]``; ``w_scale`` scalar or per output
 row ``[N]``.
 
+The plain tensor-core loop can also split K over programs (``GemvTiles.split_k``; the last program of each
+output tile adds the shares in split order, so the bits do not depend on timing). ``gemv_tiles`` does not
+pick it yet: no GPU has timed it (``bench/sweep_fp8_gemv_rows.py`` sweeps it).
+
 ``silu_gated_gemv`` runs a fused gate/up projection and the SiLU-gated product after it in one kernel:
 each program takes matching gate and up rows, rounds both outputs to the activation dtype and
 finishes as ``triton_glue.silu_mul`` does (optionally as the down projection's E4M3 codes), so the
@@ -38,6 +42,7 @@ from mopt.kernels.triton_allreduce_norm import push_rows
 from mopt.kernels.triton_gemm import scale_tile
 from mopt.kernels.triton_glue import TL_DTYPES, _store_out
 from mopt.kernels.triton_pdl import launch_options, pdl_launch_dependents, pdl_wait
+from mopt.kernels.triton_weight_prefill import LOCKS, split_k_locks
 from mopt.quant.formats import fp8
 
 
@@ -49,18 +54,23 @@ class GemvTiles:
     num_stages: int
     dot: bool
     block_m: int = 0  # 0: the rows padded to 16 and a power of two
+    split_k: int = 1  # > 1: K split across programs (plain tensor-core GEMV only; see _gemv_kernel)
 
 
 @triton.jit
-def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_scale_ptr, bases_ptr, slots_ptr, M,
-                 N, K, stride_am, stride_bn, stride_cm, A_ROWWISE: tl.constexpr, B_ROWWISE: tl.constexpr,
+def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_scale_ptr, bases_ptr, slots_ptr, ws_ptr,
+                 locks_ptr, M, N, K, stride_am, stride_bn, stride_cm, A_ROWWISE: tl.constexpr, B_ROWWISE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  DOT: tl.constexpr, GATED: tl.constexpr, DTYPE: tl.constexpr, FP8_OUT: tl.constexpr,
                  PUSH: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, ROW_ELEMS: tl.constexpr,
-                 IMPRECISE: tl.constexpr, PDL: tl.constexpr):
+                 SPLIT_K: tl.constexpr, IMPRECISE: tl.constexpr, PDL: tl.constexpr):
     """``GATED``: ``b`` holds ``2N`` rows, gate then up; a program takes ``BLOCK_N`` of each and writes
     ``silu(gate) * up`` as ``triton_glue.silu_mul`` computes it from the GEMV's ``DTYPE`` output.
-    ``PUSH``: the output tile also goes to the peers' fused all-reduce buffers (``push_rows``)."""
+    ``PUSH``: the output tile also goes to the peers' fused all-reduce buffers (``push_rows``).
+    ``SPLIT_K > 1`` (plain ``DOT`` only): program ``(tile, s)`` sums the ``s``-th share of whole K tiles and
+    stores it in ``ws[s]`` (``[SPLIT_K, M, N]`` float32), then counts itself in ``locks[tile]``; the last to
+    arrive adds the shares in split order (the same bits whichever arrives last), finishes the tile and sets
+    its lock back to 0, as ``triton_weight_prefill``'s split MMA does."""
     pdl_launch_dependents(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -73,7 +83,12 @@ def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_sc
     acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc1_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
     start = 0
+    end = K
     if DOT:
+        if SPLIT_K > 1:
+            per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+            start = tl.program_id(1) * per_split
+            end = tl.minimum(start + per_split, K)
         pdl_wait(PDL)
     else:  # one token: the first K tile of weights loads before the activations may be read (triton_pdl)
         b, b_up = _weight_tile(b_rows, up_rows, 0, n_ok, K, BLOCK_K, GATED)
@@ -81,13 +96,41 @@ def _gemv_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, out_sc
         acc, acc_up, acc1, acc1_up = _gemv_step(a_ptr, b, b_up, 0, offs_m, m_ok, K, stride_am, acc, acc_up, acc1,
                                                 acc1_up, BLOCK_K, DOT, GATED, IMPRECISE)
         start = BLOCK_K
-    for k0 in range(start, K, BLOCK_K):
+    for k0 in range(start, end, BLOCK_K):
         b, b_up = _weight_tile(b_rows, up_rows, k0, n_ok, K, BLOCK_K, GATED)
         acc, acc_up, acc1, acc1_up = _gemv_step(a_ptr, b, b_up, k0, offs_m, m_ok, K, stride_am, acc, acc_up, acc1,
                                                 acc1_up, BLOCK_K, DOT, GATED, IMPRECISE)
     if not DOT:
         acc = acc1[None, :]
         acc_up = acc1_up[None, :]
+    if SPLIT_K == 1:
+        _epilogue(acc, acc_up, a_scale_ptr, b_scale_ptr, bias_ptr, out_scale_ptr, c_ptr, bases_ptr, slots_ptr, offs_m,
+                  offs_n, m_ok, n_ok, N, stride_cm, A_ROWWISE, B_ROWWISE, HAS_BIAS, GATED, DTYPE, FP8_OUT, PUSH, RANK,
+                  WORLD, ROW_ELEMS)
+    else:
+        mask = m_ok[:, None] & n_ok[None, :]
+        part_at = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(ws_ptr + tl.program_id(1).to(tl.int64) * M * N + part_at, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partials stored before the count releases them
+        arrived = tl.atomic_add(locks_ptr + tl.program_id(0), 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            tl.debug_barrier()
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(SPLIT_K):  # split order, not arrival order
+                total += tl.load(ws_ptr + s * M.to(tl.int64) * N + part_at, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+            _epilogue(total, total, a_scale_ptr, b_scale_ptr, bias_ptr, out_scale_ptr, c_ptr, bases_ptr, slots_ptr,
+                      offs_m, offs_n, m_ok, n_ok, N, stride_cm, A_ROWWISE, B_ROWWISE, HAS_BIAS, GATED, DTYPE, FP8_OUT,
+                      PUSH, RANK, WORLD, ROW_ELEMS)
+            tl.store(locks_ptr + tl.program_id(0), 0)
+
+
+@triton.jit
+def _epilogue(acc, acc_up, a_scale_ptr, b_scale_ptr, bias_ptr, out_scale_ptr, c_ptr, bases_ptr, slots_ptr, offs_m,
+              offs_n, m_ok, n_ok, N, stride_cm, A_ROWWISE: tl.constexpr, B_ROWWISE: tl.constexpr,
+              HAS_BIAS: tl.constexpr, GATED: tl.constexpr, DTYPE: tl.constexpr, FP8_OUT: tl.constexpr,
+              PUSH: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, ROW_ELEMS: tl.constexpr):
+    """Scales, bias and the output of a tile of sums (``acc``; ``acc_up`` the up rows' when ``GATED``)."""
     out = _finish(acc, a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, m_ok, n_ok, A_ROWWISE, B_ROWWISE,
                   HAS_BIAS)
     ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
@@ -213,18 +256,26 @@ def _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles, gated=False, fp8_sca
     block_m = (t.block_m or max(16, triton.next_power_of_2(m))) if t.dot else 1
     if block_m < m:
         raise ValueError(f"gemv: tiles of {block_m} rows for M={m}")
+    split = t.split_k
+    tiles_n = triton.cdiv(n, t.block_n)
+    if split > 1 and (gated or not t.dot or fp8_scale is not None):
+        raise ValueError("gemv: split K runs the plain tensor-core GEMV only (not SiLU-gated, not FMA, not E4M3 out)")
+    if split > 1 and tiles_n > LOCKS:
+        raise ValueError(f"gemv: {tiles_n} output tiles are more than the {LOCKS} split-K counters")
+    workspace = torch.empty((split, m, n), dtype=torch.float32, device=a.device) if split > 1 else b_scale
+    locks = split_k_locks(a.device) if split > 1 else b_scale
     stages = t.num_stages
     if gated and t.dot:  # two weight tiles a stage: fewer stages where the plain GEMV's would overflow
         stage_bytes = (block_m + 2 * t.block_n) * t.block_k * b.element_size()
         stages = max(2, min(stages, GATED_SHARED_BYTES // stage_bytes))
     if m:
-        _gemv_kernel[(triton.cdiv(n, t.block_n),)](
+        _gemv_kernel[(tiles_n, split)](
             a, b, out, a_scale, b_scale, bias if bias is not None else b_scale,
-            fp8_scale if fp8_scale is not None else b_scale, *push_pointers, m, n, k, a.stride(0),
+            fp8_scale if fp8_scale is not None else b_scale, *push_pointers, workspace, locks, m, n, k, a.stride(0),
             b.stride(0), out.stride(0), A_ROWWISE=a_scale.numel() > 1, B_ROWWISE=b_scale.numel() > 1,
             HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, DOT=t.dot,
             GATED=gated, DTYPE=TL_DTYPES[out_dtype], FP8_OUT=fp8_scale is not None, **push_constants,
-            IMPRECISE=min(PROMOTE_EVERY, t.block_k), num_warps=t.num_warps, num_stages=stages, **launch_options(a.device))
+            SPLIT_K=split, IMPRECISE=min(PROMOTE_EVERY, t.block_k), num_warps=t.num_warps, num_stages=stages, **launch_options(a.device))
     return out
 
 
