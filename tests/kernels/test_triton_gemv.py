@@ -102,8 +102,8 @@ def test_split_k_repeats_its_bits_and_frees_its_counters():
     assert torch.equal(triton_gemv.fp8_gemv(*args, None, torch.float32, TILES["split"]), first)
 
 
-@pytest.mark.parametrize("call", ["gated", "fma", "fp8_out"])
-def test_split_k_is_refused_where_it_does_not_run(call):
+@pytest.mark.parametrize("call,fp8_out", [("gated", False), ("gated", True), ("fma", False)])
+def test_split_k_is_refused_where_it_does_not_run(call, fp8_out):
     a, w = torch.zeros(2 if call != "fma" else 1, 256, dtype=fp8.FP8_DTYPE), torch.zeros(64, 256, dtype=fp8.FP8_DTYPE)
     one = torch.ones(1)
     with pytest.raises(ValueError, match="split K runs the plain tensor-core GEMV only"):
@@ -111,7 +111,7 @@ def test_split_k_is_refused_where_it_does_not_run(call):
             triton_gemv.fp8_gemv(a, w, one, one, None, torch.float32,
                                  triton_gemv.GemvTiles(8, 128, 4, 2, dot=False, split_k=2))
         else:
-            triton_gemv.silu_gated_gemv(a, w, one, one, None, torch.float32, one if call == "fp8_out" else None,
+            triton_gemv.silu_gated_gemv(a, w, one, one, None, torch.float32, one if fp8_out else None,
                                         TILES["split"])
 
 

@@ -258,8 +258,8 @@ def _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles, gated=False, fp8_sca
         raise ValueError(f"gemv: tiles of {block_m} rows for M={m}")
     split = t.split_k
     tiles_n = triton.cdiv(n, t.block_n)
-    if split > 1 and (gated or not t.dot or fp8_scale is not None):
-        raise ValueError("gemv: split K runs the plain tensor-core GEMV only (not SiLU-gated, not FMA, not E4M3 out)")
+    if split > 1 and (gated or not t.dot):
+        raise ValueError("gemv: split K runs the plain tensor-core GEMV only (not SiLU-gated, not the one-token FMA loop)")
     if split > 1 and tiles_n > LOCKS:
         raise ValueError(f"gemv: {tiles_n} output tiles are more than the {LOCKS} split-K counters")
     workspace = torch.empty((split, m, n), dtype=torch.float32, device=a.device) if split > 1 else b_scale
