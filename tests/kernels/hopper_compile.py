@@ -67,6 +67,12 @@ def _gemv(operands: str, out: str, bias: str) -> dict:
                 stride_bn="i32", stride_cm="i32")
 
 
+def _peer_norm(out: str) -> dict:
+    """The fused all-reduce + RMSNorm kernels' arguments (one-shot and two-shot), ``out`` the output's type."""
+    return dict(x_ptr=P_BF16, res_ptr=P_BF16, w_ptr=P_F32, out_ptr=out, res_out_ptr=P_BF16, scale_ptr=P_F32,
+                bases_ptr="*i64", slots_ptr=P_I32, stride_x="i32", stride_r="i32", n="i32", eps="fp32")
+
+
 def _prefill(cache: str) -> dict:
     return dict(q_ptr=P_BF16, **_kv_ptrs(cache), out_ptr=P_BF16, bt_ptr=P_I32, seq_lens_ptr=P_I32, qsl_ptr=P_I32,
                 out_scale_ptr=P_F32, k_scale="fp32", v_scale="fp32", sm_scale="fp32", stride_qt="i32",
@@ -124,8 +130,7 @@ KERNELS = [
           stride_x="i32", stride_r="i32", n="i32", eps="fp32"),
      [dict(BLOCK=4096, HAS_RESIDUAL=True, FP8_OUT=False, NVFP4_OUT=True, num_warps=16)]),
     (tan._allreduce_rms_norm_kernel,
-     dict(x_ptr=P_BF16, res_ptr=P_BF16, w_ptr=P_F32, out_ptr=P_F8, res_out_ptr=P_BF16, scale_ptr=P_F32,
-          bases_ptr="*i64", slots_ptr=P_I32, stride_x="i32", stride_r="i32", n="i32", eps="fp32"),
+     _peer_norm(P_F8),
      [dict(RANK=0, WORLD=2, ROW_ELEMS=8192, BLOCK=4096, SPLIT=1, HAS_RESIDUAL=True, FP8_OUT=True, NVFP4_OUT=False,
            PUSHED=False),
       dict(RANK=1, WORLD=2, ROW_ELEMS=8192, BLOCK=4096, SPLIT=4, HAS_RESIDUAL=True, FP8_OUT=True, NVFP4_OUT=False,
@@ -139,22 +144,19 @@ KERNELS = [
       dict(RANK=0, WORLD=2, ROW_ELEMS=8192, BLOCK=4096, SPLIT=1, FP8_OUT=False, NVFP4_OUT=False, PUSHED=False,
            HAS_RESIDUAL=False)]),
     (tan._allreduce_rms_norm_kernel,
-     dict(x_ptr=P_BF16, res_ptr=P_BF16, w_ptr=P_F32, out_ptr=P_BF16, res_out_ptr=P_BF16, scale_ptr=P_F32,
-          bases_ptr="*i64", slots_ptr=P_I32, stride_x="i32", stride_r="i32", n="i32", eps="fp32"),
+     _peer_norm(P_BF16),
      [dict(RANK=1, WORLD=2, ROW_ELEMS=8192, BLOCK=4096, SPLIT=4, HAS_RESIDUAL=True, FP8_OUT=False, NVFP4_OUT=True,
            PUSHED=True, num_warps=16),
       dict(RANK=0, WORLD=2, ROW_ELEMS=8192, BLOCK=4096, SPLIT=1, HAS_RESIDUAL=True, FP8_OUT=False, NVFP4_OUT=True,
            PUSHED=False, num_warps=16)]),
     (tts._two_shot_rms_norm_kernel,
-     dict(x_ptr=P_BF16, res_ptr=P_BF16, w_ptr=P_F32, out_ptr=P_F8, res_out_ptr=P_BF16, scale_ptr=P_F32,
-          bases_ptr="*i64", slots_ptr=P_I32, stride_x="i32", stride_r="i32", n="i32", eps="fp32"),
+     _peer_norm(P_F8),
      [dict(RANK=1, WORLD=4, ROW_ELEMS=8192, GATHER_AT=tan.gather_offset(4), BLOCK=4096, HAS_RESIDUAL=True,
            FP8_OUT=True, NVFP4_OUT=False, num_warps=16),
       dict(RANK=7, WORLD=8, ROW_ELEMS=8192, GATHER_AT=tan.gather_offset(8), BLOCK=8192, HAS_RESIDUAL=False,
            FP8_OUT=True, NVFP4_OUT=False, num_warps=32)]),
     (tts._two_shot_rms_norm_kernel,
-     dict(x_ptr=P_BF16, res_ptr=P_BF16, w_ptr=P_F32, out_ptr=P_BF16, res_out_ptr=P_BF16, scale_ptr=P_F32,
-          bases_ptr="*i64", slots_ptr=P_I32, stride_x="i32", stride_r="i32", n="i32", eps="fp32"),
+     _peer_norm(P_BF16),
      [dict(RANK=0, WORLD=4, ROW_ELEMS=8192, GATHER_AT=tan.gather_offset(4), BLOCK=4096, HAS_RESIDUAL=True,
            FP8_OUT=False, NVFP4_OUT=True, num_warps=16),
       dict(RANK=2, WORLD=4, ROW_ELEMS=8192, GATHER_AT=tan.gather_offset(4), BLOCK=4096, HAS_RESIDUAL=True,

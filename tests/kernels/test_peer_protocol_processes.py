@@ -28,7 +28,7 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return torch.where(w == tan.SENTINEL_BITS, torch.zeros_like(w), w)
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="interpreter run (TRITON_INTERPRET=1)")
+@pytest.mark.skipif(not INTERPRETED, reason="runs through Triton's interpreter: set TRITON_INTERPRET=1 (CI does)")
 @pytest.mark.parametrize("world,seed", [(3, 1), (4, 2)])
 def test_ranks_in_processes_agree_call_after_call(world, seed, tmp_path):
     from multiprocessing import shared_memory

@@ -13,6 +13,8 @@ import os
 import pytest
 import torch
 
+from triton_device import triton_device
+
 from mopt.kernels.linear import LinearScheme as S
 from mopt.kernels.linear import LinearShape
 from mopt.kernels.reference import ReferenceLinearKernel
@@ -97,8 +99,7 @@ def test_weight_only_kernel_interpreted(scheme, n, k, m):
 def test_split_k_finishes_each_tile_once_and_frees_its_locks_interpreted(n, k, m, split):
     """The shapes above that split K do split (4 SMs under the interpreter), give the same bits on every call,
     and leave every arrival counter at 0 for the next call."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("interpreter run (TRITON_INTERPRET=1)")
+    device = triton_device(False)
     from mopt.kernels import triton_weight_prefill as twp
 
     t = twp.mma_tiles(triton_weight_only.NVFP4, m, 0, torch.float32)
@@ -111,7 +112,7 @@ def test_split_k_finishes_each_tile_once_and_frees_its_locks_interpreted(n, k, m
     kernel.process_weights(layer)
     first = kernel.apply(layer, x, bias)
     assert torch.equal(kernel.apply(layer, x, bias), first) and _rel(first, expected) <= 1e-5
-    assert not twp.split_k_locks(torch.device("cpu")).any()
+    assert not twp.split_k_locks(torch.device(device)).any()
 
 
 def test_int4_decode_places_bits_exactly():

@@ -18,5 +18,5 @@ def triton_device(gpu: bool) -> str:
             pytest.skip("needs a GPU")
         return "cuda"
     if not INTERPRETED:
-        pytest.skip("interpreter run (TRITON_INTERPRET=1)")
+        pytest.skip("runs through Triton's interpreter: set TRITON_INTERPRET=1 (CI does)")
     return "cpu"
