@@ -115,6 +115,34 @@ def test_split_k_is_refused_where_it_does_not_run(call, fp8_out):
                                         TILES["split"])
 
 
+# (m, n, k, gated) -> (block_n, block_k, split_k): Llama-3-8B's layers whole and per rank of two, from the
+# H200 sweeps gemv_tiles cites
+@pytest.mark.parametrize("m,n,k,gated,want", [
+    (64, 28672, 4096, False, (128, 128, 1)), (64, 14336, 4096, False, (64, 128, 1)),
+    (64, 6144, 4096, False, (64, 128, 2)), (64, 3072, 4096, False, (64, 128, 2)),
+    (64, 4096, 14336, False, (64, 128, 2)), (64, 4096, 7168, False, (64, 128, 2)),
+    (64, 4096, 2048, False, (32, 256, 1)),  # K too short to share
+    (17, 6144, 4096, False, (64, 128, 2)),
+    (64, 7168, 4096, True, (32, 256, 1)),  # a gated launch (TP=2's gate/up halves) never splits
+    (16, 6144, 4096, False, (32, 512, 1)), (1, 6144, 4096, False, (8, 2048, 1))])
+def test_fp8_gemv_tiles_split_narrow_layers_with_long_k(m, n, k, gated, want):
+    t = triton_gemv.gemv_tiles(m, n, k, 1, gated)
+    assert (t.block_n, t.block_k, t.split_k) == want
+
+
+def test_default_tiles_of_a_gated_launch_run():
+    """A SiLU-gated launch whose plain GEMV would split K takes the unsplit tiles (no ValueError)."""
+    device = triton_device(False)
+    g = torch.Generator().manual_seed(5)
+    k = triton_gemv.FP8_SPLIT_MIN_K
+    wq, ws = fp8.quantize_per_tensor(torch.randn(2 * 32, k, generator=g))
+    xq, xs = fp8.quantize_per_tensor(torch.randn(17, k, generator=g))
+    assert triton_gemv.gemv_tiles(17, 32, k, 1).split_k == 2
+    out = triton_gemv.silu_gated_gemv(xq.to(device), wq.to(device), xs.reshape(1).to(device),
+                                      ws.reshape(1).to(device), None, torch.float32)
+    assert out.shape == (17, 32)
+
+
 def test_fp8_gemv_rejects_large_m():
     with pytest.raises(ValueError, match="M=65"):
         triton_gemv.fp8_gemv(torch.zeros(65, 16, dtype=fp8.FP8_DTYPE), torch.zeros(16, 16, dtype=fp8.FP8_DTYPE),
@@ -187,7 +215,7 @@ def test_silu_gated_gemv_needs_halves():
                                        ("16bit", 16), ("16bit", 32), ("16bit", 64)])
 @pytest.mark.parametrize("rowwise,fp8_out", [(False, False), (True, True)])
 def test_silu_gated_gemv_gpu(n, k, weights, m, rowwise, fp8_out):
-    tiles = triton_gemv.gemv_tiles(m, n, k, 1 if weights == "fp8" else 2)  # the gated launch's, for both
+    tiles = triton_gemv.gemv_tiles(m, n, k, 1 if weights == "fp8" else 2, gated=True)  # the gated launch's, for both
     fused, unfused = _gated_case(triton_device(True), m, n, k, weights, rowwise and weights == "fp8", fp8_out,
                                  False, torch.bfloat16, tiles)
     assert torch.equal(fused.view(torch.uint8) if fp8_out else fused, unfused.view(torch.uint8) if fp8_out else unfused)

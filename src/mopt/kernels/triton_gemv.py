@@ -202,9 +202,10 @@ MAX_M = 64
 # mma.sync (tiles of up to 32 rows) keeps float32 and ignores it.
 PROMOTE_EVERY = 128
 FP8_WGMMA_PROGRAMS = 192  # the fewest programs an E4M3 64-row launch takes larger tiles for (gemv_tiles)
+FP8_SPLIT_MIN_K = 4096  # the shortest K a narrow E4M3 64-row launch splits in two (gemv_tiles)
 
 
-def gemv_tiles(m: int, n: int, k: int, itemsize: int = 1) -> GemvTiles:
+def gemv_tiles(m: int, n: int, k: int, itemsize: int = 1, gated: bool = False) -> GemvTiles:
     """Tile settings from sweeps on an H100 (``bench/sweep_gemv.py``, Llama-3-8B layers whole and per rank
     of two). M=1 (second sweep, 2026-11-26, rows of up to 4 KiB): 8 rows of 2 KiB a step on 8 warps, for
     FP8 and BF16 alike, was within 3% (FP8) and 1% (BF16) of each shape's best on average; against the
@@ -220,13 +221,19 @@ def gemv_tiles(m: int, n: int, k: int, itemsize: int = 1) -> GemvTiles:
     ``bench/sweep_fp8_gemv_rows.py``): the best tiles stream ``n`` in about 192-224 programs, 32 rows of
     256 K for the narrow layers, 64 or 128 rows of 128 K for gate/up (28672x4096: 32.7 us against 48.2 for
     64x256 tiles; 4096x4096: 10.8 against 12.7). ``n`` is the output columns a launch spreads over its
-    programs (a SiLU-gated launch's half)."""
+    programs (a SiLU-gated launch's half). Narrower layers (fewer than 192 tiles of 64 rows) with K >= 4096
+    split K in two over 64x128 tiles (a second H200 sweep, 2026-11-27, ``bench/results/sweep-fp8-gemv-split-
+    h200-2026-11-27.txt``): 32x256 tiles fill one program an SM, so 6144x4096's 192 of them ran in two waves
+    (20.1 us; split, 96 x 2 programs of two an SM: 12.7), and 4096x7168 took 16.4 us (split: 14.3). Where K is
+    2048 splitting lost (4096x2048: 6.8 -> 7.7 us). SiLU-gated launches do not split."""
     if m == 1:
         return GemvTiles(block_n=8, block_k=2048 // itemsize, num_warps=8, num_stages=5, dot=False)
     if m <= 16:
         return GemvTiles(block_n=32, block_k=512 // itemsize, num_warps=4, num_stages=5, dot=True)
     if itemsize == 1:
         block_n = next((rows for rows in (128, 64) if n // rows >= FP8_WGMMA_PROGRAMS), 32)
+        if block_n == 32 and k >= FP8_SPLIT_MIN_K and not gated:
+            return GemvTiles(block_n=64, block_k=128, num_warps=4, num_stages=5, dot=True, block_m=64, split_k=2)
         return GemvTiles(block_n=block_n, block_k=128 if block_n > 32 else 256, num_warps=4,
                          num_stages=3 if block_n == 128 else 5, dot=True, block_m=64)
     if m <= 32:  # 16-bit weights from here on
@@ -249,7 +256,7 @@ def _launch(a, b, a_scale, b_scale, bias, out_dtype, tiles, gated=False, fp8_sca
         raise ValueError(f"gemv: M={m} > {MAX_M}; use a GEMM")
     if gated and b.shape[0] % 2:
         raise ValueError(f"gated gemv: the weight's {b.shape[0]} rows are not gate and up halves")
-    t = tiles or gemv_tiles(m, n, k, b.element_size())
+    t = tiles or gemv_tiles(m, n, k, b.element_size(), gated)
     if m > 1 and not t.dot:
         raise ValueError(f"gemv: the FMA loop takes one row, got M={m}")
     out = torch.empty((m, n), dtype=fp8.FP8_DTYPE if fp8_scale is not None else out_dtype, device=a.device)
