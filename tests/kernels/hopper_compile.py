@@ -17,6 +17,7 @@ from triton.compiler import ASTSource
 
 from mopt.kernels import triton_allreduce_norm as tan
 from mopt.kernels import triton_argmax as targ
+from mopt.kernels import triton_peer_amax as tpa_max
 from mopt.kernels import triton_attention as ta
 from mopt.kernels import triton_prefill_attention as tpa
 from mopt.kernels import triton_gemm as tgm
@@ -161,6 +162,12 @@ KERNELS = [
            FP8_OUT=False, NVFP4_OUT=True, num_warps=16),
       dict(RANK=2, WORLD=4, ROW_ELEMS=8192, GATHER_AT=tan.gather_offset(4), BLOCK=4096, HAS_RESIDUAL=True,
            FP8_OUT=False, NVFP4_OUT=False, num_warps=8)]),
+    (tpa_max._per_token_fp8_over_peers_kernel,
+     dict(x_ptr=P_BF16, q_ptr=P_F8, scale_ptr=P_F32, bases_ptr="*i64", stride_x="i32", n="i32"),
+     [dict(AMAX_AT=tan.amax_offset(2), COUNTERS_AT=tan.amax_counters_offset(2), RANK=1, WORLD=2, BLOCK=8192,
+           num_warps=32),
+      dict(AMAX_AT=tan.amax_offset(4), COUNTERS_AT=tan.amax_counters_offset(4), RANK=0, WORLD=4, BLOCK=2048,
+           num_warps=8)]),
     (tgl._vocab_rows_kernel, dict(ids_ptr="*i64", w_ptr=P_BF16, out_ptr=P_BF16, start="i32", count="i32", n="i32"),
      [dict(BLOCK=1024)]),
     (tgl._silu_mul_kernel, dict(x_ptr=P_BF16, out_ptr=P_F8, scale_ptr=P_F32, stride_x="i32", n="i32"),

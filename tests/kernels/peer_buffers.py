@@ -39,7 +39,7 @@ class Buffers:
     def gathered(self, rank: int, slot: int, row: int) -> torch.Tensor:
         """``rank``'s two-shot ``gathered`` slot of ``row``, int16 words: the owner's sum from 0, its
         normalized row from ``ROW_BYTES // 2`` (a view)."""
-        words = self.raw[rank][tan.gather_offset(self.world): tan.buffer_bytes(self.world)].view(torch.int16)
+        words = self.raw[rank][tan.gather_offset(self.world): tan.amax_offset(self.world)].view(torch.int16)
         return words.view(tan.SLOTS, tan.MAX_ROWS, tan.GATHER_ROW_BYTES // 2)[slot, row]
 
     def next_slot(self, rank: int, row: int) -> int:
@@ -53,3 +53,12 @@ class Buffers:
         for r in range(partial.shape[0]):
             self.row(to, slot, source, r, partial.shape[1]).copy_(torch.where(partial[r] == 0, 0.0, partial[r]))
 
+
+    def amax(self, rank: int, slot: int, source: int, row: int) -> torch.Tensor:
+        """The amax (int16 bits) ``source`` sent into ``rank``'s buffer for ``row``, slot ``slot`` (``triton_peer_amax``; a view)."""
+        words = self.raw[rank][tan.amax_offset(self.world): tan.amax_counters_offset(self.world)].view(torch.int16)
+        return words.view(tan.SLOTS, self.world, tan.MAX_ROWS)[slot, source, row]
+
+    def amax_counters(self, rank: int) -> torch.Tensor:
+        """``rank``'s amax row counters, ``[MAX_ROWS]`` (a view)."""
+        return self.raw[rank][tan.amax_counters_offset(self.world): tan.buffer_bytes(self.world)].view(torch.int32)

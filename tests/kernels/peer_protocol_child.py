@@ -14,15 +14,18 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from mopt.kernels import triton_allreduce_norm as tan  # noqa: E402
+from mopt.kernels import triton_peer_amax as peer_amax  # noqa: E402
 from mopt.kernels import triton_two_shot_norm as two  # noqa: E402
 
 DTYPE = torch.float16  # see peer_buffers
 N = 64
 # (kernel, rows, output): "two" two-shot, "one" one-shot, "push" a producer's push then the one-shot kernel
-# that takes it (PUSHED); one-row one-shot calls split the row over 4 programs
-CALLS = [("two", 5, "dtype"), ("one", 1, "fp8"), ("two", 6, "fp8"), ("push", 2, "dtype"), ("two", 4, "nvfp4"),
-         ("one", 3, "dtype"), ("two", 5, "dtype"), ("push", 1, "fp8"), ("two", 7, "dtype"), ("two", 3, "fp8"),
-         ("one", 1, "dtype"), ("two", 2, "dtype"), ("push", 6, "dtype"), ("two", 6, "dtype")]
+# that takes it (PUSHED); one-row one-shot calls split the row over 4 programs; "amax" the per-token FP8
+# quantization under the ranks' largest amax (triton_peer_amax: its own region and counters, between the others)
+CALLS = [("two", 5, "dtype"), ("one", 1, "fp8"), ("amax", 3, "fp8"), ("two", 6, "fp8"), ("push", 2, "dtype"),
+         ("amax", 1, "fp8"), ("amax", 4, "fp8"), ("two", 4, "nvfp4"), ("one", 3, "dtype"), ("two", 5, "dtype"),
+         ("push", 1, "fp8"), ("amax", 3, "fp8"), ("two", 7, "dtype"), ("two", 3, "fp8"), ("one", 1, "dtype"),
+         ("two", 2, "dtype"), ("amax", 1, "fp8"), ("push", 6, "dtype"), ("two", 6, "dtype"), ("amax", 2, "fp8")]
 
 
 @triton.jit
@@ -67,6 +70,10 @@ def run_rank(rank: int, world: int, names: list[str], out_path: str, seed: int) 
         time.sleep(delays.random() * 0.2)  # ranks arrive in every order
         x, residual, weight = inputs(call, rank, rows)
         fp8_scale, nvfp4_scale = scales(output)
+        if kernel == "amax":
+            q, scale = peer_amax.per_token_fp8_over_peers(x, peers)
+            results.append((q.view(torch.uint8).clone(), scale.clone()))
+            continue
         if kernel == "two":
             out, summed = two.two_shot_rms_norm(x, residual, weight, 1e-5, fp8_scale, peers, nvfp4_scale=nvfp4_scale)
         else:

@@ -1,9 +1,10 @@
 """The fused all-reduce kernels' slot protocol with real concurrency: one process per rank, each running the
 kernels through the interpreter over buffers in POSIX shared memory that every rank maps (so a rank's
 stores land in its peers' memory, and its waits spin until they do), with random delays, over a sequence
-that mixes two-shot calls, one-shot calls (one-row calls split over 4 programs) and producer pushes
-(``peer_protocol_child.CALLS``). Every rank must return, call after call, the reference sum and norm (up to
-the sign of a zero, which the wire makes positive), and no rank may hang. A slot freed one call too early or
+that mixes two-shot calls, one-shot calls (one-row calls split over 4 programs), producer pushes and the
+per-token FP8 quantization under the ranks' amax (``peer_protocol_child.CALLS``). Every rank must return, call
+after call, the reference sum and norm (up to the sign of a zero, which the wire makes positive), or the codes and
+scales of ``per_token_fp8`` under the MAX over the ranks, and no rank may hang. A slot freed one call too early or
 too late shows here as a stale row read or a wait that never ends.
 """
 
@@ -17,6 +18,7 @@ import torch
 
 from peer_protocol_child import CALLS, DTYPE, inputs, run_rank, scales
 from triton_device import INTERPRETED
+from mopt.kernels.linear import per_token_fp8
 
 tan = pytest.importorskip("mopt.kernels.triton_allreduce_norm")
 triton_glue = pytest.importorskip("mopt.kernels.triton_glue")
@@ -55,6 +57,13 @@ def test_ranks_in_processes_agree_call_after_call(world, seed, tmp_path):
         got = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
         for call, (kernel, rows, output) in enumerate(CALLS):
             parts = [inputs(call, r, rows) for r in range(world)]
+            if kernel == "amax":
+                amax = torch.stack([x.abs().amax(dim=-1, keepdim=True) for x, _, _ in parts]).amax(dim=0)
+                for r in range(world):
+                    want_q, want_scale = per_token_fp8(parts[r][0], lambda _: amax)
+                    q, scale = got[r][call]
+                    assert torch.equal(q, want_q.view(torch.uint8)) and torch.equal(scale, want_scale), (call, r)
+                continue
             total = torch.zeros(rows, parts[0][0].shape[1])
             for x, _, _ in parts:
                 total += x.float()

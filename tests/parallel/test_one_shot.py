@@ -124,7 +124,8 @@ def test_group_routes_sums(shape, op, to_one_shot):
 
 
 @pytest.mark.parametrize("variable,value", [("MOPT_TP_ONE_SHOT_BYTES", "lots"), ("MOPT_TP_FUSED_NORM", "on"),
-                                            ("MOPT_TP_GEMV_PUSH", "true"), ("MOPT_TP_TWO_SHOT_ROWS", "-4")])
+                                            ("MOPT_TP_GEMV_PUSH", "true"), ("MOPT_TP_TWO_SHOT_ROWS", "-4"),
+                                            ("MOPT_TP_PEER_AMAX", "off")])
 def test_a_bad_setting_fails_before_any_process_starts(monkeypatch, variable, value):
     from mopt.engine import tp_runtime
     from mopt.engine.dummy import tiny_preset_config
@@ -150,7 +151,8 @@ def test_group_offers_the_fused_norm_where_it_fits(rows, has_norm, fused):
     assert (group.fused_rms_norm(torch.ones(rows, 8)) is norm) is fused
 
 
-SWITCHES = {"MOPT_TP_FUSED_NORM": one_shot.fused_norm_from_env, "MOPT_TP_GEMV_PUSH": one_shot.producer_push_from_env}
+SWITCHES = {"MOPT_TP_FUSED_NORM": one_shot.fused_norm_from_env, "MOPT_TP_GEMV_PUSH": one_shot.producer_push_from_env,
+            "MOPT_TP_PEER_AMAX": one_shot.peer_amax_from_env}
 
 
 @pytest.mark.parametrize("variable", list(SWITCHES))
@@ -170,11 +172,36 @@ def test_a_bad_switch_names_the_variable(monkeypatch, variable):
         SWITCHES[variable]()
 
 
-def _norm(producer_push: bool = True, two_shot_rows: int = 0) -> one_shot.OneShotRMSNorm:
+def _norm(producer_push: bool = True, two_shot_rows: int = 0, peer_amax: bool = True) -> one_shot.OneShotRMSNorm:
     tan = pytest.importorskip("mopt.kernels.triton_allreduce_norm")
     buffer = torch.empty(tan.buffer_bytes(2), dtype=torch.uint8)
     handle = types.SimpleNamespace(buffer_ptrs=[buffer.data_ptr(), buffer.data_ptr() + (1 << 20)])
-    return one_shot.OneShotRMSNorm(buffer, handle, 1, 2, one_shot.DEFAULT_MAX_BYTES, producer_push, two_shot_rows)
+    return one_shot.OneShotRMSNorm(buffer, handle, 1, 2, one_shot.DEFAULT_MAX_BYTES, producer_push, two_shot_rows,
+                                   peer_amax)
+
+
+@pytest.mark.parametrize("rows,dtype,on_gpu,peer_amax,kernel", [
+    (64, torch.bfloat16, True, True, True),
+    (128, torch.float16, True, True, True),
+    (129, torch.bfloat16, True, True, False),   # more rows than its region holds: the MAX all-reduce
+    (4, torch.float32, True, True, False),      # 32-bit amaxes do not fit its 16-bit words
+    (4, torch.bfloat16, False, True, False),    # CPU tensors (gloo worlds never set it up; still refused)
+    (4, torch.bfloat16, True, False, False),    # MOPT_TP_PEER_AMAX=0
+])
+def test_per_token_fp8_takes_the_peer_kernel_where_it_fits(monkeypatch, rows, dtype, on_gpu, peer_amax, kernel):
+    """``OneShotRMSNorm.per_token_fp8`` (and ``Group.per_token_fp8`` through it): the peer-memory kernel where it
+    takes the rows, else None, which leaves the row-parallel layer to the MAX all-reduce."""
+    norm = _norm(peer_amax=peer_amax)
+    calls = []
+    monkeypatch.setattr(norm.amax_kernel, "per_token_fp8_over_peers", lambda x2, peers: calls.append(peers) or "q")
+    x2 = torch.zeros(rows, 64, dtype=dtype)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: on_gpu))
+    group = Group(_Backend(), 1, 2, "model")
+    assert group.per_token_fp8(x2) is None  # no peer memory at all
+    group.one_shot = _FakeOneShot()
+    group.one_shot.norm = norm
+    assert (group.per_token_fp8(x2) == "q") is kernel
+    assert calls == ([norm.peers] if kernel else [])
 
 
 @pytest.mark.parametrize("value,expected", [(None, 0), ("0", 0), ("16", 16)])

@@ -83,6 +83,32 @@ def test_row_parallel_per_token_fp8_quantizes_under_the_whole_row_amax():
     assert not torch.allclose(unreduced, want, rtol=1e-5, atol=1e-5)  # what the all-reduce prevents
 
 
+@pytest.mark.parametrize("reduce,over_peers,path", [(False, None, "local"), (True, None, "max all-reduce"),
+                                                    (True, "declines", "max all-reduce"), (True, "takes", "peers")])
+def test_layer_per_token_fp8_takes_the_peer_kernel_where_the_layer_offers_one(reduce, over_peers, path):
+    """``kernels.linear.layer_per_token_fp8``: a layer without ``reduce_token_amax`` quantizes its rows alone; a
+    row-parallel one through ``token_fp8_over_peers`` where that takes the rows (returns not None), else under the
+    MAX all-reduce; the peer kernel's own bits are tested in ``tests/kernels/test_triton_peer_amax.py``."""
+    from types import SimpleNamespace
+
+    from mopt.kernels.linear import layer_per_token_fp8
+
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(2))
+    whole = x.abs().amax(-1, keepdim=True) * 3  # as if another rank's slice held larger values
+    layer = SimpleNamespace()
+    if reduce:
+        layer.reduce_token_amax = lambda amax: torch.maximum(amax, whole)
+    marker = (torch.zeros(1), torch.ones(1))
+    if over_peers:
+        layer.token_fp8_over_peers = lambda x2: marker if over_peers == "takes" else None
+    got = layer_per_token_fp8(layer, x, lambda x2: fp8.quantize_per_token(x2))
+    want = {"local": fp8.quantize_per_token(x), "max all-reduce": (fp8.quantize(x, whole / 448), whole / 448),
+            "peers": marker}[path]
+    assert torch.equal(got[0].view(torch.uint8) if got[0].dtype == fp8.FP8_DTYPE else got[0],
+                       want[0].view(torch.uint8) if want[0].dtype == fp8.FP8_DTYPE else want[0])
+    assert torch.equal(got[1], want[1])
+
+
 def _moe(fmt: str, num_experts: int, hidden: int, inter: int):
     g = torch.Generator().manual_seed(7)
     qc = {"fp8": ModelOptFp8Config("FP8"), "nvfp4": ModelOptNvFp4Config()}.get(fmt)

@@ -133,6 +133,13 @@ class Group:
         norm = self.partial_sums_norm()
         return norm if norm is not None and norm.fits(x) else None
 
+    def per_token_fp8(self, x2: torch.Tensor):
+        """``(e4m3 codes, scale [M, 1])`` of this rank's slice ``x2 [M, K]`` of each row under the whole row's
+        amax, in one kernel over peer memory (``OneShotRMSNorm.per_token_fp8``), or None where a MAX all-reduce
+        must do it. It depends on ``x2``'s shape and dtype alone, so every rank decides alike."""
+        norm = self.partial_sums_norm()
+        return norm.per_token_fp8(x2) if norm is not None else None
+
     def partial_sums_norm(self):
         """The fused all-reduce + RMSNorm that the next norm uses where it fits (``OneShotRMSNorm``: a
         kernel computing the partial sums may send them to the peers for it), or None."""

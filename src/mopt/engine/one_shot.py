@@ -10,7 +10,7 @@ copies its partial sums into its slot of a buffer mapped on every GPU of the nod
 each other, and each adds all slots in rank order (so every rank gets the same bits) and signals
 again before the buffer is reused. No NVLink multicast is involved.
 
-Larger messages (prefill), other reductions (the MAX of per-token activation scales), several
+Larger messages (prefill), other reductions (the MAX of per-token amaxes beyond the fused kernels), several
 nodes, and hosts where the set-up fails use NCCL. The kernel waits on its peers without a time
 limit, so a rank that dies leaves the others' GPUs spinning: rank 0 polls its steps (see
 ``TensorParallelModel.wait_step``) and reports the rank instead of hanging. ``MOPT_TP_ALLREDUCE=nccl``
@@ -25,7 +25,9 @@ the data is its own signal, so there are no flags, fences or a separate norm lau
 Where a decode GEMV computes the partial sums it sends them to the peers from its own epilogue;
 ``MOPT_TP_GEMV_PUSH=0`` leaves the sending to the fused kernel. ``MOPT_TP_TWO_SHOT_ROWS=N`` (off unless set)
 sums calls of N rows or more in two shots instead (``kernels.triton_two_shot_norm``: each row reduced by one
-owner and its result gathered, so the bytes per rank stop growing with the ranks; not measured on GPUs yet).
+owner and its result gathered, so the bytes per rank stop growing with the ranks). The same buffer carries the
+per-token amaxes of per-token FP8 layers' row-parallel inputs (``kernels.triton_peer_amax``, instead of a MAX
+all-reduce through NCCL); ``MOPT_TP_PEER_AMAX=0`` leaves them to NCCL.
 """
 
 from __future__ import annotations
@@ -76,16 +78,17 @@ class OneShotRMSNorm:
     output, skips its own push. Whether a kernel pushes depends on the shapes alone, so every rank agrees."""
 
     def __init__(self, buffer: torch.Tensor, handle, rank: int, world: int, max_bytes: int,
-                 producer_push: bool = True, two_shot_rows: int = 0) -> None:
-        from mopt.kernels import triton_allreduce_norm, triton_two_shot_norm  # Triton: where a GPU world exists
+                 producer_push: bool = True, two_shot_rows: int = 0, peer_amax: bool = True) -> None:
+        from mopt.kernels import triton_allreduce_norm, triton_peer_amax, triton_two_shot_norm  # Triton: a GPU world
 
-        self.kernel, self.two_shot_kernel = triton_allreduce_norm, triton_two_shot_norm
+        self.kernel, self.two_shot_kernel, self.amax_kernel = triton_allreduce_norm, triton_two_shot_norm, triton_peer_amax
         self.two_shot_rows = two_shot_rows  # 0: never
         self.buffer, self.handle = buffer, handle  # the mapping lives as long as both
         bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=buffer.device)
         self.peers = triton_allreduce_norm.PeerRows.of(buffer, bases, rank, world)
         self.rank, self.world, self.max_bytes = rank, world, max_bytes
         self.producer_push = producer_push
+        self.peer_amax = peer_amax
         self._pushed: tuple[int, int] | None = None  # (address, size) of partial sums already sent
 
     def fits_rows(self, rows: int, n: int, dtype: torch.dtype) -> bool:
@@ -94,6 +97,13 @@ class OneShotRMSNorm:
     def fits(self, x: torch.Tensor) -> bool:
         n = x.shape[-1]
         return x.is_cuda and self.fits_rows(x.numel() // max(n, 1), n, x.dtype)
+
+    def per_token_fp8(self, x2: torch.Tensor):
+        """Per-token FP8 of this rank's slice ``x2`` of each row under the whole row's amax
+        (``kernels.triton_peer_amax``), or None where that kernel does not take ``x2`` (a MAX all-reduce then)."""
+        if not (self.peer_amax and x2.is_cuda and self.amax_kernel.supports(x2, self.world)[0]):
+            return None
+        return self.amax_kernel.per_token_fp8_over_peers(x2, self.peers)
 
     def push_peers(self, rows: int, n: int, dtype: torch.dtype):
         """Where a kernel computing ``rows x n`` partial sums in ``dtype`` for this norm sends them
@@ -144,6 +154,10 @@ def producer_push_from_env() -> bool:
 
 def fused_norm_from_env() -> bool:
     return _switch("MOPT_TP_FUSED_NORM")
+
+
+def peer_amax_from_env() -> bool:
+    return _switch("MOPT_TP_PEER_AMAX")
 
 
 def two_shot_rows_from_env() -> int:
@@ -276,7 +290,7 @@ def _set_up_norm(world, agree, name: str, op: OneShotAllReduce) -> OneShotRMSNor
     if agree(problem is None):
         try:
             norm = OneShotRMSNorm(buffer, symm_mem.rendezvous(buffer, name), world.rank, world.size, op.max_bytes,
-                                  producer_push_from_env(), two_shot_rows_from_env())
+                                  producer_push_from_env(), two_shot_rows_from_env(), peer_amax_from_env())
         except Exception as e:
             problem = _describe(e)
         if agree(problem is None):
@@ -293,7 +307,8 @@ def _set_up_norm(world, agree, name: str, op: OneShotAllReduce) -> OneShotRMSNor
 
 def _probe_norm(norm: OneShotRMSNorm, op: OneShotAllReduce, world) -> str | None:
     """None if the fused kernel gives the same bits as the one-shot sum followed by the norm kernel, on
-    sums that are exact in BF16 (small integers), twice (the second call uses each row's next slot)."""
+    sums that are exact in BF16 (small integers), twice (the second call uses each row's next slot); and the
+    per-token FP8 kernel (``peer_amax``) those of quantizing under the MAX of the ranks' amaxes."""
     from mopt.kernels.triton_glue import rms_norm
 
     g = torch.Generator().manual_seed(0)
@@ -306,6 +321,14 @@ def _probe_norm(norm: OneShotRMSNorm, op: OneShotAllReduce, world) -> str | None
         want = rms_norm(op(x), weight, 1e-5, residual, scale)
         if not all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(got, want)):
             return "its probe differed from the one-shot sum and the norm kernel"
+        if norm.peer_amax:  # each rank's slice is the base times rank + 1: the largest amax is the last rank's
+            from mopt.kernels.linear import per_token_fp8
+
+            whole = base.abs().amax(dim=-1, keepdim=True) * world.size
+            q, s = norm.per_token_fp8(x)
+            want_q, want_s = per_token_fp8(x, lambda _: whole)
+            if not (torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s)):
+                return "its per-token FP8 probe differed from quantizing under the MAX of the ranks' amaxes"
         if norm.two_shot_rows:  # these seeded sums hold no negative zero, which the two-shot gather makes positive
             got = norm.two_shot_kernel.two_shot_rms_norm(x, residual, weight, 1e-5, scale, norm.peers)
             if not all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(got, want)):

@@ -351,10 +351,11 @@ def load_tensor_parallel(kind: str, model, device_type: str, dtype: torch.dtype,
         model = str(Path(model))
         _, config, quant, _, _ = read_model_spec(Path(model))
     check_split(config, quant, tensor_parallel_size, expert_parallel)
-    one_shot.max_bytes_from_env()  # a bad MOPT_TP_ONE_SHOT_BYTES, MOPT_TP_FUSED_NORM, MOPT_TP_GEMV_PUSH or
-    one_shot.fused_norm_from_env()  # MOPT_TP_TWO_SHOT_ROWS fails here, before any process starts
+    one_shot.max_bytes_from_env()  # a bad MOPT_TP_ONE_SHOT_BYTES, MOPT_TP_FUSED_NORM, MOPT_TP_GEMV_PUSH,
+    one_shot.fused_norm_from_env()  # MOPT_TP_TWO_SHOT_ROWS or MOPT_TP_PEER_AMAX fails here, before any process starts
     one_shot.producer_push_from_env()
     one_shot.two_shot_rows_from_env()
+    one_shot.peer_amax_from_env()
     world = runtime(tensor_parallel_size, device_type)
     spec = LoadSpec(kind, model, dtype, kv_cache_dtype, quantization, seed, expert_parallel)
     model_id, shard = world.load(spec, progress)

@@ -217,6 +217,20 @@ def per_token_fp8(x2: torch.Tensor, reduce_amax: Callable[[torch.Tensor], torch.
     return fp8.quantize(x2, scale), scale
 
 
+def layer_per_token_fp8(layer, x2: torch.Tensor, local: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token FP8 of ``x2`` as ``layer``'s input: ``local(x2)`` unless the layer holds a slice of each row
+    (``reduce_token_amax``); then under the whole row's amax, through the layer's ``token_fp8_over_peers``
+    (one kernel exchanging the amaxes over peer memory: ``kernels.triton_peer_amax``) where it takes ``x2``,
+    else a MAX all-reduce. Both give the same bits."""
+    reduce_amax = getattr(layer, "reduce_token_amax", None)
+    if reduce_amax is None:
+        return local(x2)
+    over_peers = getattr(layer, "token_fp8_over_peers", None)
+    done = over_peers(x2) if over_peers is not None else None
+    return done if done is not None else per_token_fp8(x2, reduce_amax)
+
+
 def flatten_tokens(x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """``x[..., K]`` as ``[M, K]`` plus the function that restores the leading dims."""
     lead = x.shape[:-1]

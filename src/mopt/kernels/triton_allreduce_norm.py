@@ -29,7 +29,8 @@ buffer as mapped on this GPU): ``rows[3][world][MAX_ROWS][ROW_BYTES]`` (slot, se
 ``slot[MAX_ROWS][SPLIT_MAX]`` (int32, each row's next slot: 0, 1, 2, 0, ...; one copy per program a row
 may be split over, all equal between calls), then the two-shot kernel's
 ``gathered[3][MAX_ROWS][GATHER_ROW_BYTES]`` (``triton_two_shot_norm``, which shares the rows and the counters
-with this kernel, call by call). The waits have no time limit: a peer that died leaves the GPU spinning,
+with this kernel, call by call), then ``amax[3][world][MAX_ROWS]`` (int16) and its own ``[MAX_ROWS]`` int32
+counters (``triton_peer_amax``, the same protocol on calls of its own). The waits have no time limit: a peer that died leaves the GPU spinning,
 which the engine detects from the host (``TensorParallelModel.wait_step``).
 
 One row (batch-1 decode) is split over ``ONE_ROW_SPLIT`` programs: each sends, frees and writes its
@@ -82,15 +83,26 @@ def gather_offset(world: int) -> int:
     return rows_bytes(world) + 4 * MAX_ROWS * SPLIT_MAX
 
 
-def buffer_bytes(world: int) -> int:
+def amax_offset(world: int) -> int:
+    """Where ``triton_peer_amax``'s ``amax[SLOTS][world][MAX_ROWS]`` (int16) begins, after the gathered rows."""
     return gather_offset(world) + SLOTS * MAX_ROWS * GATHER_ROW_BYTES
+
+
+def amax_counters_offset(world: int) -> int:
+    """Where ``triton_peer_amax``'s own ``[MAX_ROWS]`` int32 row counters begin."""
+    return amax_offset(world) + 2 * SLOTS * world * MAX_ROWS
+
+
+def buffer_bytes(world: int) -> int:
+    return amax_counters_offset(world) + 4 * MAX_ROWS
 
 
 def init_buffer(buffer: torch.Tensor, world: int) -> None:
     """Every slot free (the sentinel), every row's next slot 0."""
     buffer[: rows_bytes(world)].view(torch.int16).fill_(SENTINEL_BITS)
     buffer[rows_bytes(world): gather_offset(world)].zero_()
-    buffer[gather_offset(world): buffer_bytes(world)].view(torch.int16).fill_(SENTINEL_BITS)
+    buffer[gather_offset(world): amax_counters_offset(world)].view(torch.int16).fill_(SENTINEL_BITS)
+    buffer[amax_counters_offset(world): buffer_bytes(world)].zero_()
 
 
 @dataclass(frozen=True)

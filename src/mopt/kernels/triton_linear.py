@@ -37,7 +37,7 @@ from mopt.kernels.quantized_input import nvfp4_block_values_of
 from mopt.kernels.triton_weight_decode import NVFP4
 from mopt.kernels.triton_weight_prefill import wo_mma
 from mopt.kernels.linear import (LinearKernel, LinearScheme, LinearShape, cuda_capability, flatten_tokens,
-                                 per_token_fp8, register_linear_kernel)
+                                 layer_per_token_fp8, register_linear_kernel)
 from mopt.quant.formats.fp8 import FP8_DTYPE
 
 # Rows (tokens) up to which the decode GEMV runs, cuBLAS above; from sweeps and end-to-end decode (2026-11-26,
@@ -96,8 +96,7 @@ def _schemes(shape: LinearShape, schemes: tuple[LinearScheme, ...]) -> tuple[boo
 def _quantize_fp8(layer, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if layer.linear_shape.scheme is LinearScheme.FP8_TENSOR:
         return triton_quant.fp8_static(x2, layer.input_scale), layer.input_scale.reshape(1)
-    reduce_amax = getattr(layer, "reduce_token_amax", None)  # row-parallel: the whole row's amax
-    q, scale = per_token_fp8(x2, reduce_amax) if reduce_amax is not None else triton_quant.fp8_per_token(x2)
+    q, scale = layer_per_token_fp8(layer, x2, triton_quant.fp8_per_token)
     return q, scale.reshape(-1)
 
 

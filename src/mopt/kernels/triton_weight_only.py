@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from mopt.kernels import triton_quant, triton_quant_mx
-from mopt.kernels.linear import LinearScheme, flatten_tokens, per_token_fp8, register_linear_kernel
+from mopt.kernels.linear import LinearScheme, flatten_tokens, layer_per_token_fp8, register_linear_kernel
 from mopt.kernels.triton_linear import _CudaKernel
 from mopt.kernels.triton_weight_decode import FP8_BLOCK, GROUP_SCALED, INT4, INT8, MXFP4, MXFP8, NVFP4
 from mopt.kernels.triton_weight_gemv import weight_gemv
@@ -64,8 +64,7 @@ def _fp8_codes(layer, x2):
     """FP8 E4M3 codes (static per-tensor scale folded into the row scale, or per token)."""
     if layer.input_scale is not None:
         return triton_quant.fp8_static(x2, layer.input_scale).to(x2.dtype), None
-    reduce_amax = getattr(layer, "reduce_token_amax", None)  # row-parallel: the whole row's amax
-    q, scale = per_token_fp8(x2, reduce_amax) if reduce_amax is not None else triton_quant.fp8_per_token(x2)
+    q, scale = layer_per_token_fp8(layer, x2, triton_quant.fp8_per_token)
     return q.to(x2.dtype), scale.reshape(-1)
 
 

@@ -262,7 +262,8 @@ class RowParallelLinear(LinearBase):
 
     Formats that scale activations per token at run time (FP8_PER_CHANNEL_PER_TOKEN) take each
     token's amax over its whole input row, not the rank's slice: the layer's
-    ``reduce_token_amax`` (a MAX all-reduce) lets the kernels quantize exactly as one rank would.
+    ``reduce_token_amax`` (a MAX all-reduce) lets the kernels quantize exactly as one rank would;
+    on one node's GPUs ``token_fp8_over_peers`` does it in one kernel instead (``kernels.linear.layer_per_token_fp8``).
     """
 
     partials_to = None  # during forward(reduce=False): the fused all-reduce + norm its output goes to
@@ -277,6 +278,7 @@ class RowParallelLinear(LinearBase):
         self.tp_group = group_for(tp_size)
         if self.tp_group is not None:
             self.reduce_token_amax = lambda amax: all_reduce(amax, self.tp_group, op="max")
+            self.token_fp8_over_peers = lambda x2: self.tp_group.per_token_fp8(x2)
 
     def shard_spec(self, param, shard_id) -> ShardSpec:
         if shard_id is not None:
