@@ -307,13 +307,18 @@ def test_a_row_parallel_layer_names_the_norm_to_its_kernel(reduce, returns_kerne
     (None, "the ranks run on 2 hosts", "NCCL all-reduces (the ranks run on 2 hosts)"),
     (types.SimpleNamespace(max_bytes=1 << 20, norm=None), "no fused all-reduce + RMSNorm: x",
      "one-shot all-reduces over peer memory up to 1024 KiB, NCCL above (no fused all-reduce + RMSNorm: x)"),
-    (types.SimpleNamespace(max_bytes=1 << 20, norm=types.SimpleNamespace(producer_push=True, two_shot_rows=0)), None,
+    (types.SimpleNamespace(max_bytes=1 << 20, norm=types.SimpleNamespace(producer_push=True, two_shot_rows=0, peer_amax=True)), None,
      "all-reduce fused with RMSNorm over peer memory up to 1024 KiB, sent from the GEMVs, NCCL above"),
-    (types.SimpleNamespace(max_bytes=1 << 20, norm=types.SimpleNamespace(producer_push=False, two_shot_rows=0)), None,
+    (types.SimpleNamespace(max_bytes=1 << 20, norm=types.SimpleNamespace(producer_push=False, two_shot_rows=0, peer_amax=True)), None,
      "all-reduce fused with RMSNorm over peer memory up to 1024 KiB, NCCL above"),
-    (types.SimpleNamespace(max_bytes=1 << 20, norm=types.SimpleNamespace(producer_push=True, two_shot_rows=16)), None,
+    (types.SimpleNamespace(max_bytes=1 << 20, norm=types.SimpleNamespace(producer_push=True, two_shot_rows=16,
+                                                                         peer_amax=True)), None,
      "all-reduce fused with RMSNorm over peer memory up to 1024 KiB, sent from the GEMVs, in two shots from 16 rows, "
      "NCCL above"),
+    (types.SimpleNamespace(max_bytes=1 << 20, norm=types.SimpleNamespace(producer_push=True, two_shot_rows=0,
+                                                                         peer_amax=False)), None,
+     "all-reduce fused with RMSNorm over peer memory up to 1024 KiB, sent from the GEMVs, NCCL above; per-token FP8 "
+     "amaxes through NCCL"),
 ])
 def test_the_benchmark_title_names_the_path_the_sums_take(monkeypatch, op, reason, want):
     monkeypatch.setattr(one_shot, "unavailable_reason", reason)

@@ -353,7 +353,8 @@ def describe(group) -> str:
                 + (f" ({unavailable_reason})" if unavailable_reason else ""))
     return (f"all-reduce fused with RMSNorm over peer memory up to {op.max_bytes >> 10} KiB"
             + (", sent from the GEMVs" if op.norm.producer_push else "")
-            + (f", in two shots from {op.norm.two_shot_rows} rows" if op.norm.two_shot_rows else "") + ", NCCL above")
+            + (f", in two shots from {op.norm.two_shot_rows} rows" if op.norm.two_shot_rows else "") + ", NCCL above"
+            + ("" if op.norm.peer_amax else "; per-token FP8 amaxes through NCCL"))
 
 
 def _unavailable(name: str | None, reason: str) -> None:
