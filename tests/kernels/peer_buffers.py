@@ -55,7 +55,8 @@ class Buffers:
 
 
     def amax(self, rank: int, slot: int, source: int, row: int) -> torch.Tensor:
-        """The amax (int16 bits) ``source`` sent into ``rank``'s buffer for ``row``, slot ``slot`` (``triton_peer_amax``; a view)."""
+        """The amax (int16 bits) ``source`` sent into ``rank``'s buffer for ``row``, slot ``slot``
+        (``triton_peer_amax``; a view)."""
         words = self.raw[rank][tan.amax_offset(self.world): tan.amax_counters_offset(self.world)].view(torch.int16)
         return words.view(tan.SLOTS, self.world, tan.MAX_ROWS)[slot, source, row]
 

@@ -81,7 +81,8 @@ class OneShotRMSNorm:
                  producer_push: bool = True, two_shot_rows: int = 0, peer_amax: bool = True) -> None:
         from mopt.kernels import triton_allreduce_norm, triton_peer_amax, triton_two_shot_norm  # Triton: a GPU world
 
-        self.kernel, self.two_shot_kernel, self.amax_kernel = triton_allreduce_norm, triton_two_shot_norm, triton_peer_amax
+        self.kernel, self.two_shot_kernel = triton_allreduce_norm, triton_two_shot_norm
+        self.amax_kernel = triton_peer_amax
         self.two_shot_rows = two_shot_rows  # 0: never
         self.buffer, self.handle = buffer, handle  # the mapping lives as long as both
         bases = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=buffer.device)
