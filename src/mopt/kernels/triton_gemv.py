@@ -20,8 +20,8 @@ cuBLASLt's FP8 GEMM does. Scales: ``a_scale`` scalar or per row ``[M]``; ``w_sca
 row ``[N]``.
 
 The plain tensor-core loop can also split K over programs (``GemvTiles.split_k``; the last program of each
-output tile adds the shares in split order, so the bits do not depend on timing). ``gemv_tiles`` does not
-pick it yet: no GPU has timed it (``bench/sweep_fp8_gemv_rows.py`` sweeps it).
+output tile adds the shares in split order, so the bits do not depend on timing). ``gemv_tiles`` picks it for
+narrow E4M3 layers at 17-64 rows (``bench/sweep_fp8_gemv_rows.py`` sweeps it).
 
 ``silu_gated_gemv`` runs a fused gate/up projection and the SiLU-gated product after it in one kernel:
 each program takes matching gate and up rows, rounds both outputs to the activation dtype and

@@ -4,7 +4,7 @@ amaxes exchanged over peer memory (one node's GPUs) inside the kernel.
 A row-parallel layer of a per-token FP8 checkpoint (FP8_PER_CHANNEL_PER_TOKEN) holds a slice of each input row
 but must quantize it under the whole row's scale, as one rank would (``kernels.linear.per_token_fp8``). Through
 NCCL that takes an amax reduction, a MAX all-reduce and the quantization's elementwise kernels, about 30 us at 64
-rows on 2x H200, twice a layer (``bench/results/pcpt-tp-h200x4-2026-11-27-profile-tp2.txt``). Here one program a
+rows at TP=2 on H200s, twice a layer (``bench/results/pcpt-tp-h200x4-2026-11-27-profile-tp2.txt``). Here one program a
 row takes its slice's amax, sends it into every peer's buffer, waits for the peers' values, takes the largest
 and quantizes its slice as ``triton_quant.fp8_per_token`` does: ``scale = amax / 448`` (IEEE division, 1.0 for
 an all-zero row), ``e4m3(clamp(x / scale, +-448))``. The same bits as the NCCL path.
@@ -35,6 +35,12 @@ from mopt.quant.formats import fp8
 
 
 @triton.jit
+def _amax_word(base, slot, source, row, AMAX_AT: tl.constexpr, WORLD: tl.constexpr):
+    """Pointer to the amax ``source`` sends for ``row`` in slot ``slot`` of the buffer at ``base`` (int64)."""
+    return (base + AMAX_AT).to(tl.pointer_type(tl.int16)) + (slot * WORLD + source) * _MAX_ROWS + row
+
+
+@triton.jit
 def _per_token_fp8_over_peers_kernel(x_ptr, q_ptr, scale_ptr, bases_ptr, stride_x, n, AMAX_AT: tl.constexpr,
                                      COUNTERS_AT: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
                                      BLOCK: tl.constexpr, PDL: tl.constexpr):
@@ -51,12 +57,10 @@ def _per_token_fp8_over_peers_kernel(x_ptr, q_ptr, scale_ptr, bases_ptr, stride_
     bits = amax.to(dtype).to(tl.int16, bitcast=True)
     for s in tl.static_range(WORLD):
         if s != RANK:
-            dst = (tl.load(bases_ptr + s) + AMAX_AT).to(tl.pointer_type(tl.int16))
-            tl.store(dst + (slot * WORLD + RANK) * _MAX_ROWS + row, bits)
-    mine = (me + AMAX_AT).to(tl.pointer_type(tl.int16))
+            tl.store(_amax_word(tl.load(bases_ptr + s), slot, RANK, row, AMAX_AT, WORLD), bits)
     for s in tl.static_range(WORLD):
         if s != RANK:
-            src = mine + (slot * WORLD + s) * _MAX_ROWS + row
+            src = _amax_word(me, slot, s, row, AMAX_AT, WORLD)
             got = tl.load(src, volatile=True)
             while got == _SENTINEL:
                 got = tl.load(src, volatile=True)
@@ -64,7 +68,7 @@ def _per_token_fp8_over_peers_kernel(x_ptr, q_ptr, scale_ptr, bases_ptr, stride_
     free = (slot + _SLOTS - 1) % _SLOTS
     for s in tl.static_range(WORLD):
         if s != RANK:
-            tl.store(mine + (free * WORLD + s) * _MAX_ROWS + row, tl.full((), _SENTINEL, tl.int16))
+            tl.store(_amax_word(me, free, s, row, AMAX_AT, WORLD), tl.full((), _SENTINEL, tl.int16))
     tl.store(counter, (slot + 1) % _SLOTS)
     scale = tl.math.div_rn(amax, 448.0)  # '/' by a constant becomes '* (1/448)'
     scale = tl.where(scale > 0, scale, 1.0)
