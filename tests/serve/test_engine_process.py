@@ -11,6 +11,7 @@ and a server killed outright takes its engine process with it.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import subprocess
@@ -46,7 +47,7 @@ def test_an_engine_process_answers_as_an_engine_thread(chat_model_dir):
     ({"prompt": "Hello", "max_tokens": 2, "n": 2}, 429, "queue"),  # two sequences, a queue of one
     ({"prompt": [1, 2, 99999], "max_tokens": 2}, 400, "prompt"),  # refused by the engine: not in the vocabulary
 ], ids=["queue-full", "bad-token-id"])
-def test_errors_cross_the_process(chat_model_dir, body, status, text):
+def test_errors_cross_the_process(chat_model_dir, body, status, text, caplog):
     with running_server(tiny_engine_process(chat_model_dir, max_queue=1)) as server:
         response = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL_NAME, **body}, timeout=DEADLINE)
         assert response.status_code == status, response.text
@@ -55,10 +56,13 @@ def test_errors_cross_the_process(chat_model_dir, body, status, text):
             assert "retry-after" in response.headers
         else:
             assert response.json()["error"]["param"] == "prompt"
-        ok = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 3},
-                        timeout=DEADLINE)
+        ok = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 3,
+                                                                  "ignore_eos": True}, timeout=DEADLINE)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
         server.wait_idle()
+    # The stop reaps the engine process once: the reader thread reaping it too once made this stop log that the
+    # engine "did not stop within 10 s" and SIGTERM a pid already gone.
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_a_dead_engine_process_fails_its_requests_and_stops_the_server(chat_model_dir):

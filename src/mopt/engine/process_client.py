@@ -16,6 +16,7 @@ import atexit
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import pickle
 import threading
 import time
@@ -50,6 +51,7 @@ class EngineProcessClient:
             target=process_engine.run, name="mopt-engine", daemon=False,  # a daemon may not start TP workers
             args=(factory, max_queue, engine_commands, engine_outputs, logging.getLogger().getEffectiveLevel()))
         self._lock = threading.Lock()  # _pending, _dead, and sends from several threads
+        self._reap_lock = threading.Lock()  # see _ended
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._streams: dict[int, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}  # reader thread only
         self._ids = itertools.count()
@@ -109,7 +111,7 @@ class EngineProcessClient:
     @property
     def is_running(self) -> bool:
         return (self._started and not self._stopping and not self._dead and self.failure is None
-                and self._process.is_alive())
+                and not self._ended(0.0))
 
     async def add(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[RequestStream]:
         """As :meth:`AsyncEngine.add <mopt.engine.async_engine.AsyncEngine.add>`."""
@@ -162,17 +164,27 @@ class EngineProcessClient:
         except (OSError, ValueError):  # ValueError: our end was closed
             return False
 
+    def _ended(self, timeout: float) -> bool:
+        """Whether the engine process ended within ``timeout`` seconds; if it did, it is reaped.
+
+        Any thread may ask. It waits on the process's sentinel, and one thread at a time reaps: two threads in
+        ``Process.join`` race in ``waitpid``, and the loser gets ECHILD, which ``multiprocessing`` takes for a
+        process still running (a stop then logged that the engine did not stop and sent SIGTERM to its pid)."""
+        if not multiprocessing.connection.wait([self._process.sentinel], timeout):
+            return False
+        with self._reap_lock:
+            self._process.join()  # it has ended: this only collects its exit status
+        return True
+
     def _end_process(self, timeout: float = 10.0) -> None:
         process = self._process
-        process.join(timeout)
-        if process.is_alive():
+        if not self._ended(timeout):
             if timeout:
                 logger.error("the engine process did not stop within %.0f s; terminating it", timeout)
             process.terminate()
-            process.join(KILL_AFTER_S)
-        if process.is_alive():
-            process.kill()
-            process.join(KILL_AFTER_S)
+            if not self._ended(KILL_AFTER_S):
+                process.kill()
+                self._ended(KILL_AFTER_S)
         with self._lock:
             _close_pipe(self._commands)
         reader = getattr(self, "_reader", None)
@@ -243,7 +255,7 @@ class EngineProcessClient:
 
     def _on_exit(self) -> None:
         """The engine process ended (or its pipe broke): fail whoever still waits."""
-        self._process.join(1.0)
+        self._ended(1.0)
         if self.failure is None and not self._stopping:
             self.failure = (f"the engine process exited unexpectedly ({_describe(self._process.exitcode)}); "
                             "see the server log")
