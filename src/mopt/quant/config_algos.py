@@ -1,6 +1,6 @@
 """Configs of ModelOpt's other LLM algorithms, one table row per ``quant_algo``.
 
-``mopt.quant.config`` handles FP8, FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO and NVFP4; importing this
+``mopt.quant.config_fp8_nvfp4`` handles FP8, FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO and NVFP4; importing this
 module registers the rest with its ``config_from_dict``:
 
 ==========================  =====================  ===========================================
@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-from mopt.quant.config import (ModelOptFp8Config, ModelOptQuantConfigBase, QuantConfigError, _detect_algo,
-                               register_quant_config)
+from mopt.quant.config_base import ModelOptQuantConfigBase, QuantConfigError, _detect_algo, register_quant_config
+from mopt.quant.config_fp8_nvfp4 import ModelOptFp8Config
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class AlgoSpec:
 
 
 def _method(path: str | None) -> tuple[str, str] | None:
-    """``(module, class name)``, imported when first used (see ``config._MethodClass``)."""
+    """``(module, class name)``, imported when first used (see ``config_base._MethodClass``)."""
     if path is None:
         return None
     module, cls = path.split(":")

@@ -17,8 +17,8 @@ import json
 from typing import Any, Callable, Mapping
 
 from mopt.names import NameMapper
-from mopt.quant.config import (_CONFIG_BY_ALGO, ModelOptQuantConfigBase, QuantConfigError, _detect_algo,
-                               register_quant_config)
+from mopt.quant.config_base import (_CONFIG_BY_ALGO, ModelOptQuantConfigBase, QuantConfigError, _detect_algo,
+                                    register_quant_config)
 
 ALGO = "MIXED_PRECISION"
 
