@@ -26,6 +26,7 @@ from mopt.kernels import triton_quant as tq
 from mopt.kernels import triton_route as troute
 from mopt.kernels import triton_quant_mx as tqm
 from mopt.kernels import triton_glue as tgl
+from mopt.kernels import triton_moe as tmoe
 from mopt.kernels import triton_two_shot_norm as tts
 from mopt.kernels import triton_weight_only as two
 
@@ -37,6 +38,16 @@ UNGATED = dict(GATED=False, DTYPE=triton.language.bfloat16, FP8_OUT=False, **NO_
 GATED = dict(GATED=True, DTYPE=triton.language.bfloat16, **NO_PUSH)
 # one-token GEMVs load their first weight tiles before the PDL wait (triton_pdl): the PTX must keep them there
 WEIGHTS_BEFORE_WAIT = {"_gemv_kernel": lambda c: not c["DOT"], "_nvfp4_gemv_kernel": lambda c: True}
+
+MOE_FP8 = dict(FP8=True, IEEE=False, ROUND=triton.language.bfloat16)
+
+
+def _moe_gemm(a: str, c: str) -> dict:
+    """``triton_moe._moe_gemm_kernel``'s pointers and sizes for an ``a`` operand (E4M3 weights) and output ``c``."""
+    return dict(a_ptr=a, b_ptr=P_F8, c_ptr=c, a_scale_ptr=P_F32, b_scale_ptr=P_F32, c_scale_ptr=P_F32, w_ptr=P_F32,
+                pairs_ptr=P_I32, block_expert_ptr=P_I32, N="i32", K="i32", num_pairs="i32", stride_am="i32",
+                stride_be="i32", stride_bn="i32", stride_cm="i32", stride_cs="i32")
+
 
 def _kv_ptrs(cache: str) -> dict:
     """The KV-cache pointers of the attention kernels for a cache of element type ``cache`` (NVFP4's
@@ -224,6 +235,19 @@ KERNELS = [
      [dict(BLOCKS=8, FP4=False, BF16_BITS=True), dict(BLOCKS=8, FP4=True, BF16_BITS=True)], "bf16 bits"),
     (tqm._mx_values_kernel, dict(x_ptr=P_F32, out_ptr=P_F32, k="i32", stride_x="i32"),
      [dict(BLOCKS=8, FP4=False, BF16_BITS=False), dict(BLOCKS=8, FP4=True, BF16_BITS=False)], "float32"),
+    (tmoe._moe_gemm_kernel, _moe_gemm(P_F8, P_BF16),  # per-token FP8: gate/up out in BF16, per-row scales
+     [dict(A_ROW_DIV=8, ROW_SCALES=True, GATED=True, C_FP8=False, MUL_WEIGHT=False, SPLIT_K=1, BLOCK_M=16,
+           BLOCK_N=32, BLOCK_K=256, **MOE_FP8),
+      dict(A_ROW_DIV=1, ROW_SCALES=True, GATED=True, C_FP8=False, MUL_WEIGHT=False, SPLIT_K=1, BLOCK_M=64,
+           BLOCK_N=128, BLOCK_K=128, num_warps=8, **MOE_FP8)], "FP8 per token, gate/up"),
+    (tmoe._moe_gemm_kernel, _moe_gemm(P_F8, P_F32),
+     [dict(A_ROW_DIV=1, ROW_SCALES=True, GATED=False, C_FP8=False, MUL_WEIGHT=True, SPLIT_K=4, BLOCK_M=16,
+           BLOCK_N=64, BLOCK_K=256, **MOE_FP8),
+      dict(A_ROW_DIV=1, ROW_SCALES=False, GATED=False, C_FP8=False, MUL_WEIGHT=True, SPLIT_K=1, BLOCK_M=64,
+           BLOCK_N=128, BLOCK_K=128, num_warps=8, **MOE_FP8)], "FP8 down"),
+    (tmoe._moe_gemm_kernel, _moe_gemm(P_F8, P_F8),
+     [dict(A_ROW_DIV=8, ROW_SCALES=False, GATED=True, C_FP8=True, MUL_WEIGHT=False, SPLIT_K=1, BLOCK_M=16,
+           BLOCK_N=32, BLOCK_K=256, **MOE_FP8)], "FP8 per tensor, gate/up"),
 ]
 
 # The weight-only family (``triton_weight_only``): each weight FORMAT once, with its scheme's pointer types

@@ -26,6 +26,7 @@ from mopt.quant.config import ModelOptFp8Config, ModelOptNvFp4Config
 from mopt.quant.formats import fp8, nvfp4
 
 triton_moe = pytest.importorskip("mopt.kernels.triton_moe")
+FORMATS = ["bf16", "fp8", "fp8-pcpt", "nvfp4"]
 
 
 def _device():
@@ -64,7 +65,8 @@ def test_align_tokens_groups_every_pair_once(tokens, top_k, experts, block_m):
 
 def _layer(fmt, e, h, i, seed=0):
     g = torch.Generator().manual_seed(seed)
-    qc = {"fp8": ModelOptFp8Config("FP8"), "nvfp4": ModelOptNvFp4Config()}.get(fmt)
+    qc = {"fp8": ModelOptFp8Config("FP8"), "fp8-pcpt": ModelOptFp8Config("FP8_PER_CHANNEL_PER_TOKEN"),
+          "nvfp4": ModelOptNvFp4Config()}.get(fmt)
     layer = FusedMoE(e, 2, h, i, quant_config=qc, prefix="model.layers.0.mlp.experts")
     for x in range(e):
         w1, w3, w2 = (torch.randn(i, h, generator=g) * 0.1, torch.randn(i, h, generator=g) * 0.1,
@@ -76,6 +78,12 @@ def _layer(fmt, e, h, i, seed=0):
                 layer.weight_loader(getattr(layer, f"{stacked}_weight"), q, (name, x))
                 layer.weight_loader(getattr(layer, f"{stacked}_weight_scale"), s, (name, x))
                 layer.weight_loader(getattr(layer, f"{stacked}_input_scale"), torch.tensor(0.01 + 0.001 * x), (name, x))
+        elif fmt == "fp8-pcpt":
+            for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
+                stacked = "w2" if name == "w2" else "w13"
+                q, s = fp8.quantize_per_channel(w)
+                layer.weight_loader(getattr(layer, f"{stacked}_weight"), q, (name, x))
+                layer.weight_loader(getattr(layer, f"{stacked}_weight_scale"), s, (name, x))
         elif fmt == "nvfp4":
             for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
                 stacked = "w2" if name == "w2" else "w13"
@@ -92,8 +100,9 @@ def _layer(fmt, e, h, i, seed=0):
     return layer
 
 
-def _compare(fmt, t, e, h, i, device, tol):
-    layer = _layer(fmt, e, h, i)
+def _compare(fmt, t, e, h, i, device, tol, layer=None):
+    """The fused kernel's output (returned) against the reference loop's, within ``tol`` relative L2."""
+    layer = layer if layer is not None else _layer(fmt, e, h, i)
     x = torch.randn(t, h, generator=torch.Generator().manual_seed(t))
     logits = torch.randn(t, e, generator=torch.Generator().manual_seed(t + 1))
     weights, ids = layer.select_experts(logits)
@@ -107,9 +116,10 @@ def _compare(fmt, t, e, h, i, device, tol):
     got = kernel.apply(layer, layer.quant_method.scheme, x.to(device), weights.to(device), ids.to(device))
     rel = ((got.double().cpu() - expected.double()).norm() / expected.double().norm()).item()
     assert rel <= tol, f"{fmt} T={t}: {rel:.2e}"
+    return got.cpu()
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("t", [1, 9, 40])
 def test_fused_moe_interpreted(fmt, t):
     if _device() != "cpu":
@@ -117,18 +127,31 @@ def test_fused_moe_interpreted(fmt, t):
     _compare(fmt, t, 4, 64, 32, "cpu", 1e-5)
 
 
+def test_per_token_fp8_down_input_takes_the_layers_row_amax():
+    """Under tensor parallelism the down GEMM's input is this rank's slice of each row, quantized under the
+    whole row's amax: the kernel asks the layer (``reduce_token_amax``, here a stand-in for peers whose slices
+    are 3x larger) as the reference loop does, and the answer changes the output."""
+    if _device() != "cpu":
+        pytest.skip("interpreter run")
+    layer = _layer("fp8-pcpt", 4, 64, 32)
+    alone = _compare("fp8-pcpt", 9, 4, 64, 32, "cpu", 1e-5, layer)
+    layer.reduce_token_amax = lambda amax: amax * 3
+    sliced = _compare("fp8-pcpt", 9, 4, 64, 32, "cpu", 1e-5, layer)
+    assert ((sliced - alone).norm() / alone.norm()).item() > 1e-3
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("t", [1, 16, 256, 1024])
 def test_fused_moe_gpu(fmt, t):
     if _device() != "cuda":
         pytest.skip("GPU run")
-    tol = {"fp8": 1e-2 if t > 16 else 1e-5, "nvfp4": 2e-2}.get(fmt, 1e-5)
+    tol = {"fp8": 1e-2 if t > 16 else 1e-5, "fp8-pcpt": 1e-2 if t > 16 else 1e-5, "nvfp4": 2e-2}.get(fmt, 1e-5)
     _compare(fmt, t, 16, 512, 256, "cuda", tol)
 
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4"])
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("split", [1, 3])
 def test_small_tiles_and_split_k_interpreted(monkeypatch, fmt, split):
     """K and N spanning several tiles (the default tiles cover the small test shapes in one), and

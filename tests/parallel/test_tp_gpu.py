@@ -107,7 +107,8 @@ def _first_divergence(one: LLM, a: list[int], b: list[int], prompt: list[int]) -
 @pytest.mark.parametrize("config,fmt,expert_parallel", [(_dense, "bf16", False), (_dense, "fp8-kv", False),
                                                         (_dense, "fp8-pcpt", False),  # row-parallel amaxes over peers
                                                         (_dense, "nvfp4", False), (_moe, "fp8", True),
-                                                        (_moe, "nvfp4", True)])
+                                                        (_moe, "nvfp4", True),
+                                                        (_moe, "fp8-pcpt", False)])  # w2 input amaxes over peers
 def test_bf16_tp2_with_graphs_agrees_with_tp1(config, fmt, expert_parallel):
     rel_tolerance, margin = BF16_TOLERANCE[fmt]
     one = LLM(config(), **ENGINE, quantization=fmt)

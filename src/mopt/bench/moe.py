@@ -1,10 +1,11 @@
-"""``mopt bench moe``: fused-MoE layers on the GPU, BF16, FP8 and NVFP4 in one run.
+"""``mopt bench moe``: fused-MoE layers on the GPU, BF16, FP8 (per-tensor, and per-channel x per-token) and
+NVFP4 in one run.
 
 Qwen3-30B-A3B-shaped (128 experts, top-8, H=2048, I=768) and Mixtral-8x7B-shaped (8 experts,
 top-2, H=4096, I=14336) layers at several token counts, random router logits. Reported: time of
 the expert computation (routing excluded), effective TB/s over the bytes of the experts actually
 touched (plus activations), TFLOP/s, and the ratio to a dense GEMM pair of the same FLOPs in the
-same format (BF16 ``torch.mm`` / FP8 ``_scaled_mm`` / mopt's dense NVFP4 W4A4 linear path: activation
+same format (BF16 ``torch.mm`` / FP8 per-tensor ``_scaled_mm``, for both FP8 formats / mopt's dense NVFP4 W4A4 linear path: activation
 quantization plus ``triton_gemm.nvfp4_gemm``) measured in the same run. CUDA-graph timing.
 """
 
@@ -21,12 +22,13 @@ from mopt.quant.formats import fp8, nvfp4
 
 CONFIGS = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 14336)}
 TOKENS = [1, 16, 256, 4096]
-FORMATS = ("bf16", "fp8", "nvfp4")
-BYTES_PER_WEIGHT = {"bf16": 2.0, "fp8": 1.0, "nvfp4": 0.5625}  # NVFP4: 4-bit codes + an E4M3 scale per 16
+FORMATS = ("bf16", "fp8", "fp8-pcpt", "nvfp4")
+BYTES_PER_WEIGHT = {"bf16": 2.0, "fp8": 1.0, "fp8-pcpt": 1.0, "nvfp4": 0.5625}  # NVFP4: 4-bit codes + an E4M3 scale per 16
 
 
 def _layer(fmt: str, e: int, k: int, h: int, i: int, dev) -> FusedMoE:
-    qc = {"fp8": ModelOptFp8Config("FP8"), "nvfp4": ModelOptNvFp4Config()}.get(fmt)
+    qc = {"fp8": ModelOptFp8Config("FP8"), "fp8-pcpt": ModelOptFp8Config("FP8_PER_CHANNEL_PER_TOKEN"),
+          "nvfp4": ModelOptNvFp4Config()}.get(fmt)
     with torch.device(dev):
         layer = FusedMoE(e, k, h, i, torch.bfloat16, quant_config=qc, prefix="bench.experts")
     for x in range(e):
@@ -40,6 +42,10 @@ def _layer(fmt: str, e: int, k: int, h: int, i: int, dev) -> FusedMoE:
                 layer.weight_loader(getattr(layer, f"{stacked}_weight_scale"), s, (name, x))
                 layer.weight_loader(getattr(layer, f"{stacked}_input_scale"), torch.tensor(0.01, device=dev),
                                     (name, x))
+            elif fmt == "fp8-pcpt":
+                q, s = fp8.quantize_per_channel(w)
+                layer.weight_loader(getattr(layer, f"{stacked}_weight"), q, (name, x))
+                layer.weight_loader(getattr(layer, f"{stacked}_weight_scale"), s, (name, x))
             elif fmt == "nvfp4":
                 g2 = nvfp4.global_scale_from_amax(w.abs().max())
                 q, s = nvfp4.quantize(w, g2)
@@ -91,7 +97,7 @@ def bench_moe(configs=CONFIGS, tokens=TOKENS, iters: int = 10, repeats: int = 5,
                 b13 = torch.randn(2 * i, h, device=dev, dtype=torch.bfloat16)
                 a2 = torch.randn(m, i, device=dev, dtype=torch.bfloat16)
                 b2 = torch.randn(h, i, device=dev, dtype=torch.bfloat16)
-                if fmt == "fp8":
+                if fmt.startswith("fp8"):
                     one = torch.tensor(1.0, device=dev)
                     q = [v.to(fp8.FP8_DTYPE) for v in (a, b13, a2, b2)]
                     dense = _time([lambda: (torch._scaled_mm(q[0], q[1].t(), scale_a=one, scale_b=one,
@@ -103,7 +109,7 @@ def bench_moe(configs=CONFIGS, tokens=TOKENS, iters: int = 10, repeats: int = 5,
                     dense = _time([lambda: (d13(), d2())], iters, repeats)
                 else:
                     dense = _time([lambda: (a @ b13.t(), a2 @ b2.t())], iters, repeats)
-                peak = H100["fp8_tflops"] if fmt == "fp8" else H100["bf16_tflops"]  # NVFP4 runs on BF16 MMAs
+                peak = H100["fp8_tflops"] if fmt.startswith("fp8") else H100["bf16_tflops"]  # NVFP4 runs on BF16 MMAs
                 rows.append(dict(config=name, format=fmt, tokens=t, experts_touched=touched, us=sec * 1e6,
                                  tb_s=moved / sec / 1e12, pct_hbm=100 * moved / sec / 1e12 / H100["hbm_tb_s"],
                                  tflops=flops / sec / 1e12, pct_tensor=100 * flops / sec / 1e12 / peak,
@@ -115,10 +121,10 @@ def bench_moe(configs=CONFIGS, tokens=TOKENS, iters: int = 10, repeats: int = 5,
 
 def format_rows(rows: list[dict], device: str) -> str:
     lines = [f"mopt bench moe on {device} (TB/s over touched experts' bytes; x dense: same-FLOP dense GEMMs)",
-             f"{'config':>14} {'fmt':>5} {'T':>5} {'touched':>7} {'us':>9} {'TB/s':>6} {'%HBM':>5} "
+             f"{'config':>14} {'fmt':>8} {'T':>5} {'touched':>7} {'us':>9} {'TB/s':>6} {'%HBM':>5} "
              f"{'TFLOP/s':>8} {'%TC':>5} {'dense us':>9} {'x dense':>7}"]
     for r in rows:
-        lines.append(f"{r['config']:>14} {r['format']:>5} {r['tokens']:>5} {r['experts_touched']:>7} {r['us']:>9.1f} "
+        lines.append(f"{r['config']:>14} {r['format']:>8} {r['tokens']:>5} {r['experts_touched']:>7} {r['us']:>9.1f} "
                      f"{r['tb_s']:>6.2f} {r['pct_hbm']:>5.0f} {r['tflops']:>8.1f} {r['pct_tensor']:>5.0f} "
                      f"{r['dense_us']:>9.1f} {r['vs_dense']:>7.2f}")
     return "\n".join(lines)

@@ -18,8 +18,9 @@ Under expert parallelism ``ids`` may hold ``E`` (one past the layer's experts): 
 expert of another rank, which the kernel skips (it contributes nothing to this rank's output).
 
 Kernels: ``reference`` (any device; the exact format numerics of ``kernels.reference`` per expert,
-tokens grouped by expert) and ``triton-fused-moe`` (CUDA; ``kernels.triton_moe``). cuBLAS has no
-grouped GEMM, so ``MOPT_BACKEND=cublas`` (cuBLASLt for linear layers) keeps MoE layers on Triton.
+tokens grouped by expert) and ``triton-fused-moe`` (CUDA; ``kernels.triton_moe``: BF16, FP8 per-tensor,
+FP8 per-channel x per-token and NVFP4). cuBLAS has no grouped GEMM, so ``MOPT_BACKEND=cublas`` (cuBLASLt
+for linear layers) keeps MoE layers on Triton.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from mopt.kernels import reference
-from mopt.kernels.linear import BACKEND_ENV, LinearScheme, LinearShape, cuda_capability
+from mopt.kernels.linear import BACKEND_ENV, LinearScheme, LinearShape, cuda_capability, layer_per_token_fp8
 
 
 class MoEScheme(enum.Enum):
@@ -164,7 +165,7 @@ class ReferenceMoEKernel(MoEKernel):
 class TritonFusedMoEKernel(MoEKernel):
     name, backends = "triton-fused-moe", ("triton", "cublas", "auto")
     capability = {MoEScheme.UNQUANTIZED: ((8, 0), "the BF16 path"), MoEScheme.FP8_TENSOR: ((8, 9), "FP8"),
-                  MoEScheme.NVFP4: ((8, 0), "the BF16 W4A4 path")}
+                  MoEScheme.FP8_CHANNEL_TOKEN: ((8, 9), "FP8"), MoEScheme.NVFP4: ((8, 0), "the BF16 W4A4 path")}
 
     @classmethod
     def supports(cls, scheme, device):
@@ -182,8 +183,11 @@ class TritonFusedMoEKernel(MoEKernel):
     def apply(self, layer, scheme, x, weights, ids):
         from mopt.kernels import triton_moe
 
+        from mopt.kernels.triton_quant import fp8_per_token
+
         return triton_moe.fused_moe(x, weights, ids, *self.expert_weights(layer, scheme),
-                                    foreign_pairs=getattr(layer, "expert_parallel", False))
+                                    foreign_pairs=getattr(layer, "expert_parallel", False),
+                                    w2_input_fp8=lambda act: layer_per_token_fp8(layer, act, fp8_per_token))
 
     @staticmethod
     def expert_weights(layer, scheme: MoEScheme):
@@ -192,6 +196,9 @@ class TritonFusedMoEKernel(MoEKernel):
         if scheme is MoEScheme.FP8_TENSOR:
             return (ExpertWeights(layer.w13_weight, layer.w13_scale, input_scale=layer.a13_scale.reshape(1)),
                     ExpertWeights(layer.w2_weight, layer.w2_scale, input_scale=layer.a2_scale.reshape(1)))
+        if scheme is MoEScheme.FP8_CHANNEL_TOKEN:
+            return (ExpertWeights(layer.w13_weight, layer.w13_weight_scale, token_fp8=True),
+                    ExpertWeights(layer.w2_weight, layer.w2_weight_scale, token_fp8=True))
         if scheme is MoEScheme.NVFP4:
             return (ExpertWeights(layer.w13_weight, layer.w13_weight_scale, layer.w13_global, layer.a13_global),
                     ExpertWeights(layer.w2_weight, layer.w2_weight_scale, layer.w2_global, layer.a2_global))

@@ -1,17 +1,20 @@
-"""Triton fused MoE: BF16/FP16, FP8 W8A8 per-tensor and exact NVFP4 W4A4 experts, five kernels a call.
+"""Triton fused MoE: BF16/FP16, FP8 W8A8 per-tensor, FP8 per-channel x per-token and exact NVFP4 W4A4 experts,
+five kernels a call (six with per-token FP8).
 
 ``fused_moe`` runs ``x [T, H]`` through its ``top_k`` routed experts:
 
 1. ``align_tokens`` (one program): sorts the ``P = T * top_k`` (token, expert) pairs by expert and
    pads each expert's run to a multiple of ``BLOCK_M``, on the device, into buffers whose size
    depends on shapes only (no host sync: CUDA-graph friendly).
-2. the input quantizer (FP8: static scale; NVFP4: exact BF16 block values, once per pair under
-   that pair's expert's input scale); BF16 needs none.
+2. the input quantizer (FP8: static scale, or each token's own (``fp8_per_token``); NVFP4: exact BF16 block
+   values, once per pair under that pair's expert's input scale); BF16 needs none.
 3. the gate/up GEMM: each program takes one ``BLOCK_M`` run of one expert and the same
    ``BLOCK_N`` slice of its gate rows and of its up rows, and writes ``silu(gate) * up``,
    already quantized for the down GEMM (FP8 codes under the static scale, or NVFP4 block
    values under the expert's input scale), so neither the gate/up output nor the activation
-   makes another trip through memory.
+   makes another trip through memory. Per-token FP8 cannot quantize there: a pair's scale needs the
+   amax of its whole row (every program's columns, and every rank's under tensor parallelism), so the
+   activation is written in ``x``'s dtype and quantized per pair before the down GEMM (``w2_input_fp8``).
 4. the down GEMM, times each pair's router weight, into float32 ``[SPLIT_K, P, H]``
    (decode splits long K across programs; partial sums are added in step 5, not atomically,
    so results are deterministic).
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import triton
@@ -37,8 +41,8 @@ import triton.language as tl
 
 from mopt.kernels.triton_gemm import _e2m1_pair, _load_fp4_tile, _num_sms, _scale_pairs
 from mopt.kernels.triton_pdl import launch_options, pdl_prologue
-from mopt.kernels.triton_quant import _to_fp8, fp8_static, nvfp4_block_value, nvfp4_block_values, \
-    nvfp4_quantize_blocks
+from mopt.kernels.triton_quant import (_to_fp8, fp8_per_token, fp8_static, nvfp4_block_value, nvfp4_block_values,
+                                       nvfp4_quantize_blocks)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _ROUND = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -109,13 +113,16 @@ def _silu_mul(gate, up, ROUND: tl.constexpr):
 @triton.jit
 def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, c_scale_ptr, w_ptr, pairs_ptr,
                      block_expert_ptr, N, K, num_pairs, stride_am, stride_be, stride_bn, stride_cm, stride_cs,
-                     A_ROW_DIV: tl.constexpr, FP8: tl.constexpr, IEEE: tl.constexpr, GATED: tl.constexpr,
+                     A_ROW_DIV: tl.constexpr, FP8: tl.constexpr, ROW_SCALES: tl.constexpr, IEEE: tl.constexpr,
+                     GATED: tl.constexpr,
                      C_FP8: tl.constexpr, MUL_WEIGHT: tl.constexpr, ROUND: tl.constexpr, SPLIT_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IMPRECISE: tl.constexpr,
                      PDL: tl.constexpr):
     """``C[pair, n] = A[pair // A_ROW_DIV] @ B[e, n]^T``; ``GATED``: ``B[e]`` holds ``2N`` rows (gate, then
     up) and ``C = silu(gate) * up``, FP8 codes under ``c_scale`` if ``C_FP8``. A float ``A`` is cast to
     ``B``'s dtype as it is loaded (float32 if either is). Program axis 2 is the K split.
+    FP8 scales: ``a_scale []`` and ``b_scale [E]``, or with ``ROW_SCALES`` one per row of ``A`` and one per
+    row of ``B`` (``[E, 2N]`` if gated, else ``[E, N]``), applied as ``acc * a_scale * b_scale``.
     FP8 MMAs are promoted into the float32 accumulator every ``IMPRECISE`` (<= 128) products, as cuBLASLt
     does without fast accumulation."""
     pdl_prologue(PDL)
@@ -163,7 +170,13 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, c_scale_ptr,
             acc = tl.dot(a, b, acc)
             if GATED:
                 acc_up = tl.dot(a, b_up, acc_up)
-    if FP8:
+    if FP8 and ROW_SCALES:  # in the reference's order: (acc * token scale) * channel scale
+        a_scale = tl.load(a_scale_ptr + pair // A_ROW_DIV, mask=valid, other=0.0)[:, None]
+        b_scales = b_scale_ptr + expert * (2 * N if GATED else N) + offs_n
+        acc = acc * a_scale * tl.load(b_scales, mask=n_ok, other=0.0)[None, :]
+        if GATED:
+            acc_up = acc_up * a_scale * tl.load(b_scales + N, mask=n_ok, other=0.0)[None, :]
+    elif FP8:
         scale = tl.load(a_scale_ptr) * tl.load(b_scale_ptr + expert)
         acc = acc * scale
         acc_up = acc_up * scale
@@ -270,14 +283,16 @@ def _sum_pairs_kernel(down_ptr, out_ptr, H, stride_split, TOP_K: tl.constexpr, S
 class ExpertWeights:
     """One stacked projection's weights in the canonical layouts of ``mopt.kernels.moe``.
 
-    ``weight``: ``[E, R, K]`` float or e4m3, or ``[E, R, K/2]`` packed NVFP4; ``scale``: FP8 ``[E]``,
-    NVFP4 ``[E, R, K/16]`` e4m3 block scales; ``global_scale``: NVFP4 ``[E, R]``; ``input_scale``:
-    FP8 ``[]`` (static), NVFP4 ``[E]``."""
+    ``weight``: ``[E, R, K]`` float or e4m3, or ``[E, R, K/2]`` packed NVFP4; ``scale``: FP8 ``[E]``
+    (``token_fp8``: ``[E, R]``, one per row), NVFP4 ``[E, R, K/16]`` e4m3 block scales; ``global_scale``:
+    NVFP4 ``[E, R]``; ``input_scale``: FP8 ``[]`` (static), NVFP4 ``[E]``. ``token_fp8``: FP8 weights with
+    per-row scales and activations quantized per token at run time (no ``input_scale``)."""
 
     weight: torch.Tensor
     scale: torch.Tensor | None = None
     global_scale: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
+    token_fp8: bool = False
 
     @property
     def nvfp4(self) -> bool:
@@ -285,7 +300,7 @@ class ExpertWeights:
 
     @property
     def fp8(self) -> bool:
-        return self.input_scale is not None and not self.nvfp4
+        return (self.input_scale is not None or self.token_fp8) and not self.nvfp4
 
 
 def block_m_for(num_pairs: int, num_experts: int, nvfp4: bool = False) -> int:
@@ -333,8 +348,9 @@ def _tiles(a_dtype: torch.dtype, w: ExpertWeights, gated: bool, block_m: int) ->
 def _gemm(a: torch.Tensor, w: ExpertWeights, out: torch.Tensor, cfg: dict, sorted_pairs: torch.Tensor,
           block_expert: torch.Tensor, block_m: int, a_row_div: int, num_pairs: int, gated: bool,
           round_dtype: torch.dtype, router_weights: torch.Tensor | None = None,
-          out_scale: torch.Tensor | None = None) -> None:
-    """One expert GEMM with tiles ``cfg`` (``_tiles``); ``out [SPLIT_K, pairs, N]`` splits K."""
+          out_scale: torch.Tensor | None = None, a_scale: torch.Tensor | None = None) -> None:
+    """One expert GEMM with tiles ``cfg`` (``_tiles``); ``out [SPLIT_K, pairs, N]`` splits K. ``a_scale``: the
+    per-row scales of ``a`` (``token_fp8`` weights); FP8 otherwise takes ``w.input_scale``."""
     rows = w.weight.shape[1]
     n = rows // 2 if gated else rows
     k = w.weight.shape[2] * (2 if w.nvfp4 else 1)
@@ -352,20 +368,30 @@ def _gemm(a: torch.Tensor, w: ExpertWeights, out: torch.Tensor, cfg: dict, sorte
             a.stride(0), out2.stride(0), stride_cs, GATED=gated, DOT_F32=INTERPRETED, **common,
             **launch_options(a.device))
     else:
+        if w.token_fp8 and a_scale is None:
+            raise ValueError("per-token FP8 experts need the activations' per-row scales (a_scale)")
+        a_scales = a_scale if w.token_fp8 else w.input_scale
         _moe_gemm_kernel[grid](
-            a, w.weight, out2, w.input_scale if w.fp8 else dummy, w.scale if w.fp8 else dummy,
+            a, w.weight, out2, a_scales if w.fp8 else dummy, w.scale if w.fp8 else dummy,
             out_scale if out_scale is not None else dummy, router_weights if router_weights is not None else dummy,
             sorted_pairs, block_expert, n, k, num_pairs, a.stride(0), w.weight.stride(0), w.weight.stride(1),
-            out2.stride(0), stride_cs, A_ROW_DIV=a_row_div, FP8=w.fp8,
+            out2.stride(0), stride_cs, A_ROW_DIV=a_row_div, FP8=w.fp8, ROW_SCALES=w.token_fp8,
             IEEE=torch.float32 in (a.dtype, w.weight.dtype) and not w.fp8, GATED=gated,
-            C_FP8=gated and w.fp8, IMPRECISE=min(128, cfg["BLOCK_K"]), **common, **launch_options(a.device))
+            C_FP8=gated and w.fp8 and not w.token_fp8, IMPRECISE=min(128, cfg["BLOCK_K"]), **common,
+            **launch_options(a.device))
 
 
 def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: ExpertWeights,
-              w2: ExpertWeights, foreign_pairs: bool = False) -> torch.Tensor:
+              w2: ExpertWeights, foreign_pairs: bool = False,
+              w2_input_fp8: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = fp8_per_token
+              ) -> torch.Tensor:
     """``x [T, H]`` through the routed experts (``ids [T, k]``, router ``weights [T, k]``); gated
     SiLU MLPs ``w13 [E, 2I, H]`` (gate rows, then up rows) and ``w2 [E, H, I]``. Both projections
-    are in the same format: BF16/FP16/float32, FP8 per-tensor or NVFP4 (see ``ExpertWeights``).
+    are in the same format: BF16/FP16/float32, FP8 per-tensor, per-token FP8 or NVFP4 (see ``ExpertWeights``).
+
+    ``w2_input_fp8`` (per-token FP8): ``(codes, scale [P, 1])`` of the down GEMM's input ``[P, I]``, one row a
+    pair. Under tensor parallelism ``I`` is this rank's slice of each row, and the caller passes a quantizer
+    that takes the amax over every rank's slice (``kernels.linear.layer_per_token_fp8``).
 
     ``foreign_pairs`` (expert parallelism): ids equal to ``E`` mark pairs routed to another rank's
     experts. ``align_tokens`` counts them in no expert's run (they land past the last run, in blocks
@@ -377,21 +403,28 @@ def fused_moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: Ex
     pairs = t * k
     block_m = block_m_for(pairs, num_experts, w13.nvfp4)
     sorted_pairs, block_expert = align_tokens(ids, num_experts, block_m)
+    a_scale = None
     if w13.nvfp4:
         index = ids.clamp_max(num_experts - 1) if foreign_pairs else ids  # input scales of real experts only
         a, a_row_div, act_dtype = nvfp4_block_values(x, w13.input_scale, repeat=k, index=index), 1, torch.bfloat16
+    elif w13.token_fp8:  # one scale a token, shared by its k pairs
+        a, a_scale = fp8_per_token(x)
+        a_row_div, act_dtype = k, x.dtype
     elif w13.fp8:
         a, a_row_div, act_dtype = fp8_static(x, w13.input_scale), k, w2.weight.dtype
     else:  # cast as the gate/up kernel loads it
         a, a_row_div, act_dtype = x, k, x.dtype
     act = torch.empty((pairs, inter), dtype=act_dtype, device=x.device)
     _gemm(a, w13, act, _tiles(a.dtype, w13, True, block_m), sorted_pairs, block_expert, block_m, a_row_div, pairs,
-          True, x.dtype, out_scale=w2.input_scale)
+          True, x.dtype, out_scale=w2.input_scale, a_scale=a_scale)
+    act_scale = None
+    if w2.token_fp8:
+        act, act_scale = w2_input_fp8(act)
     cfg = _tiles(act.dtype, w2, False, block_m)
     split = _split_k(block_expert.numel() * triton.cdiv(hidden, cfg["BLOCK_N"]), inter, cfg["BLOCK_K"], x.device)
     down = (torch.zeros if foreign_pairs else torch.empty)((split, pairs, hidden), dtype=torch.float32, device=x.device)
     _gemm(act, w2, down, cfg, sorted_pairs, block_expert, block_m, 1, pairs, False, x.dtype,
-          router_weights=weights.reshape(-1).float().contiguous())
+          router_weights=weights.reshape(-1).float().contiguous(), a_scale=act_scale)
     out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
     _sum_pairs_kernel[(t, triton.cdiv(hidden, 1024))](down, out, hidden, down.stride(0), TOP_K=k, SPLIT_K=split,
                                                        BLOCK=1024, **launch_options(x.device))

@@ -100,6 +100,7 @@ class FusedMoE(nn.Module):
         self.tp_rank, self.tp_size = state.tp_rank, state.tp_size
         if self.tp_group is not None:  # w2's input is split: per-token activation scales take the whole row's amax
             self.reduce_token_amax = lambda amax: all_reduce(amax, self.tp_group, op="max")
+            self.token_fp8_over_peers = lambda x2: self.tp_group.per_token_fp8(x2)  # see RowParallelLinear
         self.num_experts, self.expert_start = self.total_num_experts, 0
         self.intermediate_size = divide(self.total_intermediate_size, state.tp_size,
                                         f"{self.prefix}: expert intermediate size",
