@@ -91,3 +91,54 @@ def group_scales(s_ptr, rows, groups, ok, num_groups, FORMAT: tl.constexpr):
     else:
         s = tl.load(ptrs, mask=ok, other=0.0)
     return s.to(tl.float32)
+
+
+@triton.jit
+def mma_weight_tile(b_ptr, s_ptr, rows, n_ok, t, K, stride_b, num_groups, FORMAT: tl.constexpr, GROUP: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Float32 values of the weight tile ``[BLOCK_N, BLOCK_K]`` at K tile ``t`` of rows ``rows [BLOCK_N]`` (int64;
+    ``n_ok`` masks), as the MMA kernels multiply it: group-scaled formats (FP8_BLOCK, INT4) give their codes, the
+    caller scaling each tile's partial product (``BLOCK_K == GROUP``); INT8 its codes (the row scale comes in the
+    epilogue); the others their codes times their exact block scales (``GROUP`` elements each)."""
+    FOUR: tl.constexpr = FORMAT == _INT4 or FORMAT == _NVFP4 or FORMAT == _MXFP4
+    offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    if FOUR:
+        offs_h = t * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(b_ptr + rows[:, None] * stride_b + offs_h[None, :],
+                         mask=n_ok[:, None] & (offs_h < K // 2)[None, :], other=0)
+        if FORMAT == _INT4:
+            even, odd = int4_pair(packed)
+        else:
+            even, odd = e2m1_pair(packed)
+        w = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
+    elif FORMAT == _INT8:
+        w = tl.load(b_ptr + rows[:, None] * stride_b + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+    else:
+        w = tl.load(b_ptr + rows[:, None] * stride_b + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+    w = w.to(tl.float32)
+    if FORMAT != _FP8_BLOCK and FORMAT != _INT4 and FORMAT != _INT8:  # exact block / E8M0 scales, folded in
+        groups = t * (BLOCK_K // GROUP) + tl.arange(0, BLOCK_K // GROUP)
+        s = group_scales(s_ptr, rows[:, None], groups[None, :], n_ok[:, None] & (groups < num_groups)[None, :],
+                         num_groups, FORMAT)
+        w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * s[:, :, None], (BLOCK_N, BLOCK_K))
+    return w
+
+
+@triton.jit
+def mma_tile_product(acc, x_t, b_ptr, s_ptr, rows, n_ok, t, K, stride_b, num_groups, FORMAT: tl.constexpr,
+                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+    """``acc [BLOCK_N, BLOCK_M] + W tile . x_t`` for the activation tile ``x_t [BLOCK_K, BLOCK_M]`` (values exact in
+    BF16): BF16 MMAs on the decoded weights (``DOT_F32``: IEEE float32 dots), a group-scaled format's partial
+    product times its tile's scale before it is added."""
+    w = mma_weight_tile(b_ptr, s_ptr, rows, n_ok, t, K, stride_b, num_groups, FORMAT, GROUP, BLOCK_N, BLOCK_K)
+    if FORMAT == _FP8_BLOCK or FORMAT == _INT4:
+        if DOT_F32:
+            part = tl.dot(w, x_t.to(tl.float32), input_precision="ieee")
+        else:
+            part = tl.dot(w.to(tl.bfloat16), x_t.to(tl.bfloat16))
+        return acc + part * tl.load(s_ptr + rows * num_groups + t, mask=n_ok, other=0.0)[:, None]
+    if DOT_F32:
+        return tl.dot(w, x_t.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(w.to(tl.bfloat16), x_t.to(tl.bfloat16), acc)

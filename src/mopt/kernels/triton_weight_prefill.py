@@ -25,8 +25,8 @@ import triton.language as tl
 from mopt.kernels.triton_allreduce_norm import PeerRows, check_push, push_arguments, push_rows
 from mopt.kernels.triton_gemm import _mm_float32, _num_sms
 from mopt.kernels.triton_weight_decode import (
-    GROUP_SCALED, _FP8_BLOCK, _INT4, _INT8, _MXFP4, _NVFP4, e2m1_pair, group_bytes, group_scales, int4_pair,
-    scale_columns, scale_group,
+    GROUP_SCALED, _INT8, _MXFP4, _NVFP4, e2m1_pair, group_bytes, group_scales, mma_tile_product, scale_columns,
+    scale_group,
 )
 
 
@@ -133,8 +133,6 @@ def _wo_mma_kernel(a_ptr, b_ptr, s_ptr, r_ptr, x_scale_ptr, c_ptr, bias_ptr, ws_
     split order (the same bits whichever arrives last), finishes the tile (scales, bias, output dtype) and
     sets its lock back to 0 for the next call. No zero-filled buffer, no atomics on the data, no cast after.
     ``PUSH``: each finished tile also goes to the peers' fused all-reduce buffers (``push_rows``)."""
-    FOUR: tl.constexpr = FORMAT == _INT4 or FORMAT == _NVFP4 or FORMAT == _MXFP4
-    SCALED_PARTS: tl.constexpr = FORMAT == _FP8_BLOCK or FORMAT == _INT4
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     band = GROUP_M * grid_n
@@ -156,36 +154,8 @@ def _wo_mma_kernel(a_ptr, b_ptr, s_ptr, r_ptr, x_scale_ptr, c_ptr, bias_ptr, ws_
         k_ok = offs_k < K
         x_t = tl.load(a_ptr + offs_m[None, :].to(tl.int64) * stride_am + offs_k[:, None],
                       mask=k_ok[:, None] & m_ok[None, :], other=0.0)
-        if FOUR:
-            offs_h = t * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-            packed = tl.load(b_ptr + rows[:, None] * stride_b + offs_h[None, :],
-                             mask=n_ok[:, None] & (offs_h < K // 2)[None, :], other=0)
-            if FORMAT == _INT4:
-                even, odd = int4_pair(packed)
-            else:
-                even, odd = e2m1_pair(packed)
-            w = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
-        elif FORMAT == _INT8:
-            w = tl.load(b_ptr + rows[:, None] * stride_b + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-        else:
-            w = tl.load(b_ptr + rows[:, None] * stride_b + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-        w = w.to(tl.float32)
-        if not SCALED_PARTS and FORMAT != _INT8:  # exact block / E8M0 scales, folded into the values
-            groups = t * (BLOCK_K // GROUP) + tl.arange(0, BLOCK_K // GROUP)
-            s = group_scales(s_ptr, rows[:, None], groups[None, :], n_ok[:, None] & (groups < num_groups)[None, :],
-                             num_groups, FORMAT)
-            w = tl.reshape(tl.reshape(w, (BLOCK_N, BLOCK_K // GROUP, GROUP)) * s[:, :, None], (BLOCK_N, BLOCK_K))
-        if SCALED_PARTS:
-            if DOT_F32:
-                part = tl.dot(w, x_t.to(tl.float32), input_precision="ieee")
-            else:
-                part = tl.dot(w.to(tl.bfloat16), x_t.to(tl.bfloat16))
-            acc += part * tl.load(s_ptr + rows * num_groups + t, mask=n_ok, other=0.0)[:, None]
-        elif DOT_F32:
-            acc = tl.dot(w, x_t.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w.to(tl.bfloat16), x_t.to(tl.bfloat16), acc)
+        acc = mma_tile_product(acc, x_t, b_ptr, s_ptr, rows, n_ok, t, K, stride_b, num_groups, FORMAT, GROUP, BLOCK_N,
+                               BLOCK_K, DOT_F32)
     mask = n_ok[:, None] & m_ok[None, :]
     if SPLIT_K == 1:
         _wo_mma_finish(acc, r_ptr, x_scale_ptr, bias_ptr, c_ptr, offs_m, offs_n, m_ok, n_ok, mask, stride_cm,
