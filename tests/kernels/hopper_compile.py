@@ -27,6 +27,8 @@ from mopt.kernels import triton_route as troute
 from mopt.kernels import triton_quant_mx as tqm
 from mopt.kernels import triton_glue as tgl
 from mopt.kernels import triton_moe as tmoe
+from mopt.kernels import triton_moe_weight_only as tmwo
+from mopt.kernels import triton_weight_decode as twd
 from mopt.kernels import triton_two_shot_norm as tts
 from mopt.kernels import triton_weight_only as two
 
@@ -47,6 +49,29 @@ def _moe_gemm(a: str, c: str) -> dict:
     return dict(a_ptr=a, b_ptr=P_F8, c_ptr=c, a_scale_ptr=P_F32, b_scale_ptr=P_F32, c_scale_ptr=P_F32, w_ptr=P_F32,
                 pairs_ptr=P_I32, block_expert_ptr=P_I32, N="i32", K="i32", num_pairs="i32", stride_am="i32",
                 stride_be="i32", stride_bn="i32", stride_cm="i32", stride_cs="i32")
+
+
+def _moe_weight_decode_entries() -> list:
+    """``triton_moe_weight_only._moe_wo_kernel`` per weight format: the gate/up GEMM at decode tiles (BF16 out)
+    and the down GEMM at prefill tiles (float32 partials, router weights, K split)."""
+    formats = [("INT8", P_I8, P_F32, 128, True), ("NVFP4", P_U8, P_F8, 16, True), ("MXFP4", P_U8, P_U8, 32, False),
+               ("MXFP8", P_F8, P_U8, 32, False), ("FP8_BLOCK", P_F8, P_F32, 128, False)]
+    entries = []
+    for name, weight, scale, group, row_scale in formats:
+        for gated, out in ((True, P_BF16), (False, P_F32)):
+            types = dict(a_ptr=P_BF16, b_ptr=weight, s_ptr=scale, r_ptr=P_F32, c_ptr=out, w_ptr=P_F32, pairs_ptr=P_I32,
+                         block_expert_ptr=P_I32, N="i32", K="i32", num_pairs="i32", num_groups="i32",
+                         stride_am="i32", stride_be="i32", stride_bn="i32", stride_se="i32", stride_re="i32",
+                         stride_cm="i32", stride_cs="i32")
+            tiles = (tmwo.moe_wo_tiles(getattr(twd, name), group, 16 if gated else 128, None)
+                     | {"BLOCK_M": 16 if gated else 128})
+            tiles.pop("num_stages")
+            entries.append((tmwo._moe_wo_kernel, types,
+                            [dict(A_ROW_DIV=8 if gated else 1, FORMAT=getattr(twd, name), GROUP=group,
+                                  HAS_ROW_SCALE=row_scale, GATED=gated, MUL_WEIGHT=not gated,
+                                  ROUND=triton.language.bfloat16, DOT_F32=False, SPLIT_K=1 if gated else 4, **tiles)],
+                            f"{name} experts, {'gate/up' if gated else 'down'}"))
+    return entries
 
 
 def _kv_ptrs(cache: str) -> dict:
@@ -245,6 +270,7 @@ KERNELS = [
            BLOCK_N=64, BLOCK_K=256, **MOE_FP8),
       dict(A_ROW_DIV=1, ROW_SCALES=False, GATED=False, C_FP8=False, MUL_WEIGHT=True, SPLIT_K=1, BLOCK_M=64,
            BLOCK_N=128, BLOCK_K=128, num_warps=8, **MOE_FP8)], "FP8 down"),
+    *_moe_weight_decode_entries(),
     (tmoe._moe_gemm_kernel, _moe_gemm(P_F8, P_F8),
      [dict(A_ROW_DIV=8, ROW_SCALES=False, GATED=True, C_FP8=True, MUL_WEIGHT=False, SPLIT_K=1, BLOCK_M=16,
            BLOCK_N=32, BLOCK_K=256, **MOE_FP8)], "FP8 per tensor, gate/up"),

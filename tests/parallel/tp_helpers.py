@@ -5,15 +5,14 @@ shadow it.)"""
 
 from __future__ import annotations
 
-import importlib
 import os
 import socket
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from sibling import load_test_module  # noqa: F401  (the parallel tests import it from here)
 
 TESTS = Path(__file__).resolve().parent.parent
 SRC = TESTS.parent / "src"
@@ -34,18 +33,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def load_test_module(folder: str, name: str):
-    """tests/FOLDER/NAME.py as a module, under the name pytest gives it (so that caches are shared when
-    both files run)."""
-    if name not in sys.modules:
-        sys.path.insert(0, str(TESTS / folder))
-        try:
-            importlib.import_module(name)
-        finally:
-            sys.path.remove(str(TESTS / folder))
-    return sys.modules[name]
 
 
 def _test_moe():

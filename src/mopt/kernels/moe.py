@@ -18,9 +18,10 @@ Under expert parallelism ``ids`` may hold ``E`` (one past the layer's experts): 
 expert of another rank, which the kernel skips (it contributes nothing to this rank's output).
 
 Kernels: ``reference`` (any device; the exact format numerics of ``kernels.reference`` per expert,
-tokens grouped by expert) and ``triton-fused-moe`` (CUDA; ``kernels.triton_moe``: BF16, FP8 per-tensor,
-FP8 per-channel x per-token and NVFP4). cuBLAS has no grouped GEMM, so ``MOPT_BACKEND=cublas`` (cuBLASLt
-for linear layers) keeps MoE layers on Triton.
+tokens grouped by expert), ``triton-fused-moe`` (CUDA; ``kernels.triton_moe``: BF16, FP8 per-tensor,
+FP8 per-channel x per-token and NVFP4) and ``triton-weight-decode-moe`` (CUDA; ``kernels.triton_moe_weight_only``:
+INT8, NVFP4 and MXFP4 weight-only, FP8 128x128 blocks, MXFP8, MXFP4 W4A4). cuBLAS has no grouped GEMM, so
+``MOPT_BACKEND=cublas`` (cuBLASLt for linear layers) keeps MoE layers on Triton.
 """
 
 from __future__ import annotations
@@ -205,7 +206,53 @@ class TritonFusedMoEKernel(MoEKernel):
         return ExpertWeights(layer.w13_weight), ExpertWeights(layer.w2_weight)
 
 
-MOE_KERNELS: list[type[MoEKernel]] = [TritonFusedMoEKernel, ReferenceMoEKernel]
+# scheme: (weight FORMAT of triton_weight_decode, the row-scale tensor, the activation quantizer of
+# triton_quant_mx or None for unquantized activations)
+_DECODED_EXPERTS: dict[MoEScheme, tuple[str, str | None, str | None]] = {
+    MoEScheme.INT8_WO: ("INT8", "weight_scale", None),
+    MoEScheme.NVFP4_WO: ("NVFP4", "weight_scale_2", None),
+    MoEScheme.MXFP4_WO: ("MXFP4", None, None),
+    MoEScheme.FP8_BLOCK_WO: ("FP8_BLOCK", None, None),
+    MoEScheme.MXFP8: ("MXFP8", None, "mxfp8_values"),
+    MoEScheme.MXFP4: ("MXFP4", None, "mxfp4_values"),
+}
+
+
+class TritonWeightDecodeMoEKernel(MoEKernel):
+    """Experts whose weights decode in registers (``kernels.triton_moe_weight_only``): the weight-only schemes
+    and MX W4A4 / W8A8, in the canonical layouts of their linear schemes, stacked."""
+
+    name, backends = "triton-weight-decode-moe", ("triton", "cublas", "auto")
+
+    @classmethod
+    def supports(cls, scheme, device):
+        if scheme not in _DECODED_EXPERTS:
+            return False, f"not a weight-decoding scheme ({', '.join(s.value for s in _DECODED_EXPERTS)})"
+        ok, why = cuda_capability(device, (8, 0), "BF16 tensor cores")
+        if not ok:
+            return ok, why
+        try:
+            import mopt.kernels.triton_moe_weight_only  # noqa: F401
+        except ImportError as e:
+            return False, f"triton is not importable ({e})"
+        return True, ""
+
+    def apply(self, layer, scheme, x, weights, ids):
+        from mopt.kernels import triton_moe_weight_only, triton_quant_mx, triton_weight_decode
+
+        fmt_name, row_scale, activation = _DECODED_EXPERTS[scheme]
+        fmt = getattr(triton_weight_decode, fmt_name)
+        group = triton_weight_decode.scale_group(fmt, 128, 16)
+        w13, w2 = (triton_moe_weight_only.DecodedExperts(
+            fmt, getattr(layer, f"{proj}_weight"),
+            None if fmt_name == "INT8" else getattr(layer, f"{proj}_weight_scale"),  # INT8's is the row scale
+            getattr(layer, f"{proj}_{row_scale}") if row_scale else None, group) for proj in ("w13", "w2"))
+        return triton_moe_weight_only.fused_moe_weight_only(
+            x, weights, ids, w13, w2, getattr(triton_quant_mx, activation) if activation else None,
+            foreign_pairs=getattr(layer, "expert_parallel", False))
+
+
+MOE_KERNELS: list[type[MoEKernel]] = [TritonFusedMoEKernel, TritonWeightDecodeMoEKernel, ReferenceMoEKernel]
 
 
 def select_moe_kernel(scheme: MoEScheme, device: torch.device, override: str | None = None) -> MoEKernel:

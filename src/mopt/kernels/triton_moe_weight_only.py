@@ -1,0 +1,168 @@
+"""Fused MoE for experts whose weights decode in registers (``triton_weight_decode``'s formats): W8A16 (INT8
+channels), W4A16 NVFP4, MXFP4 weight-only and FP8 128x128 blocks over unquantized activations, and MXFP8 / MXFP4
+W4A4 over activations quantized to their exact MX values per token.
+
+The same five steps as ``triton_moe.fused_moe`` (its routing kernel and its per-token sum): the pairs aligned by
+expert; the activation quantizer, where the scheme has one (per token); the gate/up GEMM with the SiLU product, in
+``x``'s dtype; the quantizer again, per pair; the down GEMM times each pair's router weight into float32 partials
+(K split across programs at decode); the sum over each token's pairs. The GEMMs compute ``C^T = W . A^T`` as the
+dense MMA kernel does (``triton_weight_prefill``): decoded weights are the MMA's register operand, exact in BF16
+(group-scaled formats: codes, the group's scale applied to its partial product), and accumulate in float32. Row
+scales (INT8's channel scales, NVFP4's ``weight_scale_2``) come in the epilogue.
+
+MX activations quantize 32-element blocks along K, so under tensor parallelism a rank's slice of the down GEMM's
+input (a multiple of 32 wide) quantizes as the whole row would: no exchange between ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from mopt.kernels.triton_moe import _ROUND, _silu_mul, _split_k, _sum_pairs_kernel, align_tokens, block_m_for
+from mopt.kernels.triton_pdl import launch_options, pdl_prologue
+from mopt.kernels.triton_weight_decode import GROUP_SCALED, mma_tile_product
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _moe_wo_kernel(a_ptr, b_ptr, s_ptr, r_ptr, c_ptr, w_ptr, pairs_ptr, block_expert_ptr, N, K, num_pairs, num_groups,
+                   stride_am, stride_be, stride_bn, stride_se, stride_re, stride_cm, stride_cs,
+                   A_ROW_DIV: tl.constexpr, FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+                   GATED: tl.constexpr, MUL_WEIGHT: tl.constexpr, ROUND: tl.constexpr, DOT_F32: tl.constexpr,
+                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PDL: tl.constexpr):
+    """``C[pair, n] = A[pair // A_ROW_DIV] . W[e, n]`` for one ``BLOCK_M`` run of expert ``e``'s pairs; ``W[e]``:
+    ``b [E, R, ...]`` stored codes, ``s [E, R, groups]`` their scales, ``r [E, R]`` row scales (``R = 2N``, gate
+    then up rows, if ``GATED``: then ``C = silu(gate) * up`` rounded as the reference rounds). Program axis 2
+    is the K split (``C`` then holds float32 partials ``[SPLIT_K, pairs, N]``)."""
+    pdl_prologue(PDL)
+    expert = tl.load(block_expert_ptr + tl.program_id(0))
+    limit = tl.where(expert >= 0, num_pairs, 0)  # an unused tail block touches nothing
+    n_limit = tl.where(expert >= 0, N, 0)
+    expert = tl.maximum(expert, 0).to(tl.int64)
+    pair = tl.load(pairs_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = pair < limit
+    a_cols = a_ptr + (pair // A_ROW_DIV).to(tl.int64)[None, :] * stride_am
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_limit
+    rows = offs_n.to(tl.int64)
+    b_e = b_ptr + expert * stride_be
+    s_e = s_ptr + expert * stride_se
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_tiles = tl.cdiv(tl.where(limit > 0, K, 0), BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    first = tl.program_id(2) * per_split
+    for t in range(first, tl.minimum(first + per_split, k_tiles)):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        x_t = tl.load(a_cols + offs_k[:, None], mask=(offs_k < K)[:, None] & valid[None, :], other=0.0)
+        acc = mma_tile_product(acc, x_t, b_e, s_e, rows, n_ok, t, K, stride_bn, num_groups, FORMAT, GROUP, BLOCK_N,
+                               BLOCK_K, DOT_F32)
+        if GATED:
+            acc_up = mma_tile_product(acc_up, x_t, b_e, s_e, rows + N, n_ok, t, K, stride_bn, num_groups, FORMAT,
+                                      GROUP, BLOCK_N, BLOCK_K, DOT_F32)
+    if HAS_ROW_SCALE:
+        row_scales = r_ptr + expert * stride_re + offs_n
+        acc = acc * tl.load(row_scales, mask=n_ok, other=0.0)[:, None]
+        if GATED:
+            acc_up = acc_up * tl.load(row_scales + N, mask=n_ok, other=0.0)[:, None]
+    if GATED:
+        acc = _silu_mul(acc, acc_up, ROUND)
+    if MUL_WEIGHT:
+        acc = acc * tl.load(w_ptr + pair, mask=valid, other=0.0)[None, :]
+    c = c_ptr + tl.program_id(2) * stride_cs + pair[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & valid[None, :])
+
+
+@dataclass(frozen=True)
+class DecodedExperts:
+    """One stacked projection in a weight-decoding format (``triton_weight_decode``): ``weight [E, R, ...]``
+    stored codes; ``scale [E, R, groups]`` its block / group scales (None for INT8); ``row_scale [E, R]``
+    float32 or None; ``group``: elements per scale along K (``scale_group``)."""
+
+    fmt: int
+    weight: torch.Tensor
+    scale: torch.Tensor | None
+    row_scale: torch.Tensor | None
+    group: int
+
+
+def moe_wo_tiles(fmt: int, group: int, block_m: int, dtype: torch.dtype) -> dict:
+    """As the dense MMA kernel's (``triton_weight_prefill.mma_tiles``, H200 sweeps of dense shapes): 64 weight
+    rows and 4 warps a program up to a few hundred tokens an expert, 128 x 128 and 8 warps beyond; a
+    group-scaled format's K tile is its group. Not yet swept on expert shapes."""
+    block_k = group if fmt in GROUP_SCALED else 128
+    if dtype == torch.float32:
+        return dict(BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=2)
+    if block_m <= 64:
+        return dict(BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=3)
+    return dict(BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3)
+
+
+def _gemm(a: torch.Tensor, w: DecodedExperts, out: torch.Tensor, sorted_pairs: torch.Tensor,
+          block_expert: torch.Tensor, block_m: int, a_row_div: int, num_pairs: int, gated: bool,
+          round_dtype: torch.dtype, router_weights: torch.Tensor | None = None) -> None:
+    """One expert GEMM; ``out [SPLIT_K, pairs, N]`` (float32) splits K, ``out [pairs, N]`` does not."""
+    rows = w.weight.shape[1]
+    n, k = (rows // 2 if gated else rows), a.shape[-1]
+    split = out.shape[0] if out.dim() == 3 else 1
+    out2 = out.view(-1, out.shape[-1])
+    tiles = moe_wo_tiles(w.fmt, w.group, block_m, a.dtype)
+    dummy = w.weight
+    scale = w.scale if w.scale is not None else dummy
+    _moe_wo_kernel[(block_expert.numel(), triton.cdiv(n, tiles["BLOCK_N"]), split)](
+        a, w.weight, scale, w.row_scale if w.row_scale is not None else dummy, out2,
+        router_weights if router_weights is not None else dummy, sorted_pairs, block_expert, n, k, num_pairs,
+        w.scale.shape[-1] if w.scale is not None else 1, a.stride(0), w.weight.stride(0), w.weight.stride(1),
+        w.scale.stride(0) if w.scale is not None else 0, w.row_scale.stride(0) if w.row_scale is not None else 0,
+        out2.stride(0), out.stride(0) if out.dim() == 3 else 0, A_ROW_DIV=a_row_div, FORMAT=w.fmt, GROUP=w.group,
+        HAS_ROW_SCALE=w.row_scale is not None, GATED=gated, MUL_WEIGHT=router_weights is not None,
+        ROUND=_ROUND[round_dtype], DOT_F32=INTERPRETED or a.dtype == torch.float32, SPLIT_K=split, BLOCK_M=block_m,
+        **tiles, **launch_options(a.device))
+
+
+def check_experts(w13: DecodedExperts, w2: DecodedExperts, hidden: int) -> None:
+    """Shapes the kernel needs, checked where the layer is built (a ``ValueError`` naming the sizes)."""
+    inter = w13.weight.shape[1] // 2
+    for name, w, k in (("w13", w13, hidden), ("w2", w2, inter)):
+        if w.fmt in GROUP_SCALED and w.group not in (32, 64, 128, 256):
+            raise ValueError(f"{name}: the fused weight-decoding MoE kernel needs scale groups of 32 to 256 "
+                             f"elements, got {w.group}")
+        if k % 32:
+            raise ValueError(f"{name}: K={k} is not a multiple of 32 (the fused weight-decoding MoE kernel)")
+
+
+def fused_moe_weight_only(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: DecodedExperts,
+                          w2: DecodedExperts, activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                          foreign_pairs: bool = False) -> torch.Tensor:
+    """``x [T, H]`` through the routed experts (``ids [T, k]``, router ``weights [T, k]``): gated SiLU MLPs
+    ``w13`` (gate rows, then up rows) and ``w2``. ``activation``: the rows' exact values as the scheme
+    quantizes them (``triton_quant_mx.mxfp8_values`` ...), applied to ``x`` and to the down GEMM's input; None
+    multiplies them as they are. ``foreign_pairs``: as ``triton_moe.fused_moe`` (expert parallelism)."""
+    t, k = ids.shape
+    num_experts, inter, hidden = w13.weight.shape[0], w13.weight.shape[1] // 2, x.shape[-1]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    pairs = t * k
+    block_m = block_m_for(pairs, num_experts)
+    sorted_pairs, block_expert = align_tokens(ids, num_experts, block_m)
+    a = activation(x) if activation is not None else x
+    act = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
+    _gemm(a, w13, act, sorted_pairs, block_expert, block_m, k, pairs, True, x.dtype)
+    if activation is not None:
+        act = activation(act)
+    tiles = moe_wo_tiles(w2.fmt, w2.group, block_m, act.dtype)
+    split = _split_k(block_expert.numel() * triton.cdiv(hidden, tiles["BLOCK_N"]), inter, tiles["BLOCK_K"], x.device)
+    down = (torch.zeros if foreign_pairs else torch.empty)((split, pairs, hidden), dtype=torch.float32, device=x.device)
+    _gemm(act, w2, down, sorted_pairs, block_expert, block_m, 1, pairs, False, x.dtype,
+          router_weights=weights.reshape(-1).float().contiguous())
+    out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
+    _sum_pairs_kernel[(t, triton.cdiv(hidden, 1024))](down, out, hidden, down.stride(0), TOP_K=k, SPLIT_K=split,
+                                                       BLOCK=1024, **launch_options(x.device))
+    return out
