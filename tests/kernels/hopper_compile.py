@@ -52,14 +52,18 @@ def _moe_gemm(a: str, c: str) -> dict:
 
 
 def _moe_weight_decode_entries() -> list:
-    """``triton_moe_weight_only._moe_wo_kernel`` per weight format: the gate/up GEMM at decode tiles (BF16 out)
-    and the down GEMM at prefill tiles (float32 partials, router weights, K split)."""
-    formats = [("INT8", P_I8, P_F32, 128, True), ("NVFP4", P_U8, P_F8, 16, True), ("MXFP4", P_U8, P_U8, 32, False),
-               ("MXFP8", P_F8, P_U8, 32, False), ("FP8_BLOCK", P_F8, P_F32, 128, False)]
+    """``triton_moe_weight_only._moe_wo_kernel`` per weight format (and activation scales: W8A8 SmoothQuant,
+    W4A8): the gate/up GEMM at decode tiles (BF16 out) and the down GEMM at prefill tiles (float32 partials,
+    router weights, K split)."""
+    formats = [("INT8", P_I8, P_F32, 128, True, False), ("NVFP4", P_U8, P_F8, 16, True, False),
+               ("MXFP4", P_U8, P_U8, 32, False, False), ("MXFP8", P_F8, P_U8, 32, False, False),
+               ("FP8_BLOCK", P_F8, P_F32, 128, False, False), ("INT8", P_I8, P_F32, 128, True, True),
+               ("NVFP4", P_U8, P_F8, 32, True, True), ("MXFP4", P_U8, P_U8, 32, False, True)]
     entries = []
-    for name, weight, scale, group, row_scale in formats:
+    for name, weight, scale, group, row_scale, x_scale in formats:
         for gated, out in ((True, P_BF16), (False, P_F32)):
-            types = dict(a_ptr=P_BF16, b_ptr=weight, s_ptr=scale, r_ptr=P_F32, c_ptr=out, w_ptr=P_F32, pairs_ptr=P_I32,
+            types = dict(a_ptr=P_BF16, b_ptr=weight, s_ptr=scale, r_ptr=P_F32, x_scale_ptr=P_F32, c_ptr=out,
+                         w_ptr=P_F32, pairs_ptr=P_I32,
                          block_expert_ptr=P_I32, N="i32", K="i32", num_pairs="i32", num_groups="i32",
                          stride_am="i32", stride_be="i32", stride_bn="i32", stride_se="i32", stride_re="i32",
                          stride_cm="i32", stride_cs="i32")
@@ -67,10 +71,12 @@ def _moe_weight_decode_entries() -> list:
                      | {"BLOCK_M": 16 if gated else 128})
             tiles.pop("num_stages")
             entries.append((tmwo._moe_wo_kernel, types,
-                            [dict(A_ROW_DIV=8 if gated else 1, FORMAT=getattr(twd, name), GROUP=group,
-                                  HAS_ROW_SCALE=row_scale, GATED=gated, MUL_WEIGHT=not gated,
-                                  ROUND=triton.language.bfloat16, DOT_F32=False, SPLIT_K=1 if gated else 4, **tiles)],
-                            f"{name} experts, {'gate/up' if gated else 'down'}"))
+                            [dict(A_ROW_DIV=1 if x_scale or not gated else 8, FORMAT=getattr(twd, name),
+                                  GROUP=group, HAS_ROW_SCALE=row_scale, HAS_X_SCALE=x_scale, GATED=gated,
+                                  MUL_WEIGHT=not gated, ROUND=triton.language.bfloat16, DOT_F32=False,
+                                  SPLIT_K=1 if gated else 4, **tiles)],
+                            f"{name} experts{', scaled activations' if x_scale else ''}, "
+                            f"{'gate/up' if gated else 'down'}"))
     return entries
 
 

@@ -23,9 +23,12 @@ from mopt.layers.fused_moe import FusedMoE
 pytest.importorskip("mopt.kernels.triton_moe_weight_only")
 linear_loading = load_test_module("layers", "test_linear_loading")
 
-# mopt's format name (test_linear_loading) -> the scheme its experts take
+# mopt's format name (test_linear_loading) -> the scheme its experts take. "-wo": MXFP4 weight-only
+# (MOPT_MXFP4_ACTIVATIONS=none); "-dynamic": without the optional static input scale (FP8 per token).
 FORMATS = {"int8-wo": MoEScheme.INT8_WO, "w4a16-nvfp4": MoEScheme.NVFP4_WO, "fp8-pb-wo": MoEScheme.FP8_BLOCK_WO,
-           "mxfp8": MoEScheme.MXFP8, "mxfp4": MoEScheme.MXFP4, "mxfp4-wo": MoEScheme.MXFP4_WO}
+           "mxfp8": MoEScheme.MXFP8, "mxfp4": MoEScheme.MXFP4, "mxfp4-wo": MoEScheme.MXFP4_WO,
+           "int8-sq": MoEScheme.INT8_SQ, "w4a8-nvfp4-fp8": MoEScheme.W4A8_NVFP4,
+           "w4a8-mxfp4-fp8": MoEScheme.W4A8_MXFP4, "w4a8-mxfp4-fp8-dynamic": MoEScheme.W4A8_MXFP4}
 
 
 def _device():
@@ -39,11 +42,16 @@ def _device():
 def _layer(fmt: str, e: int, h: int, i: int, dtype: torch.dtype, monkeypatch) -> FusedMoE:
     if fmt == "mxfp4-wo":
         monkeypatch.setenv("MOPT_MXFP4_ACTIVATIONS", "none")
-    name = fmt.removesuffix("-wo") if fmt == "mxfp4-wo" else fmt
+    name = fmt.removesuffix("-wo") if fmt == "mxfp4-wo" else fmt.removesuffix("-dynamic")
     layer = FusedMoE(e, 2, h, i, dtype, quant_config=linear_loading.qc(name), prefix="model.layers.0.mlp.experts")
     for x in range(e):
         for proj, rows, cols in (("w1", i, h), ("w3", i, h), ("w2", h, i)):
-            for tensor, t in linear_loading.checkpoint_tensors(name, rows, cols, 10 * x + len(proj) + rows % 7).items():
+            tensors = linear_loading.checkpoint_tensors(name, rows, cols, 10 * x + len(proj) + rows % 7)
+            if fmt.endswith("-dynamic"):
+                tensors.pop("input_scale")
+            if "input_scale" in tensors:  # a static scale per expert, as calibration gives
+                tensors["input_scale"] = tensors["input_scale"] * (1 + 0.25 * x)
+            for tensor, t in tensors.items():
                 layer.weight_loader(getattr(layer, f"{'w2' if proj == 'w2' else 'w13'}_{tensor}"), t, (proj, x))
     layer.process_weights_after_loading()
     assert layer.quant_method.scheme is FORMATS[fmt]
@@ -51,8 +59,9 @@ def _layer(fmt: str, e: int, h: int, i: int, dtype: torch.dtype, monkeypatch) ->
 
 
 def _compare(fmt: str, t: int, e: int, h: int, i: int, device: str, dtype: torch.dtype, tol: float, monkeypatch,
-             foreign: bool = False) -> None:
-    layer = _layer(fmt, e, h, i, dtype, monkeypatch)
+             foreign: bool = False, layer: FusedMoE | None = None) -> torch.Tensor:
+    """The kernel's output (returned) against the reference loop's, within ``tol`` relative L2."""
+    layer = layer if layer is not None else _layer(fmt, e, h, i, dtype, monkeypatch)
     g = torch.Generator().manual_seed(t)
     x = torch.randn(t, h, generator=g).to(dtype)
     weights, ids = layer.select_experts(torch.randn(t, e, generator=g))
@@ -67,6 +76,7 @@ def _compare(fmt: str, t: int, e: int, h: int, i: int, device: str, dtype: torch
     got = TritonWeightDecodeMoEKernel().apply(layer, FORMATS[fmt], x.to(device), weights.to(device), ids.to(device))
     rel = ((got.double().cpu() - expected.double()).norm() / expected.double().norm()).item()
     assert rel <= tol, f"{fmt} T={t}: {rel:.2e}"
+    return got.cpu()
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -77,7 +87,8 @@ def test_weight_decode_moe_interpreted(fmt, t, monkeypatch):
     _compare(fmt, t, 4, 128, 128, "cpu", torch.float32, 1e-5, monkeypatch)
 
 
-@pytest.mark.parametrize("fmt", ["int8-wo", "w4a16-nvfp4", "mxfp4"])
+@pytest.mark.parametrize("fmt", ["int8-wo", "w4a16-nvfp4", "mxfp4", "int8-sq", "w4a8-nvfp4-fp8",
+                                 "w4a8-mxfp4-fp8-dynamic"])
 @pytest.mark.parametrize("split", [1, 3])
 def test_uneven_k_n_and_split_k_interpreted(fmt, split, monkeypatch):
     """N and K spanning several tiles with a short last one (K = 160 against 128-wide tiles), the down GEMM's
@@ -88,6 +99,20 @@ def test_uneven_k_n_and_split_k_interpreted(fmt, split, monkeypatch):
 
     monkeypatch.setattr(triton_moe_weight_only, "_split_k", lambda programs, k, block_k, device: split)
     _compare(fmt, 9, 4, 96, 160, "cpu", torch.float32, 1e-5, monkeypatch, foreign=True)
+
+
+def test_per_token_fp8_down_input_takes_the_layers_row_amax(monkeypatch):
+    """W4A8 without a static scale: under tensor parallelism the down GEMM's input is this rank's slice of each
+    row, quantized under the whole row's amax, which the layer gives (``reduce_token_amax``; here a stand-in
+    for peers whose slices are 3x larger), as the reference loop asks it; the gate/up input is whole on every
+    rank and never asks."""
+    if _device() != "cpu":
+        pytest.skip("interpreter run")
+    layer = _layer("w4a8-mxfp4-fp8-dynamic", 4, 128, 128, torch.float32, monkeypatch)
+    alone = _compare("w4a8-mxfp4-fp8-dynamic", 9, 4, 128, 128, "cpu", torch.float32, 1e-5, monkeypatch, layer=layer)
+    layer.reduce_token_amax = lambda amax: amax * 3
+    sliced = _compare("w4a8-mxfp4-fp8-dynamic", 9, 4, 128, 128, "cpu", torch.float32, 1e-5, monkeypatch, layer=layer)
+    assert ((sliced - alone).norm() / alone.norm()).item() > 1e-3
 
 
 def test_selected_on_cuda_only_for_its_schemes():

@@ -19,15 +19,16 @@ expert of another rank, which the kernel skips (it contributes nothing to this r
 
 Kernels: ``reference`` (any device; the exact format numerics of ``kernels.reference`` per expert,
 tokens grouped by expert), ``triton-fused-moe`` (CUDA; ``kernels.triton_moe``: BF16, FP8 per-tensor,
-FP8 per-channel x per-token and NVFP4) and ``triton-weight-decode-moe`` (CUDA; ``kernels.triton_moe_weight_only``:
-INT8, NVFP4 and MXFP4 weight-only, FP8 128x128 blocks, MXFP8, MXFP4 W4A4). cuBLAS has no grouped GEMM, so
-``MOPT_BACKEND=cublas`` (cuBLASLt for linear layers) keeps MoE layers on Triton.
+FP8 per-channel x per-token and NVFP4) and ``triton-weight-decode-moe`` (CUDA;
+``kernels.triton_moe_weight_only``: every other scheme). cuBLAS has no grouped GEMM, so ``MOPT_BACKEND=cublas``
+(cuBLASLt for linear layers) keeps MoE layers on Triton.
 """
 
 from __future__ import annotations
 
 import enum
 import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -206,21 +207,79 @@ class TritonFusedMoEKernel(MoEKernel):
         return ExpertWeights(layer.w13_weight), ExpertWeights(layer.w2_weight)
 
 
-# scheme: (weight FORMAT of triton_weight_decode, the row-scale tensor, the activation quantizer of
-# triton_quant_mx or None for unquantized activations)
-_DECODED_EXPERTS: dict[MoEScheme, tuple[str, str | None, str | None]] = {
-    MoEScheme.INT8_WO: ("INT8", "weight_scale", None),
-    MoEScheme.NVFP4_WO: ("NVFP4", "weight_scale_2", None),
-    MoEScheme.MXFP4_WO: ("MXFP4", None, None),
-    MoEScheme.FP8_BLOCK_WO: ("FP8_BLOCK", None, None),
-    MoEScheme.MXFP8: ("MXFP8", None, "mxfp8_values"),
-    MoEScheme.MXFP4: ("MXFP4", None, "mxfp4_values"),
+def _mx_values(fp4: bool) -> Callable:
+    """MXFP8 / MXFP4 activations: each row's exact MX values, per 32-element block (local to a rank's slice)."""
+    def build(layer: nn.Module, proj: str):
+        from mopt.kernels import triton_moe_weight_only, triton_quant_mx
+
+        values = triton_quant_mx.mxfp4_values if fp4 else triton_quant_mx.mxfp8_values
+        return triton_moe_weight_only.ExpertActivation(lambda rows, experts: (values(rows), None))
+    return build
+
+
+def _int8_smoothed(layer: nn.Module, proj: str):
+    """W8A8 SmoothQuant: the input times the expert's smoothing, INT8 codes under the expert's static scale."""
+    from mopt.kernels import triton_moe_weight_only
+    from mopt.quant.formats import int8
+
+    scale, smoothing = getattr(layer, f"{proj}_input_scale"), getattr(layer, f"{proj}_pre_quant_scale", None)
+
+    def quantize(rows, experts):
+        if smoothing is not None:
+            rows = rows * smoothing[experts].to(rows.dtype)
+        s = scale[experts].float()
+        return int8.quantize_static(rows, s[:, None]).to(rows.dtype), s
+    return triton_moe_weight_only.ExpertActivation(quantize, per_expert=True)
+
+
+def _fp8_static_or_per_token(layer: nn.Module, proj: str):
+    """W4A8: FP8 codes under the expert's static scale, or each token's own where the export has none (w2's
+    input then takes the whole row's amax over the ranks, ``layer_per_token_fp8``)."""
+    from mopt.kernels import triton_moe_weight_only
+    from mopt.kernels.triton_quant import fp8_per_token
+    from mopt.quant.formats import fp8
+
+    scale = getattr(layer, f"{proj}_input_scale", None)
+    if scale is None:
+        def per_token(rows, experts):
+            q, s = layer_per_token_fp8(layer, rows, fp8_per_token) if proj == "w2" else fp8_per_token(rows)
+            return q.to(rows.dtype), s.reshape(-1)
+        return triton_moe_weight_only.ExpertActivation(per_token)
+
+    def static(rows, experts):
+        s = scale[experts].float()
+        return fp8.quantize(rows, s[:, None]).to(rows.dtype), s
+    return triton_moe_weight_only.ExpertActivation(static, per_expert=True)
+
+
+@dataclass(frozen=True)
+class _DecodedScheme:
+    """A scheme on ``triton-weight-decode-moe``: its weight FORMAT (``triton_weight_decode``), the tensor holding
+    its row scales, its activations (``(layer, "w13" | "w2") -> ExpertActivation``; None: unquantized) and the
+    elements per NVFP4 block scale."""
+
+    fmt: str
+    row_scale: str | None = None
+    activation: Callable | None = None
+    fp4_group: int = 16
+
+
+_DECODED_EXPERTS: dict[MoEScheme, _DecodedScheme] = {
+    MoEScheme.INT8_WO: _DecodedScheme("INT8", "weight_scale"),
+    MoEScheme.NVFP4_WO: _DecodedScheme("NVFP4", "weight_scale_2"),
+    MoEScheme.MXFP4_WO: _DecodedScheme("MXFP4"),
+    MoEScheme.FP8_BLOCK_WO: _DecodedScheme("FP8_BLOCK"),
+    MoEScheme.MXFP8: _DecodedScheme("MXFP8", activation=_mx_values(fp4=False)),
+    MoEScheme.MXFP4: _DecodedScheme("MXFP4", activation=_mx_values(fp4=True)),
+    MoEScheme.INT8_SQ: _DecodedScheme("INT8", "weight_scale", _int8_smoothed),
+    MoEScheme.W4A8_NVFP4: _DecodedScheme("NVFP4", "weight_scale_2", _fp8_static_or_per_token, fp4_group=32),
+    MoEScheme.W4A8_MXFP4: _DecodedScheme("MXFP4", activation=_fp8_static_or_per_token),
 }
 
 
 class TritonWeightDecodeMoEKernel(MoEKernel):
-    """Experts whose weights decode in registers (``kernels.triton_moe_weight_only``): the weight-only schemes
-    and MX W4A4 / W8A8, in the canonical layouts of their linear schemes, stacked."""
+    """Experts whose weights decode in registers (``kernels.triton_moe_weight_only``), in the canonical layouts of
+    their linear schemes, stacked: the weight-only schemes, MX W4A4 / W8A8, W4A8 and W8A8 SmoothQuant."""
 
     name, backends = "triton-weight-decode-moe", ("triton", "cublas", "auto")
 
@@ -238,18 +297,18 @@ class TritonWeightDecodeMoEKernel(MoEKernel):
         return True, ""
 
     def apply(self, layer, scheme, x, weights, ids):
-        from mopt.kernels import triton_moe_weight_only, triton_quant_mx, triton_weight_decode
+        from mopt.kernels import triton_moe_weight_only, triton_weight_decode
 
-        fmt_name, row_scale, activation = _DECODED_EXPERTS[scheme]
-        fmt = getattr(triton_weight_decode, fmt_name)
-        group = triton_weight_decode.scale_group(fmt, 128, 16)
+        spec = _DECODED_EXPERTS[scheme]
+        fmt = getattr(triton_weight_decode, spec.fmt)
+        group = triton_weight_decode.scale_group(fmt, 128, spec.fp4_group)
         w13, w2 = (triton_moe_weight_only.DecodedExperts(
             fmt, getattr(layer, f"{proj}_weight"),
-            None if fmt_name == "INT8" else getattr(layer, f"{proj}_weight_scale"),  # INT8's is the row scale
-            getattr(layer, f"{proj}_{row_scale}") if row_scale else None, group) for proj in ("w13", "w2"))
-        return triton_moe_weight_only.fused_moe_weight_only(
-            x, weights, ids, w13, w2, getattr(triton_quant_mx, activation) if activation else None,
-            foreign_pairs=getattr(layer, "expert_parallel", False))
+            None if spec.fmt == "INT8" else getattr(layer, f"{proj}_weight_scale"),  # INT8's is the row scale
+            getattr(layer, f"{proj}_{spec.row_scale}") if spec.row_scale else None, group) for proj in ("w13", "w2"))
+        act13, act2 = ((spec.activation(layer, proj) if spec.activation else None) for proj in ("w13", "w2"))
+        return triton_moe_weight_only.fused_moe_weight_only(x, weights, ids, w13, w2, act13, act2,
+                                                            foreign_pairs=getattr(layer, "expert_parallel", False))
 
 
 MOE_KERNELS: list[type[MoEKernel]] = [TritonFusedMoEKernel, TritonWeightDecodeMoEKernel, ReferenceMoEKernel]
