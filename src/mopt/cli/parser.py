@@ -136,9 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench_kernels)
 
-    p = bench.add_parser("moe", help="fused-MoE layers (Qwen3-30B-A3B, Mixtral-8x7B shapes), BF16, FP8, NVFP4")
+    p = bench.add_parser("moe", help="fused-MoE layers (Qwen3-30B-A3B, Mixtral-8x7B shapes) in each expert format")
     p.add_argument("--tokens", help="token counts, e.g. 1,16 (default: 1,16,256,4096)")
-    p.add_argument("--formats", help="comma list of bf16,fp8,nvfp4 (default: all)")
+    p.add_argument("--formats", help="comma list of expert formats (default: bf16,fp8,fp8-pcpt,nvfp4; also "
+                                     "fp8-pb-wo, w4a16-nvfp4, w4a8-nvfp4-fp8, int8-wo, int8-sq, mxfp8, mxfp4, "
+                                     "mxfp4-wo, w4a8-mxfp4-fp8)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench_moe)
 
