@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# Every ModelOpt format on the GPU machine: the GPU tests of the formats work (the weight-only kernel family
-# against the reference; every format's tiny export generating on CUDA like the CPU path), then
-# `mopt bench kernels` for every linear format (--json). The exports are built on a CPU beforehand:
+# Every ModelOpt format on the GPU machine: the GPU tests of the formats work (the weight-only kernel family and
+# both fused-MoE kernels against the reference; every format's tiny export generating on CUDA like the CPU
+# path), then `mopt bench kernels` for every linear format (--json); `moe`: `mopt bench moe` for every expert
+# format (moe.txt, moe.json). The exports are built on a CPU beforehand:
 #   PYTHONPATH=src:tests python3 tests/make_gpu_exports.py .sweep/exports
 # and read from $MOPT_TEST_EXPORTS (default .sweep/exports). Writes at most 6 files under $OUT (or ./out):
 # gpu.txt, gpu-tests.txt, kernels-{1,2}.txt, kernels-{1,2}.json. Each step has its own timeout (SIGINT, so
 # pytest still lists its failures and the bench its rows; at most 9.5 minutes in all): the two pytest runs
 # (the exports, then the weight-only kernels) append to gpu-tests.txt, and the bench runs in two halves,
 # each saving its JSON after every format of every shape. `tests` and `bench` can also run as two calls.
-# Usage: bash bench/formats_gpu.sh [tests|bench|all]   (env: TEST_TIMEOUT, BENCH_TIMEOUT, BENCH_ARGS,
-# FORMATS_1, FORMATS_2)
+# Usage: bash bench/formats_gpu.sh [tests|bench|moe|all]   (env: TEST_TIMEOUT, BENCH_TIMEOUT, BENCH_ARGS,
+# FORMATS_1, FORMATS_2, MOE_FORMATS, MOE_TOKENS)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONPATH=src:tests PYTHONUNBUFFERED=1 MOPT_TEST_EXPORTS=${MOPT_TEST_EXPORTS:-.sweep/exports}
 what=${1:-all}
-case $what in tests|bench|all) ;; *) echo "usage: $0 [tests|bench|all]" >&2; exit 2 ;; esac
+case $what in tests|bench|moe|all) ;; *) echo "usage: $0 [tests|bench|moe|all]" >&2; exit 2 ;; esac
 # The two halves: FP8 and 8-bit formats, then 4-bit ones (names: mopt bench kernels --help).
 FORMATS_1=${FORMATS_1:-fp8,fp8-pcpt,fp8-pb-wo,fp8-pb-wo-a8,int8-wo,int8-sq,mxfp8,w4a8-awq}
 FORMATS_2=${FORMATS_2:-nvfp4,nvfp4-svdquant,w4a16-nvfp4,w4a8-nvfp4-fp8,int4-awq,mxfp4,mxfp4-wo,w4a8-mxfp4-fp8}
@@ -25,7 +26,8 @@ echo "exports: $MOPT_TEST_EXPORTS ($(ls "$MOPT_TEST_EXPORTS" 2>/dev/null | wc -l
 status=0
 if [[ $what == tests || $what == all ]]; then
   : > "$OUT/gpu-tests.txt"
-  for tests in tests/engine/test_formats_gpu.py tests/kernels/test_triton_weight_only.py; do
+  for tests in tests/engine/test_formats_gpu.py tests/kernels/test_triton_weight_only.py \
+      tests/kernels/test_triton_moe.py tests/kernels/test_triton_moe_weight_only.py; do
     echo "=== pytest -m gpu $tests" | tee -a "$OUT/gpu-tests.txt"
     timeout -s INT -k 10 ${TEST_TIMEOUT:-150} python3 -m pytest -v -m gpu -p no:cacheprovider -rfEs --durations=5 \
       "$tests" 2>&1 | tee -a "$OUT/gpu-tests.txt" | grep -v PASSED | tail -25
@@ -39,5 +41,11 @@ if [[ $what == bench || $what == all ]]; then
       --json "$OUT/kernels-$half.json" 2>&1 | tee "$OUT/kernels-$half.txt" | tail -25
     status=$((status | PIPESTATUS[0]))
   done
+fi
+if [[ $what == moe ]]; then
+  moe_formats=${MOE_FORMATS:-bf16,fp8,fp8-pcpt,nvfp4,fp8-pb-wo,w4a16-nvfp4,w4a8-nvfp4-fp8,int8-wo,int8-sq,mxfp8,mxfp4,mxfp4-wo,w4a8-mxfp4-fp8}
+  timeout -s INT -k 10 ${BENCH_TIMEOUT:-300} python3 -m mopt.cli bench moe --formats "$moe_formats" \
+    --tokens "${MOE_TOKENS:-1,16,256}" --json "$OUT/moe.json" 2>&1 | tee "$OUT/moe.txt" | tail -60
+  status=$((status | PIPESTATUS[0]))
 fi
 exit $status

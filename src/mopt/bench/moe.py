@@ -59,11 +59,17 @@ def _dense_nvfp4(m: int, n: int, k: int, dev) -> Callable[[], torch.Tensor]:
                                           torch.bfloat16, alpha)
 
 
-def bench_moe(configs=CONFIGS, tokens=TOKENS, iters: int = 10, repeats: int = 5,
-              formats=FORMATS) -> list[dict]:
+def check_formats(formats) -> None:
+    """A ``ValueError`` naming any format ``mopt bench moe`` does not know (before any GPU work)."""
     unknown = sorted(set(formats) - set(ALL_FORMATS))
     if unknown:
         raise ValueError(f"unknown MoE bench format(s) {unknown}; choose from {list(ALL_FORMATS)}")
+
+
+def bench_moe(configs=CONFIGS, tokens=TOKENS, iters: int = 10, repeats: int = 5, formats=FORMATS,
+              on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Rows of timings (see the module docstring); ``on_rows(rows so far)`` after each layer's token counts."""
+    check_formats(formats)
     dev = torch.device("cuda")
     rows = []
     for name, (e, k, h, i) in configs.items():
@@ -101,6 +107,8 @@ def bench_moe(configs=CONFIGS, tokens=TOKENS, iters: int = 10, repeats: int = 5,
                                  tb_s=moved / sec / 1e12, pct_hbm=100 * moved / sec / 1e12 / H100["hbm_tb_s"],
                                  tflops=flops / sec / 1e12, pct_tensor=100 * flops / sec / 1e12 / peak,
                                  dense_us=dense * 1e6, vs_dense=dense / sec))
+            if on_rows is not None:
+                on_rows(rows)
             layer = None  # frees the experts before the next format (a del confuses pyflakes about the lambdas)
             torch.cuda.empty_cache()
     return rows

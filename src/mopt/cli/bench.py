@@ -181,11 +181,13 @@ def cmd_bench_kernels(args) -> int:
 
 
 def cmd_bench_moe(args) -> int:
-    from mopt.bench.moe import CONFIGS, FORMATS, TOKENS, bench_moe, format_rows
+    from mopt.bench.moe import CONFIGS, FORMATS, TOKENS, bench_moe, check_formats, format_rows
 
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
     formats = args.formats.split(",") if args.formats else FORMATS
-    return _run_gpu_bench("moe", args, lambda save: bench_moe(CONFIGS, tokens, formats=formats), format_rows)
+    check_formats(formats)
+    return _run_gpu_bench("moe", args, lambda save: bench_moe(CONFIGS, tokens, formats=formats, on_rows=save),
+                          format_rows)
 
 
 def torch_device_name(device) -> str:
