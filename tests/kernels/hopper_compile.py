@@ -53,7 +53,7 @@ def _moe_gemm(a: str, c: str) -> dict:
 
 def _moe_weight_decode_entries() -> list:
     """``triton_moe_weight_only._moe_wo_kernel`` per weight format (and activation scales: W8A8 SmoothQuant,
-    W4A8): the gate/up GEMM at decode tiles (BF16 out) and the down GEMM at prefill tiles (float32 partials,
+    W4A8): the gate/up GEMM on 64-pair runs (BF16 out) and the down GEMM on 16-pair runs (float32 partials,
     router weights, K split)."""
     formats = [("INT8", P_I8, P_F32, 128, True, False), ("NVFP4", P_U8, P_F8, 16, True, False),
                ("MXFP4", P_U8, P_U8, 32, False, False), ("MXFP8", P_F8, P_U8, 32, False, False),
@@ -67,8 +67,8 @@ def _moe_weight_decode_entries() -> list:
                          block_expert_ptr=P_I32, N="i32", K="i32", num_pairs="i32", num_groups="i32",
                          stride_am="i32", stride_be="i32", stride_bn="i32", stride_se="i32", stride_re="i32",
                          stride_cm="i32", stride_cs="i32")
-            tiles = (tmwo.moe_wo_tiles(getattr(twd, name), group, 16 if gated else 128, None)
-                     | {"BLOCK_M": 16 if gated else 128})
+            tiles = (tmwo.moe_wo_tiles(getattr(twd, name), group, 64 if gated else 16, None)
+                     | {"BLOCK_M": 64 if gated else 16})  # the longest gate/up runs; the down GEMM at decode
             tiles.pop("num_stages")
             entries.append((tmwo._moe_wo_kernel, types,
                             [dict(A_ROW_DIV=1 if x_scale or not gated else 8, FORMAT=getattr(twd, name),

@@ -115,15 +115,12 @@ class DecodedExperts:
 
 
 def moe_wo_tiles(fmt: int, group: int, block_m: int, dtype: torch.dtype) -> dict:
-    """As the dense MMA kernel's (``triton_weight_prefill.mma_tiles``, H200 sweeps of dense shapes): 64 weight
-    rows and 4 warps a program up to a few hundred tokens an expert, 128 x 128 and 8 warps beyond; a
-    group-scaled format's K tile is its group. Not yet swept on expert shapes."""
+    """As the dense MMA kernel's up to a few hundred tokens (``triton_weight_prefill.mma_tiles``, H200 sweeps of
+    dense shapes): 64 weight rows and 4 warps a program; a group-scaled format's K tile is its group. Runs
+    stop at 64 pairs (``block_m_for``'s NVFP4 rule): the gate/up program holds two accumulators besides the
+    decoded weight tile. Not yet swept on expert shapes."""
     block_k = group if fmt in GROUP_SCALED else 128
-    if dtype == torch.float32:
-        return dict(BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=2)
-    if block_m <= 64:
-        return dict(BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=3)
-    return dict(BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3)
+    return dict(BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=2 if dtype == torch.float32 else 3)
 
 
 def _gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: DecodedExperts, out: torch.Tensor,
@@ -172,7 +169,7 @@ def fused_moe_weight_only(x: torch.Tensor, weights: torch.Tensor, ids: torch.Ten
     num_experts, inter, hidden = w13.weight.shape[0], w13.weight.shape[1] // 2, x.shape[-1]
     x = x if x.stride(-1) == 1 else x.contiguous()
     pairs = t * k
-    block_m = block_m_for(pairs, num_experts)
+    block_m = block_m_for(pairs, num_experts, nvfp4=True)  # decoded weights fill registers as NVFP4's do
     sorted_pairs, block_expert = align_tokens(ids, num_experts, block_m)
     experts = (ids.clamp_max(num_experts - 1) if foreign_pairs else ids).reshape(-1)  # real experts' scales only
     a, a_scale, a_row_div = x, None, k
