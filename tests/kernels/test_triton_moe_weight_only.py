@@ -11,11 +11,10 @@ differs in its last bit may take the neighbouring code: 2e-2, the bound the BF16
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from sibling import load_test_module
+from triton_device import triton_device
 
 from mopt.kernels.moe import MoEScheme, TritonWeightDecodeMoEKernel, select_moe_kernel
 from mopt.layers.fused_moe import FusedMoE
@@ -29,14 +28,6 @@ FORMATS = {"int8-wo": MoEScheme.INT8_WO, "w4a16-nvfp4": MoEScheme.NVFP4_WO, "fp8
            "mxfp8": MoEScheme.MXFP8, "mxfp4": MoEScheme.MXFP4, "mxfp4-wo": MoEScheme.MXFP4_WO,
            "int8-sq": MoEScheme.INT8_SQ, "w4a8-nvfp4-fp8": MoEScheme.W4A8_NVFP4,
            "w4a8-mxfp4-fp8": MoEScheme.W4A8_MXFP4, "w4a8-mxfp4-fp8-dynamic": MoEScheme.W4A8_MXFP4}
-
-
-def _device():
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "cpu"
-    if not torch.cuda.is_available():
-        pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
-    return "cuda"
 
 
 def _layer(fmt: str, e: int, h: int, i: int, dtype: torch.dtype, monkeypatch) -> FusedMoE:
@@ -82,9 +73,7 @@ def _compare(fmt: str, t: int, e: int, h: int, i: int, device: str, dtype: torch
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("t", [1, 9])
 def test_weight_decode_moe_interpreted(fmt, t, monkeypatch):
-    if _device() != "cpu":
-        pytest.skip("interpreter run")
-    _compare(fmt, t, 4, 128, 128, "cpu", torch.float32, 1e-5, monkeypatch)
+    _compare(fmt, t, 4, 128, 128, triton_device(False), torch.float32, 1e-5, monkeypatch)
 
 
 @pytest.mark.parametrize("fmt", ["int8-wo", "w4a16-nvfp4", "mxfp4", "int8-sq", "w4a8-nvfp4-fp8",
@@ -93,12 +82,11 @@ def test_weight_decode_moe_interpreted(fmt, t, monkeypatch):
 def test_uneven_k_n_and_split_k_interpreted(fmt, split, monkeypatch):
     """N and K spanning several tiles with a short last one (K = 160 against 128-wide tiles), the down GEMM's
     K split across programs, and expert parallelism's foreign pairs, which no GEMM may touch."""
-    if _device() != "cpu":
-        pytest.skip("interpreter run")
+    device = triton_device(False)
     from mopt.kernels import triton_moe_weight_only
 
     monkeypatch.setattr(triton_moe_weight_only, "_split_k", lambda programs, k, block_k, device: split)
-    _compare(fmt, 9, 4, 96, 160, "cpu", torch.float32, 1e-5, monkeypatch, foreign=True)
+    _compare(fmt, 9, 4, 96, 160, device, torch.float32, 1e-5, monkeypatch, foreign=True)
 
 
 def test_per_token_fp8_down_input_takes_the_layers_row_amax(monkeypatch):
@@ -106,8 +94,7 @@ def test_per_token_fp8_down_input_takes_the_layers_row_amax(monkeypatch):
     row, quantized under the whole row's amax, which the layer gives (``reduce_token_amax``; here a stand-in
     for peers whose slices are 3x larger), as the reference loop asks it; the gate/up input is whole on every
     rank and never asks."""
-    if _device() != "cpu":
-        pytest.skip("interpreter run")
+    triton_device(False)
     layer = _layer("w4a8-mxfp4-fp8-dynamic", 4, 128, 128, torch.float32, monkeypatch)
     alone = _compare("w4a8-mxfp4-fp8-dynamic", 9, 4, 128, 128, "cpu", torch.float32, 1e-5, monkeypatch, layer=layer)
     layer.reduce_token_amax = lambda amax: amax * 3
@@ -129,6 +116,4 @@ def test_selected_on_cuda_only_for_its_schemes():
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("t", [1, 16, 256])
 def test_weight_decode_moe_gpu(fmt, t, monkeypatch):
-    if _device() != "cuda":
-        pytest.skip("GPU run")
-    _compare(fmt, t, 16, 512, 256, "cuda", torch.bfloat16, 2e-2, monkeypatch)
+    _compare(fmt, t, 16, 512, 256, triton_device(True), torch.bfloat16, 2e-2, monkeypatch)

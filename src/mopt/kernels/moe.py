@@ -27,6 +27,7 @@ FP8 per-channel x per-token and NVFP4) and ``triton-weight-decode-moe`` (CUDA;
 from __future__ import annotations
 
 import enum
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -164,6 +165,18 @@ class ReferenceMoEKernel(MoEKernel):
                            layer.num_experts)
 
 
+def _triton_supports(device: torch.device, capability: tuple[int, int], what: str, module: str) -> tuple[bool, str]:
+    """A Triton MoE kernel's device check: the compute capability ``what`` needs, then that ``module`` imports."""
+    ok, why = cuda_capability(device, capability, what)
+    if not ok:
+        return ok, why
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        return False, f"triton is not importable ({e})"
+    return True, ""
+
+
 class TritonFusedMoEKernel(MoEKernel):
     name, backends = "triton-fused-moe", ("triton", "cublas", "auto")
     capability = {MoEScheme.UNQUANTIZED: ((8, 0), "the BF16 path"), MoEScheme.FP8_TENSOR: ((8, 9), "FP8"),
@@ -173,14 +186,7 @@ class TritonFusedMoEKernel(MoEKernel):
     def supports(cls, scheme, device):
         if scheme not in cls.capability:
             return False, f"no fused Triton kernel for {scheme.value} experts yet"
-        ok, why = cuda_capability(device, *cls.capability[scheme])
-        if not ok:
-            return ok, why
-        try:
-            import mopt.kernels.triton_moe  # noqa: F401
-        except ImportError as e:
-            return False, f"triton is not importable ({e})"
-        return True, ""
+        return _triton_supports(device, *cls.capability[scheme], "mopt.kernels.triton_moe")
 
     def apply(self, layer, scheme, x, weights, ids):
         from mopt.kernels import triton_moe
@@ -287,14 +293,7 @@ class TritonWeightDecodeMoEKernel(MoEKernel):
     def supports(cls, scheme, device):
         if scheme not in _DECODED_EXPERTS:
             return False, f"not a weight-decoding scheme ({', '.join(s.value for s in _DECODED_EXPERTS)})"
-        ok, why = cuda_capability(device, (8, 0), "BF16 tensor cores")
-        if not ok:
-            return ok, why
-        try:
-            import mopt.kernels.triton_moe_weight_only  # noqa: F401
-        except ImportError as e:
-            return False, f"triton is not importable ({e})"
-        return True, ""
+        return _triton_supports(device, (8, 0), "BF16 tensor cores", "mopt.kernels.triton_moe_weight_only")
 
     def apply(self, layer, scheme, x, weights, ids):
         from mopt.kernels import triton_moe_weight_only, triton_weight_decode
