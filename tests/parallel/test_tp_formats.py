@@ -6,6 +6,9 @@ error <= 1e-6 (measured <= 1.5e-7 with the intermediate size split, where the ra
 added in another order than one GEMM adds them; 0 with expert parallelism). A per-token activation
 scale taken over a rank's slice instead of the whole row is off by ~4e-3.
 
+The MoE layers run twice: on the reference loop, and on the CUDA fused-MoE kernels through Triton's
+interpreter (bound 1e-5 there: the kernels sum in another order).
+
 Checkpoint tensors come from tests/layers/test_linear_loading.py's ``checkpoint_tensors`` (what ModelOpt
 exports per projection, made with mopt's quantizers); a split that a format cannot take must fail when
 the layer is built, naming it.
@@ -144,3 +147,38 @@ def test_splits_a_format_cannot_take_fail_when_the_layer_is_built(fmt, what, mes
     with pytest.raises(TensorParallelSplitError, match=message):
         with parallel_state(ParallelState(0, tp, None)):
             build()
+
+
+@pytest.mark.parametrize("fmt", MOE_FORMATS)
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["intermediate-split", "expert-parallel"])
+def test_fused_moe_kernels_on_ranks_equal_the_whole_layer(fmt, expert_parallel, monkeypatch):
+    """The CUDA MoE kernels, run on the CPU through Triton's interpreter (selected as on a GPU), on each rank's
+    shard: the down GEMM's per-token FP8 input takes the whole row's amax through the layer's MAX all-reduce,
+    MX blocks stay within a rank's slice, expert parallelism's foreign pairs contribute nothing. Each rank's
+    output equals the whole layer's through the reference loop, to float32 rounding (bound 1e-5: the kernels
+    sum in another order)."""
+    import threading
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from mopt.kernels import moe as moe_kernels
+
+    load_test_module("kernels", "triton_device").triton_device(False)  # skips unless TRITON_INTERPRET=1
+    lock, launch = threading.Lock(), InterpretedFunction.run
+
+    def one_launch_at_a_time(self, *args, **kwargs):  # the interpreter patches triton.language while it runs
+        with lock:
+            return launch(self, *args, **kwargs)
+    monkeypatch.setattr(InterpretedFunction, "run", one_launch_at_a_time)
+    inter = 256 if fmt == "fp8-pb-wo" else 128
+    x = torch.randn(9, 128, generator=torch.Generator().manual_seed(1))
+    logits = torch.randn(9, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = _moe(fmt, inter=inter)(x, logits)
+        monkeypatch.setenv("MOPT_BACKEND", "auto")
+        monkeypatch.setattr(moe_kernels, "cuda_capability", lambda device, capability, what: (True, ""))
+        group, shards = _shards(lambda: _moe(fmt, inter=inter), 2, expert_parallel)
+        assert all(s.quant_method.kernel.name.startswith("triton") for s in shards), shards[0].quant_method.kernel
+        got = group.run(lambda rank: shards[rank](x, logits))
+    errors = [rel(y, want) for y in got]
+    assert max(errors) <= 1e-5, f"{fmt}: relative L2 error per rank {errors}"

@@ -126,6 +126,9 @@ class _Member:
     def partial_sums_norm(self):
         return None
 
+    def per_token_fp8(self, x2: torch.Tensor):
+        return None  # no peer memory: per-token FP8 takes a MAX all_reduce of the amaxes, as over gloo
+
     def all_reduce(self, x: torch.Tensor, op: str = "sum", async_op: bool = False):
         values = self._exchange(x)
         out = values[0].clone()
