@@ -148,17 +148,6 @@ def _gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: DecodedExperts, out:
         **launch_options(a.device))
 
 
-def check_experts(w13: DecodedExperts, w2: DecodedExperts, hidden: int) -> None:
-    """Shapes the kernel needs, checked where the layer is built (a ``ValueError`` naming the sizes)."""
-    inter = w13.weight.shape[1] // 2
-    for name, w, k in (("w13", w13, hidden), ("w2", w2, inter)):
-        if w.fmt in GROUP_SCALED and w.group not in (32, 64, 128, 256):
-            raise ValueError(f"{name}: the fused weight-decoding MoE kernel needs scale groups of 32 to 256 "
-                             f"elements, got {w.group}")
-        if k % 32:
-            raise ValueError(f"{name}: K={k} is not a multiple of 32 (the fused weight-decoding MoE kernel)")
-
-
 def fused_moe_weight_only(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: DecodedExperts,
                           w2: DecodedExperts, act13: ExpertActivation | None = None,
                           act2: ExpertActivation | None = None, foreign_pairs: bool = False) -> torch.Tensor:
