@@ -20,6 +20,7 @@ import torch
 
 from mopt import cli
 from mopt.bench import kernel_formats, kernels
+from mopt.quant import synthetic
 from mopt.kernels.linear import LinearScheme
 
 # format: (scheme the method runs, bound against the unquantized layer)
@@ -185,7 +186,7 @@ def _bench_moe_plain(fmt: str, e: int, k: int, h: int, i: int):
         for name, rows, cols in (("w1", i, h), ("w3", i, h), ("w2", h, i)):
             w = torch.randn(rows, cols) * 0.02
             if fmt == "int8-sq":
-                w = w * kernel_formats._smoothing(cols, w)
+                w = w * synthetic._smoothing(cols, w)
             plain.weight_loader(plain.w2_weight if name == "w2" else plain.w13_weight, w.bfloat16(), (name, x))
     plain.process_weights_after_loading()
     return plain

@@ -8,7 +8,8 @@ numerics into exactly the tensors ModelOpt writes (``weight``, ``weight_scale``,
 ``weight_scale_2``, ``k_scale``/``v_scale``), pushed through the same weight loaders a checkpoint
 goes through, and then the same ``process_weights_after_loading``: a dummy model shares every line
 with a real one after loading. Static activation scales assume activations of magnitude up to
-``ACTIVATION_AMAX``. Weights are drawn from a seeded generator on the model's device, so the same
+``ACTIVATION_AMAX``; the formats of ``presets.SYNTHETIC_FORMATS`` take their tensors from
+``mopt.quant.synthetic`` instead (its own amax and smoothing). Weights are drawn from a seeded generator on the model's device, so the same
 preset, format and seed give the same model. Every tensor is drawn at its full checkpoint shape, in
 the same order, whatever the tensor-parallel split: each rank's loaders keep their own slices, so a
 sharded dummy model is the unsharded one, split.
@@ -23,12 +24,13 @@ from typing import Callable
 import torch
 
 from mopt.engine.loader import build_model, finish_loading, resolve_kv_cache_dtype
-from mopt.engine.presets import DUMMY_FORMATS, PRESETS_DIR, preset_names
+from mopt.engine.presets import DUMMY_FORMATS, PRESETS_DIR, SYNTHETIC_FORMATS, preset_names
 from mopt.layers.attention import Attention
 from mopt.layers.basic import RMSNorm, VocabEmbedding
 from mopt.layers.fused_moe import FusedMoE
 from mopt.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
 from mopt.quant.config import config_from_dict
+from mopt.quant import synthetic
 from mopt.quant.formats import fp8, nvfp4
 
 ACTIVATION_AMAX = 8.0
@@ -99,8 +101,10 @@ _EXPORTERS: dict[str, Callable[[torch.Tensor], dict[str, torch.Tensor]]] = {
 }
 
 
-def _export(scheme, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    exporter = _EXPORTERS.get(scheme.value)
+def _export(scheme, w: torch.Tensor, dtype: torch.dtype, fmt: str) -> dict[str, torch.Tensor]:
+    if scheme.value == "unquantized":  # bf16, and layers the export leaves out (lm_head)
+        return {"weight": w.to(dtype)}
+    exporter = synthetic.TENSORS[fmt] if fmt in SYNTHETIC_FORMATS else _EXPORTERS.get(scheme.value)
     return exporter(w) if exporter is not None else {"weight": w.to(dtype)}
 
 
@@ -115,9 +119,9 @@ def _shards(layer: LinearBase) -> list[tuple[object, int]]:
 
 
 class _Filler:
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, seed: int) -> None:
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, seed: int, fmt: str) -> None:
         self.device = next(model.parameters()).device
-        self.dtype = dtype
+        self.dtype, self.fmt = dtype, fmt
         self.gen = torch.Generator(self.device).manual_seed(seed)
 
     def randn(self, *shape: int, std: float = 1.0) -> torch.Tensor:
@@ -126,7 +130,8 @@ class _Filler:
     def linear(self, layer: LinearBase) -> None:
         k = layer.input_size
         for shard, rows in _shards(layer):
-            for suffix, t in _export(layer.quant_method.scheme, self.randn(rows, k, std=k**-0.5), self.dtype).items():
+            w = self.randn(rows, k, std=k**-0.5)
+            for suffix, t in _export(layer.quant_method.scheme, w, self.dtype, self.fmt).items():
                 layer.weight_loader(getattr(layer, suffix), t, shard)
             if layer.bias is not None:
                 layer.weight_loader(layer.bias, self.randn(rows, std=0.02).to(self.dtype), shard)
@@ -136,7 +141,8 @@ class _Filler:
         for e in range(getattr(layer, "total_num_experts", layer.num_experts)):
             for proj, (rows, k) in (("w1", (inter, h)), ("w3", (inter, h)), ("w2", (h, inter))):
                 stacked = "w2" if proj == "w2" else "w13"
-                for suffix, t in _export(layer.quant_method.scheme, self.randn(rows, k, std=k**-0.5), self.dtype).items():
+                w = self.randn(rows, k, std=k**-0.5)
+                for suffix, t in _export(layer.quant_method.scheme, w, self.dtype, self.fmt).items():
                     layer.weight_loader(getattr(layer, f"{stacked}_{suffix}"), t, (proj, e))
 
     def attention(self, layer: Attention) -> None:
@@ -179,7 +185,7 @@ def build_dummy_model(config, fmt: str = "bf16", device: str | torch.device = "c
     model = build_model(config, quant, torch.device(device), dtype, resolve_kv_cache_dtype(kv_cache_dtype, quant),
                         f"dummy {getattr(config, 'architectures', None)}")
     with torch.no_grad():
-        _Filler(model, dtype, seed).fill(model)
+        _Filler(model, dtype, seed, fmt).fill(model)
     return finish_loading(model, f"dummy {fmt} model")
 
 
