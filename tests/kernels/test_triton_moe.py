@@ -5,10 +5,10 @@ Interpreter (CI) at small shapes; GPU (``-m gpu``) at Qwen3-MoE-like ones. Toler
 the GPU: block values and their products are exact, so only float32 summation order differs
 (tensor-core MMAs against the CPU's matmul) until the gate/up output is re-quantized to E2M1,
 where an element on a rounding boundary may flip to the neighbouring code (up to a quarter of its
-block's scale): 2e-2, far below NVFP4's own quantization error (~10%). FP8 on the
-GPU at more than 16 tokens: 1e-2. Hopper's FP8 MMAs accumulate with ~14 bits between promotions
-(1e-4 relative, see test_triton_gemm); the up/gate output is then re-quantized to E4M3 with a
-static scale, where such differences flip values on a rounding boundary to the neighbouring code
+block's scale): 2e-2, far below NVFP4's own quantization error (~10%). FP8 (per tensor, or per
+channel x per token) on the GPU at more than 16 tokens: 1e-2. Hopper's FP8 MMAs accumulate with ~14 bits
+between promotions (1e-4 relative, see test_triton_gemm); the up/gate output is then re-quantized to E4M3
+(static scale, or each pair's own), where such differences flip values on a rounding boundary to the neighbouring code
 (2^-3 relative each), so the error grows like the square root of the noise: measured 3.1e-3 at
 1024 tokens on an H100.
 """
