@@ -89,3 +89,25 @@ def test_reference_expert_loop_keeps_decode_out_of_graphs():
     assert graph_blockers(model) == ["experts: reference kernel reads the routing on the host (one GEMM per "
                                      "expert that has tokens)"]
     assert graph_blockers(torch.nn.ModuleDict({"linear": model["linear"]})) == []
+
+
+@pytest.mark.parametrize("fmt", __import__("mopt.bench.moe", fromlist=["ALL_FORMATS"]).ALL_FORMATS)
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_fused_moe_decode_glue_is_graph_safe(fmt, tokens, monkeypatch):
+    """The fused MoE kernels (every expert format has one on CUDA) route, quantize and combine on the device:
+    the layer runs through the kernel the CUDA selector picks, its Triton parts through the interpreter."""
+    from triton_device import triton_device
+
+    from mopt.bench import moe
+    from mopt.kernels import moe as moe_kernels
+
+    triton_device(False)
+    layer = moe._layer(fmt, 4, 2, 128, 128, "cpu")  # the reference loop on the CPU, then the CUDA kernel
+    monkeypatch.setattr(moe_kernels, "cuda_capability", lambda device, capability, what: (True, ""))
+    layer.quant_method.kernel = moe_kernels.select_moe_kernel(layer.quant_method.scheme, torch.device("cpu"), "auto")
+    assert layer.quant_method.kernel.name.startswith("triton")
+    x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(1)).bfloat16()
+    logits = torch.randn(tokens, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), HostTraffic() as traffic:
+        layer(x, logits)
+    assert traffic.calls == [], f"{fmt} through {layer.quant_method.kernel.name}: {traffic.calls}"
