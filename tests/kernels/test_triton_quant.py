@@ -113,3 +113,46 @@ def test_round_e4m3_all_codes():
     out = torch.empty_like(x)
     kernel[(1,)](x, out, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
     assert torch.equal(out, x.to(torch.float8_e4m3fn).float())
+
+
+def check_expert_static(m, k, device, dtype):
+    """``expert_static_values``: each token's ``top_k`` pairs under their experts' static scales, with and without
+    SmoothQuant smoothing, INT8 and FP8, bit-equal to the reference quantizers on the repeated rows."""
+    from mopt.quant.formats import int8
+
+    top_k, experts = 3, 5
+    x = _inputs(m, k, device).to(dtype)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, experts, (m * top_k,), generator=g)
+    amax = x.float().abs().amax().cpu().item()
+    smoothing = 0.5 + torch.rand(experts, k, generator=g)
+    for int8_codes, scale in ((True, torch.tensor([0.3, 0.5, 1.0, 2.0, 0.1]) * amax / 127),
+                              (False, torch.tensor([0.3, 0.5, 1.0, 2.0, 0.1]) * amax / 448)):
+        for smooth in (None, smoothing):
+            values, scales = triton_quant.expert_static_values(
+                x, ids.to(device), scale.to(device), smooth.to(device) if smooth is not None else None, int8_codes,
+                row_div=top_k)
+            rows = x.cpu().repeat_interleave(top_k, dim=0)
+            if smooth is not None:
+                rows = rows * smooth[ids].to(dtype)
+            quantize = int8.quantize_static if int8_codes else fp8.quantize
+            want = quantize(rows, scale[ids][:, None]).to(dtype)
+            assert torch.equal(values.cpu(), want), (int8_codes, smooth is not None)
+            assert torch.equal(scales.cpu(), scale[ids])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@_params(gpu=False)
+def test_expert_static_values_exact_interpreted(m, k, dtype):
+    if _device() != "cpu":
+        pytest.skip("interpreter run")
+    check_expert_static(m, k, "cpu", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@_params(gpu=True)
+def test_expert_static_values_exact_gpu(m, k, dtype):
+    if _device() != "cuda":
+        pytest.skip("GPU run")
+    check_expert_static(m, k, "cuda", dtype)

@@ -219,43 +219,36 @@ def _mx_values(fp4: bool) -> Callable:
         from mopt.kernels import triton_moe_weight_only, triton_quant_mx
 
         values = triton_quant_mx.mxfp4_values if fp4 else triton_quant_mx.mxfp8_values
-        return triton_moe_weight_only.ExpertActivation(lambda rows, experts: (values(rows), None))
+        return triton_moe_weight_only.ExpertActivation(lambda rows, experts, row_div: (values(rows), None))
     return build
 
 
 def _int8_smoothed(layer: nn.Module, proj: str):
     """W8A8 SmoothQuant: the input times the expert's smoothing, INT8 codes under the expert's static scale."""
     from mopt.kernels import triton_moe_weight_only
-    from mopt.quant.formats import int8
+    from mopt.kernels.triton_quant import expert_static_values
 
     scale, smoothing = getattr(layer, f"{proj}_input_scale"), getattr(layer, f"{proj}_pre_quant_scale", None)
-
-    def quantize(rows, experts):
-        if smoothing is not None:
-            rows = rows * smoothing[experts].to(rows.dtype)
-        s = scale[experts].float()
-        return int8.quantize_static(rows, s[:, None]).to(rows.dtype), s
-    return triton_moe_weight_only.ExpertActivation(quantize, per_expert=True)
+    return triton_moe_weight_only.ExpertActivation(
+        lambda rows, experts, row_div: expert_static_values(rows, experts, scale, smoothing, True, row_div),
+        per_expert=True)
 
 
 def _fp8_static_or_per_token(layer: nn.Module, proj: str):
     """W4A8: FP8 codes under the expert's static scale, or each token's own where the export has none (w2's
     input then takes the whole row's amax over the ranks, ``layer_per_token_fp8``)."""
     from mopt.kernels import triton_moe_weight_only
-    from mopt.kernels.triton_quant import fp8_per_token
-    from mopt.quant.formats import fp8
+    from mopt.kernels.triton_quant import expert_static_values, fp8_per_token
 
     scale = getattr(layer, f"{proj}_input_scale", None)
     if scale is None:
-        def per_token(rows, experts):
+        def per_token(rows, experts, row_div):
             q, s = layer_per_token_fp8(layer, rows, fp8_per_token) if proj == "w2" else fp8_per_token(rows)
             return q.to(rows.dtype), s.reshape(-1)
         return triton_moe_weight_only.ExpertActivation(per_token)
-
-    def static(rows, experts):
-        s = scale[experts].float()
-        return fp8.quantize(rows, s[:, None]).to(rows.dtype), s
-    return triton_moe_weight_only.ExpertActivation(static, per_expert=True)
+    return triton_moe_weight_only.ExpertActivation(
+        lambda rows, experts, row_div: expert_static_values(rows, experts, scale, None, False, row_div),
+        per_expert=True)
 
 
 @dataclass(frozen=True)

@@ -92,12 +92,14 @@ def _moe_wo_kernel(a_ptr, b_ptr, s_ptr, r_ptr, x_scale_ptr, c_ptr, w_ptr, pairs_
 
 @dataclass(frozen=True)
 class ExpertActivation:
-    """How a scheme's activations enter an expert GEMM: ``quantize(rows, experts)`` gives values exact in BF16 (in
-    the rows' dtype) and a scale per row applied after the GEMM, or None. ``per_expert``: the quantization
-    depends on the expert (static scales or smoothing per expert), so the rows are pairs and ``experts`` holds
-    each one's expert; otherwise the gate/up GEMM's rows are tokens and ``experts`` is None."""
+    """How a scheme's activations enter an expert GEMM: ``quantize(rows, experts, row_div)`` gives values exact in
+    BF16 (in the rows' dtype) and a scale per row applied after the GEMM, or None. ``per_expert``: the
+    quantization depends on the expert (static scales or smoothing per expert), so the results' rows are
+    pairs: pair ``p`` quantizes row ``p // row_div`` of ``rows`` for expert ``experts[p]`` (the gate/up GEMM
+    passes the tokens and ``row_div = top_k``); otherwise each row is quantized once, ``experts`` is None and
+    ``row_div`` 1."""
 
-    quantize: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
+    quantize: Callable[[torch.Tensor, torch.Tensor | None, int], tuple[torch.Tensor, torch.Tensor | None]]
     per_expert: bool = False
 
 
@@ -163,14 +165,14 @@ def fused_moe_weight_only(x: torch.Tensor, weights: torch.Tensor, ids: torch.Ten
     experts = (ids.clamp_max(num_experts - 1) if foreign_pairs else ids).reshape(-1)  # real experts' scales only
     a, a_scale, a_row_div = x, None, k
     if act13 is not None and act13.per_expert:
-        (a, a_scale), a_row_div = act13.quantize(x.repeat_interleave(k, dim=0), experts), 1
+        (a, a_scale), a_row_div = act13.quantize(x, experts, k), 1
     elif act13 is not None:
-        a, a_scale = act13.quantize(x, None)
+        a, a_scale = act13.quantize(x, None, 1)
     act = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
     _gemm(a, a_scale, w13, act, sorted_pairs, block_expert, block_m, a_row_div, pairs, True, x.dtype)
     act_scale = None
     if act2 is not None:
-        act, act_scale = act2.quantize(act, experts if act2.per_expert else None)
+        act, act_scale = act2.quantize(act, experts if act2.per_expert else None, 1)
     tiles = moe_wo_tiles(w2.fmt, w2.group, block_m, act.dtype)
     split = _split_k(block_expert.numel() * triton.cdiv(hidden, tiles["BLOCK_N"]), inter, tiles["BLOCK_K"], x.device)
     down = (torch.zeros if foreign_pairs else torch.empty)((split, pairs, hidden), dtype=torch.float32, device=x.device)

@@ -58,20 +58,67 @@ def _fp8_static_kernel(x_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr, PDL: t
 
 
 @triton.jit
-def _int8_static_kernel(x_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    pdl_prologue(PDL)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = tl.math.div_rn(x, tl.load(scale_ptr))
+def _to_int8_value(x, scale):
+    """``int8.quantize_static``'s code of float32 ``x`` as a float32 value."""
+    y = tl.math.div_rn(x, scale)
     # Clamping to the integer bounds first gives what rounding first does, and keeps |y| < 2**22 for
     # the rounding trick below.
     y = tl.minimum(tl.maximum(y, -128.0), 127.0)
     y = (y + 12582912.0) - 12582912.0  # 1.5 * 2**23: round to an integer, ties to even (torch.round)
     # Through int32, so -0.0 (from -0.5 <= y < 0) becomes +0 as it does through torch's int8; then
     # through float32, since the interpreter converts int32 to bfloat16 wrongly.
-    q = y.to(tl.int32).to(tl.float32)
+    return y.to(tl.int32).to(tl.float32)
+
+
+@triton.jit
+def _int8_static_kernel(x_ptr, out_ptr, scale_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    q = _to_int8_value(x, tl.load(scale_ptr))
     tl.store(out_ptr + offs, q.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """Float32 ``x`` rounded to ``DTYPE`` (to nearest, ties to even, as torch casts), as float32. BF16 by its bits:
+    Triton's interpreter truncates in ``.to(tl.bfloat16)``."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return bits.to(tl.float32, bitcast=True)
+    elif DTYPE == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _expert_static_kernel(x_ptr, experts_ptr, scale_ptr, smooth_ptr, out_ptr, out_scale_ptr, k, stride_x,
+                          ROW_DIV: tl.constexpr, INT8: tl.constexpr, SMOOTH: tl.constexpr, BLOCK: tl.constexpr,
+                          PDL: tl.constexpr):
+    """Row ``r`` of ``out``: row ``r // ROW_DIV`` of ``x``, times its expert's smoothing (``SMOOTH``, rounded
+    to ``x``'s dtype as the reference multiplies), quantized under its expert's static scale; values in
+    ``out``'s dtype, and that scale in ``out_scale[r]``."""
+    pdl_prologue(PDL)
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < k
+    expert = tl.load(experts_ptr + row).to(tl.int64)
+    x = tl.load(x_ptr + (row // ROW_DIV).to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if SMOOTH:  # in x's dtype: the smoothing rounded to it, then the product (exact in float32) rounded once
+        smooth = tl.load(smooth_ptr + expert * k + cols, mask=mask, other=0.0)
+        x = _round_to(x * _round_to(smooth, x_ptr.dtype.element_ty), x_ptr.dtype.element_ty)
+    scale = tl.load(scale_ptr + expert)
+    if INT8:
+        q = _to_int8_value(x, scale)
+    else:
+        q = round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0))
+    tl.store(out_ptr + row.to(tl.int64) * k + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
+    if tl.program_id(1) == 0:
+        tl.store(out_scale_ptr + row, scale)
 
 
 @triton.jit
@@ -199,6 +246,27 @@ def int8_static(x: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = t
         _int8_static_kernel[(triton.cdiv(n, block),)](x, out, scale.float().reshape(1), n, BLOCK=block,
                                                        **launch_options(x.device))
     return out
+
+
+def expert_static_values(x: torch.Tensor, experts: torch.Tensor, scale: torch.Tensor,
+                         smoothing: torch.Tensor | None, int8: bool, row_div: int = 1
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations quantized under a static scale per expert, one launch: row ``r`` is row ``r // row_div`` of
+    ``x [T, K]`` (a token's ``row_div`` routed pairs), times ``smoothing[experts[r]]`` (``[E, K]``, SmoothQuant)
+    in ``x``'s dtype, then ``int8.quantize_static`` (``int8``) or ``fp8.quantize`` under ``scale[experts[r]]``
+    (``scale [E]``). Returns ``(values [R, K]`` in ``x``'s dtype, exact, ``scales [R]`` float32), bit-equal to
+    those quantizers on ``x.repeat_interleave(row_div, 0)``."""
+    x2 = _rows(x)
+    rows, k = experts.numel(), x2.shape[-1]
+    out = torch.empty((rows, k), dtype=x2.dtype, device=x2.device)
+    scales = torch.empty(rows, dtype=torch.float32, device=x2.device)
+    if rows:
+        block = min(1024, triton.next_power_of_2(k))
+        _expert_static_kernel[(rows, triton.cdiv(k, block))](
+            x2, experts.reshape(-1), scale.float().reshape(-1).contiguous(),
+            smoothing.float().contiguous() if smoothing is not None else scales, out, scales, k, x2.stride(0),
+            ROW_DIV=row_div, INT8=int8, SMOOTH=smoothing is not None, BLOCK=block, **launch_options(x2.device))
+    return out, scales
 
 
 def fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
