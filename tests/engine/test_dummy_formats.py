@@ -15,7 +15,7 @@ from mopt.engine.presets import DUMMY_FORMATS
 from mopt.quant.validate import QuantConfigError
 
 
-NO_EXPERTS = ("int4-awq", "w4a8-awq", "nvfp4-svdquant")  # ModelOpt cannot export these formats' experts
+NO_EXPERTS = ("int4-awq", "w4a8-awq", "nvfp4-awq", "nvfp4-svdquant")  # ModelOpt cannot export these formats' experts
 
 
 @pytest.mark.parametrize("fmt", sorted(DUMMY_FORMATS))

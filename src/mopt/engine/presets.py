@@ -23,9 +23,10 @@ DUMMY_FORMATS: dict[str, dict | None] = {
     "fp8-int8-kv": {"quant_algo": "FP8", "kv_cache_quant_algo": "INT8"},
 }
 # Every other format, with the checkpoint tensors of ``mopt.quant.synthetic`` (as ``mopt bench kernels`` makes
-# them). ModelOpt cannot export AWQ or SVDQuant experts, so mixture-of-experts presets refuse those.
-SYNTHETIC_FORMATS = ("int8-wo", "int8-sq", "int4-awq", "w4a8-awq", "w4a16-nvfp4", "w4a8-nvfp4-fp8", "nvfp4-svdquant",
-                     "mxfp8", "mxfp4", "w4a8-mxfp4-fp8")
+# them). mopt has no AWQ or SVDQuant experts (ModelOpt cannot export them), so mixture-of-experts presets refuse
+# those.
+SYNTHETIC_FORMATS = ("fp8-pb-real", "int8-wo", "int8-sq", "int4-awq", "w4a8-awq", "w4a16-nvfp4", "w4a8-nvfp4-fp8",
+                     "nvfp4-awq", "nvfp4-svdquant", "mxfp8", "mxfp4", "w4a8-mxfp4-fp8")
 DUMMY_FORMATS.update({name: QUANTIZATION[name] for name in SYNTHETIC_FORMATS})
 
 

@@ -6,10 +6,10 @@ models (``engine.dummy``) and ``mopt bench kernels`` / ``moe`` load. :data:`TENS
 
 Choices where an export depends on calibration: static activation scales assume activations of amax
 ``X_AMAX``; smoothing (SmoothQuant, SVDQuant) is ``0.5 + U(0, 1)`` per input column, seeded by K, so fused
-shards and an expert's gate and up projections share it as exports do; AWQ's ``pre_quant_scale`` is left out
-(ModelOpt folds it into the preceding norm for q/k/v and gate/up, the layers that dominate); SVDQuant's
-low-rank branch has ModelOpt's default rank 32; W4A8_MXFP4_FP8 has no ``input_scale`` (ModelOpt calibrates
-none; activations are quantized per token).
+shards and an expert's gate and up projections share it as exports do; INT4 AWQ's ``pre_quant_scale`` is left
+out (ModelOpt folds it into the preceding norm for q/k/v and gate/up, the layers that dominate), NVFP4_AWQ
+carries one on every layer (the most it can cost); SVDQuant's low-rank branch has ModelOpt's default rank 32;
+W4A8_MXFP4_FP8 has no ``input_scale`` (ModelOpt calibrates none; activations are quantized per token).
 
 torch and the formats load when a maker runs, not on import (``mopt bench --formats`` and the dummy-format
 names are checked before anything heavy loads).
@@ -58,6 +58,13 @@ def _nvfp4(w, block: int = 16, static_input: str | None = "nvfp4"):
     elif static_input == "fp8":
         out["input_scale"] = _scalar(X_AMAX / 448, w)
     return out
+
+
+def _fp8_pb_real(w):
+    from mopt.quant.formats import fp8
+
+    q, s = fp8.quantize_blocks(w)
+    return dict(weight=q, weight_scale=s)  # [N/128, K/128], as mtq.compress writes it
 
 
 def _nvfp4_svdquant(w):
@@ -121,7 +128,9 @@ TENSORS: dict[str, Callable[[torch.Tensor], dict[str, torch.Tensor]]] = {
     "fp8": _fp8,
     "fp8-pcpt": _fp8_pcpt,
     "fp8-pb-wo": _fp8_pb_wo,
+    "fp8-pb-real": _fp8_pb_real,
     "nvfp4": _nvfp4,
+    "nvfp4-awq": lambda w: dict(_nvfp4(w), pre_quant_scale=_smoothing(w.shape[1], w)),
     "nvfp4-svdquant": _nvfp4_svdquant,
     "w4a16-nvfp4": lambda w: _nvfp4(w, static_input=None),
     "w4a8-nvfp4-fp8": lambda w: _nvfp4(w, 32, "fp8"),
@@ -138,7 +147,9 @@ QUANTIZATION: dict[str, dict] = {
     "fp8": {"quant_algo": "FP8"},
     "fp8-pcpt": {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN"},
     "fp8-pb-wo": {"quant_algo": "FP8_PB_WO"},
+    "fp8-pb-real": {"quant_algo": "FP8_PB_REAL"},
     "nvfp4": {"quant_algo": "NVFP4", "group_size": 16},
+    "nvfp4-awq": {"quant_algo": "NVFP4_AWQ", "group_size": 16},
     "nvfp4-svdquant": {"quant_algo": "NVFP4_SVD", "group_size": 16},
     "w4a16-nvfp4": {"quant_algo": "W4A16_NVFP4", "group_size": 16},
     "w4a8-nvfp4-fp8": {"quant_algo": "W4A8_NVFP4_FP8", "group_size": 32},
