@@ -63,6 +63,20 @@ def test_align_tokens_groups_every_pair_once(tokens, top_k, experts, block_m):
             assert chunk.numel() > 0 and (ids.reshape(-1)[chunk] == e).all()
 
 
+def _checkpoint_tensors(fmt: str, w: torch.Tensor, expert: int) -> dict[str, torch.Tensor]:
+    """One expert projection as ModelOpt exports it, static input scales varying by expert."""
+    if fmt in ("fp8", "fp8-pcpt"):
+        q, s = fp8.quantize_per_tensor(w) if fmt == "fp8" else fp8.quantize_per_channel(w)
+        return dict(weight=q, weight_scale=s, **({"input_scale": torch.tensor(0.01 + 0.001 * expert)}
+                                                 if fmt == "fp8" else {}))
+    if fmt == "nvfp4":
+        g2 = nvfp4.global_scale_from_amax(w.abs().max())
+        q, s = nvfp4.quantize(w, g2)
+        return dict(weight=q, weight_scale=s, weight_scale_2=g2,
+                    input_scale=torch.tensor(4.0 / 2688 * (1 + 0.1 * expert)))
+    return dict(weight=w)
+
+
 def _layer(fmt, e, h, i, seed=0):
     g = torch.Generator().manual_seed(seed)
     qc = {"fp8": ModelOptFp8Config("FP8"), "fp8-pcpt": ModelOptFp8Config("FP8_PER_CHANNEL_PER_TOKEN"),
@@ -71,31 +85,9 @@ def _layer(fmt, e, h, i, seed=0):
     for x in range(e):
         w1, w3, w2 = (torch.randn(i, h, generator=g) * 0.1, torch.randn(i, h, generator=g) * 0.1,
                       torch.randn(h, i, generator=g) * 0.1)
-        if fmt == "fp8":
-            for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
-                stacked = "w2" if name == "w2" else "w13"
-                q, s = fp8.quantize_per_tensor(w)
-                layer.weight_loader(getattr(layer, f"{stacked}_weight"), q, (name, x))
-                layer.weight_loader(getattr(layer, f"{stacked}_weight_scale"), s, (name, x))
-                layer.weight_loader(getattr(layer, f"{stacked}_input_scale"), torch.tensor(0.01 + 0.001 * x), (name, x))
-        elif fmt == "fp8-pcpt":
-            for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
-                stacked = "w2" if name == "w2" else "w13"
-                q, s = fp8.quantize_per_channel(w)
-                layer.weight_loader(getattr(layer, f"{stacked}_weight"), q, (name, x))
-                layer.weight_loader(getattr(layer, f"{stacked}_weight_scale"), s, (name, x))
-        elif fmt == "nvfp4":
-            for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
-                stacked = "w2" if name == "w2" else "w13"
-                g2 = nvfp4.global_scale_from_amax(w.abs().max())
-                q, s = nvfp4.quantize(w, g2)
-                for suffix, v in (("weight", q), ("weight_scale", s), ("weight_scale_2", g2),
-                                  ("input_scale", torch.tensor(4.0 / 2688 * (1 + 0.1 * x)))):
-                    layer.weight_loader(getattr(layer, f"{stacked}_{suffix}"), v, (name, x))
-        else:
-            layer.weight_loader(layer.w13_weight, w1, ("w1", x))
-            layer.weight_loader(layer.w13_weight, w3, ("w3", x))
-            layer.weight_loader(layer.w2_weight, w2, ("w2", x))
+        for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
+            for suffix, v in _checkpoint_tensors(fmt, w, x).items():
+                layer.weight_loader(getattr(layer, f"{'w2' if name == 'w2' else 'w13'}_{suffix}"), v, (name, x))
     layer.process_weights_after_loading()
     return layer
 
