@@ -67,7 +67,7 @@ def _moe_weight_decode_entries() -> list:
                          block_expert_ptr=P_I32, N="i32", K="i32", num_pairs="i32", num_groups="i32",
                          stride_am="i32", stride_be="i32", stride_bn="i32", stride_se="i32", stride_re="i32",
                          stride_cm="i32", stride_cs="i32")
-            tiles = (tmwo.moe_wo_tiles(getattr(twd, name), group, 64 if gated else 16, None)
+            tiles = (tmwo.moe_wo_tiles(getattr(twd, name), group, None)
                      | {"BLOCK_M": 64 if gated else 16})  # the longest gate/up runs; the down GEMM at decode
             tiles.pop("num_stages")
             entries.append((tmwo._moe_wo_kernel, types,

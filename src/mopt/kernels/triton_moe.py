@@ -111,6 +111,24 @@ def _silu_mul(gate, up, ROUND: tl.constexpr):
 
 
 @triton.jit
+def _expert_run(block_expert_ptr, pairs_ptr, num_pairs, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """What a program (axis 0: a ``BLOCK_M`` run of one expert's pairs, axis 1: ``BLOCK_N`` output columns, axis 2:
+    a K split) covers: its expert (int64), its pairs and which are real, its columns and which exist, and its K
+    tiles ``[first, stop)``. An unused tail block (expert -1) has none of them: it touches nothing."""
+    expert = tl.load(block_expert_ptr + tl.program_id(0))
+    limit = tl.where(expert >= 0, num_pairs, 0)
+    pair = tl.load(pairs_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < tl.where(expert >= 0, N, 0)
+    k_tiles = tl.cdiv(tl.where(limit > 0, K, 0), BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    first = tl.program_id(2) * per_split
+    return (tl.maximum(expert, 0).to(tl.int64), pair, pair < limit, offs_n, n_ok, first,
+            tl.minimum(first + per_split, k_tiles))
+
+
+@triton.jit
 def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, c_scale_ptr, w_ptr, pairs_ptr,
                      block_expert_ptr, N, K, num_pairs, stride_am, stride_be, stride_bn, stride_cm, stride_cs,
                      A_ROW_DIV: tl.constexpr, FP8: tl.constexpr, ROW_SCALES: tl.constexpr, IEEE: tl.constexpr,
@@ -126,24 +144,13 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, c_scale_ptr,
     FP8 MMAs are promoted into the float32 accumulator every ``IMPRECISE`` (<= 128) products, as cuBLASLt
     does without fast accumulation."""
     pdl_prologue(PDL)
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
-    limit = tl.where(expert >= 0, num_pairs, 0)  # an unused tail block touches nothing
-    n_limit = tl.where(expert >= 0, N, 0)
-    expert = tl.maximum(expert, 0).to(tl.int64)
-    pair = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    valid = pair < limit
+    expert, pair, valid, offs_n, n_ok, first, stop = _expert_run(block_expert_ptr, pairs_ptr, num_pairs, N, K, BLOCK_M,
+                                                                 BLOCK_N, BLOCK_K, SPLIT_K)
     a_rows = a_ptr + (pair // A_ROW_DIV).to(tl.int64)[:, None] * stride_am
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < n_limit
     b_rows = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_tiles = tl.cdiv(tl.where(limit > 0, K, 0), BLOCK_K)  # the padded tail of blocks does no work at all
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    first = tl.program_id(2) * per_split
-    for t in range(first, tl.minimum(first + per_split, k_tiles)):
+    for t in range(first, stop):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         a = tl.load(a_rows + offs_k[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
@@ -223,26 +230,15 @@ def _moe_nvfp4_kernel(a_ptr, b_ptr, bs_ptr, c_ptr, a_global_ptr, b_global_ptr, c
     ``GATED``: ``C = silu(gate) * up`` as NVFP4 block values under ``c_global[e]``."""
     pdl_prologue(PDL)
     HALF_K: tl.constexpr = BLOCK_K // 2
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
-    limit = tl.where(expert >= 0, num_pairs, 0)
-    n_limit = tl.where(expert >= 0, N, 0)
-    expert = tl.maximum(expert, 0).to(tl.int64)
-    pair = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    valid = pair < limit
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < n_limit
+    expert, pair, valid, offs_n, n_ok, first, stop = _expert_run(block_expert_ptr, pairs_ptr, num_pairs, N, K, BLOCK_M,
+                                                                 BLOCK_N, BLOCK_K, SPLIT_K)
     num_rows = 2 * N if GATED else N
     rows = (expert * num_rows + offs_n)[:, None].to(tl.int64)
     b_rows, s_rows = b_ptr + rows * (K // 2), bs_ptr + rows * (K // 16)
     a_cols = a_ptr + pair[None, :].to(tl.int64) * stride_am
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    k_tiles = tl.cdiv(tl.where(limit > 0, K, 0), BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    first = tl.program_id(2) * per_split
-    for t in range(first, tl.minimum(first + per_split, k_tiles)):
+    for t in range(first, stop):
         acc = _nvfp4_tile_dot(acc, b_rows, s_rows, t, n_ok, K, a_cols, valid, HALF_K, BLOCK_N, DOT_F32)
         if GATED:
             acc_up = _nvfp4_tile_dot(acc_up, b_rows + N * (K // 2), s_rows + N * (K // 16), t, n_ok, K, a_cols,
@@ -368,8 +364,7 @@ def _gemm(a: torch.Tensor, w: ExpertWeights, out: torch.Tensor, cfg: dict, sorte
             a.stride(0), out2.stride(0), stride_cs, GATED=gated, DOT_F32=INTERPRETED, **common,
             **launch_options(a.device))
     else:
-        if w.token_fp8 and a_scale is None:
-            raise ValueError("per-token FP8 experts need the activations' per-row scales (a_scale)")
+        assert a_scale is not None or not w.token_fp8, "per-token FP8 experts need their activations' scales"
         a_scales = a_scale if w.token_fp8 else w.input_scale
         _moe_gemm_kernel[grid](
             a, w.weight, out2, a_scales if w.fp8 else dummy, w.scale if w.fp8 else dummy,

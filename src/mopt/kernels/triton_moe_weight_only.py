@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mopt.kernels.triton_moe import _ROUND, _silu_mul, _split_k, _sum_pairs_kernel, align_tokens, block_m_for
+from mopt.kernels.triton_moe import (_ROUND, _expert_run, _silu_mul, _split_k, _sum_pairs_kernel, align_tokens,
+                                     block_m_for)
 from mopt.kernels.triton_pdl import launch_options, pdl_prologue
 from mopt.kernels.triton_weight_decode import GROUP_SCALED, mma_tile_product
 
@@ -48,24 +49,15 @@ def _moe_wo_kernel(a_ptr, b_ptr, s_ptr, r_ptr, x_scale_ptr, c_ptr, w_ptr, pairs_
     scale per row of ``A``. Program axis 2 is the K split (``C`` then holds float32 partials
     ``[SPLIT_K, pairs, N]``)."""
     pdl_prologue(PDL)
-    expert = tl.load(block_expert_ptr + tl.program_id(0))
-    limit = tl.where(expert >= 0, num_pairs, 0)  # an unused tail block touches nothing
-    n_limit = tl.where(expert >= 0, N, 0)
-    expert = tl.maximum(expert, 0).to(tl.int64)
-    pair = tl.load(pairs_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
-    valid = pair < limit
+    expert, pair, valid, offs_n, n_ok, first, stop = _expert_run(block_expert_ptr, pairs_ptr, num_pairs, N, K, BLOCK_M,
+                                                                 BLOCK_N, BLOCK_K, SPLIT_K)
     a_cols = a_ptr + (pair // A_ROW_DIV).to(tl.int64)[None, :] * stride_am
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < n_limit
     rows = offs_n.to(tl.int64)
     b_e = b_ptr + expert * stride_be
     s_e = s_ptr + expert * stride_se
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    k_tiles = tl.cdiv(tl.where(limit > 0, K, 0), BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    first = tl.program_id(2) * per_split
-    for t in range(first, tl.minimum(first + per_split, k_tiles)):
+    for t in range(first, stop):
         offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
         x_t = tl.load(a_cols + offs_k[:, None], mask=(offs_k < K)[:, None] & valid[None, :], other=0.0)
         acc = mma_tile_product(acc, x_t, b_e, s_e, rows, n_ok, t, K, stride_bn, num_groups, FORMAT, GROUP, BLOCK_N,
@@ -116,7 +108,7 @@ class DecodedExperts:
     group: int
 
 
-def moe_wo_tiles(fmt: int, group: int, block_m: int, dtype: torch.dtype) -> dict:
+def moe_wo_tiles(fmt: int, group: int, dtype: torch.dtype) -> dict:
     """As the dense MMA kernel's up to a few hundred tokens (``triton_weight_prefill.mma_tiles``, H200 sweeps of
     dense shapes): 64 weight rows and 4 warps a program; a group-scaled format's K tile is its group. Runs
     stop at 64 pairs (``block_m_for``'s NVFP4 rule): the gate/up program holds two accumulators besides the
@@ -134,7 +126,7 @@ def _gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: DecodedExperts, out:
     n, k = (rows // 2 if gated else rows), a.shape[-1]
     split = out.shape[0] if out.dim() == 3 else 1
     out2 = out.view(-1, out.shape[-1])
-    tiles = moe_wo_tiles(w.fmt, w.group, block_m, a.dtype)
+    tiles = moe_wo_tiles(w.fmt, w.group, a.dtype)
     dummy = w.weight
     scale = w.scale if w.scale is not None else dummy
     _moe_wo_kernel[(block_expert.numel(), triton.cdiv(n, tiles["BLOCK_N"]), split)](
@@ -173,7 +165,7 @@ def fused_moe_weight_only(x: torch.Tensor, weights: torch.Tensor, ids: torch.Ten
     act_scale = None
     if act2 is not None:
         act, act_scale = act2.quantize(act, experts if act2.per_expert else None, 1)
-    tiles = moe_wo_tiles(w2.fmt, w2.group, block_m, act.dtype)
+    tiles = moe_wo_tiles(w2.fmt, w2.group, act.dtype)
     split = _split_k(block_expert.numel() * triton.cdiv(hidden, tiles["BLOCK_N"]), inter, tiles["BLOCK_K"], x.device)
     down = (torch.zeros if foreign_pairs else torch.empty)((split, pairs, hidden), dtype=torch.float32, device=x.device)
     _gemm(act, act_scale, w2, down, sorted_pairs, block_expert, block_m, 1, pairs, False, x.dtype,
