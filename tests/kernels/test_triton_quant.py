@@ -13,6 +13,8 @@ import os
 import pytest
 import torch
 
+from triton_device import triton_device
+
 from mopt.quant.formats import fp8, nvfp4
 
 triton_quant = pytest.importorskip("mopt.kernels.triton_quant")
@@ -144,15 +146,11 @@ def check_expert_static(m, k, device, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @_params(gpu=False)
 def test_expert_static_values_exact_interpreted(m, k, dtype):
-    if _device() != "cpu":
-        pytest.skip("interpreter run")
-    check_expert_static(m, k, "cpu", dtype)
+    check_expert_static(m, k, triton_device(False), dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @_params(gpu=True)
 def test_expert_static_values_exact_gpu(m, k, dtype):
-    if _device() != "cuda":
-        pytest.skip("GPU run")
-    check_expert_static(m, k, "cuda", dtype)
+    check_expert_static(m, k, triton_device(True), dtype)

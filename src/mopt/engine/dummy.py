@@ -9,8 +9,8 @@ numerics into exactly the tensors ModelOpt writes (``weight``, ``weight_scale``,
 goes through, and then the same ``process_weights_after_loading``: a dummy model shares every line
 with a real one after loading. Static activation scales assume activations of magnitude up to
 ``ACTIVATION_AMAX``; the formats of ``presets.SYNTHETIC_FORMATS`` take their tensors from
-``mopt.quant.synthetic`` instead (its own amax and smoothing). Weights are drawn from a seeded generator on the model's device, so the same
-preset, format and seed give the same model. Every tensor is drawn at its full checkpoint shape, in
+``mopt.quant.synthetic`` instead (its own amax and smoothing). Weights are drawn from a seeded generator on
+the model's device, so the same preset, format and seed give the same model. Every tensor is drawn at its full checkpoint shape, in
 the same order, whatever the tensor-parallel split: each rank's loaders keep their own slices, so a
 sharded dummy model is the unsharded one, split.
 """
